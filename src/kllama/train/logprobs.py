@@ -1,0 +1,262 @@
+"""Per-sequence log-probabilities of labels, computed from hidden states in chunks of tokens.
+
+A DPO micro-step of 16k tokens at vocab 102,400 would need 6.7 GB for the fp32 logits alone, and autograd would keep
+them for backward. Here logits exist for one chunk of token rows at a time, in forward and again in backward:
+
+* `lm_head` a plain `nn.Linear` (or a weight tensor): a custom autograd function keeps only the hidden rows, the
+  targets and one log-sum-exp per row, and recomputes each chunk's logits in backward to form
+  `d logp / d logits = onehot - softmax` directly. Extra memory ~ chunk_tokens x vocab x 6 bytes (bf16 logits + fp32).
+* any other head (a PEFT-wrapped `lm_head`, a quantised linear): `torch.utils.checkpoint` per chunk, so backward
+  re-runs the module on that chunk.
+
+Only label positions (labels != -100) get logits at all: prompt and padding rows are dropped before the head.
+
+Logit scaling / soft-capping: no MoE family kllama targets first (DeepSeek-V2/V3, Qwen-MoE, Mixtral, OLMoE) has any,
+but some transformers families do (Cohere `logit_scale`, Granite `logits_scaling` as a divisor, HyperCLOVA X
+`logits_scaling` as a factor, Gemma-2/3/4 `final_logit_softcapping`); `logit_transform_for(config)` reads them.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to `lm_head(h)` before the softmax: `softcap * tanh(scale * x / softcap)` (or `scale * x`)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+
+# model_type -> how its config turns into a logit scale. Families not listed use the raw logits.
+_SCALE_BY_MODEL_TYPE: dict[str, Callable[[Any], float]] = {
+    "cohere": lambda c: float(c.logit_scale),
+    "cohere2": lambda c: float(c.logit_scale),
+    "cohere2_moe": lambda c: float(c.logit_scale),
+    "granite": lambda c: 1.0 / float(c.logits_scaling),
+    "granitemoe": lambda c: 1.0 / float(c.logits_scaling),
+    "granitemoeshared": lambda c: 1.0 / float(c.logits_scaling),
+    "granitemoehybrid": lambda c: 1.0 / float(c.logits_scaling),
+    "hyperclovax": lambda c: float(c.logits_scaling),
+}
+
+
+def logit_transform_for(config: Any) -> LogitTransform:
+    """The logit scale / soft-cap a transformers model applies after its `lm_head`, read from its config."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(text_config, "model_type", getattr(config, "model_type", ""))
+    scale_of = _SCALE_BY_MODEL_TYPE.get(model_type) or _SCALE_BY_MODEL_TYPE.get(getattr(config, "model_type", ""))
+    scale = scale_of(text_config) if scale_of else 1.0
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    return LogitTransform(scale=scale, softcap=float(softcap) if softcap else None)
+
+
+def _transform_(logits: torch.Tensor, transform: LogitTransform) -> torch.Tensor:
+    # In place on a fresh fp32 buffer: a [chunk, vocab] temporary less.
+    if transform.scale != 1.0:
+        logits.mul_(transform.scale)
+    if transform.softcap is not None:
+        logits.div_(transform.softcap).tanh_().mul_(transform.softcap)
+    return logits
+
+
+def _chunk_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform
+) -> torch.Tensor:
+    # weight and bias already in hidden's dtype; autocast is off (forward and backward must agree on the dtype)
+    raw = F.linear(hidden, weight, bias)  # [n, V]
+    logits = raw.float() if raw.dtype != torch.float32 else raw.clone()  # [n, V] fp32, owned
+    del raw
+    return _transform_(logits, transform)
+
+
+class _LinearTokenLogps(torch.autograd.Function):
+    """log softmax(transform(h W^T + b))[target] per row, chunked; backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,  # [N, H]
+        weight: torch.Tensor,  # [V, H]
+        bias: torch.Tensor | None,  # [V]
+        targets: torch.Tensor,  # [N] int64
+        chunk_tokens: int,
+        transform: LogitTransform,
+    ) -> torch.Tensor:
+        n_rows = hidden.shape[0]
+        out = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)  # [N]
+        lse = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)  # [N]
+        w, b = _as_dtype(weight, bias, hidden.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n_rows, chunk_tokens):
+                stop = min(start + chunk_tokens, n_rows)
+                logits = _chunk_logits(hidden[start:stop], w, b, transform)  # [n, V]
+                lse[start:stop] = torch.logsumexp(logits, dim=-1)
+                out[start:stop] = logits.gather(1, targets[start:stop, None]).squeeze(1) - lse[start:stop]
+                del logits
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_tokens, ctx.transform = chunk_tokens, transform
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # grad_out [N]
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        transform: LogitTransform = ctx.transform
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+        grad_h = torch.empty_like(hidden) if need_h else None  # [N, H]
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # [V, H]
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None  # [V]
+        grad_out = grad_out.float()
+        w, b = _as_dtype(weight, bias, hidden.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], ctx.chunk_tokens):
+                stop = min(start + ctx.chunk_tokens, hidden.shape[0])
+                _backward_chunk(hidden[start:stop], w, b, targets[start:stop], lse[start:stop], grad_out[start:stop],
+                                transform, None if grad_h is None else grad_h[start:stop], grad_w, grad_b)
+        return (
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def _as_dtype(
+    weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # Cast once per call, not per chunk (the head weight is ~vocab x hidden).
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _backward_chunk(
+    h: torch.Tensor,  # [n, H]
+    w: torch.Tensor,  # [V, H] in h's dtype
+    b: torch.Tensor | None,  # [V]
+    targets: torch.Tensor,  # [n]
+    lse: torch.Tensor,  # [n] from the forward
+    g: torch.Tensor,  # [n] fp32 incoming gradient
+    transform: LogitTransform,
+    grad_h: torch.Tensor | None,  # [n, H] view to fill
+    grad_w: torch.Tensor | None,  # [V, H] fp32 accumulator
+    grad_b: torch.Tensor | None,  # [V] fp32 accumulator
+) -> None:
+    logits = _chunk_logits(h, w, b, transform)  # [n, V] fp32
+    # softcap derivative: d(c tanh(x/c))/dx = 1 - (y/c)^2, y the capped logit
+    cap_grad = 1 - (logits / transform.softcap) ** 2 if transform.softcap is not None else None
+    # d logp[target] / d logits = onehot(target) - softmax, times the incoming gradient; in place on the logits
+    d_logits = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # [n, V]
+    d_logits[torch.arange(h.shape[0], device=h.device), targets] += g
+    if cap_grad is not None:
+        d_logits.mul_(cap_grad)
+        del cap_grad
+    if transform.scale != 1.0:
+        d_logits.mul_(transform.scale)
+    if grad_b is not None:
+        grad_b += d_logits.sum(0)
+    d_raw = d_logits.to(h.dtype)  # [n, V], the dtype the forward matmul ran in
+    del d_logits
+    if grad_h is not None:
+        grad_h.copy_(d_raw @ w)
+    if grad_w is not None:
+        grad_w += (d_raw.t() @ h).float()
+
+
+def _module_chunk_logps(
+    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, transform: LogitTransform
+) -> torch.Tensor:
+    logits = _transform_(head(hidden).float(), transform)  # [n, V]
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)  # [n]
+
+
+def token_logps(
+    hidden: torch.Tensor,  # [N, H]
+    lm_head: nn.Module | torch.Tensor,  # module, or its weight [V, H]
+    targets: torch.Tensor,  # [N] int64, all valid
+    *,
+    chunk_tokens: int = 4096,
+    transform: LogitTransform | None = None,
+) -> torch.Tensor:
+    """fp32 log-probability of each target under `lm_head(hidden)`, `[N]`, never holding more than one chunk of logits.
+
+    A plain `nn.Linear` or a weight tensor goes through the custom autograd function (gradients for hidden, weight
+    and bias); any other module is checkpointed per chunk. Log-sum-exp runs in fp32 whatever the input dtype.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    transform = transform or LogitTransform()
+    if isinstance(lm_head, torch.Tensor) or type(lm_head) is nn.Linear:
+        weight = lm_head if isinstance(lm_head, torch.Tensor) else lm_head.weight
+        bias = None if isinstance(lm_head, torch.Tensor) else lm_head.bias
+        return _LinearTokenLogps.apply(hidden, weight, bias, targets, chunk_tokens, transform)
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_module_chunk_logps, h, t, lm_head, transform, use_reentrant=False))
+        else:
+            pieces.append(_module_chunk_logps(h, t, lm_head, transform))
+    if not pieces:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces)
+
+
+def ld_token_weights(mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    """LD-DPO token weights `[B, T]` for a batch laid out as `[chosen; rejected]` (row i pairs with row i + B/2).
+
+    The first `min(len_chosen, len_rejected)` label tokens of each response weigh 1, the tokens past that length
+    weigh `alpha`, masked positions 0 (Liu et al. 2024, "length desensitisation"). Tokens are counted in order of
+    the label mask, which equals LLaMA-Factory's position-based cut for contiguous responses. Apply it to the policy
+    only; LLaMA-Factory computes the reference log-probs without it.
+    """
+    if mask.shape[0] % 2:
+        raise ValueError(f"ld_alpha needs a [chosen; rejected] batch of even size, got {mask.shape[0]} rows")
+    half = mask.shape[0] // 2
+    lengths = mask.sum(-1)  # [B]
+    shared = torch.minimum(lengths[:half], lengths[half:]).repeat(2)  # [B]
+    rank = mask.cumsum(-1)  # [B, T] 1-based index of each label token within its row
+    weights = torch.where(rank <= shared[:, None], 1.0, float(alpha))  # [B, T]
+    return weights * mask
+
+
+def sequence_logps(
+    hidden_states: torch.Tensor,  # [B, T, H], the final hidden states (after the last norm)
+    lm_head: nn.Module | torch.Tensor,  # module, or its weight [V, H]
+    labels: torch.Tensor,  # [B, T], IGNORE_INDEX (-100) where masked; unshifted, like transformers' labels
+    *,
+    chunk_tokens: int = 4096,
+    ld_alpha: float | None = None,
+    transform: LogitTransform | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log p(label) of each sequence and its number of label tokens: `(sum_logps [B] fp32, num_tokens [B])`.
+
+    Labels are shifted inside (position t predicts label t+1), as transformers' causal-LM loss does. Only label
+    rows reach the head, in chunks of `chunk_tokens` (see module docstring). `ld_alpha` (LD-DPO) down-weights the
+    tokens of the longer response past the shorter one's length, for a `[chosen; rejected]` batch; `num_tokens`
+    stays the unweighted count, so `sum_logps / num_tokens` is the average used by ipo / orpo / simpo.
+    """
+    if hidden_states.shape[:2] != labels.shape:
+        raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} disagree on [B, T]")
+    batch, _, width = hidden_states.shape
+    shifted = labels[:, 1:]  # [B, T-1]
+    mask = shifted != IGNORE_INDEX  # [B, T-1]
+    flat = mask.reshape(-1).nonzero().squeeze(1)  # [N] indices of label tokens
+    rows = flat // shifted.shape[1]  # [N] which sequence each belongs to
+    hidden = hidden_states[:, :-1].reshape(-1, width).index_select(0, flat)  # [N, H]
+    targets = shifted.reshape(-1).index_select(0, flat)  # [N]
+    logps = token_logps(hidden, lm_head, targets, chunk_tokens=chunk_tokens, transform=transform)  # [N]
+    if ld_alpha is not None:
+        logps = logps * ld_token_weights(mask, ld_alpha).reshape(-1).index_select(0, flat)
+    sums = torch.zeros(batch, dtype=torch.float32, device=logps.device).index_add(0, rows, logps)  # [B]
+    return sums, mask.sum(-1)
