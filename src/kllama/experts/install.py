@@ -1,0 +1,116 @@
+"""Swap a model's stock routed-experts modules for HostExperts and wire them into one engine handle."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kllama.errors import KllamaError
+from kllama.experts.crossover import measure_crossover
+from kllama.experts.families import family_of, find_expert_modules, layer_index
+from kllama.experts.module import HostExperts
+from kllama.experts.placement import TARGETS, ExpertPlacement, Target
+from kllama.experts.stream import ExpertStreamer
+
+
+@dataclass
+class ExpertEngine:
+    """Handle on an installed expert engine: the HostExperts modules (layer order) and their shared streamer."""
+
+    modules: dict[str, HostExperts]
+    streamer: ExpertStreamer | None
+
+    @property
+    def placements(self) -> dict[str, ExpertPlacement]:
+        """Qualified name -> the placement each module runs with (crossovers filled in)."""
+        return {name: m.placement for name, m in self.modules.items()}
+
+    def host_bytes(self) -> int:
+        """Host memory held by all routed weights."""
+        return sum(m.host_bytes() for m in self.modules.values())
+
+    def gpu_bytes(self) -> int:
+        """GPU memory held by the engine: resident weights, expert LoRA and the two stream slots."""
+        slots = self.streamer.gpu_bytes() if self.streamer is not None else 0
+        return slots + sum(m.gpu_bytes() for m in self.modules.values())
+
+    @contextmanager
+    def force_target(self, target: Target | None) -> Iterator[None]:
+        """Run every layer's passes on `target` (`cpu | stream | gpu`, None = the placements) inside the block."""
+        if target is not None and target not in TARGETS:
+            raise KllamaError(f"unknown expert target {target!r}; choose one of {', '.join(TARGETS)}")
+        before = {name: m.forced_target for name, m in self.modules.items()}
+        for module in self.modules.values():
+            module.forced_target = target
+        try:
+            yield
+        finally:
+            for name, module in self.modules.items():
+                module.forced_target = before[name]
+
+
+def _resolve_crossovers(model: nn.Module, modules: list[HostExperts]) -> None:
+    # `auto` placements without a crossover get one measured per distinct layer shape (CUDA only: on CPU the
+    # stream target falls back to cpu anyway).
+    top_k = getattr(model.config, family_of(model).top_k_attr)
+    measured: dict[tuple, int] = {}
+    for m in modules:
+        p = m.placement
+        if p.short == p.long or p.crossover_tokens is not None or m.compute_device.type != "cuda":
+            continue
+        dtype = m.host_weights()[0].dtype
+        key = (m.hidden_dim, m.intermediate_dim, m.num_experts, top_k, dtype, p.cpu_threads)
+        if key not in measured:
+            measured[key] = measure_crossover(
+                m.hidden_dim, m.intermediate_dim, m.num_experts, top_k, dtype, m.compute_device,
+                cpu_threads=p.cpu_threads,
+            )
+        m.placement = p.with_crossover(measured[key])
+
+
+def wire_engine(
+    model: nn.Module, modules: Mapping[str, HostExperts], *, measure: bool = True, trace: bool = False
+) -> ExpertEngine:
+    """Connect HostExperts already placed in `model` (e.g. built by the checkpoint loader): order them by layer,
+    measure crossovers of `auto` placements (when `measure`), and share one ExpertStreamer among CUDA layers
+    (`trace=True` records copy/compute events for overlap checks)."""
+    spec = family_of(model)
+    ordered = dict(sorted(modules.items(), key=lambda item: layer_index(item[0], spec)))
+    layers = list(ordered.values())
+    if measure:
+        _resolve_crossovers(model, layers)
+    cuda = [m for m in layers if m.compute_device.type == "cuda"]
+    streamer = ExpertStreamer(cuda, cuda[0].compute_device, trace=trace) if cuda else None
+    for m in layers:
+        m.streamer = streamer if m.compute_device.type == "cuda" else None
+    return ExpertEngine(modules=ordered, streamer=streamer)
+
+
+def install_expert_engine(
+    model: nn.Module,
+    placements: Mapping[str, ExpertPlacement] | Callable[[str], ExpertPlacement],
+    compute_device: torch.device | str,
+    *,
+    measure: bool = True,
+    trace: bool = False,
+) -> ExpertEngine:
+    """Replace every stock routed-experts module of a transformers model (e.g. from stock `from_pretrained`) by a
+    HostExperts whose weights move to (pinned) host memory, then `wire_engine`. `placements` maps each qualified
+    module name to its placement (a mapping must cover every layer) or is a function of the name."""
+    stock = find_expert_modules(model)
+    if isinstance(placements, Mapping):
+        missing = [name for name in stock if name not in placements]
+        if missing:
+            raise KllamaError(f"no expert placement for {', '.join(missing)}; give one per MoE layer or a default")
+        choose = placements.__getitem__
+    else:
+        choose = placements
+    modules: dict[str, HostExperts] = {}
+    for name, module in stock.items():
+        host = HostExperts.from_stock(module, choose(name), name, compute_device)
+        model.set_submodule(name, host)
+        modules[name] = host
+    return wire_engine(model, modules, measure=measure, trace=trace)

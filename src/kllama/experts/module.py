@@ -1,0 +1,162 @@
+"""`HostExperts`: the drop-in replacement for a transformers routed-experts module, with weights in host memory.
+
+Same forward signature as the stock module (`hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K] ->
+[T, H]`). The frozen routed weights are plain host tensors (pinned when CUDA exists), never parameters, so
+`model.to(device)` leaves them where they are and they stay out of the state dict (`host_weights()` reads them).
+Each pass picks a target from its `ExpertPlacement` (or a forced one): `cpu` computes next to the weights,
+`stream` copies them to the GPU through the shared `ExpertStreamer`, `gpu` keeps a resident GPU copy.
+
+On a machine or model without CUDA (compute device `cpu`), `stream` and `gpu` run the `cpu` path instead, with a
+one-time warning: the weights are already where the compute happens, so the result is the same and CPU-only runs of
+an `auto` placement keep working.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from kllama.errors import KllamaError
+from kllama.experts.cpu_compute import CpuExecutor
+from kllama.experts.placement import TARGETS, ExpertPlacement, Target
+from kllama.experts.stream import DeviceExecutor, ExpertStreamer
+
+_EXECUTORS = {"cpu": CpuExecutor(), "stream": DeviceExecutor(stream=True), "gpu": DeviceExecutor(stream=False)}
+
+
+def to_host(tensor: Tensor) -> Tensor:
+    """`tensor` as a contiguous host tensor, pinned when CUDA is available (pinned copies run ~3x faster)."""
+    host = tensor.detach().to("cpu").contiguous()
+    if torch.cuda.is_available() and not host.is_pinned():
+        host = host.pin_memory()
+    return host
+
+
+class _ExpertsFunction(torch.autograd.Function):
+    """Autograd bridge: forward runs the executor without a graph; backward asks it to recompute and differentiate."""
+
+    @staticmethod
+    def forward(ctx, x, top_k_weights, top_k_index, module, executor, lora_meta, *lora_params):  # noqa: ANN001, ANN205
+        out, saved = executor.forward(module, x, top_k_index, top_k_weights, lora_meta, lora_params)
+        ctx.module, ctx.executor, ctx.lora_meta, ctx.saved = module, executor, lora_meta, saved
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[6:]]
+        grads = ctx.executor.backward(ctx.module, ctx.saved, grad_out.contiguous(), ctx.lora_meta, needs)
+        ctx.saved = None
+        return (grads[0], grads[1], None, None, None, None, *grads[2:])
+
+
+class HostExperts(nn.Module):
+    """Routed experts of one MoE layer with frozen weights in host memory and optional expert LoRA.
+
+    `gate_up [E, 2I, H]` (rows: gate then up) and `down [E, H, I]` are kept in the dtype they came in.
+    `compute_device` is where `stream`/`gpu` passes run (a CUDA device) and where LoRA parameters live.
+    """
+
+    def __init__(
+        self,
+        gate_up: Tensor,
+        down: Tensor,
+        act_fn: Callable[[Tensor], Tensor],
+        placement: ExpertPlacement,
+        name: str,
+        *,
+        compute_device: torch.device | str,
+    ) -> None:
+        super().__init__()
+        num_experts, two_inter, hidden = gate_up.shape
+        if two_inter % 2 or tuple(down.shape) != (num_experts, hidden, two_inter // 2):
+            raise ValueError(f"{name}: gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} do not match")
+        compute_device = torch.device(compute_device)
+        if compute_device.type == "cuda" and not torch.cuda.is_available():
+            raise KllamaError(f"{name}: compute device {compute_device} requested but no CUDA device is available")
+        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden, two_inter // 2
+        self.act_fn = act_fn
+        self.placement = placement
+        self.name = name
+        self.compute_device = compute_device
+        self._gate_up = to_host(gate_up)
+        self._down = to_host(down)
+        self._resident: tuple[Tensor, Tensor] | None = None
+        self.streamer: ExpertStreamer | None = None
+        self.forced_target: Target | None = None
+        self.lora = nn.ModuleDict()  # target name -> ExpertLoRA (kllama.experts.lora)
+        self.lora_enabled = True
+        self._warned_fallback = False
+
+    @classmethod
+    def from_stock(
+        cls, module: nn.Module, placement: ExpertPlacement, name: str, compute_device: torch.device | str
+    ) -> "HostExperts":
+        """Take the weights out of a stock transformers experts module (its parameters are dropped, so no second
+        copy stays alive once the stock module is replaced)."""
+        host = cls(module.gate_up_proj, module.down_proj, module.act_fn, placement, name, compute_device=compute_device)
+        module.register_parameter("gate_up_proj", None)
+        module.register_parameter("down_proj", None)
+        return host
+
+    def extra_repr(self) -> str:
+        return (
+            f"name={self.name!r}, experts={self.num_experts}, hidden={self.hidden_dim}, "
+            f"inter={self.intermediate_dim}, dtype={self._gate_up.dtype}, placement={self.placement.mode}"
+        )
+
+    def host_weights(self) -> tuple[Tensor, Tensor]:
+        """The frozen routed weights `(gate_up [E, 2I, H], down [E, H, I])` in host memory (read-only use)."""
+        return self._gate_up, self._down
+
+    def resident_weights(self) -> tuple[Tensor, Tensor]:
+        """GPU-resident copies of the weights for the `gpu` target, made on first use and kept."""
+        if self._resident is None:
+            self._resident = (
+                self._gate_up.to(self.compute_device, non_blocking=True),
+                self._down.to(self.compute_device, non_blocking=True),
+            )
+        return self._resident
+
+    def drop_resident(self) -> None:
+        """Free the GPU-resident copy (e.g. when the placement changes)."""
+        self._resident = None
+
+    def host_bytes(self) -> int:
+        """Host memory held by the routed weights."""
+        return sum(t.numel() * t.element_size() for t in (self._gate_up, self._down))
+
+    def gpu_bytes(self) -> int:
+        """GPU memory held by this module alone (resident weights + LoRA), excluding the shared stream slots."""
+        resident = sum(t.numel() * t.element_size() for t in self._resident) if self._resident else 0
+        lora = sum(p.numel() * p.element_size() for p in self.lora.parameters() if p.is_cuda)
+        return resident + lora
+
+    def target_for(self, num_tokens: int) -> Target:
+        """Target of a pass over `num_tokens` tokens: the forced one if set, else the placement's."""
+        target = self.forced_target or self.placement.target_for(num_tokens)
+        if target not in TARGETS:
+            raise KllamaError(f"{self.name}: unknown expert target {target!r}; choose one of {', '.join(TARGETS)}")
+        if target != "cpu" and self.compute_device.type != "cuda":
+            if not self._warned_fallback:
+                warnings.warn(
+                    f"{self.name}: expert target {target!r} needs a CUDA compute device; running on the CPU instead",
+                    stacklevel=3,
+                )
+                self._warned_fallback = True
+            return "cpu"
+        return target
+
+    def _active_lora(self) -> tuple[tuple[tuple[str, float], ...], list[Tensor]]:
+        if not self.lora_enabled or len(self.lora) == 0:
+            return (), []
+        meta = tuple((target, lora.scaling) for target, lora in self.lora.items())
+        params = [p for lora in self.lora.values() for p in (lora.lora_A, lora.lora_B)]
+        return meta, params
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """`hidden_states [T, H]`, `top_k_index [T, K]`, `top_k_weights [T, K]` -> `[T, H]` (stock semantics)."""
+        executor = _EXECUTORS[self.target_for(hidden_states.shape[0])]
+        meta, params = self._active_lora()
+        return _ExpertsFunction.apply(hidden_states, top_k_weights, top_k_index, self, executor, meta, *params)

@@ -1,0 +1,186 @@
+"""Running routed experts on the GPU: streamed from pinned host memory (double-buffered) or resident.
+
+`ExpertStreamer` owns a side CUDA stream and two GPU weight slots shared by all streamed layers. When layer i's
+weights are acquired it queues the copy of the neighbouring layer (i+1 in forward, i-1 in backward) into the other
+slot, so that copy overlaps layer i's compute; a slot is overwritten only after the compute stream has passed the
+event recorded when its previous layer was released. The direction is read from the call order (a lower layer index
+than the last one means backward, which also covers activation-checkpoint recomputation), and at either end of the
+stack the prefetch turns around (after the last layer's forward comes its backward; after layer 0's backward comes
+the next forward).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from kllama.experts.cpu_compute import lora_from_flat, recompute_grads, routed_experts_math
+
+if TYPE_CHECKING:
+    from kllama.experts.module import HostExperts
+
+
+@dataclass
+class _Slot:
+    gate_up: Tensor | None = None
+    down: Tensor | None = None
+    layer: int | None = None
+    ready: torch.cuda.Event | None = None  # copy into the slot finished (copy stream)
+    released: torch.cuda.Event | None = None  # last compute reading the slot finished (compute stream)
+    last_used: int = -1
+
+
+@dataclass
+class CopyRecord:
+    """Timing events of one host->GPU layer copy (filled only when the streamer traces)."""
+
+    layer: int
+    start: torch.cuda.Event
+    end: torch.cuda.Event
+
+
+@dataclass
+class ComputeRecord:
+    """Timing events of one layer's compute on streamed weights (forward or backward)."""
+
+    layer: int
+    backward: bool
+    start: torch.cuda.Event
+    end: torch.cuda.Event
+
+
+@dataclass
+class ExpertStreamer:
+    """Double-buffered host->GPU weight streaming shared by the streamed HostExperts of one model (layer order)."""
+
+    layers: list["HostExperts"]
+    device: torch.device
+    trace: bool = False
+    copies: list[CopyRecord] = field(default_factory=list)
+    computes: list[ComputeRecord] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._index = {id(m): i for i, m in enumerate(self.layers)}
+        self._slots = [_Slot(), _Slot()]
+        self._stream = torch.cuda.Stream(self.device)
+        self._clock = 0
+        self._last: int | None = None
+        self._backward = False
+        self._open: dict[int, torch.cuda.Event] = {}
+
+    def gpu_bytes(self) -> int:
+        """Bytes held by the two GPU weight slots."""
+        return sum(t.numel() * t.element_size() for s in self._slots for t in (s.gate_up, s.down) if t is not None)
+
+    def _slot_of(self, layer: int) -> _Slot | None:
+        return next((s for s in self._slots if s.layer == layer), None)
+
+    def _load(self, layer: int, keep: _Slot | None) -> _Slot:
+        slot = min((s for s in self._slots if s is not keep), key=lambda s: s.last_used)
+        module = self.layers[layer]
+        gate_up, down = module.host_weights()
+        if slot.gate_up is None or slot.gate_up.shape != gate_up.shape or slot.gate_up.dtype != gate_up.dtype:
+            slot.gate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=self.device)
+        if slot.down is None or slot.down.shape != down.shape or slot.down.dtype != down.dtype:
+            slot.down = torch.empty(down.shape, dtype=down.dtype, device=self.device)
+        with torch.cuda.stream(self._stream):
+            if slot.released is not None:
+                self._stream.wait_event(slot.released)  # never overwrite weights a queued kernel still reads
+            start = torch.cuda.Event(enable_timing=True) if self.trace else None
+            if start is not None:
+                start.record(self._stream)
+            slot.gate_up.copy_(gate_up, non_blocking=True)
+            slot.down.copy_(down, non_blocking=True)
+            slot.ready = torch.cuda.Event(enable_timing=self.trace)
+            slot.ready.record(self._stream)
+        if start is not None:
+            self.copies.append(CopyRecord(layer, start, slot.ready))
+        slot.layer = layer
+        slot.released = None
+        self._clock += 1
+        slot.last_used = self._clock
+        return slot
+
+    def _neighbour(self, layer: int, num_tokens: int, backward: bool) -> int | None:
+        streamed = [i for i, m in enumerate(self.layers) if m.target_for(num_tokens) == "stream"]
+        before = [i for i in streamed if i < layer]
+        after = [i for i in streamed if i > layer]
+        ahead, behind = (before[::-1], after) if backward else (after, before[::-1])
+        if ahead:
+            return ahead[0]
+        return behind[0] if behind else None
+
+    def acquire(self, module: "HostExperts", num_tokens: int, backward: bool) -> tuple[Tensor, Tensor]:
+        """GPU copies `(gate_up, down)` of `module`'s weights, usable on the current stream; queues the prefetch of
+        the next layer in the pass direction. Pair every call with `release(module)` after the compute is queued."""
+        layer = self._index[id(module)]
+        if backward or (self._last is not None and layer < self._last):
+            self._backward = True
+        elif self._last is not None and layer > self._last:
+            self._backward = False
+        self._last = layer
+        slot = self._slot_of(layer) or self._load(layer, keep=None)
+        self._clock += 1
+        slot.last_used = self._clock
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(slot.ready)
+        nxt = self._neighbour(layer, num_tokens, self._backward)
+        if nxt is not None and self._slot_of(nxt) is None:
+            self._load(nxt, keep=slot)
+        if self.trace:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(compute)
+            self._open[layer] = start
+        return slot.gate_up, slot.down
+
+    def release(self, module: "HostExperts", backward: bool = False) -> None:
+        """Mark the compute queued on `module`'s streamed weights; the slot may be refilled after it."""
+        layer = self._index[id(module)]
+        slot = self._slot_of(layer)
+        compute = torch.cuda.current_stream(self.device)
+        if slot is not None:
+            slot.released = torch.cuda.Event(enable_timing=self.trace)
+            slot.released.record(compute)
+            if self.trace and layer in self._open:
+                self.computes.append(ComputeRecord(layer, backward, self._open.pop(layer), slot.released))
+
+
+class DeviceExecutor:
+    """Runs a HostExperts pass on the compute device with weights either streamed (`stream=True`) or resident."""
+
+    def __init__(self, stream: bool) -> None:
+        self.stream = stream
+
+    def _weights(self, module: "HostExperts", num_tokens: int, backward: bool) -> tuple[Tensor, Tensor]:
+        if not self.stream:
+            return module.resident_weights()
+        if module.streamer is None:
+            raise RuntimeError(f"{module.name}: streamed experts need wire_engine() to attach an ExpertStreamer")
+        return module.streamer.acquire(module, num_tokens, backward)
+
+    def _done(self, module: "HostExperts", backward: bool) -> None:
+        if self.stream and module.streamer is not None:
+            module.streamer.release(module, backward)
+
+    def forward(self, module, x, top_k_index, top_k_weights, lora_meta, lora_params):  # noqa: ANN001, ANN201
+        device = module.compute_device
+        xd, idx, w = x.to(device), top_k_index.to(device), top_k_weights.to(device)
+        gate_up, down = self._weights(module, x.shape[0], backward=False)
+        with torch.no_grad():
+            lora = lora_from_flat(lora_meta, [p.detach() for p in lora_params])
+            out = routed_experts_math(xd, idx, w, gate_up, down, module.act_fn, lora)
+        self._done(module, backward=False)
+        return out.to(x.device), (xd.detach(), idx, w.detach(), list(lora_params), x.device)
+
+    def backward(self, module, saved, grad_out, lora_meta, needs):  # noqa: ANN001, ANN201
+        xd, idx, w, lora_params, origin = saved
+        gate_up, down = self._weights(module, xd.shape[0], backward=True)
+
+        def run(x: Tensor, weights: Tensor, lora: dict) -> Tensor:
+            return routed_experts_math(x, idx, weights, gate_up, down, module.act_fn, lora)
+
+        grads = recompute_grads(run, xd, w, lora_meta, lora_params, grad_out.to(xd.device), needs)
+        self._done(module, backward=True)
+        return [None if g is None else g.to(origin) for g in grads]
