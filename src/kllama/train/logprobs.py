@@ -100,8 +100,11 @@ class _LinearTokenLogps(torch.autograd.Function):
             for start in range(0, n_rows, chunk_tokens):
                 stop = min(start + chunk_tokens, n_rows)
                 logits = _chunk_logits(hidden[start:stop], w, b, transform)  # [n, V]
-                lse[start:stop] = torch.logsumexp(logits, dim=-1)
-                out[start:stop] = logits.gather(1, targets[start:stop, None]).squeeze(1) - lse[start:stop]
+                picked = logits.gather(1, targets[start:stop, None]).squeeze(1)  # [n]
+                # log-sum-exp in place (torch.logsumexp would allocate another [n, V] fp32 buffer)
+                top = logits.amax(dim=-1)  # [n]
+                lse[start:stop] = top + logits.sub_(top[:, None]).exp_().sum(-1).log_()
+                out[start:stop] = picked - lse[start:stop]
                 del logits
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_tokens, ctx.transform = chunk_tokens, transform
@@ -170,7 +173,7 @@ def _backward_chunk(
     if grad_h is not None:
         grad_h.copy_(d_raw @ w)
     if grad_w is not None:
-        grad_w += (d_raw.t() @ h).float()
+        grad_w.add_(d_raw.t() @ h)  # mixed-dtype in-place add: no fp32 [V, H] temporary
 
 
 def _module_chunk_logps(
