@@ -152,7 +152,7 @@ CHAT_STYLES: dict[str, ChatStyle] = {
 
 
 def _corpus_text() -> str:
-    return resources.files("kllama.resources").joinpath("tokenizer_corpus.txt").read_text(encoding="utf-8")
+    return resources.files("kllama").joinpath("resources", "tokenizer_corpus.txt").read_text(encoding="utf-8")
 
 
 @functools.lru_cache(maxsize=1)
