@@ -1,0 +1,226 @@
+"""LoRA adapters on stock and expert-engine models, saved in PEFT's format so stock tools load them.
+
+Linear layers (attention, dense MLPs, shared experts) get PEFT LoRA through `target_modules`. Routed experts get
+per-expert LoRA: through PEFT's `target_parameters` on a stock model, or through the expert engine's own LoRA (same
+tensor layout and key names) when the experts live in host RAM. Either way the saved adapter is one
+`adapter_model.safetensors` + `adapter_config.json` that `PeftModel.from_pretrained` reads on the stock model.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kllama.errors import KllamaError
+
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_NEVER_TARGET = ("lm_head",)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """What to put LoRA on: linear leaf names, whether routed experts get LoRA, and the hyper-parameters."""
+
+    linear_targets: tuple[str, ...]
+    experts: bool
+    rank: int
+    alpha: int
+    dropout: float
+
+
+def _linear_leaf_names(model: nn.Module) -> set[str]:
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not any(part in _NEVER_TARGET for part in name.split(".")):
+            names.add(name.split(".")[-1])
+    return names
+
+
+def _expert_parents(model: nn.Module) -> list[str]:
+    """Qualified names of modules that hold fused routed experts (stock `gate_up_proj`/`down_proj`) or the engine's
+    host experts."""
+    out = []
+    for name, module in model.named_modules():
+        if type(module).__name__ == "HostExperts" or all(
+            isinstance(getattr(module, p, None), nn.Parameter) and getattr(module, p).dim() == 3 for p in EXPERT_PARAMS
+        ):
+            out.append(name)
+    return out
+
+
+def resolve_lora_spec(model: nn.Module, lora_target: list[str], rank: int, alpha: int | None,
+                      dropout: float) -> LoraSpec:
+    """Turn LLaMA-Factory's `lora_target` (`all` or names; `experts` = routed experts) into a LoraSpec for `model`."""
+    available = _linear_leaf_names(model)
+    has_experts = bool(_expert_parents(model))
+    wanted = [t.strip() for t in lora_target if t.strip()]
+    if wanted == ["all"]:
+        linear, experts = tuple(sorted(available)), has_experts
+    else:
+        experts = any(t in ("experts", *EXPERT_PARAMS) for t in wanted)
+        linear_names = [t for t in wanted if t not in ("experts", *EXPERT_PARAMS)]
+        unknown = [t for t in linear_names if t not in available]
+        if unknown or (experts and not has_experts):
+            valid = ", ".join(sorted(available) + (["experts"] if has_experts else []))
+            bad = ", ".join(unknown + (["experts"] if experts and not has_experts else []))
+            raise KllamaError(f"lora_target: {bad} not found in this model; use `all` or some of: {valid}")
+        linear = tuple(linear_names)
+    if not linear and not experts:
+        raise KllamaError("lora_target: selects no module; use `all` or name linear layers / experts")
+    return LoraSpec(linear, experts, rank, alpha if alpha is not None else 2 * rank, dropout)
+
+
+def _stock_expert_parameters(model: nn.Module) -> list[str]:
+    parents = _expert_parents(model)
+    # PEFT matches target_parameters by suffix, e.g. "mlp.experts.gate_up_proj".
+    suffixes = sorted({".".join(p.split(".")[-2:]) for p in parents})
+    return [f"{s}.{param}" for s in suffixes for param in EXPERT_PARAMS]
+
+
+def uses_engine(model: nn.Module) -> bool:
+    """True when routed experts are the engine's host-resident modules."""
+    return any(type(m).__name__ == "HostExperts" for m in model.modules())
+
+
+def attach_lora(model: nn.Module, spec: LoraSpec, *, seed: int = 0) -> PeftModel:
+    """Wrap `model` in a PeftModel with trainable LoRA as `spec` says (expert LoRA included)."""
+    torch.manual_seed(seed)
+    engine = uses_engine(model)
+    target_parameters = _stock_expert_parameters(model) if spec.experts and not engine else None
+    config = LoraConfig(
+        r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+        target_modules=list(spec.linear_targets) or None, target_parameters=target_parameters,
+        task_type="CAUSAL_LM", bias="none",
+    )
+    if not spec.linear_targets and target_parameters is None:
+        # Experts only on the engine: PEFT still needs some target to build a PeftModel; an empty regex works.
+        config.target_modules = r"^$"
+    peft_model = get_peft_model(model, config)
+    if spec.experts and engine:
+        from kllama.experts.lora import add_expert_lora
+
+        add_expert_lora(peft_model, r=spec.rank, alpha=spec.alpha, dropout=spec.dropout, seed=seed)
+        # Record the PEFT-equivalent target so the saved adapter loads on the stock model.
+        config.target_parameters = _engine_target_parameters(peft_model)
+    return peft_model
+
+
+def _engine_target_parameters(model: nn.Module) -> list[str]:
+    suffixes = sorted({".".join(name.split(".")[-2:]) for name, m in model.named_modules()
+                       if type(m).__name__ == "HostExperts"})
+    return [f"{s}.{param}" for s in suffixes for param in EXPERT_PARAMS]
+
+
+def adapter_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
+    """Every adapter tensor under PEFT's saved key names (linear LoRA + expert LoRA)."""
+    state = {k: v for k, v in get_peft_model_state_dict(model).items() if ".experts." not in k or not uses_engine(model)}
+    if uses_engine(model):
+        from kllama.experts.lora import expert_lora_state_dict
+
+        state.update(expert_lora_state_dict(model))
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_adapter(model: PeftModel, out_dir: str | Path) -> Path:
+    """Write `adapter_config.json` + `adapter_model.safetensors` into `out_dir` (each file atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = adapter_state_dict(model)
+    tmp = out / (ADAPTER_WEIGHTS + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / ADAPTER_WEIGHTS)
+    config = model.peft_config["default"].to_dict()
+    config["base_model_name_or_path"] = getattr(model.get_base_model().config, "_name_or_path", None)
+    for key, value in list(config.items()):
+        if isinstance(value, set):
+            config[key] = sorted(value)
+    tmp_cfg = out / (ADAPTER_CONFIG + ".tmp")
+    tmp_cfg.write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    os.replace(tmp_cfg, out / ADAPTER_CONFIG)
+    return out
+
+
+def load_adapter_weights(model: PeftModel, adapter_dir: str | Path) -> None:
+    """Load a saved adapter's tensors into an already-built PeftModel with the same targets."""
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise KllamaError(f"adapter {str(adapter_dir)!r} has no {ADAPTER_WEIGHTS}; give a directory written by kllama train or PEFT")
+    state = load_file(str(path))
+    if uses_engine(model):
+        from kllama.experts.lora import load_expert_lora
+
+        expert = {k: v for k, v in state.items() if ".experts." in k}
+        load_expert_lora(model, expert)
+        state = {k: v for k, v in state.items() if ".experts." not in k}
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if missing:
+        raise KllamaError(f"adapter {str(adapter_dir)!r} does not match this model ({len(missing)} tensors unused, e.g. {missing[0]})")
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """The adapter_config.json of `adapter_dir`, with a clear error when it is missing."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise KllamaError(f"adapter_name_or_path: {str(adapter_dir)!r} has no {ADAPTER_CONFIG}; give a LoRA adapter directory")
+    return json.loads(path.read_text())
+
+
+def spec_from_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraSpec:
+    """Rebuild the LoraSpec of a saved adapter (to continue training it)."""
+    cfg = read_adapter_config(adapter_dir)
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [] if targets == r"^$" else [targets]
+    return LoraSpec(tuple(sorted(targets)), bool(cfg.get("target_parameters")), int(cfg["r"]), int(cfg["lora_alpha"]),
+                    float(cfg.get("lora_dropout", 0.0)))
+
+
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable adapter parameters by name."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: PeftModel) -> Iterator[None]:
+    """Run the base model: PEFT LoRA and expert LoRA both off (the DPO reference when training from scratch)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(model.disable_adapter())
+        if uses_engine(model):
+            from kllama.experts.lora import expert_lora_disabled
+
+            stack.enter_context(expert_lora_disabled(model))
+        yield
+
+
+@contextlib.contextmanager
+def adapter_weights_swapped(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily load `snapshot` (name -> tensor) into the trainable parameters (the DPO reference when training
+    continues from an existing adapter: the reference is the model with the starting adapter, frozen)."""
+    params = lora_parameters(model)
+    saved = {}
+    with torch.no_grad():
+        for name, tensor in snapshot.items():
+            saved[name] = params[name].detach().clone()
+            params[name].copy_(tensor)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                params[name].copy_(tensor)
+
+
+def snapshot_adapter(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A frozen copy of every trainable adapter tensor."""
+    return {n: p.detach().clone() for n, p in lora_parameters(model).items()}

@@ -1,0 +1,197 @@
+"""`kllama train`: model + data + LoRA + trainer, from one validated config, to an adapter directory."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import TrainingArguments, set_seed
+
+from kllama.config import KllamaConfig, format_config
+from kllama.errors import KllamaError
+from kllama.model.adapters import (
+    attach_lora,
+    load_adapter_weights,
+    read_adapter_config,
+    resolve_lora_spec,
+    snapshot_adapter,
+    spec_from_adapter,
+)
+from kllama.model.load import LoadedModel, load_model, training_dtype
+from kllama.train.checkpoints import PublishCheckpoints, prepare_output_dir, resolve_resume, staging_dir
+from kllama.train.trainer import KllamaTrainer, PreferenceSettings, starting_adapter_reference
+
+TEMPLATE_FILE = "template.json"
+RESOLVED_CONFIG_FILE = "training_args.yaml"
+
+
+def preference_settings(config: KllamaConfig) -> PreferenceSettings:
+    """The loss settings of a config."""
+    f = config.finetuning
+    return PreferenceSettings(
+        stage=f.stage, loss_type=f.pref_loss, beta=f.pref_beta, label_smoothing=f.dpo_label_smoothing,
+        simpo_gamma=f.simpo_gamma, discopop_tau=f.discopop_tau, ftx=f.pref_ftx, ld_alpha=f.ld_alpha,
+        router_aux_loss_coef=config.model.router_aux_loss_coef,
+    )
+
+
+def build_training_arguments(config: KllamaConfig, *, has_eval: bool, use_cpu: bool) -> TrainingArguments:
+    """transformers' TrainingArguments from kllama's training section (checkpoints go to the staging dir)."""
+    t = config.training
+    warmup: float = t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio
+    eval_strategy = t.eval_strategy if t.eval_strategy != "no" or not has_eval else "steps"
+    report = [r for r in t.report_to if r not in ("none", "tensorboard")] or "none"
+    return TrainingArguments(
+        output_dir=str(staging_dir(t.output_dir)),
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=warmup,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=t.logging_first_step,
+        save_strategy=t.save_strategy,
+        save_steps=t.save_steps,
+        save_only_model=t.save_only_model,
+        eval_strategy=eval_strategy if has_eval else "no",
+        eval_steps=(t.eval_steps or t.logging_steps) if has_eval else None,
+        report_to=report,
+        run_name=t.run_name,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        dataloader_num_workers=t.dataloader_num_workers,
+        ddp_timeout=t.ddp_timeout,
+        disable_tqdm=t.disable_tqdm,
+        remove_unused_columns=False,
+        use_cpu=use_cpu,
+        label_names=["labels"],
+    )
+
+
+def _apply_adapters(config: KllamaConfig, loaded: LoadedModel) -> tuple[PeftModel, dict[str, torch.Tensor] | None]:
+    """Attach the LoRA to train. Returns the PeftModel and, when continuing an adapter, its frozen starting weights
+    (the DPO reference is the model *with* that adapter, not the bare base)."""
+    f = config.finetuning
+    model = loaded.model
+    adapters = list(config.model.adapter_name_or_path or [])
+    for path in adapters:
+        read_adapter_config(path)  # clear error for a wrong path, before anything heavy
+    seed = config.training.seed
+    if adapters and (f.create_new_adapter or len(adapters) > 1):
+        if loaded.engine is not None:
+            raise KllamaError("create_new_adapter / several adapter_name_or_path: merging adapters into host-resident "
+                              "experts is not supported yet with use_kt: true; train on one adapter or merge it with "
+                              "kllama export first")
+        merge = adapters if f.create_new_adapter else adapters[:-1]
+        for path in merge:
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        adapters = [] if f.create_new_adapter else adapters[-1:]
+    if adapters:
+        spec = spec_from_adapter(model, adapters[0])
+        peft_model = attach_lora(model, spec, seed=seed)
+        load_adapter_weights(peft_model, adapters[0])
+        return peft_model, snapshot_adapter(peft_model)
+    spec = resolve_lora_spec(model, f.lora_target, f.lora_rank, f.lora_alpha, f.lora_dropout)
+    return attach_lora(model, spec, seed=seed), None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def run_training(config: KllamaConfig) -> int:
+    """Run `kllama train` end to end; returns the exit status."""
+    from kllama.data import PairwiseCollator, SFTCollator, build_dataset, describe_example, format_summary, get_template
+    from kllama.train.plots import plot_training
+    from kllama.train.reference import attach_reference_logps
+
+    t, f = config.training, config.finetuning
+    set_seed(t.seed)
+    output_dir = Path(t.output_dir)
+    resume = resolve_resume(t.resume_from_checkpoint, output_dir)
+    prepare_output_dir(output_dir, overwrite=t.overwrite_output_dir, resuming=resume is not None)
+
+    loaded = load_model(config, dtype=training_dtype(config))
+    tokenizer = loaded.tokenizer
+    template = get_template(config.data.template, tokenizer)
+    cache_dir = config.model.cache_dir or str(Path.home() / ".cache" / "kllama")
+    bundle = build_dataset(config.data, tokenizer, template, stage=f.stage, seed=t.seed, cache_dir=cache_dir)
+    print(format_summary(bundle.summary), flush=True)
+    if len(bundle.train):
+        print(describe_example(tokenizer, bundle.train[0]), flush=True)
+
+    model, start_snapshot = _apply_adapters(config, loaded)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"trainable LoRA parameters: {trainable:,}", flush=True)
+
+    collator_cls = PairwiseCollator if f.stage == "dpo" else SFTCollator
+    collate = collator_cls(tokenizer.pad_token_id, pad_to_multiple_of=8)
+    settings = preference_settings(config)
+    reference_context = (lambda: starting_adapter_reference(model, start_snapshot)) if start_snapshot else None
+    train_set, eval_set = bundle.train, bundle.eval
+    if f.stage == "dpo" and f.precompute_ref_log_probs:
+        train_set = attach_reference_logps(model, train_set, collate, settings, reference_context, cache_dir,
+                                           batch_size=t.per_device_eval_batch_size, device=loaded.device)
+        if eval_set is not None:
+            eval_set = attach_reference_logps(model, eval_set, collate, settings, reference_context, cache_dir,
+                                              batch_size=t.per_device_eval_batch_size, device=loaded.device)
+        collate = _with_reference_columns(collate)
+
+    args = build_training_arguments(config, has_eval=eval_set is not None, use_cpu=loaded.device.type == "cpu")
+    callbacks: list[Any] = [PublishCheckpoints(output_dir, t.save_total_limit)]
+    if "tensorboard" in t.report_to:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=t.logging_dir or str(output_dir / "runs"))))
+    trainer = KllamaTrainer(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collate,
+        processing_class=tokenizer, callbacks=callbacks, settings=settings, reference_context=reference_context,
+    )
+    if resume is not None:
+        load_adapter_weights(model, resume)  # expert LoRA too; the Trainer then restores optimiser/scheduler/RNG
+        print(f"resuming from {resume}", flush=True)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+
+    trainer.save_model(str(output_dir))
+    metrics = dict(result.metrics)
+    if eval_set is not None:
+        metrics.update(trainer.evaluate())
+    trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
+    _write_json(output_dir / "all_results.json", metrics)
+    _write_json(output_dir / TEMPLATE_FILE, {"template": template.name})
+    (output_dir / RESOLVED_CONFIG_FILE).write_text(format_config(config))
+    if f.plot_loss:
+        for path in plot_training(trainer.state.log_history, output_dir):
+            print(f"wrote {path}", flush=True)
+    import shutil
+
+    shutil.rmtree(staging_dir(output_dir), ignore_errors=True)
+    print(f"adapter written to {output_dir}", flush=True)
+    return 0
+
+
+def _with_reference_columns(collate: Any) -> Any:
+    def collate_with_reference(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate([{k: v for k, v in r.items() if not k.startswith("ref_")} for r in rows])
+        batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float32)
+        batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
+        return batch
+
+    return collate_with_reference
+

@@ -1,0 +1,209 @@
+"""The preference / SFT trainer: transformers' Trainer with kllama's loss, metrics and adapter saving.
+
+Only public Trainer hooks are overridden: `compute_loss`, `prediction_step`, `log`, `save_model`.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import psutil
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import Trainer
+
+from kllama.model.adapters import adapter_weights_swapped, adapters_disabled, save_adapter
+from kllama.train.logprobs import logit_transform_for, sequence_logps
+from kllama.train.losses import (
+    NEEDS_AVERAGED_LOGPS,
+    REFERENCE_FREE,
+    RunningMean,
+    bco_batch_reward,
+    preference_loss,
+    sft_term,
+)
+
+
+@dataclass(frozen=True)
+class PreferenceSettings:
+    """The loss settings the trainer needs (from the finetuning section of the config)."""
+
+    stage: str = "dpo"
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    discopop_tau: float = 0.05
+    ftx: float = 0.0
+    ld_alpha: float | None = None
+    router_aux_loss_coef: float | None = None
+    logps_chunk_tokens: int = 4096
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The transformers *ForCausalLM module inside a PeftModel (LoRA layers are injected in place)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def policy_logps(model: nn.Module, batch: dict[str, torch.Tensor], settings: PreferenceSettings,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Summed label log-probs `[N]`, label counts `[N]` and the router aux loss (or None) of a padded batch, computed
+    from the decoder's last hidden states in chunks (no [tokens x vocab] fp32 logits)."""
+    lm = causal_lm_of(model)
+    want_router = bool(settings.router_aux_loss_coef)
+    kwargs = {"output_router_logits": True} if want_router else {}
+    out = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **kwargs)
+    sums, counts = sequence_logps(
+        out.last_hidden_state, lm.lm_head, batch["labels"], chunk_tokens=settings.logps_chunk_tokens,
+        ld_alpha=settings.ld_alpha if settings.stage == "dpo" else None, transform=logit_transform_for(lm.config),
+    )
+    aux = None
+    if want_router:
+        aux = router_aux_loss(lm, out, batch["attention_mask"])
+    return sums, counts, aux
+
+
+def router_aux_loss(lm: nn.Module, out: Any, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss from the decoder's router logits (families that expose them)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from kllama.errors import KllamaError
+
+    logits = getattr(out, "router_logits", None)
+    if not logits:
+        raise KllamaError(f"router_aux_loss_coef: model type {lm.config.model_type!r} does not expose router logits; remove the key")
+    cfg = lm.config
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or cfg.n_routed_experts
+    return load_balancing_loss_func(logits, experts, cfg.num_experts_per_tok, attention_mask)
+
+
+class KllamaTrainer(Trainer):
+    """Trainer for `stage: sft` and `stage: dpo` (every `pref_loss`), with LoRA adapters saved in PEFT's format."""
+
+    def __init__(self, *args: Any, settings: PreferenceSettings,
+                 reference_context: Callable[[], contextlib.AbstractContextManager] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.settings = settings
+        self._reference_context = reference_context
+        self._stored: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._bco = RunningMean()
+        self._tokens_since_log = 0
+        self._last_log_time = time.perf_counter()
+
+    # ---------------------------------------------------------------- losses
+    def reference_context(self) -> contextlib.AbstractContextManager:
+        """Where the reference model lives: the policy with adapters off, or with the starting adapter swapped in."""
+        if self._reference_context is not None:
+            return self._reference_context()
+        return adapters_disabled(self.model)
+
+    def _dpo_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        s = self.settings
+        sums, counts, aux = policy_logps(model, batch, s)
+        half = sums.shape[0] // 2
+        averaged = s.loss_type in NEEDS_AVERAGED_LOGPS
+        logps = sums / counts.clamp(min=1) if averaged else sums  # [2B]
+        chosen, rejected = logps[:half], logps[half:]
+        ref_chosen = ref_rejected = None
+        if s.loss_type not in REFERENCE_FREE:
+            if "ref_chosen_logps" in batch:
+                ref_sums = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).to(sums)
+            else:
+                with torch.no_grad(), self.reference_context():
+                    ref_sums, _, _ = policy_logps(model, batch, s)
+            ref = ref_sums / counts.clamp(min=1) if averaged else ref_sums
+            ref_chosen, ref_rejected = ref[:half], ref[half:]
+        bco_delta = None
+        if s.loss_type == "bco_pair":
+            rewards = s.beta * (torch.cat([chosen, rejected]) - torch.cat([ref_chosen, ref_rejected])).detach()
+            bco_delta = self._bco.update(bco_batch_reward(rewards[:half], rewards[half:])) if model.training else self._bco.mean
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            s.loss_type, chosen, rejected, ref_chosen, ref_rejected, beta=s.beta, label_smoothing=s.label_smoothing,
+            simpo_gamma=s.simpo_gamma, discopop_tau=s.discopop_tau, bco_delta=bco_delta,
+        )
+        if s.ftx > 0:
+            losses = losses + s.ftx * sft_term(sums[:half], counts[:half])
+        loss = losses.mean()
+        if aux is not None:
+            loss = loss + s.router_aux_loss_coef * aux
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean().item(),
+            "rewards/rejected": rejected_rewards.mean().item(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+            "logps/chosen": sums[:half].detach().mean().item(),
+            "logps/rejected": sums[half:].detach().mean().item(),
+        }
+        if aux is not None:
+            metrics["router_aux_loss"] = aux.item()
+        return loss, metrics
+
+    def _sft_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        sums, counts, aux = policy_logps(model, batch, self.settings)
+        loss = -sums.sum() / counts.sum().clamp(min=1)
+        if aux is not None:
+            loss = loss + self.settings.router_aux_loss_coef * aux
+        return loss, {}
+
+    def _loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        return (self._dpo_loss if self.settings.stage == "dpo" else self._sft_loss)(model, batch)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        loss, metrics = self._loss(model, inputs)
+        self._tokens_since_log += int(inputs["attention_mask"].sum())
+        for key, value in metrics.items():
+            self._stored["train"][key].append(value)
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, None, None]:
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, metrics = self._loss(model, inputs)
+        for key, value in metrics.items():
+            self._stored["eval"][key].append(value)
+        return loss.detach(), None, None
+
+    # ---------------------------------------------------------------- logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        split = "eval" if "eval_loss" in logs else "train"
+        prefix = "eval_" if split == "eval" else ""
+        for key, values in self._stored[split].items():
+            if values:
+                logs[prefix + key] = sum(values) / len(values)
+        self._stored[split].clear()
+        if split == "train" and "loss" in logs:
+            now = time.perf_counter()
+            logs["tokens_per_second"] = round(self._tokens_since_log / max(now - self._last_log_time, 1e-9), 1)
+            self._tokens_since_log, self._last_log_time = 0, now
+            logs["peak_host_memory_gb"] = round(peak_host_bytes() / 1e9, 3)
+            if torch.cuda.is_available():
+                logs["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+        super().log(logs, start_time)
+
+    # ---------------------------------------------------------------- saving
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        out = output_dir or self.args.output_dir
+        save_adapter(self.model, out)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(out)
+
+
+def peak_host_bytes() -> int:
+    """Peak resident set size of this process (bytes)."""
+    import resource
+
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max(peak_kb * 1024, psutil.Process().memory_info().rss)
+
+
+@contextlib.contextmanager
+def starting_adapter_reference(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Reference = the model with the adapter training started from (frozen snapshot)."""
+    with adapter_weights_swapped(model, snapshot):
+        yield
