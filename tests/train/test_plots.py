@@ -62,7 +62,8 @@ def test_single_point_and_custom_keys(tmp_path: Path) -> None:
 
 
 def test_metric_series_takes_step_and_skips_non_numbers() -> None:
-    history = [{"step": 5, "loss": 1.0}, {"step": 6, "eval_loss": 2.0}, {"step": 7, "loss": None}, {"step": 8, "loss": 3}]
+    history = [{"step": 5, "loss": 1.0}, {"step": 6, "eval_loss": 2.0}, {"step": 7, "loss": None}]
+    history.append({"step": 8, "loss": 3})
     assert metric_series(history, "loss") == ([5, 8], [1.0, 3.0])
 
 
@@ -78,5 +79,6 @@ def test_smooth_by_hand() -> None:
 
 
 def test_load_log_history_from_dir(tmp_path: Path) -> None:
-    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 3, "log_history": [{"step": 1, "loss": 1}]}))
+    state = {"global_step": 3, "log_history": [{"step": 1, "loss": 1}]}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
     assert load_log_history(tmp_path) == [{"step": 1, "loss": 1}]

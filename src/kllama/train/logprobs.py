@@ -250,13 +250,15 @@ def sequence_logps(
     stays the unweighted count, so `sum_logps / num_tokens` is the average used by ipo / orpo / simpo.
     """
     if hidden_states.shape[:2] != labels.shape:
-        raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} disagree on [B, T]")
+        shapes = f"hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)}"
+        raise ValueError(f"{shapes} disagree on [B, T]")
     batch, _, width = hidden_states.shape
     shifted = labels[:, 1:]  # [B, T-1]
     mask = shifted != IGNORE_INDEX  # [B, T-1]
     flat = mask.reshape(-1).nonzero().squeeze(1)  # [N] indices of label tokens
     rows = flat // shifted.shape[1]  # [N] which sequence each belongs to
-    hidden = hidden_states[:, :-1].reshape(-1, width).index_select(0, flat)  # [N, H]
+    # position t of row b predicts shifted label t: row b*T + t of the [B*T, H] view (no copy of all positions)
+    hidden = hidden_states.reshape(-1, width).index_select(0, flat + rows)  # [N, H]
     targets = shifted.reshape(-1).index_select(0, flat)  # [N]
     logps = token_logps(hidden, lm_head, targets, chunk_tokens=chunk_tokens, transform=transform)  # [N]
     if ld_alpha is not None:

@@ -164,7 +164,7 @@ def sppo_hard_loss(
     ref_rejected: torch.Tensor,  # [B]
     p: LossParams,
 ) -> torch.Tensor:
-    """SPPO (Wu et al. 2024) with hard win probabilities (1 for chosen, 0 for rejected): push log-ratios to +-1/(2 beta)."""
+    """SPPO (Wu et al. 2024), hard win probabilities (chosen 1, rejected 0): log-ratios pushed to +-1/(2 beta)."""
     a = chosen - ref_chosen  # [B]
     b = rejected - ref_rejected  # [B]
     return (a - 0.5 / p.beta) ** 2 + (b + 0.5 / p.beta) ** 2

@@ -34,7 +34,7 @@ def smooth(values: Sequence[float]) -> list[float]:
 
 
 def metric_series(log_history: Iterable[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    """The `(steps, values)` of one metric from a `TrainerState.log_history`-shaped list (entries without it skipped)."""
+    """The `(steps, values)` of one metric in a `TrainerState.log_history`-shaped list; entries without it skipped."""
     steps, values = [], []
     for entry in log_history:
         value = entry.get(key)
