@@ -1,0 +1,119 @@
+"""The expert engine reproduces stock transformers (outputs and gradients) for every supported family."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kllama.errors import KllamaError
+from kllama.experts import ExpertPlacement, HostExperts, find_expert_modules, install_expert_engine
+from kllama.model.tiny import build_tiny_model
+
+FAMILY_ARCHS = ("deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-relative difference of a against the reference b."""
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def run(model: torch.nn.Module, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and input-embedding grads of a loss that touches every logit."""
+    leaf = embeds.clone().requires_grad_()
+    logits = model(inputs_embeds=leaf).logits
+    logits.float().square().mean().backward()
+    return logits.detach(), leaf.grad
+
+
+def pair(arch: str, placement: ExpertPlacement, dtype: torch.dtype = torch.float32):  # noqa: ANN201
+    stock = build_tiny_model(arch, seed=0, dtype=dtype)
+    ours = copy.deepcopy(stock)
+    engine = install_expert_engine(ours, lambda name: placement, "cpu")
+    return stock, ours, engine
+
+
+def assert_matches(stock: torch.nn.Module, ours: torch.nn.Module, dtype: torch.dtype, tokens: int = 7) -> None:
+    embeds = (torch.randn(2, tokens, stock.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 0.5)
+    logits_ref, grad_ref = run(stock, embeds.to(dtype))
+    logits, grad = run(ours, embeds.to(dtype))
+    tol = TOL[dtype]
+    assert rel(logits, logits_ref) < tol
+    assert rel(grad, grad_ref) < tol
+    ref_params = dict(stock.named_parameters())
+    compared = 0
+    for name, param in ours.named_parameters():  # router, shared experts, attention, embeddings: all but experts
+        if ref_params[name].grad is not None and ref_params[name].grad.abs().sum() > 0:
+            assert param.grad is not None, name
+            assert rel(param.grad, ref_params[name].grad) < tol, name
+            compared += 1
+    assert any(".gate." in n or "router" in n for n, p in ours.named_parameters() if p.grad is not None)
+    assert compared > 5
+
+
+@pytest.mark.parametrize("arch", FAMILY_ARCHS)
+def test_cpu_engine_matches_stock_fp32(arch: str) -> None:
+    stock, ours, engine = pair(arch, ExpertPlacement.from_mode("cpu", cpu_threads=1))
+    assert all(isinstance(m, HostExperts) for m in engine.modules.values())
+    assert not any("experts.gate_up_proj" in n for n, _ in ours.named_parameters())
+    assert_matches(stock, ours, torch.float32)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "mixtral"])
+def test_cpu_engine_matches_stock_bf16(arch: str) -> None:
+    stock, ours, _ = pair(arch, ExpertPlacement.from_mode("cpu"), torch.bfloat16)
+    assert_matches(stock, ours, torch.bfloat16)
+
+
+def test_two_threads_and_small_chunks_match_and_restore_thread_count() -> None:
+    before = torch.get_num_threads()
+    stock, ours, _ = pair("qwen2_moe", ExpertPlacement.from_mode("cpu", cpu_threads=2, chunk_size=3))
+    assert_matches(stock, ours, torch.float32, tokens=11)  # 22 tokens per pass, 8 chunks
+    assert torch.get_num_threads() == before
+
+
+def test_stream_and_gpu_targets_fall_back_to_cpu_without_cuda() -> None:
+    stock, ours, engine = pair("olmoe", ExpertPlacement.from_mode("auto", crossover_tokens=4))
+    with pytest.warns(UserWarning, match="needs a CUDA compute device"):
+        assert_matches(stock, ours, torch.float32)
+    with engine.force_target("gpu"):
+        assert all(m.target_for(1000) == "cpu" for m in engine.modules.values())
+    assert all(m.forced_target is None for m in engine.modules.values())
+
+
+def test_force_target_rejects_unknown_target() -> None:
+    _, _, engine = pair("mixtral", ExpertPlacement.from_mode("cpu"))
+    with pytest.raises(KllamaError, match="unknown expert target"):
+        with engine.force_target("tpu"):  # type: ignore[arg-type]
+            pass
+
+
+def test_engine_reports_host_bytes_and_drops_stock_weights() -> None:
+    stock = build_tiny_model("mixtral", seed=0)
+    expected = sum(m.gate_up_proj.numel() + m.down_proj.numel() for m in find_expert_modules(stock).values()) * 4
+    engine = install_expert_engine(stock, {n: ExpertPlacement() for n in find_expert_modules(stock)}, "cpu")
+    assert engine.host_bytes() == expected
+    assert engine.gpu_bytes() == 0
+    assert "experts._gate_up" not in stock.state_dict()
+
+
+def test_placement_mapping_must_cover_every_layer() -> None:
+    model = build_tiny_model("qwen3_moe", seed=0)
+    with pytest.raises(KllamaError, match="no expert placement for model.layers.1.mlp.experts, model.layers.2"):
+        install_expert_engine(model, {"model.layers.0.mlp.experts": ExpertPlacement()}, "cpu")
+
+
+def test_unsupported_family_names_supported_ones() -> None:
+    model = build_tiny_model("llama", seed=0)
+    with pytest.raises(KllamaError, match="deepseek_v2.*mixtral"):
+        find_expert_modules(model)
+
+
+def test_generation_with_cache_matches_stock() -> None:
+    stock, ours, _ = pair("deepseek_v2", ExpertPlacement.from_mode("cpu"))
+    ids = torch.tensor([[5, 9, 3, 7]])
+    with torch.no_grad():
+        ref = stock.generate(ids, max_new_tokens=6, do_sample=False)
+        got = ours.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(ref, got)

@@ -1,0 +1,183 @@
+"""Expert LoRA: same math and same tensors/keys as PEFT 0.21's `target_parameters` on the stock model."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from kllama.errors import KllamaError
+from kllama.experts import (
+    ExpertPlacement,
+    add_expert_lora,
+    expert_lora_disabled,
+    expert_lora_state_dict,
+    install_expert_engine,
+    load_expert_lora,
+    set_expert_lora_enabled,
+)
+from kllama.model.tiny import build_tiny_model
+
+FAMILY_ARCHS = ("deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
+TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+R, ALPHA = 4, 8
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def peft_model(arch: str, dtype: torch.dtype = torch.float32):  # noqa: ANN201
+    """Stock model + PEFT expert LoRA with random non-zero A and B (so the delta matters)."""
+    base = build_tiny_model(arch, seed=0, dtype=dtype)
+    config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[], target_parameters=TARGET_PARAMETERS)
+    model = get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+def our_model(arch: str, dtype: torch.dtype = torch.float32, target: str = "cpu"):  # noqa: ANN201
+    model = build_tiny_model(arch, seed=0, dtype=dtype)
+    install_expert_engine(model, lambda name: ExpertPlacement.from_mode(target, chunk_size=6), "cpu")
+    add_expert_lora(model, r=R, alpha=ALPHA, seed=0)
+    return model
+
+
+def forward_backward(model: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    embeds = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+    logits = model(inputs_embeds=embeds).logits
+    logits.float().square().mean().backward()
+    return logits.detach(), embeds.grad
+
+
+@pytest.mark.parametrize("arch", FAMILY_ARCHS)
+def test_expert_lora_matches_peft_target_parameters(arch: str) -> None:
+    ref = peft_model(arch)
+    ours = our_model(arch)
+    peft_state = get_peft_model_state_dict(ref)
+    load_expert_lora(ours, peft_state)  # PEFT's keys and shapes load as they are: same layout
+    logits_ref, grad_ref = forward_backward(ref, torch.float32)
+    logits, grad = forward_backward(ours, torch.float32)
+    assert rel(logits, logits_ref) < 1e-5
+    assert rel(grad, grad_ref) < 1e-5
+    # LoRA grads, matched through PEFT's key names
+    ref_grads = {n.replace(".default", ""): p.grad for n, p in ref.named_parameters() if "lora_" in n}
+    our_state = expert_lora_state_dict(ours)
+    assert sorted(our_state) == sorted(peft_state)
+    for name, module in ours.named_modules():
+        for target, lora in getattr(module, "lora", {}).items():
+            prefix = "base_model.model." + name + (".base_layer." if target == "gate_up_proj" else ".")
+            for part in ("lora_A", "lora_B"):
+                assert rel(getattr(lora, part).grad, ref_grads[prefix + part + ".weight"]) < 1e-5
+
+
+def test_expert_lora_bf16_is_as_accurate_as_peft() -> None:
+    # In bf16 PEFT folds W + s*B@A into a bf16 weight while we add the low-rank path separately, so the two round
+    # differently (~2% on input grads here). The fair check: both against the fp32 truth, ours no worse than PEFT's.
+    truth = peft_model("deepseek_v2", torch.float32)
+    state = get_peft_model_state_dict(truth)
+    logits_true, grad_true = forward_backward(truth, torch.float32)
+    ref = peft_model("deepseek_v2", torch.bfloat16)
+    logits_ref, grad_ref = forward_backward(ref, torch.bfloat16)
+    ours = build_tiny_model("deepseek_v2", seed=0, dtype=torch.bfloat16)
+    install_expert_engine(ours, lambda name: ExpertPlacement.from_mode("cpu"), "cpu")
+    add_expert_lora(ours, r=R, alpha=ALPHA, dtype=torch.bfloat16)  # PEFT keeps the adapter in the weights' dtype
+    load_expert_lora(ours, state)
+    logits, grad = forward_backward(ours, torch.bfloat16)
+    assert rel(logits, logits_ref) < 2e-2
+    assert rel(grad, grad_ref) < 3e-2
+    assert rel(logits, logits_true) < 1.25 * rel(logits_ref, logits_true)
+    assert rel(grad, grad_true) < 1.25 * rel(grad_ref, grad_true)
+
+
+def test_new_lora_is_a_no_op_and_seeded() -> None:
+    base = our_model("mixtral")
+    again = our_model("mixtral")
+    for (_, a), (_, b) in zip(sorted(expert_lora_state_dict(base).items()), sorted(expert_lora_state_dict(again).items())):
+        assert torch.equal(a, b)
+    a_weights = [v for k, v in expert_lora_state_dict(base).items() if "lora_A" in k]
+    assert all(w.abs().sum() > 0 for w in a_weights)
+    stock = build_tiny_model("mixtral", seed=0)
+    with torch.no_grad():
+        ids = torch.tensor([[1, 2, 3, 4]])
+        assert torch.allclose(base(ids).logits, stock(ids).logits, atol=1e-6)
+
+
+def test_lora_disabled_equals_base_model_and_restores() -> None:
+    ours = our_model("qwen2_moe")
+    with torch.no_grad():
+        for module in ours.modules():
+            for lora in getattr(module, "lora", {}).values():
+                lora.lora_B.normal_(std=0.5)
+    stock = build_tiny_model("qwen2_moe", seed=0)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        with_lora = ours(ids).logits
+        with expert_lora_disabled(ours):
+            without = ours(ids).logits
+        after = ours(ids).logits
+        base = stock(ids).logits
+    assert torch.allclose(without, base, atol=1e-6)
+    assert not torch.allclose(with_lora, base, atol=1e-4)
+    assert torch.equal(after, with_lora)
+    set_expert_lora_enabled(ours, False)
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).logits, base, atol=1e-6)
+
+
+def test_state_dict_round_trip_through_peft_from_pretrained(tmp_path: Path) -> None:
+    ours = our_model("olmoe")
+    with torch.no_grad():
+        for module in ours.modules():
+            for lora in getattr(module, "lora", {}).values():
+                lora.lora_B.normal_(std=0.5)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file(expert_lora_state_dict(ours), adapter / "adapter_model.safetensors")
+    LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[], target_parameters=TARGET_PARAMETERS).save_pretrained(adapter)
+    stock = PeftModel.from_pretrained(build_tiny_model("olmoe", seed=0), adapter)
+    ids = torch.tensor([[7, 8, 9, 10, 11, 12]])
+    with torch.no_grad():
+        assert torch.allclose(stock(ids).logits, ours(ids).logits, atol=1e-5)
+    # and back: PEFT's saved state loads into a fresh engine model
+    fresh = our_model("olmoe")
+    load_expert_lora(fresh, get_peft_model_state_dict(stock))
+    with torch.no_grad():
+        assert torch.allclose(fresh(ids).logits, ours(ids).logits, atol=1e-6)
+
+
+def test_lora_params_train_and_base_weights_stay_frozen() -> None:
+    ours = our_model("deepseek_v3")
+    loras = [p for n, p in ours.named_parameters() if "lora_" in n]
+    host = [t.clone() for m in ours.modules() if hasattr(m, "host_weights") for t in m.host_weights()]
+    ours(torch.tensor([[1, 2, 3, 4, 5]])).logits.square().mean().backward()
+    assert loras and all(p.grad is not None for p in loras)
+    # PEFT's init (B = 0): B gets a gradient at once, A only after B has moved
+    assert all(p.grad.abs().sum() > 0 for n, p in ours.named_parameters() if "lora_B" in n)
+    assert all(p.grad.abs().sum() == 0 for n, p in ours.named_parameters() if "lora_A" in n)
+    after = [t for m in ours.modules() if hasattr(m, "host_weights") for t in m.host_weights()]
+    assert all(torch.equal(a, b) for a, b in zip(host, after))
+
+
+def test_lora_errors() -> None:
+    model = build_tiny_model("mixtral", seed=0)
+    with pytest.raises(KllamaError, match="install_expert_engine"):
+        add_expert_lora(model, r=4, alpha=8)
+    install_expert_engine(model, lambda n: ExpertPlacement(), "cpu")
+    with pytest.raises(KllamaError, match="lora_dropout"):
+        add_expert_lora(model, r=4, alpha=8, dropout=0.1)
+    with pytest.raises(KllamaError, match="unknown expert LoRA targets"):
+        add_expert_lora(model, r=4, alpha=8, targets=("up_proj",))
+    add_expert_lora(model, r=4, alpha=8)
+    bad = {k: v[:, :2] for k, v in expert_lora_state_dict(model).items()}
+    with pytest.raises(KllamaError, match="expected"):
+        load_expert_lora(model, bad)
+    with pytest.raises(KllamaError, match="missing"):
+        load_expert_lora(model, {})
