@@ -25,6 +25,10 @@ EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _NEVER_TARGET = ("lm_head",)
+# On MoE models, PEFT (>= 0.19 with transformers 5) rewrites these leaf names in `target_modules` to the fused
+# routed-expert parameters when it builds or loads an adapter. A LoRA on a shared expert's or dense layer's
+# `gate_proj` would therefore not load back on the stock model: on MoE models these names mean the routed experts.
+_EXPERT_ALIASES = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 
 
 @dataclass(frozen=True)
@@ -61,14 +65,15 @@ def _expert_parents(model: nn.Module) -> list[str]:
 def resolve_lora_spec(model: nn.Module, lora_target: list[str], rank: int, alpha: int | None,
                       dropout: float) -> LoraSpec:
     """Turn LLaMA-Factory's `lora_target` (`all` or names; `experts` = routed experts) into a LoraSpec for `model`."""
-    available = _linear_leaf_names(model)
     has_experts = bool(_expert_parents(model))
+    expert_names = ("experts", *EXPERT_PARAMS, *(_EXPERT_ALIASES if has_experts else ()))
+    available = _linear_leaf_names(model) - (set(_EXPERT_ALIASES) if has_experts else set())
     wanted = [t.strip() for t in lora_target if t.strip()]
     if wanted == ["all"]:
         linear, experts = tuple(sorted(available)), has_experts
     else:
-        experts = any(t in ("experts", *EXPERT_PARAMS) for t in wanted)
-        linear_names = [t for t in wanted if t not in ("experts", *EXPERT_PARAMS)]
+        experts = any(t in expert_names for t in wanted)
+        linear_names = [t for t in wanted if t not in expert_names]
         unknown = [t for t in linear_names if t not in available]
         if unknown or (experts and not has_experts):
             valid = ", ".join(sorted(available) + (["experts"] if has_experts else []))

@@ -25,7 +25,6 @@ def _cache_key(model: nn.Module, dataset: Dataset, settings: PreferenceSettings,
     parts = {
         "dataset": getattr(dataset, "_fingerprint", None) or str(len(dataset)),
         "model": getattr(lm_config, "_name_or_path", None),
-        "ld_alpha": settings.ld_alpha,
         "rows": len(dataset),
     }
     if with_start_adapter:
@@ -57,7 +56,7 @@ def attach_reference_logps(model: nn.Module, dataset: Dataset, collate: Callable
             for start in tqdm(range(0, len(dataset), batch_size), desc="reference log-probs", unit="batch"):
                 rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(rows).items()}
-                sums, _, _ = policy_logps(model, batch, PreferenceSettings(stage="dpo", ld_alpha=settings.ld_alpha))
+                sums, _, _ = policy_logps(model, batch, PreferenceSettings(stage="dpo", ld_alpha=None))
                 half = sums.shape[0] // 2
                 chosen.extend(sums[:half].float().cpu().tolist())
                 rejected.extend(sums[half:].float().cpu().tolist())

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 import psutil
@@ -114,7 +114,8 @@ class KllamaTrainer(Trainer):
                 ref_sums = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).to(sums)
             else:
                 with torch.no_grad(), self.reference_context():
-                    ref_sums, _, _ = policy_logps(model, batch, s)
+                    # LD-DPO weights the policy's tokens only; the reference keeps plain sums (as LLaMA-Factory).
+                    ref_sums, _, _ = policy_logps(model, batch, replace(s, ld_alpha=None, router_aux_loss_coef=None))
             ref = ref_sums / counts.clamp(min=1) if averaged else ref_sums
             ref_chosen, ref_rejected = ref[:half], ref[half:]
         bco_delta = None
