@@ -36,6 +36,10 @@ class FileRows:
     rows: list[dict]
     columns: list[str]
     errors: list[RowError]
+    labels: list[str] | None = None  # how each row is named in messages (default "row <i>")
+
+    def label(self, i: int) -> str:
+        return self.labels[i] if self.labels is not None else f"row {i}"
 
 
 def list_files(path: Path) -> list[Path]:
@@ -88,7 +92,7 @@ def _read_json_stdlib(file: Path) -> FileRows:
             i = next(i for i, r in enumerate(data) if not isinstance(r, dict))
             raise KllamaError(f"{file}, row {i}: every row must be a JSON object, got {type(data[i]).__name__}")
         return FileRows(file, data, _union_keys(data), [])
-    rows, errors = [], []
+    rows, errors, labels = [], [], []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -101,7 +105,8 @@ def _read_json_stdlib(file: Path) -> FileRows:
             errors.append(RowError(str(file), f"line {lineno}", f"a row must be a JSON object, got {type(row).__name__}"))
             continue
         rows.append(row)
-    return FileRows(file, rows, _union_keys(rows), errors)
+        labels.append(f"line {lineno}")
+    return FileRows(file, rows, _union_keys(rows), errors, labels)
 
 
 def _union_keys(rows: list[dict]) -> list[str]:

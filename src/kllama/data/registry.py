@@ -21,7 +21,7 @@ DEFAULT_COLUMNS: dict[str, dict[str, str | None]] = {
                "chosen": "chosen", "rejected": "rejected"},
     "sharegpt": {"messages": "conversations", "system": None, "tools": None, "chosen": "chosen", "rejected": "rejected"},
     "openai": {"messages": "messages", "system": None, "tools": None, "chosen": "chosen", "rejected": "rejected"},
-    "trl": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "messages": None, "system": None},
+    "trl": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "messages": "messages", "system": None},
 }
 DEFAULT_TAGS: dict[str, dict[str, str]] = {
     "sharegpt": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
