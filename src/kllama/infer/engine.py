@@ -143,5 +143,6 @@ def build_engine(config: KllamaConfig, device: str = "auto") -> GenerationEngine
     from kllama.infer.prompt import build_renderer
 
     loaded = load_for_inference(config, device=device)
-    renderer = build_renderer(config.data.template, loaded.tokenizer, getattr(loaded.model, "generation_config", None))
+    renderer = build_renderer(config.data.template, loaded.tokenizer, getattr(loaded.model, "generation_config", None),
+                              enable_thinking=config.data.enable_thinking, default_system=config.data.default_system)
     return GenerationEngine(loaded, renderer, sampling_defaults(config))

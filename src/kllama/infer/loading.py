@@ -120,7 +120,8 @@ def _load_huggingface(config: KllamaConfig, device: torch.device) -> LoadedModel
 
 def _load_ktransformers(config: KllamaConfig, device: torch.device) -> LoadedModel:
     # The expert engine's loader and its adapter support land separately; fail clearly until both exist.
-    missing = [m for m in ("kllama.model.loader", "kllama.model.adapters") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("kllama.model.load", "kllama.model.loader", "kllama.model.adapters")
+               if importlib.util.find_spec(m) is None]
     if missing:
         raise KllamaError(
             f"infer_backend: ktransformers is not available yet in this kllama build (missing {', '.join(missing)}); "

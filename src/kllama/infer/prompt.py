@@ -6,6 +6,7 @@ chat template, which is what `template: auto` means.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -50,12 +51,20 @@ def _tokenizer_template_renderer(tokenizer: PreTrainedTokenizerBase) -> PromptRe
     return PromptRenderer("auto", encode, [eos] if eos is not None else [])
 
 
-def _registry_renderer(name: str, tokenizer: PreTrainedTokenizerBase) -> PromptRenderer | None:
-    try:
-        from kllama.data import get_template  # type: ignore[attr-defined]
-    except ImportError:
+def _find_get_template() -> Callable[..., Any] | None:
+    for module in ("kllama.data", "kllama.data.templates"):
+        try:
+            return getattr(importlib.import_module(module), "get_template")
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def _registry_renderer(name: str, tokenizer: PreTrainedTokenizerBase, options: dict[str, Any]) -> PromptRenderer | None:
+    get_template = _find_get_template()
+    if get_template is None:
         return None
-    template = get_template(name, tokenizer)
+    template = get_template(name, tokenizer, **options)
 
     def encode(messages: Messages, system: str | None) -> list[int]:
         return list(template.encode_prompt(tokenizer, messages, system=system))
@@ -64,10 +73,11 @@ def _registry_renderer(name: str, tokenizer: PreTrainedTokenizerBase) -> PromptR
 
 
 def build_renderer(
-    name: str, tokenizer: PreTrainedTokenizerBase, generation_config: GenerationConfig | None = None
+    name: str, tokenizer: PreTrainedTokenizerBase, generation_config: GenerationConfig | None = None, **options: Any
 ) -> PromptRenderer:
-    """The renderer for template `name` ('auto' = the tokenizer's chat template); stop ids include the model's eos."""
-    renderer = _registry_renderer(name, tokenizer)
+    """The renderer for template `name` ('auto' = the tokenizer's chat template); stop ids include the model's eos.
+    `options` (enable_thinking, default_system) go to kllama's template registry."""
+    renderer = _registry_renderer(name, tokenizer, options)
     if renderer is None:
         if name != "auto":
             logger.warning("kllama's template registry is not available; rendering with the tokenizer's own chat "

@@ -1,0 +1,61 @@
+"""Fixtures of the inference tests: a tiny DeepSeek-V2 MoE model and a LoRA adapter on it (expert LoRA included)."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+ADAPTER_TEMPLATE = "llama3"  # recorded as the training template: differs from `deepseek` to exercise the warning
+
+
+def make_adapter(model_dir: Path, out_dir: Path, seed: int) -> Path:
+    """A PEFT adapter with attention, shared-expert and routed-expert LoRA, lora_B randomised so it changes logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+    peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    peft_model.save_pretrained(out_dir)
+    (out_dir / "template.json").write_text(json.dumps({"template": ADAPTER_TEMPLATE}))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def moe_model(tiny_model_dir: Callable[..., Path]) -> Path:
+    """Tiny DeepSeek-V2 (layer 0 dense, layers 1-2 MoE with 8 experts) in the per-expert hub key layout."""
+    return tiny_model_dir("deepseek_v2")
+
+
+@pytest.fixture(scope="session")
+def moe_adapter(moe_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained-looking adapter directory for `moe_model`."""
+    return make_adapter(moe_model, tmp_path_factory.mktemp("adapter"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def moe_adapter2(moe_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second, different adapter (to stack two)."""
+    return make_adapter(moe_model, tmp_path_factory.mktemp("adapter2"), seed=2)
+
+
+@pytest.fixture(scope="session")
+def engine(moe_model: Path, moe_adapter: Path):  # noqa: ANN201 - GenerationEngine
+    """A GenerationEngine on the tiny model + adapter, fp32, template deepseek."""
+    from kllama.config.loader import build_config
+    from kllama.infer.engine import build_engine
+
+    config = build_config({"model_name_or_path": str(moe_model), "adapter_name_or_path": str(moe_adapter),
+                           "template": "deepseek", "infer_dtype": "float32", "do_sample": False}, command="chat")
+    return build_engine(config, device="cpu")
