@@ -10,7 +10,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kllama.errors import KllamaError
-from kllama.model.tiny import TINY_ARCHS, tiny_config, write_tiny_model
+from kllama.model.tiny import TINY_ARCHS, build_tiny_model, tiny_config, write_tiny_model
 
 MOE_ARCHS = tuple(a for a in TINY_ARCHS if a not in ("llama", "qwen3"))
 
@@ -148,3 +148,18 @@ def test_unknown_arch_and_layout_are_user_errors(tmp_path):
         write_tiny_model(tmp_path, "nope")
     with pytest.raises(KllamaError, match="fused"):
         write_tiny_model(tmp_path, "mixtral", expert_layout="packed")
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3"])
+def test_skipped_class_init_leaves_no_garbage(arch):
+    # build_tiny_model skips transformers' init; buffers (rotary tables, router biases) must still be the stock ones
+    # and every parameter must have been filled by our seeded init.
+    model = build_tiny_model(arch, seed=3)
+    stock = AutoModelForCausalLM.from_config(tiny_config(arch))
+    stock_buffers = dict(stock.named_buffers())
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, stock_buffers[name]), name
+    for name, param in model.named_parameters():
+        assert torch.isfinite(param).all(), name
+        if param.dim() == 2:
+            assert 0.015 < param.std().item() < 0.025, name
