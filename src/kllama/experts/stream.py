@@ -74,6 +74,12 @@ class ExpertStreamer:
         """Bytes held by the two GPU weight slots."""
         return sum(t.numel() * t.element_size() for s in self._slots for t in (s.gate_up, s.down) if t is not None)
 
+    def invalidate(self) -> None:
+        """Forget what the slots hold so the next pass copies every layer again (benchmarks; weights changed)."""
+        for slot in self._slots:
+            slot.layer = None
+        self._last = None
+
     def _slot_of(self, layer: int) -> _Slot | None:
         return next((s for s in self._slots if s.layer == layer), None)
 
