@@ -132,3 +132,12 @@ def test_training_is_deterministic_across_processes():
 def test_unknown_arch_is_a_user_error():
     with pytest.raises(KllamaError, match="llama"):
         build_tokenizer("gpt2")
+
+
+def test_chat_template_is_stored_in_tokenizer_config(tiny_model_dir):
+    import json
+
+    model_dir = tiny_model_dir("deepseek_v2")
+    config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config["chat_template"] == build_tokenizer("deepseek_v2").chat_template
+    assert config["tokenizer_class"] in ("TokenizersBackend", "PreTrainedTokenizerFast")

@@ -205,5 +205,7 @@ def write_tiny_model(
     model.save_pretrained(out)
     if expert_layout == "fused":
         _write_fused_weights(model, out)
-    tok.save_pretrained(out)
+    # The real repos of these families keep chat_template inside tokenizer_config.json (not chat_template.jinja).
+    (out / "chat_template.jinja").unlink(missing_ok=True)  # a stale one would shadow the config's template
+    tok.save_pretrained(out, save_jinja_files=False)
     return out
