@@ -1,0 +1,119 @@
+"""`kllama export`: merge the adapter(s) into the base weights and write a standard Hugging Face checkpoint.
+
+Merging is peft's `merge_and_unload` on stock transformers (expert LoRA on the fused experts included), then
+`save_pretrained`, which turns transformers 5's fused experts back into the per-expert tensors hub checkpoints
+use, so vLLM / SGLang / older transformers read the result. We check the written key names against the source
+checkpoint's and, when the source stored experts fused, write them fused as well.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from kllama.config.loader import KllamaConfig
+from kllama.errors import KllamaError
+from kllama.infer.loading import (
+    ATTENTION,
+    DTYPES,
+    adapter_dirs,
+    load_tokenizer,
+    merge_adapters,
+    pick_device,
+    warn_template_mismatch,
+)
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def checkpoint_keys(model_dir: str | Path) -> set[str]:
+    """Tensor names of a safetensors checkpoint directory (sharded with an index, or single-file)."""
+    from safetensors import safe_open
+
+    root = Path(model_dir)
+    index = root / SAFETENSORS_INDEX
+    if index.is_file():
+        return set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+    keys: set[str] = set()
+    for path in sorted(root.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            keys.update(f.keys())
+    return keys
+
+
+def _rewrite_in_memory_layout(model: PreTrainedModel, out_dir: Path, max_shard_size: str | int) -> None:
+    """Replace the written weights with the model's in-memory tensors (fused experts), sharded the same way."""
+    from huggingface_hub import save_torch_state_dict
+
+    for stale in out_dir.glob("model*.safetensors*"):
+        stale.unlink()
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_torch_state_dict(state, str(out_dir), max_shard_size=max_shard_size, metadata={"format": "pt"})
+
+
+def write_merged_checkpoint(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    *,
+    max_shard_size: str | int = "5GB",
+    source_dir: str | Path | None = None,
+) -> Path:
+    """Write `model` (adapters already merged) + tokenizer + generation config as sharded safetensors with an index.
+
+    With `source_dir`, the tensor names follow the source checkpoint: per-expert keys when it has them (what
+    `save_pretrained` writes), fused expert tensors when the source stored those; any other difference is warned.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(out)
+    if source_dir is not None:
+        source = checkpoint_keys(source_dir)
+        written = checkpoint_keys(out)
+        if written != source and set(model.state_dict()) == source:
+            _rewrite_in_memory_layout(model, out, max_shard_size)
+        elif written != source:
+            only_src, only_out = sorted(source - written), sorted(written - source)
+            logger.warning("the merged checkpoint's tensor names differ from the source's (%d only in the source, "
+                           "e.g. %s; %d only in the export, e.g. %s)", len(only_src), only_src[:3], len(only_out),
+                           only_out[:3])
+    return out
+
+
+def _copy_side_files(source_dir: Path, out_dir: Path) -> None:
+    # Custom modeling code (trust_remote_code checkpoints) must travel with the weights for the export to load.
+    for path in source_dir.glob("*.py"):
+        shutil.copy2(path, out_dir / path.name)
+
+
+def run_export(config: KllamaConfig) -> int:
+    """Entry point of `kllama export`: load base + adapters with stock transformers on `export_device`, merge, write."""
+    model_dir = Path(config.model.model_name_or_path or "")
+    if not (model_dir / "config.json").is_file():
+        raise KllamaError(f"model_name_or_path: {str(model_dir)!r} is not a Hugging Face model directory")
+    adapters = adapter_dirs(config)
+    if not adapters:
+        logger.warning("no adapter_name_or_path given: the export is a re-sharded copy of the base model")
+    warn_template_mismatch(config, adapters)
+    out_dir = Path(config.export.export_dir or "")
+    if out_dir.resolve() == model_dir.resolve():
+        raise KllamaError("export_dir: must differ from model_name_or_path (the source would be overwritten)")
+    device = pick_device(config.export.export_device)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=DTYPES[config.model.infer_dtype], trust_remote_code=config.model.trust_remote_code,
+        attn_implementation=ATTENTION[config.model.flash_attn],
+    ).to(device)
+    with torch.no_grad():
+        model = merge_adapters(model, adapters)
+    write_merged_checkpoint(model, load_tokenizer(config), out_dir, max_shard_size=f"{config.export.export_size}GB",
+                            source_dir=model_dir)
+    _copy_side_files(model_dir, out_dir)
+    print(f"kllama export: wrote the merged model ({len(adapters)} adapter(s)) to {out_dir}")
+    return 0
