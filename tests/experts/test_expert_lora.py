@@ -181,3 +181,19 @@ def test_lora_errors() -> None:
         load_expert_lora(model, bad)
     with pytest.raises(KllamaError, match="missing"):
         load_expert_lora(model, {})
+
+
+def test_keys_follow_peft_nesting_whatever_the_target_order() -> None:
+    config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[], target_parameters=TARGET_PARAMETERS[::-1])
+    peft_keys = sorted(get_peft_model_state_dict(get_peft_model(build_tiny_model("mixtral", seed=0), config)))
+    ours = build_tiny_model("mixtral", seed=0)
+    install_expert_engine(ours, lambda n: ExpertPlacement(), "cpu")
+    add_expert_lora(ours, r=R, alpha=ALPHA, targets=("down_proj", "gate_up_proj"))
+    assert sorted(expert_lora_state_dict(ours)) == peft_keys
+    only_down = build_tiny_model("mixtral", seed=0)
+    install_expert_engine(only_down, lambda n: ExpertPlacement(), "cpu")
+    add_expert_lora(only_down, r=R, alpha=ALPHA, targets=("down_proj",))
+    config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[], target_parameters=["mlp.experts.down_proj"])
+    reference = get_peft_model_state_dict(get_peft_model(build_tiny_model("mixtral", seed=0), config))
+    ours_state = expert_lora_state_dict(only_down)
+    assert {k: v.shape for k, v in ours_state.items()} == {k: v.shape for k, v in reference.items()}

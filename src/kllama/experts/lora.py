@@ -4,7 +4,8 @@ PEFT's `ParamWrapper` on a fused `[E, out, in]` expert parameter (transformers' 
 `lora_A.weight [E*r, in]` (expert e = rows `e*r:(e+1)*r`) and `lora_B.weight [out, E*r]` read as `[out, r, E]`
 (expert e = columns `e, e+E, ...`), with delta_e = (alpha / r) * B_e @ A_e. For `gate_up_proj` in = H, out = 2I;
 for `down_proj` in = I, out = H. Targeting several parameters of one module nests the wrappers in the order given,
-so with `target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]` the saved keys are
+in the module's parameter order (gate_up_proj inside down_proj, whatever order `target_parameters` lists), so the
+saved keys are
 `base_model.model.<path>.experts.base_layer.lora_{A,B}.weight` (gate_up, inner) and
 `base_model.model.<path>.experts.lora_{A,B}.weight` (down, outer). Using the same tensors and names makes our
 expert adapters loadable by `PeftModel.from_pretrained` on the stock model, and PEFT's loadable by us.
@@ -94,7 +95,7 @@ def add_expert_lora(
         if len(module.lora):
             raise KllamaError(f"{module.name} already has expert LoRA; load or replace it instead of adding twice")
         device = module.compute_device
-        for target in targets:  # order matters: it fixes PEFT's nesting (the last target is the outer wrapper)
+        for target in targets:
             in_f, out_f = _shapes(module)[target]
             lora = ExpertLoRA(module.num_experts, in_f, out_f, r, alpha, device=device, dtype=dtype)
             lora.reset_parameters(generator)
@@ -109,9 +110,11 @@ def _peft_path(name: str) -> str:
 
 
 def _key_prefixes(name: str, targets: Sequence[str]) -> dict[str, str]:
-    # PEFT nests wrappers in target order: the last target is outermost, each earlier one sits one `base_layer` deeper
+    # PEFT nests the wrappers in the experts module's parameter order (gate_up_proj, then down_proj), whatever the
+    # order of target_parameters: the last one is outermost, each earlier one sits one `base_layer` deeper
+    ordered = [t for t in EXPERT_TARGETS if t in targets]
     base = PEFT_PREFIX + _peft_path(name)
-    return {t: base + "." + "base_layer." * (len(targets) - 1 - i) for i, t in enumerate(targets)}
+    return {t: base + "." + "base_layer." * (len(ordered) - 1 - i) for i, t in enumerate(ordered)}
 
 
 def expert_lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
