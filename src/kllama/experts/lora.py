@@ -3,10 +3,9 @@
 PEFT's `ParamWrapper` on a fused `[E, out, in]` expert parameter (transformers' layout, not transposed) keeps
 `lora_A.weight [E*r, in]` (expert e = rows `e*r:(e+1)*r`) and `lora_B.weight [out, E*r]` read as `[out, r, E]`
 (expert e = columns `e, e+E, ...`), with delta_e = (alpha / r) * B_e @ A_e. For `gate_up_proj` in = H, out = 2I;
-for `down_proj` in = I, out = H. Targeting several parameters of one module nests the wrappers in the order given,
+for `down_proj` in = I, out = H. Targeting several parameters of one module nests the wrappers
 in the module's parameter order (gate_up_proj inside down_proj, whatever order `target_parameters` lists), so the
-saved keys are
-`base_model.model.<path>.experts.base_layer.lora_{A,B}.weight` (gate_up, inner) and
+saved keys are `base_model.model.<path>.experts.base_layer.lora_{A,B}.weight` (gate_up, inner) and
 `base_model.model.<path>.experts.lora_{A,B}.weight` (down, outer). Using the same tensors and names makes our
 expert adapters loadable by `PeftModel.from_pretrained` on the stock model, and PEFT's loadable by us.
 """
