@@ -64,7 +64,7 @@ def build_dataset(
         pools, stats = cached
         summary.from_cache = True
     else:
-        pools, stats = _build_pools(train_entries, eval_entries, data_args, tokenizer, template, stage, seed, cache_dir)
+        pools, stats = _build_pools(train_entries, eval_entries, data_args, tokenizer, template, stage, seed)
         if key:
             cache_mod.save_cached(cache_dir, key, pools, stats)
     for name in ("dropped", "dropped_reasons", "truncated", "lengths"):
@@ -98,7 +98,7 @@ def _split(train, val_size: float, seed: int):
     return parts["train"], parts["test"]
 
 
-def _build_pools(train_entries, eval_entries, data_args, tokenizer, template, stage, seed, cache_dir):
+def _build_pools(train_entries, eval_entries, data_args, tokenizer, template, stage, seed):
     """Tokenize the train (and eval) datasets; returns (DatasetDict, stats dict)."""
     import datasets
 
@@ -108,7 +108,7 @@ def _build_pools(train_entries, eval_entries, data_args, tokenizer, template, st
     for split, entries in (("train", train_entries), ("eval", eval_entries)):
         if not entries:
             continue
-        rows, invalid = _canonical_rows(entries, data_args, stage, seed, cache_dir)
+        rows, invalid = _canonical_rows(entries, data_args, stage, seed)
         _count(stats, "invalid row", invalid)
         if not rows:
             raise KllamaError(f"no usable rows in {', '.join(e.name for e in entries)}")
@@ -135,13 +135,13 @@ def _count(stats: dict, reason: str, n: int) -> None:
         stats["dropped_reasons"][reason] = stats["dropped_reasons"].get(reason, 0) + n
 
 
-def _canonical_rows(entries: list[DatasetEntry], data_args, stage: str, seed: int, cache_dir) -> tuple[list[dict], int]:
+def _canonical_rows(entries: list[DatasetEntry], data_args, stage: str, seed: int) -> tuple[list[dict], int]:
     """Read, select (max_samples, num_samples) and convert every row; invalid rows raise or are counted."""
     rows, errors, column_problems = [], [], []
     for entry in entries:
         labelled = []  # (file, row label, raw row)
         for file in list_files(entry.path):
-            fr = read_file(file, entry.split, cache_dir)
+            fr = read_file(file, entry.split)
             errors += fr.errors
             needed = set(REQUIRED_COLUMNS[(entry.formatting, stage)]) | set(entry.explicit_columns)
             for key in sorted(needed):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,23 +57,24 @@ def list_files(path: Path) -> list[Path]:
     return files
 
 
-def read_file(file: Path, split: str = "train", cache_dir: str | Path | None = None) -> FileRows:
+def read_file(file: Path, split: str = "train") -> FileRows:
     """Load one file's rows with `datasets`; a JSON file it cannot parse is diagnosed line by line instead."""
     import datasets
 
     builder = BUILDERS[file.suffix.lower()]
     datasets.disable_progress_bars()
     logging.getLogger("datasets").setLevel(logging.ERROR)
-    try:
-        ds = datasets.load_dataset(
-            builder, data_files={split: [str(file)]}, split=split,
-            cache_dir=str(Path(cache_dir) / "hf_datasets") if cache_dir else None,
-        )
-    except Exception as exc:  # datasets wraps parse errors in several types; all mean "could not read the file"
-        if builder == "json":
-            return _read_json_stdlib(file)
-        raise KllamaError(f"{file} could not be read as {builder.upper()} ({_first_line(exc)}); fix the file") from exc
-    return FileRows(file=file, rows=ds.to_list(), columns=list(ds.column_names), errors=[])
+    # The rows are turned into Python objects right away and the tokenized result is what kllama caches, so
+    # datasets' own Arrow cache lives in a throwaway directory (no stale copies of edited files).
+    with tempfile.TemporaryDirectory(prefix="kllama-read-") as tmp:
+        try:
+            ds = datasets.load_dataset(builder, data_files={split: [str(file)]}, split=split, cache_dir=tmp)
+            rows, columns = ds.to_list(), list(ds.column_names)
+        except Exception as exc:  # datasets wraps parse errors in several types; all mean "could not read the file"
+            if builder == "json":
+                return _read_json_stdlib(file)
+            raise KllamaError(f"{file} could not be read as {builder.upper()} ({_first_line(exc)}); fix the file") from exc
+    return FileRows(file=file, rows=rows, columns=columns, errors=[])
 
 
 def _first_line(exc: BaseException) -> str:
