@@ -1,0 +1,321 @@
+"""Index a Hugging Face safetensors checkpoint and read routed experts straight into one host buffer per layer.
+
+Checkpoints store routed experts in one of two layouts, and an exporter must be able to write the same one back:
+
+* `per_expert`: one tensor per expert and projection, as hub checkpoints do
+  (`model.layers.N.mlp.experts.E.gate_proj.weight` / `up_proj` / `down_proj`; Mixtral
+  `model.layers.N.block_sparse_moe.experts.E.w1` (gate) / `w3` (up) / `w2` (down)).
+* `fused`: transformers 5.x's in-memory layout (`model.layers.N.mlp.experts.gate_up_proj [E, 2I, H]`,
+  `down_proj [E, H, I]`).
+
+Files are opened with `safetensors.safe_open`, which memory-maps them; every tensor read is copied into its final
+home at once. Pages of a mapping count towards the process's resident memory until the mapping is dropped, so the
+reader reopens a file after every `MAP_BUDGET_BYTES` read; together this keeps peak host memory near the model size.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from kllama.errors import KllamaError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MAP_BUDGET_BYTES = 16 * 2**20  # bytes read through one mapping before it is dropped and the file reopened
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+# Per-expert projection names in checkpoints -> role in the fused layout (gate rows first, then up).
+_PROJ_ROLES: dict[str, str] = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up",
+                               "w2": "down"}
+_EXPERTS_PREFIX = r"(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts)"
+_PER_EXPERT_KEY = re.compile(
+    _EXPERTS_PREFIX + r"\.(?P<expert>\d+)\.(?P<proj>" + "|".join(_PROJ_ROLES) + r")\.weight$")
+_FUSED_KEY = re.compile(_EXPERTS_PREFIX + r"\.(?P<proj>gate_up_proj|down_proj)$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one checkpoint tensor lives and what it is."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class ExpertLayerKeys:
+    """The routed-expert tensors of one MoE layer in the checkpoint: layout, sizes and exact key naming.
+
+    `names` maps a role to the checkpoint's projection name: per_expert `{"gate": "w1", "up": "w3", "down": "w2"}`
+    (or `gate_proj/up_proj/down_proj`), fused `{"gate_up": "gate_up_proj", "down": "down_proj"}`.
+    """
+
+    layer: int
+    prefix: str  # e.g. "model.layers.3.block_sparse_moe.experts" (checkpoint naming, not the module path)
+    layout: str  # per_expert | fused
+    num_experts: int
+    hidden: int
+    intermediate: int
+    dtype: torch.dtype
+    names: dict[str, str] = field(hash=False)
+
+    def key(self, role: str, expert: int | None = None) -> str:
+        """Checkpoint key of `role` (gate/up/down per expert; gate_up/down fused) for `expert` (per_expert only)."""
+        if self.layout == "fused":
+            return f"{self.prefix}.{self.names[role]}"
+        return f"{self.prefix}.{expert}.{self.names[role]}.weight"
+
+    def keys(self) -> list[str]:
+        """Every checkpoint key of this layer's routed experts."""
+        if self.layout == "fused":
+            return [self.key("gate_up"), self.key("down")]
+        return [self.key(r, e) for e in range(self.num_experts) for r in ("gate", "up", "down")]
+
+    def nbytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of the fused host buffer for this layer (in `dtype`, default the checkpoint's)."""
+        elements = self.num_experts * 3 * self.intermediate * self.hidden
+        return elements * (dtype or self.dtype).itemsize
+
+
+@dataclass
+class CheckpointIndex:
+    """Every tensor of a safetensors checkpoint (key -> file, dtype, shape) and its routed-expert layers."""
+
+    model_dir: Path
+    tensors: dict[str, TensorInfo]
+    expert_layers: dict[int, ExpertLayerKeys]  # layer index -> keys, in layer order
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({t.file for t in self.tensors.values()})
+
+    def expert_keys(self) -> set[str]:
+        """Keys that belong to routed experts (loaded by `load_expert_layer`)."""
+        return {k for layer in self.expert_layers.values() for k in layer.keys()}
+
+    def non_expert_keys(self) -> list[str]:
+        """Every other key, grouped by file (so reading them in this order opens each file once)."""
+        experts = self.expert_keys()
+        return sorted((k for k in self.tensors if k not in experts), key=lambda k: (self.tensors[k].file, k))
+
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def expert_bytes(self) -> int:
+        return sum(self.tensors[k].nbytes for k in self.expert_keys())
+
+
+def _checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of `model_dir` (single file, or every shard named by the index)."""
+    if not model_dir.is_dir():
+        raise KllamaError(f"model directory {str(model_dir)!r} does not exist; check model_name_or_path "
+                          f"(kllama loads local directories; download hub models first)")
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise KllamaError(f"{index} is not a valid safetensors index ({exc}); re-save the model") from exc
+        files = sorted({model_dir / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise KllamaError(f"{model_dir}: shard file(s) {', '.join(missing)} named in {INDEX_FILE} are missing; "
+                              f"download them again")
+        return files
+    single = model_dir / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    if any(model_dir.glob("*.bin")):
+        raise KllamaError(f"{model_dir} holds PyTorch .bin weights only; kllama reads safetensors: re-save with "
+                          f"model.save_pretrained(dir) (safe_serialization is the default)")
+    raise KllamaError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}; point model_name_or_path at a Hugging "
+                      f"Face model directory")
+
+
+def _expert_layer(layer: int, found: dict[str, Any], tensors: dict[str, TensorInfo]) -> ExpertLayerKeys:
+    """Check one layer's expert keys are complete and consistent; build its ExpertLayerKeys."""
+    prefix = found["prefix"]
+    if found["fused"] and found["experts"]:
+        raise KllamaError(f"{prefix}: checkpoint mixes fused and per-expert tensors; re-save the model")
+    if found["fused"]:
+        names = dict(found["fused"])
+        if set(names) != {"gate_up", "down"}:
+            raise KllamaError(f"{prefix}: fused experts need gate_up_proj and down_proj; found only {sorted(names)}")
+        gu, dn = tensors[f"{prefix}.gate_up_proj"], tensors[f"{prefix}.down_proj"]
+        if len(gu.shape) != 3 or len(dn.shape) != 3 or gu.shape[0] != dn.shape[0] or gu.shape[1] != 2 * dn.shape[2] \
+                or gu.shape[2] != dn.shape[1]:
+            raise KllamaError(f"{prefix}: gate_up_proj {gu.shape} and down_proj {dn.shape} are not "
+                              f"[E, 2I, H] and [E, H, I]")
+        return ExpertLayerKeys(layer, prefix, "fused", gu.shape[0], gu.shape[2], dn.shape[2], gu.dtype, names)
+    experts: dict[int, dict[str, str]] = found["experts"]
+    num = max(experts) + 1
+    names = {role: proj for roles in experts.values() for role, proj in roles.items()}
+    for e in range(num):
+        absent = {"gate", "up", "down"} - set(experts.get(e, {}))
+        if absent:
+            raise KllamaError(f"{prefix}.{e}: missing {', '.join(sorted(absent))} projection(s) in the checkpoint; "
+                              f"the download is incomplete or the file is corrupt")
+    layer_keys = ExpertLayerKeys(layer, prefix, "per_expert", num, 0, 0, torch.float32, names)
+    gate = tensors[layer_keys.key("gate", 0)]
+    inter, hidden = gate.shape
+    want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+    for e in range(num):
+        for role, shape in want.items():
+            got = tensors[layer_keys.key(role, e)].shape
+            if got != shape:
+                raise KllamaError(f"{layer_keys.key(role, e)} has shape {got}, expected {shape} like expert 0")
+    return ExpertLayerKeys(layer, prefix, "per_expert", num, hidden, inter, gate.dtype, names)
+
+
+def scan_checkpoint(model_dir: str | Path) -> CheckpointIndex:
+    """Index `model_dir`'s safetensors (single file or sharded) without reading any tensor data.
+
+    Records every key's file, dtype and shape, finds the routed-expert layers and their layout (per_expert or
+    fused) and the checkpoint's own projection names. Raises KllamaError for a missing directory/file/shard or an
+    incomplete expert set.
+    """
+    root = Path(model_dir)
+    tensors: dict[str, TensorInfo] = {}
+    for path in _checkpoint_files(root):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    dtype = _DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise KllamaError(f"{path.name}: tensor {key} has dtype {sl.get_dtype()} kllama cannot load")
+                    tensors[key] = TensorInfo(path, dtype, tuple(sl.get_shape()))
+        except (OSError, RuntimeError) as exc:  # safetensors reports a bad header as one of these
+            raise KllamaError(f"cannot read {path}: {exc}; the file is incomplete or not safetensors") from exc
+    layers: dict[int, dict[str, Any]] = defaultdict(lambda: {"prefix": "", "experts": defaultdict(dict), "fused": {}})
+    for key in tensors:
+        if m := _PER_EXPERT_KEY.match(key):
+            found = layers[int(m["layer"])]
+            found["experts"][int(m["expert"])][_PROJ_ROLES[m["proj"]]] = m["proj"]
+        elif m := _FUSED_KEY.match(key):
+            found = layers[int(m["layer"])]
+            found["fused"]["gate_up" if m["proj"] == "gate_up_proj" else "down"] = m["proj"]
+        else:
+            continue
+        found["prefix"] = m["prefix"]
+    expert_layers = {layer: _expert_layer(layer, layers[layer], tensors) for layer in sorted(layers)}
+    return CheckpointIndex(root, tensors, expert_layers)
+
+
+class ShardReader:
+    """Reads tensors by key, keeping at most one mapping per file open and dropping it every `budget` bytes.
+
+    `get` returns a tensor backed by the file mapping: copy it into its destination and drop it.
+    """
+
+    def __init__(self, index: CheckpointIndex, budget: int = MAP_BUDGET_BYTES) -> None:
+        self.index, self.budget = index, budget
+        self._open: dict[Path, Any] = {}
+        self._read: dict[Path, int] = defaultdict(int)
+
+    def _handle(self, path: Path) -> Any:
+        if self._read[path] >= self.budget:
+            self._open.pop(path, None)  # dropping the handle unmaps the pages read so far
+            self._read[path] = 0
+        if path not in self._open:
+            self._open[path] = safe_open(str(path), framework="pt")
+        return self._open[path]
+
+    def _info(self, key: str) -> TensorInfo:
+        info = self.index.tensors.get(key)
+        if info is None:
+            raise KllamaError(f"tensor {key!r} is missing from the checkpoint in {self.index.model_dir}; the "
+                              f"download is incomplete or the model files do not match its config")
+        return info
+
+    def get(self, key: str) -> Tensor:
+        """The whole tensor `key` (mapping-backed)."""
+        info = self._info(key)
+        t = self._handle(info.file).get_tensor(key)
+        self._read[info.file] += info.nbytes
+        return t
+
+    def get_row(self, key: str, row: int) -> Tensor:
+        """`tensor[row]` of `key` without touching the other rows (mapping-backed)."""
+        info = self._info(key)
+        t = self._handle(info.file).get_slice(key)[row]
+        self._read[info.file] += info.nbytes // max(info.shape[0], 1)
+        return t
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def allocate_layer_buffer(keys: ExpertLayerKeys, dtype: torch.dtype, pin: bool) -> tuple[Tensor, Tensor]:
+    """One host allocation for a layer, viewed as `gate_up [E, 2I, H]` and `down [E, H, I]`.
+
+    `pin=True` page-locks it (host->GPU copies run ~3x faster) when CUDA is available; without CUDA there is
+    nothing to pin for and plain memory is used.
+    """
+    e, h, i = keys.num_experts, keys.hidden, keys.intermediate
+    n_gate_up = e * 2 * i * h
+    flat = torch.empty(n_gate_up + e * h * i, dtype=dtype, pin_memory=pin and torch.cuda.is_available())
+    return flat[:n_gate_up].view(e, 2 * i, h), flat[n_gate_up:].view(e, h, i)
+
+
+def load_expert_layer(index: CheckpointIndex, layer_idx: int, *, dtype: torch.dtype, pin: bool,
+                      reader: ShardReader | None = None) -> tuple[Tensor, Tensor]:
+    """Read layer `layer_idx`'s routed experts into one fresh host buffer: `(gate_up [E, 2I, H], down [E, H, I])`.
+
+    Each expert slice is copied from the mapped file straight into its place in the buffer (converting to
+    `dtype`), so no second full copy of the layer ever exists. `gate_up` rows are gate then up, as transformers
+    fuses them. Pass a `reader` to share open files across layers.
+    """
+    keys = index.expert_layers.get(layer_idx)
+    if keys is None:
+        raise KllamaError(f"layer {layer_idx} has no routed experts in {index.model_dir}; layers with experts: "
+                          f"{sorted(index.expert_layers)}")
+    gate_up, down = allocate_layer_buffer(keys, dtype, pin)  # [E, 2I, H], [E, H, I]
+    inter = keys.intermediate
+    own = reader is None
+    reader = reader or ShardReader(index)
+    try:
+        for e in range(keys.num_experts):
+            if keys.layout == "fused":
+                gate_up[e].copy_(reader.get_row(keys.key("gate_up"), e))
+                down[e].copy_(reader.get_row(keys.key("down"), e))
+            else:
+                gate_up[e, :inter].copy_(reader.get(keys.key("gate", e)))
+                gate_up[e, inter:].copy_(reader.get(keys.key("up", e)))
+                down[e].copy_(reader.get(keys.key("down", e)))
+    finally:
+        if own:
+            reader.close()
+    return gate_up, down
+
+
+def iter_tensors(index: CheckpointIndex, keys: list[str]) -> Iterator[tuple[str, Tensor]]:
+    """Yield `(key, tensor)` for `keys` in the given order; each tensor is mapping-backed (copy it, then drop it)."""
+    with ShardReader(index) as reader:
+        for key in keys:
+            yield key, reader.get(key)
