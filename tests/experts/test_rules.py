@@ -95,3 +95,28 @@ def test_bool_is_not_an_int_and_missing_file(tmp_path: Path) -> None:
     bad = _write(tmp_path, "- {match: [unclosed\n")
     with pytest.raises(KllamaError, match="not valid YAML"):
         load_rules(bad)
+
+
+def test_placement_table_rows_and_totals(tmp_path: Path) -> None:
+    import torch
+
+    from kllama.experts.module import HostExperts
+    from kllama.experts.report import placement_table
+
+    path = _write(tmp_path, "- {match: 'layers\\.1\\.', placement: gpu}\n- {match: 'experts$', placement: auto}\n")
+    placements = load_rules(path).resolve(NAMES[:2], cpu_threads=4, chunk_size=64)
+    modules = {
+        name: HostExperts(torch.zeros(4, 16, 8), torch.zeros(4, 8, 8), torch.nn.functional.silu, placements[name],
+                          name, compute_device="cpu")
+        for name in NAMES[:2]
+    }
+    table = placement_table(modules)
+    lines = table.splitlines()
+    assert lines[0].split() == ["layer", "mode", "short/long", "crossover", "host", "GPU", "resident", "source"]
+    one, two = lines[2].split(), lines[3].split()
+    # 4 experts x (16x8 + 8x8) fp32 = 3 KiB each; the gpu layer plans a resident copy of the same size.
+    assert one[:7] == ["model.layers.1.mlp.experts", "gpu", "gpu/gpu", "-", "3.00", "KiB", "3.00"]
+    assert two[:6] == ["model.layers.2.mlp.experts", "auto", "cpu/stream", "measure", "3.00", "KiB"]
+    assert two[6:8] == ["0", "B"] and lines[3].endswith(r"rules.yaml#1 /experts$/")
+    assert lines[-1].split()[:8] == ["total", "(2", "MoE", "layers)", "6.00", "KiB", "3.00", "KiB"]
+    assert "700 tok" in placement_table(modules, {n: p.with_crossover(700) for n, p in placements.items()})

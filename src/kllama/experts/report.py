@@ -1,0 +1,63 @@
+"""The placement table printed at start-up: where each MoE layer's routed experts run and what memory they hold."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from kllama.experts.placement import ExpertPlacement
+
+_HEADERS = ("layer", "mode", "short/long", "crossover", "host", "GPU resident", "source")
+
+
+def format_bytes(n: int) -> str:
+    """`n` bytes as a short human string (binary units)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _crossover(p: ExpertPlacement) -> str:
+    if p.short == p.long:
+        return "-"
+    return "measure" if p.crossover_tokens is None else f"{p.crossover_tokens} tok"
+
+
+def _resident_bytes(module: Any, p: ExpertPlacement, host: int) -> int:
+    # A `gpu` target keeps a full copy on the GPU once first used; count it up front so the table shows the plan.
+    held = int(module.gpu_bytes()) if hasattr(module, "gpu_bytes") else 0
+    return max(held, host) if "gpu" in (p.short, p.long) else held
+
+
+def placement_table(engine_or_modules: Any, placements: Mapping[str, ExpertPlacement] | None = None) -> str:
+    """A text table with one row per MoE layer and a totals row.
+
+    `engine_or_modules` is an `ExpertEngine` (its `.modules`) or a mapping of qualified name -> HostExperts-like
+    module (`host_bytes()`, `gpu_bytes()`, `.placement`). `placements` overrides the modules' own placements
+    (e.g. to print the plan before the modules exist); columns: name, mode, short/long target, crossover, host
+    bytes, GPU-resident bytes (what a `gpu` target will keep), and the rule that decided it.
+    """
+    modules: Mapping[str, Any] = getattr(engine_or_modules, "modules", engine_or_modules)
+    rows: list[tuple[str, ...]] = []
+    total_host = total_gpu = 0
+    for name, module in modules.items():
+        p = (placements or {}).get(name) or module.placement
+        host = int(module.host_bytes())
+        gpu = _resident_bytes(module, p, host)
+        total_host += host
+        total_gpu += gpu
+        rows.append((name, p.mode, f"{p.short}/{p.long}", _crossover(p), format_bytes(host), format_bytes(gpu),
+                     p.source))
+    streamer = getattr(engine_or_modules, "streamer", None)
+    slots = int(streamer.gpu_bytes()) if streamer is not None and hasattr(streamer, "gpu_bytes") else 0
+    total_label = f"total ({len(rows)} MoE layers)" + (f", + {format_bytes(slots)} stream slots" if slots else "")
+    rows.append((total_label, "", "", "", format_bytes(total_host), format_bytes(total_gpu + slots), ""))
+    widths = [max(len(r[i]) for r in [_HEADERS, *rows]) for i in range(len(_HEADERS))]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(_HEADERS), rule, *(line(r) for r in rows[:-1]), rule, line(rows[-1])])
