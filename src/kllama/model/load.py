@@ -119,10 +119,21 @@ def promote_resident_layers(engine: object, budget_bytes: int, device: torch.dev
         size = module.host_bytes()
         if room < size:
             break
-        module.make_resident()
+        module.placement = ExpertPlacement(short="gpu", long="gpu", cpu_threads=module.placement.cpu_threads,
+                                           chunk_size=module.placement.chunk_size,
+                                           source=f"resident within max_gpu_memory ({module.placement.source})")
+        module.resident_weights()
         room -= size
         promoted += 1
     return promoted
+
+
+def _placement_table(engine: object) -> str:
+    try:
+        from kllama.experts.report import placement_table
+    except ImportError:  # pragma: no cover - report module lands separately
+        return "\n".join(f"{name}: {p.mode}" for name, p in getattr(engine, "placements").items())
+    return placement_table(engine)
 
 
 def load_model(config: KllamaConfig, *, dtype: torch.dtype | None = None) -> LoadedModel:
@@ -135,28 +146,28 @@ def load_model(config: KllamaConfig, *, dtype: torch.dtype | None = None) -> Loa
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise KllamaError("flash_attn: fa2 needs the flash-attn package; pip install flash-attn, or use flash_attn: sdpa")
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=config.model.trust_remote_code)
-    if config.model.router_aux_loss_coef is not None and hasattr(hf_config, "router_aux_loss_coef"):
-        hf_config.router_aux_loss_coef = config.model.router_aux_loss_coef
+    if dtype is None:
+        dtype = DTYPES[config.model.infer_dtype] or getattr(hf_config, "dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
     engine = None
     if config.engine.use_kt:
         from kllama.model.loader import load_model as load_engine_model
 
         model, engine = load_engine_model(
             path, placements_fn=placement_chooser(config, device), compute_device=device, dtype=dtype,
-            trust_remote_code=config.model.trust_remote_code, attn_implementation=attn, config=hf_config,
+            trust_remote_code=config.model.trust_remote_code, attn_implementation=attn,
         )
         if config.engine.max_gpu_memory:
             budget = parse_bytes(config.engine.max_gpu_memory)
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(device).total_memory))
             promote_resident_layers(engine, budget, device)
-        from kllama.experts.report import placement_table
-
-        print(placement_table(engine), flush=True)
+        print(_placement_table(engine), flush=True)
     else:
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        if attn is not None:
-            kwargs["attn_implementation"] = attn
+        kwargs = {"attn_implementation": attn} if attn is not None else {}
         model = AutoModelForCausalLM.from_pretrained(
-            path, config=hf_config, trust_remote_code=config.model.trust_remote_code, **kwargs
+            path, config=hf_config, trust_remote_code=config.model.trust_remote_code, dtype=dtype, **kwargs
         ).to(device)
+    if config.model.router_aux_loss_coef is not None and hasattr(model.config, "router_aux_loss_coef"):
+        model.config.router_aux_loss_coef = config.model.router_aux_loss_coef
     return LoadedModel(model=model, tokenizer=tokenizer, engine=engine, device=device)
