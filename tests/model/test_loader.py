@@ -172,3 +172,34 @@ def test_peak_host_memory_stays_near_model_size(tmp_path: Path) -> None:
     growth = got["peak"] - got["base"]
     assert got["host"] > 0.9 * model_bytes  # the experts really are resident
     assert growth <= 1.2 * model_bytes, f"peak grew {growth / 1e6:.0f} MB for a {model_bytes / 1e6:.0f} MB model ({got})"
+
+
+def test_bf16_load_keeps_fp32_modules_like_from_pretrained(tiny_model_dir) -> None:
+    model_dir = tiny_model_dir("deepseek_v3")  # router's e_score_correction_bias is kept in fp32 by the class
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    model, _ = load_model(model_dir, placements_fn=None, compute_device="cpu", dtype=torch.bfloat16,
+                          trust_remote_code=False, show_progress=False)
+    want = {k: v.dtype for k, v in ref.state_dict().items()}
+    assert {k: v.dtype for k, v in model.state_dict().items()} == want
+    assert want["model.layers.1.mlp.gate.e_score_correction_bias"] == torch.float32
+    ids = torch.randint(0, 200, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_load_pins_experts_and_matches_from_pretrained(tiny_model_dir) -> None:
+    model_dir = tiny_model_dir("deepseek_v2")
+    ids = torch.randint(0, 200, (2, 13), generator=torch.Generator().manual_seed(0)).cuda()
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+    with torch.no_grad():
+        want = ref(ids).logits
+    modes = {"model.layers.1.mlp.experts": "stream", "model.layers.2.mlp.experts": "cpu"}
+    model, engine = load_model(
+        model_dir, compute_device="cuda", dtype=torch.float32, trust_remote_code=False, show_progress=False,
+        placements_fn=lambda names: {n: ExpertPlacement.from_mode(modes[n], source="test") for n in names})
+    assert all(m.host_weights()[0].is_pinned() and m.host_weights()[1].is_pinned() for m in engine.modules.values())
+    assert all(p.is_cuda for n, p in model.named_parameters() if ".experts." not in n)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=1e-4)

@@ -105,13 +105,34 @@ def _plan_non_expert(model: PreTrainedModel, index: CheckpointIndex, expert_name
     return sorted(plan.items(), key=lambda kv: (index.tensors[kv[1]].file, kv[1])), set(tied)
 
 
+def _fp32_kept(model: PreTrainedModel, dtype: torch.dtype) -> Callable[[str], torch.dtype | None]:
+    """Model key -> float32 where the model class asks to keep that weight in fp32 at this `dtype` (e.g.
+    DeepSeek-V3's `e_score_correction_bias` in bf16 runs), else None; transformers' own plan and matcher."""
+    from transformers.core_model_loading import build_glob_alternation
+
+    plan: dict[str, torch.dtype] = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    if not plan:
+        return lambda name: None
+    alternation, by_group, _ = build_glob_alternation(list(plan))
+
+    def lookup(name: str) -> torch.dtype | None:
+        m = alternation.search(name)
+        return plan[by_group[m.lastgroup]] if m else None
+
+    return lookup
+
+
 def _load_non_expert(model: PreTrainedModel, index: CheckpointIndex, plan: list[tuple[str, str]],
-                     device: torch.device, bar: Any) -> None:
-    """Copy each planned tensor from the mapped file into a fresh tensor on `device` (dtype of the model's slot)."""
+                     device: torch.device, dtype: torch.dtype, bar: Any) -> None:
+    """Copy each planned tensor from the mapped file into a fresh tensor on `device` (dtype of the model's slot,
+    or fp32 where the model class keeps it so)."""
     targets = model.state_dict()
+    kept = _fp32_kept(model, dtype)
     with ShardReader(index) as reader:
         for name, key in plan:
             slot = targets[name]
+            if slot.is_floating_point() and (want := kept(name)) is not None:
+                slot = slot.to(want)
             src = reader.get(key)
             if tuple(src.shape) != tuple(slot.shape):
                 raise KllamaError(f"checkpoint tensor {key} has shape {tuple(src.shape)} but the model expects "
@@ -209,7 +230,7 @@ def load_model(
     plan, _ = _plan_non_expert(model, index, [name for name, _ in experts.values()])
     total = sum(index.tensors[key].nbytes for _, key in plan) + sum(index.expert_layers[i].nbytes() for i in experts)
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not show_progress) as bar:
-        _load_non_expert(model, index, plan, device, bar)
+        _load_non_expert(model, index, plan, device, dtype, bar)
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
         _init_non_persistent_buffers(model, device)
