@@ -11,14 +11,21 @@ import torch
 ADAPTER_TEMPLATE = "llama3"  # recorded as the training template: differs from `deepseek` to exercise the warning
 
 
-def make_adapter(model_dir: Path, out_dir: Path, seed: int) -> Path:
-    """A PEFT adapter with attention, shared-expert and routed-expert LoRA, lora_B randomised so it changes logits."""
+ALL_LINEAR = ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_adapter(model_dir: Path, out_dir: Path, seed: int, targets: tuple[str, ...] = ALL_LINEAR) -> Path:
+    """A PEFT adapter with LoRA on `targets` plus routed-expert LoRA, lora_B randomised so it changes logits.
+
+    With gate_proj/up_proj among the targets, PEFT 0.21 gives the fused `gate_up_proj` rank 2r (its v4 -> v5 MoE
+    conversion); without them, routed experts get rank r.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        r=4, lora_alpha=8, target_modules=list(targets),
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
     )
     peft_model = get_peft_model(model, config)
@@ -59,3 +66,9 @@ def engine(moe_model: Path, moe_adapter: Path):  # noqa: ANN201 - GenerationEngi
     config = build_config({"model_name_or_path": str(moe_model), "adapter_name_or_path": str(moe_adapter),
                            "template": "deepseek", "infer_dtype": "float32", "do_sample": False}, command="chat")
     return build_engine(config, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def moe_adapter_rank_r(moe_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An adapter on attention + routed experts only (experts at rank r, the expert engine's LoRA layout)."""
+    return make_adapter(moe_model, tmp_path_factory.mktemp("adapter_r"), seed=3, targets=("q_proj", "o_proj", "kv_b_proj"))

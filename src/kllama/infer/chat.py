@@ -13,6 +13,7 @@ from kllama.config.loader import KllamaConfig
 from kllama.errors import KllamaError
 from kllama.infer.engine import FINISH_CANCELLED, GenerationEngine, build_engine
 from kllama.infer.prompt import Messages
+from kllama.infer.sampling import SamplingParams
 
 WELCOME = "kllama chat: type a message; `clear` forgets the history, `exit` quits, Ctrl-C stops an answer."
 
@@ -24,6 +25,7 @@ class ChatSession:
     engine: GenerationEngine
     system: str | None = None
     history: Messages = field(default_factory=list)
+    params: SamplingParams | None = None  # None: the engine's defaults (the config's generation section)
 
     def clear(self) -> None:
         """Forget every turn (the system prompt stays)."""
@@ -36,7 +38,7 @@ class ChatSession:
         prompt_ids = self.engine.encode(messages, self.system)
         parts: list[str] = []
         try:
-            for chunk in self.engine.stream(prompt_ids, self.engine.defaults):
+            for chunk in self.engine.stream(prompt_ids, self.params or self.engine.defaults):
                 if chunk.finish_reason == FINISH_CANCELLED:
                     break
                 parts.append(chunk.text)

@@ -1,0 +1,41 @@
+"""`kllama chat` with piped stdin: streamed answers, multi-turn history, `clear`, `exit`, the template warning."""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+from kllama.infer.chat import ChatSession, repl
+from kllama.infer.sampling import SamplingParams
+
+SYSTEM = "You are kllama."
+PARAMS = SamplingParams(max_new_tokens=8, do_sample=False)
+
+
+def expected_answer(engine, turns: list[dict]) -> str:  # noqa: ANN001
+    return engine.complete(engine.encode(turns, SYSTEM), PARAMS).text
+
+
+def test_chat_subprocess_with_history_clear_and_exit(moe_model: Path, moe_adapter: Path, engine) -> None:  # noqa: ANN001
+    stdin = "Hello there\n\nHow are you?\nclear\nHello there\nexit\nnever answered\n"
+    args = [sys.executable, "-m", "kllama.cli", "chat", f"model_name_or_path={moe_model}",
+            f"adapter_name_or_path={moe_adapter}", "template=deepseek", "infer_dtype=float32", "do_sample=false",
+            "max_new_tokens=8", f"system={SYSTEM}"]
+    done = subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    first = expected_answer(engine, [{"role": "user", "content": "Hello there"}])
+    second = expected_answer(engine, [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": first},
+                                      {"role": "user", "content": "How are you?"}])
+    assert done.stdout == (f"Assistant: {first}\nAssistant: {second}\nHistory has been removed.\n"
+                           f"Assistant: {first}\n")
+    assert "trained with template 'llama3'" in done.stderr  # the adapter's template.json says llama3
+
+
+def test_repl_keeps_history_until_clear(engine) -> None:  # noqa: ANN001
+    session = ChatSession(engine, system=SYSTEM, params=PARAMS)
+    out = io.StringIO()
+    repl(session, io.StringIO("one\ntwo\n"), out, interactive=False)
+    assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]
+    repl(session, io.StringIO("clear\n"), out, interactive=False)
+    assert session.history == []
