@@ -87,6 +87,9 @@ class KllamaTrainer(Trainer):
     def __init__(self, *args: Any, settings: PreferenceSettings,
                  reference_context: Callable[[], contextlib.AbstractContextManager] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        # Our losses are per-pair means that ignore `num_items_in_batch`; this makes the Trainer divide each
+        # micro-step's loss by the accumulation steps (else batch 1 x accumulation 2 gets twice the gradient).
+        self.model_accepts_loss_kwargs = False
         self.settings = settings
         self._reference_context = reference_context
         self._stored: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
