@@ -139,26 +139,36 @@ _RSS_SCRIPT = textwrap.dedent("""
     from kllama.experts.module import HostExperts  # noqa: F401  (import cost belongs to the baseline)
     from kllama.experts.placement import ExpertPlacement
     from kllama.model.loader import build_meta_model, load_config, load_model
-    model_dir = sys.argv[1]
+    model_dir, device = sys.argv[1], sys.argv[2]
+    if device == "cuda":
+        torch.ones(1, device=device)  # the CUDA context's host memory belongs to the baseline too
     cfg = load_config(model_dir, trust_remote_code=False)
     build_meta_model(cfg, dtype=torch.float32, attn_implementation=None, trust_remote_code=False)  # import model code
     base = psutil.Process().memory_info().rss
-    model, engine = load_model(model_dir, compute_device="cpu", dtype=torch.float32, trust_remote_code=False,
+    model, engine = load_model(model_dir, compute_device=device, dtype=torch.float32, trust_remote_code=False,
         placements_fn=lambda names: {n: ExpertPlacement.from_mode("cpu") for n in names}, show_progress=False)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent (pytest) across fork+exec.
     status = dict(line.split(":", 1) for line in open("/proc/self/status"))
     peak = int(status["VmHWM"].split()[0]) * 1024
-    print(json.dumps({"base": base, "peak": peak, "host": engine.host_bytes()}))
+    pinned = all(m.host_weights()[0].is_pinned() for m in engine.modules.values())
+    print(json.dumps({"base": base, "peak": peak, "host": engine.host_bytes(), "pinned": pinned}))
 """)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from Linux /proc")
-def test_peak_host_memory_stays_near_model_size(tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                      reason="needs a CUDA device")]),
+])
+def test_peak_host_memory_stays_near_model_size(tmp_path: Path, device: str) -> None:
     """Load a ~250 MB model in a fresh interpreter; peak RSS growth must stay <= 1.2 x the checkpoint bytes.
 
     The baseline (interpreter + torch + transformers + the model class, measured in the same subprocess right
     before loading) is subtracted; the peak is the process's high-water RSS (VmHWM), which includes file pages
     mapped while reading, so a loader that kept whole files mapped or made a second copy of any layer would fail.
+    On CUDA the expert buffers must be pinned, and pinned exactly: torch's caching host allocator would round each
+    50 MB layer up to 64 MB and break the bound.
     """
     from kllama.model.tiny import write_tiny_model
 
@@ -166,11 +176,12 @@ def test_peak_host_memory_stays_near_model_size(tmp_path: Path) -> None:
                                  n_routed_experts=64, num_hidden_layers=6, intermediate_size=512)
     model_bytes = scan_checkpoint(model_dir).total_bytes()
     assert model_bytes > 200e6
-    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(model_dir)], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(model_dir), device], capture_output=True,
+                         text=True, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     growth = got["peak"] - got["base"]
     assert got["host"] > 0.9 * model_bytes  # the experts really are resident
+    assert got["pinned"] == (device == "cuda")
     assert growth <= 1.2 * model_bytes, f"peak grew {growth / 1e6:.0f} MB for a {model_bytes / 1e6:.0f} MB model ({got})"
 
 
