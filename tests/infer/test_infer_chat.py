@@ -39,3 +39,21 @@ def test_repl_keeps_history_until_clear(engine) -> None:  # noqa: ANN001
     assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]
     repl(session, io.StringIO("clear\n"), out, interactive=False)
     assert session.history == []
+
+
+def test_ctrl_c_stops_the_answer_not_the_session(engine) -> None:  # noqa: ANN001
+    session = ChatSession(engine, system=SYSTEM, params=SamplingParams(max_new_tokens=50, do_sample=False, ignore_eos=True))
+    written: list[str] = []
+
+    def write(text: str) -> None:
+        written.append(text)
+        if len(written) == 2:  # the user presses Ctrl-C while the second piece is shown
+            raise KeyboardInterrupt
+
+    partial = session.answer("Hello there", write)
+    assert written[-1] == " [stopped]" and partial == written[0]
+    assert session.history[-1] == {"role": "assistant", "content": partial}
+    # the engine is free again (its lock was released) and the conversation goes on
+    session.params = PARAMS
+    assert session.answer("Go on", lambda text: None) == expected_answer(
+        engine, [*session.history[:2], {"role": "user", "content": "Go on"}])

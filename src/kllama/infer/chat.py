@@ -5,6 +5,7 @@ Interactive use prints a prompt and reads lines; piped stdin is read one prompt 
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from typing import IO, Callable
@@ -37,12 +38,14 @@ class ChatSession:
         messages = [*self.history, {"role": "user", "content": text}]
         prompt_ids = self.engine.encode(messages, self.system)
         parts: list[str] = []
+        # closing(): an interrupt between two chunks must end the generator now, which frees the engine's lock.
         try:
-            for chunk in self.engine.stream(prompt_ids, self.params or self.engine.defaults):
-                if chunk.finish_reason == FINISH_CANCELLED:
-                    break
-                parts.append(chunk.text)
-                write(chunk.text)
+            with contextlib.closing(self.engine.stream(prompt_ids, self.params or self.engine.defaults)) as chunks:
+                for chunk in chunks:
+                    if chunk.finish_reason == FINISH_CANCELLED:
+                        break
+                    write(chunk.text)
+                    parts.append(chunk.text)  # after write: the history holds what the user saw
         except KeyboardInterrupt:
             write(" [stopped]")
         answer = "".join(parts)
