@@ -75,7 +75,9 @@ def test_first_match_wins_and_non_expert_entries_never_decide(tmp_path: Path) ->
 - match: {name: '^model\\.layers\\..*$', class: torch.nn.Linear}
   replace: {class: ktransformers.operators.linear.KTransformersLinear, kwargs: {generate_device: cuda}}
 - match: {name: '^model\\.layers\\.1\\.mlp\\.experts$'}
-  replace: {class: ktransformers.operators.experts.KTransformersExperts, kwargs: {generate_device: cuda, prefill_device: cuda}}
+  replace:
+    class: ktransformers.operators.experts.KTransformersExperts
+    kwargs: {generate_device: cuda, prefill_device: cuda}
 """ + EXPERTS_ENTRY.format(kwargs="{generate_device: cpu, prefill_device: cuda}")
     got = load_kt_rules(_write(tmp_path, text)).resolve(
         ["model.layers.1.mlp.experts", "model.layers.2.mlp.experts"], cpu_threads=4, chunk_size=8)
@@ -97,7 +99,8 @@ def test_problems_name_each_entry_and_its_match(tmp_path: Path) -> None:
     assert "kt.yaml" in msg and "6 problem(s)" in msg, msg
     for needle in (r"entry 0 /^model\.layers\..*\.mlp\.experts$/: generate_device 'xpu' cannot be placed",
                    "entry 1 /^model\\.layers\\..*\\.mlp\\.experts$/: generate_op KExpertsMarlin cannot run on cpu",
-                   "entry 2 /^model\\.layers\\..*\\.mlp\\.experts$/: generate_op 'KExpertsFancy' is not an experts kernel",
+                   "entry 2 /^model\\.layers\\..*\\.mlp\\.experts$/: generate_op 'KExpertsFancy' is not an "
+                   "experts kernel",
                    "entry 3 /(oops/: match.name '(oops' is not a valid regex",
                    "entry 4: 'match' must be a mapping"):
         assert needle in msg, needle

@@ -79,7 +79,8 @@ rules:
         load_rules(path)
     msg = str(info.value)
     assert "rules.yaml" in msg and "has 8 problem(s)" in msg, msg
-    for needle in ("default: placement must be one of", "unknown key 'colour'", "entry 0: match 'layers.(1' is not a valid regex",
+    for needle in ("default: placement must be one of", "unknown key 'colour'",
+                   "entry 0: match 'layers.(1' is not a valid regex",
                    "entry 1: placement must be one of cpu, stream, gpu, auto, got 'everywhere'",
                    "entry 1: unknown key 'threads'", "entry 2: crossover_tokens only applies to placement auto",
                    "entry 2: chunk_size must be an integer", "entry 3: expected a mapping"):

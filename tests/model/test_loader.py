@@ -182,7 +182,7 @@ def test_peak_host_memory_stays_near_model_size(tmp_path: Path, device: str) -> 
     growth = got["peak"] - got["base"]
     assert got["host"] > 0.9 * model_bytes  # the experts really are resident
     assert got["pinned"] == (device == "cuda")
-    assert growth <= 1.2 * model_bytes, f"peak grew {growth / 1e6:.0f} MB for a {model_bytes / 1e6:.0f} MB model ({got})"
+    assert growth <= 1.2 * model_bytes, f"peak grew {growth / 1e6:.0f} MB for {model_bytes / 1e6:.0f} MB ({got})"
 
 
 def test_bf16_load_keeps_fp32_modules_like_from_pretrained(tiny_model_dir) -> None:

@@ -124,8 +124,9 @@ def read_yaml(path: str | Path, what: str) -> Any:
     try:
         return yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise KllamaError(f"{what} {str(p)!r} is not valid YAML: {exc}; fix the syntax at the place "
-                          f"shown (write regexes in single quotes, or double every backslash inside double quotes)") from exc
+        hint = "write regexes in single quotes, or double every backslash inside double quotes"
+        raise KllamaError(f"{what} {str(p)!r} is not valid YAML: {exc}; fix the syntax at the place shown "
+                          f"({hint})") from exc
 
 
 def _check_int(value: object, key: str, minimum: int, where: str, problems: list[str]) -> int | None:
@@ -138,7 +139,9 @@ def _check_int(value: object, key: str, minimum: int, where: str, problems: list
     return value
 
 
-def _parse_entry(raw: object, index: int, where: str, problems: list[str], *, needs_match: bool) -> PlacementRule | None:
+def _parse_entry(
+    raw: object, index: int, where: str, problems: list[str], *, needs_match: bool
+) -> PlacementRule | None:
     """Validate one entry, appending every problem found; return the rule when it is usable."""
     if isinstance(raw, str) and not needs_match:
         raw = {"placement": raw}  # `default: auto` shorthand
