@@ -119,3 +119,13 @@ def test_format_detection(tmp_path: Path) -> None:
     own = tmp_path / "own.yaml"
     own.write_text("- {match: 'experts$', placement: gpu}\n")
     assert load_rule_file(own).format == "kllama"
+
+
+def test_class_check_on_experts_entry_is_informational(tmp_path: Path) -> None:
+    text = EXPERTS_ENTRY.format(kwargs="{prefill_device: cuda}").replace(
+        "  replace:", "    class: ktransformers.models.modeling_deepseek.DeepseekV2MoE\n  replace:", 1)
+    report = load_kt_rules(_write(tmp_path, text))
+    assert any("match.class ktransformers.models.modeling_deepseek.DeepseekV2MoE is informational" in n
+               for n in report.notes)
+    got = report.resolve(["model.layers.4.mlp.experts"], cpu_threads=None, chunk_size=8)
+    assert got["model.layers.4.mlp.experts"].mode == "auto"

@@ -244,6 +244,9 @@ def _parse_entry(raw: object, index: int, problems: list[str], notes: list[str])
         if targets is None:
             return None
         notes.append(f"{label}: routed experts -> short={targets[0]} long={targets[1]}")
+        if match_class is not None and pattern is not None:
+            notes.append(f"{label}: match.class {match_class} is informational (transformers 5 names the experts "
+                         f"class differently); the name regex decides")
         return KtEntry(index, pattern, match_class, cls, "experts", *targets)
     if cls == "default":
         # A stock module kept on its device; it only matters if it happens to match an experts module first.
