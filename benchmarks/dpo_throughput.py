@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +36,7 @@ from common import (  # noqa: E402
     split_expert_time, synchronize, write_results,
 )
 from kllama.experts.install import wire_engine  # noqa: E402
+from probes import bandwidth_probe, kt_kernel_probe  # noqa: E402
 from kllama.experts.placement import ExpertPlacement  # noqa: E402
 from kllama.model.adapters import adapters_disabled, attach_lora, lora_parameters, resolve_lora_spec  # noqa: E402
 from kllama.train.losses import preference_loss  # noqa: E402
@@ -63,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kt-tokens", type=int, default=4096, help="tokens per kt-kernel layer call")
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test)")
     p.add_argument("--out-dir", type=Path, default=None, help="JSON directory (default benchmarks/results)")
+    p.add_argument("--budget-s", type=float, default=500.0,
+                   help="skip rows not started after this many seconds (the GPU call is killed at 600)")
     return p.parse_args(argv)
 
 
@@ -116,8 +120,9 @@ def prepare_training(model: nn.Module) -> nn.Module:
     return peft_model
 
 
-def time_steps(name: str, model: nn.Module, batch: dict[str, torch.Tensor], logps_fn: Callable, args: argparse.Namespace,
-               device: torch.device, times: ExpertTimes | None, tokens: int) -> dict[str, Any]:
+def time_steps(name: str, model: nn.Module, batch: dict[str, torch.Tensor], logps_fn: Callable,
+               args: argparse.Namespace, device: torch.device, times: ExpertTimes | None, tokens: int,
+               ) -> dict[str, Any]:
     """Warm-up then timed DPO steps of `model`; one table/JSON row."""
     optimizer = torch.optim.AdamW(list(lora_parameters(model).values()), lr=LEARNING_RATE)
     reset_gpu_peak(device)
@@ -157,16 +162,47 @@ def time_steps(name: str, model: nn.Module, batch: dict[str, torch.Tensor], logp
     return row
 
 
-def guarded(name: str, run: Callable[[], dict[str, Any]], device: torch.device) -> dict[str, Any]:
-    """Run one benchmark row; an out-of-memory error becomes a row saying so instead of ending the invocation."""
-    try:
-        return run()
-    except torch.cuda.OutOfMemoryError as exc:
-        log(f"{name}: out of GPU memory: {str(exc).splitlines()[0]}")
-        return {"name": name, "note": "OOM", "error": str(exc).splitlines()[0]}
-    finally:
-        release()
-        reset_gpu_peak(device)
+class Report:
+    """The result document, rewritten after every row so that a run killed at the time limit still leaves JSON."""
+
+    def __init__(self, results: dict[str, Any], stem: str, out_dir: Path | None, budget_s: float) -> None:
+        self.results, self.stem, self.out_dir, self.budget_s = results, stem, out_dir, budget_s
+        results["rows"] = []
+        self.start = time.perf_counter()
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.results["rows"]
+
+    def out_of_time(self) -> bool:
+        """True once the run has used its time budget (later rows are skipped, the JSON still written)."""
+        return time.perf_counter() - self.start > self.budget_s
+
+    def save(self) -> Path:
+        return write_results(self.results, self.stem, self.out_dir)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.save()
+
+    def run_row(self, name: str, run: Callable[[], dict[str, Any]], device: torch.device) -> None:
+        """Run one row; out of time or out of GPU memory becomes a row saying so instead of ending the invocation."""
+        if self.out_of_time():
+            log(f"{name}: skipped, past the {self.budget_s:.0f}s budget")
+            self.add({"name": name, "note": "skipped: time budget"})
+            return
+        try:
+            self.add(run())
+        except torch.cuda.OutOfMemoryError as exc:
+            log(f"{name}: out of GPU memory: {str(exc).splitlines()[0]}")
+            self.add({"name": name, "note": "OOM", "error": str(exc).splitlines()[0]})
+        except Exception as exc:  # noqa: BLE001 - one broken row must not cost the whole GPU call
+            traceback.print_exc()
+            log(f"{name}: failed: {type(exc).__name__}: {exc}")
+            self.add({"name": name, "note": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            release()
+            reset_gpu_peak(device)
 
 
 # ----------------------------------------------------------------------------- kllama placements
@@ -195,20 +231,21 @@ def place_experts(lm: nn.Module, modules: dict, mode: str, args: argparse.Namesp
 
 
 def run_engine(args: argparse.Namespace, config: Any, device: torch.device, tokens: int,
-               results: dict[str, Any]) -> tuple[list[dict[str, Any]], nn.Module, dict]:
+               report: Report) -> tuple[nn.Module, dict]:
     """Build the engine model once and time each requested placement on it (except `cpu`, see `cpu_row`)."""
     log("building the expert-engine model (experts in pinned host memory)")
     start = time.perf_counter()
     lm, modules = build_model(config, device, host_experts=True)
+    results = report.results
     results["build_s"] = time.perf_counter() - start
     host = sum(m.host_bytes() for m in modules.values())
     results["expert_host_gb"] = host / 1e9
     log(f"built in {results['build_s']:.1f}s: {len(modules)} MoE layers, {host / 1e9:.1f} GB of experts on the host, "
         f"{torch.cuda.memory_allocated() / 1e9 if device.type == 'cuda' else 0:.1f} GB on the GPU, "
         f"host RSS {current_host_gb():.1f} GB")
+    results["host_rss_after_build_gb"] = current_host_gb()
     model = prepare_training(lm)
     batch = synthetic_batch(config.vocab_size, args.pairs, args.seq, device)
-    rows = []
     for mode in [m for m in args.placements if m != "cpu"]:
         capped = mode in ("stream", "auto") and args.gpu_cap_gb is not None
         name = f"kllama {mode}" + (f" (cap {args.gpu_cap_gb:g} GB)" if capped else "")
@@ -226,11 +263,11 @@ def run_engine(args: argparse.Namespace, config: Any, device: torch.device, toke
                 row["note"] = "all experts resident, no cap"
             return row
 
-        rows.append(guarded(name, run, device))
+        report.run_row(name, run, device)
         set_gpu_cap(None, device)
     for module in modules.values():
         module.drop_resident()
-    return rows, model, modules
+    return model, modules
 
 
 def cpu_row(model: nn.Module, modules: dict, args: argparse.Namespace, device: torch.device, tokens: int,
@@ -247,13 +284,13 @@ def cpu_row(model: nn.Module, modules: dict, args: argparse.Namespace, device: t
     weights = torch.rand(tokens, top_k, generator=gen).to(device)  # [T, K]
     module.forced_target = "cpu"
     try:
-        parts = {}
-        for label in ("forward", "forward", "forward"):
+        forwards = []  # reference, policy, checkpoint recompute
+        for _ in range(3):
             synchronize(device)
             start = time.perf_counter()
             with torch.no_grad():
                 module(x, index, weights)
-            parts.setdefault(label, []).append(time.perf_counter() - start)
+            forwards.append(time.perf_counter() - start)
         xg = x.detach().requires_grad_(True)
         out = module(xg, index, weights)
         synchronize(device)
@@ -263,18 +300,18 @@ def cpu_row(model: nn.Module, modules: dict, args: argparse.Namespace, device: t
         backward = time.perf_counter() - start
     finally:
         module.forced_target = None
-    layer_s = sum(parts["forward"]) + backward
+    layer_s = sum(forwards) + backward
     expert_s = layer_s * len(modules)
     total = expert_s + (rest_s or 0.0)
     return {
         "name": f"kllama cpu ({args.cpu_threads} threads)", "tokens_per_s": tokens / total, "s_per_step": total,
         "expert_s": expert_s, "copy_wait_s": 0.0, "rest_s": rest_s, "peak_host_gb": peak_host_gb(),
-        "layer_forward_s": parts["forward"], "layer_backward_s": backward,
+        "layer_forward_s": forwards, "layer_backward_s": backward,
         "note": f"extrapolated: 1 layer x {len(modules)} MoE layers" + ("" if rest_s is not None else ", no rest"),
     }
 
 
-# ----------------------------------------------------------------------------- baselines and probes
+# ----------------------------------------------------------------------------- stock baseline
 def stock_weight_gb(config: Any) -> float:
     """bf16 weight bytes of the whole stock model (GB), from the config."""
     with torch.device("meta"):
@@ -284,7 +321,7 @@ def stock_weight_gb(config: Any) -> float:
     return sum(p.numel() for p in meta.parameters()) * 2 / 1e9
 
 
-def run_stock(args: argparse.Namespace, config: Any, device: torch.device, tokens: int) -> list[dict[str, Any]]:
+def run_stock(args: argparse.Namespace, config: Any, device: torch.device, tokens: int, report: Report) -> None:
     """Baseline (a): stock transformers + peft LoRA (`target_modules` + `target_parameters` for the experts), every
     weight on the GPU, a separate reference forward with the adapter disabled."""
     weights = stock_weight_gb(config)
@@ -293,8 +330,14 @@ def run_stock(args: argparse.Namespace, config: Any, device: torch.device, token
     # Activations at 16k tokens, LoRA states and the logits need ~20 GB more than the weights (52 GiB measured for
     # V2-Lite's 31 GB of weights); refuse up front rather than spend the call on an OOM.
     if weights + 20 > card:
-        return [{"name": f"stock+peft ({v} logps)", "note": f"does not fit: {weights:.1f} GB of weights on a "
-                 f"{card:.0f} GB card", "weights_gb": weights} for v in variants]
+        for v in variants:
+            report.add({"name": f"stock+peft ({v} logps)", "note": f"does not fit: {weights:.1f} GB of weights on a "
+                        f"{card:.0f} GB card", "weights_gb": weights})
+        return
+    if report.out_of_time():
+        for v in variants:
+            report.add({"name": f"stock+peft ({v} logps)", "note": "skipped: time budget"})
+        return
     log(f"building the stock model ({weights:.1f} GB of weights on {device})")
     start = time.perf_counter()
     lm, _ = build_model(config, device, host_experts=False)
@@ -302,116 +345,12 @@ def run_stock(args: argparse.Namespace, config: Any, device: torch.device, token
     model = prepare_training(lm)
     batch = synthetic_batch(config.vocab_size, args.pairs, args.seq, device)
     fns = {"full": full_logits_logps, "chunked": chunked_logps}
-    rows = []
     for variant in variants:
         name = f"stock+peft ({variant} logps)"
-        rows.append(guarded(name, lambda v=variant, n=name: {
-            **time_steps(n, model, batch, fns[v], args, device, None, tokens), "weights_gb": weights}, device))
+        report.run_row(name, lambda v=variant, n=name: {
+            **time_steps(n, model, batch, fns[v], args, device, None, tokens), "weights_gb": weights}, device)
     del model, lm, batch
     release()
-    return rows
-
-
-def bandwidth_probe(module: Any, top_k: int, tokens: int, device: torch.device) -> dict[str, Any]:
-    """One layer: pinned host->GPU copy of its experts, and grouped_mm forward+backward over `tokens` tokens."""
-    from kllama.experts.cpu_compute import routed_experts_math
-
-    if device.type != "cuda":
-        return {"skipped": "no CUDA device"}
-    gate_up, down = module.host_weights()
-    nbytes = module.host_bytes()
-    dev = [torch.empty_like(t, device=device) for t in (gate_up, down)]
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for d, h in zip(dev, (gate_up, down)):
-        d.copy_(h, non_blocking=True)
-    reps = 5
-    start.record()
-    for _ in range(reps):
-        for d, h in zip(dev, (gate_up, down)):
-            d.copy_(h, non_blocking=True)
-    end.record()
-    end.synchronize()
-    copy_s = start.elapsed_time(end) / 1000 / reps
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(tokens, module.hidden_dim, generator=gen).to(device, torch.bfloat16).requires_grad_(True)
-    index = torch.rand(tokens, module.num_experts, generator=gen).topk(top_k, dim=-1).indices.to(device)
-    w = torch.rand(tokens, top_k, generator=gen).to(device).requires_grad_(True)
-    fwd_bwd = []
-    for i in range(4):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = routed_experts_math(x, index, w, dev[0], dev[1], module.act_fn)
-        out.backward(torch.ones_like(out))
-        torch.cuda.synchronize()
-        if i:
-            fwd_bwd.append(time.perf_counter() - t0)
-    del dev, x, out
-    return {"layer_gb": nbytes / 1e9, "copy_ms": copy_s * 1e3, "copy_gb_per_s": nbytes / copy_s / 1e9,
-            "grouped_mm_fwd_bwd_ms": sum(fwd_bwd) / len(fwd_bwd) * 1e3, "tokens": tokens,
-            "expected_ms": {"copy": 20.4, "grouped_mm_fwd_bwd": 13.3, "source": "DESIGN.md, V2-Lite, H100 box"}}
-
-
-_KT_MODULES = ("kt_kernel.sft.amx", "kt_kernel.utils.amx_sft", "kt_kernel.utils.amx", "kt_kernel.experts_sft",
-               "kt_kernel")
-
-
-def kt_kernel_probe(module: Any, top_k: int, tokens: int, threads: int, moe_layers: int) -> dict[str, Any]:
-    """Baseline (b): kt-kernel's AMX BF16 SFT MoE on one layer (forward_sft + backward with LoRA r=8 at `tokens`
-    tokens, `threads` CPU threads), extrapolated to all MoE layers. Any failure is recorded, never raised."""
-    import importlib
-
-    try:
-        importlib.import_module("kt_kernel")
-    except Exception as exc:  # noqa: BLE001 - a broken native extension raises anything
-        return {"status": "kt_kernel not importable", "error": f"{type(exc).__name__}: {exc}"}
-    wrapper_cls, where = None, None
-    for name in _KT_MODULES:
-        try:
-            candidate = getattr(importlib.import_module(name), "AMXSFTMoEWrapper", None)
-        except Exception:  # noqa: BLE001
-            continue
-        if candidate is not None:
-            wrapper_cls, where = candidate, name
-            break
-    if wrapper_cls is None:
-        return {"status": "kt_kernel imported but AMXSFTMoEWrapper not found", "searched": list(_KT_MODULES)}
-    try:
-        import kt_kernel
-
-        num_experts, inter, hidden = module.num_experts, module.intermediate_dim, module.hidden_dim
-        wrapper = wrapper_cls(layer_idx=0, num_experts=num_experts, num_experts_per_tok=top_k, hidden_size=hidden,
-                              moe_intermediate_size=inter, num_gpu_experts=0, cpuinfer_threads=threads,
-                              threadpool_count=1, weight_path=None, chunked_prefill_size=tokens,
-                              lora_rank=LORA_RANK, lora_alpha=2.0 * LORA_RANK, max_cache_depth=1,
-                              method="AMXBF16_SFT")
-        gate_up, down = module.host_weights()
-        lora = [torch.zeros(num_experts, *shape, dtype=torch.bfloat16) for shape in (
-            (LORA_RANK, hidden), (inter, LORA_RANK), (LORA_RANK, hidden), (inter, LORA_RANK), (LORA_RANK, inter),
-            (hidden, LORA_RANK))]
-        for a in lora[0::2]:
-            a.normal_(0.0, 0.01)
-        wrapper.init_lora_weights(*lora)
-        wrapper.load_weights_from_tensors(gate_up[:, :inter].contiguous(), gate_up[:, inter:].contiguous(),
-                                          down.contiguous(), torch.arange(num_experts, dtype=torch.int64))
-        gen = torch.Generator().manual_seed(3)
-        x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
-        ids = torch.rand(tokens, num_experts, generator=gen).topk(top_k, dim=-1).indices  # [T, K] int64
-        w = torch.rand(tokens, top_k, generator=gen)
-        grad = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
-        times = []
-        for i in range(3):
-            t0 = time.perf_counter()
-            wrapper.forward_sft(x, ids, w, save_for_backward=True)
-            wrapper.backward(grad)
-            if i:
-                times.append(time.perf_counter() - t0)
-        layer_s = sum(times) / len(times)
-        return {"status": "ok", "module": where, "version": getattr(kt_kernel, "__version__", None),
-                "tokens": tokens, "threads": threads, "layer_fwd_bwd_ms": layer_s * 1e3,
-                "tokens_per_s_all_layers": tokens / (layer_s * moe_layers),
-                "expected": {"layer_fwd_bwd_ms": 691, "tokens_per_s": 228, "source": "DESIGN.md, 4096 tokens"}}
-    except Exception as exc:  # noqa: BLE001
-        return {"status": "kt_kernel probe failed", "module": where, "error": f"{type(exc).__name__}: {exc}"}
 
 
 # ----------------------------------------------------------------------------- main
@@ -442,7 +381,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "CPU path) minus copy wait; copy wait = GPU time the compute stream waited for streamed "
                       "weights; rest = s/step - both",
     }
-    rows, model, modules = run_engine(args, config, device, tokens, results)
+    report = Report(results, f"dpo_{args.model}{'_tiny' if args.tiny else ''}", args.out_dir, args.budget_s)
+    rows = report.rows
+    model, modules = run_engine(args, config, device, tokens, report)
     top_k = config.num_experts_per_tok
     if not args.no_probe:
         log("bandwidth probe: one layer's copy and grouped_mm forward+backward")
@@ -452,27 +393,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"cpu placement: timing one layer on {args.cpu_threads} threads at {tokens} tokens")
         rest = next((r.get("rest_s") for r in rows if r.get("rest_s") is not None and "gpu" in r["name"]), None) \
             or next((r.get("rest_s") for r in rows if r.get("rest_s") is not None), None)
-        rows.append(cpu_row(model, modules, args, device, tokens, rest))
+        report.add(cpu_row(model, modules, args, device, tokens, rest))
         log(f"cpu: {rows[-1]['s_per_step']:.1f} s/step extrapolated")
     if not args.no_kt:
         log("kt-kernel AMX SFT probe")
-        kt = kt_kernel_probe(next(iter(modules.values())), top_k, args.kt_tokens, args.cpu_threads, len(modules))
+        kt = kt_kernel_probe(next(iter(modules.values())), top_k, args.kt_tokens, args.cpu_threads, len(modules),
+                             LORA_RANK)
         results["kt_kernel"] = kt
         log(f"kt-kernel: {kt}")
         if kt.get("status") == "ok":
-            rows.append({"name": f"kt-kernel AMX SFT ({args.cpu_threads} threads)",
+            report.add({"name": f"kt-kernel AMX SFT ({args.cpu_threads} threads)",
                          "tokens_per_s": kt["tokens_per_s_all_layers"],
                          "expert_s": kt["layer_fwd_bwd_ms"] / 1e3 * len(modules) * tokens / args.kt_tokens,
                          "note": f"experts fwd+bwd only, 1 layer at {args.kt_tokens} tokens x {len(modules)} layers"})
         else:
-            rows.append({"name": "kt-kernel AMX SFT", "note": kt["status"]})
+            report.add({"name": "kt-kernel AMX SFT", "note": kt["status"]})
     del model, modules
     release()
     if args.baseline:
-        rows.extend(run_stock(args, config, device, tokens))
-    results["rows"] = rows
+        run_stock(args, config, device, tokens, report)
+    results["total_s"] = time.perf_counter() - report.start
     print(format_table(rows), flush=True)
-    path = write_results(results, f"dpo_{args.model}{'_tiny' if args.tiny else ''}", args.out_dir)
+    path = report.save()
     log(f"wrote {path}")
     return results
 
