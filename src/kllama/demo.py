@@ -33,6 +33,8 @@ DEMO_SETTINGS: dict[str, object] = {
     "lr_scheduler_type": "cosine",
     "warmup_ratio": 0.05,
     "logging_steps": 5,
+    "eval_steps": 25,
+    "pref_ftx": 1.0,
     "save_steps": 1000,
     "plot_loss": True,
     "overwrite_output_dir": True,
@@ -138,11 +140,12 @@ def main(argv: list[str] | None = None) -> int:
                                command="chat")
     question = "How do I keep my houseplants healthy?"
     print(f"\n[demo] chat with the adapter (expert engine, greedy)\nUser: {question}\nAssistant: ", end="", flush=True)
-    from kllama.infer.engine import ChatEngine
+    from kllama.infer.engine import build_engine, sampling_defaults
 
-    engine = ChatEngine.from_config(chat_config)
-    for piece in engine.stream([{"role": "user", "content": question}]):
-        print(piece, end="", flush=True)
+    engine = build_engine(chat_config)
+    prompt = engine.encode([{"role": "user", "content": question}])
+    for chunk in engine.stream(prompt, sampling_defaults(chat_config)):
+        print(chunk.text, end="", flush=True)
     print(f"\n\n[demo] done in {time.perf_counter() - started:.0f} s")
     return 0
 
