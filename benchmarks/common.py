@@ -29,6 +29,7 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 
 from kllama.experts.families import find_expert_modules
 from kllama.experts.module import HostExperts
+from kllama.experts.pinned import host_empty
 from kllama.experts.placement import ExpertPlacement
 
 INIT_STD = 0.02
@@ -124,7 +125,10 @@ def _random_host_experts(stock: nn.Module, name: str, placement: ExpertPlacement
     pin = device.type == "cuda"
     host = []
     for shape in (gate_up_shape, down_shape):
-        tensor = torch.empty(shape, dtype=torch.bfloat16, pin_memory=pin)
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        tensor = host_empty(numel, torch.bfloat16, pin=pin).view(shape)  # exact-size pinning, as the loader does
         if pin:
             if shape not in scratch:
                 scratch[shape] = torch.empty(shape, dtype=torch.bfloat16, device=device)
@@ -192,7 +196,7 @@ def set_gpu_cap(cap_gb: float | None, device: torch.device) -> None:
     total = torch.cuda.get_device_properties(device).total_memory
     fraction = 1.0 if cap_gb is None else min(1.0, cap_gb * 1e9 / total)
     torch.cuda.empty_cache()
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    torch.cuda.set_per_process_memory_fraction(fraction, device.index if device.index is not None else torch.cuda.current_device())
 
 
 def reset_gpu_peak(device: torch.device) -> None:
