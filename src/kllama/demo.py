@@ -139,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     chat_config = build_config(dict(settings, adapter_name_or_path=str(out_dir), infer_backend="ktransformers"),
                                command="chat")
     question = "How do I keep my houseplants healthy?"
-    print(f"\n[demo] chat with the adapter (expert engine, greedy)\nUser: {question}\nAssistant: ", end="", flush=True)
+    print("\n[demo] chat with the adapter (expert engine, greedy)", flush=True)
     from kllama.infer.engine import build_engine, sampling_defaults
 
     engine = build_engine(chat_config)
+    print(f"User: {question}\nAssistant: ", end="", flush=True)
     prompt = engine.encode([{"role": "user", "content": question}])
     for chunk in engine.stream(prompt, sampling_defaults(chat_config)):
         print(chunk.text, end="", flush=True)
