@@ -19,8 +19,8 @@ from kllama.config.loader import KllamaConfig
 from kllama.errors import KllamaError
 from kllama.infer.loading import (
     ATTENTION,
-    DTYPES,
     adapter_dirs,
+    hf_dtype,
     load_tokenizer,
     merge_adapters,
     pick_device,
@@ -107,7 +107,7 @@ def run_export(config: KllamaConfig) -> int:
         raise KllamaError("export_dir: must differ from model_name_or_path (the source would be overwritten)")
     device = pick_device(config.export.export_device)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=DTYPES[config.model.infer_dtype], trust_remote_code=config.model.trust_remote_code,
+        model_dir, dtype=hf_dtype(config), trust_remote_code=config.model.trust_remote_code,
         attn_implementation=ATTENTION[config.model.flash_attn],
     ).to(device)
     with torch.no_grad():

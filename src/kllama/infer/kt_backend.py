@@ -10,7 +10,8 @@ import torch
 
 from kllama.config.loader import KllamaConfig
 from kllama.errors import KllamaError
-from kllama.infer.loading import DTYPES, LoadedModel, adapter_dirs, served_model_id
+from kllama.infer.loading import LoadedModel, adapter_dirs, served_model_id
+from kllama.model.load import DTYPES
 
 
 def load_with_expert_engine(config: KllamaConfig, device: torch.device) -> LoadedModel:
@@ -24,8 +25,7 @@ def load_with_expert_engine(config: KllamaConfig, device: torch.device) -> Loade
             f"infer_backend: ktransformers takes one adapter, got {len(adapters)}; merge them first with "
             "`kllama export` (infer_backend: huggingface) and serve the merged model"
         )
-    dtype = DTYPES[config.model.infer_dtype]
-    loaded = load_model(config, dtype=None if dtype == "auto" else dtype)
+    loaded = load_model(config, dtype=DTYPES[config.model.infer_dtype])  # None = the checkpoint's dtype
     model = loaded.model
     if adapters:
         model = attach_lora(model, spec_from_adapter(model, adapters[0]))

@@ -5,7 +5,6 @@ pays nothing for them); `ktransformers` is kllama's expert engine (routed expert
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from dataclasses import dataclass, field
@@ -13,18 +12,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from kllama.config.loader import KllamaConfig
 from kllama.errors import KllamaError
+from kllama.model.load import ATTN_IMPLEMENTATIONS as ATTENTION
+from kllama.model.load import DTYPES, check_model_dir, compute_device, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-# config `infer_dtype` -> torch dtype ("auto" keeps the checkpoint's dtype)
-DTYPES: dict[str, Any] = {"auto": "auto", "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-# config `flash_attn` -> transformers' attn_implementation (None = transformers' default)
-ATTENTION: dict[str, str | None] = {"auto": None, "sdpa": "sdpa", "eager": "eager", "fa2": "flash_attention_2",
-                                    "disabled": "eager"}
+
+def hf_dtype(config: KllamaConfig) -> torch.dtype | str:
+    """`infer_dtype` as transformers' `from_pretrained` takes it ("auto" keeps the checkpoint's dtype)."""
+    return DTYPES[config.model.infer_dtype] or "auto"
 
 
 @dataclass
@@ -42,14 +42,6 @@ class LoadedModel:
         """Max positions of the model (prompt + answer)."""
         cfg = self.model.config
         return int(getattr(cfg, "max_position_embeddings", None) or self.tokenizer.model_max_length)
-
-
-def _model_dir(config: KllamaConfig) -> str:
-    path = config.model.model_name_or_path
-    if not path or not Path(path).is_dir():
-        raise KllamaError(f"model_name_or_path: {path!r} is not a directory; give a local Hugging Face model directory "
-                          "(config.json, *.safetensors, tokenizer files)")
-    return path
 
 
 def adapter_dirs(config: KllamaConfig) -> list[Path]:
@@ -83,14 +75,8 @@ def warn_template_mismatch(config: KllamaConfig, adapters: list[Path]) -> list[s
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' -> the first GPU when there is one, else CPU; any other value is a torch device string."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return compute_device()
     return torch.device(name)
-
-
-def load_tokenizer(config: KllamaConfig) -> PreTrainedTokenizerBase:
-    """The base model's tokenizer."""
-    return AutoTokenizer.from_pretrained(_model_dir(config), trust_remote_code=config.model.trust_remote_code,
-                                         use_fast=config.model.use_fast_tokenizer)
 
 
 def merge_adapters(model: PreTrainedModel, adapters: list[Path]) -> PreTrainedModel:
@@ -106,11 +92,11 @@ def merge_adapters(model: PreTrainedModel, adapters: list[Path]) -> PreTrainedMo
 
 
 def _load_huggingface(config: KllamaConfig, device: torch.device) -> LoadedModel:
-    model_dir = _model_dir(config)
+    model_dir = check_model_dir(config.model.model_name_or_path)
     adapters = adapter_dirs(config)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
-        dtype=DTYPES[config.model.infer_dtype],
+        dtype=hf_dtype(config),
         trust_remote_code=config.model.trust_remote_code,
         attn_implementation=ATTENTION[config.model.flash_attn],
     )
@@ -119,14 +105,6 @@ def _load_huggingface(config: KllamaConfig, device: torch.device) -> LoadedModel
 
 
 def _load_ktransformers(config: KllamaConfig, device: torch.device) -> LoadedModel:
-    # The expert engine's loader and its adapter support land separately; fail clearly until both exist.
-    missing = [m for m in ("kllama.model.load", "kllama.model.loader", "kllama.model.adapters")
-               if importlib.util.find_spec(m) is None]
-    if missing:
-        raise KllamaError(
-            f"infer_backend: ktransformers is not available yet in this kllama build (missing {', '.join(missing)}); "
-            "use infer_backend: huggingface (with use_kt: false) meanwhile"
-        )
     from kllama.infer.kt_backend import load_with_expert_engine
 
     return load_with_expert_engine(config, device)
@@ -148,7 +126,4 @@ def served_model_id(config: KllamaConfig) -> str:
 def load_for_inference(config: KllamaConfig, device: str = "auto") -> LoadedModel:
     """Load model + tokenizer + adapters with the config's `infer_backend`; warn on a template mismatch."""
     warn_template_mismatch(config, adapter_dirs(config))
-    loaded = BACKENDS[config.generation.infer_backend](config, pick_device(device))
-    if loaded.tokenizer.pad_token_id is None:
-        loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
-    return loaded
+    return BACKENDS[config.generation.infer_backend](config, pick_device(device))

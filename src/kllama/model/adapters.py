@@ -85,7 +85,8 @@ def resolve_lora_spec(model: nn.Module, lora_target: list[str], rank: int, alpha
     return LoraSpec(linear, experts, rank, alpha if alpha is not None else 2 * rank, dropout)
 
 
-def _stock_expert_parameters(model: nn.Module) -> list[str]:
+def _expert_target_parameters(model: nn.Module) -> list[str]:
+    """PEFT `target_parameters` naming the routed experts (stock fused experts or the engine's HostExperts)."""
     parents = _expert_parents(model)
     # PEFT matches target_parameters by suffix, e.g. "mlp.experts.gate_up_proj".
     suffixes = sorted({".".join(p.split(".")[-2:]) for p in parents})
@@ -101,7 +102,7 @@ def attach_lora(model: nn.Module, spec: LoraSpec, *, seed: int = 0) -> PeftModel
     """Wrap `model` in a PeftModel with trainable LoRA as `spec` says (expert LoRA included)."""
     torch.manual_seed(seed)
     engine = uses_engine(model)
-    target_parameters = _stock_expert_parameters(model) if spec.experts and not engine else None
+    target_parameters = _expert_target_parameters(model) if spec.experts and not engine else None
     config = LoraConfig(
         r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
         target_modules=list(spec.linear_targets) or None, target_parameters=target_parameters,
@@ -116,20 +117,15 @@ def attach_lora(model: nn.Module, spec: LoraSpec, *, seed: int = 0) -> PeftModel
 
         add_expert_lora(peft_model, r=spec.rank, alpha=spec.alpha, dropout=spec.dropout, seed=seed)
         # Record the PEFT-equivalent target so the saved adapter loads on the stock model.
-        config.target_parameters = _engine_target_parameters(peft_model)
+        config.target_parameters = _expert_target_parameters(peft_model)
     return peft_model
-
-
-def _engine_target_parameters(model: nn.Module) -> list[str]:
-    suffixes = sorted({".".join(name.split(".")[-2:]) for name, m in model.named_modules()
-                       if type(m).__name__ == "HostExperts"})
-    return [f"{s}.{param}" for s in suffixes for param in EXPERT_PARAMS]
 
 
 def adapter_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
     """Every adapter tensor under PEFT's saved key names (linear LoRA + expert LoRA)."""
-    state = {k: v for k, v in get_peft_model_state_dict(model).items() if ".experts." not in k or not uses_engine(model)}
-    if uses_engine(model):
+    engine = uses_engine(model)
+    state = {k: v for k, v in get_peft_model_state_dict(model).items() if not (engine and ".experts." in k)}
+    if engine:
         from kllama.experts.lora import expert_lora_state_dict
 
         state.update(expert_lora_state_dict(model))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -179,8 +180,6 @@ def run_training(config: KllamaConfig) -> int:
     if f.plot_loss:
         for path in plot_training(trainer.state.log_history, output_dir):
             print(f"wrote {path}", flush=True)
-    import shutil
-
     shutil.rmtree(staging_dir(output_dir), ignore_errors=True)
     print(f"adapter written to {output_dir}", flush=True)
     return 0
