@@ -273,7 +273,7 @@ def run_engine(args: argparse.Namespace, config: Any, device: torch.device, toke
 def cpu_row(model: nn.Module, modules: dict, args: argparse.Namespace, device: torch.device, tokens: int,
             rest_s: float | None) -> dict[str, Any]:
     """The `cpu` placement, extrapolated: one MoE layer's expert passes of a DPO step (reference forward, policy
-    forward, checkpoint recompute forward, recompute+backward) timed on the CPU path at the step's token count,
+    forward, checkpoint recompute forward, backward from the saved pre-activations) timed on the CPU path at the step's token count,
     times the number of MoE layers, plus the non-expert time measured in the GPU rows."""
     module = list(modules.values())[len(modules) // 2]
     config = causal_lm_of(model).config

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from kllama.experts.cpu_compute import routed_experts_math
+from kllama.experts.routed import routed_experts_math
 
 
 def bandwidth_probe(module: Any, top_k: int, tokens: int, device: torch.device) -> dict[str, Any]:

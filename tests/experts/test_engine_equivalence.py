@@ -73,6 +73,39 @@ def test_two_threads_and_small_chunks_match_and_restore_thread_count() -> None:
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_matches_stock(reentrant: bool) -> None:
+    # the saved pre-activations go through save_for_backward: checkpointing drops them in the first forward and its
+    # recompute supplies them (non-reentrant), or the first forward runs without grad and saves nothing (reentrant)
+    stock, ours, _ = pair("deepseek_v2", ExpertPlacement.from_mode("cpu", chunk_size=5))
+    for model in (stock, ours):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+    assert_matches(stock, ours, torch.float32)
+
+
+def test_backward_uses_saved_activations_instead_of_recomputing() -> None:
+    # forward = two expert GEMMs (gate_up, down); backward of frozen experts = two (into act, into x). A backward that
+    # re-ran the forward would count twice the forward's FLOPs.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gen = torch.Generator().manual_seed(0)
+    experts, hidden, inter, tokens, top_k = 4, 32, 24, 40, 2
+    layer = HostExperts(torch.randn(experts, 2 * inter, hidden, generator=gen), torch.randn(experts, hidden, inter,
+                        generator=gen), torch.nn.SiLU(), ExpertPlacement.from_mode("cpu"), "experts",
+                        compute_device=torch.device("cpu"))
+    x = torch.randn(tokens, hidden, generator=gen, requires_grad=True)
+    index = torch.rand(tokens, experts, generator=gen).topk(top_k, dim=-1).indices
+    weights = torch.rand(tokens, top_k, generator=gen, requires_grad=True)
+    with FlopCounterMode(display=False) as forward:
+        out = layer(x, index, weights)
+    with FlopCounterMode(display=False) as backward:
+        out.square().sum().backward()
+    assert forward.get_total_flops() > 0
+    assert backward.get_total_flops() <= 1.05 * forward.get_total_flops()
+    assert x.grad is not None and weights.grad is not None
+
+
 def test_stream_and_gpu_targets_fall_back_to_cpu_without_cuda() -> None:
     stock, ours, engine = pair("olmoe", ExpertPlacement.from_mode("auto", crossover_tokens=4))
     with pytest.warns(UserWarning, match="needs a CUDA compute device"):

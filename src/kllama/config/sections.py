@@ -131,7 +131,7 @@ class TrainingArguments:
     report_to: list[str] = arg(["none"], "Where to log: none, tensorboard, wandb, mlflow (the last two need their package installed).")
     logging_dir: str | None = arg(None, "TensorBoard log directory (default <output_dir>/runs).")
     run_name: str | None = arg(None, "Run name shown by the loggers.")
-    gradient_checkpointing: bool = arg(False, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = arg(True, "Recompute activations in backward to save memory (on by default, as in LLaMA-Factory; `disable_gradient_checkpointing: true` turns it off).")
     eval_steps: int | None = arg(None, "Evaluate every N steps (default: logging_steps when a validation set exists).")
     eval_strategy: str = arg("no", "When to evaluate: no, steps, epoch (set to steps automatically when val_size > 0).", choices=("no", "steps", "epoch"))
     dataloader_num_workers: int = arg(0, "Worker processes for the data loader.")

@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from kllama.experts.cpu_compute import intra_op_threads, routed_experts_math
+from kllama.experts.cpu_compute import intra_op_threads
+from kllama.experts.routed import routed_experts_math
 
 NEVER = 1 << 62  # "always use the CPU" (no CUDA device, or the CPU is faster at any size)
 _COPY_PROBE_BYTES = 256 << 20

@@ -22,6 +22,7 @@ from kllama.errors import KllamaError
 from kllama.experts.pinned import pinned_copy
 from kllama.experts.cpu_compute import CpuExecutor
 from kllama.experts.placement import TARGETS, ExpertPlacement, Target
+from kllama.experts.routed import SavedPass
 from kllama.experts.stream import DeviceExecutor, ExpertStreamer
 
 _EXECUTORS = {"cpu": CpuExecutor(), "stream": DeviceExecutor(stream=True), "gpu": DeviceExecutor(stream=False)}
@@ -36,19 +37,25 @@ def to_host(tensor: Tensor) -> Tensor:
 
 
 class _ExpertsFunction(torch.autograd.Function):
-    """Autograd bridge: forward runs the executor without a graph; backward asks it to recompute and differentiate."""
+    """Autograd bridge: forward runs the executor without a graph and saves the routing and gate/up pre-activations
+    through `save_for_backward` (so activation checkpointing may drop and recompute them); backward hands them to
+    the executor, which differentiates by hand."""
 
     @staticmethod
     def forward(ctx, x, top_k_weights, top_k_index, module, executor, lora_meta, *lora_params):  # noqa: ANN001, ANN205
-        out, saved = executor.forward(module, x, top_k_index, top_k_weights, lora_meta, lora_params)
-        ctx.module, ctx.executor, ctx.lora_meta, ctx.saved = module, executor, lora_meta, saved
+        keep = any(ctx.needs_input_grad)
+        out, saved = executor.forward(module, x, top_k_index, top_k_weights, lora_meta, lora_params, keep)
+        ctx.module, ctx.executor, ctx.lora_meta, ctx.lora_params = module, executor, lora_meta, lora_params
+        if saved is not None:
+            ctx.layout = saved.layout()
+            ctx.save_for_backward(*saved.tensors())
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[6:]]
-        grads = ctx.executor.backward(ctx.module, ctx.saved, grad_out.contiguous(), ctx.lora_meta, needs)
-        ctx.saved = None
+        saved = SavedPass.rebuild(ctx.layout, ctx.saved_tensors)
+        grads = ctx.executor.backward(ctx.module, saved, grad_out.contiguous(), ctx.lora_meta, ctx.lora_params, needs)
         return (grads[0], grads[1], None, None, None, None, *grads[2:])
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from kllama.experts.cpu_compute import lora_from_flat, recompute_grads, routed_experts_math
+from kllama.experts.routed import PassExecutor
 
 if TYPE_CHECKING:
     from kllama.experts.module import HostExperts
@@ -153,40 +153,19 @@ class ExpertStreamer:
                 self.computes.append(ComputeRecord(layer, backward, self._open.pop(layer), slot.released))
 
 
-class DeviceExecutor:
+class DeviceExecutor(PassExecutor):
     """Runs a HostExperts pass on the compute device with weights either streamed (`stream=True`) or resident."""
 
     def __init__(self, stream: bool) -> None:
         self.stream = stream
 
-    def _weights(self, module: "HostExperts", num_tokens: int, backward: bool) -> tuple[Tensor, Tensor]:
+    def weights(self, module: "HostExperts", num_tokens: int, backward: bool) -> tuple[Tensor, Tensor]:
         if not self.stream:
             return module.resident_weights()
         if module.streamer is None:
             raise RuntimeError(f"{module.name}: streamed experts need wire_engine() to attach an ExpertStreamer")
         return module.streamer.acquire(module, num_tokens, backward)
 
-    def _done(self, module: "HostExperts", backward: bool) -> None:
+    def done(self, module: "HostExperts", backward: bool) -> None:
         if self.stream and module.streamer is not None:
             module.streamer.release(module, backward)
-
-    def forward(self, module, x, top_k_index, top_k_weights, lora_meta, lora_params):  # noqa: ANN001, ANN201
-        device = module.compute_device
-        xd, idx, w = x.to(device), top_k_index.to(device), top_k_weights.to(device)
-        gate_up, down = self._weights(module, x.shape[0], backward=False)
-        with torch.no_grad():
-            lora = lora_from_flat(lora_meta, [p.detach() for p in lora_params])
-            out = routed_experts_math(xd, idx, w, gate_up, down, module.act_fn, lora)
-        self._done(module, backward=False)
-        return out.to(x.device), (xd.detach(), idx, w.detach(), list(lora_params), x.device)
-
-    def backward(self, module, saved, grad_out, lora_meta, needs):  # noqa: ANN001, ANN201
-        xd, idx, w, lora_params, origin = saved
-        gate_up, down = self._weights(module, xd.shape[0], backward=True)
-
-        def run(x: Tensor, weights: Tensor, lora: dict) -> Tensor:
-            return routed_experts_math(x, idx, weights, gate_up, down, module.act_fn, lora)
-
-        grads = recompute_grads(run, xd, w, lora_meta, lora_params, grad_out.to(xd.device), needs)
-        self._done(module, backward=True)
-        return [None if g is None else g.to(origin) for g in grads]

@@ -1,0 +1,322 @@
+"""The routed-experts math, forward and backward, and the pass structure every target (cpu, stream, gpu) shares.
+
+`experts_forward` is the one definition of what a routed-experts layer computes, so all targets agree by
+construction with each other and with transformers' `grouped_mm` / eager experts: rows `(token, slot)` are grouped
+by expert, `gate_up` is split `[gate; up]`, `act(gate) * up` goes through `down`, each row is scaled by its routing
+weight, and the top-k rows of a token are summed. Expert LoRA adds `scaling * (x @ A_e^T) @ B_e^T` to each
+projection, with A/B in PEFT's `ParamWrapper` layout (see lora.py).
+
+A training pass keeps the gate/up pre-activations `hidden [T*K, 2I]` (and the routing) for its backward, which
+`experts_backward` differentiates by hand: it needs the frozen weights once more (a streamed layer is usually still
+in its slot) but never recomputes the forward. Under non-reentrant activation checkpointing these saved tensors go
+through `save_for_backward`, so the first forward keeps nothing and the checkpoint's recompute supplies them.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from kllama.experts.module import HostExperts
+
+_GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+class LoraFactors(NamedTuple):
+    """One projection's expert LoRA in PEFT's layout: `A [E*r, in]`, `B [out, E*r]`, delta = scaling * B_e @ A_e."""
+
+    lora_A: Tensor
+    lora_B: Tensor
+    scaling: float
+
+
+class Routing(NamedTuple):
+    """Where each `(token, slot)` row goes: rows sorted by expert (stable), with the counts the GEMMs need."""
+
+    order: Tensor  # [S] flat row index (token * K + slot) of each sorted row, S = T*K
+    tokens: Tensor  # [S] token of each sorted row
+    inverse: Tensor  # [S] sorted position of each flat row
+    offsets: Tensor  # [E] int32 cumulative row counts (on the device)
+    counts: list[int]  # [E] the same counts on the host
+
+
+def route(top_k_index: Tensor, num_experts: int) -> Routing:
+    """Group the rows of `top_k_index [T, K]` by expert. One host sync (the counts): call it before waiting for
+    streamed weights, so the sync does not wait for the copy."""
+    top_k = top_k_index.shape[1]
+    flat = top_k_index.reshape(-1)  # [S]
+    order = torch.argsort(flat, stable=True)  # [S]
+    counts = torch.bincount(flat, minlength=num_experts)  # [E]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return Routing(order, order // top_k, inverse, torch.cumsum(counts, 0, dtype=torch.int32), counts.tolist())
+
+
+def _can_group(x: Tensor, weight: Tensor) -> bool:
+    # torch's grouped GEMM (CUDA, SM80+) wants bf16 operands whose inner dims are 16-byte multiples
+    # (the same conditions transformers.integrations.moe._can_use_grouped_mm checks for the stock path).
+    if _GROUPED_MM is None or not x.is_cuda or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+        return False
+    if weight.shape[-1] % 8 or weight.shape[-2] % 8:
+        return False
+    return torch.cuda.get_device_capability(x.device) >= (8, 0)
+
+
+def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor, counts: Sequence[int]) -> Tensor:
+    """`x [S, in]` (rows sorted by expert) times each expert's `weight [E, out, in]`^T -> `[S, out]`.
+
+    Uses torch's grouped GEMM where it applies (CUDA bf16, aligned), else one matmul per expert with rows.
+    `weight` may be a transposed view (the backward multiplies by `W_e` instead of `W_e^T`).
+    """
+    if _can_group(x, weight):
+        return _GROUPED_MM(x, weight.transpose(-2, -1), offs=offsets)
+    pieces, start = [], 0
+    for expert, count in enumerate(counts):
+        if count:
+            pieces.append(x[start : start + count] @ weight[expert].T)  # [n, out]
+            start += count
+    if not pieces:
+        return x.new_zeros(0, weight.shape[1])
+    return torch.cat(pieces)
+
+
+def _lora_delta(x: Tensor, lora: LoraFactors, routing: Routing, dtype: torch.dtype) -> Tensor:
+    num_experts = len(routing.counts)
+    out_features = lora.lora_B.shape[0]
+    a = lora.lora_A.to(dtype).view(num_experts, -1, lora.lora_A.shape[-1])  # [E, r, in]: rows e*r:(e+1)*r
+    # PEFT reads lora_B as [out, r, E]: expert e owns columns e, e+E, e+2E, ...
+    b = lora.lora_B.to(dtype).view(out_features, -1, num_experts).permute(2, 0, 1).contiguous()  # [E, out, r]
+    low = grouped_linear(x, a, routing.offsets, routing.counts)  # [S, r]
+    return grouped_linear(low, b, routing.offsets, routing.counts) * lora.scaling
+
+
+def _gated(act_fn: Callable[[Tensor], Tensor], hidden: Tensor) -> Tensor:
+    gate, up = hidden.chunk(2, dim=-1)  # [S, I] each
+    return act_fn(gate) * up  # [S, I]
+
+
+def _unsort_sum(rows: Tensor, routing: Routing, num_tokens: int) -> Tensor:
+    # sorted rows [S, D] back to (token, slot) order, summed over the K slots of each token -> [T, D] (deterministic,
+    # unlike an atomic index_add)
+    return rows[routing.inverse].view(num_tokens, -1, rows.shape[-1]).sum(dim=1)
+
+
+def experts_forward(
+    x: Tensor,
+    routing: Routing,
+    top_k_weights: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    act_fn: Callable[[Tensor], Tensor],
+    lora: dict[str, LoraFactors] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One routed-experts layer: `x [T, H]`, routing of `top_k_index [T, K]`, `top_k_weights [T, K]`,
+    `gate_up [E, 2I, H]`, `down [E, H, I]` (one device) -> (`out [T, H]` in x's dtype, `hidden [S, 2I]`, the gate/up
+    pre-activations a backward needs). Differentiable in x, the routing weights and the LoRA factors."""
+    dtype = gate_up.dtype
+    lora = lora or {}
+    xs = x[routing.tokens].to(dtype)  # [S, H]
+    hidden = grouped_linear(xs, gate_up, routing.offsets, routing.counts)  # [S, 2I]
+    if "gate_up_proj" in lora:
+        hidden = hidden + _lora_delta(xs, lora["gate_up_proj"], routing, dtype)
+    act = _gated(act_fn, hidden)  # [S, I]
+    out = grouped_linear(act, down, routing.offsets, routing.counts)  # [S, H]
+    if "down_proj" in lora:
+        out = out + _lora_delta(act, lora["down_proj"], routing, dtype)
+    out = out * top_k_weights.reshape(-1)[routing.order].unsqueeze(-1)  # [S, H], promotes like the stock module
+    return _unsort_sum(out, routing, x.shape[0]).to(x.dtype), hidden
+
+
+def routed_experts_math(
+    x: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    act_fn: Callable[[Tensor], Tensor],
+    lora: dict[str, LoraFactors] | None = None,
+) -> Tensor:
+    """`experts_forward` from `top_k_index [T, K]` directly -> `[T, H]` (inference, probes, reference math)."""
+    return experts_forward(x, route(top_k_index, gate_up.shape[0]), top_k_weights, gate_up, down, act_fn, lora)[0]
+
+
+def _grads_of(out: Tensor, inputs: Sequence[Tensor], grad: Tensor, keep_graph: bool = False) -> list[Tensor | None]:
+    # autograd.grad over the inputs that require grad; None for the others
+    wanted = [t for t in inputs if t.requires_grad]
+    grads = iter(torch.autograd.grad(out, wanted, grad, retain_graph=keep_graph) if wanted else ())
+    return [next(grads) if t.requires_grad else None for t in inputs]
+
+
+def experts_backward(
+    x: Tensor,
+    routing: Routing,
+    top_k_weights: Tensor,
+    hidden: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    act_fn: Callable[[Tensor], Tensor],
+    lora_meta: Sequence[tuple[str, float]],
+    lora_params: Sequence[Tensor],
+    grad_out: Tensor,
+    needs: Sequence[bool],
+) -> list[Tensor | None]:
+    """Grads of `experts_forward` for `[x, top_k_weights, *lora_params]` (None where `needs` says not wanted) from
+    the saved `hidden [S, 2I]`, without recomputing the forward GEMMs.
+
+    With `ga = g_s @ W_down,e` (+ the down LoRA's transpose), the routing-weight grad of a row is `<g_s, o_s> =
+    <ga, act>`, the grad reaching `act` is `w_s * ga`, and the grad of x is `d_hidden @ W_gate_up,e` (+ LoRA)."""
+    dtype = gate_up.dtype
+    want_x, want_w, *want_lora = needs
+    num_tokens = x.shape[0]
+    offsets, counts = routing.offsets, routing.counts
+    with torch.enable_grad():
+        leaves = [p.detach().requires_grad_(bool(need)) for p, need in zip(lora_params, want_lora)]
+        lora = lora_from_flat(lora_meta, leaves)
+        position = {target: i for i, (target, _) in enumerate(lora_meta)}
+        grad_lora: list[Tensor | None] = [None] * len(leaves)
+        gs = grad_out[routing.tokens].to(dtype)  # [S, H]
+        ws = top_k_weights.reshape(-1)[routing.order].unsqueeze(-1)  # [S, 1]
+        h = hidden.detach().requires_grad_(True)
+        act = _gated(act_fn, h)  # [S, I]
+        ga = grouped_linear(gs, down.transpose(-2, -1), offsets, counts)  # [S, I]
+        if "down_proj" in lora:
+            act_leaf = act.detach().requires_grad_(True)
+            delta = _lora_delta(act_leaf, lora["down_proj"], routing, dtype)  # [S, H]
+            ga = ga + _grads_of(delta, [act_leaf], gs, keep_graph=True)[0]
+            i = position["down_proj"]
+            grad_lora[2 * i : 2 * i + 2] = _grads_of(delta, leaves[2 * i : 2 * i + 2], (gs * ws).to(dtype))
+        grad_w = None
+        if want_w:
+            dw_rows = (ga.float() * act.detach().float()).sum(-1)  # [S]
+            grad_w = dw_rows[routing.inverse].view(num_tokens, -1).to(top_k_weights.dtype)  # [T, K]
+        d_act = (ga * ws).to(act.dtype)  # [S, I]
+        d_hidden = torch.autograd.grad(act, h, d_act)[0].to(dtype)  # [S, 2I]
+        dxs = grouped_linear(d_hidden, gate_up.transpose(-2, -1), offsets, counts) if want_x else None  # [S, H]
+        if "gate_up_proj" in lora:
+            xs = x[routing.tokens].to(dtype).requires_grad_(bool(want_x))  # [S, H]
+            delta = _lora_delta(xs, lora["gate_up_proj"], routing, dtype)  # [S, 2I]
+            i = position["gate_up_proj"]
+            d_lora_x, grad_a, grad_b = _grads_of(delta, [xs, *leaves[2 * i : 2 * i + 2]], d_hidden)
+            grad_lora[2 * i : 2 * i + 2] = [grad_a, grad_b]
+            if d_lora_x is not None:
+                dxs = dxs + d_lora_x
+    grad_x = _unsort_sum(dxs.float(), routing, num_tokens).to(x.dtype) if dxs is not None else None
+    return [grad_x, grad_w, *grad_lora]
+
+
+def lora_from_flat(meta: Sequence[tuple[str, float]], params: Sequence[Tensor]) -> dict[str, LoraFactors]:
+    """Rebuild the `{target: LoraFactors}` dict from the flat parameter list passed through autograd."""
+    return {target: LoraFactors(params[2 * i], params[2 * i + 1], scaling) for i, (target, scaling) in enumerate(meta)}
+
+
+@dataclass
+class SavedPass:
+    """What a training pass keeps for its backward, on the compute device: the inputs and, per token chunk, the
+    routing and the `hidden` pre-activations. `tensors()` + `layout()` split it for `ctx.save_for_backward`
+    (so activation checkpointing can drop and recompute it); `rebuild` joins them again."""
+
+    x: Tensor  # [T, H]
+    top_k_weights: Tensor  # [T, K]
+    chunks: list[tuple[slice, Routing, Tensor]]  # (token span, its routing, its hidden [S, 2I])
+
+    def tensors(self) -> list[Tensor]:
+        per_chunk = [t for _, r, hidden in self.chunks for t in (r.order, r.tokens, r.inverse, r.offsets, hidden)]
+        return [self.x, self.top_k_weights, *per_chunk]
+
+    def layout(self) -> list[tuple[slice, list[int]]]:
+        return [(span, routing.counts) for span, routing, _ in self.chunks]
+
+    @staticmethod
+    def rebuild(layout: list[tuple[slice, list[int]]], tensors: Sequence[Tensor]) -> "SavedPass":
+        x, weights, *rest = tensors
+        chunks = []
+        for i, (span, counts) in enumerate(layout):
+            order, tokens, inverse, offsets, hidden = rest[5 * i : 5 * i + 5]
+            chunks.append((span, Routing(order, tokens, inverse, offsets, counts), hidden))
+        return SavedPass(x, weights, chunks)
+
+
+class PassExecutor:
+    """The structure of a routed-experts pass, shared by every target; subclasses say where it runs (`device`), in
+    which token chunks, with which copy of the weights, and what to do once its kernels are queued (`done`).
+
+    Forward: route every chunk first (the host syncs happen before any wait for streamed weights), then get the
+    weights and run. Backward: get the weights again and differentiate each chunk from its saved `hidden`."""
+
+    def device(self, module: "HostExperts") -> torch.device:
+        return module.compute_device
+
+    def chunks(self, module: "HostExperts", num_tokens: int) -> list[slice]:
+        return [slice(0, num_tokens)]
+
+    def weights(self, module: "HostExperts", num_tokens: int, backward: bool) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def done(self, module: "HostExperts", backward: bool) -> None:
+        """Called once a pass's kernels are queued (streaming releases its weight slot here)."""
+
+    def context(self, module: "HostExperts") -> AbstractContextManager:
+        return nullcontext()
+
+    def forward(
+        self,
+        module: "HostExperts",
+        x: Tensor,
+        top_k_index: Tensor,
+        top_k_weights: Tensor,
+        lora_meta: Sequence[tuple[str, float]],
+        lora_params: Sequence[Tensor],
+        keep: bool,
+    ) -> tuple[Tensor, SavedPass | None]:
+        """`out [T, H]` on x's device, and what the backward needs when `keep` (a gradient will be asked for)."""
+        device = self.device(module)
+        xd, idx, w = x.detach().to(device), top_k_index.to(device), top_k_weights.detach().to(device)
+        lora = lora_from_flat(lora_meta, [p.detach().to(device) for p in lora_params])
+        spans = self.chunks(module, xd.shape[0])
+        outs, chunks = [], []
+        with torch.no_grad(), self.context(module):
+            routings = [route(idx[s], module.num_experts) for s in spans]
+            gate_up, down = self.weights(module, xd.shape[0], backward=False)
+            for span, routing in zip(spans, routings):
+                out, hidden = experts_forward(xd[span], routing, w[span], gate_up, down, module.act_fn, lora)
+                outs.append(out)
+                if keep:
+                    chunks.append((span, routing, hidden))
+            self.done(module, backward=False)
+        out = torch.cat(outs) if outs else torch.zeros_like(xd)
+        return out.to(x.device), (SavedPass(xd, w, chunks) if keep else None)
+
+    def backward(
+        self,
+        module: "HostExperts",
+        saved: SavedPass,
+        grad_out: Tensor,
+        lora_meta: Sequence[tuple[str, float]],
+        lora_params: Sequence[Tensor],
+        needs: Sequence[bool],
+    ) -> list[Tensor | None]:
+        """Grads for `[x, top_k_weights, *lora_params]`, each on the device its input came from."""
+        device = self.device(module)
+        g = grad_out.to(device)
+        lora_here = [p.detach().to(device) for p in lora_params]
+        dx, dw, dlora = [], [], [None] * len(lora_params)
+        with self.context(module):
+            gate_up, down = self.weights(module, saved.x.shape[0], backward=True)
+            for span, routing, hidden in saved.chunks:
+                grads = experts_backward(saved.x[span], routing, saved.top_k_weights[span], hidden, gate_up, down,
+                                         module.act_fn, lora_meta, lora_here, g[span], needs)
+                dx.append(grads[0])
+                dw.append(grads[1])
+                for i, grad in enumerate(grads[2:]):
+                    if grad is not None:
+                        dlora[i] = grad if dlora[i] is None else dlora[i] + grad
+            self.done(module, backward=True)
+        origin = grad_out.device
+        grad_x = torch.cat(dx).to(origin) if needs[0] and dx else None
+        grad_w = torch.cat(dw).to(origin) if needs[1] and dw else None
+        return [grad_x, grad_w, *[None if g is None else g.to(p.device) for g, p in zip(dlora, lora_params)]]
