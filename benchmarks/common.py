@@ -378,6 +378,7 @@ def write_results(result: dict[str, Any], stem: str, out_dir: Path | None = None
     target.mkdir(parents=True, exist_ok=True)
     path = target / f"{stem}_{_dt.date.today().isoformat()}.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    if os.environ.get("OUT"):
-        shutil.copy(path, Path(os.environ["OUT"]) / path.name)
+    copy = Path(os.environ["OUT"]) / path.name if os.environ.get("OUT") else None
+    if copy is not None and copy.resolve() != path.resolve():
+        shutil.copy(path, copy)
     return path

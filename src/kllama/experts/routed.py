@@ -57,12 +57,10 @@ def route(top_k_index: Tensor, num_experts: int) -> Routing:
     return Routing(order, order // top_k, inverse, torch.cumsum(counts, 0, dtype=torch.int32), counts.tolist())
 
 
-def _can_group(x: Tensor, weight: Tensor) -> bool:
+def _can_group(x: Tensor, *dims: int) -> bool:
     # torch's grouped GEMM (CUDA, SM80+) wants bf16 operands whose inner dims are 16-byte multiples
     # (the same conditions transformers.integrations.moe._can_use_grouped_mm checks for the stock path).
-    if _GROUPED_MM is None or not x.is_cuda or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
-        return False
-    if weight.shape[-1] % 8 or weight.shape[-2] % 8:
+    if _GROUPED_MM is None or not x.is_cuda or x.dtype != torch.bfloat16 or any(d % 8 for d in dims):
         return False
     return torch.cuda.get_device_capability(x.device) >= (8, 0)
 
@@ -73,7 +71,7 @@ def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor, counts: Sequence[
     Uses torch's grouped GEMM where it applies (CUDA bf16, aligned), else one matmul per expert with rows.
     `weight` may be a transposed view (the backward multiplies by `W_e` instead of `W_e^T`).
     """
-    if _can_group(x, weight):
+    if weight.dtype == x.dtype and _can_group(x, weight.shape[-1], weight.shape[-2]):
         return _GROUPED_MM(x, weight.transpose(-2, -1), offs=offsets)
     pieces, start = [], 0
     for expert, count in enumerate(counts):
@@ -85,14 +83,41 @@ def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor, counts: Sequence[
     return torch.cat(pieces)
 
 
-def _lora_delta(x: Tensor, lora: LoraFactors, routing: Routing, dtype: torch.dtype) -> Tensor:
-    num_experts = len(routing.counts)
+def grouped_outer(p: Tensor, q: Tensor, offsets: Tensor, counts: Sequence[int]) -> Tensor:
+    """Per expert `p_e^T @ q_e` over its rows: `p [S, m]`, `q [S, n]` (rows sorted by expert) -> `[E, m, n]`
+    (a weight gradient; experts without rows get zeros)."""
+    if p.dtype == q.dtype and _can_group(p, p.shape[1], q.shape[1]):
+        return _GROUPED_MM(p.t(), q, offs=offsets)
+    out = p.new_zeros(len(counts), p.shape[1], q.shape[1])
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            out[expert] = p[start : start + count].T @ q[start : start + count]
+            start += count
+    return out
+
+
+def _expert_factors(lora: LoraFactors, num_experts: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """PEFT's flat factors as per-expert `a [E, r, in]` and `b [E, out, r]`, with the scaling folded into b."""
+    a = lora.lora_A.to(dtype).view(num_experts, -1, lora.lora_A.shape[-1])  # rows e*r:(e+1)*r
     out_features = lora.lora_B.shape[0]
-    a = lora.lora_A.to(dtype).view(num_experts, -1, lora.lora_A.shape[-1])  # [E, r, in]: rows e*r:(e+1)*r
     # PEFT reads lora_B as [out, r, E]: expert e owns columns e, e+E, e+2E, ...
-    b = lora.lora_B.to(dtype).view(out_features, -1, num_experts).permute(2, 0, 1).contiguous()  # [E, out, r]
+    b = (lora.lora_B * lora.scaling).to(dtype).view(out_features, -1, num_experts).permute(2, 0, 1).contiguous()
+    return a, b
+
+
+def _lora_delta(x: Tensor, lora: LoraFactors, routing: Routing, dtype: torch.dtype) -> Tensor:
+    a, b = _expert_factors(lora, len(routing.counts), dtype)
     low = grouped_linear(x, a, routing.offsets, routing.counts)  # [S, r]
-    return grouped_linear(low, b, routing.offsets, routing.counts) * lora.scaling
+    return grouped_linear(low, b, routing.offsets, routing.counts)  # [S, out]
+
+
+def _as_param_grads(grad_a: Tensor, grad_b: Tensor, lora: LoraFactors) -> tuple[Tensor, Tensor]:
+    # per-expert grads `[E, r, in]` (of a) and `[E, out, r]` (of the unscaled B_e) back to PEFT's flat layout
+    num_experts, _, out_features = grad_a.shape[0], grad_a.shape[1], grad_b.shape[1]
+    flat_a = grad_a.reshape(lora.lora_A.shape)
+    flat_b = (grad_b * lora.scaling).permute(1, 2, 0).reshape(out_features, -1)  # [out, r*E], column r_i*E + e
+    return flat_a.to(lora.lora_A.dtype), flat_b.to(lora.lora_B.dtype)
 
 
 def _gated(act_fn: Callable[[Tensor], Tensor], hidden: Tensor) -> Tensor:
@@ -102,8 +127,12 @@ def _gated(act_fn: Callable[[Tensor], Tensor], hidden: Tensor) -> Tensor:
 
 def _unsort_sum(rows: Tensor, routing: Routing, num_tokens: int) -> Tensor:
     # sorted rows [S, D] back to (token, slot) order, summed over the K slots of each token -> [T, D] (deterministic,
-    # unlike an atomic index_add)
+    # unlike an atomic index_add; a bf16 sum accumulates in fp32)
     return rows[routing.inverse].view(num_tokens, -1, rows.shape[-1]).sum(dim=1)
+
+
+def _row_weights(top_k_weights: Tensor, routing: Routing, dtype: torch.dtype) -> Tensor:
+    return top_k_weights.reshape(-1)[routing.order].unsqueeze(-1).to(dtype)  # [S, 1]
 
 
 def experts_forward(
@@ -117,18 +146,20 @@ def experts_forward(
 ) -> tuple[Tensor, Tensor]:
     """One routed-experts layer: `x [T, H]`, routing of `top_k_index [T, K]`, `top_k_weights [T, K]`,
     `gate_up [E, 2I, H]`, `down [E, H, I]` (one device) -> (`out [T, H]` in x's dtype, `hidden [S, 2I]`, the gate/up
-    pre-activations a backward needs). Differentiable in x, the routing weights and the LoRA factors."""
+    pre-activations a backward needs). Differentiable in x, the routing weights and the LoRA factors.
+
+    The routing weight scales each row before `down` (which is linear, LoRA included): one pass over `[S, I]` in the
+    weights' dtype instead of an fp32 `[S, H]`."""
     dtype = gate_up.dtype
     lora = lora or {}
     xs = x[routing.tokens].to(dtype)  # [S, H]
     hidden = grouped_linear(xs, gate_up, routing.offsets, routing.counts)  # [S, 2I]
     if "gate_up_proj" in lora:
         hidden = hidden + _lora_delta(xs, lora["gate_up_proj"], routing, dtype)
-    act = _gated(act_fn, hidden)  # [S, I]
-    out = grouped_linear(act, down, routing.offsets, routing.counts)  # [S, H]
+    scaled = _gated(act_fn, hidden) * _row_weights(top_k_weights, routing, dtype)  # [S, I]
+    out = grouped_linear(scaled, down, routing.offsets, routing.counts)  # [S, H]
     if "down_proj" in lora:
-        out = out + _lora_delta(act, lora["down_proj"], routing, dtype)
-    out = out * top_k_weights.reshape(-1)[routing.order].unsqueeze(-1)  # [S, H], promotes like the stock module
+        out = out + _lora_delta(scaled, lora["down_proj"], routing, dtype)
     return _unsort_sum(out, routing, x.shape[0]).to(x.dtype), hidden
 
 
@@ -145,13 +176,6 @@ def routed_experts_math(
     return experts_forward(x, route(top_k_index, gate_up.shape[0]), top_k_weights, gate_up, down, act_fn, lora)[0]
 
 
-def _grads_of(out: Tensor, inputs: Sequence[Tensor], grad: Tensor, keep_graph: bool = False) -> list[Tensor | None]:
-    # autograd.grad over the inputs that require grad; None for the others
-    wanted = [t for t in inputs if t.requires_grad]
-    grads = iter(torch.autograd.grad(out, wanted, grad, retain_graph=keep_graph) if wanted else ())
-    return [next(grads) if t.requires_grad else None for t in inputs]
-
-
 def experts_backward(
     x: Tensor,
     routing: Routing,
@@ -166,46 +190,55 @@ def experts_backward(
     needs: Sequence[bool],
 ) -> list[Tensor | None]:
     """Grads of `experts_forward` for `[x, top_k_weights, *lora_params]` (None where `needs` says not wanted) from
-    the saved `hidden [S, 2I]`, without recomputing the forward GEMMs.
+    the saved `hidden [S, 2I]`, without recomputing the forward's GEMMs.
 
-    With `ga = g_s @ W_down,e` (+ the down LoRA's transpose), the routing-weight grad of a row is `<g_s, o_s> =
-    <ga, act>`, the grad reaching `act` is `w_s * ga`, and the grad of x is `d_hidden @ W_gate_up,e` (+ LoRA)."""
+    With `ga = g_s @ W_down,e` (+ the down LoRA's transpose) the grad of a row's scaled activation, the routing
+    weight gets `<ga, act>`, `act` gets `w_s * ga`, and x gets `d_hidden @ W_gate_up,e` (+ LoRA). LoRA factor grads
+    are per-expert outer products (`grouped_outer`); the routing weight is applied to the `[S, r]` side."""
     dtype = gate_up.dtype
     want_x, want_w, *want_lora = needs
     num_tokens = x.shape[0]
     offsets, counts = routing.offsets, routing.counts
+    num_experts = len(counts)
+    lora = lora_from_flat(lora_meta, [p.detach() for p in lora_params])
+    position = {target: i for i, (target, _) in enumerate(lora_meta)}
+    grad_lora: list[Tensor | None] = [None] * len(lora_params)
+    gs = grad_out[routing.tokens].to(dtype)  # [S, H]
+    ws = _row_weights(top_k_weights, routing, dtype)  # [S, 1]
     with torch.enable_grad():
-        leaves = [p.detach().requires_grad_(bool(need)) for p, need in zip(lora_params, want_lora)]
-        lora = lora_from_flat(lora_meta, leaves)
-        position = {target: i for i, (target, _) in enumerate(lora_meta)}
-        grad_lora: list[Tensor | None] = [None] * len(leaves)
-        gs = grad_out[routing.tokens].to(dtype)  # [S, H]
-        ws = top_k_weights.reshape(-1)[routing.order].unsqueeze(-1)  # [S, 1]
         h = hidden.detach().requires_grad_(True)
         act = _gated(act_fn, h)  # [S, I]
-        ga = grouped_linear(gs, down.transpose(-2, -1), offsets, counts)  # [S, I]
-        if "down_proj" in lora:
-            act_leaf = act.detach().requires_grad_(True)
-            delta = _lora_delta(act_leaf, lora["down_proj"], routing, dtype)  # [S, H]
-            ga = ga + _grads_of(delta, [act_leaf], gs, keep_graph=True)[0]
-            i = position["down_proj"]
-            grad_lora[2 * i : 2 * i + 2] = _grads_of(delta, leaves[2 * i : 2 * i + 2], (gs * ws).to(dtype))
-        grad_w = None
-        if want_w:
-            dw_rows = (ga.float() * act.detach().float()).sum(-1)  # [S]
-            grad_w = dw_rows[routing.inverse].view(num_tokens, -1).to(top_k_weights.dtype)  # [T, K]
-        d_act = (ga * ws).to(act.dtype)  # [S, I]
-        d_hidden = torch.autograd.grad(act, h, d_act)[0].to(dtype)  # [S, 2I]
-        dxs = grouped_linear(d_hidden, gate_up.transpose(-2, -1), offsets, counts) if want_x else None  # [S, H]
-        if "gate_up_proj" in lora:
-            xs = x[routing.tokens].to(dtype).requires_grad_(bool(want_x))  # [S, H]
-            delta = _lora_delta(xs, lora["gate_up_proj"], routing, dtype)  # [S, 2I]
-            i = position["gate_up_proj"]
-            d_lora_x, grad_a, grad_b = _grads_of(delta, [xs, *leaves[2 * i : 2 * i + 2]], d_hidden)
-            grad_lora[2 * i : 2 * i + 2] = [grad_a, grad_b]
-            if d_lora_x is not None:
-                dxs = dxs + d_lora_x
-    grad_x = _unsort_sum(dxs.float(), routing, num_tokens).to(x.dtype) if dxs is not None else None
+    ga = grouped_linear(gs, down.transpose(-2, -1), offsets, counts)  # [S, I]
+    if "down_proj" in lora:
+        i = position["down_proj"]
+        a, b = _expert_factors(lora["down_proj"], num_experts, dtype)  # [E, r, I], [E, H, r]
+        low_g = grouped_linear(gs, b.transpose(-2, -1), offsets, counts)  # [S, r]
+        ga = ga + grouped_linear(low_g, a.transpose(-2, -1), offsets, counts)
+        if want_lora[2 * i] or want_lora[2 * i + 1]:
+            low_act = grouped_linear(act.detach(), a, offsets, counts) * ws  # [S, r]: scaled rows times A_e^T
+            grad_a = grouped_outer(low_g * ws, act.detach(), offsets, counts)  # [E, r, I]
+            grad_b = grouped_outer(gs, low_act, offsets, counts)  # [E, H, r]
+            pair = _as_param_grads(grad_a, grad_b, lora["down_proj"])
+            grad_lora[2 * i : 2 * i + 2] = [g if want_lora[2 * i + j] else None for j, g in enumerate(pair)]
+    grad_w = None
+    if want_w:
+        dw_rows = (ga * act.detach()).sum(-1, dtype=torch.float32)  # [S]
+        grad_w = dw_rows[routing.inverse].view(num_tokens, -1).to(top_k_weights.dtype)  # [T, K]
+    d_hidden = torch.autograd.grad(act, h, (ga * ws).to(act.dtype))[0].to(dtype)  # [S, 2I]
+    dxs = grouped_linear(d_hidden, gate_up.transpose(-2, -1), offsets, counts) if want_x else None  # [S, H]
+    if "gate_up_proj" in lora:
+        i = position["gate_up_proj"]
+        a, b = _expert_factors(lora["gate_up_proj"], num_experts, dtype)  # [E, r, H], [E, 2I, r]
+        low_h = grouped_linear(d_hidden, b.transpose(-2, -1), offsets, counts)  # [S, r]
+        if want_x:
+            dxs = dxs + grouped_linear(low_h, a.transpose(-2, -1), offsets, counts)
+        if want_lora[2 * i] or want_lora[2 * i + 1]:
+            xs = x[routing.tokens].to(dtype)  # [S, H]
+            grad_a = grouped_outer(low_h, xs, offsets, counts)  # [E, r, H]
+            grad_b = grouped_outer(d_hidden, grouped_linear(xs, a, offsets, counts), offsets, counts)  # [E, 2I, r]
+            pair = _as_param_grads(grad_a, grad_b, lora["gate_up_proj"])
+            grad_lora[2 * i : 2 * i + 2] = [g if want_lora[2 * i + j] else None for j, g in enumerate(pair)]
+    grad_x = _unsort_sum(dxs, routing, num_tokens).to(x.dtype) if dxs is not None else None
     return [grad_x, grad_w, *grad_lora]
 
 
