@@ -3,7 +3,7 @@
 Prints a table and writes benchmarks/results/stream_layer.json. Needs CUDA. Shapes default to V2-Lite (64 experts,
 top-6, hidden 2048, width 1408, bf16) at 4,096 tokens with random weights and routing. Rows:
   copy       one layer's weights host->GPU alone (the floor for a streamed pass)
-  compute    fwd + recompute + bwd on resident weights (the `gpu` target)
+  compute    fwd + bwd on resident weights (the `gpu` target; the backward reuses the saved pre-activations)
   stream x1  one streamed layer fwd + bwd (one copy: backward finds the layer still resident)
   stream xN  N layers chained (h = h + layer(h)), fwd + bwd, showing copy/compute overlap
 `ratio` = time / (bytes actually copied / measured copy bandwidth); the target for streaming is <= 1.3.

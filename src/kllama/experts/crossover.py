@@ -12,7 +12,7 @@ import time
 import torch
 
 from kllama.experts.cpu_compute import intra_op_threads
-from kllama.experts.routed import routed_experts_math
+from kllama.experts.routed import experts_backward, experts_forward, route
 
 NEVER = 1 << 62  # "always use the CPU" (no CUDA device, or the CPU is faster at any size)
 _COPY_PROBE_BYTES = 256 << 20
@@ -35,19 +35,19 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 def cpu_pass_seconds(num_tokens: int, gate_up: torch.Tensor, down: torch.Tensor, top_k: int, backward: bool) -> float:
-    """Wall time of one CPU routed-experts pass (forward, plus recompute+backward when `backward`) over random
-    routing of `num_tokens` tokens."""
+    """Wall time of one CPU routed-experts pass as the engine runs it (forward, plus the backward from the saved
+    pre-activations when `backward`) over random routing of `num_tokens` tokens."""
     num_experts, _, hidden = gate_up.shape
-    x = torch.randn(num_tokens, hidden, dtype=gate_up.dtype, requires_grad=backward)
+    silu = torch.nn.functional.silu
+    x = torch.randn(num_tokens, hidden, dtype=gate_up.dtype)
     index = torch.rand(num_tokens, num_experts).topk(top_k, dim=-1).indices  # [T, K] distinct experts per token
-    weights = torch.rand(num_tokens, top_k, requires_grad=backward)
+    weights = torch.rand(num_tokens, top_k)
     start = time.perf_counter()
-    with torch.set_grad_enabled(backward):
-        out = routed_experts_math(x, index, weights, gate_up, down, torch.nn.functional.silu)
-        if backward:
-            # the engine's CPU backward recomputes the forward, so count it twice
-            out = routed_experts_math(x, index, weights, gate_up, down, torch.nn.functional.silu)
-            out.sum().backward()
+    with torch.no_grad():
+        routing = route(index, num_experts)
+        out, saved = experts_forward(x, routing, weights, gate_up, down, silu)
+    if backward:
+        experts_backward(x, routing, weights, saved, gate_up, down, silu, (), (), torch.ones_like(out), [True, True])
     return time.perf_counter() - start
 
 
