@@ -14,16 +14,11 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from stream_layer import make_layers  # same layer shapes as the streaming benchmark
+from stream_layer import layer_parser, make_layers  # same layer shapes as the streaming benchmark
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--experts", type=int, default=64)
-    parser.add_argument("--top-k", type=int, default=6)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--inter", type=int, default=1408)
+    parser = layer_parser(__doc__)
     parser.add_argument("--lora", type=int, default=8)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--out", default="benchmarks/results/profile_layer.txt")

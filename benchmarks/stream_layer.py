@@ -55,13 +55,19 @@ def timed(fn, repeats: int) -> float:  # noqa: ANN001
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def layer_parser(description: str) -> argparse.ArgumentParser:
+    """Arguments for one V2-Lite-shaped layer (defaults: 64 experts, top-6, hidden 2048, width 1408, 4,096 tokens)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--inter", type=int, default=1408)
+    return parser
+
+
+def main() -> None:
+    parser = layer_parser(__doc__)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--lora", type=int, default=0, help="expert LoRA rank (0 = none)")
     parser.add_argument("--repeats", type=int, default=5)
