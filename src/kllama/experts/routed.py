@@ -114,9 +114,8 @@ def _lora_delta(x: Tensor, lora: LoraFactors, routing: Routing, dtype: torch.dty
 
 def _as_param_grads(grad_a: Tensor, grad_b: Tensor, lora: LoraFactors) -> tuple[Tensor, Tensor]:
     # per-expert grads `[E, r, in]` (of a) and `[E, out, r]` (of the unscaled B_e) back to PEFT's flat layout
-    num_experts, _, out_features = grad_a.shape[0], grad_a.shape[1], grad_b.shape[1]
     flat_a = grad_a.reshape(lora.lora_A.shape)
-    flat_b = (grad_b * lora.scaling).permute(1, 2, 0).reshape(out_features, -1)  # [out, r*E], column r_i*E + e
+    flat_b = (grad_b * lora.scaling).permute(1, 2, 0).reshape(lora.lora_B.shape)  # [out, r*E], column r_i*E + e
     return flat_a.to(lora.lora_A.dtype), flat_b.to(lora.lora_B.dtype)
 
 
