@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-threads", type=int, default=16)
     p.add_argument("--layers", type=int, default=None, help="only the first N decoder layers")
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test)")
+    p.add_argument("--profile", type=int, default=0,
+                   help="also profile this many decode steps per placement (torch.profiler table, CPU time)")
     p.add_argument("--out-dir", type=Path, default=None, help="JSON directory (default benchmarks/results)")
     return p.parse_args(argv)
 
@@ -98,7 +100,20 @@ def run_placement(model: nn.Module, modules: dict, mode: str, args: argparse.Nam
            "host_now_gb": current_host_gb(), "generated_head": generated[:8]}
     if crossover is not None:
         row["crossover_tokens"] = crossover
+    if args.profile:
+        row["profile"] = profile_decode(model, prompt[:, :16], args.profile, device)
+        print(row["profile"])
     return row
+
+
+def profile_decode(model: nn.Module, prompt: torch.Tensor, steps: int, device: torch.device) -> str:
+    """torch.profiler's table (top ops by self CPU time) over `steps` decode steps: where a token's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        greedy_decode(model, prompt, steps + 1, device)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
