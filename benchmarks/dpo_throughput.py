@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--precomputed-ref", type=int, default=0, metavar="F",
+                   help="also time each engine placement with precompute_ref_log_probs: steps without a reference "
+                        "pass + one no-grad reference pass over F x the batch (precompute_ref_batch_size), / F")
     p.add_argument("--layers", type=int, default=None, help="benchmark only the first N decoder layers")
     p.add_argument("--cpu-threads", type=int, default=16, help="threads of the CPU expert path (cpu_infer)")
     p.add_argument("--kt-tokens", type=int, default=4096, help="tokens per kt-kernel layer call")
@@ -96,10 +99,13 @@ def full_logits_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch
 
 
 def dpo_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-             logps_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]) -> float:
-    """Reference pass, policy pass, sigmoid-DPO loss, backward, optimizer step; returns the loss."""
-    with torch.no_grad(), adapters_disabled(model):
-        ref = logps_fn(model, batch)  # [2P]
+             logps_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+             ref: torch.Tensor | None = None) -> float:
+    """Reference pass (unless `ref [2P]` was precomputed), policy pass, sigmoid-DPO loss, backward, optimizer step;
+    returns the loss."""
+    if ref is None:
+        with torch.no_grad(), adapters_disabled(model):
+            ref = logps_fn(model, batch)  # [2P]
     policy = logps_fn(model, batch)  # [2P]
     half = policy.shape[0] // 2
     losses, _, _ = preference_loss("sigmoid", policy[:half], policy[half:], ref[:half], ref[half:],
@@ -122,13 +128,13 @@ def prepare_training(model: nn.Module) -> nn.Module:
 
 def time_steps(name: str, model: nn.Module, batch: dict[str, torch.Tensor], logps_fn: Callable,
                args: argparse.Namespace, device: torch.device, times: ExpertTimes | None, tokens: int,
-               ) -> dict[str, Any]:
+               ref: torch.Tensor | None = None) -> dict[str, Any]:
     """Warm-up then timed DPO steps of `model`; one table/JSON row."""
     optimizer = torch.optim.AdamW(list(lora_parameters(model).values()), lr=LEARNING_RATE)
     reset_gpu_peak(device)
     for i in range(args.warmup):
         start = time.perf_counter()
-        loss = dpo_step(model, batch, optimizer, logps_fn)
+        loss = dpo_step(model, batch, optimizer, logps_fn, ref)
         synchronize(device)
         log(f"{name}: warm-up {i + 1}/{args.warmup} {time.perf_counter() - start:.2f}s loss {loss:.4f}")
     step_s: list[float] = []
@@ -139,7 +145,7 @@ def time_steps(name: str, model: nn.Module, batch: dict[str, torch.Tensor], logp
         for i in range(args.steps):
             synchronize(device)
             start = time.perf_counter()
-            loss = dpo_step(model, batch, optimizer, logps_fn)
+            loss = dpo_step(model, batch, optimizer, logps_fn, ref)
             synchronize(device)
             step_s.append(time.perf_counter() - start)
             if times is not None:
@@ -230,6 +236,34 @@ def place_experts(lm: nn.Module, modules: dict, mode: str, args: argparse.Namesp
     return engine, info
 
 
+def precomputed_ref_row(model: nn.Module, lm: nn.Module, modules: dict, mode: str, name: str, capped: bool,
+                        batch: dict[str, torch.Tensor], args: argparse.Namespace, device: torch.device,
+                        tokens: int) -> dict[str, Any]:
+    """`precompute_ref_log_probs` with `precompute_ref_batch_size` = F x the training batch: the reference pass runs
+    once per F steps' worth of rows, with no gradients kept; the training steps run without it."""
+    factor = args.precomputed_ref
+    set_gpu_cap(args.gpu_cap_gb if capped else None, device)
+    _, info = place_experts(lm, modules, mode, args, device)
+    big = synthetic_batch(causal_lm_of(model).config.vocab_size, args.pairs * factor, args.seq, device, seed=1)
+    ref_s = []
+    for _ in range(2):  # the first pass warms up the larger shapes
+        synchronize(device)
+        start = time.perf_counter()
+        with torch.no_grad(), adapters_disabled(model):
+            chunked_logps(model, big)
+        synchronize(device)
+        ref_s.append(time.perf_counter() - start)
+    log(f"{name}: reference pass over {factor} x {tokens:,} tokens {ref_s[-1]:.2f}s")
+    with torch.no_grad(), adapters_disabled(model):
+        ref = chunked_logps(model, batch)  # [2P] the steps' reference, as the cache would hold it
+    row = time_steps(f"{name}, ref precomputed", model, batch, chunked_logps, args, device, None, tokens, ref)
+    per_step = row["s_per_step"] + ref_s[-1] / factor
+    row.update(info, name=f"{name}, ref precomputed (x{factor})", tokens_per_s=tokens / per_step,
+               s_per_step=per_step, policy_step_s=row["s_per_step"], reference_pass_s=ref_s[-1],
+               note=f"step without reference + 1/{factor} of a no-grad reference pass over {factor}x the batch")
+    return row
+
+
 def run_engine(args: argparse.Namespace, config: Any, device: torch.device, tokens: int,
                report: Report) -> tuple[nn.Module, dict]:
     """Build the engine model once and time each requested placement on it (except `cpu`, see `cpu_row`)."""
@@ -264,6 +298,10 @@ def run_engine(args: argparse.Namespace, config: Any, device: torch.device, toke
             return row
 
         report.run_row(name, run, device)
+        if args.precomputed_ref:
+            report.run_row(f"{name}, ref precomputed (x{args.precomputed_ref})",
+                           lambda mode=mode, name=name, capped=capped: precomputed_ref_row(
+                               model, lm, modules, mode, name, capped, batch, args, device, tokens), device)
         set_gpu_cap(None, device)
     for module in modules.values():
         module.drop_resident()

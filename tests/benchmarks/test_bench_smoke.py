@@ -42,7 +42,7 @@ def _only_json(directory: Path) -> dict:
 def test_benchmarks_run_tiny_on_cpu(tmp_path: Path) -> None:
     dpo_dir, decode_dir = tmp_path / "dpo", tmp_path / "decode"
     dpo = _start("dpo_throughput.py", "--tiny", "--baseline", "--placements", "stream,auto,gpu,cpu",
-                 "--out-dir", str(dpo_dir))
+                 "--precomputed-ref", "2", "--out-dir", str(dpo_dir))
     decode = _start("decode.py", "--tiny", "--placements", "cpu,gpu", "--out-dir", str(decode_dir))
     dpo_log, decode_log = _finish(dpo), _finish(decode)
 
@@ -51,6 +51,9 @@ def test_benchmarks_run_tiny_on_cpu(tmp_path: Path) -> None:
     for name in ("kllama stream", "kllama auto", "kllama gpu", "stock+peft (full logps)",
                  "stock+peft (chunked logps)"):
         assert rows[name]["tokens_per_s"] > 0 and rows[name]["s_per_step"] > 0, rows[name]
+    precomputed = rows["kllama stream, ref precomputed (x2)"]
+    assert precomputed["policy_step_s"] > 0 and precomputed["reference_pass_s"] > 0
+    assert precomputed["s_per_step"] == precomputed["policy_step_s"] + precomputed["reference_pass_s"] / 2
     cpu = next(row for name, row in rows.items() if name.startswith("kllama cpu"))
     assert cpu["tokens_per_s"] > 0 and "extrapolated" in cpu["note"]
     # every engine row splits its step time; expert passes were seen (ref + policy + recompute + backward)

@@ -136,6 +136,8 @@ def _train(**kw):
     ({"report_to": "none,tensorboard"}, "report_to: 'none' cannot be combined"),
     ({"resume_from_checkpoint": "/no/such/checkpoint-5"}, "resume_from_checkpoint: '/no/such/checkpoint-5' is not a directory"),
     ({"stage": "dpo", "pref_loss": "simpo", "precompute_ref_log_probs": True}, "uses no reference model"),
+    ({"stage": "dpo", "precompute_ref_batch_size": 8}, "precompute_ref_batch_size: only used with precompute_ref_log_probs"),
+    ({"stage": "dpo", "precompute_ref_log_probs": True, "precompute_ref_batch_size": 0}, "precompute_ref_batch_size: must be >= 1"),
     ({"max_gpu_memory": "lots"}, "max_gpu_memory: 'lots' is not a size"),
     ({"val_size": 2.5}, "val_size: a count must be a whole number"),
 ])

@@ -70,6 +70,7 @@ CASES = [
     ("deepseek_v2", ["stage=dpo", "pref_loss=orpo"]),
     ("deepseek_v2", ["stage=dpo", "pref_loss=simpo", "use_kt=true", "pref_beta=2.0"]),
     ("qwen3_moe", ["stage=dpo", "pref_loss=sigmoid", "use_kt=true", "template=qwen"]),
+    ("deepseek_v2", ["stage=dpo", "precompute_ref_log_probs=true", "precompute_ref_batch_size=5", "use_kt=true"]),
 ]
 
 

@@ -23,7 +23,7 @@ _REPORTERS: dict[str, str | None] = {
 
 # keys that only mean something for the preference stage
 _DPO_ONLY = ("pref_loss", "pref_beta", "pref_ftx", "dpo_label_smoothing", "simpo_gamma", "discopop_tau", "ld_alpha",
-             "precompute_ref_log_probs")
+             "precompute_ref_log_probs", "precompute_ref_batch_size")
 
 
 def resolve_config_path(path: str, config: "KllamaConfig") -> Path | None:
@@ -68,6 +68,11 @@ def _train_checks(c: "KllamaConfig", check_paths: bool) -> list[str]:
         out.append(f"simpo_gamma: only used with pref_loss: simpo (pref_loss is {f.pref_loss!r})")
     if f.precompute_ref_log_probs and f.pref_loss in ("orpo", "simpo"):
         out.append(f"precompute_ref_log_probs: pref_loss {f.pref_loss!r} uses no reference model; remove it")
+    if f.precompute_ref_batch_size is not None:
+        if f.precompute_ref_batch_size < 1:
+            out.append(f"precompute_ref_batch_size: must be >= 1, got {f.precompute_ref_batch_size}")
+        if not f.precompute_ref_log_probs:
+            out.append("precompute_ref_batch_size: only used with precompute_ref_log_probs: true; set it or remove the key")
     if not 0.0 <= f.dpo_label_smoothing < 0.5:
         out.append(f"dpo_label_smoothing: must be in [0, 0.5), got {f.dpo_label_smoothing}")
     if f.create_new_adapter and not c.model.adapter_name_or_path:

@@ -91,6 +91,9 @@ class FinetuningArguments:
     precompute_ref_log_probs: bool = arg(
         False, "Compute the reference model's log-probs for the whole dataset once (cached on disk) and train without reference passes."
     )
+    precompute_ref_batch_size: int | None = arg(
+        None, "Batch size of the precompute pass (TRL's key; default per_device_eval_batch_size). No gradients are kept there, so it can be several times the training batch: with streamed experts, fewer weight copies per token."
+    )
     plot_loss: bool = arg(False, "Write training_loss.png, training_rewards_*.png (and training_eval_loss.png) to output_dir.")
 
 

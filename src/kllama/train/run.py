@@ -146,11 +146,12 @@ def run_training(config: KllamaConfig) -> int:
     reference_context = (lambda: starting_adapter_reference(model, start_snapshot)) if start_snapshot else None
     train_set, eval_set = bundle.train, bundle.eval
     if f.stage == "dpo" and f.precompute_ref_log_probs:
+        ref_batch = f.precompute_ref_batch_size or t.per_device_eval_batch_size
         train_set = attach_reference_logps(model, train_set, collate, settings, reference_context, cache_dir,
-                                           batch_size=t.per_device_eval_batch_size, device=loaded.device)
+                                           batch_size=ref_batch, device=loaded.device)
         if eval_set is not None:
             eval_set = attach_reference_logps(model, eval_set, collate, settings, reference_context, cache_dir,
-                                              batch_size=t.per_device_eval_batch_size, device=loaded.device)
+                                              batch_size=ref_batch, device=loaded.device)
         collate = _with_reference_columns(collate)
 
     args = build_training_arguments(config, has_eval=eval_set is not None, use_cpu=loaded.device.type == "cpu")
