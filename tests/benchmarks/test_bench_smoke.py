@@ -69,3 +69,13 @@ def test_benchmarks_run_tiny_on_cpu(tmp_path: Path) -> None:
     # same weights, greedy: the CPU and GPU-target paths (both on the CPU here) generate the same tokens
     assert decoded["rows"][0]["generated_head"] == decoded["rows"][1]["generated_head"]
     assert "decode tok/s" in decode_log
+
+
+def test_cpu_gemv_probe_runs_small(tmp_path: Path) -> None:
+    out = tmp_path / "gemv.json"
+    log = _finish(_start("cpu_gemv.py", "--threads", "1", "--experts", "8", "--hidden", "64", "--inter", "32",
+                         "--top-k", "2", "--out", str(out)))
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["variant"] for row in rows} >= {"x @ W.T (bf16)", "engine cpu layer pass, 1 token"}
+    assert all(row["GB_per_s"] > 0 for row in rows)
+    assert "GB/s" in log
