@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kllama.experts import ExpertPlacement, ExpertStreamer, HostExperts, add_expert_lora, install_expert_engine
+from kllama.experts.lora import ExpertLoRA
 from kllama.model.tiny import build_tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -53,6 +54,37 @@ def test_gpu_targets_match_stock(arch: str, mode: str, dtype: torch.dtype) -> No
     if mode == "stream":
         assert engine.streamer is not None and engine.streamer.copies
         assert engine.gpu_bytes() > 0
+
+
+@pytest.mark.parametrize("target", ["gpu", "stream"])
+def test_bf16_pass_never_waits_on_the_gpu(target: str) -> None:
+    # routing, grouped GEMMs, LoRA and the saved-activation backward stay on the device: no host sync per layer, so
+    # the CPU can queue the next layers while the GPU works (batch-1 decode is bound by exactly that)
+    torch.manual_seed(0)
+    experts, hidden, inter, tokens, top_k = 8, 64, 48, 5, 2
+    layer = HostExperts(torch.randn(experts, 2 * inter, hidden, dtype=torch.bfloat16) * 0.1,
+                        torch.randn(experts, hidden, inter, dtype=torch.bfloat16) * 0.1, torch.nn.SiLU(),
+                        ExpertPlacement.from_mode(target), "model.layers.0.mlp.experts",
+                        compute_device=torch.device("cuda"))
+    lora = ExpertLoRA(experts, hidden, 2 * inter, 8, 16, device=torch.device("cuda"), dtype=torch.float32)
+    lora.reset_parameters()
+    layer.lora["gate_up_proj"] = lora
+    if target == "stream":
+        layer.streamer = ExpertStreamer([layer], torch.device("cuda"))
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    index = torch.rand(tokens, experts, device="cuda").topk(top_k, dim=-1).indices
+    weights = torch.rand(tokens, top_k, device="cuda", requires_grad=True)
+    grad = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    layer(x, index, weights).backward(grad)  # warm-up: resident copy, slots, kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            layer(x, index, weights)
+        layer(x, index, weights).backward(grad)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert lora.lora_B.grad is not None and x.grad is not None
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

@@ -35,26 +35,34 @@ class LoraFactors(NamedTuple):
     scaling: float
 
 
-class Routing(NamedTuple):
-    """Where each `(token, slot)` row goes: rows sorted by expert (stable), with the counts the GEMMs need."""
+@dataclass
+class Routing:
+    """Where each `(token, slot)` row goes: rows sorted by expert (stable), with the offsets the GEMMs need. All
+    tensors stay on the device; the per-expert counts reach the host only when a per-expert loop asks for them
+    (`counts()`), so a CUDA pass through torch's grouped GEMM never waits on the GPU."""
 
     order: Tensor  # [S] flat row index (token * K + slot) of each sorted row, S = T*K
     tokens: Tensor  # [S] token of each sorted row
     inverse: Tensor  # [S] sorted position of each flat row
-    offsets: Tensor  # [E] int32 cumulative row counts (on the device)
-    counts: list[int]  # [E] the same counts on the host
+    offsets: Tensor  # [E] int32 cumulative row counts
+    _counts: list[int] | None = None
+
+    def counts(self) -> list[int]:
+        """Rows per expert on the host (one device sync, the first time)."""
+        if self._counts is None:
+            self._counts = torch.diff(self.offsets, prepend=self.offsets.new_zeros(1)).tolist()
+        return self._counts
 
 
 def route(top_k_index: Tensor, num_experts: int) -> Routing:
-    """Group the rows of `top_k_index [T, K]` by expert. One host sync (the counts): call it before waiting for
-    streamed weights, so the sync does not wait for the copy."""
+    """Group the rows of `top_k_index [T, K]` by expert (no host sync)."""
     top_k = top_k_index.shape[1]
     flat = top_k_index.reshape(-1)  # [S]
     order = torch.argsort(flat, stable=True)  # [S]
-    counts = torch.bincount(flat, minlength=num_experts)  # [E]
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    return Routing(order, order // top_k, inverse, torch.cumsum(counts, 0, dtype=torch.int32), counts.tolist())
+    # scatter_add_/scatter_ rather than bincount/index_put_: CUDA's bincount reads the max id back to the host
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return Routing(order, order // top_k, inverse, torch.cumsum(counts, 0, dtype=torch.int32))
 
 
 def _can_group(x: Tensor, *dims: int) -> bool:
@@ -65,16 +73,16 @@ def _can_group(x: Tensor, *dims: int) -> bool:
     return torch.cuda.get_device_capability(x.device) >= (8, 0)
 
 
-def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor, counts: Sequence[int]) -> Tensor:
+def grouped_linear(x: Tensor, weight: Tensor, routing: Routing) -> Tensor:
     """`x [S, in]` (rows sorted by expert) times each expert's `weight [E, out, in]`^T -> `[S, out]`.
 
     Uses torch's grouped GEMM where it applies (CUDA bf16, aligned), else one matmul per expert with rows.
     `weight` may be a transposed view (the backward multiplies by `W_e` instead of `W_e^T`).
     """
     if weight.dtype == x.dtype and _can_group(x, weight.shape[-1], weight.shape[-2]):
-        return _GROUPED_MM(x, weight.transpose(-2, -1), offs=offsets)
+        return _GROUPED_MM(x, weight.transpose(-2, -1), offs=routing.offsets)
     pieces, start = [], 0
-    for expert, count in enumerate(counts):
+    for expert, count in enumerate(routing.counts()):
         if count:
             pieces.append(x[start : start + count] @ weight[expert].T)  # [n, out]
             start += count
@@ -83,11 +91,12 @@ def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor, counts: Sequence[
     return torch.cat(pieces)
 
 
-def grouped_outer(p: Tensor, q: Tensor, offsets: Tensor, counts: Sequence[int]) -> Tensor:
+def grouped_outer(p: Tensor, q: Tensor, routing: Routing) -> Tensor:
     """Per expert `p_e^T @ q_e` over its rows: `p [S, m]`, `q [S, n]` (rows sorted by expert) -> `[E, m, n]`
     (a weight gradient; experts without rows get zeros)."""
     if p.dtype == q.dtype and _can_group(p, p.shape[1], q.shape[1]):
-        return _GROUPED_MM(p.t(), q, offs=offsets)
+        return _GROUPED_MM(p.t(), q, offs=routing.offsets)
+    counts = routing.counts()
     out = p.new_zeros(len(counts), p.shape[1], q.shape[1])
     start = 0
     for expert, count in enumerate(counts):
@@ -107,9 +116,9 @@ def _expert_factors(lora: LoraFactors, num_experts: int, dtype: torch.dtype) -> 
 
 
 def _lora_delta(x: Tensor, lora: LoraFactors, routing: Routing, dtype: torch.dtype) -> Tensor:
-    a, b = _expert_factors(lora, len(routing.counts), dtype)
-    low = grouped_linear(x, a, routing.offsets, routing.counts)  # [S, r]
-    return grouped_linear(low, b, routing.offsets, routing.counts)  # [S, out]
+    a, b = _expert_factors(lora, routing.offsets.numel(), dtype)
+    low = grouped_linear(x, a, routing)  # [S, r]
+    return grouped_linear(low, b, routing)  # [S, out]
 
 
 def _as_param_grads(grad_a: Tensor, grad_b: Tensor, lora: LoraFactors) -> tuple[Tensor, Tensor]:
@@ -152,11 +161,11 @@ def experts_forward(
     dtype = gate_up.dtype
     lora = lora or {}
     xs = x[routing.tokens].to(dtype)  # [S, H]
-    hidden = grouped_linear(xs, gate_up, routing.offsets, routing.counts)  # [S, 2I]
+    hidden = grouped_linear(xs, gate_up, routing)  # [S, 2I]
     if "gate_up_proj" in lora:
         hidden = hidden + _lora_delta(xs, lora["gate_up_proj"], routing, dtype)
     scaled = _gated(act_fn, hidden) * _row_weights(top_k_weights, routing, dtype)  # [S, I]
-    out = grouped_linear(scaled, down, routing.offsets, routing.counts)  # [S, H]
+    out = grouped_linear(scaled, down, routing)  # [S, H]
     if "down_proj" in lora:
         out = out + _lora_delta(scaled, lora["down_proj"], routing, dtype)
     return _unsort_sum(out, routing, x.shape[0]).to(x.dtype), hidden
@@ -197,8 +206,7 @@ def experts_backward(
     dtype = gate_up.dtype
     want_x, want_w, *want_lora = needs
     num_tokens = x.shape[0]
-    offsets, counts = routing.offsets, routing.counts
-    num_experts = len(counts)
+    num_experts = routing.offsets.numel()
     lora = lora_from_flat(lora_meta, [p.detach() for p in lora_params])
     position = {target: i for i, (target, _) in enumerate(lora_meta)}
     grad_lora: list[Tensor | None] = [None] * len(lora_params)
@@ -207,16 +215,16 @@ def experts_backward(
     with torch.enable_grad():
         h = hidden.detach().requires_grad_(True)
         act = _gated(act_fn, h)  # [S, I]
-    ga = grouped_linear(gs, down.transpose(-2, -1), offsets, counts)  # [S, I]
+    ga = grouped_linear(gs, down.transpose(-2, -1), routing)  # [S, I]
     if "down_proj" in lora:
         i = position["down_proj"]
         a, b = _expert_factors(lora["down_proj"], num_experts, dtype)  # [E, r, I], [E, H, r]
-        low_g = grouped_linear(gs, b.transpose(-2, -1), offsets, counts)  # [S, r]
-        ga = ga + grouped_linear(low_g, a.transpose(-2, -1), offsets, counts)
+        low_g = grouped_linear(gs, b.transpose(-2, -1), routing)  # [S, r]
+        ga = ga + grouped_linear(low_g, a.transpose(-2, -1), routing)
         if want_lora[2 * i] or want_lora[2 * i + 1]:
-            low_act = grouped_linear(act.detach(), a, offsets, counts) * ws  # [S, r]: scaled rows times A_e^T
-            grad_a = grouped_outer(low_g * ws, act.detach(), offsets, counts)  # [E, r, I]
-            grad_b = grouped_outer(gs, low_act, offsets, counts)  # [E, H, r]
+            low_act = grouped_linear(act.detach(), a, routing) * ws  # [S, r]: scaled rows times A_e^T
+            grad_a = grouped_outer(low_g * ws, act.detach(), routing)  # [E, r, I]
+            grad_b = grouped_outer(gs, low_act, routing)  # [E, H, r]
             pair = _as_param_grads(grad_a, grad_b, lora["down_proj"])
             grad_lora[2 * i : 2 * i + 2] = [g if want_lora[2 * i + j] else None for j, g in enumerate(pair)]
     grad_w = None
@@ -224,17 +232,17 @@ def experts_backward(
         dw_rows = (ga * act.detach()).sum(-1, dtype=torch.float32)  # [S]
         grad_w = dw_rows[routing.inverse].view(num_tokens, -1).to(top_k_weights.dtype)  # [T, K]
     d_hidden = torch.autograd.grad(act, h, (ga * ws).to(act.dtype))[0].to(dtype)  # [S, 2I]
-    dxs = grouped_linear(d_hidden, gate_up.transpose(-2, -1), offsets, counts) if want_x else None  # [S, H]
+    dxs = grouped_linear(d_hidden, gate_up.transpose(-2, -1), routing) if want_x else None  # [S, H]
     if "gate_up_proj" in lora:
         i = position["gate_up_proj"]
         a, b = _expert_factors(lora["gate_up_proj"], num_experts, dtype)  # [E, r, H], [E, 2I, r]
-        low_h = grouped_linear(d_hidden, b.transpose(-2, -1), offsets, counts)  # [S, r]
+        low_h = grouped_linear(d_hidden, b.transpose(-2, -1), routing)  # [S, r]
         if want_x:
-            dxs = dxs + grouped_linear(low_h, a.transpose(-2, -1), offsets, counts)
+            dxs = dxs + grouped_linear(low_h, a.transpose(-2, -1), routing)
         if want_lora[2 * i] or want_lora[2 * i + 1]:
             xs = x[routing.tokens].to(dtype)  # [S, H]
-            grad_a = grouped_outer(low_h, xs, offsets, counts)  # [E, r, H]
-            grad_b = grouped_outer(d_hidden, grouped_linear(xs, a, offsets, counts), offsets, counts)  # [E, 2I, r]
+            grad_a = grouped_outer(low_h, xs, routing)  # [E, r, H]
+            grad_b = grouped_outer(d_hidden, grouped_linear(xs, a, routing), routing)  # [E, 2I, r]
             pair = _as_param_grads(grad_a, grad_b, lora["gate_up_proj"])
             grad_lora[2 * i : 2 * i + 2] = [g if want_lora[2 * i + j] else None for j, g in enumerate(pair)]
     grad_x = _unsort_sum(dxs, routing, num_tokens).to(x.dtype) if dxs is not None else None
@@ -260,11 +268,11 @@ class SavedPass:
         per_chunk = [t for _, r, hidden in self.chunks for t in (r.order, r.tokens, r.inverse, r.offsets, hidden)]
         return [self.x, self.top_k_weights, *per_chunk]
 
-    def layout(self) -> list[tuple[slice, list[int]]]:
-        return [(span, routing.counts) for span, routing, _ in self.chunks]
+    def layout(self) -> list[tuple[slice, list[int] | None]]:
+        return [(span, routing._counts) for span, routing, _ in self.chunks]
 
     @staticmethod
-    def rebuild(layout: list[tuple[slice, list[int]]], tensors: Sequence[Tensor]) -> "SavedPass":
+    def rebuild(layout: list[tuple[slice, list[int] | None]], tensors: Sequence[Tensor]) -> "SavedPass":
         x, weights, *rest = tensors
         chunks = []
         for i, (span, counts) in enumerate(layout):
@@ -277,8 +285,7 @@ class PassExecutor:
     """The structure of a routed-experts pass, shared by every target; subclasses say where it runs (`device`), in
     which token chunks, with which copy of the weights, and what to do once its kernels are queued (`done`).
 
-    Forward: route every chunk first (the host syncs happen before any wait for streamed weights), then get the
-    weights and run. Backward: get the weights again and differentiate each chunk from its saved `hidden`."""
+    Forward: route every chunk first (before any wait for streamed weights), then get the weights and run. Backward: get the weights again and differentiate each chunk from its saved `hidden`."""
 
     def device(self, module: "HostExperts") -> torch.device:
         return module.compute_device
