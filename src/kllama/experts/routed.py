@@ -268,16 +268,16 @@ class SavedPass:
         per_chunk = [t for _, r, hidden in self.chunks for t in (r.order, r.tokens, r.inverse, r.offsets, hidden)]
         return [self.x, self.top_k_weights, *per_chunk]
 
-    def layout(self) -> list[tuple[slice, list[int] | None]]:
-        return [(span, routing._counts) for span, routing, _ in self.chunks]
+    def layout(self) -> list[slice]:
+        return [span for span, _, _ in self.chunks]
 
     @staticmethod
-    def rebuild(layout: list[tuple[slice, list[int] | None]], tensors: Sequence[Tensor]) -> "SavedPass":
+    def rebuild(layout: list[slice], tensors: Sequence[Tensor]) -> "SavedPass":
         x, weights, *rest = tensors
         chunks = []
-        for i, (span, counts) in enumerate(layout):
+        for i, span in enumerate(layout):
             order, tokens, inverse, offsets, hidden = rest[5 * i : 5 * i + 5]
-            chunks.append((span, Routing(order, tokens, inverse, offsets, counts), hidden))
+            chunks.append((span, Routing(order, tokens, inverse, offsets), hidden))
         return SavedPass(x, weights, chunks)
 
 
