@@ -12,6 +12,7 @@ import time
 import torch
 
 from kllama.experts.cpu_compute import intra_op_threads
+from kllama.experts.pinned import host_empty
 from kllama.experts.routed import experts_backward, experts_forward, route
 
 NEVER = 1 << 62  # "always use the CPU" (no CUDA device, or the CPU is faster at any size)
@@ -54,7 +55,7 @@ def cpu_pass_seconds(num_tokens: int, gate_up: torch.Tensor, down: torch.Tensor,
 def copy_seconds(layer_bytes: int, device: torch.device) -> float:
     """Time to copy `layer_bytes` from pinned host memory to `device`, from a probe of at most 256 MiB."""
     probe = min(layer_bytes, _COPY_PROBE_BYTES)
-    host = torch.empty(probe, dtype=torch.uint8).pin_memory()
+    host = host_empty(probe, torch.uint8, pin=True)  # not torch's pin_memory(): its cache would keep it pinned
     dev = torch.empty(probe, dtype=torch.uint8, device=device)
     dev.copy_(host, non_blocking=True)  # warm-up
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

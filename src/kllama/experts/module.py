@@ -28,10 +28,11 @@ from kllama.experts.stream import DeviceExecutor, ExpertStreamer
 _EXECUTORS = {"cpu": CpuExecutor(), "stream": DeviceExecutor(stream=True), "gpu": DeviceExecutor(stream=False)}
 
 
-def to_host(tensor: Tensor) -> Tensor:
-    """`tensor` as a contiguous host tensor, pinned when CUDA is available (pinned copies run ~3x faster)."""
+def to_host(tensor: Tensor, *, pin: bool) -> Tensor:
+    """`tensor` as a contiguous host tensor, pinned when `pin` and CUDA is available (pinned copies run ~3x faster;
+    a CPU compute device never copies from host memory, so pinning there would only cost a second copy)."""
     host = tensor.detach()
-    if torch.cuda.is_available() and not (host.device.type == "cpu" and host.is_pinned()):
+    if pin and torch.cuda.is_available() and not (host.device.type == "cpu" and host.is_pinned()):
         return pinned_copy(host)  # exact-size pinning: torch's pin_memory() rounds up to a power of two
     return host.to("cpu").contiguous()
 
@@ -88,8 +89,9 @@ class HostExperts(nn.Module):
         self.placement = placement
         self.name = name
         self.compute_device = compute_device
-        self._gate_up = to_host(gate_up)
-        self._down = to_host(down)
+        pin = compute_device.type == "cuda"
+        self._gate_up = to_host(gate_up, pin=pin)
+        self._down = to_host(down, pin=pin)
         self._resident: tuple[Tensor, Tensor] | None = None
         self.streamer: ExpertStreamer | None = None
         self.forced_target: Target | None = None

@@ -1,10 +1,30 @@
-"""Page-locked host memory without torch's power-of-two rounding (routed experts are tens of GB)."""
+"""Host memory for routed experts: exact-size, never inherited by forked children, page-locked when CUDA exists.
+
+Why not `numpy.empty` / `torch.empty(pin_memory=True)`:
+
+* torch's caching host allocator rounds every pinned block up to a power of two (a 1.1 GB expert layer pins 2.1 GB),
+  so the memory is allocated here and registered with `cudaHostRegister` for exactly its size.
+* Linux copies DMA-pinned anonymous pages *eagerly* when the process forks (since 5.8/5.9 `fork()` gives the child
+  its own copy of every page that may be pinned, instead of sharing it copy-on-write, so a later write cannot break
+  the DMA mapping). A training process that holds 29 GB of pinned experts and starts 4 DataLoader workers or a
+  16-process `datasets.map` would copy 29 GB into each child and be OOM-killed. So every buffer is an anonymous
+  `mmap` marked `MADV_DONTFORK`: children simply do not get the mapping (they never touch experts), nothing is
+  copied, and the parent's RSS is all there is. The same path is used with and without CUDA (only the registration
+  is CUDA-only), so CPU runs and tests exercise exactly what GPU runs do.
+"""
 from __future__ import annotations
 
+import mmap
+import weakref
+
+import numpy as np
 import torch
 from torch import Tensor
 
 from kllama.errors import KllamaError
+
+# Linux/Android have MADV_DONTFORK; elsewhere (macOS, Windows) fork() of a pinned process is not the problem above.
+_DONTFORK: int | None = getattr(mmap, "MADV_DONTFORK", None)
 
 
 def _unregister(ptr: int) -> None:
@@ -15,32 +35,42 @@ def _unregister(ptr: int) -> None:
         pass
 
 
+def dontfork_buffer(nbytes: int) -> mmap.mmap:
+    """A private anonymous, page-aligned, zero-filled mapping of `nbytes` that forked children do not inherit."""
+    if hasattr(mmap, "MAP_ANONYMOUS"):
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    else:  # Windows: no fork, no flags
+        buf = mmap.mmap(-1, nbytes)
+    if _DONTFORK is not None:
+        buf.madvise(_DONTFORK)
+    return buf
+
+
 def host_empty(numel: int, dtype: torch.dtype, *, pin: bool) -> Tensor:
-    """An uninitialised 1-D host tensor, page-locked for fast host->GPU copies when `pin` and CUDA is available.
+    """A 1-D host tensor of `numel` elements (zero-filled) in a `dontfork_buffer`, page-locked for fast
+    host->GPU copies when `pin` and CUDA is available.
 
-    Not `torch.empty(pin_memory=True)`: torch's caching host allocator rounds every block up to a power of two,
-    which for a 1.1 GB expert layer pins 2.1 GB. Here the memory is a plain allocation owned by a numpy array and
-    registered with `cudaHostRegister` for exactly its size, then unregistered when the last tensor using it dies.
+    The tensor keeps the mapping alive; the registration is undone when the last tensor using it dies.
     """
-    if not (pin and torch.cuda.is_available()):
-        return torch.empty(numel, dtype=dtype)
-    import weakref
-
-    import numpy as np
-
     nbytes = numel * dtype.itemsize
-    raw = np.empty(nbytes, dtype=np.uint8)
-    ptr = raw.ctypes.data
-    err = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
-    if err != 0:
-        raise KllamaError(f"could not pin {nbytes / 2**30:.2f} GiB of host memory for routed experts (CUDA error "
-                          f"{err}); raise the locked-memory limit (ulimit -l) or free host RAM")
-    weakref.finalize(raw, _unregister, ptr).atexit = False
+    if nbytes == 0:
+        return torch.empty(0, dtype=dtype)
+    # tensor -> numpy array -> mmap: the array dies first (clearing its weakrefs, so the registration is undone
+    # while the pages are still mapped), then the mapping is unmapped.
+    raw = np.frombuffer(dontfork_buffer(nbytes), dtype=np.uint8)
+    if pin and torch.cuda.is_available():
+        ptr = raw.ctypes.data
+        err = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
+        if err != 0:
+            raise KllamaError(f"could not pin {nbytes / 2**30:.2f} GiB of host memory for routed experts (CUDA "
+                              f"error {err}); raise the locked-memory limit (ulimit -l) or free host RAM")
+        weakref.finalize(raw, _unregister, ptr).atexit = False
     return torch.from_numpy(raw).view(dtype)
 
 
 def pinned_copy(tensor: Tensor) -> Tensor:
-    """A contiguous host copy of `tensor` in exactly-sized pinned memory (plain memory without CUDA)."""
+    """A contiguous host copy of `tensor` in an exactly-sized, fork-safe buffer (pinned when CUDA is available)."""
     out = host_empty(tensor.numel(), tensor.dtype, pin=True).view(tensor.shape)
     out.copy_(tensor)
     return out
