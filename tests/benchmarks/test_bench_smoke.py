@@ -79,3 +79,23 @@ def test_cpu_gemv_probe_runs_small(tmp_path: Path) -> None:
     assert {row["variant"] for row in rows} >= {"x @ W.T (bf16)", "engine cpu layer pass, 1 token"}
     assert all(row["GB_per_s"] > 0 for row in rows)
     assert "GB/s" in log
+
+
+def test_user_path_runs_the_cli_on_a_tiny_model(tmp_path: Path) -> None:
+    """benchmarks/user_path.py drives the real CLI (train on the example YAML, then the API with the openai client)
+    and records per-step tokens/s and the whole process tree's peak memory."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    env.pop("OUT", None)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "user_path.py"), "--tiny", "--work", str(tmp_path / "work"),
+         "--phases", "write,data,train,api", "--pairs", "16", "--pair-tokens", "120", "--set", "max_steps=2",
+         "--set", "logging_steps=1", "--set", "dataloader_num_workers=0", "--max-tokens", "4",
+         "--concurrency", "2", "--out-dir", str(tmp_path / "results")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    result = _only_json(tmp_path / "results")
+    train = result["phases"]["train"]
+    assert train["exit_code"] == 0 and train["peak_host_gb"] > 0
+    assert [s["step"] for s in train["steps"]] == [1, 2] and all(s["tokens_per_second"] > 0 for s in train["steps"])
+    api = result["phases"]["api"]
+    assert api["concurrent"] == 2 and api["aggregate_tok_s"] > 0 and api["single_stream"]["chunks"] >= 1

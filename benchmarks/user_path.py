@@ -1,0 +1,386 @@
+"""The path a user takes, as a benchmark: `kllama train` on the shipped example YAML, then chat, api and export.
+
+    PYTHONPATH=src python benchmarks/user_path.py --model v2lite --work /tmp/kllama_user_path \
+        --set max_gpu_memory=24GB
+
+Nothing here calls kllama's Python API for the measured work: every phase runs the `kllama` CLI in a subprocess,
+exactly as a user types it, with the example YAML verbatim and only paths overridden (`model_name_or_path`,
+`dataset_dir`, `output_dir`, `adapter_name_or_path`, `export_dir`) plus the `--set` overrides named on the command
+line (recorded in the JSON). Phases (`--phases`, default all):
+
+* `write`  -- a full-size hub-layout checkpoint with random weights (`kllama.model.tiny.write_tiny_model` with the
+  real config's shapes), written once and reused while its directory exists;
+* `data`   -- a `dpo_en_demo`-shaped dataset (300 sharegpt ranking pairs, ~1,000 tokens a pair, lengths spread like a
+  real preference set) in a fresh `dataset_dir`;
+* `train`  -- the example train YAML; host RSS of the whole process tree (parent + data-loader and tokenizer workers)
+  sampled every 0.25 s; tokens/s, peak GPU and host per logged step from `trainer_state.json`;
+* `chat`   -- the example inference YAML, one prompt piped on stdin: load time + answer time;
+* `api`    -- the same YAML served by `kllama api` on 127.0.0.1; the official `openai` client sends one warm-up and
+  then `--concurrency` concurrent streaming requests of `--max-tokens` tokens: time to first token, decode tok/s;
+* `export` -- the example merge YAML: merge the adapter into the base and write it (skipped when the disk lacks the
+  space for a second copy of the model).
+
+Writes `results/user_path_<model>_<date>.json` (and a copy under `$OUT`) and prints one table.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import FULL_SHAPES, environment, format_table, log, write_results  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES: dict[str, dict[str, str]] = {
+    "v2lite": {
+        "train": "examples/train_lora/deepseek2_lora_dpo_kt.yaml",
+        "infer": "examples/inference/deepseek2_lora_dpo_kt.yaml",
+        "export": "examples/merge_lora/deepseek2_lora_dpo.yaml",
+    },
+    "qwen3-30b": {
+        "train": "examples/train_lora/qwen3moe_lora_dpo_kt.yaml",
+        "infer": "examples/inference/deepseek2_lora_dpo_kt.yaml",
+        "export": "examples/merge_lora/deepseek2_lora_dpo.yaml",
+    },
+}
+PHASES = ("write", "data", "train", "chat", "api", "export")
+PROMPT = "Explain in two sentences why the sky is blue."
+
+COLUMNS = (
+    ("phase", "phase", "{}"),
+    ("wall_s", "wall s", "{:.1f}"),
+    ("tokens_per_s", "tok/s", "{}"),
+    ("peak_gpu_gb", "peak GPU GB", "{}"),
+    ("peak_host_gb", "peak host GB (tree)", "{:.1f}"),
+    ("note", "note", "{}"),
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=tuple(EXAMPLES), default="v2lite")
+    p.add_argument("--work", type=Path, default=Path("/tmp/kllama_user_path"), help="model, data and outputs")
+    p.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {'|'.join(PHASES)}")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="extra key=value for train (repeatable), e.g. max_gpu_memory=24GB")
+    p.add_argument("--infer-set", dest="infer_overrides", action="append", default=[],
+                   help="extra key=value for chat/api (repeatable)")
+    p.add_argument("--pairs", type=int, default=300, help="preference pairs in the generated dataset")
+    p.add_argument("--pair-tokens", type=int, default=1000, help="mean tokens of one pair (chosen + rejected)")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
+    p.add_argument("--tag", default="", help="suffix for the JSON name")
+    p.add_argument("--out-dir", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- process tree memory
+class TreeMemory:
+    """Samples the resident set size of a process and all its descendants every `interval` s (psutil)."""
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        import psutil
+
+        self._root = psutil.Process(pid)
+        self.interval = interval
+        self.peak_total_gb = 0.0
+        self.peak_root_gb = 0.0
+        self.peak_children = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                procs = [self._root] + self._root.children(recursive=True)
+                rss = []
+                for proc in procs:
+                    try:
+                        rss.append(proc.memory_info().rss)
+                    except psutil.Error:
+                        rss.append(0)
+                self.peak_root_gb = max(self.peak_root_gb, rss[0] / 1e9)
+                self.peak_total_gb = max(self.peak_total_gb, sum(rss) / 1e9)
+                self.peak_children = max(self.peak_children, len(procs) - 1)
+            except psutil.Error:
+                pass
+            self._stop.wait(self.interval)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return {"peak_host_gb": self.peak_total_gb, "peak_parent_host_gb": self.peak_root_gb,
+                "max_child_processes": self.peak_children}
+
+
+def kllama_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kllama", *args]
+
+
+def run_cli(args: list[str], log_path: Path, *, stdin: str | None = None, env: dict[str, str] | None = None,
+            ) -> dict[str, Any]:
+    """Run one kllama command, echoing its output to ours and to `log_path`; returns exit code, wall, memory."""
+    log(f"$ {' '.join(args)}")
+    start = time.perf_counter()
+    with open(log_path, "w") as sink:
+        proc = subprocess.Popen(args, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                                env={**os.environ, **(env or {})})
+        memory = TreeMemory(proc.pid)
+        if stdin is not None:
+            proc.stdin.write(stdin)
+            proc.stdin.close()
+        for line in proc.stdout:
+            sink.write(line)
+            if "\r" not in line:  # progress bars are in the log file, not on our screen
+                print("  | " + line.rstrip(), flush=True)
+        code = proc.wait()
+    result = {"exit_code": code, "wall_s": time.perf_counter() - start, **memory.stop(), "log": log_path.name}
+    if code < 0:
+        result["note"] = f"killed by signal {signal.Signals(-code).name}"
+    return result
+
+
+# ----------------------------------------------------------------------------- phases
+def write_model(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    """A full-size (or --tiny) hub-layout checkpoint with random weights, reused while it exists."""
+    import torch
+
+    from kllama.model.tiny import write_tiny_model
+
+    marker = model_dir / ".complete"
+    if marker.exists():
+        return {"wall_s": 0.0, "note": "reused"}
+    shutil.rmtree(model_dir, ignore_errors=True)
+    arch, fields = FULL_SHAPES[args.model]
+    fields = {} if args.tiny else fields  # --tiny: the family's tiny shapes
+    start = time.perf_counter()
+    write_tiny_model(model_dir, arch, dtype=torch.bfloat16, **fields)
+    marker.write_text("ok\n")
+    return {"wall_s": time.perf_counter() - start}
+
+
+def checkpoint_gb(model_dir: Path) -> float:
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 1e9
+
+
+def write_dataset(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
+    """`dpo_en_demo` in LLaMA-Factory's sharegpt ranking format: `--pairs` pairs whose lengths spread around
+    `--pair-tokens` (prompt ~20 %, each answer ~40 %), drawn from kllama's bundled English corpus."""
+    corpus_path = REPO / "src" / "kllama" / "resources" / "tokenizer_corpus.txt"
+    words = corpus_path.read_text().split()
+    rng = random.Random(0)
+
+    def text(n_words: int) -> str:
+        start = rng.randrange(0, max(1, len(words) - n_words))
+        return " ".join(words[start:start + n_words])
+
+    rows = []
+    words_per_token = 0.75  # English words per BPE token, roughly
+    for _ in range(args.pairs):
+        pair_words = max(30, int(rng.lognormvariate(0, 0.45) * args.pair_tokens * words_per_token))
+        prompt, answer = max(5, pair_words // 5), max(10, pair_words * 2 // 5)
+        rows.append({
+            "conversations": [{"from": "human", "value": text(prompt)}],
+            "chosen": {"from": "gpt", "value": text(answer)},
+            "rejected": {"from": "gpt", "value": text(int(answer * rng.uniform(0.6, 1.4)))},
+        })
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "dpo_en_demo.json").write_text(json.dumps(rows))
+    info = {"dpo_en_demo": {"file_name": "dpo_en_demo.json", "formatting": "sharegpt", "ranking": True,
+                            "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}}}
+    (data_dir / "dataset_info.json").write_text(json.dumps(info, indent=2))
+    return {"wall_s": 0.0, "pairs": len(rows)}
+
+
+def train(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, Any]:
+    out = paths["train_out"]
+    cmd = kllama_cmd("train", EXAMPLES[args.model]["train"], f"model_name_or_path={paths['model']}",
+                     f"dataset_dir={paths['data']}", f"output_dir={out}", *args.overrides)
+    result = run_cli(cmd, paths["logs"] / "train.log")
+    state_path = out / "trainer_state.json"
+    if state_path.exists():
+        history = json.loads(state_path.read_text())["log_history"]
+        steps = [h for h in history if "tokens_per_second" in h]
+        result["steps"] = [{k: h.get(k) for k in ("step", "loss", "tokens_per_second", "peak_gpu_memory_gb",
+                                                   "peak_host_memory_gb", "grad_norm")} for h in steps]
+        rates = [h["tokens_per_second"] for h in steps]
+        if rates:
+            # the first logged window includes warm-up (first copies, allocator growth): report it apart
+            steady = rates[1:] or rates
+            result["tokens_per_s"] = f"{min(steady):,.0f}-{max(steady):,.0f}"
+            result["tokens_per_s_median"] = sorted(steady)[len(steady) // 2]
+            result["first_window_tokens_per_s"] = rates[0]
+            result["peak_gpu_gb"] = max(h.get("peak_gpu_memory_gb") or 0 for h in steps) or None
+        final = [h for h in history if "train_runtime" in h]
+        if final:
+            result["train_runtime_s"] = final[-1]["train_runtime"]
+    result["host_rss_over_checkpoint"] = result["peak_host_gb"] / max(checkpoint_gb(paths["model"]), 1e-9)
+    return result
+
+
+def infer_overrides(args: argparse.Namespace, paths: dict[str, Path]) -> list[str]:
+    return [f"model_name_or_path={paths['model']}", f"adapter_name_or_path={paths['train_out']}",
+            *args.infer_overrides]
+
+
+def chat(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, Any]:
+    cmd = kllama_cmd("chat", EXAMPLES[args.model]["infer"], *infer_overrides(args, paths),
+                     f"max_new_tokens={args.max_tokens}")
+    return run_cli(cmd, paths["logs"] / "chat.log", stdin=PROMPT + "\n")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> float:
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"kllama api exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return time.perf_counter() - start
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"kllama api not ready after {timeout:.0f} s")
+
+
+async def _one_stream(client: Any, model: str, max_tokens: int) -> dict[str, float]:
+    start = time.perf_counter()
+    first = None
+    chunks = 0
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=max_tokens, temperature=0,
+        stream=True, extra_body={"ignore_eos": True})
+    async for event in stream:
+        if event.choices and event.choices[0].delta.content:
+            chunks += 1
+            if first is None:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    ttft = (first or end) - start
+    return {"ttft_s": ttft, "chunks": chunks, "total_s": end - start,
+            "decode_tok_s": (chunks - 1) / max(end - (first or end), 1e-9) if chunks > 1 else 0.0}
+
+
+async def _drive(base_url: str, n: int, max_tokens: int) -> dict[str, Any]:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url + "/v1", api_key="user-path", timeout=600, max_retries=0)
+    model = (await client.models.list()).data[0].id
+    warm = await _one_stream(client, model, max_tokens)
+    start = time.perf_counter()
+    results = await asyncio.gather(*[_one_stream(client, model, max_tokens) for _ in range(n)])
+    wall = time.perf_counter() - start
+    ttfts = sorted(r["ttft_s"] for r in results)
+    await client.close()
+    return {"single_stream": warm, "concurrent": n, "concurrent_wall_s": wall,
+            "aggregate_tok_s": sum(r["chunks"] for r in results) / wall,
+            "ttft_p50_s": ttfts[len(ttfts) // 2], "ttft_max_s": ttfts[-1],
+            "per_stream_decode_tok_s": sorted(r["decode_tok_s"] for r in results)}
+
+
+def api(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, Any]:
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = kllama_cmd("api", EXAMPLES[args.model]["infer"], *infer_overrides(args, paths))
+    log(f"$ API_PORT={port} API_KEY=user-path {' '.join(cmd)}")
+    log_path = paths["logs"] / "api.log"
+    start = time.perf_counter()
+    with open(log_path, "w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO,
+                                env={**os.environ, "API_PORT": str(port), "API_HOST": "127.0.0.1",
+                                     "API_KEY": "user-path"})
+        memory = TreeMemory(proc.pid)
+        try:
+            ready_s = _wait_healthy(base, proc, timeout=480)
+            result: dict[str, Any] = {"ready_s": ready_s}
+            result.update(asyncio.run(_drive(base, args.concurrency, args.max_tokens)))
+        except Exception as exc:  # noqa: BLE001 - recorded in the JSON, the run goes on
+            result = {"note": f"failed: {exc}"}
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    result.update(memory.stop(), wall_s=time.perf_counter() - start, exit_code=proc.returncode, log=log_path.name)
+    if "aggregate_tok_s" in result:
+        single = result["single_stream"]
+        result["tokens_per_s"] = (f"{single['decode_tok_s']:.1f} x1, {result['aggregate_tok_s']:.1f} "
+                                  f"x{args.concurrency}")
+        result.setdefault("note", f"TTFT 1 stream {single['ttft_s']:.2f} s; p50 x{args.concurrency} "
+                                  f"{result['ttft_p50_s']:.2f} s")
+    return result
+
+
+def export(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, Any]:
+    need = checkpoint_gb(paths["model"]) * 1.05e9
+    target = paths["export"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(target.parent).free < need:
+        return {"wall_s": 0.0, "note": f"skipped: {target.parent} has less than {need / 1e9:.0f} GB free"}
+    cmd = kllama_cmd("export", EXAMPLES[args.model]["export"], f"model_name_or_path={paths['model']}",
+                     f"adapter_name_or_path={paths['train_out']}", f"export_dir={target}")
+    result = run_cli(cmd, paths["logs"] / "export.log")
+    result["export_gb"] = checkpoint_gb(target) if target.exists() else None
+    shutil.rmtree(target, ignore_errors=True)  # the disk holds one full-size model at a time
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    phases = [p for p in args.phases.split(",") if p]
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        raise SystemExit(f"unknown phase(s) {sorted(unknown)}; choose from {', '.join(PHASES)}")
+    work = args.work.resolve()
+    logs = Path(os.environ["OUT"]) if os.environ.get("OUT") else work / "logs"
+    paths = {"model": work / f"model_{args.model}{'_tiny' if args.tiny else ''}", "data": work / "data",
+             "train_out": work / "saves" / f"{args.model}_dpo", "export": work / "export", "logs": logs}
+    logs.mkdir(parents=True, exist_ok=True)
+    actions = {"write": lambda: write_model(args, paths["model"]), "data": lambda: write_dataset(args, paths["data"]),
+               "train": lambda: train(args, paths), "chat": lambda: chat(args, paths),
+               "api": lambda: api(args, paths), "export": lambda: export(args, paths)}
+    result: dict[str, Any] = {"model": args.model, "tiny": args.tiny, "train_overrides": args.overrides,
+                              "infer_overrides": args.infer_overrides, "environment": environment(), "phases": {}}
+    stem = f"user_path_{args.model}{'_tiny' if args.tiny else ''}{'_' + args.tag if args.tag else ''}"
+    for phase in phases:
+        log(f"phase {phase}")
+        result["phases"][phase] = actions[phase]()
+        if paths["model"].exists():
+            result["checkpoint_gb"] = checkpoint_gb(paths["model"])
+        write_results(result, stem, args.out_dir)  # after every phase: a run cut short keeps what it measured
+    rows = [{"phase": name, **{k: v for k, v in data.items() if k != "steps"}}
+            for name, data in result["phases"].items()]
+    print(format_table(rows, COLUMNS), flush=True)
+    failed = [name for name, data in result["phases"].items() if data.get("exit_code") not in (None, 0)]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
