@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pair-tokens", type=int, default=1000, help="mean tokens of one pair (chosen + rejected)")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--export-dir", type=Path, default=None,
+                   help="where `export` writes the merged model (default <work>/export; e.g. /dev/shm/export when the "
+                        "disk holds only one full-size model); removed afterwards")
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
     p.add_argument("--tag", default="", help="suffix for the JSON name")
     p.add_argument("--out-dir", type=Path, default=None)
@@ -129,6 +132,11 @@ class TreeMemory:
         self._thread.join()
         return {"peak_host_gb": self.peak_total_gb, "peak_parent_host_gb": self.peak_root_gb,
                 "max_child_processes": self.peak_children}
+
+
+def log_file(args: argparse.Namespace, paths: dict[str, Path], phase: str) -> Path:
+    """Where a phase's output goes (`$OUT` on the GPU box), tagged so several runs do not overwrite each other."""
+    return paths["logs"] / f"{args.tag + '_' if args.tag else ''}{phase}.log"
 
 
 def kllama_cmd(*args: str) -> list[str]:
@@ -215,7 +223,7 @@ def train(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, Any]:
     out = paths["train_out"]
     cmd = kllama_cmd("train", EXAMPLES[args.model]["train"], f"model_name_or_path={paths['model']}",
                      f"dataset_dir={paths['data']}", f"output_dir={out}", *args.overrides)
-    result = run_cli(cmd, paths["logs"] / "train.log")
+    result = run_cli(cmd, log_file(args, paths, "train"))
     state_path = out / "trainer_state.json"
     if state_path.exists():
         history = json.loads(state_path.read_text())["log_history"]
@@ -245,7 +253,7 @@ def infer_overrides(args: argparse.Namespace, paths: dict[str, Path]) -> list[st
 def chat(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, Any]:
     cmd = kllama_cmd("chat", EXAMPLES[args.model]["infer"], *infer_overrides(args, paths),
                      f"max_new_tokens={args.max_tokens}")
-    return run_cli(cmd, paths["logs"] / "chat.log", stdin=PROMPT + "\n")
+    return run_cli(cmd, log_file(args, paths, "chat"), stdin=PROMPT + "\n")
 
 
 def _free_port() -> int:
@@ -309,7 +317,7 @@ def api(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, Any]:
     base = f"http://127.0.0.1:{port}"
     cmd = kllama_cmd("api", EXAMPLES[args.model]["infer"], *infer_overrides(args, paths))
     log(f"$ API_PORT={port} API_KEY=user-path {' '.join(cmd)}")
-    log_path = paths["logs"] / "api.log"
+    log_path = log_file(args, paths, "api")
     start = time.perf_counter()
     with open(log_path, "w") as sink:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO,
@@ -346,7 +354,7 @@ def export(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, Any]:
         return {"wall_s": 0.0, "note": f"skipped: {target.parent} has less than {need / 1e9:.0f} GB free"}
     cmd = kllama_cmd("export", EXAMPLES[args.model]["export"], f"model_name_or_path={paths['model']}",
                      f"adapter_name_or_path={paths['train_out']}", f"export_dir={target}")
-    result = run_cli(cmd, paths["logs"] / "export.log")
+    result = run_cli(cmd, log_file(args, paths, "export"))
     result["export_gb"] = checkpoint_gb(target) if target.exists() else None
     shutil.rmtree(target, ignore_errors=True)  # the disk holds one full-size model at a time
     return result
@@ -361,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work.resolve()
     logs = Path(os.environ["OUT"]) if os.environ.get("OUT") else work / "logs"
     paths = {"model": work / f"model_{args.model}{'_tiny' if args.tiny else ''}", "data": work / "data",
-             "train_out": work / "saves" / f"{args.model}_dpo", "export": work / "export", "logs": logs}
+             "train_out": work / "saves" / f"{args.model}_dpo", "export": args.export_dir or work / "export",
+             "logs": logs}
     logs.mkdir(parents=True, exist_ok=True)
     actions = {"write": lambda: write_model(args, paths["model"]), "data": lambda: write_dataset(args, paths["data"]),
                "train": lambda: train(args, paths), "chat": lambda: chat(args, paths),
