@@ -31,6 +31,7 @@ from kllama.experts.families import find_expert_modules
 from kllama.experts.module import HostExperts
 from kllama.experts.pinned import host_empty
 from kllama.experts.placement import ExpertPlacement
+from kllama.model.load import compute_device  # noqa: F401 - the one device choice, re-exported for the scripts
 
 INIT_STD = 0.02
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -67,11 +68,6 @@ def log(message: str) -> None:
     """Print a progress line with wall time since start, flushed (a run killed at the time limit still shows it)."""
     stamp = _dt.datetime.now().strftime("%H:%M:%S")
     print(f"[{stamp} +{time.perf_counter() - _T0:7.1f}s] {message}", flush=True)
-
-
-def compute_device() -> torch.device:
-    """The CUDA device when there is one, else the CPU (smoke tests)."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def model_config(model: str, *, tiny: bool, layers: int | None) -> PretrainedConfig:

@@ -216,7 +216,7 @@ def place_experts(lm: nn.Module, modules: dict, mode: str, args: argparse.Namesp
                   ) -> tuple[Any, dict[str, Any]]:
     """Give every MoE layer placement `mode`, rewire the engine (fresh traced streamer; `auto` measures its
     crossover and promotes layers to resident within the cap) and make `gpu` layers resident."""
-    from kllama.model.load import promote_resident_layers
+    from kllama.model.engine_setup import promote_resident_layers
 
     for module in modules.values():
         module.drop_resident()

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from kllama.experts import ExpertPlacement, ExpertStreamer, HostExperts, add_expert_lora, install_expert_engine
+from kllama.experts import ExpertLoraSet, ExpertPlacement, ExpertStreamer, HostExperts, install_expert_engine
 from kllama.experts.lora import ExpertLoRA
 from kllama.model.tiny import build_tiny_model
 
@@ -111,7 +111,7 @@ def test_streamed_layers_under_activation_checkpointing_match_stock(reentrant: b
 def test_gpu_expert_lora_grads_match_cpu_target(mode: str) -> None:
     model = build_tiny_model("deepseek_v2", seed=0, dtype=torch.bfloat16).cuda()
     engine = install_expert_engine(model, lambda n: ExpertPlacement.from_mode(mode), "cuda")
-    add_expert_lora(model, r=8, alpha=16, dtype=torch.bfloat16)  # r=8: grouped_mm-aligned LoRA path
+    ExpertLoraSet(model).add(r=8, alpha=16, dtype=torch.bfloat16)  # r=8: grouped_mm-aligned LoRA path
     with torch.no_grad():
         for m in engine.modules.values():
             for lora in m.lora.values():

@@ -10,15 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import save_file
 
 from kllama.errors import KllamaError
-from kllama.experts import (
-    ExpertPlacement,
-    add_expert_lora,
-    expert_lora_disabled,
-    expert_lora_state_dict,
-    install_expert_engine,
-    load_expert_lora,
-    set_expert_lora_enabled,
-)
+from kllama.experts import ExpertLoraSet, ExpertPlacement, install_expert_engine
 from kllama.model.tiny import build_tiny_model
 
 FAMILY_ARCHS = ("deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
@@ -46,7 +38,7 @@ def peft_model(arch: str, dtype: torch.dtype = torch.float32):  # noqa: ANN201
 def our_model(arch: str, dtype: torch.dtype = torch.float32, target: str = "cpu"):  # noqa: ANN201
     model = build_tiny_model(arch, seed=0, dtype=dtype)
     install_expert_engine(model, lambda name: ExpertPlacement.from_mode(target, chunk_size=6), "cpu")
-    add_expert_lora(model, r=R, alpha=ALPHA, seed=0)
+    ExpertLoraSet(model).add(r=R, alpha=ALPHA, seed=0)
     return model
 
 
@@ -62,14 +54,14 @@ def test_expert_lora_matches_peft_target_parameters(arch: str) -> None:
     ref = peft_model(arch)
     ours = our_model(arch)
     peft_state = get_peft_model_state_dict(ref)
-    load_expert_lora(ours, peft_state)  # PEFT's keys and shapes load as they are: same layout
+    ExpertLoraSet(ours).load_state_dict(peft_state)  # PEFT's keys and shapes load as they are: same layout
     logits_ref, grad_ref = forward_backward(ref, torch.float32)
     logits, grad = forward_backward(ours, torch.float32)
     assert rel(logits, logits_ref) < 1e-5
     assert rel(grad, grad_ref) < 1e-5
     # LoRA grads, matched through PEFT's key names
     ref_grads = {n.replace(".default", ""): p.grad for n, p in ref.named_parameters() if "lora_" in n}
-    our_state = expert_lora_state_dict(ours)
+    our_state = ExpertLoraSet(ours).state_dict()
     assert sorted(our_state) == sorted(peft_state)
     for name, module in ours.named_modules():
         for target, lora in getattr(module, "lora", {}).items():
@@ -88,8 +80,8 @@ def test_expert_lora_bf16_is_as_accurate_as_peft() -> None:
     logits_ref, grad_ref = forward_backward(ref, torch.bfloat16)
     ours = build_tiny_model("deepseek_v2", seed=0, dtype=torch.bfloat16)
     install_expert_engine(ours, lambda name: ExpertPlacement.from_mode("cpu"), "cpu")
-    add_expert_lora(ours, r=R, alpha=ALPHA, dtype=torch.bfloat16)  # PEFT keeps the adapter in the weights' dtype
-    load_expert_lora(ours, state)
+    ExpertLoraSet(ours).add(r=R, alpha=ALPHA, dtype=torch.bfloat16)  # PEFT keeps the adapter in the weights' dtype
+    ExpertLoraSet(ours).load_state_dict(state)
     logits, grad = forward_backward(ours, torch.bfloat16)
     assert rel(logits, logits_ref) < 2e-2
     assert rel(grad, grad_ref) < 3e-2
@@ -100,9 +92,9 @@ def test_expert_lora_bf16_is_as_accurate_as_peft() -> None:
 def test_new_lora_is_a_no_op_and_seeded() -> None:
     base = our_model("mixtral")
     again = our_model("mixtral")
-    for (_, a), (_, b) in zip(sorted(expert_lora_state_dict(base).items()), sorted(expert_lora_state_dict(again).items())):
-        assert torch.equal(a, b)
-    a_weights = [v for k, v in expert_lora_state_dict(base).items() if "lora_A" in k]
+    first, second = ExpertLoraSet(base).state_dict(), ExpertLoraSet(again).state_dict()
+    assert sorted(first) == sorted(second) and all(torch.equal(first[k], second[k]) for k in first)
+    a_weights = [v for k, v in ExpertLoraSet(base).state_dict().items() if "lora_A" in k]
     assert all(w.abs().sum() > 0 for w in a_weights)
     stock = build_tiny_model("mixtral", seed=0)
     with torch.no_grad():
@@ -120,14 +112,14 @@ def test_lora_disabled_equals_base_model_and_restores() -> None:
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     with torch.no_grad():
         with_lora = ours(ids).logits
-        with expert_lora_disabled(ours):
+        with ExpertLoraSet(ours).disabled():
             without = ours(ids).logits
         after = ours(ids).logits
         base = stock(ids).logits
     assert torch.allclose(without, base, atol=1e-6)
     assert not torch.allclose(with_lora, base, atol=1e-4)
     assert torch.equal(after, with_lora)
-    set_expert_lora_enabled(ours, False)
+    ExpertLoraSet(ours).set_enabled(False)
     with torch.no_grad():
         assert torch.allclose(ours(ids).logits, base, atol=1e-6)
 
@@ -140,7 +132,7 @@ def test_state_dict_round_trip_through_peft_from_pretrained(tmp_path: Path) -> N
                 lora.lora_B.normal_(std=0.5)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    save_file(expert_lora_state_dict(ours), adapter / "adapter_model.safetensors")
+    save_file(ExpertLoraSet(ours).state_dict(), adapter / "adapter_model.safetensors")
     LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[], target_parameters=TARGET_PARAMETERS).save_pretrained(adapter)
     stock = PeftModel.from_pretrained(build_tiny_model("olmoe", seed=0), adapter)
     ids = torch.tensor([[7, 8, 9, 10, 11, 12]])
@@ -148,7 +140,7 @@ def test_state_dict_round_trip_through_peft_from_pretrained(tmp_path: Path) -> N
         assert torch.allclose(stock(ids).logits, ours(ids).logits, atol=1e-5)
     # and back: PEFT's saved state loads into a fresh engine model
     fresh = our_model("olmoe")
-    load_expert_lora(fresh, get_peft_model_state_dict(stock))
+    ExpertLoraSet(fresh).load_state_dict(get_peft_model_state_dict(stock))
     with torch.no_grad():
         assert torch.allclose(fresh(ids).logits, ours(ids).logits, atol=1e-6)
 
@@ -168,19 +160,20 @@ def test_lora_params_train_and_base_weights_stay_frozen() -> None:
 
 def test_lora_errors() -> None:
     model = build_tiny_model("mixtral", seed=0)
-    with pytest.raises(KllamaError, match="install_expert_engine"):
-        add_expert_lora(model, r=4, alpha=8)
+    with pytest.raises(KllamaError, match="expert engine installed first"):
+        ExpertLoraSet(model)
+    assert ExpertLoraSet.of(model) is None
     install_expert_engine(model, lambda n: ExpertPlacement(), "cpu")
     with pytest.raises(KllamaError, match="lora_dropout"):
-        add_expert_lora(model, r=4, alpha=8, dropout=0.1)
+        ExpertLoraSet(model).add(r=4, alpha=8, dropout=0.1)
     with pytest.raises(KllamaError, match="unknown expert LoRA targets"):
-        add_expert_lora(model, r=4, alpha=8, targets=("up_proj",))
-    add_expert_lora(model, r=4, alpha=8)
-    bad = {k: v[:, :2] for k, v in expert_lora_state_dict(model).items()}
+        ExpertLoraSet(model).add(r=4, alpha=8, targets=("up_proj",))
+    ExpertLoraSet(model).add(r=4, alpha=8)
+    bad = {k: v[:, :2] for k, v in ExpertLoraSet(model).state_dict().items()}
     with pytest.raises(KllamaError, match="expected"):
-        load_expert_lora(model, bad)
+        ExpertLoraSet(model).load_state_dict(bad)
     with pytest.raises(KllamaError, match="missing"):
-        load_expert_lora(model, {})
+        ExpertLoraSet(model).load_state_dict({})
 
 
 def test_keys_follow_peft_nesting_whatever_the_target_order() -> None:
@@ -188,12 +181,12 @@ def test_keys_follow_peft_nesting_whatever_the_target_order() -> None:
     peft_keys = sorted(get_peft_model_state_dict(get_peft_model(build_tiny_model("mixtral", seed=0), config)))
     ours = build_tiny_model("mixtral", seed=0)
     install_expert_engine(ours, lambda n: ExpertPlacement(), "cpu")
-    add_expert_lora(ours, r=R, alpha=ALPHA, targets=("down_proj", "gate_up_proj"))
-    assert sorted(expert_lora_state_dict(ours)) == peft_keys
+    ExpertLoraSet(ours).add(r=R, alpha=ALPHA, targets=("down_proj", "gate_up_proj"))
+    assert sorted(ExpertLoraSet(ours).state_dict()) == peft_keys
     only_down = build_tiny_model("mixtral", seed=0)
     install_expert_engine(only_down, lambda n: ExpertPlacement(), "cpu")
-    add_expert_lora(only_down, r=R, alpha=ALPHA, targets=("down_proj",))
+    ExpertLoraSet(only_down).add(r=R, alpha=ALPHA, targets=("down_proj",))
     config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[], target_parameters=["mlp.experts.down_proj"])
     reference = get_peft_model_state_dict(get_peft_model(build_tiny_model("mixtral", seed=0), config))
-    ours_state = expert_lora_state_dict(only_down)
+    ours_state = ExpertLoraSet(only_down).state_dict()
     assert {k: v.shape for k, v in ours_state.items()} == {k: v.shape for k, v in reference.items()}

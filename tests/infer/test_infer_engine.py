@@ -9,8 +9,8 @@ import torch
 
 from kllama.errors import KllamaError
 from kllama.infer.engine import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
-from kllama.infer.loading import warn_template_mismatch
 from kllama.infer.sampling import SamplingParams
+from kllama.model.adapters import check_adapter_templates
 
 MESSAGES = [{"role": "user", "content": "Tell me about the weather today."}]
 
@@ -78,7 +78,7 @@ def test_template_mismatch_warns(engine, moe_adapter, caplog) -> None:  # noqa: 
     config = build_config({"model_name_or_path": "m", "adapter_name_or_path": str(moe_adapter), "template": "deepseek"},
                           command="chat", check_paths=False)
     with caplog.at_level(logging.WARNING):
-        warnings = warn_template_mismatch(config, [moe_adapter])
+        warnings = check_adapter_templates(config.data.template, [moe_adapter])
     assert len(warnings) == 1 and "llama3" in warnings[0] and "deepseek" in warnings[0]
     config = build_config({"model_name_or_path": "m", "template": "llama3"}, command="chat", check_paths=False)
-    assert warn_template_mismatch(config, [moe_adapter]) == []
+    assert check_adapter_templates(config.data.template, [moe_adapter]) == []

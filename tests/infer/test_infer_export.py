@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kllama.cli import main
 from kllama.infer.export import checkpoint_keys, write_merged_checkpoint
-from kllama.infer.loading import merge_adapters
+from kllama.model.adapters import merge_adapters
 
 IDS = torch.tensor([[6, 300, 41, 999, 77, 1500, 12, 640, 88, 2000, 5, 1234]])
 

@@ -15,7 +15,12 @@ from transformers import AutoModelForCausalLM
 from kllama.errors import KllamaError
 from kllama.experts.placement import ExpertPlacement
 from kllama.model.checkpoint import load_expert_layer, scan_checkpoint
-from kllama.model.loader import load_model
+from kllama.model.meta_load import load_checkpoint
+from kllama.model.source import ModelSource, read_model_source
+
+
+def _source(model_dir: Path) -> ModelSource:
+    return read_model_source(model_dir, trust_remote_code=False)
 
 
 def _cpu_placements(names: list[str]) -> dict[str, ExpertPlacement]:
@@ -35,8 +40,8 @@ def test_logits_equal_from_pretrained(tiny_model_dir, arch: str, layout: str) ->
     ids = torch.randint(0, 200, (2, 13), generator=torch.Generator().manual_seed(0))
     want = _reference_logits(model_dir, ids)
     for placements_fn in (None, _cpu_placements):
-        model, engine = load_model(model_dir, placements_fn=placements_fn, compute_device="cpu",
-                                   dtype=torch.float32, trust_remote_code=False, show_progress=False)
+        model, engine = load_checkpoint(_source(model_dir), placements_fn=placements_fn, compute_device="cpu",
+                                   dtype=torch.float32, show_progress=False)
         assert not model.training
         if placements_fn is not None:
             assert set(engine.modules) == set(_cpu_placements(list(engine.modules)))
@@ -57,8 +62,8 @@ def test_sharded_checkpoint_and_tied_embeddings(tiny_model_dir, tmp_path: Path) 
     assert len(set(shards.values())) > 3 and "lm_head.weight" not in shards
     ids = torch.randint(0, 200, (1, 9), generator=torch.Generator().manual_seed(1))
     want = _reference_logits(tmp_path, ids)
-    model, _ = load_model(tmp_path, placements_fn=_cpu_placements, compute_device="cpu", dtype=torch.float32,
-                          trust_remote_code=False, show_progress=False)
+    model, _ = load_checkpoint(_source(tmp_path), placements_fn=_cpu_placements, compute_device="cpu",
+                               dtype=torch.float32, show_progress=False)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=1e-5)
@@ -105,13 +110,13 @@ def _copy_without(src: Path, dst: Path, drop: str) -> Path:
 
 
 def _load(model_dir: Path) -> None:
-    load_model(model_dir, placements_fn=_cpu_placements, compute_device="cpu", dtype=torch.float32,
-               trust_remote_code=False, show_progress=False)
+    load_checkpoint(_source(model_dir), placements_fn=_cpu_placements, compute_device="cpu", dtype=torch.float32,
+               show_progress=False)
 
 
 def test_missing_files_and_keys_are_named(tiny_model_dir, tmp_path: Path) -> None:
     src = tiny_model_dir("mixtral")
-    with pytest.raises(KllamaError, match="nowhere.*does not exist"):
+    with pytest.raises(KllamaError, match="nowhere.* is not a directory; check the path"):
         _load(tmp_path / "nowhere")
     no_norm = _copy_without(src, tmp_path / "no_norm", "model.norm.weight")
     with pytest.raises(KllamaError, match=r"no tensor for 1 model weight.*model\.norm\.weight"):
@@ -128,8 +133,8 @@ def test_missing_files_and_keys_are_named(tiny_model_dir, tmp_path: Path) -> Non
     dense = tiny_model_dir("llama")
     with pytest.raises(KllamaError, match="does not support model_type 'llama'.*use_kt: false"):
         _load(dense)
-    model, engine = load_model(dense, placements_fn=None, compute_device="cpu", dtype=torch.float32,
-                               trust_remote_code=False, show_progress=False)  # dense models load stock
+    model, engine = load_checkpoint(_source(dense), placements_fn=None, compute_device="cpu", dtype=torch.float32,
+                               show_progress=False)  # dense models load stock
     assert engine is None and not any(t.is_meta for t in model.state_dict().values())
 
 
@@ -138,14 +143,15 @@ _RSS_SCRIPT = textwrap.dedent("""
     import psutil, torch
     from kllama.experts.module import HostExperts  # noqa: F401  (import cost belongs to the baseline)
     from kllama.experts.placement import ExpertPlacement
-    from kllama.model.loader import build_meta_model, load_config, load_model
+    from kllama.model.meta_load import build_meta_model, load_checkpoint
+    from kllama.model.source import read_model_source
     model_dir, device = sys.argv[1], sys.argv[2]
     if device == "cuda":
         torch.ones(1, device=device)  # the CUDA context's host memory belongs to the baseline too
-    cfg = load_config(model_dir, trust_remote_code=False)
-    build_meta_model(cfg, dtype=torch.float32, attn_implementation=None, trust_remote_code=False)  # import model code
+    source = read_model_source(model_dir, trust_remote_code=False)
+    build_meta_model(source, dtype=torch.float32, attn_implementation=None)  # import model code
     base = psutil.Process().memory_info().rss
-    model, engine = load_model(model_dir, compute_device=device, dtype=torch.float32, trust_remote_code=False,
+    model, engine = load_checkpoint(source, compute_device=device, dtype=torch.float32,
         placements_fn=lambda names: {n: ExpertPlacement.from_mode("cpu") for n in names}, show_progress=False)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent (pytest) across fork+exec.
     status = dict(line.split(":", 1) for line in open("/proc/self/status"))
@@ -188,8 +194,8 @@ def test_peak_host_memory_stays_near_model_size(tmp_path: Path, device: str) -> 
 def test_bf16_load_keeps_fp32_modules_like_from_pretrained(tiny_model_dir) -> None:
     model_dir = tiny_model_dir("deepseek_v3")  # router's e_score_correction_bias is kept in fp32 by the class
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-    model, _ = load_model(model_dir, placements_fn=None, compute_device="cpu", dtype=torch.bfloat16,
-                          trust_remote_code=False, show_progress=False)
+    model, _ = load_checkpoint(_source(model_dir), placements_fn=None, compute_device="cpu", dtype=torch.bfloat16,
+                          show_progress=False)
     want = {k: v.dtype for k, v in ref.state_dict().items()}
     assert {k: v.dtype for k, v in model.state_dict().items()} == want
     assert want["model.layers.1.mlp.gate.e_score_correction_bias"] == torch.float32
@@ -207,8 +213,8 @@ def test_cuda_load_pins_experts_and_matches_from_pretrained(tiny_model_dir) -> N
     with torch.no_grad():
         want = ref(ids).logits
     modes = {"model.layers.1.mlp.experts": "stream", "model.layers.2.mlp.experts": "cpu"}
-    model, engine = load_model(
-        model_dir, compute_device="cuda", dtype=torch.float32, trust_remote_code=False, show_progress=False,
+    model, engine = load_checkpoint(
+        _source(model_dir), compute_device="cuda", dtype=torch.float32, show_progress=False,
         placements_fn=lambda names: {n: ExpertPlacement.from_mode(modes[n], source="test") for n in names})
     assert all(m.host_weights()[0].is_pinned() and m.host_weights()[1].is_pinned() for m in engine.modules.values())
     assert all(p.is_cuda for n, p in model.named_parameters() if ".experts." not in n)

@@ -20,7 +20,7 @@ def test_precomputed_reference_matches_in_step_reference_for_any_batch_size(tiny
         "use_kt": True, "expert_placement": "cpu", "lora_rank": 4, "precompute_ref_log_probs": True,
         "precompute_ref_batch_size": 5,
     })
-    loaded = load_model(config, dtype=torch.float32)
+    loaded = load_model(config, "train")
     bundle = build_dataset(config.data, loaded.tokenizer, get_template("deepseek", loaded.tokenizer), stage="dpo",
                            seed=0, cache_dir=None)
     f = config.finetuning

@@ -29,12 +29,12 @@ def initial_adapter(model_dir: Path, settings: dict) -> dict[str, torch.Tensor]:
     """The adapter tensors a run starts from (same seed and code path as `kllama train`)."""
     from kllama.config import build_config
     from kllama.model.adapters import adapter_state_dict, attach_lora, resolve_lora_spec
-    from kllama.model.load import load_model, training_dtype
+    from kllama.model.load import load_model
     from transformers import set_seed
 
     config = build_config(dict(settings, model_name_or_path=str(model_dir), output_dir="/nonexistent/x"))
     set_seed(config.training.seed)
-    loaded = load_model(config, dtype=training_dtype(config))
+    loaded = load_model(config, "train")
     f = config.finetuning
     spec = resolve_lora_spec(loaded.model, f.lora_target, f.lora_rank, f.lora_alpha, f.lora_dropout)
     return adapter_state_dict(attach_lora(loaded.model, spec, seed=config.training.seed))
@@ -48,7 +48,7 @@ def engine_logits(model_dir: Path, adapter_dir: Path, ids: torch.Tensor) -> torc
 
     config = build_config({"model_name_or_path": str(model_dir), "use_kt": True, "expert_placement": "cpu"},
                           command="chat")
-    loaded = load_model(config, dtype=torch.float32)
+    loaded = load_model(config, "train")
     model = attach_lora(loaded.model, spec_from_adapter(loaded.model, adapter_dir))
     load_adapter_weights(model, adapter_dir)
     with torch.no_grad():

@@ -44,7 +44,7 @@ def first_step(model_dir: Path, tmp: Path, batch: int, accumulation: int) -> tup
         "use_kt": True, "expert_placement": "cpu", "lora_rank": 4, "seed": 3, "disable_tqdm": True,
     })
     set_seed(3)
-    loaded = load_model(config, dtype=torch.float32)
+    loaded = load_model(config, "train")
     template = get_template("deepseek", loaded.tokenizer)
     bundle = build_dataset(config.data, loaded.tokenizer, template, stage="dpo", seed=3, cache_dir=None)
     f = config.finetuning

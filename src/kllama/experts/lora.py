@@ -56,53 +56,6 @@ def _shapes(module: HostExperts) -> dict[str, tuple[int, int]]:
     }
 
 
-def expert_modules(model: nn.Module) -> dict[str, HostExperts]:
-    """Qualified name -> HostExperts of `model` (empty when the expert engine is not installed)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, HostExperts)}
-
-
-def add_expert_lora(
-    model: nn.Module,
-    r: int,
-    alpha: float,
-    dropout: float = 0.0,
-    targets: Sequence[str] = EXPERT_TARGETS,
-    *,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> list[nn.Parameter]:
-    """Add trainable per-expert LoRA (rank `r`, scaling `alpha/r`) to every HostExperts of `model` and return the new
-    parameters. They live on each module's compute device in `dtype` (fp32 by default, like PEFT's
-    `autocast_adapter_dtype`); A is drawn from a generator seeded with `seed`, B is zero. `dropout` must be 0:
-    dropout cannot be applied to a fused expert weight (PEFT's `target_parameters` refuses it too)."""
-    if dropout:
-        raise KllamaError(
-            f"expert LoRA does not support lora_dropout={dropout} (PEFT's target_parameters cannot either); "
-            "set lora_dropout: 0"
-        )
-    unknown = [t for t in targets if t not in EXPERT_TARGETS]
-    if unknown or not targets:
-        raise KllamaError(f"unknown expert LoRA targets {unknown or list(targets)}; choose from {EXPERT_TARGETS}")
-    if r <= 0:
-        raise KllamaError(f"lora_rank must be a positive integer, got {r}")
-    modules = expert_modules(model)
-    if not modules:
-        raise KllamaError("add_expert_lora needs the expert engine installed first (install_expert_engine)")
-    generator = torch.Generator().manual_seed(seed)
-    params: list[nn.Parameter] = []
-    for module in modules.values():
-        if len(module.lora):
-            raise KllamaError(f"{module.name} already has expert LoRA; load or replace it instead of adding twice")
-        device = module.compute_device
-        for target in targets:
-            in_f, out_f = _shapes(module)[target]
-            lora = ExpertLoRA(module.num_experts, in_f, out_f, r, alpha, device=device, dtype=dtype)
-            lora.reset_parameters(generator)
-            module.lora[target] = lora
-            params += [lora.lora_A, lora.lora_B]
-    return params
-
-
 def _peft_path(name: str) -> str:
     # keys are relative to the bare transformers model; a PEFT wrapper's own prefix is dropped first
     return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
@@ -116,59 +69,96 @@ def _key_prefixes(name: str, targets: Sequence[str]) -> dict[str, str]:
     return {t: base + "." + "base_layer." * (len(ordered) - 1 - i) for i, t in enumerate(ordered)}
 
 
-def expert_lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The expert LoRA tensors under the exact keys `peft.get_peft_model_state_dict` writes for a stock model adapted
-    with `target_parameters=["mlp.experts.<target>", ...]` (CPU copies)."""
-    state: dict[str, Tensor] = {}
-    for name, module in expert_modules(model).items():
-        prefixes = _key_prefixes(name, list(module.lora.keys()))
-        for target, lora in module.lora.items():
-            state[prefixes[target] + "lora_A.weight"] = lora.lora_A.detach().cpu().clone()
-            state[prefixes[target] + "lora_B.weight"] = lora.lora_B.detach().cpu().clone()
-    return state
+class ExpertLoraSet:
+    """The routed-expert LoRA of one model on the expert engine: add it, save and load it under PEFT's keys, and
+    switch it off. Built over every HostExperts of the model (with or without a PEFT wrapper around it)."""
 
+    def __init__(self, model: nn.Module) -> None:
+        self.modules: dict[str, HostExperts] = {n: m for n, m in model.named_modules() if isinstance(m, HostExperts)}
+        if not self.modules:
+            raise KllamaError("expert LoRA needs the expert engine installed first (use_kt: true)")
 
-def load_expert_lora(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
-    """Copy expert LoRA tensors in PEFT's key layout (as written by `expert_lora_state_dict` or PEFT) into the
-    model's ExpertLoRA parameters (added with `add_expert_lora` using the same targets order). Keys that are not
-    expert LoRA are ignored; a missing or mis-shaped expert key raises KllamaError."""
-    problems: list[str] = []
-    for name, module in expert_modules(model).items():
-        if not len(module.lora):
-            raise KllamaError(f"{module.name} has no expert LoRA; call add_expert_lora before load_expert_lora")
-        prefixes = _key_prefixes(name, list(module.lora.keys()))
-        for target, lora in module.lora.items():
-            for part, param in (("lora_A", lora.lora_A), ("lora_B", lora.lora_B)):
-                key = prefixes[target] + part + ".weight"
-                tensor = state_dict.get(key)
-                if tensor is None:
-                    problems.append(f"missing {key}")
-                elif tuple(tensor.shape) != tuple(param.shape):
-                    problems.append(f"{key}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-                else:
-                    with torch.no_grad():
-                        param.copy_(tensor)
-    if problems:
-        raise KllamaError(
-            "the adapter's expert LoRA does not match this model (check lora_rank and the expert targets):\n  "
-            + "\n  ".join(problems)
-        )
+    @classmethod
+    def of(cls, model: nn.Module) -> "ExpertLoraSet | None":
+        """The set of `model`, or None when its routed experts are not on the expert engine."""
+        return cls(model) if any(isinstance(m, HostExperts) for m in model.modules()) else None
 
+    def add(self, r: int, alpha: float, dropout: float = 0.0, targets: Sequence[str] = EXPERT_TARGETS, *,
+            seed: int = 0, dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
+        """Add trainable per-expert LoRA (rank `r`, scaling `alpha/r`) to every HostExperts and return the new
+        parameters. They live on each module's compute device in `dtype` (fp32 by default, like PEFT's
+        `autocast_adapter_dtype`); A is drawn from a generator seeded with `seed`, B is zero. `dropout` must be 0:
+        dropout cannot be applied to a fused expert weight (PEFT's `target_parameters` refuses it too)."""
+        if dropout:
+            raise KllamaError(f"expert LoRA does not support lora_dropout={dropout} (PEFT's target_parameters "
+                              "cannot either); set lora_dropout: 0")
+        unknown = [t for t in targets if t not in EXPERT_TARGETS]
+        if unknown or not targets:
+            raise KllamaError(f"unknown expert LoRA targets {unknown or list(targets)}; choose from {EXPERT_TARGETS}")
+        if r <= 0:
+            raise KllamaError(f"lora_rank must be a positive integer, got {r}")
+        generator = torch.Generator().manual_seed(seed)
+        params: list[nn.Parameter] = []
+        for module in self.modules.values():
+            if len(module.lora):
+                raise KllamaError(f"{module.name} already has expert LoRA; load or replace it instead of adding twice")
+            for target in targets:
+                in_f, out_f = _shapes(module)[target]
+                lora = ExpertLoRA(module.num_experts, in_f, out_f, r, alpha, device=module.compute_device, dtype=dtype)
+                lora.reset_parameters(generator)
+                module.lora[target] = lora
+                params += [lora.lora_A, lora.lora_B]
+        return params
 
-def set_expert_lora_enabled(model: nn.Module, enabled: bool) -> None:
-    """Turn expert LoRA on or off for every HostExperts of `model` (off = the frozen base experts)."""
-    for module in expert_modules(model).values():
-        module.lora_enabled = enabled
+    def state_dict(self) -> dict[str, Tensor]:
+        """The expert LoRA tensors under the exact keys `peft.get_peft_model_state_dict` writes for a stock model
+        adapted with `target_parameters=["mlp.experts.<target>", ...]` (CPU copies)."""
+        state: dict[str, Tensor] = {}
+        for name, module in self.modules.items():
+            prefixes = _key_prefixes(name, list(module.lora.keys()))
+            for target, lora in module.lora.items():
+                state[prefixes[target] + "lora_A.weight"] = lora.lora_A.detach().cpu().clone()
+                state[prefixes[target] + "lora_B.weight"] = lora.lora_B.detach().cpu().clone()
+        return state
 
+    def load_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
+        """Copy expert LoRA tensors in PEFT's key layout (as `state_dict` or PEFT write them) into the LoRA added
+        with `add` (same targets). Keys that are not expert LoRA are ignored; a missing or mis-shaped expert key
+        raises KllamaError listing every problem."""
+        problems: list[str] = []
+        for name, module in self.modules.items():
+            if not len(module.lora):
+                raise KllamaError(f"{module.name} has no expert LoRA; add it before loading an adapter into it")
+            prefixes = _key_prefixes(name, list(module.lora.keys()))
+            for target, lora in module.lora.items():
+                for part, param in (("lora_A", lora.lora_A), ("lora_B", lora.lora_B)):
+                    key = prefixes[target] + part + ".weight"
+                    tensor = state_dict.get(key)
+                    if tensor is None:
+                        problems.append(f"missing {key}")
+                    elif tuple(tensor.shape) != tuple(param.shape):
+                        problems.append(f"{key}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+                    else:
+                        with torch.no_grad():
+                            param.copy_(tensor)
+        if problems:
+            raise KllamaError(
+                "the adapter's expert LoRA does not match this model (check lora_rank and the expert targets):\n  "
+                + "\n  ".join(problems)
+            )
 
-@contextmanager
-def expert_lora_disabled(model: nn.Module) -> Iterator[None]:
-    """Run the block with expert LoRA off (e.g. the DPO reference pass), restoring each module's previous state."""
-    modules = expert_modules(model).values()
-    before = [m.lora_enabled for m in modules]
-    set_expert_lora_enabled(model, False)
-    try:
-        yield
-    finally:
-        for module, enabled in zip(modules, before):
+    def set_enabled(self, enabled: bool) -> None:
+        """Turn expert LoRA on or off in every layer (off = the frozen base experts)."""
+        for module in self.modules.values():
             module.lora_enabled = enabled
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the block with expert LoRA off (e.g. the DPO reference pass), restoring each layer's previous state."""
+        before = {name: m.lora_enabled for name, m in self.modules.items()}
+        self.set_enabled(False)
+        try:
+            yield
+        finally:
+            for name, module in self.modules.items():
+                module.lora_enabled = before[name]

@@ -241,9 +241,7 @@ def run_api(config: KllamaConfig) -> int:
 
     host, port = server_address()
     engine = build_engine(config)
-    from kllama.infer.loading import served_model_id
-
-    model_id = os.environ.get("API_MODEL_NAME") or served_model_id(config)
+    model_id = os.environ.get("API_MODEL_NAME") or engine.loaded.model_id
     app = create_app(engine, model_id, os.environ.get("API_KEY") or None, config.data.default_system)
     print(f"kllama api: serving {model_id!r} on http://{host}:{port}/v1 (docs at /docs)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=os.environ.get("API_LOG_LEVEL", "warning"))

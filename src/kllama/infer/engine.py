@@ -15,10 +15,10 @@ import torch
 
 from kllama.config.loader import KllamaConfig
 from kllama.errors import KllamaError
-from kllama.infer.loading import LoadedModel
 from kllama.infer.prompt import Messages, PromptRenderer
 from kllama.infer.sampling import SamplingParams, build_logits_processor, make_generator, select_next_tokens
 from kllama.infer.text_stream import IncrementalDecoder, StopStringMatcher
+from kllama.model.load import LoadedModel, load_model
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
 
@@ -139,10 +139,9 @@ def sampling_defaults(config: KllamaConfig) -> SamplingParams:
 
 def build_engine(config: KllamaConfig, device: str = "auto") -> GenerationEngine:
     """Load the model per the config and wrap it in a GenerationEngine with the config's template and sampling."""
-    from kllama.infer.loading import load_for_inference
     from kllama.infer.prompt import build_renderer
 
-    loaded = load_for_inference(config, device=device)
+    loaded = load_model(config, "infer", device=device)
     renderer = build_renderer(config.data.template, loaded.tokenizer, getattr(loaded.model, "generation_config", None),
                               enable_thinking=config.data.enable_thinking, default_system=config.data.default_system)
     return GenerationEngine(loaded, renderer, sampling_defaults(config))

@@ -12,39 +12,19 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kllama.config.loader import KllamaConfig
 from kllama.errors import KllamaError
-from kllama.infer.loading import (
-    ATTENTION,
-    adapter_dirs,
-    hf_dtype,
-    load_tokenizer,
-    merge_adapters,
-    pick_device,
-    warn_template_mismatch,
-)
+from kllama.model.checkpoint import scan_checkpoint
+from kllama.model.load import load_model
+from kllama.model.source import check_model_dir
 
 logger = logging.getLogger(__name__)
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-
-
 def checkpoint_keys(model_dir: str | Path) -> set[str]:
     """Tensor names of a safetensors checkpoint directory (sharded with an index, or single-file)."""
-    from safetensors import safe_open
-
-    root = Path(model_dir)
-    index = root / SAFETENSORS_INDEX
-    if index.is_file():
-        return set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
-    keys: set[str] = set()
-    for path in sorted(root.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            keys.update(f.keys())
-    return keys
+    return set(scan_checkpoint(model_dir).tensors)
 
 
 def _rewrite_in_memory_layout(model: PreTrainedModel, out_dir: Path, max_shard_size: str | int) -> None:
@@ -94,26 +74,17 @@ def _copy_side_files(source_dir: Path, out_dir: Path) -> None:
 
 
 def run_export(config: KllamaConfig) -> int:
-    """Entry point of `kllama export`: load base + adapters with stock transformers on `export_device`, merge, write."""
-    model_dir = Path(config.model.model_name_or_path or "")
-    if not (model_dir / "config.json").is_file():
-        raise KllamaError(f"model_name_or_path: {str(model_dir)!r} is not a Hugging Face model directory")
-    adapters = adapter_dirs(config)
-    if not adapters:
-        logger.warning("no adapter_name_or_path given: the export is a re-sharded copy of the base model")
-    warn_template_mismatch(config, adapters)
+    """Entry point of `kllama export`: load base + merged adapters (`load_model(config, "export")`: stock
+    transformers on `export_device`) and write them as a standard checkpoint."""
+    model_dir = check_model_dir(config.model.model_name_or_path)
     out_dir = Path(config.export.export_dir or "")
     if out_dir.resolve() == model_dir.resolve():
         raise KllamaError("export_dir: must differ from model_name_or_path (the source would be overwritten)")
-    device = pick_device(config.export.export_device)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=hf_dtype(config), trust_remote_code=config.model.trust_remote_code,
-        attn_implementation=ATTENTION[config.model.flash_attn],
-    ).to(device)
-    with torch.no_grad():
-        model = merge_adapters(model, adapters)
-    write_merged_checkpoint(model, load_tokenizer(config), out_dir, max_shard_size=f"{config.export.export_size}GB",
-                            source_dir=model_dir)
+    if not config.model.adapter_name_or_path:
+        logger.warning("no adapter_name_or_path given: the export is a re-sharded copy of the base model")
+    loaded = load_model(config, "export")
+    write_merged_checkpoint(loaded.model, loaded.tokenizer, out_dir,
+                            max_shard_size=f"{config.export.export_size}GB", source_dir=model_dir)
     _copy_side_files(model_dir, out_dir)
-    print(f"kllama export: wrote the merged model ({len(adapters)} adapter(s)) to {out_dir}")
+    print(f"kllama export: wrote the merged model ({len(loaded.adapters)} adapter(s)) to {out_dir}")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kllama.errors import KllamaError
+from kllama.experts.lora import ExpertLoraSet
+
+logger = logging.getLogger(__name__)
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+TEMPLATE_RECORD = "template.json"  # written by `kllama train` next to the adapter: the chat template it trained with
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _NEVER_TARGET = ("lm_head",)
@@ -50,12 +55,19 @@ def _linear_leaf_names(model: nn.Module) -> set[str]:
     return names
 
 
+def _expert_lora(model: nn.Module) -> ExpertLoraSet | None:
+    """The expert engine's LoRA of `model`, or None when its routed experts are stock modules (PEFT handles them)."""
+    return ExpertLoraSet.of(model)
+
+
 def _expert_parents(model: nn.Module) -> list[str]:
     """Qualified names of modules that hold fused routed experts (stock `gate_up_proj`/`down_proj`) or the engine's
     host experts."""
+    engine_lora = _expert_lora(model)
+    hosts = set(engine_lora.modules) if engine_lora is not None else set()
     out = []
     for name, module in model.named_modules():
-        if type(module).__name__ == "HostExperts" or all(
+        if name in hosts or all(
             isinstance(getattr(module, p, None), nn.Parameter) and getattr(module, p).dim() == 3 for p in EXPERT_PARAMS
         ):
             out.append(name)
@@ -93,16 +105,11 @@ def _expert_target_parameters(model: nn.Module) -> list[str]:
     return [f"{s}.{param}" for s in suffixes for param in EXPERT_PARAMS]
 
 
-def uses_engine(model: nn.Module) -> bool:
-    """True when routed experts are the engine's host-resident modules."""
-    return any(type(m).__name__ == "HostExperts" for m in model.modules())
-
-
 def attach_lora(model: nn.Module, spec: LoraSpec, *, seed: int = 0) -> PeftModel:
     """Wrap `model` in a PeftModel with trainable LoRA as `spec` says (expert LoRA included)."""
     torch.manual_seed(seed)
-    engine = uses_engine(model)
-    target_parameters = _expert_target_parameters(model) if spec.experts and not engine else None
+    engine_lora = _expert_lora(model)
+    target_parameters = _expert_target_parameters(model) if spec.experts and engine_lora is None else None
     config = LoraConfig(
         r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
         target_modules=list(spec.linear_targets) or None, target_parameters=target_parameters,
@@ -112,10 +119,9 @@ def attach_lora(model: nn.Module, spec: LoraSpec, *, seed: int = 0) -> PeftModel
         # Experts only on the engine: PEFT still needs some target to build a PeftModel; an empty regex works.
         config.target_modules = r"^$"
     peft_model = get_peft_model(model, config)
-    if spec.experts and engine:
-        from kllama.experts.lora import add_expert_lora
-
-        add_expert_lora(peft_model, r=spec.rank, alpha=spec.alpha, dropout=spec.dropout, seed=seed)
+    if spec.experts and engine_lora is not None:
+        # the same HostExperts modules; their PEFT key names do not depend on the wrapper's prefix
+        engine_lora.add(r=spec.rank, alpha=spec.alpha, dropout=spec.dropout, seed=seed)
         # Record the PEFT-equivalent target so the saved adapter loads on the stock model.
         config.target_parameters = _expert_target_parameters(peft_model)
     return peft_model
@@ -123,12 +129,10 @@ def attach_lora(model: nn.Module, spec: LoraSpec, *, seed: int = 0) -> PeftModel
 
 def adapter_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
     """Every adapter tensor under PEFT's saved key names (linear LoRA + expert LoRA)."""
-    engine = uses_engine(model)
-    state = {k: v for k, v in get_peft_model_state_dict(model).items() if not (engine and ".experts." in k)}
-    if engine:
-        from kllama.experts.lora import expert_lora_state_dict
-
-        state.update(expert_lora_state_dict(model))
+    engine_lora = _expert_lora(model)
+    state = {k: v for k, v in get_peft_model_state_dict(model).items() if not (engine_lora and ".experts." in k)}
+    if engine_lora is not None:
+        state.update(engine_lora.state_dict())
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
@@ -157,11 +161,9 @@ def load_adapter_weights(model: PeftModel, adapter_dir: str | Path) -> None:
     if not path.is_file():
         raise KllamaError(f"adapter {str(adapter_dir)!r} has no {ADAPTER_WEIGHTS}; give a directory written by kllama train or PEFT")
     state = load_file(str(path))
-    if uses_engine(model):
-        from kllama.experts.lora import load_expert_lora
-
-        expert = {k: v for k, v in state.items() if ".experts." in k}
-        load_expert_lora(model, expert)
+    engine_lora = _expert_lora(model)
+    if engine_lora is not None:
+        engine_lora.load_state_dict({k: v for k, v in state.items() if ".experts." in k})
         state = {k: v for k, v in state.items() if ".experts." not in k}
     result = set_peft_model_state_dict(model, state)
     missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
@@ -187,6 +189,48 @@ def spec_from_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraSpec:
                     float(cfg.get("lora_dropout", 0.0)))
 
 
+def adapter_dirs(paths: list[str] | None) -> list[Path]:
+    """`adapter_name_or_path` as directories, each checked to hold a PEFT adapter."""
+    out = []
+    for path in paths or []:
+        read_adapter_config(path)
+        out.append(Path(path))
+    return out
+
+
+def check_adapter_templates(template: str | None, adapters: list[Path]) -> list[str]:
+    """Warn (and return the warnings) for each adapter trained with another chat template than `template`."""
+    warnings = []
+    for adapter in adapters:
+        record = adapter / TEMPLATE_RECORD
+        if not record.is_file():
+            continue
+        trained = json.loads(record.read_text(encoding="utf-8")).get("template")
+        if trained and trained != template:
+            msg = (f"adapter {str(adapter)!r} was trained with template {trained!r} but template {template!r} is "
+                   f"requested; answers may degrade. Set template: {trained} to chat as it was trained")
+            logger.warning(msg)
+            warnings.append(msg)
+    return warnings
+
+
+def merge_adapters(model: nn.Module, adapters: list[Path]) -> nn.Module:
+    """Load each PEFT adapter in order and merge it into the weights (expert LoRA on fused experts included)."""
+    for adapter in adapters:
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise KllamaError(f"adapter {str(adapter)!r} does not fit model {model.config.name_or_path!r}: {exc}") from None
+    return model
+
+
+def attach_saved_adapter(model: nn.Module, adapter_dir: Path) -> PeftModel:
+    """`model` with the saved adapter attached unmerged (expert LoRA on the engine's host experts included)."""
+    peft_model = attach_lora(model, spec_from_adapter(model, adapter_dir))
+    load_adapter_weights(peft_model, adapter_dir)
+    return peft_model
+
+
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Trainable adapter parameters by name."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -197,10 +241,9 @@ def adapters_disabled(model: PeftModel) -> Iterator[None]:
     """Run the base model: PEFT LoRA and expert LoRA both off (the DPO reference when training from scratch)."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(model.disable_adapter())
-        if uses_engine(model):
-            from kllama.experts.lora import expert_lora_disabled
-
-            stack.enter_context(expert_lora_disabled(model))
+        engine_lora = _expert_lora(model)
+        if engine_lora is not None:
+            stack.enter_context(engine_lora.disabled())
         yield
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from kllama.errors import KllamaError
@@ -30,6 +30,7 @@ from kllama.experts.pinned import host_empty
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+REFETCH = "download the model again (or re-export it with `kllama export` / save_pretrained)"
 MAP_BUDGET_BYTES = 16 * 2**20  # bytes read through one mapping before it is dropped and the file reopened
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -140,7 +141,7 @@ def _checkpoint_files(model_dir: Path) -> list[Path]:
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise KllamaError(f"{model_dir}: shard file(s) {', '.join(missing)} named in {INDEX_FILE} are missing; "
-                              f"download them again")
+                              f"{REFETCH}")
         return files
     single = model_dir / SINGLE_FILE
     if single.is_file():
@@ -205,8 +206,8 @@ def scan_checkpoint(model_dir: str | Path) -> CheckpointIndex:
                     if dtype is None:
                         raise KllamaError(f"{path.name}: tensor {key} has dtype {sl.get_dtype()} kllama cannot load")
                     tensors[key] = TensorInfo(path, dtype, tuple(sl.get_shape()))
-        except (OSError, RuntimeError) as exc:  # safetensors reports a bad header as one of these
-            raise KllamaError(f"cannot read {path}: {exc}; the file is incomplete or not safetensors") from exc
+        except (OSError, RuntimeError, SafetensorError) as exc:  # a truncated, empty or non-safetensors file
+            raise KllamaError(f"{path} is incomplete or corrupt ({exc}); {REFETCH}") from None
     layers: dict[int, dict[str, Any]] = defaultdict(lambda: {"prefix": "", "experts": defaultdict(dict), "fused": {}})
     for key in tensors:
         if m := _PER_EXPERT_KEY.match(key):

@@ -1,22 +1,35 @@
-"""Load the base model + tokenizer a command asks for: stock transformers, or with routed experts in host RAM."""
+"""The one way every command loads a model: `load_model(config, purpose)` -> `LoadedModel`.
+
+train, chat, api and export all come through here; what differs between them is a table of purposes (weights
+dtype, device, whether the expert engine holds the routed experts, what happens to `adapter_name_or_path`).
+Everything a user can get wrong about the model directory (missing files, truncated or empty safetensors, a
+missing shard, remote code) is checked before any weight is read, with one KllamaError naming the file and the fix.
+
+Two ways to build the weights sit behind it: stock `from_pretrained` on one device, or `kllama.model.meta_load`
+(routed experts into pinned host RAM for the expert engine). Both use transformers' own model class whenever it
+has one for the config's `model_type` (`kllama.model.source` holds that policy).
+"""
 from __future__ import annotations
 
 import importlib.util
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from kllama.config import KllamaConfig, parse_bytes
-from kllama.config.checks import resolve_config_path
+from kllama.config import KllamaConfig
 from kllama.errors import KllamaError
-from kllama.experts.placement import ExpertPlacement
+from kllama.experts.install import ExpertEngine
+from kllama.model.adapters import adapter_dirs, attach_saved_adapter, check_adapter_templates, merge_adapters
+from kllama.model.checkpoint import CheckpointIndex, scan_checkpoint
+from kllama.model.engine_setup import load_on_engine
+from kllama.model.source import ModelSource, read_model_source
 
-log = logging.getLogger(__name__)
+Purpose = Literal["train", "infer", "export"]
 
 # flash_attn option -> transformers' attn_implementation (None = transformers' default)
 ATTN_IMPLEMENTATIONS: dict[str, str | None] = {
@@ -29,48 +42,44 @@ DTYPES: dict[str, torch.dtype | None] = {
 
 @dataclass
 class LoadedModel:
-    """A model ready for a job, its tokenizer, and the expert engine when `use_kt` is on."""
+    """A model ready for one job: the model (with the adapters the purpose applies), its tokenizer, the device its
+    inputs go to, the expert engine (None when every weight is on `device`), and the name clients see."""
 
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
-    engine: object | None
     device: torch.device
+    engine: ExpertEngine | None
+    purpose: Purpose
+    source: ModelSource
+    model_id: str
+    adapters: tuple[Path, ...] = ()  # adapters applied to `model` (merged, or attached on the engine)
+
+    @property
+    def context_length(self) -> int:
+        """Max positions of the model (prompt + answer)."""
+        cfg = self.model.config
+        return int(getattr(cfg, "max_position_embeddings", None) or self.tokenizer.model_max_length)
 
 
 def compute_device() -> torch.device:
-    """The GPU when there is one, else the CPU."""
+    """The current GPU when there is one, else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def check_model_dir(path: str | None) -> Path:
-    """A model path must be a local HF directory (no network here); errors say what to do."""
-    if not path:
-        raise KllamaError("model_name_or_path: required; set it to a Hugging Face model directory")
-    p = Path(path)
-    if not p.is_dir():
-        raise KllamaError(
-            f"model_name_or_path: {path!r} is not a directory; download the model first (e.g. `huggingface-cli download "
-            f"{path} --local-dir models/{p.name}`) and point model_name_or_path at that directory, or build a tiny one "
-            "with `kllama tiny DIR`"
-        )
-    if not (p / "config.json").is_file():
-        raise KllamaError(f"model_name_or_path: {path!r} has no config.json; give a Hugging Face model directory")
-    return p
-
-
-def load_tokenizer(config: KllamaConfig) -> PreTrainedTokenizerBase:
-    """The model's tokenizer, with a pad token set (the EOS when the checkpoint has none)."""
-    path = check_model_dir(config.model.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, trust_remote_code=config.model.trust_remote_code, use_fast=config.model.use_fast_tokenizer
-    )
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+def resolve_device(name: str | torch.device) -> torch.device:
+    """'auto' -> `compute_device()`; anything else is a torch device string (cpu, cuda, cuda:1...)."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return compute_device()
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise KllamaError(f"device {name!r} is not a torch device; use auto, cpu or cuda[:N]") from None
 
 
 def training_dtype(config: KllamaConfig) -> torch.dtype:
-    """Base weights' dtype: bf16/fp16 when mixed precision is asked for, fp32 otherwise."""
+    """Base weights' dtype for training: bf16/fp16 when mixed precision is asked for, fp32 otherwise."""
     if config.training.bf16:
         return torch.bfloat16
     if config.training.fp16:
@@ -78,98 +87,136 @@ def training_dtype(config: KllamaConfig) -> torch.dtype:
     return torch.float32
 
 
-def placement_chooser(config: KllamaConfig, device: torch.device) -> Callable[[list[str]], dict[str, ExpertPlacement]]:
-    """A function mapping the model's routed-expert module names to placements: from `kt_optimize_rule` when given,
-    else `expert_placement`; without CUDA everything runs on the CPU; `max_gpu_memory` promotes layers to `gpu`."""
-    engine = config.engine
-
-    def choose(names: list[str]) -> dict[str, ExpertPlacement]:
-        if engine.kt_optimize_rule:
-            from kllama.experts.rules import load_rule_file
-
-            path = resolve_config_path(engine.kt_optimize_rule, config)
-            if path is None:
-                raise KllamaError(f"kt_optimize_rule: file {engine.kt_optimize_rule!r} not found")
-            placements = load_rule_file(path).resolve(
-                names, cpu_threads=engine.cpu_infer, chunk_size=engine.chunk_size, default_mode=engine.expert_placement
-            )
-        else:
-            base = ExpertPlacement.from_mode(engine.expert_placement, cpu_threads=engine.cpu_infer,
-                                             chunk_size=engine.chunk_size, source="expert_placement")
-            placements = {name: base for name in names}
-        if device.type != "cuda":
-            return {n: ExpertPlacement(short="cpu", long="cpu", cpu_threads=p.cpu_threads, chunk_size=p.chunk_size,
-                                       source=f"{p.source}; no CUDA device: cpu") for n, p in placements.items()}
-        return placements
-
-    return choose
+def _infer_dtype(config: KllamaConfig) -> torch.dtype | None:
+    return DTYPES[config.model.infer_dtype]  # None: the checkpoint's own dtype
 
 
-def promote_resident_layers(engine: object, budget_bytes: int, device: torch.device) -> int:
-    """Keep as many layers' experts resident on the GPU as fit in `budget_bytes` minus what is already allocated
-    and a reserve for activations; returns how many layers were promoted."""
-    modules = list(getattr(engine, "modules").values())
-    if not modules or device.type != "cuda":
-        return 0
-    used = torch.cuda.memory_allocated(device)
-    # Activations of a 16k-token DPO micro-step with checkpointing peak at ~13 GB on V2-Lite (benchmarks/NOTES.md):
-    # keep 60% of the budget for them and the two stream slots.
-    reserve = max(int(0.6 * budget_bytes), 8 * 2**30)
-    room = budget_bytes - used - reserve
-    promoted = 0
-    for module in modules:
-        size = module.host_bytes()
-        if room < size:
-            break
-        module.placement = ExpertPlacement(short="gpu", long="gpu", cpu_threads=module.placement.cpu_threads,
-                                           chunk_size=module.placement.chunk_size,
-                                           source=f"resident within max_gpu_memory ({module.placement.source})")
-        module.resident_weights()
-        room -= size
-        promoted += 1
-    return promoted
+def _checkpoint_dtype(hf_config: PretrainedConfig, index: CheckpointIndex | None) -> torch.dtype:
+    """What transformers' dtype="auto" picks: the config's dtype, else the first floating tensor's, else fp32."""
+    dtype = getattr(hf_config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    floats = [t.dtype for t in index.tensors.values() if t.dtype.is_floating_point] if index is not None else []
+    return floats[0] if floats else torch.float32
 
 
-def _placement_table(engine: object) -> str:
+def served_model_id(config: KllamaConfig) -> str:
+    """The model name clients see: the model directory's name (plus the last adapter's, when there is one)."""
+    name = Path(config.model.model_name_or_path or "model").name
+    adapters = config.model.adapter_name_or_path or []
+    return f"{name}+{Path(adapters[-1]).name}" if adapters else name
+
+
+# ---- what each purpose does with adapter_name_or_path -------------------------------------------------------
+
+def _keep_for_training(model: nn.Module, adapters: list[Path], engine: ExpertEngine | None) -> nn.Module:
+    return model  # `kllama train` attaches (and continues) its adapter itself
+
+
+def _merge_or_attach(model: nn.Module, adapters: list[Path], engine: ExpertEngine | None) -> nn.Module:
+    if engine is None:
+        return merge_adapters(model, adapters)  # decoding then pays nothing for the adapters
+    # host-resident experts are not merged in place: the adapter runs unmerged, expert LoRA on the engine
+    return attach_saved_adapter(model, adapters[0]) if adapters else model
+
+
+def _check_one_adapter_on_engine(adapters: list[Path], engine: bool) -> None:
+    if engine and len(adapters) > 1:
+        raise KllamaError(
+            f"infer_backend: ktransformers takes one adapter, got {len(adapters)}; merge them first with "
+            "`kllama export` (infer_backend: huggingface) and serve the merged model"
+        )
+
+
+@dataclass(frozen=True)
+class PurposeSpec:
+    """What one purpose decides: weights dtype (None = the checkpoint's), default device, whether routed experts
+    go on the expert engine, what happens to the adapters, and whether the model is frozen for inference."""
+
+    dtype: Callable[[KllamaConfig], torch.dtype | None]
+    device: Callable[[KllamaConfig], str]
+    on_engine: Callable[[KllamaConfig], bool]
+    apply_adapters: Callable[[nn.Module, list[Path], ExpertEngine | None], nn.Module]
+    frozen: bool
+
+
+PURPOSES: dict[str, PurposeSpec] = {
+    "train": PurposeSpec(training_dtype, lambda c: "auto", lambda c: c.engine.use_kt, _keep_for_training, False),
+    "infer": PurposeSpec(_infer_dtype, lambda c: "auto", lambda c: c.generation.infer_backend == "ktransformers",
+                         _merge_or_attach, True),
+    # merging needs every weight in one place: export always runs stock transformers on export_device
+    "export": PurposeSpec(_infer_dtype, lambda c: c.export.export_device, lambda c: False, _merge_or_attach, True),
+}
+
+
+def load_tokenizer(source: ModelSource, config: KllamaConfig) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token set (the EOS when the checkpoint has none)."""
     try:
-        from kllama.experts.report import placement_table
-    except ImportError:  # pragma: no cover - report module lands separately
-        return "\n".join(f"{name}: {p.mode}" for name, p in getattr(engine, "placements").items())
-    return placement_table(engine)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=source.remote_code,
+                                                  use_fast=config.model.use_fast_tokenizer)
+    except (OSError, ValueError) as exc:
+        raise KllamaError(f"cannot load the tokenizer of {source.path}: {exc}; the directory needs the model's "
+                          f"tokenizer files (tokenizer.json / tokenizer_config.json)") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
-def load_model(config: KllamaConfig, *, dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load `model_name_or_path` for a job: stock (all weights on the compute device) or, with `use_kt`, routed experts
-    in (pinned) host RAM run by the expert engine; prints the placement table."""
-    path = check_model_dir(config.model.model_name_or_path)
-    tokenizer = load_tokenizer(config)
-    device = compute_device()
+def _scan_weights(path: Path) -> CheckpointIndex | None:
+    """Index the safetensors (headers only): a truncated, empty or missing file fails here, before any load.
+    None for a directory holding only PyTorch .bin weights, which stock transformers reads itself."""
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")) and any(path.glob("*.bin")):
+        return None
+    return scan_checkpoint(path)
+
+
+def _load_stock(source: ModelSource, *, device: torch.device, dtype: torch.dtype,
+                attn_implementation: str | None) -> nn.Module:
+    """Every weight on `device` through transformers' `from_pretrained` (its own class whenever it has one)."""
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(source.path, config=source.hf_config, dtype=dtype,
+                                                 trust_remote_code=source.remote_code, **kwargs)
+    return model.to(device)
+
+
+def load_model(config: KllamaConfig, purpose: Purpose, *, device: str | torch.device | None = None) -> LoadedModel:
+    """Load `model_name_or_path` (+ tokenizer, + adapters as `purpose` says) for `purpose` (train | infer | export).
+
+    `device` overrides the purpose's default ('auto' = the GPU when there is one; export: `export_device`). With
+    the expert engine (train: `use_kt`; infer: `infer_backend: ktransformers`) routed experts stay in host RAM,
+    placed per `kt_optimize_rule` / `expert_placement`, and the placement table is printed.
+    """
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown purpose {purpose!r}; one of {', '.join(PURPOSES)}")
+    spec = PURPOSES[purpose]
+    on_engine = spec.on_engine(config)
+    source = read_model_source(config.model.model_name_or_path, trust_remote_code=config.model.trust_remote_code)
+    adapters = adapter_dirs(config.model.adapter_name_or_path)
+    if purpose != "train":
+        _check_one_adapter_on_engine(adapters, on_engine)
+        check_adapter_templates(config.data.template, adapters)
     attn = ATTN_IMPLEMENTATIONS[config.model.flash_attn]
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise KllamaError("flash_attn: fa2 needs the flash-attn package; pip install flash-attn, or use flash_attn: sdpa")
-    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=config.model.trust_remote_code)
-    if dtype is None:
-        dtype = DTYPES[config.model.infer_dtype] or getattr(hf_config, "dtype", None) or torch.float32
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-    engine = None
-    if config.engine.use_kt:
-        from kllama.model.loader import load_model as load_engine_model
-
-        model, engine = load_engine_model(
-            path, placements_fn=placement_chooser(config, device), compute_device=device, dtype=dtype,
-            trust_remote_code=config.model.trust_remote_code, attn_implementation=attn,
-        )
-        if config.engine.max_gpu_memory:
-            budget = parse_bytes(config.engine.max_gpu_memory)
-            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(device).total_memory))
-            promote_resident_layers(engine, budget, device)
-        print(_placement_table(engine), flush=True)
+    index = _scan_weights(source.path)
+    tokenizer = load_tokenizer(source, config)
+    target = resolve_device(device if device is not None else spec.device(config))
+    dtype = spec.dtype(config) or _checkpoint_dtype(source.hf_config, index)
+    engine: ExpertEngine | None = None
+    if on_engine:
+        model, engine = load_on_engine(source, config, device=target, dtype=dtype, attn_implementation=attn)
     else:
-        kwargs = {"attn_implementation": attn} if attn is not None else {}
-        model = AutoModelForCausalLM.from_pretrained(
-            path, config=hf_config, trust_remote_code=config.model.trust_remote_code, dtype=dtype, **kwargs
-        ).to(device)
-    if config.model.router_aux_loss_coef is not None and hasattr(model.config, "router_aux_loss_coef"):
+        model = _load_stock(source, device=target, dtype=dtype, attn_implementation=attn)
+    if purpose == "train" and config.model.router_aux_loss_coef is not None and hasattr(model.config,
+                                                                                         "router_aux_loss_coef"):
         model.config.router_aux_loss_coef = config.model.router_aux_loss_coef
-    return LoadedModel(model=model, tokenizer=tokenizer, engine=engine, device=device)
+    with torch.no_grad():
+        model = spec.apply_adapters(model, adapters, engine)
+    if spec.frozen:
+        model.eval()
+        model.requires_grad_(False)
+    applied = tuple(adapters) if spec.apply_adapters is not _keep_for_training else ()
+    return LoadedModel(model=model, tokenizer=tokenizer, device=target, engine=engine, purpose=purpose,
+                       source=source, model_id=served_model_id(config), adapters=applied)

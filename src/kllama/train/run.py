@@ -21,7 +21,7 @@ from kllama.model.adapters import (
     snapshot_adapter,
     spec_from_adapter,
 )
-from kllama.model.load import LoadedModel, load_model, training_dtype
+from kllama.model.load import LoadedModel, load_model
 from kllama.train.checkpoints import PublishCheckpoints, prepare_output_dir, resolve_resume, staging_dir
 from kllama.train.trainer import KllamaTrainer, PreferenceSettings, starting_adapter_reference
 
@@ -127,7 +127,7 @@ def run_training(config: KllamaConfig) -> int:
     resume = resolve_resume(t.resume_from_checkpoint, output_dir)
     prepare_output_dir(output_dir, overwrite=t.overwrite_output_dir, resuming=resume is not None)
 
-    loaded = load_model(config, dtype=training_dtype(config))
+    loaded = load_model(config, "train")
     tokenizer = loaded.tokenizer
     template = get_template(config.data.template, tokenizer)
     cache_dir = config.model.cache_dir or str(Path.home() / ".cache" / "kllama")

@@ -8,7 +8,6 @@ is read twice and file mappings are dropped as the reader goes (see `kllama.mode
 """
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,36 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from kllama.errors import KllamaError
 from kllama.experts.families import family_of, find_expert_modules, layer_index
+from kllama.experts.install import ExpertEngine, wire_engine
 from kllama.experts.placement import ExpertPlacement
 from kllama.model.checkpoint import CheckpointIndex, ShardReader, load_expert_layer, scan_checkpoint
+from kllama.model.source import ModelSource
 
 PlacementsFn = Callable[[list[str]], Mapping[str, ExpertPlacement]]
-
-
-def load_config(model_dir: str | Path, *, trust_remote_code: bool) -> PretrainedConfig:
-    """The model's config, preferring transformers' native class for families it ships.
-
-    Hub checkpoints such as DeepSeek-V2 carry remote code (`auto_map`) written for old transformers; the native 5.x
-    class is the one whose routed experts the engine replaces, so it wins whenever the `model_type` is native.
-    """
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise KllamaError(f"{path} does not exist; model_name_or_path must be a Hugging Face model directory")
-    try:
-        model_type = json.loads(path.read_text()).get("model_type")
-    except json.JSONDecodeError as exc:
-        raise KllamaError(f"{path} is not valid JSON ({exc}); re-download the model") from exc
-    native = model_type in CONFIG_MAPPING
-    try:
-        return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code and not native)
-    except ValueError as exc:
-        raise KllamaError(f"cannot read the config of {model_dir}: {exc}; set trust_remote_code: true if the "
-                          f"model ships its own code") from exc
 
 
 def _renamer(model: PreTrainedModel) -> Callable[[str], str]:
@@ -186,28 +165,26 @@ def _expert_modules_by_layer(model: PreTrainedModel, index: CheckpointIndex) -> 
     return by_layer
 
 
-def build_meta_model(config: PretrainedConfig, *, dtype: torch.dtype, attn_implementation: str | None,
-                     trust_remote_code: bool) -> PreTrainedModel:
-    """The causal-LM for `config` on the meta device: structure only, no memory."""
+def build_meta_model(source: ModelSource, *, dtype: torch.dtype, attn_implementation: str | None) -> PreTrainedModel:
+    """The causal-LM of `source` on the meta device: structure only, no memory (transformers' own class whenever
+    it has one; see `kllama.model.source`)."""
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    native = getattr(config, "model_type", None) in CONFIG_MAPPING
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code and not native, **kwargs)
+        return AutoModelForCausalLM.from_config(source.hf_config, trust_remote_code=source.remote_code, **kwargs)
 
 
-def load_model(
-    model_dir: str | Path,
+def load_checkpoint(
+    source: ModelSource,
     *,
     placements_fn: PlacementsFn | None,
     compute_device: torch.device | str,
     dtype: torch.dtype,
-    trust_remote_code: bool,
     attn_implementation: str | None = None,
     show_progress: bool = True,
-) -> tuple[PreTrainedModel, Any]:
-    """Load `model_dir` for the expert engine: returns `(model, engine)`.
+) -> tuple[PreTrainedModel, ExpertEngine | None]:
+    """Load the checkpoint of `source` for the expert engine: returns `(model, engine)`.
 
     Non-expert weights go to `compute_device` in `dtype` (fp32-kept modules stay fp32, as in transformers). Routed
     experts are read layer by layer into one host buffer each (pinned when `compute_device` is CUDA) and become
@@ -217,10 +194,9 @@ def load_model(
     user-fixable problem (missing file, shard or tensor; config/weights mismatch) is a KllamaError naming it.
     """
     device = torch.device(compute_device)
-    config = load_config(model_dir, trust_remote_code=trust_remote_code)
+    model_dir = source.path
     index = scan_checkpoint(model_dir)
-    model = build_meta_model(config, dtype=dtype, attn_implementation=attn_implementation,
-                             trust_remote_code=trust_remote_code)
+    model = build_meta_model(source, dtype=dtype, attn_implementation=attn_implementation)
     if placements_fn is not None:
         family_of(model)  # an unsupported family fails here, before any weight is read
         if not index.expert_layers:
@@ -251,8 +227,6 @@ def load_model(
     model.eval()
     if placements_fn is None:
         return model, None
-    from kllama.experts.install import wire_engine
-
     return model, wire_engine(model, host_modules)
 
 

@@ -1,0 +1,84 @@
+"""Put a checkpoint on the expert engine as a config asks: placements per layer, the GPU budget, the start-up table."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import PreTrainedModel
+
+from kllama.config import KllamaConfig, parse_bytes
+from kllama.config.checks import resolve_config_path
+from kllama.errors import KllamaError
+from kllama.experts.install import ExpertEngine
+from kllama.experts.placement import ExpertPlacement
+from kllama.experts.report import placement_table
+from kllama.model.meta_load import load_checkpoint
+from kllama.model.source import ModelSource
+
+
+def placement_chooser(config: KllamaConfig, device: torch.device) -> Callable[[list[str]], dict[str, ExpertPlacement]]:
+    """A function mapping the model's routed-expert module names to placements: from `kt_optimize_rule` when given,
+    else `expert_placement`; on a CPU device everything runs on the CPU."""
+    engine = config.engine
+
+    def choose(names: list[str]) -> dict[str, ExpertPlacement]:
+        if engine.kt_optimize_rule:
+            from kllama.experts.rules import load_rule_file
+
+            path = resolve_config_path(engine.kt_optimize_rule, config)
+            if path is None:
+                raise KllamaError(f"kt_optimize_rule: file {engine.kt_optimize_rule!r} not found")
+            placements = load_rule_file(path).resolve(
+                names, cpu_threads=engine.cpu_infer, chunk_size=engine.chunk_size, default_mode=engine.expert_placement
+            )
+        else:
+            base = ExpertPlacement.from_mode(engine.expert_placement, cpu_threads=engine.cpu_infer,
+                                             chunk_size=engine.chunk_size, source="expert_placement")
+            placements = {name: base for name in names}
+        if device.type != "cuda":
+            return {n: ExpertPlacement(short="cpu", long="cpu", cpu_threads=p.cpu_threads, chunk_size=p.chunk_size,
+                                       source=f"{p.source}; device {device}: cpu") for n, p in placements.items()}
+        return placements
+
+    return choose
+
+
+def promote_resident_layers(engine: ExpertEngine, budget_bytes: int, device: torch.device) -> int:
+    """Keep as many layers' experts resident on the GPU as fit in `budget_bytes` minus what is already allocated
+    and a reserve for activations; returns how many layers were promoted."""
+    modules = list(engine.modules.values())
+    if not modules or device.type != "cuda":
+        return 0
+    used = torch.cuda.memory_allocated(device)
+    # Activations of a 16k-token DPO micro-step with checkpointing peak at ~13 GB on V2-Lite (benchmarks/NOTES.md):
+    # keep 60% of the budget for them and the two stream slots.
+    reserve = max(int(0.6 * budget_bytes), 8 * 2**30)
+    room = budget_bytes - used - reserve
+    promoted = 0
+    for module in modules:
+        size = module.host_bytes()
+        if room < size:
+            break
+        module.placement = ExpertPlacement(short="gpu", long="gpu", cpu_threads=module.placement.cpu_threads,
+                                           chunk_size=module.placement.chunk_size,
+                                           source=f"resident within max_gpu_memory ({module.placement.source})")
+        module.resident_weights()
+        room -= size
+        promoted += 1
+    return promoted
+
+
+def load_on_engine(source: ModelSource, config: KllamaConfig, *, device: torch.device, dtype: torch.dtype,
+                   attn_implementation: str | None) -> tuple[PreTrainedModel, ExpertEngine]:
+    """The checkpoint of `source` with routed experts in (pinned) host RAM placed per the config, non-expert
+    weights on `device`; applies `max_gpu_memory` and prints the placement table."""
+    model, engine = load_checkpoint(source, placements_fn=placement_chooser(config, device), compute_device=device,
+                                    dtype=dtype, attn_implementation=attn_implementation)
+    assert engine is not None  # placements were given
+    if config.engine.max_gpu_memory and device.type == "cuda":
+        budget = parse_bytes(config.engine.max_gpu_memory)
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+        promote_resident_layers(engine, budget, device)
+    print(placement_table(engine), flush=True)
+    return model, engine
