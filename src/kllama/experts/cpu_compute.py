@@ -1,28 +1,39 @@
 """The CPU target: a routed-experts pass computed next to the host weights, `chunk_size` tokens per call.
 
-The math is `routed.py`'s (shared with the GPU targets); here only where it runs: inputs move to host memory, the
-pass uses the placement's `cpu_infer` intra-op threads (torch/oneDNN picks AMX, AVX-512, AVX2 or NEON kernels for
-bf16), and outputs and grads move back to the device they came from.
+Training passes (a backward follows) run `routed.py`'s math, shared with the GPU targets, on host copies of their
+inputs. No-grad passes (decode, prefill, reference passes) run `cpu_infer_forward`, the same math written for a few
+tokens: rows are grouped by expert without a sort, each selected expert's weights are read once by two GEMMs (bf16
+through oneDNN, which picks AMX, AVX-512 or AVX2 kernels), and the top-k rows of a token are summed in fp32 and
+rounded once. A no-grad pass costs the device one wait: its inputs go to pinned host buffers with non-blocking
+copies followed by one stream sync, and the output goes back with a non-blocking copy (torch's caching host allocator
+keeps a pinned block until the copies that use it are done). The pass runs with the placement's `cpu_infer`
+intra-op threads.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from torch.nn.functional import linear
 
-from kllama.experts.routed import PassExecutor
+from kllama.experts.routed import PassExecutor, SavedPass
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from kllama.experts.module import HostExperts
+
+# (token, slot) rows up to which experts are grouped in Python (no sort, no device ops): decode and small batches
+_SMALL_ROWS = 512
 
 
 @contextmanager
 def intra_op_threads(num_threads: int | None) -> Iterator[None]:
     """Run the block with `num_threads` intra-op threads, restoring the previous count (the setting is global)."""
-    if num_threads is None:
+    if num_threads is None or num_threads == torch.get_num_threads():
         yield
         return
     previous = torch.get_num_threads()
@@ -39,6 +50,74 @@ def token_chunks(num_tokens: int, chunk_size: int) -> list[slice]:
     return [slice(start, min(start + step, num_tokens)) for start in range(0, num_tokens, step)]
 
 
+def expert_groups(top_k_index: Tensor) -> list[tuple[int, Tensor]]:
+    """`top_k_index [T, K]` (host) -> `[(expert, rows)]`, rows being the flat `(token * K + slot)` indices routed to
+    that expert, in ascending expert order (experts without rows are left out)."""
+    flat = top_k_index.reshape(-1)
+    if flat.numel() <= _SMALL_ROWS:
+        groups: dict[int, list[int]] = {}
+        for row, expert in enumerate(flat.tolist()):
+            groups.setdefault(expert, []).append(row)
+        return [(expert, torch.tensor(rows)) for expert, rows in sorted(groups.items())]
+    order = torch.argsort(flat, stable=True)
+    experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    return list(zip(experts.tolist(), order.split(counts.tolist())))
+
+
+def cpu_infer_forward(
+    x: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    act_fn: Callable[[Tensor], Tensor],
+    lora: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+) -> Tensor:
+    """No-grad routed-experts layer on host tensors: `x [T, H]`, `top_k_index [T, K]`, `top_k_weights [T, K]`,
+    `gate_up [E, 2I, H]`, `down [E, H, I]` -> `[T, H]` in x's dtype. Same math as `routed.experts_forward` (routing
+    weight applied to the activation in the weights' dtype, top-k rows summed in fp32); `lora` maps a projection
+    to its per-expert factors `(a [E, r, in], b [E, out, r])` with the scaling folded into b."""
+    dtype, inter = gate_up.dtype, down.shape[-1]
+    num_tokens, top_k = top_k_index.shape
+    lora = lora or {}
+    gate_up_lora, down_lora = lora.get("gate_up_proj"), lora.get("down_proj")
+    xw = x.to(dtype)
+    weights = top_k_weights.reshape(-1, 1).to(dtype)  # [T*K, 1]
+    out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32)
+    for expert, rows in expert_groups(top_k_index):
+        tokens = rows // top_k  # [n]
+        xe = xw if num_tokens == 1 else xw.index_select(0, tokens)  # [n, H]
+        hidden = linear(xe, gate_up[expert])  # [n, 2I]
+        if gate_up_lora is not None:
+            hidden = hidden + linear(linear(xe, gate_up_lora[0][expert]), gate_up_lora[1][expert])
+        act = act_fn(hidden[:, :inter]) * hidden[:, inter:]  # [n, I]
+        act = act * weights.index_select(0, rows)
+        y = linear(act, down[expert])  # [n, H]
+        if down_lora is not None:
+            y = y + linear(linear(act, down_lora[0][expert]), down_lora[1][expert])
+        out.index_add_(0, tokens, y.float())
+    return out.to(x.dtype)
+
+
+def to_host(*tensors: Tensor) -> list[Tensor]:
+    """Host copies of device `tensors` through pinned buffers, with one stream sync for all of them (no copy for
+    tensors already on the host)."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return list(tensors)
+    hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return hosts
+
+
+def to_device(out: Tensor, device: torch.device) -> Tensor:
+    """`out` (host) on `device`, through a pinned buffer and a non-blocking copy (no wait)."""
+    if device.type == "cpu":
+        return out
+    pinned = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+    pinned.copy_(out)
+    return pinned.to(device, non_blocking=True)
+
+
 class CpuExecutor(PassExecutor):
     """Runs a HostExperts pass on the CPU: inputs move to host, `chunk_size` tokens per call, output moves back."""
 
@@ -48,8 +127,29 @@ class CpuExecutor(PassExecutor):
     def chunks(self, module: "HostExperts", num_tokens: int) -> list[slice]:
         return token_chunks(num_tokens, module.placement.chunk_size)
 
-    def weights(self, module: "HostExperts", num_tokens: int, backward: bool) -> tuple[Tensor, Tensor]:
+    def weights(self, module: "HostExperts", num_tokens: int, backward: bool, training: bool) -> tuple[Tensor, Tensor]:
         return module.host_weights()
 
     def context(self, module: "HostExperts") -> AbstractContextManager:
         return intra_op_threads(module.placement.cpu_threads)
+
+    def forward(
+        self,
+        module: "HostExperts",
+        x: Tensor,
+        top_k_index: Tensor,
+        top_k_weights: Tensor,
+        lora_meta: "Sequence[tuple[str, float]]",
+        lora_params: "Sequence[Tensor]",
+        keep: bool,
+    ) -> tuple[Tensor, SavedPass | None]:
+        if keep:
+            return super().forward(module, x, top_k_index, top_k_weights, lora_meta, lora_params, keep)
+        xh, index, weights = to_host(x.detach(), top_k_index, top_k_weights.detach())
+        factors = module.host_lora_factors(lora_meta, lora_params)
+        gate_up, down = module.host_weights()
+        with torch.no_grad(), self.context(module):
+            outs = [cpu_infer_forward(xh[s], index[s], weights[s], gate_up, down, module.act_fn, factors)
+                    for s in self.chunks(module, xh.shape[0])]
+        out = (outs[0] if len(outs) == 1 else torch.cat(outs)) if outs else torch.zeros_like(xh)
+        return to_device(out, x.device), None

@@ -1,71 +1,205 @@
-"""Measure, on this machine, the token count above which streaming a layer's experts to the GPU beats the CPU.
+"""Measure, on this machine, the token count per pass above which streaming a layer's experts to the GPU beats the CPU,
+once for each pass kind.
 
-A streamed pass costs one layer copy (bytes / pinned host->GPU bandwidth) whatever the token count; a CPU pass costs
-roughly `fixed + per_token * T`. The GPU compute of a streamed pass is tiny next to the copy (DESIGN.md: 13 ms for 16k
-tokens vs 20 ms copy) and is ignored. Both sides are timed with the layer's real shapes in well under 2 s.
+Two pass kinds, because they pay for different things:
+* `inference` (no gradient: decode, prefill, a DPO reference pass): one CPU forward against one layer copy.
+* `training` (a forward whose backward follows): CPU forward + backward against two copies (the forward's, and the
+  backward's: the checkpoint recompute and the backward share one).
+
+Physics bounds the answer. A streamed pass costs at least the layer's bytes over the measured pinned copy bandwidth
+(its GPU compute is ignored: 13 ms for 16k tokens against a 20 ms copy, DESIGN.md). A 1-token pass never streams
+where a CPU path exists: it reads K of E experts from host RAM instead of all E over PCIe, so every crossover is
+>= 2. The CPU side is timed with the engine's own pass at doubling token counts (warm-up, median of repeats) until it
+costs more than the stream floor, and the crossover is interpolated between the last two counts, on the running
+maximum of the timings (a pass over more tokens never costs less). Both kinds together take well under 2 s on a
+16-core host with a V2-Lite layer.
 """
 from __future__ import annotations
 
 import math
+import statistics
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-from kllama.experts.cpu_compute import intra_op_threads
+from kllama.experts.cpu_compute import cpu_infer_forward, intra_op_threads
 from kllama.experts.pinned import host_empty
 from kllama.experts.routed import experts_backward, experts_forward, route
 
 NEVER = 1 << 62  # "always use the CPU" (no CUDA device, or the CPU is faster at any size)
+MIN_CROSSOVER = 2  # a 1-token pass never streams
+PASS_KINDS: tuple[str, ...] = ("inference", "training")
+COPIES_PER_PASS: dict[str, int] = {"inference": 1, "training": 2}
 _COPY_PROBE_BYTES = 256 << 20
 
 
-def crossover_from_timings(cpu_fixed_s: float, cpu_per_token_s: float, copy_s: float) -> int:
-    """Smallest token count T with `copy_s <= cpu_fixed_s + cpu_per_token_s * T` (at least 1; NEVER if none)."""
-    if cpu_per_token_s <= 0:
+@dataclass(frozen=True)
+class Crossovers:
+    """Measured crossovers of one layer shape, per pass kind, with the timings they came from (for estimates)."""
+
+    inference: int
+    training: int
+    copy_s: float = 0.0  # one layer copy, host -> GPU
+    samples: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # kind -> [(tokens, CPU seconds)]
+
+    def stream_seconds(self, kind: str) -> float:
+        """Lower bound of one streamed pass of `kind` (its copies)."""
+        return COPIES_PER_PASS[kind] * self.copy_s
+
+    def cpu_seconds(self, kind: str, tokens: int) -> float:
+        """Estimated CPU pass time of `kind` over `tokens` tokens (interpolated, extrapolated with the last slope)."""
+        return interpolate(self.samples.get(kind, []), tokens)
+
+
+def running_max(samples: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
+    """`samples` sorted by token count with each time raised to the largest seen so far (more tokens never cost
+    less; a smaller later timing is noise)."""
+    out: list[tuple[int, float]] = []
+    for tokens, seconds in sorted(samples):
+        out.append((tokens, max(seconds, out[-1][1]) if out else seconds))
+    return out
+
+
+def interpolate(samples: Sequence[tuple[int, float]], tokens: int) -> float:
+    """Piecewise-linear value of the (monotone) `samples` at `tokens`; beyond the last sample, the last slope."""
+    points = running_max(samples)
+    if not points:
+        return 0.0
+    if len(points) == 1 or tokens <= points[0][0]:
+        return points[0][1] * (tokens / points[0][0] if tokens < points[0][0] else 1.0)
+    for (t0, s0), (t1, s1) in zip(points, points[1:]):
+        if tokens <= t1:
+            return s0 + (s1 - s0) * (tokens - t0) / (t1 - t0)
+    (t0, s0), (t1, s1) = points[-2], points[-1]
+    return s1 + (s1 - s0) / (t1 - t0) * (tokens - t1)
+
+
+def crossover_from_samples(samples: Sequence[tuple[int, float]], stream_s: float) -> int:
+    """Smallest token count whose CPU time reaches `stream_s`, from `(tokens, seconds)` CPU timings: interpolated
+    between the two samples around it, extrapolated from the last two when the CPU never got there (NEVER when
+    its time does not grow). Never below MIN_CROSSOVER."""
+    points = running_max(samples)
+    if not points:
         return NEVER
-    return max(1, math.ceil((copy_s - cpu_fixed_s) / cpu_per_token_s))
+    previous = (0, 0.0)
+    for tokens, seconds in points:
+        if seconds >= stream_s:
+            t0, s0 = previous
+            crossing = t0 + (stream_s - s0) / (seconds - s0) * (tokens - t0) if seconds > s0 else tokens
+            return max(MIN_CROSSOVER, math.ceil(crossing))
+        previous = (tokens, seconds)
+    if len(points) < 2:
+        return NEVER
+    (t0, s0), (t1, s1) = points[-2], points[-1]
+    if s1 <= s0:
+        return NEVER
+    return max(MIN_CROSSOVER, math.ceil(t1 + (stream_s - s1) * (t1 - t0) / (s1 - s0)))
 
 
-def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares `(intercept, slope)` of ys against xs."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    var = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
-    return my - slope * mx, slope
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `repeats` calls of `fn` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
-def cpu_pass_seconds(num_tokens: int, gate_up: torch.Tensor, down: torch.Tensor, top_k: int, backward: bool) -> float:
-    """Wall time of one CPU routed-experts pass as the engine runs it (forward, plus the backward from the saved
-    pre-activations when `backward`) over random routing of `num_tokens` tokens."""
+def cpu_pass(num_tokens: int, gate_up: torch.Tensor, down: torch.Tensor, top_k: int, kind: str,
+             seed: int = 0) -> Callable[[], object]:
+    """One CPU routed-experts pass of `kind` as the engine runs it, over random routing of `num_tokens` tokens:
+    `inference` is the engine's no-grad CPU pass, `training` the forward that saves the gate/up pre-activations
+    plus the backward from them."""
     num_experts, _, hidden = gate_up.shape
     silu = torch.nn.functional.silu
-    x = torch.randn(num_tokens, hidden, dtype=gate_up.dtype)
-    index = torch.rand(num_tokens, num_experts).topk(top_k, dim=-1).indices  # [T, K] distinct experts per token
-    weights = torch.rand(num_tokens, top_k)
-    start = time.perf_counter()
-    with torch.no_grad():
-        routing = route(index, num_experts)
-        out, saved = experts_forward(x, routing, weights, gate_up, down, silu)
-    if backward:
-        experts_backward(x, routing, weights, saved, gate_up, down, silu, (), (), torch.ones_like(out), [True, True])
-    return time.perf_counter() - start
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=gen).to(gate_up.dtype)
+    index = torch.rand(num_tokens, num_experts, generator=gen).topk(top_k, dim=-1).indices  # [T, K] distinct
+    weights = torch.rand(num_tokens, top_k, generator=gen)
+    if kind == "inference":
+        return lambda: cpu_infer_forward(x, index, weights, gate_up, down, silu)
+
+    def training() -> None:
+        with torch.no_grad():
+            routing = route(index, num_experts)
+            out, hidden_pre = experts_forward(x, routing, weights, gate_up, down, silu)
+        experts_backward(x, routing, weights, hidden_pre, gate_up, down, silu, (), (), torch.ones_like(out),
+                         [True, True])
+
+    return training
 
 
-def copy_seconds(layer_bytes: int, device: torch.device) -> float:
-    """Time to copy `layer_bytes` from pinned host memory to `device`, from a probe of at most 256 MiB."""
-    probe = min(layer_bytes, _COPY_PROBE_BYTES)
-    host = host_empty(probe, torch.uint8, pin=True)  # not torch's pin_memory(): its cache would keep it pinned
-    dev = torch.empty(probe, dtype=torch.uint8, device=device)
+def cpu_pass_seconds(num_tokens: int, gate_up: torch.Tensor, down: torch.Tensor, top_k: int, kind: str,
+                     repeats: int = 3) -> float:
+    """Median wall time of the engine's CPU pass of `kind` over `num_tokens` tokens (after a warm-up)."""
+    return median_seconds(cpu_pass(num_tokens, gate_up, down, top_k, kind), repeats)
+
+
+def copy_bandwidth(device: torch.device, probe_bytes: int = _COPY_PROBE_BYTES, repeats: int = 5) -> float:
+    """Pinned host -> `device` copy bandwidth in bytes/s: median of `repeats` timed copies after a warm-up."""
+    host = host_empty(probe_bytes, torch.uint8, pin=True)  # not torch's pin_memory(): its cache would keep it pinned
+    dev = torch.empty(probe_bytes, dtype=torch.uint8, device=device)
     dev.copy_(host, non_blocking=True)  # warm-up
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(3):
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         dev.copy_(host, non_blocking=True)
-    end.record()
-    end.synchronize()
-    seconds = start.elapsed_time(end) / 1000 / 3
-    return seconds * layer_bytes / probe
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return probe_bytes / statistics.median(times)
+
+
+def sample_cpu_until(pass_seconds: Callable[[int], float], stream_s: float, *, max_tokens: int = 4096,
+                     budget_s: float = 1.5) -> list[tuple[int, float]]:
+    """Time the CPU pass at 1, 2, 4, ... tokens until it costs at least `stream_s`, `max_tokens` is passed, or the
+    sampling has used `budget_s` of wall time (the crossover is then extrapolated)."""
+    samples: list[tuple[int, float]] = []
+    start, tokens = time.perf_counter(), 1
+    while tokens <= max_tokens:
+        samples.append((tokens, pass_seconds(tokens)))
+        if samples[-1][1] >= stream_s or time.perf_counter() - start > budget_s:
+            break
+        tokens *= 2
+    return samples
+
+
+def measure_crossovers(
+    hidden: int,
+    inter: int,
+    num_experts: int,
+    top_k: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    cpu_threads: int | None = None,
+    kinds: Sequence[str] = PASS_KINDS,
+    repeats: int = 3,
+) -> Crossovers:
+    """Crossovers of one layer shape on this machine for each pass kind in `kinds` (NEVER for both when `device`
+    is not CUDA: streaming is impossible there)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return Crossovers(NEVER, NEVER)
+    element = torch.empty((), dtype=dtype).element_size()
+    copy_s = 3 * num_experts * hidden * inter * element / copy_bandwidth(device)
+    # weight values do not change GEMM time; a constant fill is much faster than random init at full size
+    gate_up = torch.full((num_experts, 2 * inter, hidden), 0.01, dtype=dtype)
+    down = torch.full((num_experts, hidden, inter), 0.01, dtype=dtype)
+    samples: dict[str, list[tuple[int, float]]] = {}
+    result = {kind: NEVER for kind in PASS_KINDS}
+    with intra_op_threads(cpu_threads):
+        for kind in kinds:
+            stream_s = COPIES_PER_PASS[kind] * copy_s
+            samples[kind] = sample_cpu_until(
+                lambda t: cpu_pass_seconds(t, gate_up, down, top_k, kind, repeats), stream_s)
+            result[kind] = crossover_from_samples(samples[kind], stream_s)
+    return Crossovers(result["inference"], result["training"], copy_s, samples)
 
 
 def measure_crossover(
@@ -78,20 +212,10 @@ def measure_crossover(
     *,
     backward: bool = True,
     cpu_threads: int | None = None,
-    samples: tuple[int, ...] = (16, 64, 256),
 ) -> int:
-    """Token count per pass above which `stream` beats `cpu` for one layer of this shape on this machine (fwd+bwd
-    when `backward`). Returns NEVER when `device` is not CUDA (streaming is impossible there)."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return NEVER
-    element = torch.empty((), dtype=dtype).element_size()
-    copy_s = copy_seconds(3 * num_experts * hidden * inter * element, device)
-    # weight values do not change GEMM time; a constant fill is much faster than random init at full size
-    gate_up = torch.full((num_experts, 2 * inter, hidden), 0.01, dtype=dtype)
-    down = torch.full((num_experts, hidden, inter), 0.01, dtype=dtype)
-    with intra_op_threads(cpu_threads):
-        cpu_pass_seconds(samples[0], gate_up, down, top_k, backward)  # warm-up
-        times = [cpu_pass_seconds(t, gate_up, down, top_k, backward) for t in samples]
-    fixed, per_token = fit_line([float(t) for t in samples], times)
-    return crossover_from_timings(fixed, per_token, copy_s)
+    """Token count per pass above which `stream` beats `cpu` for one layer of this shape on this machine: for a
+    training pass (forward + backward) when `backward`, else for a no-grad inference pass."""
+    kind = "training" if backward else "inference"
+    found = measure_crossovers(hidden, inter, num_experts, top_k, dtype, device, cpu_threads=cpu_threads,
+                               kinds=(kind,))
+    return found.training if backward else found.inference

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kllama.errors import KllamaError
-from kllama.experts.crossover import measure_crossover
+from kllama.experts.crossover import Crossovers, measure_crossovers
 from kllama.experts.families import family_of, find_expert_modules, layer_index
 from kllama.experts.module import HostExperts
 from kllama.experts.placement import TARGETS, ExpertPlacement, Target
@@ -53,10 +53,10 @@ class ExpertEngine:
 
 
 def _resolve_crossovers(model: nn.Module, modules: list[HostExperts]) -> None:
-    # `auto` placements without a crossover get one measured per distinct layer shape (CUDA only: on CPU the
-    # stream target falls back to cpu anyway).
+    # `auto` placements without a crossover get both (inference, training) measured once per distinct layer shape
+    # (CUDA only: on CPU the stream target falls back to cpu anyway).
     top_k = getattr(model.config, family_of(model).top_k_attr)
-    measured: dict[tuple, int] = {}
+    measured: dict[tuple, Crossovers] = {}
     for m in modules:
         p = m.placement
         if p.short == p.long or p.crossover_tokens is not None or m.compute_device.type != "cuda":
@@ -64,11 +64,11 @@ def _resolve_crossovers(model: nn.Module, modules: list[HostExperts]) -> None:
         dtype = m.host_weights()[0].dtype
         key = (m.hidden_dim, m.intermediate_dim, m.num_experts, top_k, dtype, p.cpu_threads)
         if key not in measured:
-            measured[key] = measure_crossover(
+            measured[key] = measure_crossovers(
                 m.hidden_dim, m.intermediate_dim, m.num_experts, top_k, dtype, m.compute_device,
                 cpu_threads=p.cpu_threads,
             )
-        m.placement = p.with_crossover(measured[key])
+        m.placement = p.with_crossovers(measured[key].inference, measured[key].training)
 
 
 def wire_engine(

@@ -9,11 +9,18 @@ Each pass picks a target from its `ExpertPlacement` (or a forced one): `cpu` com
 On a machine or model without CUDA (compute device `cpu`), `stream` and `gpu` run the `cpu` path instead, with a
 one-time warning: the weights are already where the compute happens, so the result is the same and CPU-only runs of
 an `auto` placement keep working.
+
+A pass is a training pass when gradients flow through it (a backward follows), else a no-grad pass; each kind has
+its own crossover (placement.py). No-grad passes can be routed through a hook (`expert_pass_hook`): CUDA-graph
+capture of a decode step uses it to capture the passes that run on the GPU without a host sync (`capturable`) and
+to cut its graphs around the others.
 """
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor, nn
@@ -22,10 +29,24 @@ from kllama.errors import KllamaError
 from kllama.experts.pinned import pinned_copy
 from kllama.experts.cpu_compute import CpuExecutor
 from kllama.experts.placement import TARGETS, ExpertPlacement, Target
-from kllama.experts.routed import SavedPass
+from kllama.experts.routed import LoraFactors, SavedPass, expert_factors, sync_free
 from kllama.experts.stream import DeviceExecutor, ExpertStreamer
 
 _EXECUTORS = {"cpu": CpuExecutor(), "stream": DeviceExecutor(stream=True), "gpu": DeviceExecutor(stream=False)}
+
+PassHook = Callable[["HostExperts", Tensor, Tensor, Tensor], Tensor]
+_PASS_HOOK: ContextVar[PassHook | None] = ContextVar("kllama_expert_pass_hook", default=None)
+
+
+@contextmanager
+def expert_pass_hook(hook: PassHook) -> Iterator[None]:
+    """Inside the block (this thread/context only), every no-grad HostExperts pass calls `hook(module, x, index,
+    weights) -> out` instead of running; the hook runs it with `module.run_pass` or replaces it."""
+    token = _PASS_HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _PASS_HOOK.reset(token)
 
 
 def to_host(tensor: Tensor, *, pin: bool) -> Tensor:
@@ -98,6 +119,7 @@ class HostExperts(nn.Module):
         self.lora = nn.ModuleDict()  # target name -> ExpertLoRA (kllama.experts.lora)
         self.lora_enabled = True
         self._warned_fallback = False
+        self._host_lora: tuple[tuple, dict[str, tuple[Tensor, Tensor]]] | None = None
 
     @classmethod
     def from_stock(
@@ -143,9 +165,10 @@ class HostExperts(nn.Module):
         lora = sum(p.numel() * p.element_size() for p in self.lora.parameters() if p.is_cuda)
         return resident + lora
 
-    def target_for(self, num_tokens: int) -> Target:
-        """Target of a pass over `num_tokens` tokens: the forced one if set, else the placement's."""
-        target = self.forced_target or self.placement.target_for(num_tokens)
+    def target_for(self, num_tokens: int, training: bool = False) -> Target:
+        """Target of a pass over `num_tokens` tokens (`training`: a backward follows): the forced one if set, else
+        the placement's."""
+        target = self.forced_target or self.placement.target_for(num_tokens, training)
         if target not in TARGETS:
             raise KllamaError(f"{self.name}: unknown expert target {target!r}; choose one of {', '.join(TARGETS)}")
         if target != "cpu" and self.compute_device.type != "cuda":
@@ -165,8 +188,42 @@ class HostExperts(nn.Module):
         params = [p for lora in self.lora.values() for p in (lora.lora_A, lora.lora_B)]
         return meta, params
 
+    def host_lora_factors(self, meta: Sequence[tuple[str, float]], params: Sequence[Tensor],
+                          ) -> dict[str, tuple[Tensor, Tensor]]:
+        """Host copies of the active expert LoRA as per-expert factors `{target: (a [E, r, in], b [E, out, r])}` in
+        the weights' dtype (scaling folded into b), for no-grad CPU passes. Kept until a parameter changes (its
+        version counter moves), so decode does not copy the adapter from the GPU at every layer and token."""
+        if not meta:
+            return {}
+        key = (tuple(meta), tuple((id(p), p._version) for p in params))
+        if self._host_lora is None or self._host_lora[0] != key:
+            dtype = self._gate_up.dtype
+            factors = {}
+            for i, (target, scaling) in enumerate(meta):
+                lora = LoraFactors(params[2 * i].detach().cpu(), params[2 * i + 1].detach().cpu(), scaling)
+                factors[target] = expert_factors(lora, self.num_experts, dtype)
+            self._host_lora = (key, factors)
+        return self._host_lora[1]
+
+    def capturable(self, num_tokens: int) -> bool:
+        """Whether a no-grad pass over `num_tokens` tokens runs wholly on the GPU without a host sync or a host copy
+        (resident weights already made, torch's grouped GEMM for the weights and LoRA shapes): a CUDA graph can
+        capture it."""
+        if self.target_for(num_tokens) != "gpu" or self._resident is None:
+            return False
+        ranks = [lora.r for lora in self.lora.values()] if self.lora_enabled else []
+        return sync_free(self._resident[0], self.hidden_dim, 2 * self.intermediate_dim, self.intermediate_dim, *ranks)
+
+    def run_pass(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """The pass itself (what `forward` does without a hook), on the target its size and kind choose."""
+        meta, params = self._active_lora()
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, top_k_weights, *params))
+        executor = _EXECUTORS[self.target_for(hidden_states.shape[0], training)]
+        return _ExpertsFunction.apply(hidden_states, top_k_weights, top_k_index, self, executor, meta, *params)
+
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         """`hidden_states [T, H]`, `top_k_index [T, K]`, `top_k_weights [T, K]` -> `[T, H]` (stock semantics)."""
-        executor = _EXECUTORS[self.target_for(hidden_states.shape[0])]
-        meta, params = self._active_lora()
-        return _ExpertsFunction.apply(hidden_states, top_k_weights, top_k_index, self, executor, meta, *params)
+        hook = _PASS_HOOK.get()
+        if hook is not None and not torch.is_grad_enabled():
+            return hook(self, hidden_states, top_k_index, top_k_weights)
+        return self.run_pass(hidden_states, top_k_index, top_k_weights)

@@ -10,6 +10,10 @@ DESIGN.md: `cpu` computes next to the weights in host RAM, `stream` copies the w
 * `gpu`    -> short=gpu,    long=gpu
 * `auto`   -> short=cpu,    long=stream, crossover measured at start-up (and layers promoted to `gpu` while the
   `max_gpu_memory` budget allows).
+
+The crossover depends on the pass kind: a no-grad pass (decode, prefill, reference) pays one layer copy to stream, a
+training pass (its backward follows) two, and their CPU costs differ too, so `auto` keeps one crossover for each
+(`infer_crossover_tokens`, `crossover_tokens`). A crossover given by a rule applies to both kinds.
 """
 from __future__ import annotations
 
@@ -34,14 +38,16 @@ _MODE_TARGETS: dict[str, tuple[str, str]] = {
 class ExpertPlacement:
     """Placement of one MoE layer's routed experts.
 
-    `short` runs passes with fewer than `crossover_tokens` tokens, `long` the rest. `crossover_tokens=None` means
-    "measure it at start-up" (only meaningful when short != long). `cpu_threads` and `chunk_size` tune the CPU path
-    (KTransformers' `cpu_infer` / `chunk_size`).
+    `short` runs passes with fewer than the crossover's tokens, `long` the rest: `crossover_tokens` for training
+    passes, `infer_crossover_tokens` for no-grad passes (None: the same as `crossover_tokens`).
+    `crossover_tokens=None` means "measure both at start-up" (only meaningful when short != long). `cpu_threads` and
+    `chunk_size` tune the CPU path (KTransformers' `cpu_infer` / `chunk_size`).
     """
 
     short: Target = "cpu"
     long: Target = "stream"
     crossover_tokens: int | None = None
+    infer_crossover_tokens: int | None = None
     cpu_threads: int | None = None
     chunk_size: int = 8192
     source: str = "default"  # which rule or option decided this, for the placement table
@@ -61,13 +67,23 @@ class ExpertPlacement:
             return self.short
         return "auto"
 
-    def target_for(self, num_tokens: int) -> Target:
-        """Which target runs a pass over `num_tokens` tokens."""
+    def crossover(self, training: bool) -> int | None:
+        """The crossover of a training pass (`training`) or of a no-grad pass (None: not known yet)."""
+        if not training and self.infer_crossover_tokens is not None:
+            return self.infer_crossover_tokens
+        return self.crossover_tokens
+
+    def target_for(self, num_tokens: int, training: bool = False) -> Target:
+        """Which target runs a pass over `num_tokens` tokens; `training`: a backward will follow it."""
         if self.short == self.long:
             return self.short
-        threshold = self.crossover_tokens if self.crossover_tokens is not None else 0
+        threshold = self.crossover(training) or 0
         return self.short if num_tokens < threshold else self.long
 
     def with_crossover(self, tokens: int) -> "ExpertPlacement":
-        """A copy with a measured crossover token count."""
-        return replace(self, crossover_tokens=tokens)
+        """A copy with one crossover token count for both pass kinds."""
+        return replace(self, crossover_tokens=tokens, infer_crossover_tokens=None)
+
+    def with_crossovers(self, inference: int, training: int) -> "ExpertPlacement":
+        """A copy with measured crossovers for no-grad and training passes."""
+        return replace(self, crossover_tokens=training, infer_crossover_tokens=inference)

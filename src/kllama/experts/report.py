@@ -22,7 +22,12 @@ def format_bytes(n: int) -> str:
 def _crossover(p: ExpertPlacement) -> str:
     if p.short == p.long:
         return "-"
-    return "measure" if p.crossover_tokens is None else f"{p.crossover_tokens} tok"
+    if p.crossover_tokens is None:
+        return "measure"
+    infer = p.crossover(training=False)
+    if infer == p.crossover_tokens:
+        return f"{infer} tok"
+    return f"infer {infer} / train {p.crossover_tokens} tok"
 
 
 def _resident_bytes(module: Any, p: ExpertPlacement, host: int) -> int:

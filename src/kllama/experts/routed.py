@@ -73,6 +73,12 @@ def _can_group(x: Tensor, *dims: int) -> bool:
     return torch.cuda.get_device_capability(x.device) >= (8, 0)
 
 
+def sync_free(weight: Tensor, *dims: int) -> bool:
+    """Whether a pass on `weight`'s device with these inner dims runs without a host sync (torch's grouped GEMM on
+    CUDA: bf16 weights, 16-byte-aligned dims, SM80+), which is what a CUDA graph can capture."""
+    return _can_group(weight, *dims)
+
+
 def grouped_linear(x: Tensor, weight: Tensor, routing: Routing) -> Tensor:
     """`x [S, in]` (rows sorted by expert) times each expert's `weight [E, out, in]`^T -> `[S, out]`.
 
@@ -106,8 +112,9 @@ def grouped_outer(p: Tensor, q: Tensor, routing: Routing) -> Tensor:
     return out
 
 
-def _expert_factors(lora: LoraFactors, num_experts: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """PEFT's flat factors as per-expert `a [E, r, in]` and `b [E, out, r]`, with the scaling folded into b."""
+def expert_factors(lora: LoraFactors, num_experts: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """PEFT's flat factors as per-expert `a [E, r, in]` and `b [E, out, r]` in `dtype`, with the scaling folded
+    into b."""
     a = lora.lora_A.to(dtype).view(num_experts, -1, lora.lora_A.shape[-1])  # rows e*r:(e+1)*r
     out_features = lora.lora_B.shape[0]
     # PEFT reads lora_B as [out, r, E]: expert e owns columns e, e+E, e+2E, ...
@@ -116,7 +123,7 @@ def _expert_factors(lora: LoraFactors, num_experts: int, dtype: torch.dtype) -> 
 
 
 def _lora_delta(x: Tensor, lora: LoraFactors, routing: Routing, dtype: torch.dtype) -> Tensor:
-    a, b = _expert_factors(lora, routing.offsets.numel(), dtype)
+    a, b = expert_factors(lora, routing.offsets.numel(), dtype)
     low = grouped_linear(x, a, routing)  # [S, r]
     return grouped_linear(low, b, routing)  # [S, out]
 
@@ -218,7 +225,7 @@ def experts_backward(
     ga = grouped_linear(gs, down.transpose(-2, -1), routing)  # [S, I]
     if "down_proj" in lora:
         i = position["down_proj"]
-        a, b = _expert_factors(lora["down_proj"], num_experts, dtype)  # [E, r, I], [E, H, r]
+        a, b = expert_factors(lora["down_proj"], num_experts, dtype)  # [E, r, I], [E, H, r]
         low_g = grouped_linear(gs, b.transpose(-2, -1), routing)  # [S, r]
         ga = ga + grouped_linear(low_g, a.transpose(-2, -1), routing)
         if want_lora[2 * i] or want_lora[2 * i + 1]:
@@ -235,7 +242,7 @@ def experts_backward(
     dxs = grouped_linear(d_hidden, gate_up.transpose(-2, -1), routing) if want_x else None  # [S, H]
     if "gate_up_proj" in lora:
         i = position["gate_up_proj"]
-        a, b = _expert_factors(lora["gate_up_proj"], num_experts, dtype)  # [E, r, H], [E, 2I, r]
+        a, b = expert_factors(lora["gate_up_proj"], num_experts, dtype)  # [E, r, H], [E, 2I, r]
         low_h = grouped_linear(d_hidden, b.transpose(-2, -1), routing)  # [S, r]
         if want_x:
             dxs = dxs + grouped_linear(low_h, a.transpose(-2, -1), routing)
@@ -293,7 +300,8 @@ class PassExecutor:
     def chunks(self, module: "HostExperts", num_tokens: int) -> list[slice]:
         return [slice(0, num_tokens)]
 
-    def weights(self, module: "HostExperts", num_tokens: int, backward: bool) -> tuple[Tensor, Tensor]:
+    def weights(self, module: "HostExperts", num_tokens: int, backward: bool, training: bool) -> tuple[Tensor, Tensor]:
+        """The weights a pass computes with; `training` says a backward follows (it decides which layers stream)."""
         raise NotImplementedError
 
     def done(self, module: "HostExperts", backward: bool) -> None:
@@ -320,7 +328,7 @@ class PassExecutor:
         outs, chunks = [], []
         with torch.no_grad(), self.context(module):
             routings = [route(idx[s], module.num_experts) for s in spans]
-            gate_up, down = self.weights(module, xd.shape[0], backward=False)
+            gate_up, down = self.weights(module, xd.shape[0], backward=False, training=keep)
             for span, routing in zip(spans, routings):
                 out, hidden = experts_forward(xd[span], routing, w[span], gate_up, down, module.act_fn, lora)
                 outs.append(out)
@@ -345,7 +353,7 @@ class PassExecutor:
         lora_here = [p.detach().to(device) for p in lora_params]
         dx, dw, dlora = [], [], [None] * len(lora_params)
         with self.context(module):
-            gate_up, down = self.weights(module, saved.x.shape[0], backward=True)
+            gate_up, down = self.weights(module, saved.x.shape[0], backward=True, training=True)
             for span, routing, hidden in saved.chunks:
                 grads = experts_backward(saved.x[span], routing, saved.top_k_weights[span], hidden, gate_up, down,
                                          module.act_fn, lora_meta, lora_here, g[span], needs)

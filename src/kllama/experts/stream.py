@@ -109,8 +109,8 @@ class ExpertStreamer:
         slot.last_used = self._clock
         return slot
 
-    def _neighbour(self, layer: int, num_tokens: int, backward: bool) -> int | None:
-        streamed = [i for i, m in enumerate(self.layers) if m.target_for(num_tokens) == "stream"]
+    def _neighbour(self, layer: int, num_tokens: int, backward: bool, training: bool) -> int | None:
+        streamed = [i for i, m in enumerate(self.layers) if m.target_for(num_tokens, training) == "stream"]
         before = [i for i in streamed if i < layer]
         after = [i for i in streamed if i > layer]
         ahead, behind = (before[::-1], after) if backward else (after, before[::-1])
@@ -118,9 +118,11 @@ class ExpertStreamer:
             return ahead[0]
         return behind[0] if behind else None
 
-    def acquire(self, module: "HostExperts", num_tokens: int, backward: bool) -> tuple[Tensor, Tensor]:
+    def acquire(self, module: "HostExperts", num_tokens: int, backward: bool,
+                training: bool = False) -> tuple[Tensor, Tensor]:
         """GPU copies `(gate_up, down)` of `module`'s weights, usable on the current stream; queues the prefetch of
-        the next layer in the pass direction. Pair every call with `release(module)` after the compute is queued."""
+        the next streamed layer in the pass direction (which layers stream depends on the pass kind: `training`).
+        Pair every call with `release(module)` after the compute is queued."""
         layer = self._index[id(module)]
         if backward or (self._last is not None and layer < self._last):
             self._backward = True
@@ -132,7 +134,7 @@ class ExpertStreamer:
         slot.last_used = self._clock
         compute = torch.cuda.current_stream(self.device)
         compute.wait_event(slot.ready)
-        nxt = self._neighbour(layer, num_tokens, self._backward)
+        nxt = self._neighbour(layer, num_tokens, self._backward, training or backward)
         if nxt is not None and self._slot_of(nxt) is None:
             self._load(nxt, keep=slot)
         if self.trace:
@@ -159,12 +161,12 @@ class DeviceExecutor(PassExecutor):
     def __init__(self, stream: bool) -> None:
         self.stream = stream
 
-    def weights(self, module: "HostExperts", num_tokens: int, backward: bool) -> tuple[Tensor, Tensor]:
+    def weights(self, module: "HostExperts", num_tokens: int, backward: bool, training: bool) -> tuple[Tensor, Tensor]:
         if not self.stream:
             return module.resident_weights()
         if module.streamer is None:
             raise RuntimeError(f"{module.name}: streamed experts need wire_engine() to attach an ExpertStreamer")
-        return module.streamer.acquire(module, num_tokens, backward)
+        return module.streamer.acquire(module, num_tokens, backward, training)
 
     def done(self, module: "HostExperts", backward: bool) -> None:
         if self.stream and module.streamer is not None:
