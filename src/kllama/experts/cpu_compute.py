@@ -99,7 +99,7 @@ def cpu_infer_forward(
     return out.to(x.dtype)
 
 
-def to_host(*tensors: Tensor) -> list[Tensor]:
+def stage_to_host(*tensors: Tensor) -> list[Tensor]:
     """Host copies of device `tensors` through pinned buffers, with one stream sync for all of them (no copy for
     tensors already on the host)."""
     if all(t.device.type == "cpu" for t in tensors):
@@ -109,7 +109,7 @@ def to_host(*tensors: Tensor) -> list[Tensor]:
     return hosts
 
 
-def to_device(out: Tensor, device: torch.device) -> Tensor:
+def stage_to_device(out: Tensor, device: torch.device) -> Tensor:
     """`out` (host) on `device`, through a pinned buffer and a non-blocking copy (no wait)."""
     if device.type == "cpu":
         return out
@@ -145,11 +145,11 @@ class CpuExecutor(PassExecutor):
     ) -> tuple[Tensor, SavedPass | None]:
         if keep:
             return super().forward(module, x, top_k_index, top_k_weights, lora_meta, lora_params, keep)
-        xh, index, weights = to_host(x.detach(), top_k_index, top_k_weights.detach())
+        xh, index, weights = stage_to_host(x.detach(), top_k_index, top_k_weights.detach())
         factors = module.host_lora_factors(lora_meta, lora_params)
         gate_up, down = module.host_weights()
         with torch.no_grad(), self.context(module):
             outs = [cpu_infer_forward(xh[s], index[s], weights[s], gate_up, down, module.act_fn, factors)
                     for s in self.chunks(module, xh.shape[0])]
         out = (outs[0] if len(outs) == 1 else torch.cat(outs)) if outs else torch.zeros_like(xh)
-        return to_device(out, x.device), None
+        return stage_to_device(out, x.device), None
