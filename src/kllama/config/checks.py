@@ -81,6 +81,8 @@ def _train_checks(c: "KllamaConfig", check_paths: bool) -> list[str]:
         out.append("bf16 and fp16: choose one mixed-precision mode")
     if not 0.0 <= t.warmup_ratio < 1.0:
         out.append(f"warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if t.micro_batch_tokens < 0:
+        out.append(f"micro_batch_tokens: must be >= 0 (0 keeps the batching as written), got {t.micro_batch_tokens}")
     if t.learning_rate <= 0:
         out.append(f"learning_rate: must be > 0, got {t.learning_rate}")
     if t.do_eval and not d.val_size and not d.eval_dataset:

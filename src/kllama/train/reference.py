@@ -67,3 +67,15 @@ def attach_reference_logps(model: nn.Module, dataset: Dataset, collate: Callable
         torch.save(saved, tmp)
         tmp.replace(cache)
     return dataset.add_column("ref_chosen_logps", saved["chosen"]).add_column("ref_rejected_logps", saved["rejected"])
+
+
+def with_reference_columns(collate: Callable[[list[dict]], dict[str, Any]]) -> Callable[[list[dict]], dict[str, Any]]:
+    """`collate` for rows carrying `ref_chosen_logps` / `ref_rejected_logps`: the batch gets them as `[B]` fp32
+    tensors in row order, so they follow their rows through any sampler or micro-batch merge."""
+    def collate_with_reference(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate([{k: v for k, v in r.items() if not k.startswith("ref_")} for r in rows])
+        batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float32)
+        batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
+        return batch
+
+    return collate_with_reference

@@ -23,6 +23,7 @@ from kllama.model.adapters import (
 )
 from kllama.model.load import LoadedModel, load_model
 from kllama.train.checkpoints import PublishCheckpoints, prepare_output_dir, resolve_resume, staging_dir
+from kllama.train.micro_batching import BatchPlan, apply_micro_batching
 from kllama.train.trainer import KllamaTrainer, PreferenceSettings, starting_adapter_reference
 
 TEMPLATE_FILE = "template.json"
@@ -39,17 +40,21 @@ def preference_settings(config: KllamaConfig) -> PreferenceSettings:
     )
 
 
-def build_training_arguments(config: KllamaConfig, *, has_eval: bool, use_cpu: bool) -> TrainingArguments:
-    """transformers' TrainingArguments from kllama's training section (checkpoints go to the staging dir)."""
+def build_training_arguments(config: KllamaConfig, *, has_eval: bool, use_cpu: bool,
+                             plan: BatchPlan | None = None) -> TrainingArguments:
+    """transformers' TrainingArguments from kllama's training section (checkpoints go to the staging dir); a
+    micro-batching `plan` replaces batch size and accumulation and keeps the rows in the order it gave them."""
     t = config.training
+    merged = plan is not None
     warmup: float = t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio
     eval_strategy = t.eval_strategy if t.eval_strategy != "no" or not has_eval else "steps"
     report = [r for r in t.report_to if r not in ("none", "tensorboard")] or "none"
     return TrainingArguments(
         output_dir=str(staging_dir(t.output_dir)),
-        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_train_batch_size=plan.batch if merged else t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=plan.accumulation if merged else t.gradient_accumulation_steps,
+        train_sampling_strategy="sequential" if merged else "random",  # LengthGroupedRows shuffles per epoch
         learning_rate=t.learning_rate,
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
@@ -119,7 +124,7 @@ def run_training(config: KllamaConfig) -> int:
     """Run `kllama train` end to end; returns the exit status."""
     from kllama.data import PairwiseCollator, SFTCollator, build_dataset, describe_example, format_summary, get_template
     from kllama.train.plots import plot_training
-    from kllama.train.reference import attach_reference_logps
+    from kllama.train.reference import attach_reference_logps, with_reference_columns
 
     t, f = config.training, config.finetuning
     set_seed(t.seed)
@@ -152,9 +157,11 @@ def run_training(config: KllamaConfig) -> int:
         if eval_set is not None:
             eval_set = attach_reference_logps(model, eval_set, collate, settings, reference_context, cache_dir,
                                               batch_size=ref_batch, device=loaded.device)
-        collate = _with_reference_columns(collate)
+        collate = with_reference_columns(collate)
 
-    args = build_training_arguments(config, has_eval=eval_set is not None, use_cpu=loaded.device.type == "cpu")
+    train_set, plan = apply_micro_batching(config, loaded.engine, train_set)
+    args = build_training_arguments(config, has_eval=eval_set is not None, use_cpu=loaded.device.type == "cpu",
+                                    plan=plan)
     callbacks: list[Any] = [PublishCheckpoints(output_dir, t.save_total_limit)]
     if "tensorboard" in t.report_to:
         from torch.utils.tensorboard import SummaryWriter
@@ -184,14 +191,3 @@ def run_training(config: KllamaConfig) -> int:
     shutil.rmtree(staging_dir(output_dir), ignore_errors=True)
     print(f"adapter written to {output_dir}", flush=True)
     return 0
-
-
-def _with_reference_columns(collate: Any) -> Any:
-    def collate_with_reference(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = collate([{k: v for k, v in r.items() if not k.startswith("ref_")} for r in rows])
-        batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float32)
-        batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
-        return batch
-
-    return collate_with_reference
-

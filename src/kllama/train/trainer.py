@@ -87,9 +87,12 @@ class KllamaTrainer(Trainer):
     def __init__(self, *args: Any, settings: PreferenceSettings,
                  reference_context: Callable[[], contextlib.AbstractContextManager] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        # Our losses are per-pair means that ignore `num_items_in_batch`; this makes the Trainer divide each
-        # micro-step's loss by the accumulation steps (else batch 1 x accumulation 2 gets twice the gradient).
-        self.model_accepts_loss_kwargs = False
+        # DPO-family losses are per-pair means of a micro-batch: with this False the Trainer divides each one by the
+        # accumulation steps, so equal micro-batches give the step's per-pair mean however its rows are split.
+        # SFT's loss is a token mean over the whole optimizer step: with this True the Trainer counts the step's
+        # label tokens (`num_items_in_batch`), `_sft_loss` divides by them and the Trainer does not divide again
+        # (what stock transformers does for causal LMs), so merged and accumulated micro-batches agree.
+        self.model_accepts_loss_kwargs = settings.stage == "sft"
         self.settings = settings
         self._reference_context = reference_context
         self._stored: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -146,19 +149,29 @@ class KllamaTrainer(Trainer):
             metrics["router_aux_loss"] = aux.item()
         return loss, metrics
 
-    def _sft_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def _sft_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], step_tokens: Any = None,
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Token-mean NLL; over the optimizer step's `step_tokens` label tokens in training (the Trainer then
+        adds the micro-steps up without dividing), over this batch's own tokens in evaluation."""
         sums, counts, aux = policy_logps(model, batch, self.settings)
-        loss = -sums.sum() / counts.sum().clamp(min=1)
+        per_step = step_tokens is not None
+        denominator = torch.as_tensor(step_tokens, device=sums.device) if per_step else counts.sum()
+        loss = -sums.sum() / denominator.clamp(min=1)
         if aux is not None:
-            loss = loss + self.settings.router_aux_loss_coef * aux
+            # the aux loss is a per-micro-batch statistic: average it over the step's micro-batches
+            weight = self.settings.router_aux_loss_coef / (self.current_gradient_accumulation_steps if per_step else 1)
+            loss = loss + weight * aux
         return loss, {}
 
-    def _loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        return (self._dpo_loss if self.settings.stage == "dpo" else self._sft_loss)(model, batch)
+    def _loss(self, model: nn.Module, batch: dict[str, torch.Tensor], step_tokens: Any = None,
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.settings.stage == "dpo":
+            return self._dpo_loss(model, batch)
+        return self._sft_loss(model, batch, step_tokens)
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        loss, metrics = self._loss(model, inputs)
+        loss, metrics = self._loss(model, inputs, num_items_in_batch if model.training else None)
         self._tokens_since_log += int(inputs["attention_mask"].sum())
         for key, value in metrics.items():
             self._stored["train"][key].append(value)

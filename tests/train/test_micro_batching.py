@@ -1,0 +1,200 @@
+"""Token-budget micro-batching: the plan, the length-grouped order, and merged == accumulated gradients."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from kllama.train.micro_batching import (
+    BatchPlan,
+    LengthGroupedRows,
+    grouped_order,
+    padding_fraction,
+    plan_batches,
+    row_lengths,
+    why_not_merged,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("batch,accum,longest,budget,want", [
+    (1, 8, 100, 16384, (8, 1)),     # 8 pairs x 2 x 104 tokens fit: one pass
+    (1, 8, 2048, 16384, (4, 2)),    # 8 x 2 x 2048 = 32k do not; 4 pairs do
+    (1, 8, 2048, 4096, (1, 8)),     # even one pair is 4096: the user's batching stands
+    (1, 8, 4096, 4096, (1, 8)),     # the user's own batch over budget is never split
+    (3, 4, 100, 16384, (12, 1)),
+    (3, 4, 1000, 8192, (4, 3)),     # k=3: 4 rows x 2 x 1000 = 8000
+    (2, 3, 500, 4096, (3, 2)),      # lengths are padded to 8: 3 x 2 x 504
+])
+def test_plan_picks_the_fewest_passes_within_the_budget(batch, accum, longest, budget, want):
+    plan = plan_batches(batch, accum, longest, 2, budget, "pairs")
+    assert (plan.batch, plan.accumulation) == want
+    assert plan.batch * plan.accumulation == batch * accum
+    if plan.merged:
+        assert plan.pass_tokens <= budget
+
+
+def test_merging_is_off_where_nothing_is_amortised_or_the_loss_needs_the_whole_batch():
+    streamed = Counter(stream=26)
+    base = {"use_kt": True, "targets": streamed, "budget": 16384, "loss_type": "sigmoid", "router_aux_loss_coef": None}
+    assert why_not_merged(**base) is None
+    assert why_not_merged(**{**base, "targets": Counter(cpu=3)}) is None
+    assert why_not_merged(**{**base, "targets": Counter(gpu=3, stream=1)}) is None
+    assert "resident" in why_not_merged(**{**base, "targets": Counter(gpu=26)})
+    assert "use_kt" in why_not_merged(**{**base, "use_kt": False})
+    assert "0 turns it off" in why_not_merged(**{**base, "budget": 0})
+    assert "bco_pair" in why_not_merged(**{**base, "loss_type": "bco_pair"})
+    assert "router" in why_not_merged(**{**base, "router_aux_loss_coef": 0.01})
+
+
+def test_grouped_order_is_a_seeded_permutation_of_whole_steps_with_the_partial_step_last():
+    lengths = [(i * 37) % 101 + 1 for i in range(203)]
+    order = grouped_order(lengths, 8, seed=5)
+    assert sorted(order) == list(range(203))
+    assert order == grouped_order(lengths, 8, seed=5)
+    assert order != grouped_order(lengths, 8, seed=6)
+    steps = [order[s:s + 8] for s in range(0, 200, 8)]
+    assert all([lengths[i] for i in step] == sorted((lengths[i] for i in step), reverse=True) for step in steps)
+    # steps are not in length order across the epoch (they are shuffled after grouping)
+    assert [lengths[s[0]] for s in steps] != sorted((lengths[s[0]] for s in steps), reverse=True)
+    rows = LengthGroupedRows(list(range(203)), lengths, 8, seed=5)
+    assert [rows[i] for i in range(len(rows))] == order
+    rows.set_epoch(1)
+    assert [rows[i] for i in range(len(rows))] == grouped_order(lengths, 8, seed=6)
+
+
+def test_padding_stays_under_ten_percent_on_the_bundled_demo_with_the_seed_batching(tiny_model_dir):
+    from kllama.config import build_config
+    from kllama.data import build_dataset, get_template
+    from kllama.model.load import load_tokenizer
+
+    config = build_config({"model_name_or_path": str(tiny_model_dir("deepseek_v2")), "output_dir": "/nonexistent/o",
+                           "stage": "dpo", "dataset": "dpo_en_demo", "template": "llama3", "cutoff_len": 2048,
+                           "max_samples": 1000, "per_device_train_batch_size": 1,
+                           "gradient_accumulation_steps": 8})
+    tokenizer = load_tokenizer(config)
+    train = build_dataset(config.data, tokenizer, get_template("llama3", tokenizer), stage="dpo", seed=42).train
+    lengths = row_lengths(train, "dpo")
+    assert lengths == [max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in train]
+    plan = plan_batches(1, 8, max(lengths), 2, config.training.micro_batch_tokens, "pairs")
+    assert (plan.batch, plan.accumulation) == (8, 1)
+    for epoch in range(3):
+        order = grouped_order(lengths, 8, seed=42 + epoch)
+        assert padding_fraction(lengths, order, plan.batch) < 0.10
+    # the same merge on random steps would pad far more: the grouping is what keeps it small
+    assert padding_fraction(lengths, list(range(len(lengths))), plan.batch) > 0.2
+
+
+class GradCapture(TrainerCallback):
+    """Copies every trainable gradient right before the first optimiser step."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def first_step(model_dir: Path, tmp: Path, settings: dict, plan: BatchPlan) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and gradients of the first optimizer step, with the rows of a 4-row step in the grouped order."""
+    from kllama.config import build_config
+    from kllama.data import PairwiseCollator, SFTCollator, build_dataset, get_template
+    from kllama.model.adapters import attach_lora, resolve_lora_spec
+    from kllama.model.load import load_model
+    from kllama.train.reference import attach_reference_logps, with_reference_columns
+    from kllama.train.run import build_training_arguments, preference_settings
+    from kllama.train.trainer import KllamaTrainer
+    from transformers import set_seed
+
+    config = build_config({
+        "model_name_or_path": str(model_dir), "output_dir": str(tmp / f"b{plan.batch}"), "template": "deepseek",
+        "cutoff_len": 64, "max_samples": 12, "max_steps": 1, "logging_steps": 1, "use_kt": True,
+        "expert_placement": "cpu", "lora_rank": 4, "seed": 3, "disable_tqdm": True, **settings,
+    })
+    stage = config.finetuning.stage
+    set_seed(3)
+    loaded = load_model(config, dtype=torch.float32)
+    bundle = build_dataset(config.data, loaded.tokenizer, get_template("deepseek", loaded.tokenizer), stage=stage,
+                           seed=3)
+    f = config.finetuning
+    model = attach_lora(loaded.model, resolve_lora_spec(loaded.model, f.lora_target, f.lora_rank, None, 0.0), seed=3)
+    with torch.no_grad():  # non-zero B so every LoRA tensor gets a gradient and the reference differs
+        for name, p in model.named_parameters():
+            if p.requires_grad and "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator(device=p.device).manual_seed(len(name)))
+    collate = (PairwiseCollator if stage == "dpo" else SFTCollator)(loaded.tokenizer.pad_token_id)
+    rows = bundle.train
+    if f.precompute_ref_log_probs:
+        rows = attach_reference_logps(model, rows, collate, preference_settings(config), None, tmp / "cache",
+                                      batch_size=5, device=loaded.device)
+        collate = with_reference_columns(collate)
+    ordered = LengthGroupedRows(rows, row_lengths(rows, stage), 4, seed=3)
+    capture = GradCapture()
+    trainer = KllamaTrainer(
+        model=model, args=build_training_arguments(config, has_eval=False, use_cpu=loaded.device.type == "cpu",
+                                                   plan=plan),
+        train_dataset=ordered, data_collator=collate, processing_class=loaded.tokenizer, callbacks=[capture],
+        settings=preference_settings(config),
+    )
+    trainer.train()
+    loss = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+    return loss, capture.grads
+
+
+CASES = {
+    "sigmoid": {"stage": "dpo", "dataset": "dpo_en_demo", "pref_loss": "sigmoid"},
+    "orpo": {"stage": "dpo", "dataset": "dpo_en_demo", "pref_loss": "orpo"},
+    "simpo": {"stage": "dpo", "dataset": "dpo_en_demo", "pref_loss": "simpo", "pref_beta": 2.0},
+    "sft": {"stage": "sft", "dataset": "alpaca_en_demo"},
+    "precomputed-ref": {"stage": "dpo", "dataset": "dpo_en_demo", "precompute_ref_log_probs": True},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_merged_step_equals_accumulated_micro_steps(case, tiny_model_dir, tmp_path):
+    model_dir = tiny_model_dir("deepseek_v2")
+    loss_a, grads_a = first_step(model_dir, tmp_path / "a", CASES[case], BatchPlan(1, 4, 1, 4))
+    loss_b, grads_b = first_step(model_dir, tmp_path / "b", CASES[case], BatchPlan(1, 4, 4, 1))
+    assert loss_a == pytest.approx(loss_b, abs=1e-5)
+    assert grads_a.keys() == grads_b.keys() and any(".experts." in k for k in grads_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _train(*args: str) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "kllama.cli", "train", *args], capture_output=True, text=True,
+                         timeout=300, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def _losses(out: Path) -> dict[int, float]:
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+def test_cli_prints_the_merge_and_resumes_exactly_across_an_epoch(tiny_model_dir, tmp_path):
+    common = [f"model_name_or_path={tiny_model_dir('deepseek_v2')}", "stage=dpo", "dataset=dpo_en_demo",
+              "template=deepseek", "cutoff_len=64", "max_samples=10", "per_device_train_batch_size=1",
+              "gradient_accumulation_steps=4", "num_train_epochs=2", "save_steps=4", "logging_steps=1",
+              "learning_rate=5e-3", "use_kt=true", "expert_placement=cpu", "lora_rank=4", "seed=11",
+              "disable_tqdm=true", "dataloader_num_workers=2"]
+    full = _train(*common, f"output_dir={tmp_path / 'full'}")
+    assert "micro-batching: 1 x 4 accumulation -> 4 pairs x 1 pass per step (experts on the CPU" in full.stdout
+    reference = _losses(tmp_path / "full")
+    assert sorted(reference) == list(range(1, 7))  # 10 rows, 4 per step: 3 steps per epoch (the last has 2 rows)
+    resumed = _train(*common, f"output_dir={tmp_path / 'resumed'}",
+                     f"resume_from_checkpoint={tmp_path / 'full' / 'checkpoint-4'}")  # inside the 2nd epoch
+    assert "resuming from" in resumed.stdout
+    losses = _losses(tmp_path / "resumed")
+    for step in (5, 6):
+        assert losses[step] == pytest.approx(reference[step], abs=1e-6), step
