@@ -99,12 +99,13 @@ def test_dataloader_workers_run_in_a_process_holding_host_buffers():
 
 def test_loaded_experts_live_in_dontfork_buffers(tiny_model_dir):
     from kllama.experts.placement import ExpertPlacement
-    from kllama.model.loader import load_model
+    from kllama.model.meta_load import load_checkpoint
+    from kllama.model.source import read_model_source
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    _, engine = load_model(tiny_model_dir("deepseek_v2"), compute_device=device, dtype=torch.float32,
-                           trust_remote_code=False, show_progress=False,
-                           placements_fn=lambda names: {n: ExpertPlacement.from_mode("cpu") for n in names})
+    source = read_model_source(tiny_model_dir("deepseek_v2"), trust_remote_code=False)
+    _, engine = load_checkpoint(source, compute_device=device, dtype=torch.float32, show_progress=False,
+                                placements_fn=lambda names: {n: ExpertPlacement.from_mode("cpu") for n in names})
     for module in engine.modules.values():
         for weight in module.host_weights():
             assert "dc" in (mapping_flags(weight.data_ptr()) or set()), module.name

@@ -74,13 +74,13 @@ def test_grouped_order_is_a_seeded_permutation_of_whole_steps_with_the_partial_s
 def test_padding_stays_under_ten_percent_on_the_bundled_demo_with_the_seed_batching(tiny_model_dir):
     from kllama.config import build_config
     from kllama.data import build_dataset, get_template
-    from kllama.model.load import load_tokenizer
+    from transformers import AutoTokenizer
 
     config = build_config({"model_name_or_path": str(tiny_model_dir("deepseek_v2")), "output_dir": "/nonexistent/o",
                            "stage": "dpo", "dataset": "dpo_en_demo", "template": "llama3", "cutoff_len": 2048,
                            "max_samples": 1000, "per_device_train_batch_size": 1,
                            "gradient_accumulation_steps": 8})
-    tokenizer = load_tokenizer(config)
+    tokenizer = AutoTokenizer.from_pretrained(config.model.model_name_or_path)
     train = build_dataset(config.data, tokenizer, get_template("llama3", tokenizer), stage="dpo", seed=42).train
     lengths = row_lengths(train, "dpo")
     assert lengths == [max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in train]
@@ -122,7 +122,7 @@ def first_step(model_dir: Path, tmp: Path, settings: dict, plan: BatchPlan) -> t
     })
     stage = config.finetuning.stage
     set_seed(3)
-    loaded = load_model(config, dtype=torch.float32)
+    loaded = load_model(config, "train")
     bundle = build_dataset(config.data, loaded.tokenizer, get_template("deepseek", loaded.tokenizer), stage=stage,
                            seed=3)
     f = config.finetuning
