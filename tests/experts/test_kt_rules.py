@@ -58,10 +58,11 @@ def test_deepseek_notes_list_stock_entries_and_bf16_backend() -> None:
 @pytest.mark.parametrize(
     "kwargs,short,long",
     [
-        ("{generate_device: cpu, prefill_device: cpu}", "cpu", "cpu"),
+        # a CPU entry means "experts in host RAM": training passes get a measured crossover to stream
+        ("{generate_device: cpu, prefill_device: cpu}", "cpu", "stream"),
         ("{generate_device: cuda, prefill_device: 'cuda:0'}", "gpu", "gpu"),
         ("{generate_device: cpu, prefill_device: cuda, prefill_op: KExpertsTorch}", "cpu", "stream"),
-        ("{}", "cpu", "cpu"),  # KTransformersExperts' own defaults are cpu for both
+        ("{}", "cpu", "stream"),  # KTransformersExperts' own defaults are cpu for both
     ],
 )
 def test_device_translation(tmp_path: Path, kwargs: str, short: str, long: str) -> None:
@@ -129,3 +130,25 @@ def test_class_check_on_experts_entry_is_informational(tmp_path: Path) -> None:
                for n in report.notes)
     got = report.resolve(["model.layers.4.mlp.experts"], cpu_threads=None, chunk_size=8)
     assert got["model.layers.4.mlp.experts"].mode == "auto"
+
+
+LF_V2_LITE_EXPERTS = EXPERTS_ENTRY.format(
+    kwargs="{generate_device: cpu, prefill_device: cpu, generate_op: KSFTExpertsCPU, prefill_op: KSFTExpertsCPU, "
+           "out_device: cuda, backend: AMXInt8}")  # LLaMA-Factory's DeepSeek-V2-Lite-Chat-sft-amx.yaml entry
+
+
+def test_cpu_training_entry_keeps_inference_on_cpu_and_measures_training(tmp_path: Path) -> None:
+    from kllama.experts.crossover import NEVER
+
+    report = load_kt_rules(_write(tmp_path, LF_V2_LITE_EXPERTS))
+    name = "model.layers.3.mlp.experts"
+    p = report.resolve([name], cpu_threads=None, chunk_size=1024)[name]
+    assert (p.short, p.long, p.asked_long, p.crossover_tokens, p.infer_crossover_tokens) == (
+        "cpu", "stream", "cpu", None, NEVER)
+    assert p.target_for(100_000, training=False) == "cpu"  # prefill / reference passes: the CPU, as the rule says
+    assert "training measured" in p.source
+    notes = "\n".join(report.notes)
+    assert "prefill_device cpu means the experts live in host RAM" in notes
+    assert "AMX int8 quantised kernel runs as bf16 torch" in notes
+    forced = report.resolve([name], cpu_threads=None, chunk_size=1024, cpu_training=True)[name]
+    assert (forced.short, forced.long, forced.asked_long) == ("cpu", "cpu", None)

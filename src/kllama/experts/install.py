@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -22,6 +22,8 @@ class ExpertEngine:
 
     modules: dict[str, HostExperts]
     streamer: ExpertStreamer | None
+    # qualified name -> the start-up crossover measurement of its layer shape (timings behind the estimates)
+    measurements: dict[str, Crossovers] = field(default_factory=dict)
 
     @property
     def placements(self) -> dict[str, ExpertPlacement]:
@@ -52,11 +54,13 @@ class ExpertEngine:
                 module.forced_target = before[name]
 
 
-def _resolve_crossovers(model: nn.Module, modules: list[HostExperts]) -> None:
+def _resolve_crossovers(model: nn.Module, modules: list[HostExperts]) -> dict[str, Crossovers]:
     # `auto` placements without a crossover get both (inference, training) measured once per distinct layer shape
-    # (CUDA only: on CPU the stream target falls back to cpu anyway).
+    # (CUDA only: on CPU the stream target falls back to cpu anyway); a no-grad crossover a rule already fixed
+    # (a KTransformers CPU entry) is kept. Returns each measured module's measurement.
     top_k = getattr(model.config, family_of(model).top_k_attr)
     measured: dict[tuple, Crossovers] = {}
+    by_module: dict[str, Crossovers] = {}
     for m in modules:
         p = m.placement
         if p.short == p.long or p.crossover_tokens is not None or m.compute_device.type != "cuda":
@@ -68,7 +72,11 @@ def _resolve_crossovers(model: nn.Module, modules: list[HostExperts]) -> None:
                 m.hidden_dim, m.intermediate_dim, m.num_experts, top_k, dtype, m.compute_device,
                 cpu_threads=p.cpu_threads,
             )
-        m.placement = p.with_crossovers(measured[key].inference, measured[key].training)
+        found = measured[key]
+        inference = p.infer_crossover_tokens if p.infer_crossover_tokens is not None else found.inference
+        m.placement = p.with_crossovers(inference, found.training)
+        by_module[m.name] = found
+    return by_module
 
 
 def wire_engine(
@@ -80,13 +88,12 @@ def wire_engine(
     spec = family_of(model)
     ordered = dict(sorted(modules.items(), key=lambda item: layer_index(item[0], spec)))
     layers = list(ordered.values())
-    if measure:
-        _resolve_crossovers(model, layers)
+    measurements = _resolve_crossovers(model, layers) if measure else {}
     cuda = [m for m in layers if m.compute_device.type == "cuda"]
     streamer = ExpertStreamer(cuda, cuda[0].compute_device, trace=trace) if cuda else None
     for m in layers:
         m.streamer = streamer if m.compute_device.type == "cuda" else None
-    return ExpertEngine(modules=ordered, streamer=streamer)
+    return ExpertEngine(modules=ordered, streamer=streamer, measurements=measurements)
 
 
 def install_expert_engine(

@@ -6,6 +6,8 @@ kllama keeps every module stock except the routed experts, so only the experts e
 
 * `generate_device` (decode) is the short-input target: `cpu` -> cpu, `cuda[:n]` -> gpu (resident).
 * `prefill_device` is the long-input target: `cpu` -> cpu, `cuda[:n]` -> stream, or gpu when decode is on cuda too.
+  An entry with both on `cpu` (KTransformers' CPU training kernels) is read as "experts in host RAM": no-grad
+  passes stay on the CPU, training passes run where kllama measures them fastest (see `KtRuleReport.resolve`).
 * `generate_op` / `prefill_op` / `backend` pick KTransformers kernels; kllama checks them against the device, then
   computes in bf16 with torch (quantised backends such as AMXInt8 run as bf16) and says so in `notes`.
 
@@ -15,10 +17,11 @@ reported as handled by stock modules. Anything kllama cannot honour is one Kllam
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kllama.errors import KllamaError
+from kllama.experts.crossover import NEVER
 from kllama.experts.placement import ExpertPlacement
 from kllama.experts.rules import read_yaml
 
@@ -116,6 +119,7 @@ class KtRuleReport:
         cpu_threads: int | None,
         chunk_size: int,
         default_mode: str = "auto",
+        cpu_training: bool = False,
     ) -> dict[str, ExpertPlacement]:
         """Placement of each routed-experts module (qualified name, e.g. `model.layers.7.mlp.experts`).
 
@@ -123,6 +127,12 @@ class KtRuleReport:
         `...block_sparse_moe.experts`) decides; unmatched modules get `default_mode`. The crossover is left to be
         measured (KTransformers has no such knob). Raises KllamaError when no entry matches any module, which
         means the file was written for another model.
+
+        An experts entry with both devices `cpu` (KTransformers' CPU training kernels, e.g. KSFTExpertsCPU) says
+        where the experts live, host RAM, not where kllama's bf16 passes are fastest: no-grad passes stay on the
+        CPU as the rule says, training passes get a measured crossover to streaming (`asked_long` records the
+        rule's wish for the start-up line), unless `cpu_training` (the user's `expert_placement: cpu`) keeps them
+        on the CPU. Without a CUDA device everything runs on the CPU anyway.
         """
         out: dict[str, ExpertPlacement] = {}
         unmatched: list[str] = []
@@ -135,14 +145,26 @@ class KtRuleReport:
                     default_mode, cpu_threads=cpu_threads, chunk_size=chunk_size, source="default (no KT rule)"
                 )
                 continue
-            out[name] = ExpertPlacement(
+            source = f"{self.path.name}#{entry.index} /{entry.name.pattern if entry.name else entry.match_class}/"
+            placement = ExpertPlacement(
                 short=entry.short,  # type: ignore[arg-type]
                 long=entry.long,  # type: ignore[arg-type]
                 crossover_tokens=None,
                 cpu_threads=cpu_threads,
                 chunk_size=chunk_size,
-                source=f"{self.path.name}#{entry.index} /{entry.name.pattern if entry.name else entry.match_class}/",
+                source=source,
             )
+            if entry.short == entry.long == "cpu" and not cpu_training:
+                placement = replace(placement, long="stream", infer_crossover_tokens=NEVER, asked_long="cpu",
+                                    source=f"{source}; training measured")
+            out[name] = placement
+        asked = sorted({p.source.split(";")[0] for p in out.values() if p.asked_long == "cpu"})
+        for source in asked:
+            note = (f"{source}: prefill_device cpu means the experts live in host RAM; kllama runs no-grad passes "
+                    f"on the CPU as asked and training passes where it measures them fastest (expert_placement: "
+                    f"cpu keeps training on the CPU)")
+            if note not in self.notes:
+                self.notes.append(note)
         if expert_module_names and len(unmatched) == len(expert_module_names):
             raise KllamaError(
                 f"KTransformers rule file {str(self.path)!r} has no experts entry matching this model's routed "

@@ -51,6 +51,9 @@ class ExpertPlacement:
     cpu_threads: int | None = None
     chunk_size: int = 8192
     source: str = "default"  # which rule or option decided this, for the placement table
+    # What a KTransformers rule asked for long passes when kllama decides them by measurement instead (its
+    # `prefill_device: cpu` means "experts in host RAM"; training passes then run where they measure fastest).
+    asked_long: Target | None = None
 
     @classmethod
     def from_mode(cls, mode: str, **kwargs: object) -> "ExpertPlacement":

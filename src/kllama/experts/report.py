@@ -1,7 +1,7 @@
 """The placement table printed at start-up: where each MoE layer's routed experts run and what memory they hold."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kllama.experts.placement import ExpertPlacement
@@ -36,13 +36,15 @@ def _resident_bytes(module: Any, p: ExpertPlacement, host: int) -> int:
     return max(held, host) if "gpu" in (p.short, p.long) else held
 
 
-def placement_table(engine_or_modules: Any, placements: Mapping[str, ExpertPlacement] | None = None) -> str:
+def placement_table(engine_or_modules: Any, placements: Mapping[str, ExpertPlacement] | None = None,
+                    notes: Sequence[str] = ()) -> str:
     """A text table with one row per MoE layer and a totals row.
 
     `engine_or_modules` is an `ExpertEngine` (its `.modules`) or a mapping of qualified name -> HostExperts-like
     module (`host_bytes()`, `gpu_bytes()`, `.placement`). `placements` overrides the modules' own placements
     (e.g. to print the plan before the modules exist); columns: name, mode, short/long target, crossover, host
-    bytes, GPU-resident bytes (what a `gpu` target will keep), and the rule that decided it.
+    bytes, GPU-resident bytes (what a `gpu` target will keep), and the rule that decided it. `notes` (what a rule
+    file's translation did: kernels run as bf16, entries left to stock modules, ...) follow the table.
     """
     modules: Mapping[str, Any] = getattr(engine_or_modules, "modules", engine_or_modules)
     rows: list[tuple[str, ...]] = []
@@ -65,4 +67,26 @@ def placement_table(engine_or_modules: Any, placements: Mapping[str, ExpertPlace
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(_HEADERS), rule, *(line(r) for r in rows[:-1]), rule, line(rows[-1])])
+    listed = ["rule file notes:", *(f"  - {n}" for n in notes)] if notes else []
+    return "\n".join([line(_HEADERS), rule, *(line(r) for r in rows[:-1]), rule, line(rows[-1]), *listed])
+
+
+def rule_training_note(engine: Any, tokens: int) -> str | None:
+    """One line for layers whose rule asked for CPU training (`asked_long`): both expert-time estimates of a
+    training pass over `tokens` tokens from the start-up measurement, and where the passes run. None when no rule
+    asked, or nothing was measured (no CUDA device: the CPU is all there is)."""
+    asked = [name for name, m in engine.modules.items() if m.placement.asked_long == "cpu"]
+    measured = [engine.measurements[name] for name in asked if name in engine.measurements]
+    if not measured:
+        return None
+    cpu_s = sum(c.cpu_seconds("training", tokens) for c in measured)
+    stream_s = sum(c.stream_seconds("training") for c in measured)
+    cpu_rate, stream_rate = tokens / max(cpu_s, 1e-9), tokens / max(stream_s, 1e-9)
+    streamed = sum(engine.modules[name].placement.target_for(tokens, training=True) == "stream" for name in asked)
+    head = (f"rule asks for CPU expert training in {len(asked)} layers (est. {cpu_rate:,.0f} tok/s here, experts "
+            f"only, {tokens:,}-token passes)")
+    if streamed:
+        where = f"streaming them to the GPU instead (est. {stream_rate:,.0f} tok/s)"
+    else:
+        where = f"kept on the CPU, measured faster here (streaming est. {stream_rate:,.0f} tok/s)"
+    return f"{head}; {where}; expert_placement: cpu forces the CPU"

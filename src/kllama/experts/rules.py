@@ -48,6 +48,7 @@ class RuleReport(Protocol):
         cpu_threads: int | None,
         chunk_size: int,
         default_mode: str = "auto",
+        cpu_training: bool = False,
     ) -> dict[str, ExpertPlacement]: ...
 
 
@@ -96,12 +97,14 @@ class RuleSet:
         cpu_threads: int | None,
         chunk_size: int,
         default_mode: str = "auto",
+        cpu_training: bool = False,
     ) -> dict[str, ExpertPlacement]:
         """Placement of each routed-experts module (by qualified name, e.g. `model.layers.7.mlp.experts`).
 
         The first rule whose regex `re.search`es the name decides; unmatched names get the file's `default:` or,
         without one, `default_mode` (source `default`). `cpu_threads` / `chunk_size` are the run-wide values
-        (`cpu_infer` / `chunk_size` of the training YAML) used where a rule does not set its own.
+        (`cpu_infer` / `chunk_size` of the training YAML) used where a rule does not set its own. kllama's own
+        `placement: cpu` already means the CPU for every pass, so `cpu_training` changes nothing here.
         """
         out: dict[str, ExpertPlacement] = {}
         for name in expert_module_names:

@@ -16,10 +16,13 @@ from kllama.model.meta_load import load_checkpoint
 from kllama.model.source import ModelSource
 
 
-def placement_chooser(config: KllamaConfig, device: torch.device) -> Callable[[list[str]], dict[str, ExpertPlacement]]:
-    """A function mapping the model's routed-expert module names to placements: from `kt_optimize_rule` when given,
-    else `expert_placement`; on a CPU device everything runs on the CPU."""
+def placement_chooser(config: KllamaConfig, device: torch.device, notes: list[str] | None = None,
+                      ) -> Callable[[list[str]], dict[str, ExpertPlacement]]:
+    """A function mapping the model's routed-expert module names to placements: from `kt_optimize_rule` when given
+    (its translation notes appended to `notes`; an explicit `expert_placement: cpu` keeps a KTransformers CPU
+    entry's training on the CPU), else `expert_placement`; on a CPU device everything runs on the CPU."""
     engine = config.engine
+    cpu_training = "expert_placement" in config.given and engine.expert_placement == "cpu"
 
     def choose(names: list[str]) -> dict[str, ExpertPlacement]:
         if engine.kt_optimize_rule:
@@ -28,9 +31,11 @@ def placement_chooser(config: KllamaConfig, device: torch.device) -> Callable[[l
             path = resolve_config_path(engine.kt_optimize_rule, config)
             if path is None:
                 raise KllamaError(f"kt_optimize_rule: file {engine.kt_optimize_rule!r} not found")
-            placements = load_rule_file(path).resolve(
-                names, cpu_threads=engine.cpu_infer, chunk_size=engine.chunk_size, default_mode=engine.expert_placement
-            )
+            report = load_rule_file(path)
+            placements = report.resolve(names, cpu_threads=engine.cpu_infer, chunk_size=engine.chunk_size,
+                                        default_mode=engine.expert_placement, cpu_training=cpu_training)
+            if notes is not None:
+                notes.extend(f"{path.name}: {note}" for note in report.notes)
         else:
             base = ExpertPlacement.from_mode(engine.expert_placement, cpu_threads=engine.cpu_infer,
                                              chunk_size=engine.chunk_size, source="expert_placement")
@@ -72,13 +77,14 @@ def load_on_engine(source: ModelSource, config: KllamaConfig, *, device: torch.d
                    attn_implementation: str | None) -> tuple[PreTrainedModel, ExpertEngine]:
     """The checkpoint of `source` with routed experts in (pinned) host RAM placed per the config, non-expert
     weights on `device`; applies `max_gpu_memory` and prints the placement table."""
-    model, engine = load_checkpoint(source, placements_fn=placement_chooser(config, device), compute_device=device,
-                                    dtype=dtype, attn_implementation=attn_implementation)
+    notes: list[str] = []
+    model, engine = load_checkpoint(source, placements_fn=placement_chooser(config, device, notes),
+                                    compute_device=device, dtype=dtype, attn_implementation=attn_implementation)
     assert engine is not None  # placements were given
     if config.engine.max_gpu_memory and device.type == "cuda":
         budget = parse_bytes(config.engine.max_gpu_memory)
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
         promote_resident_layers(engine, budget, device)
-    print(placement_table(engine), flush=True)
+    print(placement_table(engine, notes=notes), flush=True)
     return model, engine

@@ -13,6 +13,7 @@ from transformers import TrainingArguments, set_seed
 
 from kllama.config import KllamaConfig, format_config
 from kllama.errors import KllamaError
+from kllama.experts.report import rule_training_note
 from kllama.model.adapters import (
     attach_lora,
     load_adapter_weights,
@@ -133,6 +134,8 @@ def run_training(config: KllamaConfig) -> int:
     prepare_output_dir(output_dir, overwrite=t.overwrite_output_dir, resuming=resume is not None)
 
     loaded = load_model(config, "train")
+    if loaded.engine is not None and (note := rule_training_note(loaded.engine, t.micro_batch_tokens or 16384)):
+        print(note, flush=True)
     tokenizer = loaded.tokenizer
     template = get_template(config.data.template, tokenizer)
     cache_dir = config.model.cache_dir or str(Path.home() / ".cache" / "kllama")
