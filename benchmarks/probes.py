@@ -1,4 +1,4 @@
-"""One-layer probes run next to the DPO benchmark: the copy / grouped_mm physics of DESIGN.md and kt-kernel's AMX
+"""One-layer probes run next to the DPO benchmark: the copy / grouped_mm physics of docs/design.md and kt-kernel's AMX
 SFT MoE layer (the CPU-compute anchor of the seed system, KTransformers + LLaMA-Factory)."""
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def bandwidth_probe(module: Any, top_k: int, tokens: int, device: torch.device) 
     del dev, x, out
     return {"layer_gb": nbytes / 1e9, "copy_ms": copy_s * 1e3, "copy_gb_per_s": nbytes / copy_s / 1e9,
             "grouped_mm_fwd_bwd_ms": sum(fwd_bwd) / len(fwd_bwd) * 1e3, "tokens": tokens,
-            "expected_ms": {"copy": 20.4, "grouped_mm_fwd_bwd": 13.3, "source": "DESIGN.md, V2-Lite, H100 box"}}
+            "expected_ms": {"copy": 20.4, "grouped_mm_fwd_bwd": 13.3, "source": "docs/design.md, V2-Lite, H100 box"}}
 
 
 _KT_MODULES = ("kt_kernel.sft.amx", "kt_kernel.utils.amx_sft", "kt_kernel.utils.amx", "kt_kernel.experts_sft",
@@ -106,6 +106,6 @@ def kt_kernel_probe(module: Any, top_k: int, tokens: int, threads: int, moe_laye
         return {"status": "ok", "module": where, "version": getattr(kt_kernel, "__version__", None),
                 "tokens": tokens, "threads": threads, "layer_fwd_bwd_ms": layer_s * 1e3,
                 "tokens_per_s_all_layers": tokens / (layer_s * moe_layers),
-                "expected": {"layer_fwd_bwd_ms": 691, "tokens_per_s": 228, "source": "DESIGN.md, 4096 tokens"}}
+                "expected": {"layer_fwd_bwd_ms": 691, "tokens_per_s": 228, "source": "docs/design.md, 4096 tokens"}}
     except Exception as exc:  # noqa: BLE001
         return {"status": "kt_kernel probe failed", "module": where, "error": f"{type(exc).__name__}: {exc}"}

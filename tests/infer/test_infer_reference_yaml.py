@@ -1,4 +1,4 @@
-"""The reference inference YAML of DESIGN.md (infer_backend: ktransformers) with the model/adapter paths overridden:
+"""The reference inference YAML (docs/design.md) (infer_backend: ktransformers) with the model/adapter paths overridden:
 the expert engine backend answers exactly as stock transformers does with the same adapter (greedy, fp32)."""
 from __future__ import annotations
 

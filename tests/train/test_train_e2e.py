@@ -97,7 +97,7 @@ def test_train_changes_every_lora_param_and_adapter_loads_on_stock(arch, extra, 
 
 
 def test_reference_example_yaml_runs_unchanged_on_tiny(tiny_model_dir, tmp_path):
-    # The reference DESIGN.md train YAML (bf16, llama3 template, KTransformers rule file) with only the model,
+    # The reference train YAML (tests/fixtures, docs/design.md) (bf16, llama3 template, KTransformers rule file) with only the model,
     # output dir and step count overridden.
     model_dir = tiny_model_dir("deepseek_v2")
     run_train(str(REPO / "examples/train_lora/deepseek2_lora_dpo_kt.yaml"), f"model_name_or_path={model_dir}",

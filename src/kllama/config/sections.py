@@ -27,7 +27,9 @@ class ModelArguments:
     adapter_name_or_path: list[str] | None = arg(
         None, "LoRA adapter directories to load on top of the base model (comma-separated list); training continues the last one."
     )
-    trust_remote_code: bool = arg(False, "Allow custom modeling code shipped with the checkpoint (transformers' trust_remote_code).")
+    trust_remote_code: bool = arg(
+        False, "Run the model directory's own Python code (auto_map); only for model types transformers lacks (native types such as deepseek_v2, qwen3_moe, mixtral always use transformers' class)."
+    )
     cache_dir: str | None = arg(None, "Where tokenized datasets and reference log-probs are cached (default: <output_dir>/.cache or ~/.cache/kllama).")
     flash_attn: str = arg(
         "auto", "Attention implementation: auto (transformers' default), sdpa, eager, fa2 (flash_attention_2), disabled (= eager).",

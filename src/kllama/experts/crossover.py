@@ -7,7 +7,7 @@ Two pass kinds, because they pay for different things:
   backward's: the checkpoint recompute and the backward share one).
 
 Physics bounds the answer. A streamed pass costs at least the layer's bytes over the measured pinned copy bandwidth
-(its GPU compute is ignored: 13 ms for 16k tokens against a 20 ms copy, DESIGN.md). A 1-token pass never streams
+(its GPU compute is ignored: 13 ms for 16k tokens against a 20 ms copy, docs/design.md). A 1-token pass never streams
 where a CPU path exists: it reads K of E experts from host RAM instead of all E over PCIe, so every crossover is
 >= 2. The CPU side is timed with the engine's own pass at doubling token counts (warm-up, median of repeats) until it
 costs more than the stream floor, and the crossover is interpolated between the last two counts, on the running

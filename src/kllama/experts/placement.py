@@ -2,7 +2,7 @@
 
 A placement names two targets: one for short inputs (decode, small batches) and one for long inputs (training
 micro-steps, long prefills), and the token count that separates them. The three targets mirror the physics in
-DESIGN.md: `cpu` computes next to the weights in host RAM, `stream` copies the weights to the GPU for the pass,
+docs/design.md: `cpu` computes next to the weights in host RAM, `stream` copies the weights to the GPU for the pass,
 `gpu` keeps them resident. The user-facing modes are shorthands:
 
 * `cpu`    -> short=cpu,    long=cpu

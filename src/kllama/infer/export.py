@@ -68,7 +68,8 @@ def write_merged_checkpoint(
 
 
 def _copy_side_files(source_dir: Path, out_dir: Path) -> None:
-    # Custom modeling code (trust_remote_code checkpoints) must travel with the weights for the export to load.
+    # The directory's own code (auto_map, which the written config keeps) travels with the weights, so tools that
+    # load such checkpoints through it still can; kllama itself runs it only for model types transformers lacks.
     for path in source_dir.glob("*.py"):
         shutil.copy2(path, out_dir / path.name)
 

@@ -1,7 +1,7 @@
 """`precompute_ref_log_probs`: the reference model's log-probs for a whole dataset, computed once and cached.
 
 Training then runs no reference passes at all: with the expert engine that is one fewer streaming pass over every
-expert per micro-step (DESIGN.md: ~0.53 s each on DeepSeek-V2-Lite).
+expert per micro-step (docs/design.md: ~0.53 s each on DeepSeek-V2-Lite).
 """
 from __future__ import annotations
 
