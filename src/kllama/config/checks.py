@@ -5,6 +5,8 @@ import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from kllama.config.kt_keys import kt_problems
+
 if TYPE_CHECKING:
     from kllama.config.loader import KllamaConfig
 
@@ -117,6 +119,7 @@ def _common_checks(c: "KllamaConfig", check_paths: bool) -> list[str]:
         out.append(f"max_samples: must be > 0, got {d.max_samples}")
     if e.cpu_infer is not None and e.cpu_infer <= 0:
         out.append(f"cpu_infer: must be > 0 threads, got {e.cpu_infer}")
+    out.extend(kt_problems(c))
     if e.kt_optimize_rule and not e.use_kt:
         out.append("kt_optimize_rule: only used with use_kt: true; set use_kt: true or remove the rule")
     if e.kt_optimize_rule and check_paths and resolve_config_path(e.kt_optimize_rule, c) is None:

@@ -29,7 +29,9 @@ def type_name(tp: Any) -> str:
     optional, members = _is_optional(tp)
     names = []
     for m in members:
-        if typing.get_origin(m) is list:
+        if typing.get_origin(m) is dict:
+            names.append("mapping")
+        elif typing.get_origin(m) is list:
             names.append("list of " + type_name(typing.get_args(m)[0]) + " (or a comma-separated string)")
         else:
             names.append(getattr(m, "__name__", str(m)))
@@ -96,6 +98,19 @@ def _to_str_list(value: Any) -> list[str]:
     raise CoercionError
 
 
+def _to_mapping(value: Any) -> dict[str, Any]:
+    if isinstance(value, str) and value.strip().startswith("{"):  # `key={a: 1}` on the command line
+        import yaml
+
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise CoercionError from None
+    if isinstance(value, dict):
+        return {str(k): v for k, v in value.items()}
+    raise CoercionError
+
+
 _SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
@@ -108,6 +123,8 @@ def coerce(value: Any, tp: Any) -> Any:
         raise CoercionError
     for member in members:
         try:
+            if typing.get_origin(member) is dict:
+                return _to_mapping(value)
             if typing.get_origin(member) is list:
                 return _to_str_list(value)
             return _SCALARS[member](value)

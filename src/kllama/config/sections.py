@@ -155,13 +155,30 @@ class EngineArguments:
 
     use_kt: bool = arg(False, "Keep routed experts in host RAM and run them with kllama's expert engine.")
     kt_optimize_rule: str | None = arg(None, "Rule file placing each layer's experts (KTransformers' format or kllama's own).")
-    cpu_infer: int | None = arg(None, "CPU threads for expert compute (default: physical cores).")
+    cpu_infer: int | None = arg(None, "CPU threads for expert compute (default: physical cores; more than this process may use are clamped, with one line).")
     chunk_size: int = arg(8192, "Max tokens per CPU expert call.")
     expert_placement: str = arg(
         "auto", "Placement when no rule decides: cpu, stream, gpu, auto (CPU for short inputs, streamed to GPU for long ones).",
         choices=("cpu", "stream", "gpu", "auto"),
     )
     max_gpu_memory: str | None = arg(None, "GPU memory budget, e.g. 24GB: routed experts stay resident while it allows.")
+    # LLaMA-Factory's KTransformersArguments (kllama.config.kt_keys says what each does here)
+    kt_cpu_activation: str | None = arg(
+        None, "KTransformers: retain or recompute CPU expert activations under gradient checkpointing. kllama "
+        "recomputes them with the layer when gradient_checkpointing is on and keeps them when it is off.",
+        choices=("retain", "recompute"),
+    )
+    kt_weight_path: str | None = arg(None, "KTransformers: pre-quantised INT8 expert files (accepted, no effect: kllama reads bf16 experts from model_name_or_path).")
+    kt_non_expert_weight_path: str | None = arg(None, "KTransformers: BF16 non-expert cache for INT8 experts (accepted, no effect).")
+    kt_expert_checkpoint_path: str | None = arg(None, "KTransformers: expert checkpoint for online conversion (accepted, no effect).")
+    kt_use_lora_experts: bool | None = arg(None, "KTransformers: extra GPU-side LoRA experts (accepted, no effect: kllama's expert LoRA is on the routed experts, see lora_target).")
+    kt_lora_expert_num: int | None = arg(None, "KTransformers: number of GPU-side LoRA experts (accepted, no effect).")
+    kt_lora_expert_intermediate_size: int | None = arg(None, "KTransformers: width of GPU-side LoRA experts (accepted, no effect).")
+    kt_config: dict[str, Any] | None = arg(
+        None, "KTransformers kernel settings (a mapping): kt_num_threads sets the expert CPU threads when cpu_infer "
+        "is not given; kt_expert_weight_format, kt_backend, kt_tp_enabled, kt_threadpool_count, kt_max_cache_depth, "
+        "kt_weight_lifecycle (and LLaMA-Factory's other kt_config keys) are accepted without effect.",
+    )
 
 
 @dataclass

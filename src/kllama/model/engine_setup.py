@@ -8,6 +8,7 @@ from transformers import PreTrainedModel
 
 from kllama.config import KllamaConfig, parse_bytes
 from kllama.config.checks import resolve_config_path
+from kllama.config.kt_keys import cpu_threads, engine_notices
 from kllama.errors import KllamaError
 from kllama.experts.install import ExpertEngine
 from kllama.experts.placement import ExpertPlacement
@@ -23,6 +24,7 @@ def placement_chooser(config: KllamaConfig, device: torch.device, notes: list[st
     entry's training on the CPU), else `expert_placement`; on a CPU device everything runs on the CPU."""
     engine = config.engine
     cpu_training = "expert_placement" in config.given and engine.expert_placement == "cpu"
+    threads, _ = cpu_threads(config)  # cpu_infer (or kt_config.kt_num_threads), at most the usable CPUs
 
     def choose(names: list[str]) -> dict[str, ExpertPlacement]:
         if engine.kt_optimize_rule:
@@ -32,12 +34,12 @@ def placement_chooser(config: KllamaConfig, device: torch.device, notes: list[st
             if path is None:
                 raise KllamaError(f"kt_optimize_rule: file {engine.kt_optimize_rule!r} not found")
             report = load_rule_file(path)
-            placements = report.resolve(names, cpu_threads=engine.cpu_infer, chunk_size=engine.chunk_size,
+            placements = report.resolve(names, cpu_threads=threads, chunk_size=engine.chunk_size,
                                         default_mode=engine.expert_placement, cpu_training=cpu_training)
             if notes is not None:
                 notes.extend(f"{path.name}: {note}" for note in report.notes)
         else:
-            base = ExpertPlacement.from_mode(engine.expert_placement, cpu_threads=engine.cpu_infer,
+            base = ExpertPlacement.from_mode(engine.expert_placement, cpu_threads=threads,
                                              chunk_size=engine.chunk_size, source="expert_placement")
             placements = {name: base for name in names}
         if device.type != "cuda":
@@ -77,6 +79,8 @@ def load_on_engine(source: ModelSource, config: KllamaConfig, *, device: torch.d
                    attn_implementation: str | None) -> tuple[PreTrainedModel, ExpertEngine]:
     """The checkpoint of `source` with routed experts in (pinned) host RAM placed per the config, non-expert
     weights on `device`; applies `max_gpu_memory` and prints the placement table."""
+    for line in engine_notices(config):
+        print(line, flush=True)
     notes: list[str] = []
     model, engine = load_checkpoint(source, placements_fn=placement_chooser(config, device, notes),
                                     compute_device=device, dtype=dtype, attn_implementation=attn_implementation)
