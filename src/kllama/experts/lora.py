@@ -83,6 +83,11 @@ class ExpertLoraSet:
         """The set of `model`, or None when its routed experts are not on the expert engine."""
         return cls(model) if any(isinstance(m, HostExperts) for m in model.modules()) else None
 
+    @property
+    def added(self) -> bool:
+        """True once expert LoRA has been added to the layers."""
+        return any(len(m.lora) for m in self.modules.values())
+
     def add(self, r: int, alpha: float, dropout: float = 0.0, targets: Sequence[str] = EXPERT_TARGETS, *,
             seed: int = 0, dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
         """Add trainable per-expert LoRA (rank `r`, scaling `alpha/r`) to every HostExperts and return the new

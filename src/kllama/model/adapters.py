@@ -17,6 +17,7 @@ from typing import Iterator
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -160,10 +161,14 @@ def load_adapter_weights(model: PeftModel, adapter_dir: str | Path) -> None:
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not path.is_file():
         raise KllamaError(f"adapter {str(adapter_dir)!r} has no {ADAPTER_WEIGHTS}; give a directory written by kllama train or PEFT")
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise KllamaError(f"{path} is incomplete or corrupt ({exc}); train or download the adapter again") from None
     engine_lora = _expert_lora(model)
-    if engine_lora is not None:
-        engine_lora.load_state_dict({k: v for k, v in state.items() if ".experts." in k})
+    expert_state = {k: v for k, v in state.items() if ".experts." in k}
+    if engine_lora is not None and (engine_lora.added or expert_state):  # an attention-only adapter has neither
+        engine_lora.load_state_dict(expert_state)
         state = {k: v for k, v in state.items() if ".experts." not in k}
     result = set_peft_model_state_dict(model, state)
     missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
@@ -219,6 +224,9 @@ def merge_adapters(model: nn.Module, adapters: list[Path]) -> nn.Module:
     for adapter in adapters:
         try:
             model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        except (OSError, SafetensorError) as exc:
+            raise KllamaError(f"{adapter / ADAPTER_WEIGHTS} is incomplete or corrupt ({exc}); train or download the "
+                              f"adapter again") from None
         except (ValueError, KeyError, RuntimeError) as exc:
             raise KllamaError(f"adapter {str(adapter)!r} does not fit model {model.config.name_or_path!r}: {exc}") from None
     return model
