@@ -6,7 +6,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,34 +43,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(moe_model: Path, moe_adapter: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def start_server(model: Path, adapter: Path, log: Path, **env: str) -> Server:
+    """`kllama api` as a subprocess on a free loopback port, up and answering /health (or the test fails)."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("api") / "server.log"
-    env = {**os.environ, "API_HOST": "127.0.0.1", "API_PORT": str(port), "API_KEY": API_KEY}
-    args = [sys.executable, "-m", "kllama.cli", "api", f"model_name_or_path={moe_model}",
-            f"adapter_name_or_path={moe_adapter}", "template=deepseek", "infer_dtype=float32", "max_new_tokens=16"]
+    env = {**os.environ, "API_HOST": "127.0.0.1", "API_PORT": str(port), "API_KEY": API_KEY, **env}
+    args = [sys.executable, "-m", "kllama.cli", "api", f"model_name_or_path={model}",
+            f"adapter_name_or_path={adapter}", "template=deepseek", "infer_dtype=float32", "max_new_tokens=16"]
     with open(log, "w") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
     try:
-        deadline = time.monotonic() + 90
         while True:
             assert proc.poll() is None, f"server exited:\n{log.read_text()}"
             assert time.monotonic() < deadline, f"server did not come up:\n{log.read_text()}"
             try:
                 if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
+                    return Server(base, f"{model.name}+{adapter.name}", proc, log)
             except httpx.TransportError:
                 time.sleep(0.3)
-        yield Server(base, f"{moe_model.name}+{moe_adapter.name}", proc, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
+    except BaseException:
+        stop_server(proc)
+        raise
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def server(moe_model: Path, moe_adapter: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    running = start_server(moe_model, moe_adapter, tmp_path_factory.mktemp("api") / "server.log")
+    yield running
+    stop_server(running.proc)
 
 
 def test_list_models_and_health(server: Server) -> None:
@@ -178,3 +190,123 @@ def test_disconnect_stops_generation(server: Server) -> None:
         time.sleep(0.2)
     generated = server.health()["generated_tokens"] - before.get("generated_tokens", 0)
     assert generated < 1500
+
+
+QUESTIONS = [f"Question {i}: what do experts of a mixture {'do ' * i}compute?" for i in range(8)]
+
+
+def test_concurrent_requests_are_batched_and_match_sequential_greedy(server: Server, engine) -> None:  # noqa: ANN001
+    kw = dict(model=server.model_id, temperature=0, max_tokens=24, extra_body={"ignore_eos": True})
+    expected = [engine.complete(engine.encode([{"role": "user", "content": q}]),
+                                SamplingParams(max_new_tokens=24, do_sample=False, ignore_eos=True)).text
+                for q in QUESTIONS]
+    before = server.health()
+
+    def ask(question: str) -> str:
+        reply = server.client().chat.completions.create(messages=[{"role": "user", "content": question}], **kw)
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(max_workers=len(QUESTIONS)) as pool:
+        answers = list(pool.map(ask, QUESTIONS))
+    after = server.health()
+    assert answers == expected
+    assert after["max_batch"] >= 2
+    # one at a time would take at least 8 x 24 steps; a shared batch takes far fewer
+    assert after["steps"] - before.get("steps", 0) < len(QUESTIONS) * 24
+
+
+def _open_streams(server: Server, count: int, stop: threading.Event) -> list[threading.Thread]:
+    """`count` long streaming generations read in background threads until `stop` is set (then disconnected)."""
+    body = {"model": server.model_id, "messages": MESSAGES, "max_tokens": 1500, "stream": True, "ignore_eos": True}
+
+    def read() -> None:
+        with httpx.stream("POST", f"{server.base}/v1/chat/completions", json=body, timeout=30,
+                          headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+            for _ in response.iter_lines():
+                if stop.is_set():
+                    return
+
+    threads = [threading.Thread(target=read, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def _wait_for(server: Server, what: str, ok: Callable[[dict], bool], timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while not ok(health := server.health()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {health}"
+        time.sleep(0.05)
+    return health
+
+
+def test_health_stays_responsive_under_load(server: Server) -> None:
+    stop = threading.Event()
+    threads = _open_streams(server, 8, stop)
+    try:
+        _wait_for(server, "8 running streams", lambda h: h["running"] == 8)
+        latencies = []
+        for _ in range(10):
+            start = time.monotonic()
+            assert server.health()["status"] == "ok"
+            latencies.append(time.monotonic() - start)
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert max(latencies) < 1.0, latencies
+    _wait_for(server, "the streams to be cancelled", lambda h: h["running"] == 0)
+
+
+def test_non_streaming_disconnect_cancels(server: Server) -> None:
+    before = server.health()
+    body = {"model": server.model_id, "messages": MESSAGES, "max_tokens": 1500, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base}/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=1.0),
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    after = _wait_for(server, "the cancellation", lambda h: h["cancelled"] > before.get("cancelled", 0))
+    assert after["generated_tokens"] - before.get("generated_tokens", 0) < 1500
+    assert _wait_for(server, "an idle batch", lambda h: h["running"] == 0)["waiting"] == 0
+
+
+CLIENT_MISTAKES = {
+    "seed past 2**64-1": (b'"seed": 18446744073709551616', "seed"),
+    "lone surrogate in content": (b'"messages": [{"role": "user", "content": "hi \\ud800"}]', "messages[0].content"),
+    "lone surrogate in a text part": (b'"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]',
+                                      "messages[0].content"),
+    "lone surrogate in stop": (b'"stop": ["\\ud800"]', "stop"),
+    "NaN temperature": (b'"temperature": NaN', "temperature"),
+    "infinite top_p": (b'"top_p": Infinity', "top_p"),
+    "lone surrogate in the model name": (b'"model": "\\ud800"', "model"),
+}
+
+
+def test_client_mistakes_get_400_and_keep_the_connection(server: Server) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    base = b'"model": ' + json.dumps(server.model_id).encode() + b', "max_tokens": 3'
+    messages = b'"messages": ' + json.dumps(MESSAGES).encode()
+    with httpx.Client(base_url=server.base, headers=headers, timeout=30) as client:
+        for case, (field, param) in CLIENT_MISTAKES.items():
+            parts = [field] + [p for p in (base, messages) if field.split(b":")[0] not in p]
+            if field.startswith(b'"model"'):
+                parts = [field, b'"max_tokens": 3', messages]
+            raw = client.post("/v1/chat/completions", content=b"{" + b", ".join(parts) + b"}")
+            assert raw.status_code in (400, 404), (case, raw.status_code, raw.text)
+            error = raw.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, (case, error)
+            assert "Traceback" not in raw.text and "\\ud800" not in error["message"], case
+        ok = client.post("/v1/chat/completions", content=b"{" + base + b", " + messages + b"}")
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+
+
+def test_bearer_scheme_in_any_case_and_developer_role(server: Server) -> None:
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        assert httpx.get(f"{server.base}/v1/models", headers={"Authorization": f"{scheme} {API_KEY}"}).status_code == 200
+    for header in (f"Basic {API_KEY}", f"Bearer {API_KEY}x", "Bearer", API_KEY):
+        assert httpx.get(f"{server.base}/v1/models", headers={"Authorization": header}).status_code == 401, header
+    client = server.client()
+    kw = dict(model=server.model_id, temperature=0, max_tokens=6)
+    as_system = client.chat.completions.create(messages=MESSAGES, **kw).choices[0].message.content
+    developer = [{"role": "developer", "content": MESSAGES[0]["content"]}, MESSAGES[1]]
+    assert client.chat.completions.create(messages=developer, **kw).choices[0].message.content == as_system

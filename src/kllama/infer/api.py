@@ -1,23 +1,24 @@
 """`kllama api`: an OpenAI-compatible chat completions server (FastAPI + uvicorn, SSE streaming).
 
-Routes: GET /health, GET /v1/models, POST /v1/chat/completions (plain or `stream: true`). Errors use OpenAI's
-`{"error": {"message", "type", "param", "code"}}` shape with the matching status. API_HOST, API_PORT, API_KEY
-(Bearer auth when set) and API_MODEL_NAME come from the environment, as in LLaMA-Factory.
+Routes: GET /health, GET /v1/models, POST /v1/chat/completions (plain or `stream: true`). Requests join one running
+decode batch (`Scheduler`); a client that disconnects stops its answer at the next token. Errors use OpenAI's
+`{"error": {"message", "type", "param", "code"}}` shape (`api_errors`); settings come from API_* environment
+variables (`api_settings`), as in LLaMA-Factory.
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
-import os
+from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.concurrency import run_in_threadpool
 
 from kllama.config.loader import KllamaConfig
-from kllama.errors import KllamaError
+from kllama.infer.api_errors import ApiError, BodyLimit, error_for, install_error_handlers
 from kllama.infer.api_schemas import (
     ROLES,
     ChatCompletion,
@@ -33,59 +34,55 @@ from kllama.infer.api_schemas import (
     Usage,
     completion_id,
 )
-from kllama.infer.api_worker import GenerationWorker, generate_async
+from kllama.infer.api_settings import ApiSettings, bearer_matches, log_auth_state
+from kllama.infer.api_worker import Submission
 from kllama.infer.engine import FINISH_STOP, GenerationEngine, build_engine
 from kllama.infer.sampling import SamplingParams
+from kllama.infer.scheduler import QueueFullError, Scheduler
 
 logger = logging.getLogger(__name__)
 
-# HTTP status -> OpenAI error type
-ERROR_TYPES: dict[int, str] = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-                               405: "invalid_request_error", 500: "server_error"}
+SYSTEM_ROLES = ("system", "developer")
 
 
-class ApiError(Exception):
-    """A request the server refuses; rendered as OpenAI's error JSON."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    """OpenAI's error body with `status`."""
-    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+def _check_text(text: str, param: str) -> str:
+    # A lone surrogate ("\ud800") parses from JSON but is no Unicode text: the tokenizer cannot take it.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"{param}: holds invalid Unicode (a lone surrogate at character {exc.start}); send valid "
+                       "UTF-8 text", param, "invalid_unicode") from None
+    return text
 
 
 def _content_text(message: ChatMessage, index: int) -> str:
+    param = f"messages[{index}].content"
     if message.content is None or isinstance(message.content, str):
-        return message.content or ""
+        return _check_text(message.content or "", param)
     texts = []
     for part in message.content:
         if part.type != "text" or part.text is None:
-            raise ApiError(400, f"messages[{index}].content: only text parts are supported, got a {part.type!r} part",
-                           f"messages[{index}].content")
-        texts.append(part.text)
+            raise ApiError(400, f"{param}: only text parts are supported, got a {part.type!r} part", param)
+        texts.append(_check_text(part.text, param))
     return "".join(texts)
 
 
 def conversation(messages: list[ChatMessage]) -> tuple[list[dict[str, str]], str | None]:
-    """Check a request's messages and split them into (turns, system prompt): an optional system message first,
-    then user and assistant turns alternating, starting and ending with the user."""
+    """Check a request's messages and split them into (turns, system prompt): an optional system (or developer)
+    message first, then user and assistant turns alternating, starting and ending with the user."""
     if not messages:
         raise ApiError(400, "messages: must contain at least one message", "messages")
     system = None
     turns = []
     for i, message in enumerate(messages):
         if message.role not in ROLES:
-            raise ApiError(400, f"messages[{i}].role: unknown role {message.role!r}; use one of {', '.join(ROLES)}",
-                           f"messages[{i}].role")
+            raise ApiError(400, f"messages[{i}].role: unknown role {message.role[:40]!r}; use one of "
+                           f"{', '.join(ROLES)}", f"messages[{i}].role")
         text = _content_text(message, i)
-        if message.role == "system":
+        if message.role in SYSTEM_ROLES:
             if i != 0:
-                raise ApiError(400, f"messages[{i}]: a system message is only allowed first", f"messages[{i}].role")
+                raise ApiError(400, f"messages[{i}]: a {message.role} message is only allowed first",
+                               f"messages[{i}].role")
             system = text
             continue
         expected = "user" if len(turns) % 2 == 0 else "assistant"
@@ -115,6 +112,8 @@ def sampling_for(req: ChatCompletionRequest, defaults: SamplingParams, prompt_le
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
     if stop is not None and len(stop) > 4:
         raise ApiError(400, f"stop: at most 4 stop sequences, got {len(stop)}", "stop")
+    for text in stop or ():
+        _check_text(text, "stop")
     do_sample = defaults.do_sample if req.temperature is None else req.temperature > 0
     return defaults.updated(
         max_new_tokens=budget, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
@@ -123,128 +122,130 @@ def sampling_for(req: ChatCompletionRequest, defaults: SamplingParams, prompt_le
     )
 
 
-def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
-    # Each of the n choices draws its own sample; a seeded request stays reproducible choice by choice.
-    return params if params.seed is None else params.updated(seed=params.seed + index)
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """The settings of each of `n` choices: each draws its own sample; a seeded request stays reproducible choice
+    by choice (seed + index, wrapping within the seed range)."""
+    if params.seed is None:
+        return [params] * n
+    return [params.updated(seed=(params.seed + i) % 2**64) if i else params for i in range(n)]
 
 
-def create_app(engine: GenerationEngine, model_id: str, api_key: str | None = None,
+def create_app(engine: GenerationEngine, model_id: str, settings: ApiSettings | None = None,
                default_system: str | None = None) -> FastAPI:
-    """The FastAPI app serving `engine` under the name `model_id`; Bearer `api_key` is required when given."""
-    app = FastAPI(title="kllama", description="OpenAI-compatible API of a kllama model")
-    worker = GenerationWorker(engine)
-    app.state.worker = worker
+    """The FastAPI app serving `engine` under the name `model_id` with `settings` (Bearer `api_key` when set)."""
+    settings = settings or ApiSettings()
+    scheduler = Scheduler(engine, max_batch=settings.max_batch, max_queue=settings.max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        scheduler.close()
+
+    app = FastAPI(title="kllama", description="OpenAI-compatible API of a kllama model", lifespan=lifespan)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.state.scheduler = scheduler
 
     def check_auth(request: Request) -> None:
-        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
+        if settings.api_key and not bearer_matches(request.headers.get("authorization", ""), settings.api_key):
             raise ApiError(401, "Incorrect or missing API key; send the header `Authorization: Bearer <API_KEY>`",
                            None, "invalid_api_key")
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        if first.get("type") == "json_invalid":
-            return error_response(400, "The request body is not valid JSON; send a JSON object.", None, "invalid_json")
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        return error_response(400, f"{param or 'body'}: {first.get('msg')}", param, first.get("type"))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(KllamaError)
-    async def _kllama_error(request: Request, exc: KllamaError) -> JSONResponse:
-        return error_response(400, str(exc))
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("request failed")
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
-
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_id, "waiting": worker.waiting, **engine.stats}
+        return {"status": "ok", "model": model_id, "waiting": scheduler.waiting, "running": scheduler.running,
+                "batch_limit": scheduler.max_batch, "queue_limit": scheduler.max_queue, **engine.stats}
 
     @app.get("/v1/models", dependencies=[Depends(check_auth)])
     async def list_models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_id)])
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_auth)], response_model=None)
-    async def chat_completions(req: ChatCompletionRequest) -> ChatCompletion | EventSourceResponse:
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> ChatCompletion | EventSourceResponse:
         if req.model != model_id:
-            raise ApiError(404, f"The model {req.model!r} does not exist; this server serves {model_id!r}",
+            _check_text(req.model, "model")
+            raise ApiError(404, f"The model {req.model[:80]!r} does not exist; this server serves {model_id!r}",
                            "model", "model_not_found")
         turns, system = conversation(req.messages)
-        prompt_ids = engine.encode(turns, system if system is not None else default_system)
+        # Rendering and tokenizing a long conversation takes a while: keep the event loop (and /health) free.
+        prompt_ids = await run_in_threadpool(engine.encode, turns, system if system is not None else default_system)
         params = sampling_for(req, engine.defaults, len(prompt_ids), engine.context_length)
+        try:
+            submission = Submission(scheduler, engine, prompt_ids, choice_params(params, req.n))
+        except QueueFullError:
+            raise ApiError(429, f"The server is busy: its queue holds {scheduler.max_queue} waiting sequences "
+                           "(API_MAX_QUEUE); retry shortly.", None, "rate_limit_exceeded",
+                           headers={"Retry-After": "1"}) from None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventSourceResponse(_stream(worker, req, model_id, prompt_ids, params, include_usage), ping=600)
-        return await _complete(worker, req, model_id, prompt_ids, params)
+            return EventSourceResponse(_stream(submission, req, model_id, len(prompt_ids), include_usage), ping=600)
+        return await _complete(submission, request, req, model_id, len(prompt_ids))
 
     return app
 
 
-async def _complete(worker: GenerationWorker, req: ChatCompletionRequest, model_id: str, prompt_ids: list[int],
-                    params: SamplingParams) -> ChatCompletion:
-    choices, produced = [], 0
-    for index in range(req.n):
-        parts, finish = [], FINISH_STOP
-        async for chunk in generate_async(worker, prompt_ids, _choice_params(params, index)):
-            parts.append(chunk.text)
+async def _complete(submission: Submission, request: Request, req: ChatCompletionRequest, model_id: str,
+                    prompt_len: int) -> ChatCompletion:
+    watcher = asyncio.create_task(submission.cancel_on_disconnect(request))
+    parts: list[list[str]] = [[] for _ in range(req.n)]
+    finish, produced = [FINISH_STOP] * req.n, 0
+    try:
+        async for index, chunk in submission.items():
+            parts[index].append(chunk.text)
             if chunk.finish_reason is not None:
-                finish, produced = chunk.finish_reason, produced + chunk.completion_tokens
-        choices.append(Choice(index=index, message=ResponseMessage(content="".join(parts)), finish_reason=finish))
-    usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=produced, total_tokens=len(prompt_ids) + produced)
+                finish[index], produced = chunk.finish_reason, produced + chunk.completion_tokens
+    finally:
+        watcher.cancel()
+    choices = [Choice(index=i, message=ResponseMessage(content="".join(parts[i])), finish_reason=finish[i])
+               for i in range(req.n)]
+    usage = Usage(prompt_tokens=prompt_len, completion_tokens=produced, total_tokens=prompt_len + produced)
     return ChatCompletion(id=completion_id(), model=model_id, choices=choices, usage=usage)
 
 
-async def _stream(worker: GenerationWorker, req: ChatCompletionRequest, model_id: str, prompt_ids: list[int],
-                  params: SamplingParams, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(submission: Submission, req: ChatCompletionRequest, model_id: str, prompt_len: int,
+                  include_usage: bool) -> AsyncIterator[str]:
     cid, produced = completion_id(), 0
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         body = ChatCompletionChunk(id=cid, model=model_id, choices=choices, usage=usage)
         return body.model_dump_json(exclude_none=False)
 
-    for index in range(req.n):
-        yield chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
-        async for piece in generate_async(worker, prompt_ids, _choice_params(params, index)):
+    started: set[int] = set()
+    try:
+        async for index, piece in submission.items():
+            if index not in started:
+                started.add(index)
+                yield chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
             if piece.text:
                 yield chunk([ChunkChoice(index=index, delta=Delta(content=piece.text))])
             if piece.finish_reason is not None:
                 produced += piece.completion_tokens
                 yield chunk([ChunkChoice(index=index, delta=Delta(), finish_reason=piece.finish_reason)])
+    except Exception as exc:  # noqa: BLE001 - the status line is sent: report in OpenAI's in-stream error shape
+        status, body = error_for(exc)
+        if status == 500:
+            logger.exception("streamed answer failed")
+        yield json.dumps(body, ensure_ascii=True)
+        return
     if include_usage:
-        usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=produced, total_tokens=len(prompt_ids) + produced)
+        usage = Usage(prompt_tokens=prompt_len, completion_tokens=produced, total_tokens=prompt_len + produced)
         yield chunk([], usage)
     yield "[DONE]"
-
-
-def server_address() -> tuple[str, int]:
-    """(host, port) from API_HOST (default 127.0.0.1) and API_PORT (default 8000)."""
-    host = os.environ.get("API_HOST", "127.0.0.1")
-    port_text = os.environ.get("API_PORT", "8000")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise KllamaError(f"API_PORT={port_text!r} is not a port number; set it to an integer in 1..65535")
-    return host, int(port_text)
 
 
 def run_api(config: KllamaConfig) -> int:
     """Entry point of `kllama api`: load the model per the config and serve it until interrupted."""
     import uvicorn
 
-    host, port = server_address()
+    settings = ApiSettings.from_env()
     engine = build_engine(config)
-    model_id = os.environ.get("API_MODEL_NAME") or engine.loaded.model_id
-    app = create_app(engine, model_id, os.environ.get("API_KEY") or None, config.data.default_system)
-    print(f"kllama api: serving {model_id!r} on http://{host}:{port}/v1 (docs at /docs)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=os.environ.get("API_LOG_LEVEL", "warning"))
+    engine.prefill_tokens = settings.prefill_chunk
+    model_id = settings.model_name or engine.loaded.model_id
+    app = create_app(engine, model_id, settings, config.data.default_system)
+    log_auth_state(settings)
+    print(f"kllama api: serving {model_id!r} on http://{settings.host}:{settings.port}/v1 (docs at /docs); batches of "
+          f"up to {settings.max_batch}, queue {settings.max_queue}", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     return 0
 
 

@@ -1,86 +1,64 @@
-"""One generation thread behind the async API: requests queue up in arrival order and run one at a time.
+"""The bridge between async request handlers and the scheduler thread.
 
-The model runs in a plain thread (a forward pass would block the event loop); each request gets its chunks back
-through an asyncio queue, and a request whose client went away sets its cancel event, which stops its decoding
-between two tokens (or skips it when it has not started).
+A request's `n` choices become `n` sequences submitted together; their chunks come back through one asyncio queue
+as `(choice index, chunk)`. Leaving early — the client disconnected, the handler was cancelled, the stream closed —
+sets the request's cancel event, which drops its sequences at the next token boundary (or from the queue).
 """
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
-from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
-from kllama.infer.engine import FINISH_CANCELLED, GenerationEngine, StreamChunk
+from starlette.requests import Request
+
+from kllama.infer.engine import GenerationEngine, StreamChunk
 from kllama.infer.sampling import SamplingParams
+from kllama.infer.scheduler import Scheduler
 
-Emit = Callable[[StreamChunk | BaseException], None]
-
-
-@dataclass
-class _Job:
-    prompt_ids: list[int]
-    params: SamplingParams
-    cancel: threading.Event
-    emit: Emit
+DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks whether its client is still there
 
 
-class GenerationWorker:
-    """A daemon thread that runs queued generation jobs on the engine, first come first served."""
+class Submission:
+    """The sequences of one request, queued on the scheduler (raises QueueFullError when the queue is full)."""
 
-    def __init__(self, engine: GenerationEngine) -> None:
-        self.engine = engine
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="kllama-generation", daemon=True)
-        self._thread.start()
+    def __init__(self, scheduler: Scheduler, engine: GenerationEngine, prompt_ids: list[int],
+                 choices: list[SamplingParams]) -> None:
+        loop = asyncio.get_running_loop()
+        self.cancel = threading.Event()
+        self._items: asyncio.Queue[tuple[int, StreamChunk | BaseException]] = asyncio.Queue()
 
-    @property
-    def waiting(self) -> int:
-        """Requests queued behind the one running."""
-        return self._jobs.qsize()
+        def emitter(index: int):  # noqa: ANN202 - the emit callback of choice `index`
+            def emit(item: StreamChunk | BaseException) -> None:
+                try:
+                    loop.call_soon_threadsafe(self._items.put_nowait, (index, item))
+                except RuntimeError:  # the event loop is gone (server shutting down): nowhere to deliver
+                    self.cancel.set()
+            return emit
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event, emit: Emit) -> None:
-        """Queue a job; `emit` receives its chunks (the last has a finish_reason) or the exception it raised."""
-        self._jobs.put(_Job(prompt_ids, params, cancel, emit))
+        self.sequences = [engine.new_sequence(prompt_ids, params, emitter(i), self.cancel)
+                          for i, params in enumerate(choices)]
+        scheduler.submit(self.sequences)
 
-    def close(self) -> None:
-        """Stop the thread after the jobs already queued."""
-        self._jobs.put(None)
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if job.cancel.is_set():
-                self.engine.stats["cancelled"] += 1
-                job.emit(StreamChunk("", FINISH_CANCELLED))
-                continue
-            try:
-                for chunk in self.engine.stream(job.prompt_ids, job.params, job.cancel):
-                    job.emit(chunk)
-            except BaseException as exc:  # noqa: BLE001 - handed to the request, which turns it into an error reply
-                job.emit(exc)
-
-
-async def generate_async(worker: GenerationWorker, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamChunk]:
-    """Queue a generation and yield its chunks; leaving early (client gone, task cancelled) cancels the job."""
-    loop = asyncio.get_running_loop()
-    chunks: asyncio.Queue[StreamChunk | BaseException] = asyncio.Queue()
-    cancel = threading.Event()
-
-    def emit(item: StreamChunk | BaseException) -> None:
+    async def items(self) -> AsyncIterator[tuple[int, StreamChunk]]:
+        """Every choice's chunks as they come, until each choice has its finish_reason; an error of any choice is
+        raised. Leaving the iteration early cancels the request."""
+        open_choices = len(self.sequences)
         try:
-            loop.call_soon_threadsafe(chunks.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (server shutting down): the chunk has nowhere to go
-            cancel.set()
+            while open_choices:
+                index, item = await self._items.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield index, item
+                if item.finish_reason is not None:
+                    open_choices -= 1
+        finally:
+            self.cancel.set()
 
-    worker.submit(prompt_ids, params, cancel, emit)
-    try:
-        while True:
-            item = await chunks.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.finish_reason is not None:
+    async def cancel_on_disconnect(self, request: Request) -> None:
+        """Until cancelled: set the cancel event as soon as the client of `request` is gone."""
+        while not self.cancel.is_set():
+            if await request.is_disconnected():
+                self.cancel.set()
                 return
-    finally:
-        cancel.set()
+            await asyncio.sleep(DISCONNECT_POLL_S)

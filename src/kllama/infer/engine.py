@@ -1,8 +1,10 @@
-"""The generation engine: one model, a KV-cached decoding loop that streams text, one request at a time.
+"""The generation engine: one model, a paged KV cache, and decoding steps over any number of answers at once.
 
-We run our own loop (prefill once, then one token per forward with `past_key_values`) instead of `model.generate`
-so that a caller can stop it between any two tokens (client gone, Ctrl-C), stop strings are matched on the
-detokenised text, and the same loop serves every backend (stock transformers or the expert engine).
+We run our own loop instead of `model.generate` so that answers join and leave a running batch between any two
+tokens (a new request, a client gone, Ctrl-C), stop strings are matched on the detokenised text, each answer keeps
+its own sampling settings, and the same loop serves every backend (stock transformers or the expert engine).
+`stream` runs one answer in the caller's thread (`kllama chat`); `kllama api` drives `step` from its scheduler
+thread with every running request.
 """
 from __future__ import annotations
 
@@ -11,25 +13,16 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
-import torch
-
 from kllama.config.loader import KllamaConfig
 from kllama.errors import KllamaError
+from kllama.infer.batching import DEFAULT_PREFILL_TOKENS, BatchDecoder
 from kllama.infer.prompt import Messages, PromptRenderer
-from kllama.infer.sampling import SamplingParams, build_logits_processor, make_generator, select_next_tokens
-from kllama.infer.text_stream import IncrementalDecoder, StopStringMatcher
+from kllama.infer.sampling import SamplingParams
+from kllama.infer.sequence import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Emit, Sequence, StreamChunk
 from kllama.model.load import LoadedModel, load_model
 
-FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
-
-
-@dataclass
-class StreamChunk:
-    """A piece of answer text; the last chunk of an answer carries its finish_reason and token count."""
-
-    text: str
-    finish_reason: str | None = None  # stop | length | cancelled
-    completion_tokens: int = 0
+__all__ = ["FINISH_CANCELLED", "FINISH_LENGTH", "FINISH_STOP", "Completion", "GenerationEngine", "StreamChunk",
+           "build_engine", "sampling_defaults"]
 
 
 @dataclass
@@ -43,14 +36,18 @@ class Completion:
 
 
 class GenerationEngine:
-    """Generates answers with one loaded model; a lock serialises callers (the model and its cache are not shared)."""
+    """Generates answers with one loaded model; a lock makes each decoding step exclusive (one model, one cache)."""
 
-    def __init__(self, loaded: LoadedModel, renderer: PromptRenderer, defaults: SamplingParams) -> None:
+    def __init__(self, loaded: LoadedModel, renderer: PromptRenderer, defaults: SamplingParams,
+                 prefill_tokens: int = DEFAULT_PREFILL_TOKENS) -> None:
         self.loaded = loaded
         self.renderer = renderer
         self.defaults = defaults
+        self.prefill_tokens = prefill_tokens
         self._lock = threading.Lock()
-        self.stats: Counter[str] = Counter()  # requests, generated_tokens, cancelled (shown by the API's /health)
+        # requests, generated_tokens, cancelled, steps, max_batch, max_step_tokens (shown by the API's /health)
+        self.stats: Counter[str] = Counter()
+        self.decoder = BatchDecoder(loaded.model, loaded.device, self.stats)
 
     @property
     def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
@@ -65,54 +62,47 @@ class GenerationEngine:
         """Prompt ids of a conversation (ending with the assistant prefix) under the configured template."""
         return self.renderer.encode(messages, system)
 
+    def new_sequence(self, prompt_ids: list[int], params: SamplingParams, emit: Emit,
+                     cancel: threading.Event | None = None) -> Sequence:
+        """A sequence answering `prompt_ids` whose chunks go to `emit`; refuses a prompt that fills the context."""
+        budget = min(params.max_new_tokens, self.context_length - len(prompt_ids))
+        if not prompt_ids:
+            raise KllamaError("the prompt is empty; send at least one message with text")
+        if budget < 1:
+            raise KllamaError(f"the prompt has {len(prompt_ids)} tokens, which fills the model's context of "
+                              f"{self.context_length}; shorten the conversation (e.g. `clear` the history)")
+        return Sequence.start(prompt_ids, params, budget, frozenset(self.renderer.stop_token_ids), self.tokenizer,
+                              self.loaded.device, emit, cancel)
+
+    def step(self, seqs: list[Sequence]) -> list[Sequence]:
+        """One decoding step of `seqs` (arrival order); returns those that ended."""
+        with self._lock:
+            return self.decoder.step(seqs, self.prefill_tokens)
+
+    def release(self, seq: Sequence) -> None:
+        """Free the cache of a sequence abandoned before it ended."""
+        with self._lock:
+            self.decoder.cache.free(seq.seq_id)
+
     def stream(
         self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
     ) -> Iterator[StreamChunk]:
         """Yield the answer to `prompt_ids` as text chunks; stops at a turn-end token, a stop string, the token
-        budget, the context end, or when `cancel` is set. Waits for the engine while another answer runs."""
-        budget = min(params.max_new_tokens, self.context_length - len(prompt_ids))
-        if budget < 1:
-            raise KllamaError(f"the prompt has {len(prompt_ids)} tokens, which fills the model's context of "
-                              f"{self.context_length}; shorten the conversation (e.g. `clear` the history)")
-        with self._lock, torch.inference_mode():
-            self.stats["requests"] += 1
-            yield from self._decode(prompt_ids, params, budget, cancel)
-
-    def _decode(
-        self, prompt_ids: list[int], params: SamplingParams, budget: int, cancel: threading.Event | None
-    ) -> Iterator[StreamChunk]:
-        model, device = self.loaded.model, self.loaded.device
-        processors = build_logits_processor(params)
-        generator = make_generator(params, device)
-        end_ids = set() if params.ignore_eos else set(self.renderer.stop_token_ids)
-        decoder, matcher = IncrementalDecoder(self.tokenizer), StopStringMatcher(params.stop)
-        seen = torch.tensor([prompt_ids], device=device)  # [1, T] prompt + answer so far (repetition penalty)
-        step_input, cache, produced = seen, None, 0
-        while True:
-            if cancel is not None and cancel.is_set():
-                self.stats["cancelled"] += 1
-                yield StreamChunk("", FINISH_CANCELLED, produced)
-                return
-            out = model(input_ids=step_input, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
-            token = select_next_tokens(out.logits[:, -1, :], seen, params, processors, generator)  # [1]
-            token_id = int(token.item())
-            if token_id in end_ids:
-                yield StreamChunk(matcher.flush(), FINISH_STOP, produced)
-                return
-            produced += 1
-            self.stats["generated_tokens"] += 1
-            text = matcher.feed(decoder.push(token_id))
-            if matcher.stopped:
-                yield StreamChunk(text, FINISH_STOP, produced)
-                return
-            if produced >= budget:
-                yield StreamChunk(text + matcher.flush(), FINISH_LENGTH, produced)
-                return
-            if text:
-                yield StreamChunk(text)
-            step_input = token.view(1, 1)  # [1, 1]
-            seen = torch.cat([seen, step_input], dim=1)
+        budget, the context end, or when `cancel` is set. Steps interleave with other callers' steps."""
+        out: list[StreamChunk | BaseException] = []
+        seq = self.new_sequence(prompt_ids, params, out.append, cancel)
+        self.stats["requests"] += 1
+        try:
+            while not seq.done:
+                self.step([seq])
+                for item in out:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+                out.clear()
+        finally:
+            if not seq.done:
+                self.release(seq)
 
     def complete(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None) -> Completion:
         """The whole answer at once (same loop as `stream`)."""

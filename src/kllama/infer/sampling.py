@@ -6,7 +6,7 @@ The logits processors are transformers' own (repetition penalty, temperature, to
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from transformers.generation.logits_process import (
@@ -94,3 +94,44 @@ def select_next_tokens(
         return scores.argmax(dim=-1)
     probs = torch.softmax(scores, dim=-1)  # [B, V]
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+class NonFiniteLogitsError(KllamaError):
+    """The model produced NaN or infinite logits, so no token can be chosen (broken weights or adapter)."""
+
+    code = "non_finite_logits"
+
+
+@dataclass
+class RowSampler:
+    """How one row of a batch picks its token: its settings, transformers' processors, its seeded generator and the
+    ids it has seen (`[1, T]`, read by the repetition penalty only)."""
+
+    params: SamplingParams
+    processors: LogitsProcessorList
+    generator: torch.Generator | None
+    seen_ids: torch.Tensor
+
+    @property
+    def plain_argmax(self) -> bool:
+        """Greedy without any processor: the row's token is the argmax of its raw logits."""
+        return self.params.greedy and len(self.processors) == 0
+
+
+def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampler]) -> tuple[list[int], list[bool]]:
+    """The next token of each row of `logits [R, V]` under that row's own settings, and whether the row's logits
+    were all finite (a row that was not gets an arbitrary token, to be discarded). One host sync for the batch."""
+    logits = logits.float()
+    finite = torch.isfinite(logits).all(dim=-1)  # [R]
+    safe = torch.where(finite[:, None], logits, torch.zeros((), device=logits.device))  # NaN rows cannot break a draw
+    tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)  # [R]
+    plain = [i for i, row in enumerate(rows) if row.plain_argmax]
+    if plain:
+        index = torch.tensor(plain, device=logits.device)
+        tokens[index] = safe.index_select(0, index).argmax(dim=-1)
+    for i, row in enumerate(rows):
+        if not row.plain_argmax:
+            tokens[i : i + 1] = select_next_tokens(safe[i : i + 1], row.seen_ids, row.params, row.processors,
+                                                   row.generator)
+    picked, ok = torch.stack([tokens, finite.long()]).tolist()
+    return picked, [bool(flag) for flag in ok]

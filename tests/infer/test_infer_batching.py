@@ -1,0 +1,132 @@
+"""Continuous batching in the engine: sequences joining and leaving one running batch answer exactly as they do
+alone (greedy, fp32, CPU), on every MoE family through the expert engine; the paged cache's bookkeeping."""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from kllama.infer.engine import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, GenerationEngine, StreamChunk
+from kllama.infer.kv_cache import PagedKVCache
+from kllama.infer.sampling import NonFiniteLogitsError, SamplingParams
+from kllama.infer.sequence import Sequence
+
+QUESTIONS = ["Hi", "Tell me about the weather today, in some detail please.", "What is 2+2?",
+             "Name three colours of the rainbow and say why the sky looks blue at noon."]
+GREEDY = SamplingParams(max_new_tokens=9, do_sample=False, ignore_eos=True)
+
+
+def _kt_engine(model_dir: Path, prefill: int) -> GenerationEngine:
+    from kllama.config.loader import build_config
+    from kllama.infer.engine import build_engine
+
+    config = build_config({"model_name_or_path": str(model_dir), "template": "empty", "infer_dtype": "float32",
+                           "infer_backend": "ktransformers", "use_kt": True, "expert_placement": "cpu"},
+                          command="chat")
+    engine = build_engine(config, device="cpu")
+    engine.prefill_tokens = prefill
+    return engine
+
+
+def _run_batch(engine: GenerationEngine, jobs: list[tuple[list[int], SamplingParams]], join_at: list[int],
+               cancel_at: dict[int, int] | None = None) -> list[list[StreamChunk | BaseException]]:
+    """Step the jobs together; job i joins the batch at step join_at[i] and is cancelled at step cancel_at[i]."""
+    outs: list[list[StreamChunk | BaseException]] = [[] for _ in jobs]
+    seqs = [engine.new_sequence(ids, params, outs[i].append, threading.Event()) for i, (ids, params) in enumerate(jobs)]
+    running: list[Sequence] = []
+    for step in range(500):
+        running += [seq for i, seq in enumerate(seqs) if join_at[i] == step]
+        for i, at in (cancel_at or {}).items():
+            if at == step:
+                seqs[i].cancel.set()
+        ended = engine.step(running)
+        running = [seq for seq in running if seq not in ended]
+        if not running and step >= max(join_at):
+            return outs
+    raise AssertionError("the batch never finished")
+
+
+def _text(chunks: list[StreamChunk | BaseException]) -> tuple[str, str | None]:
+    assert all(isinstance(c, StreamChunk) for c in chunks), chunks
+    return "".join(c.text for c in chunks), chunks[-1].finish_reason  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3", "qwen3_moe", "mixtral"])
+def test_batched_greedy_equals_one_at_a_time(tiny_model_dir: Callable[..., Path], arch: str) -> None:
+    engine = _kt_engine(tiny_model_dir(arch), prefill=5)  # prompts take several chunks
+    prompts = [engine.encode([{"role": "user", "content": q}]) for q in QUESTIONS]
+    alone = [engine.complete(ids, GREEDY).text for ids in prompts]
+    assert len(set(alone)) > 1
+    outs = _run_batch(engine, [(ids, GREEDY) for ids in prompts], join_at=[0, 0, 2, 5])
+    assert [_text(o) for o in outs] == [(text, FINISH_LENGTH) for text in alone]
+    assert engine.stats["max_batch"] == 4
+    assert engine.decoder.cache.sequences == 0  # every sequence gave its blocks back
+
+
+def test_each_sequence_keeps_its_own_settings_and_cancel_leaves_the_batch(engine: GenerationEngine) -> None:
+    prompts = [engine.encode([{"role": "user", "content": q}]) for q in QUESTIONS]
+    full = engine.complete(prompts[1], GREEDY).text
+    jobs = [
+        (prompts[0], SamplingParams(max_new_tokens=8, temperature=1.3, top_p=0.9, top_k=20, seed=11, ignore_eos=True)),
+        (prompts[1], GREEDY.updated(stop=(full[3:6],))),
+        (prompts[2], GREEDY.updated(repetition_penalty=1.4, max_new_tokens=6)),
+        (prompts[3], GREEDY.updated(max_new_tokens=400)),
+    ]
+    alone = [engine.complete(ids, params) for ids, params in jobs[:3]]
+    outs = _run_batch(engine, jobs, join_at=[0, 1, 1, 0], cancel_at={3: 4})
+    for got, want in zip(outs[:3], alone):
+        assert _text(got) == (want.text, want.finish_reason)
+    assert _text(outs[1])[1] == FINISH_STOP and _text(outs[2])[1] == FINISH_LENGTH
+    cancelled = outs[3][-1]
+    assert isinstance(cancelled, StreamChunk) and cancelled.finish_reason == FINISH_CANCELLED
+    assert cancelled.completion_tokens < 10
+
+
+def test_nan_logits_fail_the_sequence_not_the_engine(tiny_model_dir: Callable[..., Path]) -> None:
+    engine = _kt_engine(tiny_model_dir("qwen3_moe"), prefill=512)
+    prompt = engine.encode([{"role": "user", "content": "Hi"}])
+    healthy = engine.complete(prompt, GREEDY).text
+    lm_head = engine.loaded.model.lm_head.weight
+    saved = lm_head.detach().clone()
+    with torch.no_grad():
+        lm_head[7].fill_(float("nan"))  # one vocabulary row: every logits row holds a NaN
+    try:
+        outs = _run_batch(engine, [(prompt, GREEDY), (prompt, GREEDY.updated(do_sample=True, temperature=1.0))],
+                          join_at=[0, 0])
+    finally:
+        with torch.no_grad():
+            lm_head.copy_(saved)
+    assert all(isinstance(o[-1], NonFiniteLogitsError) for o in outs)
+    assert "NaN" in str(outs[0][-1])
+    assert engine.complete(prompt, GREEDY).text == healthy  # the engine serves on
+
+
+def test_paged_cache_grows_keeps_content_and_frees_blocks() -> None:
+    cache = PagedKVCache(torch.device("cpu"), block_size=2, initial_blocks=1)
+    keys = torch.arange(6.0).view(1, 1, 6, 1)
+    cache.plan([(1, 3), (2, 3)])
+    got_k, _ = cache.update(keys, -keys, 0)
+    cache.commit()
+    assert got_k.flatten().tolist() == keys.flatten().tolist()
+    assert cache.capacity >= 6 and cache.length(1) == 3
+    plan = cache.plan([(2, 1)])
+    got_k, got_v = cache.update(torch.full((1, 1, 1, 1), 9.0), torch.full((1, 1, 1, 1), -9.0), 0)
+    cache.commit()
+    assert got_k.flatten().tolist() == [3.0, 4.0, 5.0, 9.0] and got_v.flatten().tolist() == [-3.0, -4.0, -5.0, -9.0]
+    assert plan.position_ids.tolist() == [[3]] and plan.attention_mask.all()
+    free_before = len(cache._free)
+    cache.free(1)
+    assert len(cache._free) == free_before + 2 and cache.sequences == 1
+
+
+def test_mask_keeps_sequences_apart_causal_and_windowed() -> None:
+    cache = PagedKVCache(torch.device("cpu"), sliding_window=2)
+    plan = cache.plan([(1, 3), (2, 2)])
+    mask = plan.attention_mask[0, 0].int().tolist()
+    assert mask == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
+    assert plan.position_ids.tolist() == [[0, 1, 2, 0, 1]] and plan.last_index.tolist() == [2, 4]
+    additive = PagedKVCache(torch.device("cpu"), bool_mask=False).plan([(1, 2)]).attention_mask[0, 0]
+    assert additive[0, 0] == 0 and additive[0, 1] == torch.finfo(torch.float32).min
