@@ -66,3 +66,16 @@ def test_format_env_of_this_machine_mentions_every_key():
     for key in REQUIRED:
         if key != "gpus" or not torch.cuda.is_available():
             assert f"\n{key}:" in "\n" + text, key
+
+
+def test_a_source_tree_run_reports_kllama_version_not_missing(monkeypatch):
+    # `PYTHONPATH=src` without `pip install` (how the GPU machine runs the suite): no distribution metadata
+    import kllama
+    from kllama import envinfo
+
+    def missing(dist: str) -> str:
+        raise envinfo.metadata.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(envinfo.metadata, "version", missing)
+    assert envinfo._version("kllama").startswith(f"{kllama.__version__} (source tree ")
+    assert envinfo._version("torch") == "not installed"

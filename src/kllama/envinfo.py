@@ -34,6 +34,10 @@ def _version(dist: str) -> str:
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
+        if dist == "kllama":  # running from a source tree (PYTHONPATH=src) without `pip install`
+            import kllama
+
+            return f"{kllama.__version__} (source tree {os.path.dirname(kllama.__file__)}, not pip-installed)"
         return "not installed"
 
 

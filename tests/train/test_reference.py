@@ -28,19 +28,21 @@ def test_precomputed_reference_matches_in_step_reference_for_any_batch_size(tiny
     with torch.no_grad():  # a non-zero adapter, so "adapters off" is a different model from the policy
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+                p.normal_(0, 0.2, generator=torch.Generator(device=p.device).manual_seed(len(name)))
     collate = PairwiseCollator(loaded.tokenizer.pad_token_id, pad_to_multiple_of=8)
     settings = preference_settings(config)
-    cpu = torch.device("cpu")
-    one = attach_reference_logps(model, bundle.train, collate, settings, None, tmp_path / "a", batch_size=1, device=cpu)
+    device = loaded.device  # where the run put the model (the GPU when there is one)
+    one = attach_reference_logps(model, bundle.train, collate, settings, None, tmp_path / "a", batch_size=1,
+                                 device=device)
     five = attach_reference_logps(model, bundle.train, collate, settings, None, tmp_path / "b", batch_size=5,
-                                  device=cpu)
+                                  device=device)
 
     rows = [bundle.train[i] for i in range(len(bundle.train))]
+    batch = {k: v.to(device) for k, v in collate(rows).items()}
     with torch.no_grad(), adapters_disabled(model):
-        sums = policy_logps(model, collate(rows), PreferenceSettings(stage="dpo", ld_alpha=None))[0]
+        sums = policy_logps(model, batch, PreferenceSettings(stage="dpo", ld_alpha=None))[0].cpu()
     with torch.no_grad():
-        policy = policy_logps(model, collate(rows), PreferenceSettings(stage="dpo", ld_alpha=None))[0]
+        policy = policy_logps(model, batch, PreferenceSettings(stage="dpo", ld_alpha=None))[0].cpu()
     half = len(rows)
     assert sums.shape[0] == 2 * half
     assert not torch.allclose(policy, sums, atol=1e-3)  # the reference really is the model with adapters off
@@ -52,7 +54,7 @@ def test_precomputed_reference_matches_in_step_reference_for_any_batch_size(tiny
     written = cache_file.stat().st_mtime_ns
     capsys.readouterr()
     again = attach_reference_logps(model, bundle.train, collate, settings, None, tmp_path / "a", batch_size=3,
-                                   device=cpu)
+                                   device=device)
     assert "loaded from cache" in capsys.readouterr().out
     assert cache_file.stat().st_mtime_ns == written
     assert again["ref_chosen_logps"] == one["ref_chosen_logps"]

@@ -37,7 +37,8 @@ def initial_adapter(model_dir: Path, settings: dict) -> dict[str, torch.Tensor]:
     loaded = load_model(config, "train")
     f = config.finetuning
     spec = resolve_lora_spec(loaded.model, f.lora_target, f.lora_rank, f.lora_alpha, f.lora_dropout)
-    return adapter_state_dict(attach_lora(loaded.model, spec, seed=config.training.seed))
+    state = adapter_state_dict(attach_lora(loaded.model, spec, seed=config.training.seed))
+    return {name: tensor.cpu() for name, tensor in state.items()}  # compared with the saved (CPU) tensors
 
 
 def engine_logits(model_dir: Path, adapter_dir: Path, ids: torch.Tensor) -> torch.Tensor:
@@ -51,8 +52,8 @@ def engine_logits(model_dir: Path, adapter_dir: Path, ids: torch.Tensor) -> torc
     loaded = load_model(config, "train")
     model = attach_lora(loaded.model, spec_from_adapter(loaded.model, adapter_dir))
     load_adapter_weights(model, adapter_dir)
-    with torch.no_grad():
-        return model(input_ids=ids).logits
+    with torch.no_grad():  # inputs go where the run put the model (the GPU when there is one)
+        return model(input_ids=ids.to(loaded.device)).logits.cpu()
 
 
 def stock_logits(model_dir: Path, adapter_dir: Path, ids: torch.Tensor) -> torch.Tensor:

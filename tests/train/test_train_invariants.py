@@ -52,10 +52,11 @@ def first_step(model_dir: Path, tmp: Path, batch: int, accumulation: int) -> tup
     with torch.no_grad():  # make B non-zero so every LoRA tensor has a gradient
         for name, p in model.named_parameters():
             if p.requires_grad and "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+                p.normal_(0, 0.05, generator=torch.Generator(device=p.device).manual_seed(len(name)))
     capture = GradCapture()
     trainer = KllamaTrainer(
-        model=model, args=build_training_arguments(config, has_eval=False, use_cpu=True), train_dataset=bundle.train,
+        model=model, args=build_training_arguments(config, has_eval=False, use_cpu=loaded.device.type == "cpu"),
+        train_dataset=bundle.train,
         data_collator=PairwiseCollator(loaded.tokenizer.pad_token_id), processing_class=loaded.tokenizer,
         callbacks=[capture], settings=preference_settings(config),
     )

@@ -31,7 +31,7 @@ def _cache_key(model: nn.Module, dataset: Dataset, settings: PreferenceSettings,
         digest = hashlib.sha256()
         for name, tensor in sorted(adapter_state_dict(model).items()):
             digest.update(name.encode())
-            digest.update(tensor.float().numpy().tobytes())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())  # adapters live on the GPU there
         parts["adapter"] = digest.hexdigest()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
