@@ -301,11 +301,11 @@ def probe_copy_waits(streamer: Any, times: ExpertTimes) -> None:
         return
     original = streamer.acquire
 
-    def acquire(module: HostExperts, num_tokens: int, backward: bool):  # noqa: ANN202
+    def acquire(module: HostExperts, num_tokens: int, backward: bool, *rest: Any):  # noqa: ANN202
         if not times.recording:
-            return original(module, num_tokens, backward)
+            return original(module, num_tokens, backward, *rest)
         before = _cuda_mark(streamer.device)
-        weights = original(module, num_tokens, backward)
+        weights = original(module, num_tokens, backward, *rest)
         layer = streamer._index[id(module)]  # the trace keeps this pass's compute-start event under its layer
         start = streamer._open.get(layer)
         if start is not None:

@@ -1,15 +1,25 @@
-"""Greedy decode speed of a DeepSeek-V2-Lite-shaped random model: CPU experts vs resident experts (and others).
+"""Batch-1 decode speed of a DeepSeek-V2-Lite-shaped random model: where the experts run, with and without CUDA graphs.
 
-    PYTHONPATH=src python benchmarks/decode.py --model v2lite --placements cpu,gpu
+    PYTHONPATH=src python benchmarks/decode.py                       # auto, cpu, gpu (eager + graphs), gpu under 24GB
+    PYTHONPATH=src python benchmarks/decode.py --placements auto --caps 24GB,40GB
 
-Batch 1, a `--prompt`-token prompt (prefill timed separately), then `--new` greedy tokens with the KV cache, one
-forward per token. `cpu` computes the routed experts next to their host weights (`cpu_infer` threads), `gpu` keeps
-them resident, `stream`/`auto` are accepted too (`auto` decodes on the CPU below its measured crossover).
+Rows (one model build, random weights, a `--prompt`-token prompt, then `--new` greedy tokens):
+* `auto`: the default placement (CPU below the measured inference crossover, streamed above), decode steps through
+  `kllama.infer.graphs` (graphs cut around the CPU expert passes); also times the prefill of a `--long-prompt`-token
+  prompt, which streams every layer.
+* `cpu`: every layer's experts on the CPU, graphed the same way.
+* `gpu`: every layer resident, once eagerly with transformers' own loop (dynamic cache) and once as one CUDA graph.
+* `gpu under <cap>` (one row per `--caps` entry): `auto` plus as many layers resident as the cap allows with an
+  inference reserve (`max_gpu_memory`), the rest on the CPU in the same step.
+Each row splits its ms/token into expert passes, other GPU work and host overhead: graphed rows from timed replays
+with expert passes in graphs of their own (`split_experts`), the eager row from torch.profiler kernel times.
+Prints a table and writes JSON.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -23,18 +33,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     build_model, compute_device, current_host_gb, environment, format_table, gpu_peak_gb, log, model_config,
-    peak_host_gb, release, reset_gpu_peak, shape_summary, synchronize, write_results,
+    peak_host_gb, release, reset_gpu_peak, set_gpu_cap, shape_summary, synchronize, write_results,
 )
-from kllama.experts.install import wire_engine  # noqa: E402
+from kllama.config.units import parse_bytes  # noqa: E402
+from kllama.experts.crossover import NEVER, measure_crossovers  # noqa: E402
+from kllama.experts.install import ExpertEngine, wire_engine  # noqa: E402
+from kllama.experts.module import HostExperts, expert_pass_hook  # noqa: E402
 from kllama.experts.placement import ExpertPlacement  # noqa: E402
+from kllama.infer.graphs import GraphedDecoder, cache_keyword  # noqa: E402
+from kllama.model.engine_setup import inference_reserve_bytes, promote_resident_layers  # noqa: E402
 
 DECODE_COLUMNS = (
     ("name", "run", "{}"),
     ("decode_tokens_per_s", "decode tok/s", "{:.2f}"),
     ("ms_per_token", "ms/token", "{:.1f}"),
+    ("expert_ms", "expert ms", "{:.1f}"),
+    ("other_gpu_ms", "other GPU ms", "{:.1f}"),
+    ("host_ms", "host ms", "{:.1f}"),
     ("prefill_s", "prefill s", "{:.3f}"),
+    ("prefill_long_s", "long prefill s", "{:.3f}"),
+    ("resident_layers", "resident", "{}"),
     ("peak_gpu_gb", "peak GPU GB", "{:.1f}"),
-    ("peak_host_gb", "peak host GB", "{:.1f}"),
     ("note", "note", "{}"),
 )
 
@@ -42,78 +61,224 @@ DECODE_COLUMNS = (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=("v2lite", "qwen3-30b"), default="v2lite")
-    p.add_argument("--placements", default="cpu,gpu", help="comma list of cpu|gpu|stream|auto")
+    p.add_argument("--placements", default="auto,cpu,gpu", help="comma list of auto|cpu|gpu|stream")
+    p.add_argument("--caps", default="24GB", help="comma list of GPU memory caps, one mixed row each ('' = none)")
+    p.add_argument("--no-eager", action="store_true", help="skip the eager gpu row")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="greedy tokens to generate")
+    p.add_argument("--long-prompt", type=int, default=2048, help="prefill timed with auto (0 = skip)")
+    p.add_argument("--split-steps", type=int, default=8, help="decode steps timed piece by piece for the split")
     p.add_argument("--cpu-threads", type=int, default=16)
     p.add_argument("--layers", type=int, default=None, help="only the first N decoder layers")
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test)")
     p.add_argument("--profile", type=int, default=0,
-                   help="also profile this many decode steps per placement (torch.profiler table, CPU time)")
+                   help="also print torch.profiler's table over this many eager decode steps per placement")
     p.add_argument("--out-dir", type=Path, default=None, help="JSON directory (default benchmarks/results)")
     return p.parse_args(argv)
 
 
-@torch.no_grad()
-def greedy_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, device: torch.device,
-                  ) -> tuple[float, list[float], list[int]]:
-    """Prefill `prompt [1, P]`, then `new_tokens - 1` one-token steps with the KV cache, picking the argmax.
-    Returns (prefill seconds, per-token decode seconds, generated ids)."""
+# ----------------------------------------------------------------------------- placing the experts
+def place(model: nn.Module, modules: dict[str, HostExperts], mode: str, args: argparse.Namespace,
+          crossovers: dict[str, int]) -> ExpertEngine:
+    """Every layer on `mode` (`auto` with the crossovers measured once per run), resident copies made for `gpu`."""
+    for module in modules.values():
+        module.drop_resident()
+        placement = ExpertPlacement.from_mode(mode, cpu_threads=args.cpu_threads, source="benchmark")
+        if mode == "auto" and crossovers:
+            placement = placement.with_crossovers(crossovers["inference"], crossovers["training"])
+        module.placement = placement
+    release()
+    engine = wire_engine(model, modules, measure=False)
+    if mode == "gpu":
+        for module in modules.values():
+            module.resident_weights()
+    return engine
+
+
+def measure_auto(modules: dict[str, HostExperts], model: nn.Module, args: argparse.Namespace,
+                 device: torch.device) -> dict[str, Any]:
+    """Both crossovers of this layer shape on this machine (once per run), with the timings they came from."""
+    first = next(iter(modules.values()))
+    top_k = model.config.num_experts_per_tok
+    start = time.perf_counter()
+    found = measure_crossovers(first.hidden_dim, first.intermediate_dim, first.num_experts, top_k,
+                               first.host_weights()[0].dtype, device, cpu_threads=args.cpu_threads)
+    shown = {k: "never" if v == NEVER else str(v) for k, v in (("inference", found.inference),
+                                                                ("training", found.training))}
+    log(f"crossovers: inference {shown['inference']} / training {shown['training']} tokens "
+        f"(copy {found.copy_s * 1e3:.1f} ms, measured in {time.perf_counter() - start:.2f} s)")
+    return {"inference": found.inference, "training": found.training, "copy_ms": found.copy_s * 1e3,
+            "samples": found.samples}
+
+
+# ----------------------------------------------------------------------------- decoding
+def graphed_decode(decoder: GraphedDecoder, prompt: list[int], new_tokens: int, device: torch.device,
+                   ) -> tuple[float, list[float], list[int]]:
+    """Prefill `prompt`, then `new_tokens - 1` graphed steps picking the argmax (read on the host every token, as a
+    streaming chat does). Returns (prefill seconds, per-token seconds, generated ids)."""
     synchronize(device)
     start = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
-    synchronize(device)
+    token = int(decoder.prefill(prompt).argmax())
     prefill = time.perf_counter() - start
-    past, generated, steps = out.past_key_values, [int(token)], []
+    generated, steps = [token], []
+    for i in range(new_tokens - 1):
+        start = time.perf_counter()
+        token = int(decoder.step([token], [len(prompt) + i])[0].argmax())
+        steps.append(time.perf_counter() - start)
+        generated.append(token)
+    return prefill, steps, generated
+
+
+@torch.inference_mode()
+def eager_decode(model: nn.Module, prompt: list[int], new_tokens: int, device: torch.device,
+                 ) -> tuple[float, list[float], list[int]]:
+    """The same with transformers' own loop (dynamic cache, one forward per token, no graphs)."""
+    key = cache_keyword(model)
+    synchronize(device)
+    start = time.perf_counter()
+    out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+    generated, steps = [int(token)], []
+    prefill = time.perf_counter() - start
     for _ in range(new_tokens - 1):
         start = time.perf_counter()
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        cache = out["cache"] if "cache" in out.keys() else out["past_key_values"]
+        out = model(input_ids=token, use_cache=True, logits_to_keep=1, **{key: cache})
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        generated.append(int(token))  # the host read synchronises, as a streaming chat loop does
+        generated.append(int(token))
         steps.append(time.perf_counter() - start)
     return prefill, steps, generated
 
 
-def run_placement(model: nn.Module, modules: dict, mode: str, args: argparse.Namespace, device: torch.device,
-                  prompt: torch.Tensor) -> dict[str, Any]:
-    """Place every MoE layer on `mode`, warm up with a short decode, then time prefill + decode."""
-    for module in modules.values():
-        module.drop_resident()
-        module.placement = ExpertPlacement.from_mode(mode, cpu_threads=args.cpu_threads, source="benchmark")
-    release()
-    wire_engine(model, modules, measure=mode == "auto")
-    if mode == "gpu":
-        for module in modules.values():
-            module.resident_weights()
-    crossover = next(iter(modules.values())).placement.crossover_tokens
-    log(f"{mode}: warm-up")
-    greedy_decode(model, prompt[:, :16], 4, device)
-    reset_gpu_peak(device)
-    prefill, steps, generated = greedy_decode(model, prompt, args.new, device)
-    mean = sum(steps) / len(steps)
-    name = f"kllama {mode}" + (f" ({args.cpu_threads} threads)" if mode in ("cpu", "auto") else "")
-    log(f"{name}: prefill {prefill:.3f}s, decode {1 / mean:.2f} tok/s")
-    row = {"name": name, "decode_tokens_per_s": 1 / mean, "ms_per_token": mean * 1e3, "prefill_s": prefill,
-           "decode_step_s": steps, "peak_gpu_gb": gpu_peak_gb(device), "peak_host_gb": peak_host_gb(),
-           "host_now_gb": current_host_gb(), "generated_head": generated[:8]}
-    if crossover is not None:
-        row["crossover_tokens"] = crossover
-    if args.profile:
-        row["profile"] = profile_decode(model, prompt[:, :16], args.profile, device)
-        print(row["profile"])
+def graphed_split(model: nn.Module, prompt: list[int], steps: int) -> dict[str, float] | None:
+    """Median ms of expert passes, other GPU work and host overhead over `steps` timed replays of a decoder whose
+    resident expert passes have graphs of their own (None when graphs are not used)."""
+    decoder = GraphedDecoder(model, 1, len(prompt) + steps + 2, split_experts=True)
+    token = int(decoder.prefill(prompt).argmax())
+    decoder.step([token], [len(prompt)])  # capture
+    times = []
+    for i in range(steps):
+        logits, t = decoder.timed_step([token], [len(prompt) + 1 + i])
+        if t is None:
+            return None
+        token = int(logits[0].argmax())
+        times.append(t)
+    return {"expert_ms": statistics.median(t.expert_ms for t in times),
+            "other_gpu_ms": statistics.median(t.other_gpu_ms for t in times),
+            "split_wall_ms": statistics.median(t.wall_ms for t in times)}
+
+
+def eager_split(model: nn.Module, prompt: list[int], steps: int, device: torch.device) -> dict[str, float]:
+    """Per-token ms of expert kernels and other kernels in transformers' own loop, from torch.profiler (CUDA)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def timed(module: HostExperts, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        with record_function("kllama.experts"):
+            return module.run_pass(x, index, weights)
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, expert_pass_hook(timed):
+        eager_decode(model, prompt, steps + 1, device)
+    averages = prof.key_averages()
+
+    def total(event: Any, name: str) -> float:
+        return float(getattr(event, name, None) or getattr(event, name.replace("device", "cuda"), 0) or 0)
+
+    kernels_us = sum(total(e, "self_device_time_total") for e in averages)
+    expert_us = sum(total(e, "device_time_total") for e in averages if e.key == "kllama.experts")
+    # the profile also holds the prefill: scale by the decode share of expert passes is not worth it; subtract it
+    layers = sum(1 for m in model.modules() if isinstance(m, HostExperts))
+    per_step = steps + 1  # prefill + steps forwards; the prefill's kernels are a small share at 128 tokens
+    return {"expert_ms": expert_us / 1e3 / per_step, "other_gpu_ms": (kernels_us - expert_us) / 1e3 / per_step,
+            "expert_passes_per_step": sum(e.count for e in averages if e.key == "kllama.experts") / per_step,
+            "moe_layers": layers}
+
+
+def finish_row(row: dict[str, Any], split: dict[str, float] | None) -> dict[str, Any]:
+    if split is not None:
+        row.update(split)
+        row["host_ms"] = max(0.0, row["ms_per_token"] - split["expert_ms"] - split["other_gpu_ms"])
     return row
 
 
-def profile_decode(model: nn.Module, prompt: torch.Tensor, steps: int, device: torch.device) -> str:
-    """torch.profiler's table (top ops by self CPU time) over `steps` decode steps: where a token's time goes."""
+def run_row(name: str, model: nn.Module, engine: ExpertEngine, args: argparse.Namespace, device: torch.device,
+            prompt: list[int], *, graphs: bool) -> dict[str, Any]:
+    """Warm up, then time prefill + decode of one row; then the time split."""
+    log(f"{name}: warm-up")
+    if graphs:
+        decoder = GraphedDecoder(model, 1, len(prompt) + args.new + 2)
+        graphed_decode(decoder, prompt[:16], 4, device)  # captures the step
+        run = lambda: graphed_decode(decoder, prompt, args.new, device)  # noqa: E731
+    else:
+        decoder = None
+        eager_decode(model, prompt[:16], 4, device)
+        run = lambda: eager_decode(model, prompt, args.new, device)  # noqa: E731
+    reset_gpu_peak(device)
+    prefill, steps, generated = run()
+    mean = sum(steps) / len(steps)
+    resident = sum(m.placement.target_for(1) == "gpu" for m in engine.modules.values())
+    note = "" if decoder is None or decoder.graphed else f"eager: {decoder.reason}"
+    log(f"{name}: prefill {prefill:.3f}s, decode {1 / mean:.2f} tok/s{'; ' + note if note else ''}")
+    row = {"name": name, "decode_tokens_per_s": 1 / mean, "ms_per_token": mean * 1e3, "prefill_s": prefill,
+           "decode_step_s": steps, "peak_gpu_gb": gpu_peak_gb(device), "peak_host_gb": peak_host_gb(),
+           "host_now_gb": current_host_gb(), "generated_head": generated[:8], "resident_layers": resident,
+           "graphed": bool(decoder is not None and decoder.graphed), "note": note}
+    del decoder
+    release()
+    if device.type != "cuda":
+        split = None  # no GPU work to tell apart
+    elif graphs:
+        split = graphed_split(model, prompt, args.split_steps)
+    else:
+        split = eager_split(model, prompt, args.split_steps, device)
+    if args.profile and not graphs:
+        row["profile"] = profile_decode(model, prompt[:16], args.profile, device)
+        print(row["profile"])
+    return finish_row(row, split)
+
+
+def long_prefill(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Seconds to prefill a `--long-prompt`-token prompt (min of two after a warm-up), as `auto` places it."""
+    length = args.long_prompt
+    prompt = torch.randint(0, model.config.vocab_size, (length,), generator=torch.Generator().manual_seed(1)).tolist()
+    decoder = GraphedDecoder(model, 1, length + 2)
+    decoder.prefill(prompt)  # warm-up: stream slots, kernels for this length
+    times = []
+    for _ in range(2):
+        synchronize(device)
+        start = time.perf_counter()
+        decoder.prefill(prompt)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    log(f"prefill of {length} tokens: {', '.join(f'{t:.3f}' for t in times)} s")
+    del decoder
+    release()
+    return {"prefill_long_s": min(times), "prefill_long_runs_s": times, "long_prompt_tokens": length}
+
+
+def profile_decode(model: nn.Module, prompt: list[int], steps: int, device: torch.device) -> str:
+    """torch.profiler's table (top ops by self CPU time) over `steps` eager decode steps: where a token's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        greedy_decode(model, prompt, steps + 1, device)
+        eager_decode(model, prompt, steps + 1, device)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50)
+
+
+def cap_row(model: nn.Module, modules: dict[str, HostExperts], cap: str, args: argparse.Namespace,
+            device: torch.device, prompt: list[int], crossovers: dict[str, int]) -> dict[str, Any]:
+    """`auto` under a GPU memory cap: layers resident while the cap (minus an inference reserve) allows."""
+    engine = place(model, modules, "auto", args, crossovers)
+    budget = parse_bytes(cap)
+    set_gpu_cap(budget / 1e9, device)
+    try:
+        promoted = promote_resident_layers(engine, budget, device, inference_reserve_bytes(engine))
+        log(f"under {cap}: {promoted} of {len(modules)} layers resident")
+        row = run_row(f"kllama gpu under {cap} (graphs)", model, engine, args, device, prompt, graphs=True)
+        row["cap"] = cap
+        return row
+    finally:
+        set_gpu_cap(None, device)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -122,11 +287,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [p for p in placements if p not in ("stream", "auto", "gpu", "cpu")]
     if unknown:
         raise SystemExit(f"unknown placements {unknown}; choose from stream, auto, gpu, cpu")
+    caps = [c.strip() for c in args.caps.split(",") if c.strip()]
     device = compute_device()
     if args.tiny:
-        args.prompt, args.new = min(args.prompt, 16), min(args.new, 8)
+        args.prompt, args.new, args.long_prompt = min(args.prompt, 16), min(args.new, 8), min(args.long_prompt, 32)
+        args.split_steps = min(args.split_steps, 2)
         args.cpu_threads = min(args.cpu_threads, os.cpu_count() or 1)
         warnings.filterwarnings("ignore", message=".*needs a CUDA compute device.*")
+    if device.type != "cuda":
+        caps = []  # a GPU memory cap means nothing without a GPU
     torch.manual_seed(0)
     config = model_config(args.model, tiny=args.tiny, layers=args.layers)
     log(f"decode {args.model}{' (tiny)' if args.tiny else ''}: {config.num_hidden_layers} layers, prompt "
@@ -135,14 +304,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, modules = build_model(config, device, host_experts=True)
     build_s = time.perf_counter() - start
     log(f"built in {build_s:.1f}s, host RSS {current_host_gb():.1f} GB")
-    prompt = torch.randint(0, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
-    prompt = prompt.to(device)
+    prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    auto = measure_auto(modules, model, args, device) if "auto" in placements or caps else {}
+    crossovers = {k: auto[k] for k in ("inference", "training")} if auto else {}
+    plan = [(mode, graphs) for mode in placements
+            for graphs in ((False, True) if mode == "gpu" and not args.no_eager else (True,))]
     rows = []
-    for mode in placements:
+    for mode, graphs in plan:
+        threads = f"{args.cpu_threads} threads, " if mode in ("cpu", "auto") else ""
+        name = f"kllama {mode} ({threads}{'graphs' if graphs else 'eager'})"
         try:
-            rows.append(run_placement(model, modules, mode, args, device, prompt))
+            engine = place(model, modules, mode, args, crossovers)
+            row = run_row(name, model, engine, args, device, prompt, graphs=graphs)
+            if mode == "auto":
+                row["crossovers"] = crossovers
+                if args.long_prompt:
+                    row.update(long_prefill(model, args, device))
+            rows.append(row)
         except torch.cuda.OutOfMemoryError as exc:
-            rows.append({"name": f"kllama {mode}", "note": "OOM", "error": str(exc).splitlines()[0]})
+            rows.append({"name": name, "note": "OOM", "error": str(exc).splitlines()[0]})
+        finally:
+            for module in modules.values():
+                module.drop_resident()
+            release()
+    for cap in caps:
+        try:
+            rows.append(cap_row(model, modules, cap, args, device, prompt, crossovers))
+        except torch.cuda.OutOfMemoryError as exc:
+            rows.append({"name": f"kllama gpu under {cap}", "note": "OOM", "error": str(exc).splitlines()[0]})
         finally:
             for module in modules.values():
                 module.drop_resident()
@@ -151,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "decode", "model": args.model, "tiny": args.tiny, "layers": config.num_hidden_layers,
         "layers_limited": args.layers is not None, "config": shape_summary(config), "prompt_tokens": args.prompt,
         "new_tokens": args.new, "batch": 1, "cpu_threads": args.cpu_threads, "build_s": build_s,
-        "environment": environment(), "rows": rows,
+        "crossovers": auto, "environment": environment(), "rows": rows,
     }
     print(format_table(rows, DECODE_COLUMNS), flush=True)
     path = write_results(results, f"decode_{args.model}{'_tiny' if args.tiny else ''}", args.out_dir)

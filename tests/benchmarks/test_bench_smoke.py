@@ -43,7 +43,7 @@ def test_benchmarks_run_tiny_on_cpu(tmp_path: Path) -> None:
     dpo_dir, decode_dir = tmp_path / "dpo", tmp_path / "decode"
     dpo = _start("dpo_throughput.py", "--tiny", "--baseline", "--placements", "stream,auto,gpu,cpu",
                  "--precomputed-ref", "2", "--out-dir", str(dpo_dir))
-    decode = _start("decode.py", "--tiny", "--placements", "cpu,gpu", "--out-dir", str(decode_dir))
+    decode = _start("decode.py", "--tiny", "--placements", "auto,cpu,gpu", "--out-dir", str(decode_dir))
     dpo_log, decode_log = _finish(dpo), _finish(decode)
 
     result = _only_json(dpo_dir)
@@ -63,21 +63,24 @@ def test_benchmarks_run_tiny_on_cpu(tmp_path: Path) -> None:
     assert "run" in dpo_log and "tokens/s" in dpo_log  # the printed table
 
     decoded = _only_json(decode_dir)
-    names = [row["name"] for row in decoded["rows"]]
-    assert names[0].startswith("kllama cpu") and names[1] == "kllama gpu"
-    assert all(row["decode_tokens_per_s"] > 0 for row in decoded["rows"])
-    # same weights, greedy: the CPU and GPU-target paths (both on the CPU here) generate the same tokens
-    assert decoded["rows"][0]["generated_head"] == decoded["rows"][1]["generated_head"]
-    assert "decode tok/s" in decode_log
+    rows = {row["name"]: row for row in decoded["rows"]}
+    assert list(rows) == ["kllama auto (1 threads, graphs)", "kllama cpu (1 threads, graphs)", "kllama gpu (eager)",
+                          "kllama gpu (graphs)"]  # no cap rows without a GPU
+    assert all(row["decode_tokens_per_s"] > 0 and row["prefill_s"] > 0 for row in rows.values())
+    assert rows["kllama auto (1 threads, graphs)"]["prefill_long_s"] > 0
+    # same weights, greedy, same static-cache decoder: the CPU and GPU-target paths (both on the CPU here) agree
+    assert rows["kllama cpu (1 threads, graphs)"]["generated_head"] == rows["kllama gpu (graphs)"]["generated_head"]
+    assert "decode tok/s" in decode_log and "expert ms" in decode_log
 
 
 def test_cpu_gemv_probe_runs_small(tmp_path: Path) -> None:
     out = tmp_path / "gemv.json"
     log = _finish(_start("cpu_gemv.py", "--threads", "1", "--experts", "8", "--hidden", "64", "--inter", "32",
-                         "--top-k", "2", "--out", str(out)))
+                         "--top-k", "2", "--tokens", "1,4", "--repeats", "3", "--out", str(out)))
     rows = json.loads(out.read_text())["rows"]
-    assert {row["variant"] for row in rows} >= {"x @ W.T (bf16)", "engine cpu layer pass, 1 token"}
-    assert all(row["GB_per_s"] > 0 for row in rows)
+    assert {row["variant"] for row in rows} >= {"read bandwidth (float32 sum)", "x @ W.T (bf16)",
+                                                 "engine cpu layer pass, 1 token", "engine cpu layer pass, 4 tokens"}
+    assert all(row["GB_per_s"] > 0 and row["pct_of_read"] > 0 for row in rows)
     assert "GB/s" in log
 
 

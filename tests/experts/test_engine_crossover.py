@@ -120,9 +120,6 @@ def test_without_cuda_streaming_never_wins() -> None:
     assert time.perf_counter() - start < 0.5
 
 
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
 @pytest.mark.parametrize("kind", ["inference", "training"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -148,6 +145,7 @@ def test_decode_step_under_auto_runs_experts_on_the_cpu() -> None:
     # real, and a 1-token pass must never stream
     from kllama.experts import install_expert_engine
     from kllama.experts.module import expert_pass_hook
+    from kllama.infer.graphs import cache_keyword
     from kllama.model.tiny import build_tiny_model
 
     model = build_tiny_model("deepseek_v2", seed=0, dtype=torch.bfloat16, hidden_size=1024, num_hidden_layers=5,
@@ -168,5 +166,6 @@ def test_decode_step_under_auto_runs_experts_on_the_cpu() -> None:
     with torch.inference_mode(), expert_pass_hook(count):
         out = model(input_ids=prompt, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+        cache = out["cache"] if "cache" in out.keys() else out["past_key_values"]
+        model(input_ids=token, use_cache=True, **{cache_keyword(model): cache})
     assert targets[1] == ["cpu"] * len(engine.modules)

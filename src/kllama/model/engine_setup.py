@@ -50,16 +50,25 @@ def placement_chooser(config: KllamaConfig, device: torch.device, notes: list[st
     return choose
 
 
-def promote_resident_layers(engine: ExpertEngine, budget_bytes: int, device: torch.device) -> int:
+def inference_reserve_bytes(engine: ExpertEngine) -> int:
+    """GPU memory an inference job keeps free of resident experts: the two stream slots a long prefill uses, plus
+    2 GiB for a prefill's activations, the KV cache and decode graphs (no gradients, no optimiser)."""
+    layer = max((m.host_bytes() for m in engine.modules.values()), default=0)
+    return 2 * layer + 2 * 2**30
+
+
+def promote_resident_layers(engine: ExpertEngine, budget_bytes: int, device: torch.device,
+                            reserve_bytes: int | None = None) -> int:
     """Keep as many layers' experts resident on the GPU as fit in `budget_bytes` minus what is already allocated
-    and a reserve for activations; returns how many layers were promoted."""
+    and a reserve (default: a training step's activations; see `inference_reserve_bytes`); returns how many layers
+    were promoted."""
     modules = list(engine.modules.values())
     if not modules or device.type != "cuda":
         return 0
     used = torch.cuda.memory_allocated(device)
     # Activations of a 16k-token DPO micro-step with checkpointing peak at ~13 GB on V2-Lite (benchmarks/NOTES.md):
     # keep 60% of the budget for them and the two stream slots.
-    reserve = max(int(0.6 * budget_bytes), 8 * 2**30)
+    reserve = max(int(0.6 * budget_bytes), 8 * 2**30) if reserve_bytes is None else reserve_bytes
     room = budget_bytes - used - reserve
     promoted = 0
     for module in modules:

@@ -1,0 +1,82 @@
+"""The static-cache decoder (CPU: its eager fallback) decodes exactly what the plain transformers loop decodes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kllama.experts import ExpertPlacement, install_expert_engine
+from kllama.infer.graphs import GraphedDecoder, cache_keyword, graphed_decoder
+from kllama.model.tiny import build_tiny_model
+
+
+def plain_greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and the logits they came from, with transformers' own dynamic cache."""
+    device = next(model.parameters()).device
+    key = cache_keyword(model)
+    tokens, seen = [], []
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+        for _ in range(steps):
+            logits = out.logits[0, -1]
+            seen.append(logits.float().cpu())
+            tokens.append(int(logits.argmax()))
+            cache = out["cache"] if "cache" in out.keys() else out["past_key_values"]
+            out = model(input_ids=torch.tensor([[tokens[-1]]], device=device), use_cache=True, **{key: cache})
+    return tokens, seen
+
+
+def engine_model(arch: str, placement: str = "cpu") -> torch.nn.Module:
+    model = build_tiny_model(arch, seed=0)
+    install_expert_engine(model, lambda name: ExpertPlacement.from_mode(placement, cpu_threads=1), "cpu")
+    return model
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "qwen3_moe"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_static_cache_decoder_matches_the_dynamic_cache_loop(arch: str, attention: str) -> None:
+    model = engine_model(arch)
+    model.config._attn_implementation = attention
+    prompt = torch.randint(0, model.config.vocab_size, (9,), generator=torch.Generator().manual_seed(0)).tolist()
+    expected, expected_logits = plain_greedy(model, prompt, 10)
+    decoder = graphed_decoder(model, max_batch=2, max_len=32)
+    assert isinstance(decoder, GraphedDecoder) and not decoder.graphed and "CUDA" in decoder.reason
+    logits = decoder.prefill(prompt, slot=1)
+    got = []
+    for i in range(10):
+        assert torch.allclose(logits.float(), expected_logits[i], atol=1e-5), f"step {i}"
+        got.append(int(logits.argmax()))
+        logits = decoder.step([0, got[-1]], [0, len(prompt) + i])[1]  # slot 0 idles at position 0
+    assert got == expected
+
+
+def test_slots_decode_independently_at_their_own_positions() -> None:
+    model = engine_model("deepseek_v2")
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in (5, 11, 8)]
+    expected = [plain_greedy(model, p, 6)[0] for p in prompts]
+    decoder = graphed_decoder(model, max_batch=4, max_len=24)
+    last = [int(decoder.prefill(p, slot=s).argmax()) for s, p in enumerate(prompts)]
+    got = [[t] for t in last]
+    for i in range(5):
+        logits = decoder.step(last, [len(p) + i for p in prompts])  # three slots, each at its own position
+        last = logits.argmax(-1).tolist()
+        for s, token in enumerate(last):
+            got[s].append(token)
+    assert got == expected
+    # a slot is reused from position 0 by a new prompt: nothing of the old sequence leaks into it
+    assert int(decoder.prefill(prompts[0], slot=1).argmax()) == expected[0][0]
+
+
+def test_decoder_checks_sizes_and_unsupported_attention() -> None:
+    model = engine_model("qwen3_moe")
+    decoder = graphed_decoder(model, max_batch=2, max_len=8)
+    assert decoder.buckets() == [1, 2]
+    with pytest.raises(ValueError, match="does not fit"):
+        decoder.prefill(list(range(9)))
+    with pytest.raises(ValueError, match="max_batch=2"):
+        decoder.step([1, 2, 3], [0, 0, 0])
+    with pytest.raises(ValueError, match="past max_len"):
+        decoder.step([1], [8])
+    assert GraphedDecoder(model, 5, 8).buckets() == [1, 2, 4, 5]
+    model.config._attn_implementation = "flash_attention_2"  # takes no 4-D mask: the caller keeps its own loop
+    assert graphed_decoder(model, 1, 8) is None
