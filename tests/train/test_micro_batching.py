@@ -14,10 +14,13 @@ from transformers import TrainerCallback
 
 from kllama.train.micro_batching import (
     BatchPlan,
+    ChunkedCollator,
     LengthGroupedRows,
+    chunk_rows,
     grouped_order,
+    padded,
     padding_fraction,
-    plan_batches,
+    passes_per_step,
     row_lengths,
     why_not_merged,
 )
@@ -25,21 +28,34 @@ from kllama.train.micro_batching import (
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("batch,accum,longest,budget,want", [
-    (1, 8, 100, 16384, (8, 1)),     # 8 pairs x 2 x 104 tokens fit: one pass
-    (1, 8, 2048, 16384, (4, 2)),    # 8 x 2 x 2048 = 32k do not; 4 pairs do
-    (1, 8, 2048, 4096, (1, 8)),     # even one pair is 4096: the user's batching stands
-    (1, 8, 4096, 4096, (1, 8)),     # the user's own batch over budget is never split
-    (3, 4, 100, 16384, (12, 1)),
-    (3, 4, 1000, 8192, (4, 3)),     # k=3: 4 rows x 2 x 1000 = 8000
-    (2, 3, 500, 4096, (3, 2)),      # lengths are padded to 8: 3 x 2 x 504
+@pytest.mark.parametrize("lengths,budget,want", [
+    ([100] * 8, 16384, [[0, 1, 2, 3, 4, 5, 6, 7]]),                 # 8 pairs x 2 x 104 tokens: one pass
+    ([2048] * 8, 16384, [[0, 1, 2, 3], [4, 5, 6, 7]]),             # 8 x 2 x 2048 = 32k: two passes of 4
+    ([2048, 100, 100, 100, 100, 100, 100, 100], 4096, [[0], [1, 2, 3, 4, 5, 6, 7]]),  # per pass, its own longest
+    ([5000, 10], 4096, [[0], [1]]),                                 # a row over budget runs alone
+    ([10, 30, 20], 10**6, [[1, 2, 0]]),                             # longest first
+    ([500, 500, 500], 4096, [[0, 1, 2]]),                           # lengths are padded to 8: 3 x 2 x 504 fits
+    ([500, 500, 500], 3000, [[0, 1], [2]]),
 ])
-def test_plan_picks_the_fewest_passes_within_the_budget(batch, accum, longest, budget, want):
-    plan = plan_batches(batch, accum, longest, 2, budget, "pairs")
-    assert (plan.batch, plan.accumulation) == want
-    assert plan.batch * plan.accumulation == batch * accum
-    if plan.merged:
-        assert plan.pass_tokens <= budget
+def test_passes_pack_a_step_longest_first_within_the_budget(lengths, budget, want):
+    passes = chunk_rows(lengths, 2, budget)
+    assert passes == want
+    assert sorted(i for p in passes for i in p) == list(range(len(lengths)))
+    for part in passes:
+        assert len(part) == 1 or len(part) * 2 * padded(max(lengths[i] for i in part)) <= budget
+
+
+def test_chunked_collator_pads_each_pass_to_its_own_longest_row():
+    from kllama.data import PairwiseCollator
+
+    def row(n: int) -> dict:
+        return {"chosen_input_ids": [5] * n, "chosen_labels": [5] * n, "rejected_input_ids": [6] * (n - 2),
+                "rejected_labels": [6] * (n - 2)}
+
+    collate = ChunkedCollator(PairwiseCollator(0, pad_to_multiple_of=8), "dpo", budget=2 * 2 * 64)
+    batch = collate([row(10), row(60), row(12), row(58)])
+    shapes = [tuple(c["input_ids"].shape) for c in batch["chunks"]]
+    assert shapes == [(4, 64), (4, 16)]  # [60, 58] then [12, 10], chosen + rejected halves
 
 
 def test_merging_is_off_where_nothing_is_amortised_or_the_loss_needs_the_whole_batch():
@@ -84,13 +100,13 @@ def test_padding_stays_under_ten_percent_on_the_bundled_demo_with_the_seed_batch
     train = build_dataset(config.data, tokenizer, get_template("llama3", tokenizer), stage="dpo", seed=42).train
     lengths = row_lengths(train, "dpo")
     assert lengths == [max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in train]
-    plan = plan_batches(1, 8, max(lengths), 2, config.training.micro_batch_tokens, "pairs")
-    assert (plan.batch, plan.accumulation) == (8, 1)
+    budget = config.training.micro_batch_tokens
     for epoch in range(3):
         order = grouped_order(lengths, 8, seed=42 + epoch)
-        assert padding_fraction(lengths, order, plan.batch) < 0.10
+        assert padding_fraction(lengths, order, 8, 2, budget) < 0.10
+        assert passes_per_step(lengths, order, 8, 2, budget) == {1: -(-len(lengths) // 8)}  # short rows: one pass
     # the same merge on random steps would pad far more: the grouping is what keeps it small
-    assert padding_fraction(lengths, list(range(len(lengths))), plan.batch) > 0.2
+    assert padding_fraction(lengths, list(range(len(lengths))), 8, 2, budget) > 0.2
 
 
 class GradCapture(TrainerCallback):
@@ -104,8 +120,9 @@ class GradCapture(TrainerCallback):
             self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def first_step(model_dir: Path, tmp: Path, settings: dict, plan: BatchPlan) -> tuple[float, dict[str, torch.Tensor]]:
-    """Loss and gradients of the first optimizer step, with the rows of a 4-row step in the grouped order."""
+def first_step(model_dir: Path, tmp: Path, settings: dict, budget: int | None) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and gradients of the first optimizer step, with the rows of a 4-row step in the grouped order: as 1 x 4
+    accumulated micro-steps (`budget` None) or as one step batch run in passes of `budget` tokens."""
     from kllama.config import build_config
     from kllama.data import PairwiseCollator, SFTCollator, build_dataset, get_template
     from kllama.model.adapters import attach_lora, resolve_lora_spec
@@ -116,7 +133,8 @@ def first_step(model_dir: Path, tmp: Path, settings: dict, plan: BatchPlan) -> t
     from transformers import set_seed
 
     config = build_config({
-        "model_name_or_path": str(model_dir), "output_dir": str(tmp / f"b{plan.batch}"), "template": "deepseek",
+        "model_name_or_path": str(model_dir), "output_dir": str(tmp / f"b{budget}"), "template": "deepseek",
+        "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4,
         "cutoff_len": 64, "max_samples": 12, "max_steps": 1, "logging_steps": 1, "use_kt": True,
         "expert_placement": "cpu", "lora_rank": 4, "seed": 3, "disable_tqdm": True, **settings,
     })
@@ -138,10 +156,15 @@ def first_step(model_dir: Path, tmp: Path, settings: dict, plan: BatchPlan) -> t
                                       batch_size=5, device=loaded.device)
         collate = with_reference_columns(collate)
     ordered = LengthGroupedRows(rows, row_lengths(rows, stage), 4, seed=3)
+    plan = None
+    if budget is not None:
+        plan = BatchPlan(1, 4, budget, 2 if stage == "dpo" else 1)
+        collate = ChunkedCollator(collate, stage, budget)
+    args = build_training_arguments(config, has_eval=False, use_cpu=loaded.device.type == "cpu", plan=plan)
+    args.train_sampling_strategy = "sequential"  # both runs see the grouped order's first step
     capture = GradCapture()
     trainer = KllamaTrainer(
-        model=model, args=build_training_arguments(config, has_eval=False, use_cpu=loaded.device.type == "cpu",
-                                                   plan=plan),
+        model=model, args=args,
         train_dataset=ordered, data_collator=collate, processing_class=loaded.tokenizer, callbacks=[capture],
         settings=preference_settings(config),
     )
@@ -159,11 +182,16 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_merged_step_equals_accumulated_micro_steps(case, tiny_model_dir, tmp_path):
+# every loss in one pass; passes of unequal size (300 tokens: 2 rows, then 1, ...) and one pass per row where the
+# weighting differs most (DPO per-pair means, SFT token means, cached reference columns)
+STEP_CASES = [(case, 10**6) for case in CASES] + [("sigmoid", 300), ("sft", 300), ("precomputed-ref", 1)]
+
+
+@pytest.mark.parametrize("case,budget", STEP_CASES, ids=[f"{c}-{b}" for c, b in STEP_CASES])
+def test_merged_step_equals_accumulated_micro_steps(case, budget, tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir("deepseek_v2")
-    loss_a, grads_a = first_step(model_dir, tmp_path / "a", CASES[case], BatchPlan(1, 4, 1, 4))
-    loss_b, grads_b = first_step(model_dir, tmp_path / "b", CASES[case], BatchPlan(1, 4, 4, 1))
+    loss_a, grads_a = first_step(model_dir, tmp_path / "a", CASES[case], None)
+    loss_b, grads_b = first_step(model_dir, tmp_path / "b", CASES[case], budget)
     assert loss_a == pytest.approx(loss_b, abs=1e-5)
     assert grads_a.keys() == grads_b.keys() and any(".experts." in k for k in grads_a)
     for name in grads_a:
@@ -189,7 +217,9 @@ def test_cli_prints_the_merge_and_resumes_exactly_across_an_epoch(tiny_model_dir
               "learning_rate=5e-3", "use_kt=true", "expert_placement=cpu", "lora_rank=4", "seed=11",
               "disable_tqdm=true", "dataloader_num_workers=2"]
     full = _train(*common, f"output_dir={tmp_path / 'full'}")
-    assert "micro-batching: 1 x 4 accumulation -> 4 pairs x 1 pass per step (experts on the CPU" in full.stdout
+    assert ("micro-batching: 1 x 4 accumulation -> each step's 4 pairs in as few passes of up to 16,384 tokens as fit "
+            "(micro_batch_tokens; experts on the CPU") in full.stdout
+    assert "first epoch: 3 steps, 3 in 1 pass" in full.stdout
     reference = _losses(tmp_path / "full")
     assert sorted(reference) == list(range(1, 7))  # 10 rows, 4 per step: 3 steps per epoch (the last has 2 rows)
     resumed = _train(*common, f"output_dir={tmp_path / 'resumed'}",

@@ -142,8 +142,8 @@ class TrainingArguments:
     dataloader_num_workers: int = arg(0, "Worker processes for the data loader.")
     micro_batch_tokens: int = arg(
         16384, "With routed experts in host RAM (use_kt, streamed or on the CPU): token budget of one pass. The "
-        "per_device_train_batch_size x gradient_accumulation_steps rows of an optimizer step run as fewer, larger "
-        "micro-batches (same gradient, grouped by length) while one at the data's longest row fits; 0 = as written.",
+        "per_device_train_batch_size x gradient_accumulation_steps rows of an optimizer step run in as few passes as "
+        "fit this many padded tokens each (same gradient, grouped by length); 0 = as written.",
     )
     ddp_timeout: int = arg(1800, "Timeout in seconds of distributed collectives (kept for compatibility; single-process runs ignore it).")
     disable_tqdm: bool = arg(False, "Hide progress bars.")

@@ -2,14 +2,16 @@
 
 With routed experts held in host RAM every pass pays a fixed cost (streaming all layers' experts to the GPU, ~0.5 s
 on DeepSeek-V2-Lite) whatever its token count, so LLaMA-Factory's `per_device_train_batch_size: 1` x
-`gradient_accumulation_steps: 8` pays it eight times for eight ~1,000-token micro-steps. The same eight rows can run
-as `8 / k` rows x `k` accumulation steps, where `k` is the smallest divisor of B*G (at most G: the user's own batch
-is never split) whose merged micro-batch, at the data's longest row, fits `micro_batch_tokens`.
+`gradient_accumulation_steps: 8` pays it eight times for eight ~1,000-token micro-steps. Instead the Trainer gets
+each optimizer step's B*G rows as one batch, and the step runs them in passes of at most `micro_batch_tokens` padded
+tokens each, decided per step from the rows' real lengths (`chunk_rows`): a step of short rows runs in one pass, a
+step of long rows in two or more, each padded only to its own longest row.
 
-The step's gradient does not change: a DPO-family loss is a per-pair mean of its micro-batch and the Trainer divides
-it by the accumulation steps, so equal-sized micro-batches give the step's per-pair mean however the rows are split;
-SFT's loss is normalised by the step's label-token count (see `KllamaTrainer`). Losses whose value depends on the
-micro-batch as a whole (`bco_pair`'s running mean, the router load-balancing loss) keep the user's batching.
+The step's gradient does not change: `KllamaTrainer.compute_loss` back-propagates every pass but the last itself
+(outside gradient synchronisation) and weights each pass's loss by its share of the step -- a DPO-family pass by its
+share of the step's pairs (the losses are per-pair means), an SFT pass by the step's label-token count -- so the sum
+is the loss of the step's rows in one batch, i.e. what gradient accumulation computes. Losses whose value depends on
+the micro-batch as a whole (`bco_pair`'s running mean, the router load-balancing loss) keep the user's batching.
 
 Merged micro-batches are grouped by length (`LengthGroupedRows`) so padding stays small: the rows of an epoch are
 shuffled, sorted by length inside windows of up to 50 steps, cut into steps, and the steps shuffled again; the order
@@ -55,38 +57,68 @@ def padded(length: int) -> int:
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """How one optimizer step's rows run: `batch` rows per pass x `accumulation` passes (what the Trainer gets)."""
+    """How one optimizer step's rows run: the Trainer gets all `step_rows` rows of a step as one batch, and the
+    step's rows are split into passes of at most `budget` padded tokens each (`chunk_rows`)."""
 
     user_batch: int
     user_accumulation: int
-    batch: int
-    accumulation: int
-    longest: int = 0  # padded length of the longest row (tokens per sequence)
+    budget: int
     sequences_per_row: int = 1
-    budget: int = 0
     unit: str = "rows"
 
     @property
-    def merged(self) -> bool:
-        """Whether the plan changes the user's batching."""
-        return self.batch != self.user_batch
+    def step_rows(self) -> int:
+        """Rows of one optimizer step (B x G)."""
+        return self.user_batch * self.user_accumulation
 
     @property
-    def pass_tokens(self) -> int:
-        """Tokens of the largest pass: every sequence padded to the longest row."""
-        return self.batch * self.sequences_per_row * self.longest
+    def batch(self) -> int:
+        """Per-device batch the Trainer sees: a whole step."""
+        return self.step_rows
+
+    @property
+    def accumulation(self) -> int:
+        """Accumulation steps the Trainer sees: one (the passes of a step run inside it)."""
+        return 1
 
 
-def plan_batches(user_batch: int, user_accumulation: int, longest: int, sequences_per_row: int, budget: int,
-                 unit: str = "rows") -> BatchPlan:
-    """The fewest passes per step (a divisor k of B*G, k <= G) whose merged micro-batch of B*G/k rows at the padded
-    `longest` row length stays within `budget` tokens; k = G (the user's batching) when none does."""
-    rows = user_batch * user_accumulation
-    cost = sequences_per_row * padded(longest)
-    passes = next((k for k in range(1, user_accumulation + 1)
-                   if rows % k == 0 and (rows // k) * cost <= budget), user_accumulation)
-    return BatchPlan(user_batch, user_accumulation, rows // passes, passes, padded(longest), sequences_per_row,
-                     budget, unit)
+def chunk_rows(lengths: list[int], sequences_per_row: int, budget: int) -> list[list[int]]:
+    """Split one step's rows (by index into `lengths`) into passes: rows longest first, each pass as many rows as
+    fit `budget` tokens when every sequence is padded to the pass's longest row; a row longer than the budget runs
+    alone."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    passes: list[list[int]] = []
+    for i in order:
+        if passes and (len(passes[-1]) + 1) * sequences_per_row * padded(lengths[passes[-1][0]]) <= budget:
+            passes[-1].append(i)
+        else:
+            passes.append([i])
+    return passes
+
+
+class ChunkedCollator:
+    """Collates one optimizer step's rows as `{"chunks": [batch, ...]}`: one padded batch per pass (`chunk_rows`),
+    each padded only to its own longest row. `KllamaTrainer.compute_loss` runs the passes one after the other and
+    weights each pass's loss by its share of the step, so the gradient is that of the step's rows in one batch."""
+
+    def __init__(self, collate: Any, stage: str, budget: int) -> None:
+        self.collate, self.budget = collate, budget
+        self.columns, self.sequences_per_row, _ = _STAGE_ROWS[stage]
+
+    def row_length(self, row: Mapping[str, Any]) -> int:
+        """Tokens of a row's longest sequence."""
+        return max(len(row[c]) for c in self.columns)
+
+    def __call__(self, rows: list[Mapping[str, Any]]) -> dict[str, Any]:
+        parts = chunk_rows([self.row_length(r) for r in rows], self.sequences_per_row, self.budget)
+        return {"chunks": [self.collate([rows[i] for i in part]) for part in parts]}
+
+
+def passes_per_step(lengths: list[int], order: list[int], step_rows: int, sequences_per_row: int,
+                    budget: int) -> Counter:
+    """How many steps of an epoch in `order` run in 1, 2, ... passes."""
+    return Counter(len(chunk_rows([lengths[i] for i in order[s:s + step_rows]], sequences_per_row, budget))
+                   for s in range(0, len(order), step_rows))
 
 
 def expert_passes(placements: Mapping[str, Any]) -> Counter:
@@ -118,16 +150,13 @@ def why_not_merged(*, use_kt: bool, targets: Counter, budget: int, loss_type: st
     return next((reason for failed, reason in checks if failed), None)
 
 
-def describe(plan: BatchPlan, targets: Counter) -> str:
-    """The one line printed at start: what was merged and why (or why not)."""
-    user = f"{plan.user_batch} x {plan.user_accumulation} accumulation"
-    pass_word = "pass" if plan.accumulation == 1 else "passes"
-    sizes = (f"longest {plan.unit[:-1]} {plan.sequences_per_row} x {plan.longest:,} tokens; "
-             f"budget {plan.budget:,} tokens (micro_batch_tokens)")
-    if plan.merged:
-        return (f"micro-batching: {user} -> {plan.batch} {plan.unit} x {plan.accumulation} {pass_word} per step "
-                f"({_experts_phrase(targets)}; {sizes}; grouped by length)")
-    return f"micro-batching: kept {user} (a merged micro-batch would exceed the budget: {sizes})"
+def describe(plan: BatchPlan, targets: Counter, passes: Counter, pad: float) -> str:
+    """The one line printed at start: what was merged and why."""
+    spread = ", ".join(f"{count} in {n} pass{'es' if n > 1 else ''}" for n, count in sorted(passes.items()))
+    return (f"micro-batching: {plan.user_batch} x {plan.user_accumulation} accumulation -> each step's "
+            f"{plan.step_rows} {plan.unit} in as few passes of up to {plan.budget:,} tokens as fit "
+            f"(micro_batch_tokens; {_experts_phrase(targets)}); first epoch: {sum(passes.values())} steps, "
+            f"{spread}; grouped by length, {pad:.1%} padding")
 
 
 class LengthGroupedRows(Dataset):
@@ -175,44 +204,48 @@ def grouped_order(lengths: list[int], step_rows: int, seed: int) -> list[int]:
     return [i for step in steps for i in step] + sorted(tail, key=lambda i: -lengths[i])
 
 
-def padding_fraction(lengths: list[int], order: list[int], batch: int) -> float:
-    """Share of the padded tokens of micro-batches of `batch` consecutive rows of `order` that are padding beyond
-    each row's own (padded) length: the padding merging adds (a pair's chosen/rejected mismatch is not counted)."""
+def padding_fraction(lengths: list[int], order: list[int], step_rows: int, sequences_per_row: int = 1,
+                     budget: int = 0) -> float:
+    """Share of the padded tokens of the passes of `step_rows` consecutive rows of `order` (split by `chunk_rows`
+    when `budget` > 0) that are padding beyond each row's own (padded) length: the padding merging adds (a pair's
+    chosen/rejected mismatch is not counted)."""
     total = own = 0
-    for start in range(0, len(order), batch):
-        rows = order[start:start + batch]
-        total += len(rows) * padded(max(lengths[i] for i in rows))
-        own += sum(padded(lengths[i]) for i in rows)
+    for start in range(0, len(order), step_rows):
+        step = order[start:start + step_rows]
+        parts = chunk_rows([lengths[i] for i in step], sequences_per_row, budget) if budget else [list(range(len(step)))]
+        for part in parts:
+            rows = [step[j] for j in part]
+            total += len(rows) * padded(max(lengths[i] for i in rows))
+            own += sum(padded(lengths[i]) for i in rows)
     return (total - own) / total if total else 0.0
 
 
-def apply_micro_batching(config: Any, engine: Any, train_set: Any) -> tuple[Any, BatchPlan | None]:
-    """Plan the step's micro-batches for this run and print the line saying what was merged (or why not).
+def apply_micro_batching(config: Any, engine: Any, train_set: Any, collate: Any,
+                         ) -> tuple[Any, Any, BatchPlan | None]:
+    """Plan the step's passes for this run and print the line saying what was merged (or why not).
 
-    Returns the training rows (in a `LengthGroupedRows` order when merged) and the merged plan, or the rows
-    unchanged and None when the user's batching stands (printed only when the engine is on and G > 1).
+    Returns the training rows (in a `LengthGroupedRows` order when merged), the collator (a `ChunkedCollator`
+    around `collate` when merged) and the plan, or the rows and collator unchanged and None when the user's batching
+    stands (said in one line when the engine is on and B x G > 1).
     """
     t, f = config.training, config.finetuning
-    if train_set is None or t.gradient_accumulation_steps == 1 or not config.engine.use_kt:
-        return train_set, None
+    rows_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    if train_set is None or rows_per_step == 1 or not config.engine.use_kt:
+        return train_set, collate, None
     targets = expert_passes(engine.placements) if engine is not None else Counter()
     budget = t.micro_batch_tokens
     reason = why_not_merged(use_kt=True, targets=targets, budget=budget,
                             loss_type=f.pref_loss if f.stage == "dpo" else None,
                             router_aux_loss_coef=config.model.router_aux_loss_coef)
-    user = f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} accumulation"
     if reason is not None:
+        user = f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} accumulation"
         print(f"micro-batching: kept {user} ({reason})", flush=True)
-        return train_set, None
+        return train_set, collate, None
     _, sequences, unit = _STAGE_ROWS[f.stage]
+    plan = BatchPlan(t.per_device_train_batch_size, t.gradient_accumulation_steps, budget, sequences, unit)
     lengths = row_lengths(train_set, f.stage)
-    plan = plan_batches(t.per_device_train_batch_size, t.gradient_accumulation_steps, max(lengths), sequences,
-                        budget, unit)
-    line = describe(plan, targets)
-    if not plan.merged:
-        print(line, flush=True)
-        return train_set, None
-    train_set = LengthGroupedRows(train_set, lengths, plan.batch * plan.accumulation, t.seed)
-    pad = padding_fraction(lengths, train_set.order, plan.batch)
-    print(line[:-1] + f", {pad:.1%} padding)", flush=True)
-    return train_set, plan
+    train_set = LengthGroupedRows(train_set, lengths, plan.step_rows, t.seed)
+    passes = passes_per_step(lengths, train_set.order, plan.step_rows, sequences, budget)
+    pad = padding_fraction(lengths, train_set.order, plan.step_rows, sequences, budget)
+    print(describe(plan, targets, passes, pad), flush=True)
+    return train_set, ChunkedCollator(collate, f.stage, budget), plan

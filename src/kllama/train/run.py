@@ -162,7 +162,7 @@ def run_training(config: KllamaConfig) -> int:
                                               batch_size=ref_batch, device=loaded.device)
         collate = with_reference_columns(collate)
 
-    train_set, plan = apply_micro_batching(config, loaded.engine, train_set)
+    train_set, collate, plan = apply_micro_batching(config, loaded.engine, train_set, collate)
     args = build_training_arguments(config, has_eval=eval_set is not None, use_cpu=loaded.device.type == "cpu",
                                     plan=plan)
     callbacks: list[Any] = [PublishCheckpoints(output_dir, t.save_total_limit)]

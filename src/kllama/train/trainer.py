@@ -17,7 +17,7 @@ from torch import nn
 from transformers import Trainer
 
 from kllama.model.adapters import adapter_weights_swapped, adapters_disabled, save_adapter
-from kllama.train.logprobs import logit_transform_for, sequence_logps
+from kllama.train.logprobs import IGNORE_INDEX, logit_transform_for, sequence_logps
 from kllama.train.losses import (
     NEEDS_AVERAGED_LOGPS,
     REFERENCE_FREE,
@@ -169,21 +169,65 @@ class KllamaTrainer(Trainer):
             return self._dpo_loss(model, batch)
         return self._sft_loss(model, batch, step_tokens)
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        loss, metrics = self._loss(model, inputs, num_items_in_batch if model.training else None)
-        self._tokens_since_log += int(inputs["attention_mask"].sum())
-        for key, value in metrics.items():
-            self._stored["train"][key].append(value)
+        if "chunks" in inputs:  # one optimizer step's rows in several passes (train.micro_batching)
+            loss = self._step_in_passes(model, inputs["chunks"])
+        else:
+            loss, metrics = self._loss(model, inputs, num_items_in_batch if model.training else None)
+            self._record("train", inputs, metrics)
         return (loss, None) if return_outputs else loss
+
+    def _record(self, split: str, batch: dict[str, torch.Tensor], metrics: dict[str, float]) -> None:
+        """Store a batch's metrics once per row (so means over passes of different sizes are means over rows)."""
+        rows = self._rows(batch)
+        if split == "train":
+            self._tokens_since_log += int(batch["attention_mask"].sum())
+        for key, value in metrics.items():
+            self._stored[split][key].extend([value] * rows)
+
+    def _rows(self, batch: dict[str, torch.Tensor]) -> int:
+        sequences = batch["input_ids"].shape[0]
+        return sequences // 2 if self.settings.stage == "dpo" else sequences
+
+    def _pass_losses(self, model: nn.Module, chunks: list[dict[str, torch.Tensor]], split: str,
+                     ) -> Iterator[torch.Tensor]:
+        """Each pass's share of the step's loss: a DPO-family pass's per-pair mean x its share of the step's pairs;
+        an SFT pass's label log-likelihood over the step's label tokens."""
+        total_rows = sum(self._rows(c) for c in chunks)
+        label_tokens = sum(int((c["labels"][:, 1:] != IGNORE_INDEX).sum()) for c in chunks)
+        for chunk in chunks:
+            if self.settings.stage == "dpo":
+                loss, metrics = self._dpo_loss(model, chunk)
+                loss = loss * (self._rows(chunk) / total_rows)
+            else:
+                loss, metrics = self._sft_loss(model, chunk, label_tokens)
+            self._record(split, chunk, metrics)
+            yield loss
+
+    def _step_in_passes(self, model: nn.Module, chunks: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Forward and backward every pass but the last here (outside gradient synchronisation), and return the
+        last pass's loss plus the earlier ones' values: the Trainer's backward of it completes the step's gradient,
+        which equals that of all the step's rows in one batch."""
+        done = None
+        losses = self._pass_losses(model, chunks, "train")
+        for index, loss in enumerate(losses):
+            if index == len(chunks) - 1:
+                return loss if done is None else loss + done
+            with self.accelerator.no_sync(model):
+                self.accelerator.backward(loss)
+            done = loss.detach() if done is None else done + loss.detach()
+        raise ValueError("a step without rows")
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, None, None]:
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            loss, metrics = self._loss(model, inputs)
-        for key, value in metrics.items():
-            self._stored["eval"][key].append(value)
+            if "chunks" in inputs:
+                loss = torch.stack(list(self._pass_losses(model, inputs["chunks"], "eval"))).sum()
+            else:
+                loss, metrics = self._loss(model, inputs)
+                self._record("eval", inputs, metrics)
         return loss.detach(), None, None
 
     # ---------------------------------------------------------------- logging
