@@ -40,7 +40,8 @@ from kllama.experts.crossover import NEVER, measure_crossovers  # noqa: E402
 from kllama.experts.install import ExpertEngine, wire_engine  # noqa: E402
 from kllama.experts.module import HostExperts, expert_pass_hook  # noqa: E402
 from kllama.experts.placement import ExpertPlacement  # noqa: E402
-from kllama.infer.graphs import GraphedDecoder, cache_keyword  # noqa: E402
+from kllama.infer.batching import cache_argument, transformers_model  # noqa: E402
+from kllama.infer.graphs import GraphedDecoder  # noqa: E402
 from kllama.model.engine_setup import inference_reserve_bytes, promote_resident_layers  # noqa: E402
 
 DECODE_COLUMNS = (
@@ -133,7 +134,7 @@ def graphed_decode(decoder: GraphedDecoder, prompt: list[int], new_tokens: int, 
 def eager_decode(model: nn.Module, prompt: list[int], new_tokens: int, device: torch.device,
                  ) -> tuple[float, list[float], list[int]]:
     """The same with transformers' own loop (dynamic cache, one forward per token, no graphs)."""
-    key = cache_keyword(model)
+    key = cache_argument(transformers_model(model))
     synchronize(device)
     start = time.perf_counter()
     out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)

@@ -145,7 +145,7 @@ def test_decode_step_under_auto_runs_experts_on_the_cpu() -> None:
     # real, and a 1-token pass must never stream
     from kllama.experts import install_expert_engine
     from kllama.experts.module import expert_pass_hook
-    from kllama.infer.graphs import cache_keyword
+    from kllama.infer.batching import cache_argument, transformers_model
     from kllama.model.tiny import build_tiny_model
 
     model = build_tiny_model("deepseek_v2", seed=0, dtype=torch.bfloat16, hidden_size=1024, num_hidden_layers=5,
@@ -167,5 +167,5 @@ def test_decode_step_under_auto_runs_experts_on_the_cpu() -> None:
         out = model(input_ids=prompt, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         cache = out["cache"] if "cache" in out.keys() else out["past_key_values"]
-        model(input_ids=token, use_cache=True, **{cache_keyword(model): cache})
+        model(input_ids=token, use_cache=True, **{cache_argument(transformers_model(model)): cache})
     assert targets[1] == ["cpu"] * len(engine.modules)

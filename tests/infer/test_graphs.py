@@ -5,14 +5,15 @@ import pytest
 import torch
 
 from kllama.experts import ExpertPlacement, install_expert_engine
-from kllama.infer.graphs import GraphedDecoder, cache_keyword, graphed_decoder
+from kllama.infer.batching import cache_argument, transformers_model
+from kllama.infer.graphs import GraphedDecoder, graphed_decoder
 from kllama.model.tiny import build_tiny_model
 
 
 def plain_greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens and the logits they came from, with transformers' own dynamic cache."""
     device = next(model.parameters()).device
-    key = cache_keyword(model)
+    key = cache_argument(transformers_model(model))
     tokens, seen = [], []
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)

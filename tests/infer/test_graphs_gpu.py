@@ -10,7 +10,8 @@ import torch
 
 from kllama.experts import ExpertLoraSet, ExpertPlacement, install_expert_engine
 from kllama.experts.families import family_of, layer_index
-from kllama.infer.graphs import GraphedDecoder, cache_keyword
+from kllama.infer.batching import cache_argument, transformers_model
+from kllama.infer.graphs import GraphedDecoder
 from kllama.model.tiny import build_tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -47,7 +48,7 @@ def decode(decoder: GraphedDecoder, prompt: list[int], steps: int = STEPS) -> tu
 
 def plain_greedy(model: torch.nn.Module, prompt: list[int], steps: int = STEPS) -> tuple[list[int], list[torch.Tensor]]:
     """transformers' own loop (dynamic cache, its own masks), no graphs: the reference."""
-    key = cache_keyword(model)
+    key = cache_argument(transformers_model(model))
     tokens, seen = [], []
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([prompt], device="cuda"), use_cache=True)

@@ -28,7 +28,6 @@ A decoder is not thread-safe: one caller steps it (the engine serialises request
 from __future__ import annotations
 
 import gc
-import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -39,14 +38,17 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache, StaticLayer
 
 from kllama.experts.module import HostExperts, expert_pass_hook
+from kllama.infer.batching import cache_argument, transformers_model
+from kllama.infer.kv_cache import BOOL_MASK_ATTENTION
 
 logger = logging.getLogger(__name__)
 
-MASKS: dict[str, Callable[[Tensor, torch.dtype], Tensor]] = {
-    "sdpa": lambda allowed, dtype: allowed,  # boolean: True takes part
-    "eager": lambda allowed, dtype: torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
-        ~allowed, torch.finfo(dtype).min),  # additive
-}
+
+def attention_mask(allowed: Tensor, bool_mask: bool, dtype: torch.dtype) -> Tensor:
+    """The 4-D mask an attention implementation takes: `allowed` itself (sdpa) or additive (eager)."""
+    if bool_mask:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 class _SlotLayer(StaticLayer):
@@ -206,12 +208,6 @@ class _Captured:
         return StepTimes(wall, expert, other)
 
 
-def cache_keyword(model: nn.Module) -> str:
-    """The name under which `model`'s forward takes the KV cache (transformers renamed it from past_key_values)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
 class GraphedDecoder:
     """Prefill and one-token decode steps over a static cache of `max_batch` slots x `max_len` positions, replayed
     as CUDA graphs where the device allows (see the module docstring)."""
@@ -225,8 +221,8 @@ class GraphedDecoder:
         self.device, self.dtype = param.device, param.dtype
         self.capacity = max_len + 1  # position max_len is the scratch slot of padding rows
         self.cache = SlotCache(config.num_hidden_layers, max_batch, self.capacity)
-        self._mask = MASKS[config._attn_implementation]
-        self._cache_kw = cache_keyword(model)
+        self._bool_mask = BOOL_MASK_ATTENTION[config._attn_implementation]
+        self._cache_kw = cache_argument(transformers_model(model))
         self._ids = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
         self._positions = torch.full((max_batch, 1), max_len, dtype=torch.long, device=self.device)
         self._arange = torch.arange(self.capacity, device=self.device)
@@ -259,7 +255,8 @@ class GraphedDecoder:
         self.cache.rows = rows
         self.cache.write_index = (slots[:, None] * self.capacity + positions).reshape(-1)
         allowed = self._arange[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, capacity]
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._mask(allowed, self.dtype),
+        out = self.model(input_ids=ids, position_ids=positions,
+                         attention_mask=attention_mask(allowed, self._bool_mask, self.dtype),
                          use_cache=True, logits_to_keep=1, **{self._cache_kw: self.cache})
         return out.logits[:, -1]
 
@@ -375,7 +372,8 @@ def graphed_decoder(model: nn.Module, max_batch: int = 1, max_len: int = 4096, *
     take the decoder's explicit mask (then the caller keeps its own decoding loop). `options`: `use_graphs`,
     `split_experts`."""
     implementation = getattr(model.config, "_attn_implementation", None)
-    if implementation not in MASKS:
-        logger.info("no static-cache decoder for attention %r (supported: %s)", implementation, ", ".join(MASKS))
+    if implementation not in BOOL_MASK_ATTENTION:
+        logger.info("no static-cache decoder for attention %r (supported: %s)", implementation,
+                    ", ".join(BOOL_MASK_ATTENTION))
         return None
     return GraphedDecoder(model, max_batch, max_len, **options)
