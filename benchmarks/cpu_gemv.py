@@ -1,16 +1,19 @@
 """Probe: how close the CPU expert pass of decode comes to the host's memory read bandwidth.
 
 At batch 1 a CPU expert pass is a handful of matrix-vector products over bf16 weights, so it is bound by memory
-bandwidth. This measures, for a few thread counts:
-* the host's read bandwidth (a float32 sum over one layer's gate_up weights, ~740 MB at the V2-Lite shape);
-* the raw GEMVs of one token's top-k experts (`x @ W.T`, `F.linear`, `torch.mv`);
+bandwidth. In a real decode every layer reads other experts, so the weights come from DRAM, not from the L3 cache
+(one layer's top-6 experts, 99 MiB at the V2-Lite shape, would fit the H200 box's 300 MiB L3): every timed call
+here moves on to the next of `--layers` weight sets (8 x 1.1 GB by default), so no call finds its weights cached.
+For a few thread counts this measures:
+* the host's read bandwidth (a float32 sum over one layer's gate_up weights, ~740 MB);
+* the raw GEMVs of one token's top-k experts (`x @ W.T`, `F.linear`, `torch.mv`, `W @ x`);
 * the engine's no-grad CPU layer pass (`cpu_infer_forward`) at 1, 4 and 16 tokens, and the shared training math
-  (`routed_experts_math`) it replaced for decode, each as GB/s of the distinct experts' weights it must read and as
+  (`routed_experts_math`) that decode used before, each as GB/s of the distinct experts' weights it must read and as
   a share of the read bandwidth (the issue's bar: >= 80 %).
 Writes JSON (default benchmarks/results/cpu_gemv.json). CPU only (runs anywhere; compare rows of one run).
 
-Usage: python benchmarks/cpu_gemv.py [--threads 16,8] [--tokens 1,4,16] [--experts 64] [--hidden 2048]
-                                     [--inter 1408] [--top-k 6]
+Usage: python benchmarks/cpu_gemv.py [--threads 16,8] [--tokens 1,4,16] [--layers 8] [--experts 64]
+                                     [--hidden 2048] [--inter 1408] [--top-k 6]
 """
 from __future__ import annotations
 
@@ -43,28 +46,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", default="16,8")
     parser.add_argument("--tokens", default="1,4,16", help="token counts of the layer-pass rows")
+    parser.add_argument("--layers", type=int, default=8, help="weight sets cycled through (defeats the L3 cache)")
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--inter", type=int, default=1408)
     parser.add_argument("--top-k", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=16)
     parser.add_argument("--out", default="benchmarks/results/cpu_gemv.json")
     return parser.parse_args(argv)
+
+
+class Cycle:
+    """Calls `fn(layer)` on the next of `n` layers at each call (so consecutive calls read different weights)."""
+
+    def __init__(self, fn: Callable[[int], object], n: int) -> None:
+        self.fn, self.n, self.i = fn, n, 0
+
+    def __call__(self) -> object:
+        self.i = (self.i + 1) % self.n
+        return self.fn(self.i)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(0)
-    E, H, I, K = args.experts, args.hidden, args.inter, args.top_k  # noqa: N806
-    gate_up = torch.randn(E, 2 * I, H, dtype=torch.bfloat16) * 0.02  # [E, 2I, H]
-    down = torch.randn(E, H, I, dtype=torch.bfloat16) * 0.02  # [E, H, I]
-    expert_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
+    E, H, I, K, L = args.experts, args.hidden, args.inter, args.top_k, args.layers  # noqa: N806
+    # weight values do not change GEMV time; a constant fill is much faster than random init at full size
+    gate_up = [torch.full((E, 2 * I, H), 0.01, dtype=torch.bfloat16) for _ in range(L)]  # [E, 2I, H] per layer
+    down = [torch.full((E, H, I), 0.01, dtype=torch.bfloat16) for _ in range(L)]  # [E, H, I]
+    expert_bytes = (gate_up[0][0].numel() + down[0][0].numel()) * gate_up[0].element_size()
     experts = torch.randperm(E)[:K].tolist()
     x, act = torch.randn(1, H, dtype=torch.bfloat16), torch.randn(1, I, dtype=torch.bfloat16)
     gemvs = {
-        "x @ W.T (bf16)": lambda: [(x @ gate_up[e].T, act @ down[e].T) for e in experts],
-        "F.linear (bf16)": lambda: [(linear(x, gate_up[e]), linear(act, down[e])) for e in experts],
-        "torch.mv (bf16)": lambda: [(torch.mv(gate_up[e], x[0]), torch.mv(down[e], act[0])) for e in experts],
+        "x @ W.T (bf16)": lambda j: [(x @ gate_up[j][e].T, act @ down[j][e].T) for e in experts],
+        "F.linear (bf16)": lambda j: [(linear(x, gate_up[j][e]), linear(act, down[j][e])) for e in experts],
+        "torch.mv (bf16)": lambda j: [(torch.mv(gate_up[j][e], x[0]), torch.mv(down[j][e], act[0])) for e in experts],
+        "W @ x (bf16)": lambda j: [(gate_up[j][e] @ x.T, down[j][e] @ act.T) for e in experts],
     }
     passes = {}
     for tokens in [int(t) for t in args.tokens.split(",")]:
@@ -72,30 +89,31 @@ def main(argv: list[str] | None = None) -> dict:
         index = torch.rand(tokens, E).topk(K, dim=-1).indices  # [T, K] distinct experts per token
         weights = torch.rand(tokens, K)
         touched = index.unique().numel()
-        passes[f"engine cpu layer pass, {tokens} token{'s' if tokens > 1 else ''}"] = (
-            tokens, touched, lambda xt=xt, index=index, weights=weights: cpu_infer_forward(
-                xt, index, weights, gate_up, down, silu))
-        passes[f"shared expert math (before), {tokens} token{'s' if tokens > 1 else ''}"] = (
-            tokens, touched, lambda xt=xt, index=index, weights=weights: routed_experts_math(
-                xt, index, weights, gate_up, down, silu))
-    probe = gate_up.view(torch.float32)  # reinterpreted bytes: a sum reads every byte once
+        plural = "s" if tokens > 1 else ""
+        passes[f"engine cpu layer pass, {tokens} token{plural}"] = (tokens, touched, lambda j, xt=xt, index=index,
+            weights=weights: cpu_infer_forward(xt, index, weights, gate_up[j], down[j], silu))
+        passes[f"shared expert math (before), {tokens} token{plural}"] = (tokens, touched, lambda j, xt=xt,
+            index=index, weights=weights: routed_experts_math(xt, index, weights, gate_up[j], down[j], silu))
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
-        read_bw = probe.numel() * 4 / median_seconds(probe.sum, max(3, args.repeats // 4))
+        probe = Cycle(lambda j: gate_up[j].view(torch.float32).sum(), L)  # reinterpreted bytes: read once each
+        read_s = median_seconds(probe, max(3, args.repeats // 4))
+        read_bw = gate_up[0].numel() * gate_up[0].element_size() / read_s
         rows.append({"variant": "read bandwidth (float32 sum)", "threads": threads, "tokens": 0,
-                     "ms": probe.numel() * 4 / read_bw * 1e3, "GB_per_s": read_bw / 1e9, "pct_of_read": 100.0})
+                     "ms": read_s * 1e3, "GB_per_s": read_bw / 1e9, "pct_of_read": 100.0})
         for name, fn in gemvs.items():
-            seconds = median_seconds(fn, args.repeats)
+            seconds = median_seconds(Cycle(fn, L), args.repeats)
             gbs = K * expert_bytes / seconds / 1e9
             rows.append({"variant": name, "threads": threads, "tokens": 1, "ms": seconds * 1e3, "GB_per_s": gbs,
                          "pct_of_read": 100 * gbs * 1e9 / read_bw})
         for name, (tokens, touched, fn) in passes.items():
-            seconds = median_seconds(fn, args.repeats)
+            seconds = median_seconds(Cycle(fn, L), args.repeats)
             gbs = touched * expert_bytes / seconds / 1e9
             rows.append({"variant": name, "threads": threads, "tokens": tokens, "experts_read": touched,
                          "ms": seconds * 1e3, "GB_per_s": gbs, "pct_of_read": 100 * gbs * 1e9 / read_bw})
-    print(f"top-{K} of {E} experts, H={H} I={I}: {expert_bytes / 2**20:.1f} MiB of bf16 weights per expert")
+    print(f"top-{K} of {E} experts, H={H} I={I}: {expert_bytes / 2**20:.1f} MiB of bf16 weights per expert, "
+          f"{L} layers cycled")
     print(f"{'variant':40s} {'threads':>7s} {'ms':>8s} {'GB/s':>7s} {'% read':>7s}")
     for row in rows:
         print(f"{row['variant']:40s} {row['threads']:7d} {row['ms']:8.3f} {row['GB_per_s']:7.1f} "
