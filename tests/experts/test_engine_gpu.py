@@ -163,3 +163,41 @@ def test_streamer_overlaps_next_copy_with_compute() -> None:
     # the turn-around: layers 3 and 2 are still resident when backward starts, so only 1 and 0 are copied again
     assert sum(len(v) for v in copies.values()) == 4 + 2
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_no_grad_pass_prefetches_the_next_forward() -> None:
+    # a no-grad pass (reference pass, prefill) has no backward: after its last layer the streamer copies the first
+    # streamed layer, so the next forward finds it in a slot instead of turning around for a backward never coming
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    layers = [
+        HostExperts(torch.randn(8, 256, 128, dtype=torch.bfloat16) * 0.05,
+                    torch.randn(8, 128, 128, dtype=torch.bfloat16) * 0.05, torch.nn.SiLU(),
+                    ExpertPlacement.from_mode("stream"), f"model.layers.{i}.mlp.experts", compute_device=device)
+        for i in range(4)
+    ]
+    streamer = ExpertStreamer(layers, device, trace=True)
+    for layer in layers:
+        layer.streamer = streamer
+    x = torch.randn(64, 128, device=device, dtype=torch.bfloat16)
+    index = torch.randint(0, 8, (64, 2), device=device)
+    weights = torch.rand(64, 2, device=device)
+
+    def forward() -> torch.Tensor:
+        h = x
+        for layer in layers:
+            h = h + layer(h, index, weights)
+        return h
+
+    with torch.no_grad():
+        first = forward()
+        assert [c.layer for c in streamer.copies] == [0, 1, 2, 3, 0]
+        second = forward()
+    assert [c.layer for c in streamer.copies] == [0, 1, 2, 3, 0, 1, 2, 3, 0]
+    resident = [ExpertPlacement.from_mode("gpu")] * 4
+    for layer, placement in zip(layers, resident):
+        layer.placement = placement
+    with torch.no_grad():
+        expected = forward()
+    torch.cuda.synchronize()
+    assert torch.equal(first, second) and torch.allclose(first.float(), expected.float(), atol=1e-2, rtol=1e-2)

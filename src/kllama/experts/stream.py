@@ -6,7 +6,8 @@ slot, so that copy overlaps layer i's compute; a slot is overwritten only after 
 event recorded when its previous layer was released. The direction is read from the call order (a lower layer index
 than the last one means backward, which also covers activation-checkpoint recomputation), and at either end of the
 stack the prefetch turns around (after the last layer's forward comes its backward; after layer 0's backward comes
-the next forward).
+the next forward). A no-grad pass has no backward to turn to, so after its last layer it prefetches the first
+streamed layer for the next forward (the policy forward after a DPO reference pass, the next long prefill).
 """
 from __future__ import annotations
 
@@ -116,6 +117,8 @@ class ExpertStreamer:
         ahead, behind = (before[::-1], after) if backward else (after, before[::-1])
         if ahead:
             return ahead[0]
+        if not training and not backward and streamed and streamed[0] != layer:
+            return streamed[0]  # no backward follows a no-grad pass: the next forward starts at the bottom
         return behind[0] if behind else None
 
     def acquire(self, module: "HostExperts", num_tokens: int, backward: bool,
