@@ -81,3 +81,23 @@ def test_decoder_checks_sizes_and_unsupported_attention() -> None:
     assert GraphedDecoder(model, 5, 8).buckets() == [1, 2, 4, 5]
     model.config._attn_implementation = "flash_attention_2"  # takes no 4-D mask: the caller keeps its own loop
     assert graphed_decoder(model, 1, 8) is None
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft 0.21 asks
+def test_decoder_runs_a_peft_wrapped_model() -> None:
+    # the ktransformers backend serves adapters unmerged: a PEFT wrapper around the engine model
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(engine_model("qwen3_moe"), LoraConfig(r=4, target_modules=["o_proj", "q_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1, generator=torch.Generator().manual_seed(3))
+    model.eval()
+    prompt = list(range(3, 12))
+    expected, _ = plain_greedy(model, prompt, 6)
+    decoder = graphed_decoder(model, max_batch=1, max_len=16)
+    got = [int(decoder.prefill(prompt).argmax())]
+    for i in range(5):
+        got.append(int(decoder.step([got[-1]], [len(prompt) + i])[0].argmax()))
+    assert got == expected

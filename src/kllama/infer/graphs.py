@@ -214,15 +214,14 @@ class GraphedDecoder:
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, *, use_graphs: bool = True,
                  split_experts: bool = False) -> None:
-        config = model.config
+        hf = transformers_model(model)
         self.model, self.max_batch, self.max_len = model, max_batch, max_len
         self.split_experts = split_experts
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device, self.dtype = hf.device, hf.dtype
         self.capacity = max_len + 1  # position max_len is the scratch slot of padding rows
-        self.cache = SlotCache(config.num_hidden_layers, max_batch, self.capacity)
-        self._bool_mask = BOOL_MASK_ATTENTION[config._attn_implementation]
-        self._cache_kw = cache_argument(transformers_model(model))
+        self.cache = SlotCache(hf.config.num_hidden_layers, max_batch, self.capacity)
+        self._bool_mask = BOOL_MASK_ATTENTION[hf.config._attn_implementation]
+        self._cache_kw = cache_argument(hf)
         self._ids = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
         self._positions = torch.full((max_batch, 1), max_len, dtype=torch.long, device=self.device)
         self._arange = torch.arange(self.capacity, device=self.device)
@@ -371,7 +370,7 @@ def graphed_decoder(model: nn.Module, max_batch: int = 1, max_len: int = 4096, *
     """A `GraphedDecoder` for `model` (see the module docstring), or None when its attention implementation cannot
     take the decoder's explicit mask (then the caller keeps its own decoding loop). `options`: `use_graphs`,
     `split_experts`."""
-    implementation = getattr(model.config, "_attn_implementation", None)
+    implementation = transformers_model(model).config._attn_implementation
     if implementation not in BOOL_MASK_ATTENTION:
         logger.info("no static-cache decoder for attention %r (supported: %s)", implementation,
                     ", ".join(BOOL_MASK_ATTENTION))
