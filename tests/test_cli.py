@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
@@ -36,3 +37,26 @@ def test_env_reports_versions():
     out = kllama("env")
     assert out.returncode == 0
     assert "torch" in out.stdout and "transformers" in out.stdout
+
+
+@pytest.mark.parametrize("order", [
+    ["CFG", "--print-config", "max_steps=3", "cutoff_len=7"],
+    ["--print-config", "CFG", "max_steps=3", "cutoff_len=7"],
+    ["CFG", "max_steps=3", "--print-config", "cutoff_len=7"],
+])
+def test_print_config_anywhere_on_the_line(tmp_path, capsys, order):
+    from kllama.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model_name_or_path: {tmp_path}\noutput_dir: {tmp_path / 'out'}\ndataset: dpo_en_demo\n")
+    assert main(["train", *[str(cfg) if word == "CFG" else word for word in order]]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "max_steps: 3" in printed and "cutoff_len: 7" in printed
+
+
+def test_a_stray_word_is_still_an_error(tmp_path, capsys):
+    from kllama.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(tmp_path / "c.yaml"), "--print-config", "max_steps=3", "--bogus"])
+    assert exit_.value.code == 2 and "--bogus" in capsys.readouterr().err

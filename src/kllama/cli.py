@@ -104,7 +104,14 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kllama` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Options may sit anywhere on the line (`kllama train cfg.yaml --print-config max_steps=3`): argparse stops
+    # filling `overrides` at the first option, so key=value words it left over are overrides too.
+    args, leftover = parser.parse_known_args(argv)
+    stray = [word for word in leftover if args.command not in CONFIG_COMMANDS or "=" not in word or word.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if leftover:
+        args.overrides = [*args.overrides, *leftover]
     if args.command is None:
         parser.print_help()
         return 0

@@ -55,11 +55,13 @@ def held_out_scores(model_dir: Path, adapter_dir: Path, rows: list[dict]) -> dic
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from kllama.compat import peft_wrapping
     from kllama.data import PairwiseCollator
     from kllama.train.trainer import PreferenceSettings, policy_logps
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    with peft_wrapping():
+        model = PeftModel.from_pretrained(base, adapter_dir).eval()
     collate = PairwiseCollator(0, pad_to_multiple_of=8)
     sums = {"before": [], "after": []}
     counts = []
@@ -77,7 +79,7 @@ def held_out_scores(model_dir: Path, adapter_dir: Path, rows: list[dict]) -> dic
         half = t.shape[0] // 2
         return t[:half], t[half:]
 
-    ranking, margins = {}, []
+    ranking, margins = {}, {}
     for when in ("before", "after"):
         chosen_all, rejected_all, avg_c, avg_r = [], [], [], []
         for s, n in zip(sums[when], counts):
@@ -87,11 +89,16 @@ def held_out_scores(model_dir: Path, adapter_dir: Path, rows: list[dict]) -> dic
             avg_c.append(c / nc)
             avg_r.append(r / nr)
         ranking[when] = (torch.cat(avg_c) > torch.cat(avg_r)).float().mean().item()
-        margins.append(torch.cat(chosen_all) - torch.cat(rejected_all))
-    reward_margin = margins[1] - margins[0]  # (pi_c - ref_c) - (pi_r - ref_r)
-    reward_accuracy = ((reward_margin > 0).float() + 0.5 * (reward_margin == 0).float()).mean().item()
+        margins[when] = torch.cat(chosen_all) - torch.cat(rejected_all)  # log pi(c) - log pi(r) per pair
+    reference = margins["before"]  # the reference model is the base model, i.e. the policy before training
+
+    def reward_accuracy(policy_margin: torch.Tensor) -> float:
+        reward_margin = policy_margin - reference  # (pi_c - ref_c) - (pi_r - ref_r)
+        return ((reward_margin > 0).float() + 0.5 * (reward_margin == 0).float()).mean().item()
+
     return {"ranking_before": ranking["before"], "ranking_after": ranking["after"],
-            "reward_accuracy_before": 0.5, "reward_accuracy_after": reward_accuracy}
+            "reward_accuracy_before": reward_accuracy(margins["before"]),
+            "reward_accuracy_after": reward_accuracy(margins["after"])}
 
 
 def main(argv: list[str] | None = None) -> int:

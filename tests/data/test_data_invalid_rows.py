@@ -87,3 +87,22 @@ def test_all_rows_invalid_and_skipped(tmp_path, family_tokenizer):
     _setup(tmp_path, [_bad(chosen="")] * 2)
     with pytest.raises(KllamaError, match="no usable rows"):
         _build(tmp_path, family_tokenizer("llama3"), skip=True)
+
+
+LATIN1_ROW = {"instruction": "Caf\u00e9?", "chosen": "Oui.", "rejected": "Non."}
+
+
+@pytest.mark.parametrize("suffix", ["json", "jsonl", "csv"])
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_file_that_is_not_utf8_is_one_clear_error(tmp_path, family_tokenizer, suffix, skip):
+    rows = [{"instruction": "Hi", "chosen": "Hello!", "rejected": "No."}, LATIN1_ROW]
+    texts = {"json": json.dumps(rows, ensure_ascii=False, indent=1),
+             "jsonl": "\n".join(json.dumps(r, ensure_ascii=False) for r in rows),
+             "csv": "instruction,chosen,rejected\nHi,Hello!,No.\nCaf\u00e9?,Oui.,Non.\n"}
+    (tmp_path / f"d.{suffix}").write_bytes(texts[suffix].encode("latin-1"))  # 0xe9 alone is not UTF-8
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"d": {"file_name": f"d.{suffix}", "ranking": True}}))
+    with pytest.raises(KllamaError) as err:
+        _build(tmp_path, family_tokenizer("llama3"), skip=skip)
+    msg = str(err.value)
+    assert f"{tmp_path / f'd.{suffix}'} is not UTF-8" in msg and "b'\\xe9'" in msg and "iconv" in msg
+    assert f"line {texts[suffix].split(chr(0xe9))[0].count(chr(10)) + 1}," in msg

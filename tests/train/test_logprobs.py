@@ -29,7 +29,7 @@ def naive_logps(
     mask = labels != -100
     safe = labels.clamp(min=0)
     per_token = logits.log_softmax(-1).gather(2, safe[..., None]).squeeze(2)  # [B, T-1]
-    return (per_token * mask).sum(-1), mask.sum(-1)
+    return (per_token * mask).sum(-1).double(), mask.sum(-1)  # float64, the dtype of sequence_logps' sums
 
 
 def make_batch(seed: int = 0, dtype: torch.dtype = torch.float32, bias: bool = True):
@@ -137,7 +137,7 @@ def test_generic_module_head_checkpointed_matches_naive() -> None:
 def test_bf16_close_to_fp32_reference() -> None:
     head, hidden, labels = make_batch(seed=5, dtype=torch.bfloat16)
     sums, _ = sequence_logps(hidden, head, labels, chunk_tokens=5)
-    assert sums.dtype == torch.float32
+    assert sums.dtype == torch.float64
     sums.sum().backward()
     assert hidden.grad.dtype == torch.bfloat16 and head.weight.grad.dtype == torch.bfloat16
     ref, _ = naive_logps(hidden.detach().float(), head.float(), labels)
@@ -225,6 +225,27 @@ def test_no_grad_mode() -> None:
     torch.testing.assert_close(a, b)
 
 
+def test_long_sequence_sums_match_a_float64_reference() -> None:
+    """The per-sequence sum of 6,000 token log-probs, against the same computation done entirely in float64: the
+    sum is accumulated in float64, so only the fp32 per-token log-probs differ (~4e-10; an fp32 sum: ~1e-6)."""
+    gen = torch.Generator().manual_seed(11)
+    n, width, vocab = 6000, 32, 509
+    head = nn.Linear(width, vocab, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, width, generator=gen) * 0.3)
+    hidden = torch.randn(2, n + 1, width, generator=gen)
+    labels = torch.randint(0, vocab, (2, n + 1), generator=gen)
+    labels[1, : n // 3] = -100
+    with torch.no_grad():
+        sums, _ = sequence_logps(hidden, head, labels, chunk_tokens=1024)
+        logits = hidden.double() @ head.weight.double().t()  # [2, T, V] float64
+        per_token = logits[:, :-1].log_softmax(-1).gather(2, labels[:, 1:].clamp(min=0)[..., None]).squeeze(2)
+        ref = (per_token * (labels[:, 1:] != -100)).sum(-1)  # [2] float64
+    assert sums.dtype == torch.float64
+    rel = ((sums - ref).abs() / ref.abs()).max().item()
+    assert rel < 1e-8, f"relative error {rel:.2e} against float64"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("head_trainable", [False, True])
@@ -253,4 +274,4 @@ def test_gpu_peak_memory_at_deepseek_v2_lite_vocab(head_trainable: bool) -> None
     with torch.no_grad():
         ref, _ = naive_logps(hidden[:, : m + 1].float(), head.float(), labels[:, : m + 1])
         got, _ = sequence_logps(hidden[:, : m + 1], head, labels[:, : m + 1], chunk_tokens=100)
-    torch.testing.assert_close(got, ref, rtol=1e-2, atol=1.0)
+    torch.testing.assert_close(got, ref, rtol=1e-2, atol=1.0)  # both float64

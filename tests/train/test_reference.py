@@ -47,8 +47,8 @@ def test_precomputed_reference_matches_in_step_reference_for_any_batch_size(tiny
     assert sums.shape[0] == 2 * half
     assert not torch.allclose(policy, sums, atol=1e-3)  # the reference really is the model with adapters off
     for cached in (one, five):
-        torch.testing.assert_close(torch.tensor(cached["ref_chosen_logps"]), sums[:half], rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(torch.tensor(cached["ref_rejected_logps"]), sums[half:], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(cached["ref_chosen_logps"], dtype=torch.float64), sums[:half], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(cached["ref_rejected_logps"], dtype=torch.float64), sums[half:], rtol=1e-5, atol=1e-4)
 
     cache_file = next((tmp_path / "a" / "reference_logps").glob("*.pt"))
     written = cache_file.stat().st_mtime_ns

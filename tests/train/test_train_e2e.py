@@ -60,7 +60,10 @@ def stock_logits(model_dir: Path, adapter_dir: Path, ids: torch.Tensor) -> torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter_dir)
+    from kllama.compat import peft_wrapping
+
+    with peft_wrapping():
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter_dir)
     with torch.no_grad():
         return model(input_ids=ids).logits
 

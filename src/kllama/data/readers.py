@@ -71,10 +71,26 @@ def read_file(file: Path, split: str = "train") -> FileRows:
             ds = datasets.load_dataset(builder, data_files={split: [str(file)]}, split=split, cache_dir=tmp)
             rows, columns = ds.to_list(), list(ds.column_names)
         except Exception as exc:  # datasets wraps parse errors in several types; all mean "could not read the file"
+            if builder != "parquet":
+                read_utf8_text(file)  # a clear error when the cause is the encoding
             if builder == "json":
                 return _read_json_stdlib(file)
             raise KllamaError(f"{file} could not be read as {builder.upper()} ({_first_line(exc)}); fix the file") from exc
     return FileRows(file=file, rows=rows, columns=columns, errors=[])
+
+
+def read_utf8_text(file: Path) -> str:
+    """The text of `file`; a file that is not UTF-8 is one KllamaError naming the line and byte (no row of it can be
+    read, so `skip_invalid_rows` cannot help)."""
+    data = file.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise KllamaError(
+            f"{file} is not UTF-8 text: line {line}, byte {exc.start} ({data[exc.start:exc.start + 1]!r}) cannot be "
+            "decoded; save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.json > out.json`)"
+        ) from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -84,7 +100,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _read_json_stdlib(file: Path) -> FileRows:
     """A JSON array is all-or-nothing (error at its line); JSON Lines gets one RowError per broken line."""
-    text = file.read_text(encoding="utf-8")
+    text = read_utf8_text(file)
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from kllama.data.readers import read_utf8_text
 from kllama.errors import KllamaError
 
 FORMATTINGS = ("alpaca", "sharegpt", "openai", "trl")
@@ -65,7 +66,7 @@ def read_dataset_info(dataset_dir: str | Path | None) -> tuple[Path, dict]:
             "(or leave it unset to use kllama's bundled data)"
         )
     try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
+        info = json.loads(read_utf8_text(info_path))
     except json.JSONDecodeError as exc:
         raise KllamaError(f"{info_path} is not valid JSON (line {exc.lineno}: {exc.msg}); fix the file") from exc
     if not isinstance(info, dict):

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kllama.compat import peft_wrapping
 from kllama.errors import KllamaError
 from kllama.experts.lora import ExpertLoraSet
 
@@ -119,7 +120,8 @@ def attach_lora(model: nn.Module, spec: LoraSpec, *, seed: int = 0) -> PeftModel
     if not spec.linear_targets and target_parameters is None:
         # Experts only on the engine: PEFT still needs some target to build a PeftModel; an empty regex works.
         config.target_modules = r"^$"
-    peft_model = get_peft_model(model, config)
+    with peft_wrapping():
+        peft_model = get_peft_model(model, config)
     if spec.experts and engine_lora is not None:
         # the same HostExperts modules; their PEFT key names do not depend on the wrapper's prefix
         engine_lora.add(r=spec.rank, alpha=spec.alpha, dropout=spec.dropout, seed=seed)
@@ -138,10 +140,16 @@ def adapter_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: PeftModel, out_dir: str | Path) -> Path:
-    """Write `adapter_config.json` + `adapter_model.safetensors` into `out_dir` (each file atomically)."""
+    """Write `adapter_config.json` + `adapter_model.safetensors` into `out_dir` (each file atomically). An adapter
+    holding NaN or inf is refused (KllamaError): it would only poison whatever loads it."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model)
+    bad = [name for name, tensor in state.items() if not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise KllamaError(f"refusing to write the adapter to {str(out)!r}: {len(bad)} of {len(state)} tensors hold NaN "
+                          f"or inf (e.g. {bad[0]}); the training diverged: lower learning_rate, or resume from an "
+                          "earlier checkpoint")
+    out.mkdir(parents=True, exist_ok=True)
     tmp = out / (ADAPTER_WEIGHTS + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / ADAPTER_WEIGHTS)

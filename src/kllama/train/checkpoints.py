@@ -54,16 +54,49 @@ def resolve_resume(resume: bool | str | None, output_dir: str | Path) -> Path | 
     return path
 
 
+# Files a finished run leaves at the top of output_dir (besides the tokenizer's, which the next run rewrites).
+RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json", "all_results.json",
+             "training_args.yaml", "template.json")
+RUN_FILE_PATTERNS = ("training_*.png",)
+
+
+def check_output_dir_writable(output_dir: str | Path) -> None:
+    """Create `output_dir` if needed and prove a file can be written there; removes nothing."""
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".kllama-write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise KllamaError(f"output_dir: cannot write into {str(out)!r} ({exc.strerror or exc}); choose a directory "
+                          "you can write to") from None
+
+
+def old_run_entries(output_dir: str | Path) -> list[Path]:
+    """The previous run's checkpoints and result files in `output_dir` (what `overwrite_output_dir` replaces)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    entries = [child for child in out.iterdir() if _CHECKPOINT.match(child.name) and child.is_dir()]
+    entries += [out / name for name in RUN_FILES if (out / name).is_file()]
+    entries += [path for pattern in RUN_FILE_PATTERNS for path in out.glob(pattern)]
+    return sorted(entries)
+
+
 def prepare_output_dir(output_dir: str | Path, *, overwrite: bool, resuming: bool) -> None:
-    """Create `output_dir`, drop half-written staging leftovers, and with `overwrite` (and no resume) remove old
-    checkpoints so a new run never mixes with an old one."""
+    """Make `output_dir` ready for the run that is about to start: drop half-written staging leftovers and, with
+    `overwrite` (and no resume), the previous run's checkpoints and results, so a new run never mixes with an old
+    one. Call it only once everything is validated and loaded: from here on the old run is gone."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(staging_dir(out), ignore_errors=True)
     if overwrite and not resuming:
-        for child in out.iterdir():
-            if _CHECKPOINT.match(child.name) and child.is_dir():
-                shutil.rmtree(child)
+        for entry in old_run_entries(out):
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
 
 class PublishCheckpoints(TrainerCallback):
@@ -84,3 +117,42 @@ class PublishCheckpoints(TrainerCallback):
         if self.save_total_limit:
             for old in list_checkpoints(self.output_dir)[: -self.save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    # torch.save reports a failed write as a RuntimeError ("unexpected pos ..."), safetensors as SafetensorError
+    return (OSError, RuntimeError, SafetensorError)
+
+
+WRITE_ERRORS = _write_errors()
+
+
+class SaveTracker(TrainerCallback):
+    """Knows which checkpoint is being written: set by the trainer's `save_model` (the Trainer's first step of a
+    checkpoint save), cleared by `on_save` (its last). An error escaping the Trainer while `current` is set is a
+    failed save, not a failed training step."""
+
+    def __init__(self) -> None:
+        self.current: Path | None = None
+
+    def begin(self, path: str | Path) -> None:
+        """A save into `path` starts."""
+        self.current = Path(path)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: object) -> None:
+        self.current = None
+
+
+def save_failed(path: Path, exc: BaseException, output_dir: str | Path) -> KllamaError:
+    """The error for a checkpoint or result that could not be written (disk full, quota, file-size limit): the
+    half-written directory is removed (it was never published) and the message names the newest intact checkpoint."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if path.parent.name == STAGING:
+        shutil.rmtree(path, ignore_errors=True)
+    checkpoints = list_checkpoints(output_dir)
+    kept = (f"the earlier checkpoints are intact (newest: {checkpoints[-1]}; resume_from_checkpoint: true continues "
+            "from it)" if checkpoints else "no checkpoint was published")
+    return KllamaError(f"could not write {str(path)!r} ({text}): the disk is probably full, or a quota or file-size "
+                       f"limit was hit; free space there and run again; {kept}")

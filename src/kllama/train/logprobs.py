@@ -242,7 +242,7 @@ def sequence_logps(
     ld_alpha: float | None = None,
     transform: LogitTransform | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log p(label) of each sequence and its number of label tokens: `(sum_logps [B] fp32, num_tokens [B])`.
+    """Summed log p(label) of each sequence and its number of label tokens: `(sum_logps [B] float64, num_tokens [B])`.
 
     Labels are shifted inside (position t predicts label t+1), as transformers' causal-LM loss does. Only label
     rows reach the head, in chunks of `chunk_tokens` (see module docstring). `ld_alpha` (LD-DPO) down-weights the
@@ -263,5 +263,7 @@ def sequence_logps(
     logps = token_logps(hidden, lm_head, targets, chunk_tokens=chunk_tokens, transform=transform)  # [N]
     if ld_alpha is not None:
         logps = logps * ld_token_weights(mask, ld_alpha).reshape(-1).index_select(0, flat)
-    sums = torch.zeros(batch, dtype=torch.float32, device=logps.device).index_add(0, rows, logps)  # [B]
+    # Accumulated in float64: a 2,000-token sum in fp32 is off by ~3e-5 relative, as large as the log-ratio
+    # differences DPO works with (autocast never touches float64, and the gradient flows back in fp32).
+    sums = torch.zeros(batch, dtype=torch.float64, device=logps.device).index_add(0, rows, logps.double())  # [B]
     return sums, mask.sum(-1)

@@ -45,7 +45,7 @@ def attach_reference_logps(model: nn.Module, dataset: Dataset, collate: Callable
     key = _cache_key(model, dataset, settings, reference_context is not None)
     cache = Path(cache_dir) / "reference_logps" / f"{key}.pt"
     if cache.is_file():
-        saved = torch.load(cache)
+        saved = torch.load(cache, weights_only=True)
         print(f"reference log-probs: loaded from cache {cache}", flush=True)
     else:
         chosen, rejected = [], []
@@ -58,8 +58,8 @@ def attach_reference_logps(model: nn.Module, dataset: Dataset, collate: Callable
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(rows).items()}
                 sums, _, _ = policy_logps(model, batch, PreferenceSettings(stage="dpo", ld_alpha=None))
                 half = sums.shape[0] // 2
-                chosen.extend(sums[:half].float().cpu().tolist())
-                rejected.extend(sums[half:].float().cpu().tolist())
+                chosen.extend(sums[:half].double().cpu().tolist())  # float64, as summed
+                rejected.extend(sums[half:].double().cpu().tolist())
         model.train(was_training)
         saved = {"chosen": chosen, "rejected": rejected}
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -74,8 +74,8 @@ def with_reference_columns(collate: Callable[[list[dict]], dict[str, Any]]) -> C
     tensors in row order, so they follow their rows through any sampler or micro-batch merge."""
     def collate_with_reference(rows: list[dict[str, Any]]) -> dict[str, Any]:
         batch = collate([{k: v for k, v in r.items() if not k.startswith("ref_")} for r in rows])
-        batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float32)
-        batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
+        batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float64)
+        batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=torch.float64)
         return batch
 
     return collate_with_reference

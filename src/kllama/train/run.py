@@ -1,6 +1,7 @@
 """`kllama train`: model + data + LoRA + trainer, from one validated config, to an adapter directory."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import torch
 from peft import PeftModel
 from transformers import TrainingArguments, set_seed
 
+from kllama.compat import peft_wrapping
 from kllama.config import KllamaConfig, format_config
 from kllama.errors import KllamaError
 from kllama.experts.report import rule_training_note
@@ -23,21 +25,40 @@ from kllama.model.adapters import (
     spec_from_adapter,
 )
 from kllama.model.load import LoadedModel, load_model
-from kllama.train.checkpoints import PublishCheckpoints, prepare_output_dir, resolve_resume, staging_dir
+from kllama.train.checkpoints import (
+    WRITE_ERRORS,
+    PublishCheckpoints,
+    check_output_dir_writable,
+    prepare_output_dir,
+    resolve_resume,
+    save_failed,
+    staging_dir,
+)
+from kllama.train.health import TrainingHealth
 from kllama.train.micro_batching import BatchPlan, apply_micro_batching
-from kllama.train.trainer import KllamaTrainer, PreferenceSettings, starting_adapter_reference
+from kllama.train.preflight import prepare_inputs
+from kllama.train.trainer import (
+    KllamaTrainer,
+    PreferenceSettings,
+    resolve_router_aux_coef,
+    starting_adapter_reference,
+)
 
 TEMPLATE_FILE = "template.json"
+# transformers renamed gradient_checkpointing* to activation_checkpointing* (the old names warn); use what exists.
+CHECKPOINTING_ARG = ("activation_checkpointing" if "activation_checkpointing" in
+                     {f.name for f in dataclasses.fields(TrainingArguments)} else "gradient_checkpointing")
 RESOLVED_CONFIG_FILE = "training_args.yaml"
 
 
-def preference_settings(config: KllamaConfig) -> PreferenceSettings:
-    """The loss settings of a config."""
+def preference_settings(config: KllamaConfig, model_config: Any = None) -> PreferenceSettings:
+    """The loss settings of a config; with the model's transformers config, `router_aux_loss_coef: null` becomes the
+    model's own coefficient (see `resolve_router_aux_coef`)."""
     f = config.finetuning
     return PreferenceSettings(
         stage=f.stage, loss_type=f.pref_loss, beta=f.pref_beta, label_smoothing=f.dpo_label_smoothing,
         simpo_gamma=f.simpo_gamma, discopop_tau=f.discopop_tau, ftx=f.pref_ftx, ld_alpha=f.ld_alpha,
-        router_aux_loss_coef=config.model.router_aux_loss_coef,
+        router_aux_loss_coef=resolve_router_aux_coef(config.model.router_aux_loss_coef, model_config),
     )
 
 
@@ -77,14 +98,15 @@ def build_training_arguments(config: KllamaConfig, *, has_eval: bool, use_cpu: b
         eval_steps=(t.eval_steps or t.logging_steps) if has_eval else None,
         report_to=report,
         run_name=t.run_name,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **{CHECKPOINTING_ARG: t.gradient_checkpointing,
+           f"{CHECKPOINTING_ARG}_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None},
         dataloader_num_workers=t.dataloader_num_workers,
         ddp_timeout=t.ddp_timeout,
         disable_tqdm=t.disable_tqdm,
         remove_unused_columns=False,
         use_cpu=use_cpu,
         label_names=["labels"],
+        logging_nan_inf_filter=False,  # a NaN loss must show (and stop the run), not be averaged away
     )
 
 
@@ -104,7 +126,8 @@ def _apply_adapters(config: KllamaConfig, loaded: LoadedModel) -> tuple[PeftMode
                               "kllama export first")
         merge = adapters if f.create_new_adapter else adapters[:-1]
         for path in merge:
-            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+            with peft_wrapping():
+                model = PeftModel.from_pretrained(model, path).merge_and_unload()
         adapters = [] if f.create_new_adapter else adapters[-1:]
     if adapters:
         spec = spec_from_adapter(model, adapters[0])
@@ -122,27 +145,29 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def run_training(config: KllamaConfig) -> int:
-    """Run `kllama train` end to end; returns the exit status."""
-    from kllama.data import PairwiseCollator, SFTCollator, build_dataset, describe_example, format_summary, get_template
-    from kllama.train.plots import plot_training
+    """Run `kllama train` end to end; returns the exit status.
+
+    Order matters: everything that can be wrong (model directory and config, adapters, datasets, template,
+    tokenization, weight files) is checked first; then `output_dir` is created and proved writable; then the weights
+    load; only then is the previous run in `output_dir` replaced (with `overwrite_output_dir`) and training starts.
+    """
+    from kllama.data import PairwiseCollator, SFTCollator, describe_example, format_summary
     from kllama.train.reference import attach_reference_logps, with_reference_columns
 
     t, f = config.training, config.finetuning
     set_seed(t.seed)
     output_dir = Path(t.output_dir)
     resume = resolve_resume(t.resume_from_checkpoint, output_dir)
-    prepare_output_dir(output_dir, overwrite=t.overwrite_output_dir, resuming=resume is not None)
+    inputs = prepare_inputs(config)
+    tokenizer, bundle, cache_dir = inputs.tokenizer, inputs.bundle, inputs.cache_dir
+    print(format_summary(bundle.summary), flush=True)
+    if len(bundle.train):
+        print(describe_example(tokenizer, bundle.train[0]), flush=True)
+    check_output_dir_writable(output_dir)
 
     loaded = load_model(config, "train")
     if loaded.engine is not None and (note := rule_training_note(loaded.engine, t.micro_batch_tokens or 16384)):
         print(note, flush=True)
-    tokenizer = loaded.tokenizer
-    template = get_template(config.data.template, tokenizer)
-    cache_dir = config.model.cache_dir or str(Path.home() / ".cache" / "kllama")
-    bundle = build_dataset(config.data, tokenizer, template, stage=f.stage, seed=t.seed, cache_dir=cache_dir)
-    print(format_summary(bundle.summary), flush=True)
-    if len(bundle.train):
-        print(describe_example(tokenizer, bundle.train[0]), flush=True)
 
     model, start_snapshot = _apply_adapters(config, loaded)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -150,7 +175,7 @@ def run_training(config: KllamaConfig) -> int:
 
     collator_cls = PairwiseCollator if f.stage == "dpo" else SFTCollator
     collate = collator_cls(tokenizer.pad_token_id, pad_to_multiple_of=8)
-    settings = preference_settings(config)
+    settings = preference_settings(config, loaded.model.config)
     reference_context = (lambda: starting_adapter_reference(model, start_snapshot)) if start_snapshot else None
     train_set, eval_set = bundle.train, bundle.eval
     if f.stage == "dpo" and f.precompute_ref_log_probs:
@@ -163,6 +188,7 @@ def run_training(config: KllamaConfig) -> int:
         collate = with_reference_columns(collate)
 
     train_set, collate, plan = apply_micro_batching(config, loaded.engine, train_set, collate)
+    prepare_output_dir(output_dir, overwrite=t.overwrite_output_dir, resuming=resume is not None)
     args = build_training_arguments(config, has_eval=eval_set is not None, use_cpu=loaded.device.type == "cpu",
                                     plan=plan)
     callbacks: list[Any] = [PublishCheckpoints(output_dir, t.save_total_limit)]
@@ -174,23 +200,40 @@ def run_training(config: KllamaConfig) -> int:
     trainer = KllamaTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collate,
         processing_class=tokenizer, callbacks=callbacks, settings=settings, reference_context=reference_context,
+        health=TrainingHealth(output_dir),
     )
     if resume is not None:
         load_adapter_weights(model, resume)  # expert LoRA too; the Trainer then restores optimiser/scheduler/RNG
         print(f"resuming from {resume}", flush=True)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    except WRITE_ERRORS as exc:
+        if trainer.saves.current is None:
+            raise
+        raise save_failed(trainer.saves.current, exc, output_dir) from None
 
-    trainer.save_model(str(output_dir))
     metrics = dict(result.metrics)
     if eval_set is not None:
         metrics.update(trainer.evaluate())
-    trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
-    _write_json(output_dir / "all_results.json", metrics)
-    _write_json(output_dir / TEMPLATE_FILE, {"template": template.name})
-    (output_dir / RESOLVED_CONFIG_FILE).write_text(format_config(config))
-    if f.plot_loss:
-        for path in plot_training(trainer.state.log_history, output_dir):
-            print(f"wrote {path}", flush=True)
+    try:
+        _write_results(config, trainer, metrics, inputs.template.name, output_dir)
+    except WRITE_ERRORS as exc:
+        raise save_failed(output_dir, exc, output_dir) from None
     shutil.rmtree(staging_dir(output_dir), ignore_errors=True)
     print(f"adapter written to {output_dir}", flush=True)
     return 0
+
+
+def _write_results(config: KllamaConfig, trainer: KllamaTrainer, metrics: dict[str, Any], template_name: str,
+                   output_dir: Path) -> None:
+    """The finished run's files: adapter + tokenizer, trainer state, metrics, template, resolved config, plots."""
+    from kllama.train.plots import plot_training
+
+    trainer.save_model(str(output_dir))
+    trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
+    _write_json(output_dir / "all_results.json", metrics)
+    _write_json(output_dir / TEMPLATE_FILE, {"template": template_name})
+    (output_dir / RESOLVED_CONFIG_FILE).write_text(format_config(config))
+    if config.finetuning.plot_loss:
+        for path in plot_training(trainer.state.log_history, output_dir):
+            print(f"wrote {path}", flush=True)

@@ -1,6 +1,7 @@
 """The preference / SFT trainer: transformers' Trainer with kllama's loss, metrics and adapter saving.
 
-Only public Trainer hooks are overridden: `compute_loss`, `prediction_step`, `log`, `save_model`.
+Only public Trainer hooks are overridden: `compute_loss`, `prediction_step`, `log`, `save_model`; training health
+(non-finite loss or gradient, dead gradient) is a TrainerCallback (`kllama.train.health`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from torch import nn
 from transformers import Trainer
 
 from kllama.model.adapters import adapter_weights_swapped, adapters_disabled, save_adapter
+from kllama.train.checkpoints import SaveTracker
+from kllama.train.health import TrainingHealth
 from kllama.train.logprobs import IGNORE_INDEX, logit_transform_for, sequence_logps
 from kllama.train.losses import (
     NEEDS_AVERAGED_LOGPS,
@@ -67,6 +70,17 @@ def policy_logps(model: nn.Module, batch: dict[str, torch.Tensor], settings: Pre
     return sums, counts, aux
 
 
+def resolve_router_aux_coef(user_value: float | None, model_config: Any) -> float | None:
+    """The router load-balancing coefficient a run uses: the user's `router_aux_loss_coef` when set, else (as TRL)
+    the model config's own `router_aux_loss_coef` for families that return router logits (their config has
+    `output_router_logits`); None or 0 = no aux loss."""
+    if user_value is not None:
+        return user_value
+    if model_config is None or not hasattr(model_config, "output_router_logits"):
+        return None
+    return getattr(model_config, "router_aux_loss_coef", None) or None
+
+
 def router_aux_loss(lm: nn.Module, out: Any, attention_mask: torch.Tensor) -> torch.Tensor:
     """Switch-Transformer load-balancing loss from the decoder's router logits (families that expose them)."""
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
@@ -75,7 +89,7 @@ def router_aux_loss(lm: nn.Module, out: Any, attention_mask: torch.Tensor) -> to
 
     logits = getattr(out, "router_logits", None)
     if not logits:
-        raise KllamaError(f"router_aux_loss_coef: model type {lm.config.model_type!r} does not expose router logits; remove the key")
+        raise KllamaError(f"router_aux_loss_coef: model type {lm.config.model_type!r} does not return router logits; set router_aux_loss_coef: 0")
     cfg = lm.config
     experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or cfg.n_routed_experts
     return load_balancing_loss_func(logits, experts, cfg.num_experts_per_tok, attention_mask)
@@ -85,8 +99,13 @@ class KllamaTrainer(Trainer):
     """Trainer for `stage: sft` and `stage: dpo` (every `pref_loss`), with LoRA adapters saved in PEFT's format."""
 
     def __init__(self, *args: Any, settings: PreferenceSettings,
-                 reference_context: Callable[[], contextlib.AbstractContextManager] | None = None, **kwargs: Any):
+                 reference_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 health: TrainingHealth | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.health = health or TrainingHealth()
+        self.add_callback(self.health)
+        self.saves = SaveTracker()
+        self.add_callback(self.saves)
         # DPO-family losses are per-pair means of a micro-batch: with this False the Trainer divides each one by the
         # accumulation steps, so equal micro-batches give the step's per-pair mean however its rows are split.
         # SFT's loss is a token mean over the whole optimizer step: with this True the Trainer counts the step's
@@ -176,6 +195,8 @@ class KllamaTrainer(Trainer):
         else:
             loss, metrics = self._loss(model, inputs, num_items_in_batch if model.training else None)
             self._record("train", inputs, metrics)
+        if model.training:
+            self.health.record_loss(loss)
         return (loss, None) if return_outputs else loss
 
     def _record(self, split: str, batch: dict[str, torch.Tensor], metrics: dict[str, float]) -> None:
@@ -250,6 +271,8 @@ class KllamaTrainer(Trainer):
     # ---------------------------------------------------------------- saving
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         out = output_dir or self.args.output_dir
+        if _internal_call:  # the Trainer starts a checkpoint
+            self.saves.begin(out)
         save_adapter(self.model, out)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(out)
