@@ -159,7 +159,10 @@ def test_failed_capture_falls_back_to_eager_steps() -> None:
     prompt = prompt_of(model)
     expected = decode(GraphedDecoder(model, 1, 48, use_graphs=False), prompt)
     # a host sync inside the step (what an unsupported op would do) makes the capture fail
-    handle = model.model.norm.register_forward_hook(lambda module, args, output: float(output.sum()))
+    def sync(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        float(output.sum())  # reads the device: fine eagerly, forbidden while capturing
+
+    handle = model.model.norm.register_forward_hook(sync)
     try:
         decoder = GraphedDecoder(model, 1, 48)
         got = decode(decoder, prompt)
