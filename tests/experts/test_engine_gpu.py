@@ -201,3 +201,23 @@ def test_no_grad_pass_prefetches_the_next_forward() -> None:
         expected = forward()
     torch.cuda.synchronize()
     assert torch.equal(first, second) and torch.allclose(first.float(), expected.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_inference_reserve_keeps_more_layers_resident_than_training() -> None:
+    # a budget with room for 3 layers beside two stream slots + 2 GiB: inference promotes 3, the training reserve
+    # (60 % of the budget, at least 8 GiB) none
+    from kllama.model.engine_setup import inference_reserve_bytes, promote_resident_layers
+
+    model = build_tiny_model("qwen3_moe", seed=0, dtype=torch.bfloat16).cuda()
+    counts = {}
+    for kind in ("training", "inference"):
+        engine = install_expert_engine(model if kind == "training" else build_tiny_model(
+            "qwen3_moe", seed=0, dtype=torch.bfloat16).cuda(), lambda n: ExpertPlacement.from_mode("auto"), "cuda")
+        layer = next(iter(engine.modules.values())).host_bytes()
+        reserve = inference_reserve_bytes(engine)
+        assert reserve == 2 * layer + 2 * 2**30
+        budget = torch.cuda.memory_allocated() + reserve + 3 * layer + layer // 2
+        counts[kind] = promote_resident_layers(engine, budget, torch.device("cuda"),
+                                               reserve if kind == "inference" else None)
+        assert sum(m.target_for(1) == "gpu" for m in engine.modules.values()) == counts[kind]
+    assert counts == {"training": 0, "inference": 3}

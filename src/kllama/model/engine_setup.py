@@ -85,9 +85,10 @@ def promote_resident_layers(engine: ExpertEngine, budget_bytes: int, device: tor
 
 
 def load_on_engine(source: ModelSource, config: KllamaConfig, *, device: torch.device, dtype: torch.dtype,
-                   attn_implementation: str | None) -> tuple[PreTrainedModel, ExpertEngine]:
+                   attn_implementation: str | None, inference: bool = False) -> tuple[PreTrainedModel, ExpertEngine]:
     """The checkpoint of `source` with routed experts in (pinned) host RAM placed per the config, non-expert
-    weights on `device`; applies `max_gpu_memory` and prints the placement table."""
+    weights on `device`; applies `max_gpu_memory` (keeping a training step's activation reserve free, or only what
+    inference needs when `inference`) and prints the placement table."""
     for line in engine_notices(config):
         print(line, flush=True)
     notes: list[str] = []
@@ -98,6 +99,6 @@ def load_on_engine(source: ModelSource, config: KllamaConfig, *, device: torch.d
         budget = parse_bytes(config.engine.max_gpu_memory)
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
-        promote_resident_layers(engine, budget, device)
+        promote_resident_layers(engine, budget, device, inference_reserve_bytes(engine) if inference else None)
     print(placement_table(engine, notes=notes), flush=True)
     return model, engine

@@ -206,7 +206,8 @@ def load_model(config: KllamaConfig, purpose: Purpose, *, device: str | torch.de
     dtype = spec.dtype(config) or _checkpoint_dtype(source.hf_config, index)
     engine: ExpertEngine | None = None
     if on_engine:
-        model, engine = load_on_engine(source, config, device=target, dtype=dtype, attn_implementation=attn)
+        model, engine = load_on_engine(source, config, device=target, dtype=dtype, attn_implementation=attn,
+                                       inference=purpose == "infer")
     else:
         model = _load_stock(source, device=target, dtype=dtype, attn_implementation=attn)
     if purpose == "train" and config.model.router_aux_loss_coef is not None and hasattr(model.config,
