@@ -170,28 +170,34 @@ def graphed_split(model: nn.Module, prompt: list[int], steps: int) -> dict[str, 
 
 
 def eager_split(model: nn.Module, prompt: list[int], steps: int, device: torch.device) -> dict[str, float]:
-    """Per-token ms of expert kernels and other kernels in transformers' own loop, from torch.profiler (CUDA)."""
+    """Per-token ms of expert kernels and of the other kernels over `steps` decode steps of transformers' own loop
+    (after an unprofiled prefill), from torch.profiler (CUDA)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     def timed(module: HostExperts, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         with record_function("kllama.experts"):
             return module.run_pass(x, index, weights)
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, expert_pass_hook(timed):
-        eager_decode(model, prompt, steps + 1, device)
+    key = cache_argument(transformers_model(model))
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, expert_pass_hook(timed):
+            for _ in range(steps):
+                cache = out["cache"] if "cache" in out.keys() else out["past_key_values"]
+                out = model(input_ids=token, use_cache=True, logits_to_keep=1, **{key: cache})
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+            synchronize(device)
     averages = prof.key_averages()
 
     def total(event: Any, name: str) -> float:
-        return float(getattr(event, name, None) or getattr(event, name.replace("device", "cuda"), 0) or 0)
+        value = getattr(event, name, None)  # torch >= 2.4 says device; older versions cuda
+        return float(value if value is not None else getattr(event, name.replace("device", "cuda"), 0))
 
     kernels_us = sum(total(e, "self_device_time_total") for e in averages)
     expert_us = sum(total(e, "device_time_total") for e in averages if e.key == "kllama.experts")
-    # the profile also holds the prefill: scale by the decode share of expert passes is not worth it; subtract it
-    layers = sum(1 for m in model.modules() if isinstance(m, HostExperts))
-    per_step = steps + 1  # prefill + steps forwards; the prefill's kernels are a small share at 128 tokens
-    return {"expert_ms": expert_us / 1e3 / per_step, "other_gpu_ms": (kernels_us - expert_us) / 1e3 / per_step,
-            "expert_passes_per_step": sum(e.count for e in averages if e.key == "kllama.experts") / per_step,
-            "moe_layers": layers}
+    return {"expert_ms": expert_us / 1e3 / steps, "other_gpu_ms": (kernels_us - expert_us) / 1e3 / steps,
+            "expert_passes_per_step": sum(e.count for e in averages if e.key == "kllama.experts") / steps}
 
 
 def finish_row(row: dict[str, Any], split: dict[str, float] | None) -> dict[str, Any]:
