@@ -13,7 +13,7 @@ line (recorded in the JSON). Phases (`--phases`, default all):
 * `data`   -- a `dpo_en_demo`-shaped dataset (300 sharegpt ranking pairs, ~1,000 tokens a pair, lengths spread like a
   real preference set) in a fresh `dataset_dir`;
 * `train`  -- the example train YAML; host RSS of the whole process tree (parent + data-loader and tokenizer workers)
-  sampled every 0.25 s; tokens/s, peak GPU and host per logged step from `trainer_state.json`;
+  sampled every 0.25 s (PSS, shared pages counted once); tokens/s, peak GPU and host per logged step from `trainer_state.json`;
 * `chat`   -- the example inference YAML, one prompt piped on stdin: load time + answer time;
 * `api`    -- the same YAML served by `kllama api` on 127.0.0.1; the official `openai` client sends one warm-up and
   then `--concurrency` concurrent streaming requests of `--max-tokens` tokens: time to first token, decode tok/s;
@@ -65,7 +65,7 @@ COLUMNS = (
     ("wall_s", "wall s", "{:.1f}"),
     ("tokens_per_s", "tok/s", "{}"),
     ("peak_gpu_gb", "peak GPU GB", "{}"),
-    ("peak_host_gb", "peak host GB (tree)", "{:.1f}"),
+    ("peak_host_gb", "peak host GB (tree PSS)", "{:.1f}"),
     ("note", "note", "{}"),
 )
 
@@ -94,19 +94,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- process tree memory
 class TreeMemory:
-    """Samples the resident set size of a process and all its descendants every `interval` s (psutil)."""
+    """Samples the memory of a process and all its descendants every `interval` s (psutil).
+
+    Two totals: the sum of resident set sizes, which counts a page shared by a parent and its forked workers once
+    per process, and the sum of proportional set sizes (PSS, Linux), which splits each shared page among the
+    processes mapping it and so adds up to the memory really used."""
 
     def __init__(self, pid: int, interval: float = 0.25) -> None:
         import psutil
 
         self._root = psutil.Process(pid)
         self.interval = interval
-        self.peak_total_gb = 0.0
-        self.peak_root_gb = 0.0
+        self.peak_rss_gb = self.peak_pss_gb = self.peak_root_gb = 0.0
         self.peak_children = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _sizes(proc: Any) -> tuple[int, int]:
+        import psutil
+
+        try:
+            full = proc.memory_full_info()
+            return full.rss, getattr(full, "pss", full.rss)
+        except psutil.AccessDenied:
+            rss = proc.memory_info().rss
+            return rss, rss
+        except psutil.Error:
+            return 0, 0
 
     def _run(self) -> None:
         import psutil
@@ -114,14 +130,10 @@ class TreeMemory:
         while not self._stop.is_set():
             try:
                 procs = [self._root] + self._root.children(recursive=True)
-                rss = []
-                for proc in procs:
-                    try:
-                        rss.append(proc.memory_info().rss)
-                    except psutil.Error:
-                        rss.append(0)
-                self.peak_root_gb = max(self.peak_root_gb, rss[0] / 1e9)
-                self.peak_total_gb = max(self.peak_total_gb, sum(rss) / 1e9)
+                sizes = [self._sizes(p) for p in procs]
+                self.peak_root_gb = max(self.peak_root_gb, sizes[0][0] / 1e9)
+                self.peak_rss_gb = max(self.peak_rss_gb, sum(r for r, _ in sizes) / 1e9)
+                self.peak_pss_gb = max(self.peak_pss_gb, sum(p for _, p in sizes) / 1e9)
                 self.peak_children = max(self.peak_children, len(procs) - 1)
             except psutil.Error:
                 pass
@@ -130,8 +142,8 @@ class TreeMemory:
     def stop(self) -> dict[str, float]:
         self._stop.set()
         self._thread.join()
-        return {"peak_host_gb": self.peak_total_gb, "peak_parent_host_gb": self.peak_root_gb,
-                "max_child_processes": self.peak_children}
+        return {"peak_host_gb": self.peak_pss_gb, "peak_host_rss_sum_gb": self.peak_rss_gb,
+                "peak_parent_host_gb": self.peak_root_gb, "max_child_processes": self.peak_children}
 
 
 def log_file(args: argparse.Namespace, paths: dict[str, Path], phase: str) -> Path:
