@@ -1,6 +1,6 @@
 """The GPU benchmarks run end to end on tiny CPU models, so they cannot rot between GPU sessions.
 
-Both scripts run as subprocesses (concurrently, to stay fast) the way the lead runs them on the GPU box, with
+The scripts run as subprocesses (concurrently, to stay fast) the way the lead runs them on the GPU box, with
 `datasets` and `fastapi` made unimportable as they are there.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ def _start(script: str, *args: str) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(proc: subprocess.Popen) -> str:
-    out, _ = proc.communicate(timeout=120)
+def _finish(proc: subprocess.Popen, timeout: float = 120) -> str:
+    out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
     return out
 
@@ -102,3 +102,17 @@ def test_user_path_runs_the_cli_on_a_tiny_model(tmp_path: Path) -> None:
     assert [s["step"] for s in train["steps"]] == [1, 2] and all(s["tokens_per_second"] > 0 for s in train["steps"])
     api = result["phases"]["api"]
     assert api["concurrent"] == 2 and api["aggregate_tok_s"] > 0 and api["single_stream"]["chunks"] >= 1
+
+
+def test_serve_benchmark_drives_a_real_server(tmp_path: Path, tiny_model_dir) -> None:  # noqa: ANN001
+    out_dir = tmp_path / "serve"
+    log = _finish(_start("serve.py", str(tiny_model_dir("deepseek_v2")), "--placements", "auto", "--concurrency",
+                         "1,4", "--new", "6", "--out-dir", str(out_dir)), timeout=300)  # a server starts
+    result = _only_json(out_dir)
+    rows = {row["name"]: row for row in result["rows"]}
+    assert set(rows) == {"auto x1", "auto x4"}, rows
+    for row in rows.values():
+        assert row["aggregate_tok_s"] > 0 and row["completion_tokens"] == 6 * row["streams"], row
+        assert 0 < row["ttft_p50_s"] <= row["ttft_p95_s"] and row["itl_p50_ms"] > 0
+    assert rows["auto x1"]["max_batch"] == 1 and rows["auto x4"]["max_batch"] >= 2  # the server batched them
+    assert "aggregate tok/s" in log and (out_dir / "serve_auto.log").is_file()

@@ -19,14 +19,14 @@ QUESTIONS = ["Hi", "Tell me about the weather today, in some detail please.", "W
 GREEDY = SamplingParams(max_new_tokens=9, do_sample=False, ignore_eos=True)
 
 
-def _kt_engine(model_dir: Path, prefill: int) -> GenerationEngine:
+def _kt_engine(model_dir: Path, prefill: int, placement: str = "cpu", device: str = "cpu") -> GenerationEngine:
     from kllama.config.loader import build_config
     from kllama.infer.engine import build_engine
 
     config = build_config({"model_name_or_path": str(model_dir), "template": "empty", "infer_dtype": "float32",
-                           "infer_backend": "ktransformers", "use_kt": True, "expert_placement": "cpu"},
+                           "infer_backend": "ktransformers", "use_kt": True, "expert_placement": placement},
                           command="chat")
-    engine = build_engine(config, device="cpu")
+    engine = build_engine(config, device=device)
     engine.prefill_tokens = prefill
     return engine
 
@@ -130,3 +130,16 @@ def test_mask_keeps_sequences_apart_causal_and_windowed() -> None:
     assert plan.position_ids.tolist() == [[0, 1, 2, 0, 1]] and plan.last_index.tolist() == [2, 4]
     additive = PagedKVCache(torch.device("cpu"), bool_mask=False).plan([(1, 2)]).attention_mask[0, 0]
     assert additive[0, 0] == 0 and additive[0, 1] == torch.finfo(torch.float32).min
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("placement", ["cpu", "gpu", "auto"])
+def test_batched_greedy_equals_one_at_a_time_on_cuda(tiny_model_dir: Callable[..., Path], placement: str) -> None:
+    engine = _kt_engine(tiny_model_dir("deepseek_v2"), prefill=5, placement=placement, device="cuda")
+    assert engine.loaded.device.type == "cuda"
+    prompts = [engine.encode([{"role": "user", "content": q}]) for q in QUESTIONS]
+    alone = [engine.complete(ids, GREEDY).text for ids in prompts]
+    outs = _run_batch(engine, [(ids, GREEDY) for ids in prompts], join_at=[0, 0, 2, 5])
+    assert [_text(o) for o in outs] == [(text, FINISH_LENGTH) for text in alone]
+    assert engine.stats["max_batch"] == 4

@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from kllama.config.loader import KllamaConfig
@@ -178,7 +179,9 @@ def create_app(engine: GenerationEngine, model_id: str, settings: ApiSettings | 
                            headers={"Retry-After": "1"}) from None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventSourceResponse(_stream(submission, req, model_id, len(prompt_ids), include_usage), ping=600)
+            # The background task also covers a client gone before the stream's generator ever ran.
+            return EventSourceResponse(_stream(submission, req, model_id, len(prompt_ids), include_usage), ping=600,
+                                       background=BackgroundTask(submission.cancel.set))
         return await _complete(submission, request, req, model_id, len(prompt_ids))
 
     return app

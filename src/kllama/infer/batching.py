@@ -106,7 +106,8 @@ class BatchDecoder:
         choosing = [i for i, seq in enumerate(fed) if not seq.pending]  # fully fed: their next token is due
         try:
             plan = self.cache.plan(segments)
-            keep = plan.last_index[torch.tensor(choosing, dtype=torch.long, device=self.device)]
+            keep = plan.last_index if len(choosing) == len(fed) else \
+                plan.last_index[torch.tensor(choosing, dtype=torch.long, device=self.device)]
             with torch.inference_mode():
                 out = self.model(input_ids=torch.tensor([ids], device=self.device), position_ids=plan.position_ids,
                                  attention_mask=plan.attention_mask, use_cache=True, logits_to_keep=keep,

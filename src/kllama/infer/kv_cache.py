@@ -117,17 +117,18 @@ class PagedKVCache:
             start = entry.length
             writes.append(entry.slots[start:start + n])
             reads.append(entry.slots[:start + n])
-            q_pos.append(torch.arange(start, start + n, device=device))
+            q_pos.extend(range(start, start + n))
             q_len.append(n)
             kv_len.append(start + n)
-        n_tokens, kv_total = sum(q_len), sum(kv_len)
+        n_tokens, kv_total, m = len(q_pos), sum(kv_len), len(segments)
         self._write, self._read = torch.cat(writes), torch.cat(reads)
         self._pending = list(segments)
-        positions = torch.cat(q_pos)  # [N]
-        ids = torch.arange(len(segments), device=device)
-        q_seq = torch.repeat_interleave(ids, torch.tensor(q_len, device=device), output_size=n_tokens)  # [N]
-        kv_lens = torch.tensor(kv_len, device=device)
-        k_seq = torch.repeat_interleave(ids, kv_lens, output_size=kv_total)  # [KV]
+        # One host-to-device copy for the step's small index data.
+        meta = torch.tensor(q_pos + q_len + kv_len, dtype=torch.long).to(device)
+        positions, q_lens, kv_lens = meta[:n_tokens], meta[n_tokens:n_tokens + m], meta[n_tokens + m:]  # [N] [M] [M]
+        ids = torch.arange(m, device=device)
+        q_seq = torch.repeat_interleave(ids, q_lens, output_size=n_tokens)  # [N] sequence of each new token
+        k_seq = torch.repeat_interleave(ids, kv_lens, output_size=kv_total)  # [KV] sequence of each cached token
         starts = torch.cumsum(kv_lens, 0) - kv_lens
         k_pos = torch.arange(kv_total, device=device) - torch.repeat_interleave(starts, kv_lens, output_size=kv_total)
         allowed = (q_seq[:, None] == k_seq[None, :]) & (k_pos[None, :] <= positions[:, None])  # [N, KV]
@@ -135,7 +136,7 @@ class PagedKVCache:
             allowed &= k_pos[None, :] > positions[:, None] - self.sliding_window
         mask = allowed if self.bool_mask else torch.zeros(allowed.shape, dtype=self.mask_dtype, device=device).masked_fill(
             ~allowed, torch.finfo(self.mask_dtype).min)
-        last = torch.cumsum(torch.tensor(q_len, device=device), 0) - 1  # [M]
+        last = torch.cumsum(q_lens, 0) - 1  # [M]
         return StepPlan(positions[None, :], mask[None, None], last, n_tokens)
 
     def abort(self) -> None:

@@ -126,7 +126,9 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampler]) -> tuple[list[
     safe = torch.where(finite[:, None], logits, torch.zeros((), device=logits.device))  # NaN rows cannot break a draw
     tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)  # [R]
     plain = [i for i, row in enumerate(rows) if row.plain_argmax]
-    if plain:
+    if len(plain) == len(rows):
+        tokens = safe.argmax(dim=-1)
+    elif plain:
         index = torch.tensor(plain, device=logits.device)
         tokens[index] = safe.index_select(0, index).argmax(dim=-1)
     for i, row in enumerate(rows):
