@@ -120,6 +120,8 @@ def test_paged_cache_grows_keeps_content_and_frees_blocks() -> None:
     free_before = len(cache._free)
     cache.free(1)
     assert len(cache._free) == free_before + 2 and cache.sequences == 1
+    cache.free(2)  # the last one out: the grown pools go
+    assert cache.capacity == 2 and cache.pool_bytes() == 0 and cache.sequences == 0
 
 
 def test_mask_keeps_sequences_apart_causal_and_windowed() -> None:

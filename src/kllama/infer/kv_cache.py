@@ -54,7 +54,7 @@ class PagedKVCache:
         self.mask_dtype = mask_dtype
         self.sliding_window = sliding_window
         self.block_size = block_size
-        self.num_blocks = initial_blocks
+        self.num_blocks = self._initial_blocks = initial_blocks
         self._free = list(range(initial_blocks - 1, -1, -1))  # pop() hands out low blocks first
         self._seqs: dict[int, _Slots] = {}
         self._pools: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> (keys [h, slots, dk], values [h, slots, dv])
@@ -69,10 +69,15 @@ class PagedKVCache:
         return entry.length if entry is not None else 0
 
     def free(self, seq_id: int) -> None:
-        """Forget a sequence and give its blocks back."""
+        """Forget a sequence and give its blocks back; the last one out drops pools grown past the initial size
+        (a burst of long requests does not keep its memory)."""
         entry = self._seqs.pop(seq_id, None)
         if entry is not None:
             self._free.extend(reversed(entry.blocks))
+        if not self._seqs and self.num_blocks > self._initial_blocks and not self._pending:
+            self.num_blocks = self._initial_blocks
+            self._free = list(range(self.num_blocks - 1, -1, -1))
+            self._pools.clear()
 
     @property
     def sequences(self) -> int:
