@@ -228,3 +228,23 @@ def test_cli_prints_the_merge_and_resumes_exactly_across_an_epoch(tiny_model_dir
     losses = _losses(tmp_path / "resumed")
     for step in (5, 6):
         assert losses[step] == pytest.approx(reference[step], abs=1e-6), step
+
+
+def test_reference_precompute_budget_only_for_host_held_experts_without_a_fixed_batch(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from kllama.config import build_config
+    from kllama.experts.placement import ExpertPlacement
+    from kllama.train.micro_batching import NO_GRAD_BUDGET_FACTOR, reference_pass_budget
+
+    def engine(mode: str) -> SimpleNamespace:
+        return SimpleNamespace(placements={f"l{i}": ExpertPlacement.from_mode(mode) for i in range(3)})
+
+    base = {"model_name_or_path": str(tiny_model_dir("deepseek_v2")), "output_dir": "/nonexistent/o", "stage": "dpo",
+            "dataset": "dpo_en_demo", "use_kt": True, "precompute_ref_log_probs": True}
+    config = build_config(base)
+    assert reference_pass_budget(config, engine("stream")) == NO_GRAD_BUDGET_FACTOR * 16384
+    assert reference_pass_budget(config, engine("cpu")) == NO_GRAD_BUDGET_FACTOR * 16384
+    assert reference_pass_budget(config, engine("gpu")) is None
+    assert reference_pass_budget(build_config({**base, "precompute_ref_batch_size": 4}), engine("stream")) is None
+    assert reference_pass_budget(build_config({**base, "micro_batch_tokens": 0}), engine("stream")) is None

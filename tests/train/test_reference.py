@@ -1,5 +1,6 @@
 """`precompute_ref_log_probs`: the cached reference log-probs equal the in-step reference, whatever the batch size
-of the precompute pass (`precompute_ref_batch_size`), and a second run loads them from the cache."""
+of the precompute pass (`precompute_ref_batch_size`) or its token budget, and a second run loads them from the
+cache."""
 from __future__ import annotations
 
 import torch
@@ -36,6 +37,10 @@ def test_precomputed_reference_matches_in_step_reference_for_any_batch_size(tiny
                                  device=device)
     five = attach_reference_logps(model, bundle.train, collate, settings, None, tmp_path / "b", batch_size=5,
                                   device=device)
+    # token-budget passes (host-held experts): rows longest first, 2-3 pairs a pass at cutoff 48, results in row order
+    budgeted = attach_reference_logps(model, bundle.train, collate, settings, None, tmp_path / "c", batch_size=1,
+                                      device=device, token_budget=2 * 2 * 56)
+    assert "7 pairs in" in capsys.readouterr().out
 
     rows = [bundle.train[i] for i in range(len(bundle.train))]
     batch = {k: v.to(device) for k, v in collate(rows).items()}
@@ -46,7 +51,7 @@ def test_precomputed_reference_matches_in_step_reference_for_any_batch_size(tiny
     half = len(rows)
     assert sums.shape[0] == 2 * half
     assert not torch.allclose(policy, sums, atol=1e-3)  # the reference really is the model with adapters off
-    for cached in (one, five):
+    for cached in (one, five, budgeted):
         torch.testing.assert_close(torch.tensor(cached["ref_chosen_logps"], dtype=torch.float64), sums[:half], rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(torch.tensor(cached["ref_rejected_logps"], dtype=torch.float64), sums[half:], rtol=1e-5, atol=1e-4)
 

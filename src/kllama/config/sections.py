@@ -94,7 +94,7 @@ class FinetuningArguments:
         False, "Compute the reference model's log-probs for the whole dataset once (cached on disk) and train without reference passes."
     )
     precompute_ref_batch_size: int | None = arg(
-        None, "Batch size of the precompute pass (TRL's key; default per_device_eval_batch_size). No gradients are kept there, so it can be several times the training batch: with streamed experts, fewer weight copies per token."
+        None, "Batch size of the precompute pass (TRL's key). Unset: with routed experts held in host RAM (use_kt, streamed or on the CPU) the pairs run longest first in passes of up to 4 x micro_batch_tokens tokens (no gradients are kept there; each pass pays one copy of the weights), otherwise per_device_eval_batch_size at a time."
     )
     plot_loss: bool = arg(False, "Write training_loss.png, training_rewards_*.png (and training_eval_loss.png) to output_dir.")
 

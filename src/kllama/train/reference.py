@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kllama.model.adapters import adapter_state_dict, adapters_disabled
+from kllama.train.micro_batching import chunk_rows, row_lengths
 from kllama.train.trainer import PreferenceSettings, policy_logps
 
 
@@ -39,27 +40,38 @@ def _cache_key(model: nn.Module, dataset: Dataset, settings: PreferenceSettings,
 def attach_reference_logps(model: nn.Module, dataset: Dataset, collate: Callable[[list[dict]], dict[str, Any]],
                            settings: PreferenceSettings,
                            reference_context: Callable[[], contextlib.AbstractContextManager] | None,
-                           cache_dir: str | Path, *, batch_size: int, device: torch.device) -> Dataset:
+                           cache_dir: str | Path, *, batch_size: int, device: torch.device,
+                           token_budget: int | None = None) -> Dataset:
     """Return `dataset` with `ref_chosen_logps` / `ref_rejected_logps` columns (summed log-probs of the reference),
-    loading them from `cache_dir` when this dataset + model + reference were computed before."""
+    loading them from `cache_dir` when this dataset + model + reference were computed before.
+
+    Rows run `batch_size` at a time in dataset order, or -- with a `token_budget` (experts held in host RAM, where
+    every pass pays the weights' copy) -- longest first in passes of at most that many padded tokens."""
     key = _cache_key(model, dataset, settings, reference_context is not None)
     cache = Path(cache_dir) / "reference_logps" / f"{key}.pt"
     if cache.is_file():
         saved = torch.load(cache, weights_only=True)
         print(f"reference log-probs: loaded from cache {cache}", flush=True)
     else:
-        chosen, rejected = [], []
+        n = len(dataset)
+        if token_budget:
+            groups = chunk_rows(row_lengths(dataset, "dpo"), 2, token_budget)
+            print(f"reference log-probs: {n} pairs in {len(groups)} passes of up to {token_budget:,} tokens",
+                  flush=True)
+        else:
+            groups = [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
+        chosen, rejected = [0.0] * n, [0.0] * n
         was_training = model.training
         model.eval()
         context = reference_context or (lambda: adapters_disabled(model))
         with torch.no_grad(), context():
-            for start in tqdm(range(0, len(dataset), batch_size), desc="reference log-probs", unit="batch"):
-                rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(rows).items()}
+            for group in tqdm(groups, desc="reference log-probs", unit="batch"):
+                batch = {k: v.to(device) if torch.is_tensor(v) else v
+                         for k, v in collate([dataset[i] for i in group]).items()}
                 sums, _, _ = policy_logps(model, batch, PreferenceSettings(stage="dpo", ld_alpha=None))
-                half = sums.shape[0] // 2
-                chosen.extend(sums[:half].double().cpu().tolist())  # float64, as summed
-                rejected.extend(sums[half:].double().cpu().tolist())
+                sums = sums.double().cpu().tolist()  # float64, as summed
+                for j, i in enumerate(group):
+                    chosen[i], rejected[i] = sums[j], sums[len(group) + j]
         model.train(was_training)
         saved = {"chosen": chosen, "rejected": rejected}
         cache.parent.mkdir(parents=True, exist_ok=True)

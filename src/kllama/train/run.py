@@ -35,7 +35,7 @@ from kllama.train.checkpoints import (
     staging_dir,
 )
 from kllama.train.health import TrainingHealth
-from kllama.train.micro_batching import BatchPlan, apply_micro_batching
+from kllama.train.micro_batching import BatchPlan, apply_micro_batching, reference_pass_budget
 from kllama.train.preflight import prepare_inputs
 from kllama.train.trainer import (
     KllamaTrainer,
@@ -180,11 +180,12 @@ def run_training(config: KllamaConfig) -> int:
     train_set, eval_set = bundle.train, bundle.eval
     if f.stage == "dpo" and f.precompute_ref_log_probs:
         ref_batch = f.precompute_ref_batch_size or t.per_device_eval_batch_size
+        ref_budget = reference_pass_budget(config, loaded.engine)
         train_set = attach_reference_logps(model, train_set, collate, settings, reference_context, cache_dir,
-                                           batch_size=ref_batch, device=loaded.device)
+                                           batch_size=ref_batch, device=loaded.device, token_budget=ref_budget)
         if eval_set is not None:
             eval_set = attach_reference_logps(model, eval_set, collate, settings, reference_context, cache_dir,
-                                              batch_size=ref_batch, device=loaded.device)
+                                              batch_size=ref_batch, device=loaded.device, token_budget=ref_budget)
         collate = with_reference_columns(collate)
 
     train_set, collate, plan = apply_micro_batching(config, loaded.engine, train_set, collate)
