@@ -64,13 +64,13 @@ def test_benchmarks_run_tiny_on_cpu(tmp_path: Path) -> None:
     assert "run" in dpo_log and "tokens/s" in dpo_log  # the printed table
 
     decoded = _only_json(decode_dir)
-    rows = {row["name"]: row for row in decoded["rows"]}
-    assert list(rows) == ["kllama auto (1 threads, graphs)", "kllama cpu (1 threads, graphs)", "kllama gpu (eager)",
-                          "kllama gpu (graphs)"]  # no cap rows without a GPU
+    rows = {row["name"].split(" (")[0] + (" eager" if "eager" in row["name"] else ""): row
+            for row in decoded["rows"]}
+    assert list(rows) == ["kllama auto", "kllama cpu", "kllama gpu eager", "kllama gpu"]  # no cap rows without a GPU
     assert all(row["decode_tokens_per_s"] > 0 and row["prefill_s"] > 0 for row in rows.values())
-    assert rows["kllama auto (1 threads, graphs)"]["prefill_long_s"] > 0
+    assert rows["kllama auto"]["prefill_long_s"] > 0
     # same weights, greedy, same static-cache decoder: the CPU and GPU-target paths (both on the CPU here) agree
-    assert rows["kllama cpu (1 threads, graphs)"]["generated_head"] == rows["kllama gpu (graphs)"]["generated_head"]
+    assert rows["kllama cpu"]["generated_head"] == rows["kllama gpu"]["generated_head"]
     assert "decode tok/s" in decode_log and "expert ms" in decode_log
 
 
