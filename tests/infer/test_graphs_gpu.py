@@ -1,5 +1,5 @@
 """CUDA-graph decode on the GPU: greedy tokens identical with and without graphs for every placement, graphs cut at
-CPU expert passes only, clean fallback when a capture fails.
+CPU expert passes only, clean fallback when a capture fails (and a process left clean by it).
 
 Run on the GPU box: `pytest -q -m gpu tests/infer/test_graphs_gpu.py`.
 """
@@ -12,6 +12,7 @@ from kllama.experts import ExpertLoraSet, ExpertPlacement, install_expert_engine
 from kllama.experts.families import family_of, layer_index
 from kllama.infer.batching import cache_argument, transformers_model
 from kllama.infer.graphs import GraphedDecoder
+from kllama.infer.sampling import SamplingParams, build_logits_processor, select_next_tokens
 from kllama.model.tiny import build_tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -154,19 +155,39 @@ def test_split_experts_times_each_part() -> None:
     assert times.wall_ms >= times.other_gpu_ms and times.host_ms >= 0
 
 
+def sync_on_read(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+    """A forward hook that reads the device (what an unsupported op would do): fine eagerly, forbidden while
+    capturing, so a capture of the step fails."""
+    float(output.sum())
+
+
 def test_failed_capture_falls_back_to_eager_steps() -> None:
+    """A failed capture gives eager steps with the same tokens, and strands neither the default CUDA RNG nor the
+    allocator in capture mode: random draws, sampling at temperature 1, emptying the cache and a later capture all
+    work, and the default RNG stream did not move."""
     model, _ = cuda_model("qwen3_moe", "gpu")
     prompt = prompt_of(model)
     expected = decode(GraphedDecoder(model, 1, 48, use_graphs=False), prompt)
-    # a host sync inside the step (what an unsupported op would do) makes the capture fail
-    def sync(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-        float(output.sum())  # reads the device: fine eagerly, forbidden while capturing
-
-    handle = model.model.norm.register_forward_hook(sync)
+    handle = model.model.norm.register_forward_hook(sync_on_read)
     try:
+        torch.cuda.manual_seed(7)
         decoder = GraphedDecoder(model, 1, 48)
         got = decode(decoder, prompt)
     finally:
         handle.remove()
-    assert not decoder.graphed and decoder.reason.startswith("capture failed")
+    assert not decoder.graphed and decoder.reason.startswith("capture failed"), decoder.reason
     assert got[0] == expected[0]
+
+    drawn = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed(7)
+    assert torch.equal(drawn, torch.rand(4, device="cuda"))  # the capture drew nothing from the default generator
+    torch.empty(8, device="cuda").uniform_()
+    params = SamplingParams(temperature=1.0)
+    logits = decoder.prefill(prompt)[None]  # [1, V]
+    token = select_next_tokens(logits, torch.tensor([prompt], device="cuda"), params, build_logits_processor(params))
+    assert 0 <= int(token) < model.config.vocab_size
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # fails an allocator assert while it believes a capture is still under way
+    again = GraphedDecoder(model, 1, 48)
+    assert decode(again, prompt)[0] == expected[0]
+    assert again.graphed, again.reason

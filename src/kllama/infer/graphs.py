@@ -19,7 +19,8 @@ slot and returns the logits.
   safe. With `split_experts=True` resident passes get graphs of their own, so `timed_step` can tell expert time
   from other GPU work (for benchmarks; the split costs a few launches per layer).
 * **Clean fallback.** Without CUDA, with `use_graphs=False`, or when a capture fails, steps run eagerly over the same
-  static cache (one log line says why), so results never depend on whether graphs were used. Attention
+  static cache (one log line says why), so results never depend on whether graphs were used. A failed capture
+  leaves the process clean (`graph_capture`): the default CUDA RNG and the allocator work as before. Attention
   implementations other than sdpa and eager (flash-attention takes no 4-D mask) get no decoder: `graphed_decoder`
   returns None and the caller keeps its own loop.
 
@@ -39,6 +40,7 @@ from transformers.cache_utils import Cache, StaticLayer
 
 from kllama.experts.module import HostExperts, expert_pass_hook
 from kllama.infer.batching import cache_argument, transformers_model
+from kllama.infer.graph_capture import end_failed_capture, private_cuda_rng
 from kllama.infer.kv_cache import BOOL_MASK_ATTENTION
 
 logger = logging.getLogger(__name__)
@@ -150,10 +152,7 @@ class _Recorder:
     def abort(self) -> None:
         if self.graph is not None:
             graph, self.graph = self.graph, None
-            try:
-                graph.capture_end()
-            except RuntimeError:
-                pass
+            end_failed_capture(graph, self.pool)
 
     def hook(self, module: HostExperts, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
         capturable = module.capturable(x.shape[0])
@@ -322,6 +321,7 @@ class GraphedDecoder:
             except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager steps
                 self.reason = f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
                 self._captured.clear()
+                self._pool = None  # the failed capture gave its share back; never capture into that pool again
                 logger.warning("decode steps run eagerly over a static cache: %s", self.reason)
                 return None
         return self._captured[bucket]
@@ -349,7 +349,7 @@ class GraphedDecoder:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         recorder = _Recorder(self._pool, self.split_experts)
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), private_cuda_rng(side.device):  # a failed capture cannot strand the RNG
             try:
                 recorder.begin()
                 with expert_pass_hook(recorder.hook):
