@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kllama.experts import ExpertPlacement, HostExperts
-from kllama.experts.cpu_compute import cpu_infer_forward, expert_groups
+from kllama.experts.cpu_compute import EXPERT_GEMMS, cpu_infer_forward, expert_gemm, expert_groups, fastest_gemm
 from kllama.experts.lora import ExpertLoRA
 from kllama.experts.routed import LoraFactors, expert_factors, routed_experts_math
 
@@ -76,3 +76,17 @@ def test_no_grad_pass_with_lora_equals_the_training_forward_and_follows_adapter_
         layer.lora_enabled = False
         base = layer(x, index, weights)
     assert rel(doubled - base, 2 * (no_grad - base)) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_expert_gemm_forms_agree_and_one_is_chosen(rows: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 32, generator=gen).to(torch.bfloat16)
+    x = torch.randn(rows, 32, generator=gen).to(torch.bfloat16)
+    expected = x.float() @ weight.float().T
+    for fn in EXPERT_GEMMS.values():
+        assert fn(x, weight).shape == (rows, 48)
+        assert rel(fn(x, weight), expected) < 1e-2
+    assert fastest_gemm(x, weight, repeats=2) in EXPERT_GEMMS
+    assert rel(expert_gemm(x, weight), expected) < 1e-2
+    assert torch.equal(expert_gemm(x.float(), weight.float()), torch.nn.functional.linear(x.float(), weight.float()))

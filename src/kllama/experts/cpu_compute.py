@@ -3,14 +3,16 @@
 Training passes (a backward follows) run `routed.py`'s math, shared with the GPU targets, on host copies of their
 inputs. No-grad passes (decode, prefill, reference passes) run `cpu_infer_forward`, the same math written for a few
 tokens: rows are grouped by expert without a sort, each selected expert's weights are read once by two GEMMs (bf16
-through oneDNN, which picks AMX, AVX-512 or AVX2 kernels), and the top-k rows of a token are summed in fp32 and
-rounded once. A no-grad pass costs the device one wait: its inputs go to pinned host buffers with non-blocking
+through oneDNN, which picks AMX, AVX-512 or AVX2 kernels; of two equivalent call forms the one measured faster for
+the shape, see `expert_gemm`), and the top-k rows of a token are summed in fp32 and rounded once. A no-grad pass costs the device one wait: its inputs go to pinned host buffers with non-blocking
 copies followed by one stream sync, and the output goes back with a non-blocking copy (torch's caching host allocator
 keeps a pinned block until the copies that use it are done). The pass runs with the placement's `cpu_infer`
 intra-op threads.
 """
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING
@@ -64,6 +66,43 @@ def expert_groups(top_k_index: Tensor) -> list[tuple[int, Tensor]]:
     return list(zip(experts.tolist(), order.split(counts.tolist())))
 
 
+def _weight_left(x: Tensor, weight: Tensor) -> Tensor:
+    return (weight @ x.T).T  # [n, out] (a transposed view)
+
+
+# How `x [n, in]` meets a frozen expert weight `[out, in]`: torch's linear (the weight is the GEMM's right operand,
+# which oneDNN may repack into its blocked layout at every call) or with the weight as the left operand (read where it
+# lies). Which is faster depends on the CPU, the library build and the shape, so it is measured once per shape.
+EXPERT_GEMMS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"linear": linear, "weight-left": _weight_left}
+_CHOSEN_GEMM: dict[tuple, str] = {}
+
+
+def fastest_gemm(x: Tensor, weight: Tensor, repeats: int = 5) -> str:
+    """The name of the EXPERT_GEMMS form with the lowest median time on `x`, `weight` (after a warm-up each)."""
+    times: dict[str, list[float]] = {name: [] for name in EXPERT_GEMMS}
+    for fn in EXPERT_GEMMS.values():
+        fn(x, weight)
+    for _ in range(repeats):
+        for name, fn in EXPERT_GEMMS.items():
+            start = time.perf_counter()
+            fn(x, weight)
+            times[name].append(time.perf_counter() - start)
+    return min(times, key=lambda name: statistics.median(times[name]))
+
+
+def expert_gemm(x: Tensor, weight: Tensor) -> Tensor:
+    """`x [n, in] @ weight [out, in]^T -> [n, out]` in the form measured fastest on this machine for this weight
+    shape, dtype, thread count and row count (1, up to 16, more); fp32 weights always use `linear`."""
+    if weight.dtype == torch.float32:
+        return linear(x, weight)
+    rows = x.shape[0]
+    key = (1 if rows == 1 else 16 if rows <= 16 else 17, tuple(weight.shape), weight.dtype, torch.get_num_threads())
+    name = _CHOSEN_GEMM.get(key)
+    if name is None:
+        name = _CHOSEN_GEMM[key] = fastest_gemm(x, weight)
+    return EXPERT_GEMMS[name](x, weight)
+
+
 def cpu_infer_forward(
     x: Tensor,
     top_k_index: Tensor,
@@ -87,12 +126,12 @@ def cpu_infer_forward(
     for expert, rows in expert_groups(top_k_index):
         tokens = rows // top_k  # [n]
         xe = xw if num_tokens == 1 else xw.index_select(0, tokens)  # [n, H]
-        hidden = linear(xe, gate_up[expert])  # [n, 2I]
+        hidden = expert_gemm(xe, gate_up[expert])  # [n, 2I]
         if gate_up_lora is not None:
             hidden = hidden + linear(linear(xe, gate_up_lora[0][expert]), gate_up_lora[1][expert])
         act = act_fn(hidden[:, :inter]) * hidden[:, inter:]  # [n, I]
         act = act * weights.index_select(0, rows)
-        y = linear(act, down[expert])  # [n, H]
+        y = expert_gemm(act, down[expert])  # [n, H]
         if down_lora is not None:
             y = y + linear(linear(act, down_lora[0][expert]), down_lora[1][expert])
         out.index_add_(0, tokens, y.float())
