@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from kllama.config import build_config
 from kllama.errors import KllamaError
 from kllama.experts.install import ExpertEngine
-from kllama.model.load import LoadedModel, load_model
+from kllama.model.load import LoadedModel, compute_device, load_model
 
 IDS = torch.tensor([[6, 300, 41, 999, 77, 1500, 12, 640]])
 ENGINE = {"use_kt": True, "expert_placement": "cpu"}
@@ -23,6 +23,7 @@ def _config(model_dir: Path, command: str = "chat", **settings: object):  # noqa
 
 
 def _logits(loaded: LoadedModel) -> torch.Tensor:
+    """Logits of IDS, run where the model is and returned on the CPU (runs on different devices compare there)."""
     with torch.no_grad():
         return loaded.model(IDS.to(loaded.device)).logits.cpu()
 
@@ -53,8 +54,13 @@ def test_every_purpose_and_backend_gives_the_same_model(tiny_model_dir, tmp_path
                                device="cpu"),
         "export": load_model(_config(model_dir, "export", export_dir=str(tmp_path / "x"), **with_adapter), "export"),
     }
+    # train loads where the purpose says ("auto": the GPU when there is one), infer where it is told, export on its
+    # export_device (cpu by default)
+    devices = {"train": compute_device(), "train use_kt": compute_device(), "infer hf": torch.device("cpu"),
+               "infer kt": torch.device("cpu"), "export": torch.device("cpu")}
     for name, loaded in runs.items():
-        assert isinstance(loaded, LoadedModel) and loaded.device.type == "cpu", name
+        assert isinstance(loaded, LoadedModel) and loaded.device == devices[name], (name, loaded.device)
+        assert loaded.model.get_input_embeddings().weight.device == loaded.device, name
         assert isinstance(loaded.engine, ExpertEngine) == ("kt" in name), name
         frozen = not any(p.requires_grad for p in loaded.model.parameters())
         assert frozen == (loaded.purpose != "train"), name
