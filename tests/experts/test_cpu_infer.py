@@ -84,9 +84,10 @@ def test_expert_gemm_forms_agree_and_one_is_chosen(rows: int) -> None:
     weight = torch.randn(48, 32, generator=gen).to(torch.bfloat16)
     x = torch.randn(rows, 32, generator=gen).to(torch.bfloat16)
     expected = x.float() @ weight.float().T
-    for fn in EXPERT_GEMMS.values():
-        assert fn(x, weight).shape == (rows, 48)
-        assert rel(fn(x, weight), expected) < 1e-2
-    assert fastest_gemm(x, weight, repeats=2) in EXPERT_GEMMS
+    for name, fn in EXPERT_GEMMS.items():
+        if rows == 1 or name != "mv":
+            assert fn(x, weight).shape == (rows, 48)
+            assert rel(fn(x, weight), expected) < 1e-2
+    assert fastest_gemm(x, weight, repeats=2) in (EXPERT_GEMMS if rows == 1 else ("linear", "weight-left"))
     assert rel(expert_gemm(x, weight), expected) < 1e-2
     assert torch.equal(expert_gemm(x.float(), weight.float()), torch.nn.functional.linear(x.float(), weight.float()))

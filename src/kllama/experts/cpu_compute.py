@@ -70,20 +70,29 @@ def _weight_left(x: Tensor, weight: Tensor) -> Tensor:
     return (weight @ x.T).T  # [n, out] (a transposed view)
 
 
+def _matrix_vector(x: Tensor, weight: Tensor) -> Tensor:
+    return torch.mv(weight, x[0])[None]  # one row only: [1, out]
+
+
 # How `x [n, in]` meets a frozen expert weight `[out, in]`: torch's linear (the weight is the GEMM's right operand,
-# which oneDNN may repack into its blocked layout at every call) or with the weight as the left operand (read where it
-# lies). Which is faster depends on the CPU, the library build and the shape, so it is measured once per shape.
-EXPERT_GEMMS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"linear": linear, "weight-left": _weight_left}
+# which oneDNN may repack into its blocked layout at every call), the weight as the left operand (read where it lies),
+# or for one row torch.mv. Which is fastest depends on the CPU, the library build and the shape, so it is measured
+# once per shape; every form computes the same dot products with fp32 accumulation.
+EXPERT_GEMMS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "linear": linear, "weight-left": _weight_left, "mv": _matrix_vector}
+_ONE_ROW_ONLY = ("mv",)
 _CHOSEN_GEMM: dict[tuple, str] = {}
 
 
 def fastest_gemm(x: Tensor, weight: Tensor, repeats: int = 5) -> str:
-    """The name of the EXPERT_GEMMS form with the lowest median time on `x`, `weight` (after a warm-up each)."""
-    times: dict[str, list[float]] = {name: [] for name in EXPERT_GEMMS}
-    for fn in EXPERT_GEMMS.values():
+    """The name of the EXPERT_GEMMS form (those valid for x's row count) with the lowest median time on `x`, `weight`
+    (after a warm-up each)."""
+    forms = {name: fn for name, fn in EXPERT_GEMMS.items() if x.shape[0] == 1 or name not in _ONE_ROW_ONLY}
+    times: dict[str, list[float]] = {name: [] for name in forms}
+    for fn in forms.values():
         fn(x, weight)
     for _ in range(repeats):
-        for name, fn in EXPERT_GEMMS.items():
+        for name, fn in forms.items():
             start = time.perf_counter()
             fn(x, weight)
             times[name].append(time.perf_counter() - start)
