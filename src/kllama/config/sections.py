@@ -41,7 +41,7 @@ class ModelArguments:
     )
     use_fast_tokenizer: bool = arg(True, "Use the fast (Rust) tokenizer.")
     router_aux_loss_coef: float | None = arg(
-        None, "MoE router load-balancing loss coefficient added to the training loss (None = the model config's value, if the model computes one)."
+        None, "MoE router load-balancing loss coefficient added to the training loss (None = the model config's router_aux_loss_coef, as TRL, for families that return router logits: Qwen-MoE, Mixtral, OLMoE; 0 = off)."
     )
 
 
@@ -74,7 +74,8 @@ class FinetuningArguments:
     lora_dropout: float = arg(0.0, "Dropout on the LoRA input.")
     lora_target: list[str] = arg(
         ["all"],
-        "Modules that get LoRA: `all` (every linear layer except lm_head, plus the routed experts) or names such as "
+        "Modules that get LoRA: `all` (every linear layer except lm_head, dense-MLP and shared-expert ones included, plus "
+        "the routed experts) or names such as "
         "q_proj,kv_b_proj,o_proj,gate_proj,up_proj,down_proj,experts (`experts` = routed experts' gate/up/down).",
     )
     additional_target: list[str] | None = arg(None, "Extra modules trained fully and saved with the adapter (e.g. embed_tokens).")
@@ -104,7 +105,7 @@ class TrainingArguments:
     """How to train (transformers' TrainingArguments names)."""
 
     output_dir: str | None = arg(None, "Where the adapter, checkpoints, logs and plots are written.")
-    overwrite_output_dir: bool = arg(False, "Allow writing into a non-empty output_dir (its old checkpoints are removed).")
+    overwrite_output_dir: bool = arg(False, "Replace the previous run in a non-empty output_dir (its checkpoints, adapter and results are removed once the new run has checked its inputs and loaded the model).")
     do_train: bool = arg(True, "Run training.")
     do_eval: bool = arg(False, "Run evaluation on the validation split.")
     per_device_train_batch_size: int = arg(1, "Preference pairs (or SFT rows) per micro-step.")

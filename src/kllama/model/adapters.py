@@ -1,6 +1,8 @@
 """LoRA adapters on stock and expert-engine models, saved in PEFT's format so stock tools load them.
 
-Linear layers (attention, dense MLPs, shared experts) get PEFT LoRA through `target_modules`. Routed experts get
+Linear layers get PEFT LoRA through `target_modules`, except on MoE models the dense-MLP and shared-expert linears
+named like routed experts (`gate_proj`/`up_proj`/`down_proj`, `w1`/`w2`/`w3`), which PEFT would rewrite to the
+routed experts: those get LoRA through `target_parameters` on their `.weight` (same saved tensors). Routed experts get
 per-expert LoRA: through PEFT's `target_parameters` on a stock model, or through the expert engine's own LoRA (same
 tensor layout and key names) when the experts live in host RAM. Either way the saved adapter is one
 `adapter_model.safetensors` + `adapter_config.json` that `PeftModel.from_pretrained` reads on the stock model.
@@ -33,20 +35,24 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _NEVER_TARGET = ("lm_head",)
 # On MoE models, PEFT (>= 0.19 with transformers 5) rewrites these leaf names in `target_modules` to the fused
-# routed-expert parameters when it builds or loads an adapter. A LoRA on a shared expert's or dense layer's
-# `gate_proj` would therefore not load back on the stock model: on MoE models these names mean the routed experts.
+# routed-expert parameters when it builds or loads an adapter (whatever their parent module). So on MoE models these
+# names mean the routed experts, and a shared expert's or dense layer's `gate_proj` is targeted through
+# `target_parameters` on its weight (`...shared_experts.gate_proj.weight`), which PEFT leaves alone and saves under
+# the same `...gate_proj.lora_A.weight` / `lora_B.weight` keys a linear LoRA has.
 _EXPERT_ALIASES = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """What to put LoRA on: linear leaf names, whether routed experts get LoRA, and the hyper-parameters."""
+    """What to put LoRA on: linear leaf names, whether routed experts get LoRA, the hyper-parameters, and linear
+    weights targeted as parameters (PEFT `target_parameters` suffixes such as `shared_experts.gate_proj.weight`)."""
 
     linear_targets: tuple[str, ...]
     experts: bool
     rank: int
     alpha: int
     dropout: float
+    linear_weights: tuple[str, ...] = ()
 
 
 def _linear_leaf_names(model: nn.Module) -> set[str]:
@@ -55,6 +61,17 @@ def _linear_leaf_names(model: nn.Module) -> set[str]:
         if isinstance(module, nn.Linear) and not any(part in _NEVER_TARGET for part in name.split(".")):
             names.add(name.split(".")[-1])
     return names
+
+
+def _aliased_linear_weights(model: nn.Module) -> tuple[str, ...]:
+    """`target_parameters` suffixes (`<parent>.<leaf>.weight`) of the linear layers whose leaf name PEFT reserves for
+    routed experts on MoE models: dense MLP layers and shared experts."""
+    suffixes = set()
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if isinstance(module, nn.Linear) and parts[-1] in _EXPERT_ALIASES and not set(parts) & set(_NEVER_TARGET):
+            suffixes.add(".".join([*parts[-2:], "weight"]))
+    return tuple(sorted(suffixes))
 
 
 def _expert_lora(model: nn.Module) -> ExpertLoraSet | None:
@@ -78,13 +95,18 @@ def _expert_parents(model: nn.Module) -> list[str]:
 
 def resolve_lora_spec(model: nn.Module, lora_target: list[str], rank: int, alpha: int | None,
                       dropout: float) -> LoraSpec:
-    """Turn LLaMA-Factory's `lora_target` (`all` or names; `experts` = routed experts) into a LoraSpec for `model`."""
+    """Turn LLaMA-Factory's `lora_target` (`all` or names; `experts` = routed experts) into a LoraSpec for `model`.
+
+    `all` is every linear layer but `lm_head` plus the routed experts; on MoE models that includes the dense-MLP and
+    shared-expert linears (as LLaMA-Factory trains them), targeted through their weights (see `_EXPERT_ALIASES`)."""
     has_experts = bool(_expert_parents(model))
     expert_names = ("experts", *EXPERT_PARAMS, *(_EXPERT_ALIASES if has_experts else ()))
     available = _linear_leaf_names(model) - (set(_EXPERT_ALIASES) if has_experts else set())
     wanted = [t.strip() for t in lora_target if t.strip()]
+    weights: tuple[str, ...] = ()
     if wanted == ["all"]:
         linear, experts = tuple(sorted(available)), has_experts
+        weights = _aliased_linear_weights(model) if has_experts else ()
     else:
         experts = any(t in expert_names for t in wanted)
         linear_names = [t for t in wanted if t not in expert_names]
@@ -96,7 +118,10 @@ def resolve_lora_spec(model: nn.Module, lora_target: list[str], rank: int, alpha
         linear = tuple(linear_names)
     if not linear and not experts:
         raise KllamaError("lora_target: selects no module; use `all` or name linear layers / experts")
-    return LoraSpec(linear, experts, rank, alpha if alpha is not None else 2 * rank, dropout)
+    if weights and dropout:
+        raise KllamaError(f"lora_dropout: {dropout} cannot apply to the dense-MLP / shared-expert LoRA of this MoE "
+                          "model (PEFT's target_parameters have no dropout, as for routed experts); set lora_dropout: 0")
+    return LoraSpec(linear, experts, rank, alpha if alpha is not None else 2 * rank, dropout, weights)
 
 
 def _expert_target_parameters(model: nn.Module) -> list[str]:
@@ -111,7 +136,8 @@ def attach_lora(model: nn.Module, spec: LoraSpec, *, seed: int = 0) -> PeftModel
     """Wrap `model` in a PeftModel with trainable LoRA as `spec` says (expert LoRA included)."""
     torch.manual_seed(seed)
     engine_lora = _expert_lora(model)
-    target_parameters = _expert_target_parameters(model) if spec.experts and engine_lora is None else None
+    experts = _expert_target_parameters(model) if spec.experts and engine_lora is None else []
+    target_parameters = [*spec.linear_weights, *experts] or None
     config = LoraConfig(
         r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
         target_modules=list(spec.linear_targets) or None, target_parameters=target_parameters,
@@ -126,7 +152,7 @@ def attach_lora(model: nn.Module, spec: LoraSpec, *, seed: int = 0) -> PeftModel
         # the same HostExperts modules; their PEFT key names do not depend on the wrapper's prefix
         engine_lora.add(r=spec.rank, alpha=spec.alpha, dropout=spec.dropout, seed=seed)
         # Record the PEFT-equivalent target so the saved adapter loads on the stock model.
-        config.target_parameters = _expert_target_parameters(peft_model)
+        config.target_parameters = [*spec.linear_weights, *_expert_target_parameters(peft_model)]
     return peft_model
 
 
@@ -198,8 +224,10 @@ def spec_from_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraSpec:
     targets = cfg.get("target_modules") or []
     if isinstance(targets, str):
         targets = [] if targets == r"^$" else [targets]
-    return LoraSpec(tuple(sorted(targets)), bool(cfg.get("target_parameters")), int(cfg["r"]), int(cfg["lora_alpha"]),
-                    float(cfg.get("lora_dropout", 0.0)))
+    parameters = cfg.get("target_parameters") or []
+    weights = tuple(sorted(p for p in parameters if p.endswith(".weight")))  # linear weights; the rest are experts
+    return LoraSpec(tuple(sorted(targets)), len(weights) < len(parameters), int(cfg["r"]), int(cfg["lora_alpha"]),
+                    float(cfg.get("lora_dropout", 0.0)), weights)
 
 
 def adapter_dirs(paths: list[str] | None) -> list[Path]:
@@ -231,7 +259,8 @@ def merge_adapters(model: nn.Module, adapters: list[Path]) -> nn.Module:
     """Load each PEFT adapter in order and merge it into the weights (expert LoRA on fused experts included)."""
     for adapter in adapters:
         try:
-            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+            with peft_wrapping():
+                model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         except (OSError, SafetensorError) as exc:
             raise KllamaError(f"{adapter / ADAPTER_WEIGHTS} is incomplete or corrupt ({exc}); train or download the "
                               f"adapter again") from None

@@ -236,13 +236,14 @@ def reference_pass_budget(config: Any, engine: Any) -> int | None:
     return NO_GRAD_BUDGET_FACTOR * t.micro_batch_tokens if targets.get("stream") or targets.get("cpu") else None
 
 
-def apply_micro_batching(config: Any, engine: Any, train_set: Any, collate: Any,
-                         ) -> tuple[Any, Any, BatchPlan | None]:
+def apply_micro_batching(config: Any, engine: Any, train_set: Any, collate: Any, *,
+                         router_aux_loss_coef: float | None = None) -> tuple[Any, Any, BatchPlan | None]:
     """Plan the step's passes for this run and print the line saying what was merged (or why not).
 
     Returns the training rows (in a `LengthGroupedRows` order when merged), the collator (a `ChunkedCollator`
     around `collate` when merged) and the plan, or the rows and collator unchanged and None when the user's batching
-    stands (said in one line when the engine is on and B x G > 1).
+    stands (said in one line when the engine is on and B x G > 1). `router_aux_loss_coef` is the coefficient the
+    run uses (the model config's when the key is null), else the key's value.
     """
     t, f = config.training, config.finetuning
     rows_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
@@ -252,7 +253,8 @@ def apply_micro_batching(config: Any, engine: Any, train_set: Any, collate: Any,
     budget = t.micro_batch_tokens
     reason = why_not_merged(use_kt=True, targets=targets, budget=budget,
                             loss_type=f.pref_loss if f.stage == "dpo" else None,
-                            router_aux_loss_coef=config.model.router_aux_loss_coef)
+                            router_aux_loss_coef=router_aux_loss_coef if router_aux_loss_coef is not None
+                            else config.model.router_aux_loss_coef)
     if reason is not None:
         user = f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} accumulation"
         print(f"micro-batching: kept {user} ({reason})", flush=True)
