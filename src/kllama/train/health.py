@@ -94,7 +94,7 @@ class TrainingHealth(TrainerCallback):
             self._zero_run.append(state.global_step)
         else:
             self._zero_run = []
-        if len(self._zero_run) >= self.zero_grad_patience and not self.warned_zero_grad:
+        if len(self._zero_run) >= self.zero_grad_patience and not self.warned_zero_grad and state.is_world_process_zero:
             self.warned_zero_grad = True
             print(
                 f"kllama train: warning: grad_norm has been 0 for {len(self._zero_run)} logged steps in a row (steps "

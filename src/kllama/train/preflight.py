@@ -2,8 +2,9 @@
 
 On a 236B model the weights take many minutes to load; a misspelled dataset, a broken data file, a template the
 tokenizer cannot render or an adapter trained on another model must fail before that, and before an old run in
-`output_dir` is replaced. `prepare_inputs` builds the tokenizer, the template and the tokenized dataset, reads the
-model's config and checks the starting adapters against it; what it returns is used by the run as is.
+`output_dir` is replaced. `prepare_inputs` reads the model's config, checks the starting adapters against it, builds
+the tokenizer, the template and the tokenized dataset and indexes the weight files; what it returns is used by the
+run as is.
 """
 from __future__ import annotations
 
