@@ -13,11 +13,11 @@ import logging
 from collections import Counter
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from kllama.errors import KllamaError
-from kllama.infer.kv_cache import BOOL_MASK_ATTENTION, PagedKVCache
+from kllama.infer.kv_cache import BOOL_MASK_ATTENTION, PagedKVCache, StepPlan
 from kllama.infer.sampling import NonFiniteLogitsError, sample_rows
 from kllama.infer.sequence import Sequence
 
@@ -102,6 +102,32 @@ class BatchDecoder:
             self.cache.free(seq.seq_id)
         return ended
 
+    def adopt(self, seq: Sequence, cached: list[int], chunk: int = DEFAULT_PREFILL_TOKENS) -> bool:
+        """Take over `seq`, whose `cached` ids (its prompt so far, or its prompt and answer) another decoder held:
+        they are read into this cache in chunks of `chunk` tokens (one prefill, logits unused), after which `seq`
+        steps here like any other. A failed forward fails `seq` (and frees what it cached); returns success."""
+        try:
+            for start in range(0, len(cached), chunk):
+                part = cached[start:start + chunk]
+                plan = self.cache.plan([(seq.seq_id, len(part))])
+                with torch.inference_mode():
+                    self._run(part, plan, plan.last_index)
+                self.cache.commit()
+        except Exception as exc:  # noqa: BLE001 - as a failed step: this sequence gets the error, the server serves on
+            self.cache.abort()
+            self.cache.free(seq.seq_id)
+            logger.exception("moving sequence %d into the batch failed (%d tokens)", seq.seq_id, len(cached))
+            seq.fail(exc)
+            return False
+        return True
+
+    def _run(self, ids: list[int], plan: StepPlan, keep: Tensor) -> Tensor:
+        """Logits `[len(keep), V]` of the packed forward of `ids` under `plan` (the cache is not committed)."""
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), position_ids=plan.position_ids,
+                         attention_mask=plan.attention_mask, use_cache=True, logits_to_keep=keep,
+                         **{self._cache_kw: self.cache})
+        return out.logits[0]
+
     def _forward(self, fed: list[Sequence], segments: list[tuple[int, int]], ids: list[int]) -> list[Sequence]:
         choosing = [i for i, seq in enumerate(fed) if not seq.pending]  # fully fed: their next token is due
         try:
@@ -109,36 +135,44 @@ class BatchDecoder:
             keep = plan.last_index if len(choosing) == len(fed) else \
                 plan.last_index[torch.tensor(choosing, dtype=torch.long, device=self.device)]
             with torch.inference_mode():
-                out = self.model(input_ids=torch.tensor([ids], device=self.device), position_ids=plan.position_ids,
-                                 attention_mask=plan.attention_mask, use_cache=True, logits_to_keep=keep,
-                                 **{self._cache_kw: self.cache})
+                logits = self._run(ids, plan, keep)
                 self.cache.commit()
-                tokens, finite = sample_rows(out.logits[0], [fed[i].sampler for i in choosing])
+                tokens, finite = sample_rows(logits, [fed[i].sampler for i in choosing])
         except Exception as exc:  # noqa: BLE001 - the step's requests get the error; the server keeps serving
             self.cache.abort()
             logger.exception("decoding step failed (%d sequences, %d tokens)", len(fed), len(ids))
             for seq in fed:
                 seq.fail(exc)
             return fed
-        self.stats["steps"] += 1
-        self.stats["max_batch"] = max(self.stats["max_batch"], len(fed))
-        self.stats["max_step_tokens"] = max(self.stats["max_step_tokens"], len(ids))
-        ended = []
-        for i, token, ok in zip(choosing, tokens, finite):
-            seq = fed[i]
-            before = seq.produced
-            try:
-                if ok:
-                    seq.accept(token)
-                else:
-                    seq.fail(NonFiniteLogitsError(
-                        f"the model produced NaN or infinite logits at answer token {seq.produced + 1}, so no token can "
-                        "be chosen; its weights or adapter are broken (check adapter_name_or_path, or serve with "
-                        "infer_dtype: float32)"))
-            except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer failing to decode: only this sequence ends
-                logger.exception("sequence %d failed after its token", seq.seq_id)
-                seq.fail(exc)
-            self.stats["generated_tokens"] += seq.produced - before
-            if seq.done:
-                ended.append(seq)
-        return ended
+        count_step(self.stats, len(fed), len(ids))
+        return accept_tokens([fed[i] for i in choosing], tokens, finite, self.stats)
+
+
+def count_step(stats: Counter[str], sequences: int, tokens: int) -> None:
+    """Record one forward of `sequences` sequences and `tokens` tokens in the engine's counters."""
+    stats["steps"] += 1
+    stats["max_batch"] = max(stats["max_batch"], sequences)
+    stats["max_step_tokens"] = max(stats["max_step_tokens"], tokens)
+
+
+def accept_tokens(seqs: list[Sequence], tokens: list[int], finite: list[bool], stats: Counter[str]) -> list[Sequence]:
+    """Hand each sequence the token chosen for it (`finite` False: its logits were not, so it fails instead);
+    returns the sequences that ended. A sequence failing on its token (e.g. a tokenizer error) ends alone."""
+    ended = []
+    for seq, token, ok in zip(seqs, tokens, finite):
+        before = seq.produced
+        try:
+            if ok:
+                seq.accept(token)
+            else:
+                seq.fail(NonFiniteLogitsError(
+                    f"the model produced NaN or infinite logits at answer token {seq.produced + 1}, so no token can "
+                    "be chosen; its weights or adapter are broken (check adapter_name_or_path, or serve with "
+                    "infer_dtype: float32)"))
+        except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer failing to decode: only this sequence ends
+            logger.exception("sequence %d failed after its token", seq.seq_id)
+            seq.fail(exc)
+        stats["generated_tokens"] += seq.produced - before
+        if seq.done:
+            ended.append(seq)
+    return ended

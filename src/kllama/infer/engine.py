@@ -5,6 +5,15 @@ tokens (a new request, a client gone, Ctrl-C), stop strings are matched on the d
 its own sampling settings, and the same loop serves every backend (stock transformers or the expert engine).
 `stream` runs one answer in the caller's thread (`kllama chat`); `kllama api` drives `step` from its scheduler
 thread with every running request.
+
+Two paths, chosen per sequence when it starts (`step`): a sequence starting while no other is running goes to the
+single stream (single_stream.py: a reused batch-1 static-cache decoder whose steps are CUDA graphs), which is every
+turn of `kllama chat` and a lone API request; any other goes to the batch path (batching.py). When a second sequence
+arrives while one runs alone, the lone one is moved into the batch at that step boundary by reading its prompt and
+answer so far into the paged cache (one prefill), and both are batched from then on. We move it rather than run two
+forwards per step (graphed stream + batch) because with CPU experts every forward reads the experts' weights again,
+and one packed forward keeps the expert engine placing experts by the step's whole token count. The single stream
+is on by default where the model is on CUDA (off on the CPU, where graphs cannot help).
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ from kllama.infer.batching import DEFAULT_PREFILL_TOKENS, BatchDecoder
 from kllama.infer.prompt import Messages, PromptRenderer
 from kllama.infer.sampling import SamplingParams
 from kllama.infer.sequence import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Emit, Sequence, StreamChunk
+from kllama.infer.single_stream import SingleStream
 from kllama.model.load import LoadedModel, load_model
 
 __all__ = ["FINISH_CANCELLED", "FINISH_LENGTH", "FINISH_STOP", "Completion", "GenerationEngine", "StreamChunk",
@@ -36,18 +46,24 @@ class Completion:
 
 
 class GenerationEngine:
-    """Generates answers with one loaded model; a lock makes each decoding step exclusive (one model, one cache)."""
+    """Generates answers with one loaded model; a lock makes each decoding step exclusive (one model, one cache).
+    `single_stream`: decode a sequence running alone through the static-cache decoder (None: where the model is on
+    CUDA; True on the CPU runs its steps eagerly, for tests)."""
 
     def __init__(self, loaded: LoadedModel, renderer: PromptRenderer, defaults: SamplingParams,
-                 prefill_tokens: int = DEFAULT_PREFILL_TOKENS) -> None:
+                 prefill_tokens: int = DEFAULT_PREFILL_TOKENS, single_stream: bool | None = None) -> None:
         self.loaded = loaded
         self.renderer = renderer
         self.defaults = defaults
         self.prefill_tokens = prefill_tokens
         self._lock = threading.Lock()
-        # requests, generated_tokens, cancelled, steps, max_batch, max_step_tokens (shown by the API's /health)
+        # requests, generated_tokens, cancelled, steps, max_batch, max_step_tokens, single_stream (sequences started
+        # on the single stream), moved_to_batch (of those, moved into the batch) — shown by the API's /health
         self.stats: Counter[str] = Counter()
         self.decoder = BatchDecoder(loaded.model, loaded.device, self.stats)
+        if single_stream is None:
+            single_stream = loaded.device.type == "cuda"
+        self.single = SingleStream(loaded.model, loaded.context_length, self.stats) if single_stream else None
 
     @property
     def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
@@ -75,13 +91,32 @@ class GenerationEngine:
                               self.loaded.device, emit, cancel)
 
     def step(self, seqs: list[Sequence]) -> list[Sequence]:
-        """One decoding step of `seqs` (arrival order); returns those that ended."""
+        """One decoding step of `seqs` (arrival order); returns those that ended. A sequence starting while no other
+        is running takes the single stream; another live sequence moves that one into the batch (module docstring)."""
         with self._lock:
+            single = self.single
+            if single is None:
+                return self.decoder.step(seqs, self.prefill_tokens)
+            if single.seq is None and len(seqs) == 1 and self._starts_alone(seqs[0]):
+                single.admit(seqs[0])
+            if single.seq is not None:
+                others = [seq for seq in seqs if seq is not single.seq]
+                if any(not seq.done for seq in others):
+                    seq, cached = single.detach()
+                    self.decoder.adopt(seq, cached, self.prefill_tokens)
+                elif len(others) < len(seqs):
+                    return self.decoder.step(others, self.prefill_tokens) + single.step(self.prefill_tokens)
             return self.decoder.step(seqs, self.prefill_tokens)
+
+    def _starts_alone(self, seq: Sequence) -> bool:
+        # Nothing of it fed yet and no batched sequence holding cache (e.g. another `stream` caller's).
+        return not seq.done and seq.fed == 0 and not seq.cancel.is_set() and self.decoder.cache.sequences == 0
 
     def release(self, seq: Sequence) -> None:
         """Free the cache of a sequence abandoned before it ended."""
         with self._lock:
+            if self.single is not None:
+                self.single.drop(seq)
             self.decoder.cache.free(seq.seq_id)
 
     def stream(
@@ -127,11 +162,12 @@ def sampling_defaults(config: KllamaConfig) -> SamplingParams:
     )
 
 
-def build_engine(config: KllamaConfig, device: str = "auto") -> GenerationEngine:
-    """Load the model per the config and wrap it in a GenerationEngine with the config's template and sampling."""
+def build_engine(config: KllamaConfig, device: str = "auto", single_stream: bool | None = None) -> GenerationEngine:
+    """Load the model per the config and wrap it in a GenerationEngine with the config's template and sampling
+    (`single_stream`: see GenerationEngine)."""
     from kllama.infer.prompt import build_renderer
 
     loaded = load_model(config, "infer", device=device)
     renderer = build_renderer(config.data.template, loaded.tokenizer, getattr(loaded.model, "generation_config", None),
                               enable_thinking=config.data.enable_thinking, default_system=config.data.default_system)
-    return GenerationEngine(loaded, renderer, sampling_defaults(config))
+    return GenerationEngine(loaded, renderer, sampling_defaults(config), single_stream=single_stream)
