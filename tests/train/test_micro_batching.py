@@ -60,7 +60,7 @@ def test_chunked_collator_pads_each_pass_to_its_own_longest_row():
 
 def test_merging_is_off_where_nothing_is_amortised_or_the_loss_needs_the_whole_batch():
     streamed = Counter(stream=26)
-    base = {"use_kt": True, "targets": streamed, "budget": 16384, "loss_type": "sigmoid", "router_aux_loss_coef": None}
+    base = {"use_kt": True, "targets": streamed, "budget": 16384, "loss_type": "sigmoid"}
     assert why_not_merged(**base) is None
     assert why_not_merged(**{**base, "targets": Counter(cpu=3)}) is None
     assert why_not_merged(**{**base, "targets": Counter(gpu=3, stream=1)}) is None
@@ -68,7 +68,6 @@ def test_merging_is_off_where_nothing_is_amortised_or_the_loss_needs_the_whole_b
     assert "use_kt" in why_not_merged(**{**base, "use_kt": False})
     assert "0 turns it off" in why_not_merged(**{**base, "budget": 0})
     assert "bco_pair" in why_not_merged(**{**base, "loss_type": "bco_pair"})
-    assert "router" in why_not_merged(**{**base, "router_aux_loss_coef": 0.01})
 
 
 def test_grouped_order_is_a_seeded_permutation_of_whole_steps_with_the_partial_step_last():
@@ -166,7 +165,7 @@ def first_step(model_dir: Path, tmp: Path, settings: dict, budget: int | None) -
     trainer = KllamaTrainer(
         model=model, args=args,
         train_dataset=ordered, data_collator=collate, processing_class=loaded.tokenizer, callbacks=[capture],
-        settings=preference_settings(config),
+        settings=preference_settings(config, loaded.model.config),
     )
     trainer.train()
     loss = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
@@ -248,3 +247,20 @@ def test_reference_precompute_budget_only_for_host_held_experts_without_a_fixed_
     assert reference_pass_budget(config, engine("gpu")) is None
     assert reference_pass_budget(build_config({**base, "precompute_ref_batch_size": 4}), engine("stream")) is None
     assert reference_pass_budget(build_config({**base, "micro_batch_tokens": 0}), engine("stream")) is None
+
+
+def test_router_aux_loss_is_averaged_over_passes_by_rows_and_keeps_merging_on(tiny_model_dir, tmp_path):
+    """Qwen3-MoE's config carries a router aux coefficient: merging stays on, and a step run in passes adds
+    coef x (row-weighted mean of the passes' aux losses), as accumulation averages it over micro-batches -- not the
+    sum over passes."""
+    model_dir = tiny_model_dir("qwen3_moe")
+    base = {"stage": "sft", "dataset": "alpaca_en_demo", "template": "qwen"}
+    aux_part = {}
+    for name, budget in (("one pass", 10**6), ("pass per row", 1)):
+        with_aux, _ = first_step(model_dir, tmp_path / f"{budget}a", base, budget)
+        without, _ = first_step(model_dir, tmp_path / f"{budget}b", {**base, "router_aux_loss_coef": 0.0}, budget)
+        aux_part[name] = with_aux - without
+    assert aux_part["one pass"] > 0
+    # 4 passes: a sum would be ~4x the one-pass value; the row-weighted mean stays near it
+    assert 0.5 < aux_part["pass per row"] / aux_part["one pass"] < 1.5, aux_part
+    assert why_not_merged(use_kt=True, targets=Counter(stream=3), budget=16384, loss_type=None) is None

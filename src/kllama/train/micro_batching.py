@@ -11,7 +11,10 @@ The step's gradient does not change: `KllamaTrainer.compute_loss` back-propagate
 (outside gradient synchronisation) and weights each pass's loss by its share of the step -- a DPO-family pass by its
 share of the step's pairs (the losses are per-pair means), an SFT pass by the step's label-token count -- so the sum
 is the loss of the step's rows in one batch, i.e. what gradient accumulation computes. Losses whose value depends on
-the micro-batch as a whole (`bco_pair`'s running mean, the router load-balancing loss) keep the user's batching.
+the micro-batch as a whole keep the user's batching (`bco_pair`'s running mean). The router load-balancing loss is a
+statistic of the tokens of one forward pass: with merging it is computed per pass and averaged over the step's passes
+weighted by their rows, as accumulation averages it over micro-batches (its value shifts slightly with how tokens
+are grouped, as it does with any change of batch size).
 
 Merged micro-batches are grouped by length (`LengthGroupedRows`) so padding stays small: the rows of an epoch are
 shuffled, sorted by length inside windows of up to 50 steps, cut into steps, and the steps shuffled again; the order
@@ -137,7 +140,7 @@ def _experts_phrase(targets: Counter) -> str:
 
 
 def why_not_merged(*, use_kt: bool, targets: Counter, budget: int, loss_type: str | None,
-                   router_aux_loss_coef: float | None) -> str | None:
+                   ) -> str | None:
     """Why micro-batches must keep the user's batching, or None when merging applies."""
     checks = (
         (not use_kt, "use_kt is off"),
@@ -145,7 +148,6 @@ def why_not_merged(*, use_kt: bool, targets: Counter, budget: int, loss_type: st
         (use_kt and not (targets.get("stream") or targets.get("cpu")),
          "all routed experts are resident on the GPU: no per-pass copy to amortise"),
         (loss_type in _WHOLE_BATCH_LOSSES, _WHOLE_BATCH_LOSSES.get(loss_type or "", "")),
-        (bool(router_aux_loss_coef), "the router load-balancing loss is a statistic of the whole micro-batch"),
     )
     return next((reason for failed, reason in checks if failed), None)
 
@@ -236,14 +238,13 @@ def reference_pass_budget(config: Any, engine: Any) -> int | None:
     return NO_GRAD_BUDGET_FACTOR * t.micro_batch_tokens if targets.get("stream") or targets.get("cpu") else None
 
 
-def apply_micro_batching(config: Any, engine: Any, train_set: Any, collate: Any, *,
-                         router_aux_loss_coef: float | None = None) -> tuple[Any, Any, BatchPlan | None]:
+def apply_micro_batching(config: Any, engine: Any, train_set: Any, collate: Any,
+                         ) -> tuple[Any, Any, BatchPlan | None]:
     """Plan the step's passes for this run and print the line saying what was merged (or why not).
 
     Returns the training rows (in a `LengthGroupedRows` order when merged), the collator (a `ChunkedCollator`
     around `collate` when merged) and the plan, or the rows and collator unchanged and None when the user's batching
-    stands (said in one line when the engine is on and B x G > 1). `router_aux_loss_coef` is the coefficient the
-    run uses (the model config's when the key is null), else the key's value.
+    stands (said in one line when the engine is on and B x G > 1).
     """
     t, f = config.training, config.finetuning
     rows_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
@@ -252,9 +253,7 @@ def apply_micro_batching(config: Any, engine: Any, train_set: Any, collate: Any,
     targets = expert_passes(engine.placements) if engine is not None else Counter()
     budget = t.micro_batch_tokens
     reason = why_not_merged(use_kt=True, targets=targets, budget=budget,
-                            loss_type=f.pref_loss if f.stage == "dpo" else None,
-                            router_aux_loss_coef=router_aux_loss_coef if router_aux_loss_coef is not None
-                            else config.model.router_aux_loss_coef)
+                            loss_type=f.pref_loss if f.stage == "dpo" else None)
     if reason is not None:
         user = f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} accumulation"
         print(f"micro-batching: kept {user} ({reason})", flush=True)

@@ -188,8 +188,7 @@ def run_training(config: KllamaConfig) -> int:
                                               batch_size=ref_batch, device=loaded.device, token_budget=ref_budget)
         collate = with_reference_columns(collate)
 
-    train_set, collate, plan = apply_micro_batching(config, loaded.engine, train_set, collate,
-                                                    router_aux_loss_coef=settings.router_aux_loss_coef)
+    train_set, collate, plan = apply_micro_batching(config, loaded.engine, train_set, collate)
     prepare_output_dir(output_dir, overwrite=t.overwrite_output_dir, resuming=resume is not None)
     args = build_training_arguments(config, has_eval=eval_set is not None, use_cpu=loaded.device.type == "cpu",
                                     plan=plan)

@@ -169,16 +169,21 @@ class KllamaTrainer(Trainer):
         return loss, metrics
 
     def _sft_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], step_tokens: Any = None,
-                  ) -> tuple[torch.Tensor, dict[str, float]]:
+                  aux_share: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Token-mean NLL; over the optimizer step's `step_tokens` label tokens in training (the Trainer then
-        adds the micro-steps up without dividing), over this batch's own tokens in evaluation."""
+        adds the micro-steps up without dividing), over this batch's own tokens in evaluation. The router aux loss
+        is weighted by `aux_share` (a pass's share of the step's rows) when given, else averaged over the Trainer's
+        micro-steps."""
         sums, counts, aux = policy_logps(model, batch, self.settings)
         per_step = step_tokens is not None
         denominator = torch.as_tensor(step_tokens, device=sums.device) if per_step else counts.sum()
         loss = -sums.sum() / denominator.clamp(min=1)
         if aux is not None:
             # the aux loss is a per-micro-batch statistic: average it over the step's micro-batches
-            weight = self.settings.router_aux_loss_coef / (self.current_gradient_accumulation_steps if per_step else 1)
+            if aux_share is not None:
+                weight = self.settings.router_aux_loss_coef * aux_share
+            else:
+                weight = self.settings.router_aux_loss_coef / (self.current_gradient_accumulation_steps if per_step else 1)
             loss = loss + weight * aux
         return loss, {}
 
@@ -222,7 +227,7 @@ class KllamaTrainer(Trainer):
                 loss, metrics = self._dpo_loss(model, chunk)
                 loss = loss * (self._rows(chunk) / total_rows)
             else:
-                loss, metrics = self._sft_loss(model, chunk, label_tokens)
+                loss, metrics = self._sft_loss(model, chunk, label_tokens, aux_share=self._rows(chunk) / total_rows)
             self._record(split, chunk, metrics)
             yield loss
 
