@@ -74,6 +74,11 @@ def _run_config_command(args: argparse.Namespace) -> int:
     if args.print_config:
         print(format_config(config))
         return 0
+    if args.command == "train":  # FORCE_TORCHRUN=1 or several GPUs: data-parallel under torchrun, as LLaMA-Factory
+        from kllama.train.launch import launch, torchrun_command
+
+        if (command := torchrun_command(["train", *([args.config] if args.config else []), *args.overrides])):
+            return launch(command)
     job = _resolve(CONFIG_COMMANDS[args.command][1])
     result = job(config)
     return int(result) if isinstance(result, int) else 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from kllama.errors import KllamaError
+from kllama.train.distributed import barrier
 
 STAGING = ".staging"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -100,13 +101,20 @@ def prepare_output_dir(output_dir: str | Path, *, overwrite: bool, resuming: boo
 
 
 class PublishCheckpoints(TrainerCallback):
-    """Move each finished staged checkpoint into `output_dir` atomically and keep at most `save_total_limit`."""
+    """Move each finished staged checkpoint into `output_dir` atomically and keep at most `save_total_limit`.
+
+    In a data-parallel run every rank writes its RNG state into the staged checkpoint, so all ranks meet here first
+    and rank 0 alone publishes it.
+    """
 
     def __init__(self, output_dir: str | Path, save_total_limit: int | None):
         self.output_dir = Path(output_dir)
         self.save_total_limit = save_total_limit
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: object) -> None:
+        barrier()
+        if not state.is_world_process_zero:
+            return
         staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not (staged / COMPLETE_MARKER).is_file():
             return

@@ -29,6 +29,8 @@ from typing import Any, Mapping
 
 from torch.utils.data import Dataset
 
+from kllama.train.distributed import world_size
+
 PAD_MULTIPLE = 8  # the collators pad every batch to a multiple of 8 tokens
 MAX_WINDOW_STEPS = 50
 
@@ -261,7 +263,9 @@ def apply_micro_batching(config: Any, engine: Any, train_set: Any, collate: Any,
     _, sequences, unit = _STAGE_ROWS[f.stage]
     plan = BatchPlan(t.per_device_train_batch_size, t.gradient_accumulation_steps, budget, sequences, unit)
     lengths = row_lengths(train_set, f.stage)
-    train_set = LengthGroupedRows(train_set, lengths, plan.step_rows, t.seed)
+    # A data-parallel step gives each rank `step_rows` consecutive rows: group all ranks' rows of a step together,
+    # so every step holds the same rows whatever the rank count (a resume on another count continues exactly).
+    train_set = LengthGroupedRows(train_set, lengths, plan.step_rows * world_size(), t.seed)
     passes = passes_per_step(lengths, train_set.order, plan.step_rows, sequences, budget)
     pad = padding_fraction(lengths, train_set.order, plan.step_rows, sequences, budget)
     print(describe(plan, targets, passes, pad), flush=True)

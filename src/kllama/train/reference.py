@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kllama.model.adapters import adapter_state_dict, adapters_disabled
+from kllama.train.distributed import gather_objects, is_main_process, my_share
 from kllama.train.micro_batching import chunk_rows, row_lengths
 from kllama.train.trainer import PreferenceSettings, policy_logps
 
@@ -46,11 +47,14 @@ def attach_reference_logps(model: nn.Module, dataset: Dataset, collate: Callable
     loading them from `cache_dir` when this dataset + model + reference were computed before.
 
     Rows run `batch_size` at a time in dataset order, or -- with a `token_budget` (experts held in host RAM, where
-    every pass pays the weights' copy) -- longest first in passes of at most that many padded tokens."""
+    every pass pays the weights' copy) -- longest first in passes of at most that many padded tokens. In a
+    data-parallel run each rank computes every world_size-th pass and the ranks exchange their results; rank 0's
+    cache decides for all (other nodes may not share its filesystem) and rank 0 writes it."""
     key = _cache_key(model, dataset, settings, reference_context is not None)
     cache = Path(cache_dir) / "reference_logps" / f"{key}.pt"
-    if cache.is_file():
-        saved = torch.load(cache, weights_only=True)
+    saved = torch.load(cache, weights_only=True) if is_main_process() and cache.is_file() else None
+    saved = gather_objects(saved)[0]
+    if saved is not None:
         print(f"reference log-probs: loaded from cache {cache}", flush=True)
     else:
         n = len(dataset)
@@ -60,24 +64,30 @@ def attach_reference_logps(model: nn.Module, dataset: Dataset, collate: Callable
                   flush=True)
         else:
             groups = [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
-        chosen, rejected = [0.0] * n, [0.0] * n
+        mine: dict[int, tuple[float, float]] = {}  # row -> (chosen, rejected) of this rank's passes
         was_training = model.training
         model.eval()
         context = reference_context or (lambda: adapters_disabled(model))
         with torch.no_grad(), context():
-            for group in tqdm(groups, desc="reference log-probs", unit="batch"):
+            for group in tqdm(my_share(groups), desc="reference log-probs", unit="batch",
+                              disable=not is_main_process()):
                 batch = {k: v.to(device) if torch.is_tensor(v) else v
                          for k, v in collate([dataset[i] for i in group]).items()}
                 sums, _, _ = policy_logps(model, batch, PreferenceSettings(stage="dpo", ld_alpha=None))
                 sums = sums.double().cpu().tolist()  # float64, as summed
                 for j, i in enumerate(group):
-                    chosen[i], rejected[i] = sums[j], sums[len(group) + j]
+                    mine[i] = (sums[j], sums[len(group) + j])
         model.train(was_training)
+        chosen, rejected = [0.0] * n, [0.0] * n
+        for part in gather_objects(mine):
+            for i, (chosen_logp, rejected_logp) in part.items():
+                chosen[i], rejected[i] = chosen_logp, rejected_logp
         saved = {"chosen": chosen, "rejected": rejected}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save(saved, tmp)
-        tmp.replace(cache)
+        if is_main_process():
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            torch.save(saved, tmp)
+            tmp.replace(cache)
     return dataset.add_column("ref_chosen_logps", saved["chosen"]).add_column("ref_rejected_logps", saved["rejected"])
 
 

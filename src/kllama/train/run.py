@@ -34,6 +34,7 @@ from kllama.train.checkpoints import (
     save_failed,
     staging_dir,
 )
+from kllama.train.distributed import barrier, in_rank_order, init_distributed, shutdown_distributed
 from kllama.train.health import TrainingHealth
 from kllama.train.micro_batching import BatchPlan, apply_micro_batching, reference_pass_budget
 from kllama.train.preflight import prepare_inputs
@@ -102,6 +103,9 @@ def build_training_arguments(config: KllamaConfig, *, has_eval: bool, use_cpu: b
            f"{CHECKPOINTING_ARG}_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None},
         dataloader_num_workers=t.dataloader_num_workers,
         ddp_timeout=t.ddp_timeout,
+        # Every LoRA parameter gets a gradient each step (expert LoRA through HostExperts' autograd function too):
+        # DDP need not search the graph for unused ones.
+        ddp_find_unused_parameters=False,
         disable_tqdm=t.disable_tqdm,
         remove_unused_columns=False,
         use_cpu=use_cpu,
@@ -155,15 +159,20 @@ def run_training(config: KllamaConfig) -> int:
     from kllama.train.reference import attach_reference_logps, with_reference_columns
 
     t, f = config.training, config.finetuning
+    rank = init_distributed(t.ddp_timeout)
     set_seed(t.seed)
     output_dir = Path(t.output_dir)
     resume = resolve_resume(t.resume_from_checkpoint, output_dir)
-    inputs = prepare_inputs(config)
+    # rank 0 tokenizes (and rewrites the cache with overwrite_cache); the other ranks load its cache
+    with in_rank_order(rank):
+        inputs = prepare_inputs(config if rank.is_main else dataclasses.replace(
+            config, data=dataclasses.replace(config.data, overwrite_cache=False)))
     tokenizer, bundle, cache_dir = inputs.tokenizer, inputs.bundle, inputs.cache_dir
     print(format_summary(bundle.summary), flush=True)
     if len(bundle.train):
         print(describe_example(tokenizer, bundle.train[0]), flush=True)
-    check_output_dir_writable(output_dir)
+    if rank.is_main:
+        check_output_dir_writable(output_dir)
 
     loaded = load_model(config, "train")
     if loaded.engine is not None and (note := rule_training_note(loaded.engine, t.micro_batch_tokens or 16384)):
@@ -189,7 +198,9 @@ def run_training(config: KllamaConfig) -> int:
         collate = with_reference_columns(collate)
 
     train_set, collate, plan = apply_micro_batching(config, loaded.engine, train_set, collate)
-    prepare_output_dir(output_dir, overwrite=t.overwrite_output_dir, resuming=resume is not None)
+    if rank.is_main:
+        prepare_output_dir(output_dir, overwrite=t.overwrite_output_dir, resuming=resume is not None)
+    barrier()
     args = build_training_arguments(config, has_eval=eval_set is not None, use_cpu=loaded.device.type == "cpu",
                                     plan=plan)
     callbacks: list[Any] = [PublishCheckpoints(output_dir, t.save_total_limit)]
@@ -216,12 +227,14 @@ def run_training(config: KllamaConfig) -> int:
     metrics = dict(result.metrics)
     if eval_set is not None:
         metrics.update(trainer.evaluate())
-    try:
-        _write_results(config, trainer, metrics, inputs.template.name, output_dir)
-    except WRITE_ERRORS as exc:
-        raise save_failed(output_dir, exc, output_dir) from None
-    shutil.rmtree(staging_dir(output_dir), ignore_errors=True)
-    print(f"adapter written to {output_dir}", flush=True)
+    if rank.is_main:  # the other ranks hold the same weights
+        try:
+            _write_results(config, trainer, metrics, inputs.template.name, output_dir)
+        except WRITE_ERRORS as exc:
+            raise save_failed(output_dir, exc, output_dir) from None
+        shutil.rmtree(staging_dir(output_dir), ignore_errors=True)
+        print(f"adapter written to {output_dir}", flush=True)
+    shutdown_distributed()
     return 0
 
 

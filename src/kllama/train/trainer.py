@@ -19,6 +19,7 @@ from transformers import Trainer
 
 from kllama.model.adapters import adapter_weights_swapped, adapters_disabled, save_adapter
 from kllama.train.checkpoints import SaveTracker
+from kllama.train.distributed import combine_rank_metrics, decoder_outputs, unwrap
 from kllama.train.health import TrainingHealth
 from kllama.train.logprobs import IGNORE_INDEX, logit_transform_for, sequence_logps
 from kllama.train.losses import (
@@ -48,7 +49,8 @@ class PreferenceSettings:
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
-    """The transformers *ForCausalLM module inside a PeftModel (LoRA layers are injected in place)."""
+    """The transformers *ForCausalLM module inside a PeftModel (LoRA layers are injected in place), DDP-wrapped or not."""
+    model = unwrap(model)
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
@@ -59,7 +61,8 @@ def policy_logps(model: nn.Module, batch: dict[str, torch.Tensor], settings: Pre
     lm = causal_lm_of(model)
     want_router = bool(settings.router_aux_loss_coef)
     kwargs = {"output_router_logits": True} if want_router else {}
-    out = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **kwargs)
+    out = decoder_outputs(model, lm, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          use_cache=False, **kwargs)
     sums, counts = sequence_logps(
         out.last_hidden_state, lm.lm_head, batch["labels"], chunk_tokens=settings.logps_chunk_tokens,
         ld_alpha=settings.ld_alpha if settings.stage == "dpo" else None, transform=logit_transform_for(lm.config),
@@ -178,6 +181,10 @@ class KllamaTrainer(Trainer):
         per_step = step_tokens is not None
         denominator = torch.as_tensor(step_tokens, device=sums.device) if per_step else counts.sum()
         loss = -sums.sum() / denominator.clamp(min=1)
+        if per_step and model.training and self.args.average_tokens_across_devices:
+            # in training the step's token count covers every rank and DDP averages the ranks' gradients: scale
+            # back up (as stock `Trainer.compute_loss` does), so N ranks give the token mean of one process
+            loss = loss * self.accelerator.num_processes
         if aux is not None:
             # the aux loss is a per-micro-batch statistic: average it over the step's micro-batches
             if aux_share is not None:
@@ -222,6 +229,8 @@ class KllamaTrainer(Trainer):
         an SFT pass's label log-likelihood over the step's label tokens."""
         total_rows = sum(self._rows(c) for c in chunks)
         label_tokens = sum(int((c["labels"][:, 1:] != IGNORE_INDEX).sum()) for c in chunks)
+        if split == "train" and self.settings.stage == "sft" and self.args.average_tokens_across_devices:
+            label_tokens = self._all_ranks_sum(label_tokens)  # every rank's, as the Trainer's num_items_in_batch
         for chunk in chunks:
             if self.settings.stage == "dpo":
                 loss, metrics = self._dpo_loss(model, chunk)
@@ -231,16 +240,27 @@ class KllamaTrainer(Trainer):
             self._record(split, chunk, metrics)
             yield loss
 
+    def _all_ranks_sum(self, value: int) -> int:
+        """`value` summed over the data-parallel ranks (itself in a single process)."""
+        if self.accelerator.num_processes == 1:
+            return value
+        return int(self.accelerator.reduce(torch.tensor(value, device=self.args.device), reduction="sum"))
+
     def _step_in_passes(self, model: nn.Module, chunks: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """Forward and backward every pass but the last here (outside gradient synchronisation), and return the
         last pass's loss plus the earlier ones' values: the Trainer's backward of it completes the step's gradient,
-        which equals that of all the step's rows in one batch."""
+        which equals that of all the step's rows in one batch.
+
+        DDP decides during the forward whether the backward all-reduces, so an earlier pass runs its forward too
+        under `no_sync`: each rank then all-reduces once per step, however many passes its rows need."""
         done = None
         losses = self._pass_losses(model, chunks, "train")
-        for index, loss in enumerate(losses):
+        for index in range(len(chunks)):
             if index == len(chunks) - 1:
+                loss = next(losses)
                 return loss if done is None else loss + done
             with self.accelerator.no_sync(model):
+                loss = next(losses)
                 self.accelerator.backward(loss)
             done = loss.detach() if done is None else done + loss.detach()
         raise ValueError("a step without rows")
@@ -260,17 +280,17 @@ class KllamaTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         split = "eval" if "eval_loss" in logs else "train"
         prefix = "eval_" if split == "eval" else ""
-        for key, values in self._stored[split].items():
-            if values:
-                logs[prefix + key] = sum(values) / len(values)
+        ours = {prefix + key: sum(values) / len(values) for key, values in self._stored[split].items() if values}
+        counts = {prefix + key: len(values) for key, values in self._stored[split].items() if values}
         self._stored[split].clear()
         if split == "train" and "loss" in logs:
             now = time.perf_counter()
-            logs["tokens_per_second"] = round(self._tokens_since_log / max(now - self._last_log_time, 1e-9), 1)
+            ours["tokens_per_second"] = round(self._tokens_since_log / max(now - self._last_log_time, 1e-9), 1)
             self._tokens_since_log, self._last_log_time = 0, now
-            logs["peak_host_memory_gb"] = round(peak_host_bytes() / 1e9, 3)
+            ours["peak_host_memory_gb"] = round(peak_host_bytes() / 1e9, 3)
             if torch.cuda.is_available():
-                logs["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+                ours["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+        logs.update(combine_rank_metrics(ours, counts))  # every rank logs here: one number over all ranks
         super().log(logs, start_time)
 
     # ---------------------------------------------------------------- saving
@@ -278,6 +298,8 @@ class KllamaTrainer(Trainer):
         out = output_dir or self.args.output_dir
         if _internal_call:  # the Trainer starts a checkpoint
             self.saves.begin(out)
+        if not self.args.should_save:  # rank 0 writes; the others' weights are the same
+            return
         save_adapter(self.model, out)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(out)

@@ -1,0 +1,105 @@
+"""The first optimiser step of a few training setups through KllamaTrainer, run by torchrun from test_distributed.py
+(and in-process there for the single-process reference): writes each step's loss and every LoRA gradient, as the
+optimiser sees them, to `<out>/rank<R>.pt`. Every case's step covers the same 8 rows whatever the process count."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+_ROWS = 8
+
+
+def _case_settings(case: str, world: int) -> dict[str, Any]:
+    """Config keys of `case` for `world` processes: each process gets `_ROWS / world` rows of the one step."""
+    per_rank = _ROWS // world
+    return {
+        "dpo": {"stage": "dpo", "dataset": "dpo_en_demo", "per_device_train_batch_size": per_rank},
+        "sft": {"stage": "sft", "dataset": "alpaca_en_demo", "per_device_train_batch_size": per_rank},
+        # micro-batching: a step's rows run in passes of <= 300 tokens; with 2 ranks, one has 3 passes, the other 2
+        "dpo_passes": {"stage": "dpo", "dataset": "dpo_en_demo", "cutoff_len": 128, "per_device_train_batch_size": 1,
+                       "gradient_accumulation_steps": per_rank, "micro_batch_tokens": 300},
+        # SFT in passes: the step's token mean needs every rank's label-token count
+        "sft_passes": {"stage": "sft", "dataset": "alpaca_en_demo", "cutoff_len": 128, "per_device_train_batch_size": 1,
+                       "gradient_accumulation_steps": per_rank, "micro_batch_tokens": 150},
+    }[case]
+
+
+CASES = ("dpo", "sft", "dpo_passes", "sft_passes")
+
+
+class FirstStep(TrainerCallback):
+    """Keeps the first optimiser step's gradients (after DDP's all-reduce) and its logged loss."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] | None = None
+        self.loss: float | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        if self.loss is None and logs and "loss" in logs:
+            self.loss = float(logs["loss"])
+
+
+def first_step(model_dir: Path, output_dir: Path, case: str, world: int) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and LoRA gradients of the first step of `case` run by `world` processes (fp32, CPU experts)."""
+    from transformers import set_seed
+
+    from kllama.config import build_config
+    from kllama.data import PairwiseCollator, SFTCollator, build_dataset, get_template
+    from kllama.model.adapters import attach_lora, resolve_lora_spec
+    from kllama.model.load import load_model
+    from kllama.train.micro_batching import apply_micro_batching
+    from kllama.train.run import build_training_arguments, preference_settings
+    from kllama.train.trainer import KllamaTrainer
+
+    config = build_config({
+        "model_name_or_path": str(model_dir), "output_dir": str(output_dir), "template": "deepseek", "cutoff_len": 64,
+        "max_samples": _ROWS, "max_steps": 1, "logging_steps": 1, "use_kt": True, "expert_placement": "cpu",
+        "lora_rank": 4, "seed": 3, "disable_tqdm": True, "save_strategy": "no", **_case_settings(case, world),
+    })
+    stage = config.finetuning.stage
+    set_seed(3)
+    loaded = load_model(config, "train")  # fp32: neither bf16 nor fp16 is set
+    template = get_template("deepseek", loaded.tokenizer)
+    bundle = build_dataset(config.data, loaded.tokenizer, template, stage=stage, seed=3, cache_dir=None)
+    f = config.finetuning
+    model = attach_lora(loaded.model, resolve_lora_spec(loaded.model, f.lora_target, f.lora_rank, None, 0.0), seed=3)
+    with torch.no_grad():  # non-zero B, so every LoRA tensor (A included) has a gradient
+        for name, p in model.named_parameters():
+            if p.requires_grad and "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    collate = (PairwiseCollator if stage == "dpo" else SFTCollator)(loaded.tokenizer.pad_token_id)
+    train_set, collate, plan = apply_micro_batching(config, loaded.engine, bundle.train, collate)
+    capture = FirstStep()
+    trainer = KllamaTrainer(
+        model=model, args=build_training_arguments(config, has_eval=False, use_cpu=True, plan=plan),
+        train_dataset=train_set, data_collator=collate, processing_class=loaded.tokenizer, callbacks=[capture],
+        settings=preference_settings(config),
+    )
+    trainer.train()
+    assert capture.grads is not None and capture.loss is not None
+    return capture.loss, capture.grads
+
+
+def main() -> None:
+    from kllama.train.distributed import init_distributed, shutdown_distributed
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args()
+    rank = init_distributed(120)
+    steps = {case: first_step(args.model_dir, args.out / case, case, rank.world_size) for case in CASES}
+    torch.save(steps, args.out / f"rank{rank.rank}.pt")
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
