@@ -29,7 +29,7 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 
 from kllama.experts.families import find_expert_modules
 from kllama.experts.module import HostExperts
-from kllama.experts.pinned import host_empty
+from kllama.experts.shared_host import expert_host_buffer
 from kllama.experts.placement import ExpertPlacement
 from kllama.model.load import compute_device  # noqa: F401 - the one device choice, re-exported for the scripts
 
@@ -124,12 +124,14 @@ def _random_host_experts(stock: nn.Module, name: str, placement: ExpertPlacement
         numel = 1
         for dim in shape:
             numel *= dim
-        tensor = host_empty(numel, torch.bfloat16, pin=pin).view(shape)  # exact-size pinning, as the loader does
-        if pin:
+        # exact-size pinning, as the loader does; inside `node_shared_experts` one copy per node (local rank 0 fills)
+        flat, filled = expert_host_buffer(numel, torch.bfloat16, pin=pin)
+        tensor = flat.view(shape)
+        if not filled and pin:
             if shape not in scratch:
                 scratch[shape] = torch.empty(shape, dtype=torch.bfloat16, device=device)
             tensor.copy_(scratch[shape].normal_(0.0, INIT_STD))
-        else:
+        elif not filled:
             tensor.normal_(0.0, INIT_STD)
         host.append(tensor)
     return HostExperts(host[0], host[1], stock.act_fn, placement, name, compute_device=device)

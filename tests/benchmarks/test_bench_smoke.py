@@ -117,3 +117,16 @@ def test_serve_benchmark_drives_a_real_server(tmp_path: Path, tiny_model_dir) ->
         assert 0 < row["ttft_p50_s"] <= row["ttft_p95_s"] and row["itl_p50_ms"] > 0
     assert rows["auto x1"]["max_batch"] == 1 and rows["auto x4"]["max_batch"] >= 2  # the server batched them
     assert "aggregate tok/s" in log and (out_dir / "serve_auto.log").is_file()
+
+
+def test_dpo_ddp_runs_two_tiny_ranks_on_cpu(tmp_path: Path) -> None:
+    out = _finish(_start("dpo_ddp.py", "--tiny", "--nproc", "2", "--baseline", "--out-dir", str(tmp_path)), timeout=240)
+    assert "2 rank(s)" in out
+    result = _only_json(tmp_path)
+    assert result["ranks"] == 2
+    rows = {row["name"]: row for row in result["rows"]}
+    for name in ("kllama stream", "kllama gpu", "stock+peft DDP (chunked logps)"):
+        assert rows[name]["tokens_per_s"] > 0 and rows[name]["ranks"] == 2, rows[name]
+        assert len(rows[name]["per_rank"]) == 2 and rows[name]["node_pss_gb"] > 0
+    probe = result["copy_probe"]
+    assert len(probe["alone_gb_s"]) == len(probe["together_gb_s"]) == 2 and probe["together_total_gb_s"] > 0

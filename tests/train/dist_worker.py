@@ -1,9 +1,15 @@
-"""The first optimiser step of a few training setups through KllamaTrainer, run by torchrun from test_distributed.py
-(and in-process there for the single-process reference): writes each step's loss and every LoRA gradient, as the
-optimiser sees them, to `<out>/rank<R>.pt`. Every case's step covers the same 8 rows whatever the process count."""
+"""Run by test_distributed.py in every rank of a 2-process job (and in-process there for the single-process
+references). Loads tiny models for training the way `kllama train` does in a data-parallel run (routed experts in one
+host copy per node) and writes to `<out>/rank<R>.pt`:
+
+* `memory`: the routed weights' checksums and this process's mappings of the shared memory (size, RSS, PSS, inode
+  from /proc/self/smaps);
+* per case, the first optimiser step's loss and every LoRA gradient as the optimiser sees them. Every case's step
+  covers the same 8 rows whatever the process count.
+"""
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +17,7 @@ import torch
 from transformers import TrainerCallback
 
 _ROWS = 8
+CASES = ("dpo", "sft", "dpo_passes", "sft_passes")
 
 
 def _case_settings(case: str, world: int) -> dict[str, Any]:
@@ -22,13 +29,10 @@ def _case_settings(case: str, world: int) -> dict[str, Any]:
         # micro-batching: a step's rows run in passes of <= 300 tokens; with 2 ranks, one has 3 passes, the other 2
         "dpo_passes": {"stage": "dpo", "dataset": "dpo_en_demo", "cutoff_len": 128, "per_device_train_batch_size": 1,
                        "gradient_accumulation_steps": per_rank, "micro_batch_tokens": 300},
-        # SFT in passes: the step's token mean needs every rank's label-token count
+        # SFT in passes (4 vs 3 per rank): the step's token mean needs every rank's label-token count
         "sft_passes": {"stage": "sft", "dataset": "alpaca_en_demo", "cutoff_len": 128, "per_device_train_batch_size": 1,
                        "gradient_accumulation_steps": per_rank, "micro_batch_tokens": 150},
     }[case]
-
-
-CASES = ("dpo", "sft", "dpo_passes", "sft_passes")
 
 
 class FirstStep(TrainerCallback):
@@ -47,6 +51,15 @@ class FirstStep(TrainerCallback):
             self.loss = float(logs["loss"])
 
 
+def load_for_training(config: Any):  # noqa: ANN201
+    """`load_model(config, "train")` inside `expert_memory_per_node`, as `kllama train` runs it."""
+    from kllama.model.load import load_model
+    from kllama.train.distributed import dist_info, expert_memory_per_node
+
+    with expert_memory_per_node(dist_info(), config.engine.use_kt):
+        return load_model(config, "train")
+
+
 def first_step(model_dir: Path, output_dir: Path, case: str, world: int) -> tuple[float, dict[str, torch.Tensor]]:
     """Loss and LoRA gradients of the first step of `case` run by `world` processes (fp32, CPU experts)."""
     from transformers import set_seed
@@ -54,7 +67,6 @@ def first_step(model_dir: Path, output_dir: Path, case: str, world: int) -> tupl
     from kllama.config import build_config
     from kllama.data import PairwiseCollator, SFTCollator, build_dataset, get_template
     from kllama.model.adapters import attach_lora, resolve_lora_spec
-    from kllama.model.load import load_model
     from kllama.train.micro_batching import apply_micro_batching
     from kllama.train.run import build_training_arguments, preference_settings
     from kllama.train.trainer import KllamaTrainer
@@ -66,7 +78,7 @@ def first_step(model_dir: Path, output_dir: Path, case: str, world: int) -> tupl
     })
     stage = config.finetuning.stage
     set_seed(3)
-    loaded = load_model(config, "train")  # fp32: neither bf16 nor fp16 is set
+    loaded = load_for_training(config)  # fp32: neither bf16 nor fp16 is set
     template = get_template("deepseek", loaded.tokenizer)
     bundle = build_dataset(config.data, loaded.tokenizer, template, stage=stage, seed=3, cache_dir=None)
     f = config.finetuning
@@ -88,16 +100,63 @@ def first_step(model_dir: Path, output_dir: Path, case: str, world: int) -> tupl
     return capture.loss, capture.grads
 
 
+def expert_checksums(engine) -> dict[str, list[float]]:  # noqa: ANN001
+    """Layer name -> sums and sums of squares of its routed gate_up and down weights (float64)."""
+    out = {}
+    for name, module in engine.modules.items():
+        gate_up, down = module.host_weights()
+        out[name] = [float(t.double().sum()) for t in (gate_up, down)] + [float(t.double().square().sum())
+                                                                          for t in (gate_up, down)]
+    return out
+
+
+def shared_mappings(marker: str) -> dict[str, Any]:
+    """Total Size / Rss / Pss (bytes) of this process's mappings whose path contains `marker`, and their inodes."""
+    totals: dict[str, Any] = {"size": 0, "rss": 0, "pss": 0, "mappings": 0}
+    inodes: set[int] = set()
+    current = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            current = marker in line
+            if current:
+                totals["mappings"] += 1
+                inodes.add(int(fields[4]))
+        elif current and fields and fields[0] in ("Size:", "Rss:", "Pss:"):
+            totals[fields[0][:-1].lower()] += int(fields[1]) * 1024
+    totals["inodes"] = sorted(inodes)
+    return totals
+
+
+def memory_config(model_dir: Path) -> Any:
+    from kllama.config import build_config
+
+    return build_config({"model_name_or_path": str(model_dir), "output_dir": "/nonexistent/out", "use_kt": True,
+                         "dataset": "dpo_en_demo", "expert_placement": "cpu"})
+
+
+def memory_report(model_dir: Path) -> dict[str, Any]:
+    """Load the model as training does and report the experts and this rank's view of the shared memory."""
+    from kllama.experts.shared_host import MEMFD_NAME
+    from kllama.train.distributed import barrier
+
+    loaded = load_for_training(memory_config(model_dir))
+    sums = expert_checksums(loaded.engine)  # reads (so maps in) every page of the weights
+    barrier()  # every rank has the pages mapped now: PSS splits them between the ranks
+    report = {"sums": sums, "mapped": shared_mappings(f"memfd:{MEMFD_NAME}"),
+              "host_bytes": sum(m.host_bytes() for m in loaded.engine.modules.values())}
+    barrier()  # nobody unmaps before every rank has measured
+    return report
+
+
 def main() -> None:
     from kllama.train.distributed import init_distributed, shutdown_distributed
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model_dir", type=Path)
-    parser.add_argument("out", type=Path)
-    args = parser.parse_args()
+    model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     rank = init_distributed(120)
-    steps = {case: first_step(args.model_dir, args.out / case, case, rank.world_size) for case in CASES}
-    torch.save(steps, args.out / f"rank{rank.rank}.pt")
+    result: dict[str, Any] = {"memory": memory_report(model_dir)}
+    result.update({case: first_step(model_dir, out / case, case, rank.world_size) for case in CASES})
+    torch.save(result, out / f"rank{rank.rank}.pt")
     shutdown_distributed()
 
 

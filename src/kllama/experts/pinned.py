@@ -56,11 +56,17 @@ def host_empty(numel: int, dtype: torch.dtype, *, pin: bool) -> Tensor:
     nbytes = numel * dtype.itemsize
     if nbytes == 0:
         return torch.empty(0, dtype=dtype)
+    return mapped_tensor(dontfork_buffer(nbytes), dtype, pin=pin)
+
+
+def mapped_tensor(buf: mmap.mmap, dtype: torch.dtype, *, pin: bool) -> Tensor:
+    """A 1-D tensor of `dtype` over all of the mapping `buf` (its length a multiple of the dtype's size), registered
+    as page-locked memory when `pin` and CUDA is available. The tensor keeps the mapping alive."""
     # tensor -> numpy array -> mmap: the array dies first (clearing its weakrefs, so the registration is undone
     # while the pages are still mapped), then the mapping is unmapped.
-    raw = np.frombuffer(dontfork_buffer(nbytes), dtype=np.uint8)
+    raw = np.frombuffer(buf, dtype=np.uint8)
     if pin and torch.cuda.is_available():
-        ptr = raw.ctypes.data
+        ptr, nbytes = raw.ctypes.data, raw.nbytes
         err = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
         if err != 0:
             raise KllamaError(f"could not pin {nbytes / 2**30:.2f} GiB of host memory for routed experts (CUDA "

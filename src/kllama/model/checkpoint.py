@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from kllama.errors import KllamaError
-from kllama.experts.pinned import host_empty
+from kllama.experts.shared_host import expert_host_buffer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -273,16 +273,17 @@ class ShardReader:
         self.close()
 
 
-def allocate_layer_buffer(keys: ExpertLayerKeys, dtype: torch.dtype, pin: bool) -> tuple[Tensor, Tensor]:
-    """One host allocation for a layer, viewed as `gate_up [E, 2I, H]` and `down [E, H, I]`.
+def allocate_layer_buffer(keys: ExpertLayerKeys, dtype: torch.dtype, pin: bool) -> tuple[Tensor, Tensor, bool]:
+    """One host allocation for a layer, viewed as `gate_up [E, 2I, H]` and `down [E, H, I]`, and whether it already
+    holds the weights (another rank of this node read them: `kllama.experts.shared_host`).
 
     `pin=True` page-locks it (host->GPU copies run ~3x faster) when CUDA is available; without CUDA there is
     nothing to pin for and plain memory is used.
     """
     e, h, i = keys.num_experts, keys.hidden, keys.intermediate
     n_gate_up = e * 2 * i * h
-    flat = host_empty(n_gate_up + e * h * i, dtype, pin=pin)
-    return flat[:n_gate_up].view(e, 2 * i, h), flat[n_gate_up:].view(e, h, i)
+    flat, filled = expert_host_buffer(n_gate_up + e * h * i, dtype, pin=pin)
+    return flat[:n_gate_up].view(e, 2 * i, h), flat[n_gate_up:].view(e, h, i), filled
 
 
 def load_expert_layer(index: CheckpointIndex, layer_idx: int, *, dtype: torch.dtype, pin: bool,
@@ -297,7 +298,9 @@ def load_expert_layer(index: CheckpointIndex, layer_idx: int, *, dtype: torch.dt
     if keys is None:
         raise KllamaError(f"layer {layer_idx} has no routed experts in {index.model_dir}; layers with experts: "
                           f"{sorted(index.expert_layers)}")
-    gate_up, down = allocate_layer_buffer(keys, dtype, pin)  # [E, 2I, H], [E, H, I]
+    gate_up, down, filled = allocate_layer_buffer(keys, dtype, pin)  # [E, 2I, H], [E, H, I]
+    if filled:
+        return gate_up, down
     inter = keys.intermediate
     own = reader is None
     reader = reader or ShardReader(index)

@@ -70,6 +70,13 @@ def init_distributed(timeout_s: float) -> DistInfo:
     GPU and the routed experts stay in host memory shared by the node's ranks.
     """
     info = dist_info()
+    if not info.is_main:
+        sys.stdout = io.TextIOWrapper(open(os.devnull, "wb"), write_through=True)  # noqa: SIM115 - lives as long as the process
+        os.environ["TQDM_DISABLE"] = "1"  # progress bars that do not set `disable` themselves
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in _TRUE:
+        os.environ["ACCELERATE_USE_FSDP"] = "false"  # read by the Trainer's Accelerator
+        print("accelerate FSDP config: kllama trains LoRA with DDP (non-expert weights replicated on each GPU, "
+              "routed experts in host memory shared per node)", flush=True)
     if not info.enabled:
         return info
     if torch.cuda.is_available():
@@ -77,18 +84,21 @@ def init_distributed(timeout_s: float) -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in _TRUE
-    if not info.is_main:
-        sys.stdout = io.TextIOWrapper(open(os.devnull, "wb"), write_through=True)  # noqa: SIM115 - lives as long as the process
-        os.environ["TQDM_DISABLE"] = "1"  # progress bars that do not set `disable` themselves
-    if fsdp:
-        os.environ["ACCELERATE_USE_FSDP"] = "false"
-        print("accelerate FSDP config: kllama trains LoRA with DDP (non-expert weights replicated on each GPU, "
-              "routed experts in host memory shared per node)", flush=True)
     where = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
     print(f"distributed: {info.world_size} ranks ({info.local_world_size} per node), rank 0 on {where}, "
           f"backend {dist.get_backend()}", flush=True)
     return info
+
+
+def expert_memory_per_node(info: DistInfo, use_kt: bool) -> contextlib.AbstractContextManager:
+    """The block to load the model in: with the expert engine and several ranks per node, routed experts go to one
+    host copy per node (`kllama.experts.shared_host`; local rank 0 loads first, the others map its pages)."""
+    if not (use_kt and info.local_world_size > 1):
+        return contextlib.nullcontext()
+    from kllama.experts.shared_host import node_shared_experts
+
+    # torchrun numbers the ranks of a node consecutively: local rank 0 of this node is global rank - local rank
+    return node_shared_experts(leader_rank=info.rank - info.local_rank, is_leader=info.is_local_main)
 
 
 def shutdown_distributed() -> None:

@@ -34,7 +34,13 @@ from kllama.train.checkpoints import (
     save_failed,
     staging_dir,
 )
-from kllama.train.distributed import barrier, in_rank_order, init_distributed, shutdown_distributed
+from kllama.train.distributed import (
+    barrier,
+    expert_memory_per_node,
+    in_rank_order,
+    init_distributed,
+    shutdown_distributed,
+)
 from kllama.train.health import TrainingHealth
 from kllama.train.micro_batching import BatchPlan, apply_micro_batching, reference_pass_budget
 from kllama.train.preflight import prepare_inputs
@@ -174,7 +180,8 @@ def run_training(config: KllamaConfig) -> int:
     if rank.is_main:
         check_output_dir_writable(output_dir)
 
-    loaded = load_model(config, "train")
+    with expert_memory_per_node(rank, config.engine.use_kt):  # one host copy of the experts per node
+        loaded = load_model(config, "train")
     if loaded.engine is not None and (note := rule_training_note(loaded.engine, t.micro_batch_tokens or 16384)):
         print(note, flush=True)
 
