@@ -146,7 +146,7 @@ class TrainingArguments:
         "per_device_train_batch_size x gradient_accumulation_steps rows of an optimizer step run in as few passes as "
         "fit this many padded tokens each (same gradient, grouped by length); 0 = as written.",
     )
-    ddp_timeout: int = arg(1800, "Timeout in seconds of distributed collectives (kept for compatibility; single-process runs ignore it).")
+    ddp_timeout: int = arg(1800, "Timeout in seconds of distributed collectives in a data-parallel run (single-process runs ignore it).")
     disable_tqdm: bool = arg(False, "Hide progress bars.")
 
 
