@@ -88,6 +88,10 @@ def test_remote_code_runs_only_for_unknown_types_with_trust(tiny_model_dir, tmp_
     with pytest.raises(KllamaError, match=r"cannot read the config of .*custom"):
         read_model_source(model_dir, trust_remote_code=True)  # the directory's code runs, and fails as on the hub
     assert marker.read_text().splitlines() == ["configuration_deepseek.py"]
+    # code that imports but lacks the class auto_map names (how the hub file fails on transformers 5.17): same error
+    (model_dir / "configuration_deepseek.py").write_text("VERSION = 1\n")
+    with pytest.raises(KllamaError, match=r"cannot read the config of .*custom.*AttributeError"):
+        read_model_source(model_dir, trust_remote_code=True)
     config = json.loads((model_dir / "config.json").read_text())
     del config["auto_map"]
     (model_dir / "config.json").write_text(json.dumps(config))

@@ -94,8 +94,11 @@ def read_model_source(model_dir: str | Path | None, *, trust_remote_code: bool) 
     """Check `model_dir`, decide whether its own code runs, and read its config with transformers' class for it."""
     path = check_model_dir(model_dir)
     remote = _runs_remote_code(path, _raw_config(path), trust_remote_code)
+    # The directory's own code can fail in any way (a missing class is an AttributeError, a removed transformers
+    # module an ImportError, depending on the transformers version); transformers' own classes fail with these.
+    failures: tuple[type[BaseException], ...] = (Exception,) if remote else (ValueError, OSError, ImportError)
     try:
         hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=remote)
-    except (ValueError, OSError, ImportError) as exc:
-        raise KllamaError(f"cannot read the config of {path}: {exc}") from None
+    except failures as exc:
+        raise KllamaError(f"cannot read the config of {path}: {type(exc).__name__}: {exc}") from None
     return ModelSource(path, hf_config, remote)
