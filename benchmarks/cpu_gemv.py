@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,18 +26,8 @@ import torch
 from torch.nn.functional import linear, silu
 
 from kllama.experts.cpu_compute import _CHOSEN_GEMM, cpu_infer_forward
+from kllama.experts.crossover import median_seconds
 from kllama.experts.routed import routed_experts_math
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
