@@ -102,3 +102,30 @@ def test_user_path_runs_the_cli_on_a_tiny_model(tmp_path: Path) -> None:
     train = result["phases"]["train"]
     assert train["exit_code"] == 0 and train["peak_host_gb"] > 0 and train["peak_host_rss_sum_gb"] > 0
     assert [s["step"] for s in train["steps"]] == [1, 2] and all(s["tokens_per_second"] > 0 for s in train["steps"])
+
+
+def test_serve_benchmark_drives_a_real_server(tmp_path: Path, tiny_model_dir) -> None:  # noqa: ANN001
+    out_dir = tmp_path / "serve"
+    log = _finish(_start("serve.py", str(tiny_model_dir("deepseek_v2")), "--placements", "auto", "--concurrency",
+                         "1,4", "--new", "6", "--out-dir", str(out_dir)), timeout=300)  # a server starts
+    result = _only_json(out_dir)
+    rows = {row["name"]: row for row in result["rows"]}
+    assert set(rows) == {"auto x1", "auto x4"}, rows
+    for row in rows.values():
+        assert row["aggregate_tok_s"] > 0 and row["completion_tokens"] == 6 * row["streams"], row
+        assert 0 < row["ttft_p50_s"] <= row["ttft_p95_s"] and row["itl_p50_ms"] > 0
+    assert rows["auto x1"]["max_batch"] == 1 and rows["auto x4"]["max_batch"] >= 2  # the server batched them
+    assert "aggregate tok/s" in log and (out_dir / "serve_auto.log").is_file()
+
+
+def test_dpo_ddp_runs_two_tiny_ranks_on_cpu(tmp_path: Path) -> None:
+    out = _finish(_start("dpo_ddp.py", "--tiny", "--nproc", "2", "--baseline", "--out-dir", str(tmp_path)), timeout=240)
+    assert "2 rank(s)" in out
+    result = _only_json(tmp_path)
+    assert result["ranks"] == 2
+    rows = {row["name"]: row for row in result["rows"]}
+    for name in ("kllama stream", "kllama gpu", "stock+peft DDP (chunked logps)"):
+        assert rows[name]["tokens_per_s"] > 0 and rows[name]["ranks"] == 2, rows[name]
+        assert len(rows[name]["per_rank"]) == 2 and rows[name]["node_pss_gb"] > 0
+    probe = result["copy_probe"]
+    assert len(probe["alone_gb_s"]) == len(probe["together_gb_s"]) == 2 and probe["together_total_gb_s"] > 0
