@@ -125,3 +125,17 @@ def test_bad_dataset_row_is_one_clear_error(tiny_model_dir, tmp_path):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert "broken.json" in out.stderr and "rejected" in out.stderr
+
+
+def test_dataloader_workers_above_the_usable_cpus_are_clamped_with_one_line():
+    """The seed YAML's `dataloader_num_workers: 4` on a 2-core machine: torch would warn, the extra workers only
+    compete for the same cores; kllama uses the CPUs it may run on and says so."""
+    from kllama.config.kt_keys import usable_cpus
+    from kllama.train.run import dataloader_workers
+
+    cpus = usable_cpus()
+    assert dataloader_workers(0) == (0, None)
+    assert dataloader_workers(cpus) == (cpus, None)
+    workers, line = dataloader_workers(cpus + 3)
+    assert workers == cpus and line == (f"dataloader_num_workers: {cpus + 3} asked, this process may use {cpus} "
+                                        f"CPUs; using {cpus}")

@@ -140,7 +140,7 @@ class TrainingArguments:
     gradient_checkpointing: bool = arg(True, "Recompute activations in backward to save memory (on by default, as in LLaMA-Factory; `disable_gradient_checkpointing: true` turns it off).")
     eval_steps: int | None = arg(None, "Evaluate every N steps (default: logging_steps when a validation set exists).")
     eval_strategy: str = arg("no", "When to evaluate: no, steps, epoch (set to steps automatically when val_size > 0).", choices=("no", "steps", "epoch"))
-    dataloader_num_workers: int = arg(0, "Worker processes for the data loader.")
+    dataloader_num_workers: int = arg(0, "Worker processes for the data loader (more than the CPUs this process may use are clamped, with one line).")
     micro_batch_tokens: int = arg(
         16384, "With routed experts in host RAM (use_kt, streamed or on the CPU): token budget of one pass. The "
         "per_device_train_batch_size x gradient_accumulation_steps rows of an optimizer step run in as few passes as "

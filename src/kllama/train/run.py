@@ -14,6 +14,7 @@ from transformers import TrainingArguments, set_seed
 
 from kllama.compat import peft_wrapping
 from kllama.config import KllamaConfig, format_config
+from kllama.config.kt_keys import usable_cpus
 from kllama.errors import KllamaError
 from kllama.experts.report import rule_training_note
 from kllama.model.adapters import (
@@ -39,6 +40,7 @@ from kllama.train.distributed import (
     expert_memory_per_node,
     in_rank_order,
     init_distributed,
+    is_main_process,
     shutdown_distributed,
 )
 from kllama.train.health import TrainingHealth
@@ -67,6 +69,16 @@ def preference_settings(config: KllamaConfig, model_config: Any = None) -> Prefe
         simpo_gamma=f.simpo_gamma, discopop_tau=f.discopop_tau, ftx=f.pref_ftx, ld_alpha=f.ld_alpha,
         router_aux_loss_coef=resolve_router_aux_coef(config.model.router_aux_loss_coef, model_config),
     )
+
+
+def dataloader_workers(requested: int) -> tuple[int, str | None]:
+    """Data-loader worker processes for this machine: `requested`, at most the CPUs this process may use (more only
+    compete for the same cores, and torch warns about them), and the line saying so when that clamps it."""
+    available = usable_cpus()
+    if requested <= available:
+        return requested, None
+    return available, (f"dataloader_num_workers: {requested} asked, this process may use {available} CPUs; "
+                       f"using {available}")
 
 
 def build_training_arguments(config: KllamaConfig, *, has_eval: bool, use_cpu: bool,
@@ -107,7 +119,7 @@ def build_training_arguments(config: KllamaConfig, *, has_eval: bool, use_cpu: b
         run_name=t.run_name,
         **{CHECKPOINTING_ARG: t.gradient_checkpointing,
            f"{CHECKPOINTING_ARG}_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None},
-        dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_num_workers=dataloader_workers(t.dataloader_num_workers)[0],
         ddp_timeout=t.ddp_timeout,
         # Every LoRA parameter gets a gradient each step (expert LoRA through HostExperts' autograd function too):
         # DDP need not search the graph for unused ones.
@@ -210,6 +222,9 @@ def run_training(config: KllamaConfig) -> int:
     barrier()
     args = build_training_arguments(config, has_eval=eval_set is not None, use_cpu=loaded.device.type == "cpu",
                                     plan=plan)
+    clamped = dataloader_workers(t.dataloader_num_workers)[1]
+    if clamped and is_main_process():
+        print(clamped, flush=True)
     callbacks: list[Any] = [PublishCheckpoints(output_dir, t.save_total_limit)]
     if "tensorboard" in t.report_to:
         from torch.utils.tensorboard import SummaryWriter
