@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from train_helpers import GradCapture
 
 from kllama.train.micro_batching import (
     BatchPlan,
@@ -106,17 +106,6 @@ def test_padding_stays_under_ten_percent_on_the_bundled_demo_with_the_seed_batch
         assert passes_per_step(lengths, order, 8, 2, budget) == {1: -(-len(lengths) // 8)}  # short rows: one pass
     # the same merge on random steps would pad far more: the grouping is what keeps it small
     assert padding_fraction(lengths, list(range(len(lengths))), 8, 2, budget) > 0.2
-
-
-class GradCapture(TrainerCallback):
-    """Copies every trainable gradient right before the first optimiser step."""
-
-    def __init__(self) -> None:
-        self.grads: dict[str, torch.Tensor] | None = None
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
-        if self.grads is None:
-            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def first_step(model_dir: Path, tmp: Path, settings: dict, budget: int | None) -> tuple[float, dict[str, torch.Tensor]]:

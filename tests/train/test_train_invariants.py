@@ -12,20 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from train_helpers import GradCapture
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class GradCapture(TrainerCallback):
-    """Copies every trainable gradient right before the first optimiser step."""
-
-    def __init__(self) -> None:
-        self.grads: dict[str, torch.Tensor] | None = None
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
-        if self.grads is None:
-            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def first_step(model_dir: Path, tmp: Path, batch: int, accumulation: int) -> tuple[float, dict[str, torch.Tensor]]:
