@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -65,6 +66,7 @@ COLUMNS = (
     ("wall_s", "wall s", "{:.1f}"),
     ("tokens_per_s", "tok/s", "{}"),
     ("peak_gpu_gb", "peak GPU GB", "{}"),
+    ("streamed_layers", "streamed layers", "{}"),
     ("peak_host_gb", "peak host GB (tree PSS)", "{:.1f}"),
     ("note", "note", "{}"),
 )
@@ -236,6 +238,9 @@ def train(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, Any]:
     cmd = kllama_cmd("train", EXAMPLES[args.model]["train"], f"model_name_or_path={paths['model']}",
                      f"dataset_dir={paths['data']}", f"output_dir={out}", *args.overrides)
     result = run_cli(cmd, log_file(args, paths, "train"))
+    result.update(expert_layer_facts(log_file(args, paths, "train").read_text(errors="replace")))
+    for line in result["promotions"]:
+        log(line)
     state_path = out / "trainer_state.json"
     if state_path.exists():
         history = json.loads(state_path.read_text())["log_history"]
@@ -255,6 +260,21 @@ def train(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, Any]:
             result["train_runtime_s"] = final[-1]["train_runtime"]
     result["host_rss_over_checkpoint"] = result["peak_host_gb"] / max(checkpoint_gb(paths["model"]), 1e-9)
     return result
+
+
+_STREAMED_AT_START = (re.compile(r"each pass copies (\d+) layers"), re.compile(r"each pass has (\d+) streamed"))
+_STREAMED_AFTER = re.compile(r"; (\d+) of (\d+) MoE layers stream")
+
+
+def expert_layer_facts(log_text: str) -> dict[str, Any]:
+    """What a train log says about its expert layers: streamed layers per pass at start (the micro-batching line),
+    the measured-step promotion lines, and the streamed layers after the last promotion."""
+    start = next((int(m.group(1)) for line in log_text.splitlines() if line.startswith("micro-batching:")
+                  for pattern in _STREAMED_AT_START if (m := pattern.search(line))), None)
+    promotions = [line.strip() for line in log_text.splitlines() if line.startswith("promoted ")]
+    final = _STREAMED_AFTER.search(promotions[-1]) if promotions else None
+    return {"streamed_layers_at_start": start, "promotions": promotions,
+            "streamed_layers": int(final.group(1)) if final else start}
 
 
 def infer_overrides(args: argparse.Namespace, paths: dict[str, Path]) -> list[str]:

@@ -11,6 +11,7 @@ from kllama.config.checks import resolve_config_path
 from kllama.config.kt_keys import cpu_threads, engine_notices
 from kllama.errors import KllamaError
 from kllama.experts.install import ExpertEngine
+from kllama.experts.module import HostExperts
 from kllama.experts.placement import ExpertPlacement
 from kllama.experts.report import placement_table
 from kllama.model.meta_load import load_checkpoint
@@ -57,31 +58,65 @@ def inference_reserve_bytes(engine: ExpertEngine) -> int:
     return 2 * layer + 2 * 2**30
 
 
+def spread_layers(count: int, candidates: list[int], resident: list[int], num_layers: int) -> list[int]:
+    """`count` of the `candidates` (layer positions 0..num_layers-1) to make resident, spread over the stack: each
+    pick is the candidate farthest from every resident layer and from both ends of the stack (ties: the lower).
+
+    Why spread: the streamer copies one layer ahead, so while a run of adjacent resident layers computes the copy
+    engine has nothing to do (both slots already hold the next streamed layers); a resident layer between two
+    streamed ones computes while the next streamed layer copies. Never picking layer 0 or the top layer first keeps
+    each pass starting on a streamed layer the previous pass already prefetched."""
+    taken = [-1, num_layers, *resident]
+    left = sorted(candidates)
+    picked: list[int] = []
+    for _ in range(min(count, len(left))):
+        best = max(left, key=lambda c: (min(abs(c - t) for t in taken), -c))
+        picked.append(best)
+        taken.append(best)
+        left.remove(best)
+    return picked
+
+
+def make_resident(module: HostExperts, why: str) -> None:
+    """Keep `module`'s experts on the GPU from now on (`gpu` for every pass), copying them there now."""
+    p = module.placement
+    module.placement = ExpertPlacement(short="gpu", long="gpu", cpu_threads=p.cpu_threads, chunk_size=p.chunk_size,
+                                       source=f"{why} ({p.source})")
+    module.resident_weights()
+
+
+def promote_layers(engine: ExpertEngine, count: int, *, spread: bool, why: str,
+                   candidates: list[str] | None = None) -> list[str]:
+    """Make `count` more layers resident (of `candidates`, default every layer not resident yet): spread over the
+    stack (`spread_layers`) for training, from the bottom up otherwise (decode's CUDA graphs then cut fewer times);
+    returns their names."""
+    names = list(engine.modules)
+    modules = list(engine.modules.values())
+    resident = [i for i, m in enumerate(modules) if m.placement.long == "gpu" and m.placement.short == "gpu"]
+    allowed = set(candidates) if candidates is not None else set(names)
+    free = [i for i, name in enumerate(names) if name in allowed and i not in resident]
+    picked = spread_layers(count, free, resident, len(names)) if spread else free[:count]
+    for i in sorted(picked):
+        make_resident(modules[i], why)
+    return [names[i] for i in sorted(picked)]
+
+
 def promote_resident_layers(engine: ExpertEngine, budget_bytes: int, device: torch.device,
-                            reserve_bytes: int | None = None) -> int:
+                            reserve_bytes: int | None = None, *, spread: bool = False) -> int:
     """Keep as many layers' experts resident on the GPU as fit in `budget_bytes` minus what is already allocated
     and a reserve (default: a training step's activations; see `inference_reserve_bytes`); returns how many layers
-    were promoted."""
+    were promoted (`spread`: which ones, see `promote_layers`)."""
     modules = list(engine.modules.values())
     if not modules or device.type != "cuda":
         return 0
     used = torch.cuda.memory_allocated(device)
     # Activations of a 16k-token DPO micro-step with checkpointing peak at ~13 GB on V2-Lite (benchmarks/NOTES.md):
-    # keep 60% of the budget for them and the two stream slots.
+    # keep 60% of the budget for them and the two stream slots. Training measures its real peak after its first
+    # step and promotes more layers then (kllama.train.promotion).
     reserve = max(int(0.6 * budget_bytes), 8 * 2**30) if reserve_bytes is None else reserve_bytes
     room = budget_bytes - used - reserve
-    promoted = 0
-    for module in modules:
-        size = module.host_bytes()
-        if room < size:
-            break
-        module.placement = ExpertPlacement(short="gpu", long="gpu", cpu_threads=module.placement.cpu_threads,
-                                           chunk_size=module.placement.chunk_size,
-                                           source=f"resident within max_gpu_memory ({module.placement.source})")
-        module.resident_weights()
-        room -= size
-        promoted += 1
-    return promoted
+    count = max(0, room // max(m.host_bytes() for m in modules))  # every MoE layer of a model has the same size
+    return len(promote_layers(engine, count, spread=spread, why="resident within max_gpu_memory"))
 
 
 def load_on_engine(source: ModelSource, config: KllamaConfig, *, device: torch.device, dtype: torch.dtype,
@@ -99,6 +134,7 @@ def load_on_engine(source: ModelSource, config: KllamaConfig, *, device: torch.d
         budget = parse_bytes(config.engine.max_gpu_memory)
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
-        promote_resident_layers(engine, budget, device, inference_reserve_bytes(engine) if inference else None)
+        promote_resident_layers(engine, budget, device, inference_reserve_bytes(engine) if inference else None,
+                                spread=not inference)
     print(placement_table(engine, notes=notes), flush=True)
     return model, engine

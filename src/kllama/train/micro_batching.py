@@ -119,6 +119,29 @@ class ChunkedCollator:
         return {"chunks": [self.collate([rows[i] for i in part]) for part in parts]}
 
 
+def largest_pass_tokens(lengths: list[int], sequences_per_row: int, rows_per_step: int, budget: int) -> int:
+    """The most padded tokens one pass can hold, whatever order the rows come in: `chunk_rows` starts a pass with its
+    longest row (padded length L) and adds rows no longer than L while they fit `budget`, so such a pass holds at most
+    min(rows_per_step, budget // (sequences_per_row x L), rows no longer than L) rows (at least the one). With
+    `budget` 0 (user batching: each pass is a micro-batch of `rows_per_step` rows) only the row counts bound it."""
+    best = 0
+    for count, length in enumerate(sorted(padded(n) for n in lengths), start=1):
+        per_row = sequences_per_row * length
+        fit = max(1, budget // per_row) if budget > 0 else rows_per_step
+        best = max(best, min(rows_per_step, fit, count) * per_row)
+    return best
+
+
+def worst_pass_tokens(train_rows: Any, stage: str, plan: BatchPlan | None, per_device_batch: int) -> int:
+    """`largest_pass_tokens` of a run's training rows: under a micro-batching `plan`, or for the user's own
+    per-device micro-batches when `plan` is None."""
+    lengths = train_rows.lengths if isinstance(train_rows, LengthGroupedRows) else row_lengths(train_rows, stage)
+    sequences = _STAGE_ROWS[stage][1]
+    if plan is None:
+        return largest_pass_tokens(lengths, sequences, per_device_batch, 0)
+    return largest_pass_tokens(lengths, sequences, plan.step_rows, plan.budget)
+
+
 def passes_per_step(lengths: list[int], order: list[int], step_rows: int, sequences_per_row: int,
                     budget: int) -> Counter:
     """How many steps of an epoch in `order` run in 1, 2, ... passes."""

@@ -46,6 +46,7 @@ from kllama.train.distributed import (
 from kllama.train.health import TrainingHealth
 from kllama.train.micro_batching import BatchPlan, apply_micro_batching, reference_pass_budget
 from kllama.train.preflight import prepare_inputs
+from kllama.train.promotion import build_promotion
 from kllama.train.trainer import (
     KllamaTrainer,
     PreferenceSettings,
@@ -235,6 +236,7 @@ def run_training(config: KllamaConfig) -> int:
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collate,
         processing_class=tokenizer, callbacks=callbacks, settings=settings, reference_context=reference_context,
         health=TrainingHealth(output_dir),
+        promotion=build_promotion(config, loaded.engine, loaded.device, train_set, plan, is_main_process()),
     )
     if resume is not None:
         load_adapter_weights(model, resume)  # expert LoRA too; the Trainer then restores optimiser/scheduler/RNG

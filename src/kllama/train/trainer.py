@@ -30,6 +30,7 @@ from kllama.train.losses import (
     preference_loss,
     sft_term,
 )
+from kllama.train.promotion import ResidentPromotion
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,13 @@ class KllamaTrainer(Trainer):
 
     def __init__(self, *args: Any, settings: PreferenceSettings,
                  reference_context: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 health: TrainingHealth | None = None, **kwargs: Any):
+                 health: TrainingHealth | None = None, promotion: ResidentPromotion | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.health = health or TrainingHealth()
         self.add_callback(self.health)
+        self.promotion = promotion  # more resident expert layers once a step is measured (train.promotion)
+        if promotion is not None:
+            self.add_callback(promotion)
         self.saves = SaveTracker()
         self.add_callback(self.saves)
         # DPO-family losses are per-pair means of a micro-batch: with this False the Trainer divides each one by the
@@ -216,6 +220,8 @@ class KllamaTrainer(Trainer):
         rows = self._rows(batch)
         if split == "train":
             self._tokens_since_log += int(batch["attention_mask"].sum())
+            if self.promotion is not None:
+                self.promotion.observe_pass(batch["input_ids"].numel())
         for key, value in metrics.items():
             self._stored[split][key].extend([value] * rows)
 
@@ -289,7 +295,9 @@ class KllamaTrainer(Trainer):
             self._tokens_since_log, self._last_log_time = 0, now
             ours["peak_host_memory_gb"] = round(peak_host_bytes() / 1e9, 3)
             if torch.cuda.is_available():
-                ours["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+                peak = (self.promotion.run_peak_allocated() if self.promotion is not None
+                        else torch.cuda.max_memory_allocated())
+                ours["peak_gpu_memory_gb"] = round(peak / 1e9, 3)
         logs.update(combine_rank_metrics(ours, counts))  # every rank logs here: one number over all ranks
         super().log(logs, start_time)
 

@@ -1,0 +1,189 @@
+"""More resident expert layers once a training step has been measured.
+
+At load, `max_gpu_memory` keeps a fixed reserve free for a step's activations (`promote_resident_layers`: 60 % of
+the budget, at least 8 GiB), because nothing has run yet. On the seed YAML under a 24 GB cap that left ~4 GB of the
+cap unused (peak 19.7 GB, V2-Lite): three more of the ~1.1 GB layers, each of which a step otherwise copies three
+times. So after a step has run, `ResidentPromotion` reads what the step really used and makes more layers resident
+in what is left:
+
+    worst step = allocated between steps (weights, stream slots, LoRA, optimiser state)
+               + activations of the largest pass the run can make (`worst_tokens`, from the data and
+                 micro_batch_tokens; scaled from the measured passes, see `activation_bytes`)
+               + the allocator's overhead (reserved - allocated at the fullest measured step's peak)
+               + a safety margin (`safety_margin`)
+
+The cap is enforced on the caching allocator's *reserved* memory (`set_per_process_memory_fraction`), so the
+overhead term is measured, not guessed; the margin covers what one step cannot show: other pass shapes at the same
+token count (rows x length: attention and mask buffers), the allocator packing activations around the new resident
+blocks, and workspaces of GEMM shapes not run yet. A layer is promoted only under that worst-case estimate, so no
+later pass can need it back: there is never a demotion. A later step (a larger pass measured, a second pass size
+to fit a line through) can tighten the estimate and promote more.
+
+Training results do not change: a resident layer runs the same kernels on the same weights as a streamed one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from kllama.config import parse_bytes
+from kllama.model.engine_setup import promote_layers
+from kllama.train.micro_batching import worst_pass_tokens
+
+GiB = 2**30
+# A line through the measured passes is trusted to extrapolate only when their sizes span a quarter of the worst
+# pass; closer points (noise in rows x length) fall back to the proportional estimate, which over-estimates.
+MIN_FIT_SPREAD = 0.25
+
+
+def safety_margin(budget: int) -> int:
+    """Bytes kept free beyond the worst-step estimate: 4 % of the budget, at least 1 GiB (about one V2-Lite
+    layer's MoE backward buffers at 16k tokens, or a second logit chunk)."""
+    return max(GiB, int(0.04 * budget))
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """GPU memory of one optimizer step (bytes) and the padded tokens of its largest pass."""
+
+    tokens: int
+    start: int  # allocated when the step began
+    peak_allocated: int
+    peak_reserved: int
+    end: int  # allocated after the optimizer step (gradients freed)
+
+    @property
+    def activations(self) -> int:
+        """What the step allocated above its start at its peak: activations, gradients, transient buffers."""
+        return max(0, self.peak_allocated - self.start)
+
+
+def activation_bytes(steps: list[StepMemory], tokens: int) -> int:
+    """Estimated `StepMemory.activations` of a step whose largest pass has `tokens` tokens, never below the truth
+    for a linear `fixed + per_token x tokens`: measured directly when a step was that large; else the line through
+    the measured (tokens, activations) points, raised to lie above all of them, when their sizes span
+    `MIN_FIT_SPREAD` of `tokens`; else the largest step's activations scaled by `tokens` (which counts its fixed part
+    as per-token too, so over-estimates)."""
+    points = [(s.tokens, s.activations) for s in steps if s.tokens > 0]
+    if not points:
+        raise ValueError("no measured step with tokens")
+    covering = [a for t, a in points if t >= tokens]
+    if covering:
+        return max(covering)
+    xs = [t for t, _ in points]
+    if max(xs) - min(xs) >= MIN_FIT_SPREAD * tokens:
+        mean_t = sum(xs) / len(xs)
+        mean_a = sum(a for _, a in points) / len(points)
+        slope = max(0.0, sum((t - mean_t) * (a - mean_a) for t, a in points) / sum((t - mean_t) ** 2 for t in xs))
+        fixed = max(a - slope * t for t, a in points)
+        return int(fixed + slope * tokens)
+    largest_t = max(xs)
+    return int(max(a for t, a in points if t == largest_t) * tokens / largest_t)
+
+
+@dataclass(frozen=True)
+class PromotionEstimate:
+    """The worst step's predicted reserved memory and how many more layers fit beside it."""
+
+    worst_bytes: int  # reserved bytes the largest pass is predicted to need, before promotion
+    layers: int  # layers to promote now
+    margin: int
+
+
+def estimate_promotion(steps: list[StepMemory], *, worst_tokens: int, budget: int, layer_bytes: int,
+                       candidates: int) -> PromotionEstimate:
+    """How many of `candidates` streamed layers of `layer_bytes` each to make resident under `budget` (the cap on
+    reserved memory) after the measured `steps` (see the module docstring for the estimate)."""
+    base = steps[-1].end
+    # the allocator's overhead where it matters, at the largest peak (a smaller step after it still finds the larger
+    # one's blocks cached, which says nothing about fragmentation)
+    fullest = max(reversed(steps), key=lambda s: s.peak_allocated)
+    overhead = max(0, fullest.peak_reserved - fullest.peak_allocated)
+    worst = base + activation_bytes(steps, worst_tokens) + overhead
+    margin = safety_margin(budget)
+    fit = max(0, (budget - worst - margin) // layer_bytes) if layer_bytes > 0 else 0
+    return PromotionEstimate(worst, int(min(candidates, fit)), margin)
+
+
+class ResidentPromotion(TrainerCallback):
+    """Measures each training step's GPU memory and makes more streamed expert layers resident when the measured
+    worst case leaves room under `max_gpu_memory` (see the module docstring). The trainer reports each training
+    pass's padded tokens through `observe_pass`; one line is printed per promotion."""
+
+    def __init__(self, engine: Any, device: torch.device, budget: int, worst_tokens: int,
+                 announce: bool = True) -> None:
+        self.engine, self.device, self.budget, self.worst_tokens = engine, device, budget, worst_tokens
+        self.announce = announce
+        self.steps: list[StepMemory] = []
+        self.promoted: list[str] = []
+        self._tokens = 0
+        self._start = 0
+        self._run_peak = 0
+
+    def observe_pass(self, tokens: int) -> None:
+        """A training pass of `tokens` padded tokens ran in the current step."""
+        self._tokens = max(self._tokens, tokens)
+
+    def run_peak_allocated(self) -> int:
+        """The largest GPU allocation of the run so far (torch's own peak is reset at every step here)."""
+        return max(self._run_peak, torch.cuda.max_memory_allocated(self.device))
+
+    def streamed(self) -> list[str]:
+        """Names of the layers whose training passes stream their experts now."""
+        return [name for name, m in self.engine.modules.items()
+                if m.target_for(self.worst_tokens, training=True) == "stream"]
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self.steps:  # what loading and the crossover probes left cached is no part of a step's footprint
+            torch.cuda.empty_cache()
+        self._run_peak = self.run_peak_allocated()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._start = torch.cuda.memory_allocated(self.device)
+        self._tokens = 0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._tokens == 0:  # a step without a training pass (nothing to learn from)
+            return
+        self.steps.append(StepMemory(
+            tokens=self._tokens, start=self._start, peak_allocated=torch.cuda.max_memory_allocated(self.device),
+            peak_reserved=torch.cuda.max_memory_reserved(self.device),
+            end=torch.cuda.memory_allocated(self.device)))
+        streamed = self.streamed()
+        if not streamed:
+            return
+        layer_bytes = max(self.engine.modules[name].host_bytes() for name in streamed)
+        estimate = estimate_promotion(self.steps, worst_tokens=self.worst_tokens, budget=self.budget,
+                                      layer_bytes=layer_bytes, candidates=len(streamed))
+        if estimate.layers == 0:
+            return
+        torch.cuda.empty_cache()  # the new resident blocks get fresh segments, not holes between cached activations
+        names = promote_layers(self.engine, estimate.layers, spread=True, candidates=streamed,
+                               why=f"resident after step {state.global_step}'s measured peak")
+        self.promoted += names
+        if self.announce:
+            print(promotion_line(len(names), state.global_step, estimate, layer_bytes, self.budget,
+                                 self.worst_tokens, len(self.streamed()), len(self.engine.modules)), flush=True)
+
+
+def promotion_line(count: int, step: int, estimate: PromotionEstimate, layer_bytes: int, budget: int,
+                   worst_tokens: int, streamed: int, layers: int) -> str:
+    """The line printed when layers are promoted."""
+    peak = estimate.worst_bytes + count * layer_bytes
+    return (f"promoted {count} more layer{'s' if count != 1 else ''} after step {step}: peak {peak / 1e9:.1f} GB "
+            f"of {budget / 1e9:.1f} GB budget (predicted for a {worst_tokens:,}-token pass from the measured steps, "
+            f"+{estimate.margin / 1e9:.1f} GB kept free); {streamed} of {layers} MoE layers stream")
+
+
+def build_promotion(config: Any, engine: Any, device: torch.device, train_rows: Any, plan: Any,
+                    announce: bool) -> ResidentPromotion | None:
+    """The run's `ResidentPromotion`, or None where it has nothing to do: no expert engine, no CUDA device, no
+    `max_gpu_memory`, or no layer streaming its training passes."""
+    if engine is None or device.type != "cuda" or not config.engine.max_gpu_memory or train_rows is None:
+        return None
+    worst = worst_pass_tokens(train_rows, config.finetuning.stage, plan, config.training.per_device_train_batch_size)
+    budget = min(parse_bytes(config.engine.max_gpu_memory), torch.cuda.get_device_properties(device).total_memory)
+    promotion = ResidentPromotion(engine, device, budget, worst, announce=announce)
+    return promotion if promotion.streamed() else None

@@ -1,0 +1,150 @@
+"""Resident layers promoted from a measured step: the worst-pass bound, the estimate, and (GPU) the run itself."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kllama.train.micro_batching import chunk_rows, largest_pass_tokens, padded
+from kllama.train.promotion import (
+    GiB,
+    StepMemory,
+    activation_bytes,
+    build_promotion,
+    estimate_promotion,
+    safety_margin,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+GB = 10**9
+
+
+def test_largest_pass_bound_is_what_some_order_of_the_rows_reaches_and_none_exceeds():
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = [rng.randrange(1, 400) for _ in range(rng.randrange(1, 7))]
+        step_rows, budget = rng.randrange(1, 5), rng.choice([0, 300, 1000, 4000])
+        bound = largest_pass_tokens(lengths, 2, step_rows, budget)
+        seen = 0
+        for step in itertools.permutations(range(len(lengths)), min(step_rows, len(lengths))):
+            step_lengths = [lengths[i] for i in step]
+            passes = chunk_rows(step_lengths, 2, budget) if budget else [list(range(len(step)))]
+            seen = max(seen, *(len(p) * 2 * padded(max(step_lengths[i] for i in p)) for p in passes))
+        assert seen == bound, (lengths, step_rows, budget)
+
+
+def test_largest_pass_of_the_seed_yaml():
+    # 8 pairs a step, 16,384-token passes: a pair truncated to 2,048 tokens leads a pass of 4 such pairs
+    assert largest_pass_tokens([2048] * 5 + [700] * 295, 2, 8, 16384) == 16384
+    # short pairs: the whole step of 8 is one pass, padded to the 8th-longest row
+    assert largest_pass_tokens([300] * 10 + [100] * 50, 2, 8, 16384) == 8 * 2 * 304
+    # the user's batching (no budget): per_device rows per pass
+    assert largest_pass_tokens([100, 2048, 50], 2, 1, 0) == 2 * 2048
+
+
+def _step(tokens: int, activations: float, end: float = 14.0, overhead: float = 0.5) -> StepMemory:
+    start = 13.0 * GB
+    peak = start + activations * GB
+    return StepMemory(tokens=tokens, start=int(start), peak_allocated=int(peak),
+                      peak_reserved=int(peak + overhead * GB), end=int(end * GB))
+
+
+def test_activation_estimate_measured_fitted_or_scaled():
+    # a step as large as the worst pass: its own measurement, nothing extrapolated
+    assert activation_bytes([_step(16384, 6.0), _step(8000, 4.0)], 16384) == 6 * GB
+    # two sizes spanning >= a quarter of the target: a line (2 GB + 0.5 GB per 2,048 tokens) through both
+    fitted = activation_bytes([_step(6144, 3.5), _step(12288, 5.0)], 16384)
+    assert fitted == pytest.approx(6.0 * GB, rel=1e-6)
+    # one size (or sizes too close to fit a line): scaled in proportion, which counts the fixed 2 GB as per-token
+    assert activation_bytes([_step(8192, 4.0)], 16384) == 8 * GB
+    assert activation_bytes([_step(8192, 4.0), _step(9000, 4.2)], 16384) == pytest.approx(4.2 * 16384 / 9000 * GB)
+    # a noisy point above the line: the line is raised to lie above every measured point
+    raised = activation_bytes([_step(4096, 3.0), _step(8192, 3.5), _step(12288, 5.0)], 16384)
+    assert raised >= 6.0 * GB and all(raised >= a * GB for a in (3.0, 3.5, 5.0))
+
+
+def test_seed_yaml_estimate_promotes_what_fits_beside_the_worst_pass():
+    # V2-Lite under 24 GB: 14 GB between steps (6 resident layers, stream slots, LoRA + Adam), a 16,384-token pass
+    # measured at 6 GB of activations, the allocator 0.5 GB above that at its peak. Worst step 14 + 6 + 0.5 = 20.5 GB;
+    # 24 - 20.5 - 1 GiB margin = 2.43 GB: two 1.107 GB layers.
+    layer = int(1.107 * GB)
+    estimate = estimate_promotion([_step(16384, 6.0)], worst_tokens=16384, budget=24 * GB, layer_bytes=layer,
+                                  candidates=20)
+    assert estimate.worst_bytes == int(20.5 * GB) and estimate.margin == GiB
+    assert estimate.layers == 2
+    # never more than the streamed layers, never a negative count when the step already fills the budget
+    assert estimate_promotion([_step(16384, 6.0)], worst_tokens=16384, budget=24 * GB, layer_bytes=layer,
+                              candidates=1).layers == 1
+    assert estimate_promotion([_step(16384, 12.0)], worst_tokens=16384, budget=24 * GB, layer_bytes=layer,
+                              candidates=20).layers == 0
+    # a small measured step scaled to the worst pass promotes less than the same step measured at full size
+    small = estimate_promotion([_step(8192, 3.0)], worst_tokens=16384, budget=24 * GB, layer_bytes=layer,
+                               candidates=20)
+    assert small.layers <= estimate.layers
+
+
+def test_allocator_overhead_is_read_at_the_fullest_step():
+    # the second, smaller step finds the first one's blocks still cached (reserved - allocated = 3.5 GB): that is
+    # not fragmentation, the 0.5 GB at the larger step's peak is
+    layer = int(1.107 * GB)
+    steps = [_step(16384, 6.0, overhead=0.5), _step(6144, 3.0, overhead=3.5)]
+    estimate = estimate_promotion(steps, worst_tokens=16384, budget=24 * GB, layer_bytes=layer, candidates=20)
+    assert estimate.worst_bytes == int(20.5 * GB)
+
+
+def test_margin_is_a_gib_or_four_percent_of_the_budget():
+    assert safety_margin(24 * GB) == GiB
+    assert safety_margin(80 * GB) == int(3.2 * GB)
+
+
+def test_nothing_to_promote_on_a_cpu_run(tiny_model_dir, tmp_path):
+    from kllama.config import build_config
+    from kllama.model.load import load_model
+
+    config = build_config({"model_name_or_path": str(tiny_model_dir("deepseek_v2")), "output_dir": str(tmp_path),
+                           "stage": "dpo", "dataset": "dpo_en_demo", "use_kt": True, "expert_placement": "stream",
+                           "max_gpu_memory": "24GB"})
+    loaded = load_model(config, "train", device="cpu")
+    assert build_promotion(config, loaded.engine, torch.device("cpu"), [], None, announce=True) is None
+
+
+def _train(out: Path, model_dir: Path, *extra: str) -> str:
+    args = [f"model_name_or_path={model_dir}", "stage=dpo", "dataset=dpo_en_demo", "template=deepseek",
+            "cutoff_len=64", "max_samples=12", "per_device_train_batch_size=1", "gradient_accumulation_steps=4",
+            "max_steps=3", "logging_steps=1", "learning_rate=1e-3", "use_kt=true", "expert_placement=stream",
+            "lora_rank=4", "seed=5", "disable_tqdm=true", "dataloader_num_workers=0", f"output_dir={out}", *extra]
+    done = subprocess.run([sys.executable, "-m", "kllama.cli", "train", *args], capture_output=True, text=True,
+                          timeout=600, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_measured_step_promotes_streamed_layers_and_training_is_unchanged(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    model_dir = tiny_model_dir("deepseek_v2")
+    # 8 GB: the load-time reserve (at least 8 GiB) keeps every layer streamed; the measured tiny step leaves room
+    promoted = _train(tmp_path / "promoted", model_dir, "max_gpu_memory=8GB")
+    streamed = _train(tmp_path / "streamed", model_dir)
+    assert not [line for line in streamed.splitlines() if line.startswith("promoted ")]
+    line = next(line for line in promoted.splitlines() if line.startswith("promoted "))
+    assert "after step 1: peak" in line and "GB of 8.0 GB budget" in line and "; 0 of " in line, line
+
+    def history(out: Path) -> list[dict]:
+        return [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+
+    for a, b in zip(history(tmp_path / "promoted"), history(tmp_path / "streamed"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
+    weights = [load_file(tmp_path / run / "adapter_model.safetensors") for run in ("promoted", "streamed")]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-3, atol=1e-5, msg=name)
