@@ -5,10 +5,13 @@
 For each placement a `kllama api` subprocess serves the model directory on 127.0.0.1 (expert engine,
 `expert_placement=<placement>`, plus any `--set key=value`); after one warm-up request, each concurrency level runs
 that many streaming requests of `--new` tokens at once (`ignore_eos`, greedy). Per level: aggregate tokens/s
-(completion tokens of all streams / wall time), time to first token p50/p95, inter-token latency p50/p95 (gaps
-between a stream's content chunks), and the server's own counters from /health: the largest batch it decoded in one
-step and its mean batch over the level. Writes `results/serve_<model>_<date>.json` (and a copy under `$OUT`) and
-prints one table. On a machine without CUDA every placement runs on the CPU (a smoke test with a tiny model).
+(completion tokens of all streams / wall time), time to first token p50/p95 (to a stream's first event: the server
+sends it with the first answer token, whose text may be empty), time per output token p50/p95 (a stream's time after
+its first token / its other tokens), inter-token latency p50/p95 (gaps between a stream's content chunks), and the
+server's own counters from /health: the largest batch it decoded in one step and its mean batch over the level.
+A random full-size model picks mostly ids its small test tokenizer has no text for (vocab 102,400 against 2,048), so
+its content chunks are sparse: read TTFT and time per token, not the inter-chunk gaps, on such a model. Writes
+`results/serve_<model>_<date>.json` (and a copy under `$OUT`) and prints one table. On a machine without CUDA every placement runs on the CPU (a smoke test with a tiny model).
 
 The driver needs only `openai` (and httpx); the server process needs kllama's API extras (fastapi, uvicorn,
 sse-starlette).
@@ -37,6 +40,8 @@ SERVE_COLUMNS = (
     ("speedup", "x one stream", "{:.2f}"),
     ("ttft_p50_s", "TTFT p50 s", "{:.3f}"),
     ("ttft_p95_s", "TTFT p95 s", "{:.3f}"),
+    ("tpot_p50_ms", "TPOT p50 ms", "{:.1f}"),
+    ("tpot_p95_ms", "TPOT p95 ms", "{:.1f}"),
     ("itl_p50_ms", "ITL p50 ms", "{:.1f}"),
     ("itl_p95_ms", "ITL p95 ms", "{:.1f}"),
     ("max_batch", "largest batch", "{}"),
@@ -111,8 +116,10 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 async def one_stream(client: Any, model: str, index: int, new_tokens: int) -> dict[str, Any]:
-    """One streaming request; chunk arrival times and the completion tokens the server reports."""
+    """One streaming request: when its first event came, its content chunks' arrival times and the completion
+    tokens the server reports."""
     start = time.perf_counter()
+    first: float | None = None
     stamps: list[float] = []
     tokens = 0
     stream = await client.chat.completions.create(
@@ -120,12 +127,14 @@ async def one_stream(client: Any, model: str, index: int, new_tokens: int) -> di
         max_tokens=new_tokens, temperature=0, stream=True, stream_options={"include_usage": True},
         extra_body={"ignore_eos": True})
     async for event in stream:
+        if event.choices and first is None:
+            first = time.perf_counter()
         if event.choices and event.choices[0].delta.content:
             stamps.append(time.perf_counter())
         if event.usage is not None:
             tokens = event.usage.completion_tokens
     end = time.perf_counter()
-    return {"start": start, "end": end, "stamps": stamps, "tokens": tokens}
+    return {"start": start, "first": first, "end": end, "stamps": stamps, "tokens": tokens}
 
 
 async def run_level(base: str, key: str, streams: int, new_tokens: int) -> dict[str, Any]:
@@ -143,13 +152,15 @@ async def run_level(base: str, key: str, streams: int, new_tokens: int) -> dict[
         after = httpx.get(f"{base}/health", timeout=30).json()
     finally:
         await client.close()
-    ttft = [r["stamps"][0] - r["start"] for r in results if r["stamps"]]
+    ttft = [r["first"] - r["start"] for r in results if r["first"] is not None]
+    tpot = [(r["end"] - r["first"]) / (r["tokens"] - 1) for r in results if r["first"] is not None and r["tokens"] > 1]
     gaps = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]
     tokens = sum(r["tokens"] for r in results)
     steps = after.get("steps", 0) - before.get("steps", 0)
     generated = after.get("generated_tokens", 0) - before.get("generated_tokens", 0)
     return {"streams": streams, "wall_s": wall, "completion_tokens": tokens, "aggregate_tok_s": tokens / wall,
             "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
+            "tpot_p50_ms": (percentile(tpot, 50) or 0) * 1e3, "tpot_p95_ms": (percentile(tpot, 95) or 0) * 1e3,
             "itl_p50_ms": (percentile(gaps, 50) or 0) * 1e3, "itl_p95_ms": (percentile(gaps, 95) or 0) * 1e3,
             "max_batch": after.get("max_batch"), "mean_batch": generated / steps if steps else None,
             "server_steps": steps}

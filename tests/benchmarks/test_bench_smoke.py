@@ -115,6 +115,7 @@ def test_serve_benchmark_drives_a_real_server(tmp_path: Path, tiny_model_dir) ->
     for row in rows.values():
         assert row["aggregate_tok_s"] > 0 and row["completion_tokens"] == 6 * row["streams"], row
         assert 0 < row["ttft_p50_s"] <= row["ttft_p95_s"] and row["itl_p50_ms"] > 0
+        assert 0 < row["tpot_p50_ms"] <= row["tpot_p95_ms"], row
     assert rows["auto x1"]["max_batch"] == 1 and rows["auto x4"]["max_batch"] >= 2  # the server batched them
     assert "aggregate tok/s" in log and (out_dir / "serve_auto.log").is_file()
 

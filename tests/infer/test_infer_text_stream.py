@@ -42,3 +42,25 @@ def test_stop_string_prefix_is_held_back_until_decided() -> None:
     assert matcher.feed("ok </ans") == "ok "  # "</ans" could start the stop string
     assert matcher.feed("wer>") == ""
     assert matcher.stopped
+
+
+def test_first_answer_token_always_emits_a_chunk() -> None:
+    # A random full-size model mostly picks ids whose text is empty (special tokens, ids past a small tokenizer):
+    # the first token still produces a chunk, so the API's first event marks when the answer began.
+    import torch
+
+    from kllama.infer.sampling import SamplingParams
+    from kllama.infer.sequence import Sequence, StreamChunk
+
+    tok = build_tokenizer("deepseek_v2")
+    silent = tok.convert_tokens_to_ids("<pad>")
+    word = tok("hello", add_special_tokens=False)["input_ids"][0]
+    out: list[StreamChunk | BaseException] = []
+    seq = Sequence.start([1, 2], SamplingParams(max_new_tokens=5, ignore_eos=True), 5, frozenset(), tok,
+                         torch.device("cpu"), out.append)
+    seq.accept(silent)
+    assert out == [StreamChunk("")]
+    seq.accept(silent)
+    assert out == [StreamChunk("")]  # later empty tokens stay silent
+    seq.accept(word)
+    assert [c.text for c in out] == ["", tok.decode([word])]

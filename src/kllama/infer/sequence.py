@@ -3,6 +3,8 @@
 A `Sequence` knows nothing of batching: the batch step feeds it (`take`), hands it the token chosen for it
 (`accept`), and the sequence turns tokens into text chunks for its `emit` callback, holding back what could be the
 start of a stop string, until a turn-end token, a stop string, its token budget, cancellation or an error ends it.
+The first answer token always emits a chunk, even an empty one (a token whose text is still partial, or a special
+token): the API sends its first event then, so time to first token is what a client measures.
 """
 from __future__ import annotations
 
@@ -87,7 +89,7 @@ class Sequence:
         elif self.produced >= self.budget:
             self._finish(StreamChunk(text + self.matcher.flush(), FINISH_LENGTH, self.produced))
         else:
-            if text:
+            if text or self.produced == 1:  # the first token always shows: a client sees when its answer began
                 self.emit(StreamChunk(text))
             self.pending = [token_id]
             if self.sampler.params.repetition_penalty != 1.0:
