@@ -82,8 +82,10 @@ def init_distributed(timeout_s: float) -> DistInfo:
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        cuda = torch.cuda.is_available()
+        # binding the group to this rank's GPU lets every barrier know its device (without it torch warns at each)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=torch.device("cuda", info.local_rank) if cuda else None)
     where = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
     print(f"distributed: {info.world_size} ranks ({info.local_world_size} per node), rank 0 on {where}, "
           f"backend {dist.get_backend()}", flush=True)
