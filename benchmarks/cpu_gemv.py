@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.nn.functional import linear, silu
 
-from kllama.experts.cpu_compute import _CHOSEN_GEMM, cpu_infer_forward
+from kllama.experts.cpu_compute import cpu_infer_forward
 from kllama.experts.crossover import median_seconds
 from kllama.experts.routed import routed_experts_math
 
@@ -106,10 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:
         print(f"{row['variant']:40s} {row['threads']:7d} {row['ms']:8.3f} {row['GB_per_s']:7.1f} "
               f"{row['pct_of_read']:7.0f}")
-    chosen = {f"rows<={k[0]} weight{list(k[1])} {k[2]} {k[3]} threads": name for k, name in _CHOSEN_GEMM.items()}
-    for key, name in chosen.items():
-        print(f"engine GEMM form for {key}: {name}")
-    results = {"args": vars(args), "rows": rows, "cpu_count": torch.get_num_threads(), "engine_gemm_forms": chosen}
+    results = {"args": vars(args), "rows": rows, "cpu_count": torch.get_num_threads()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

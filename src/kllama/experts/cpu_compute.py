@@ -3,16 +3,13 @@
 Training passes (a backward follows) run `routed.py`'s math, shared with the GPU targets, on host copies of their
 inputs. No-grad passes (decode, prefill, reference passes) run `cpu_infer_forward`, the same math written for a few
 tokens: rows are grouped by expert without a sort, each selected expert's weights are read once by two GEMMs (bf16
-through oneDNN, which picks AMX, AVX-512 or AVX2 kernels; of two equivalent call forms the one measured faster for
-the shape, see `expert_gemm`), and the top-k rows of a token are summed in fp32 and rounded once. A no-grad pass costs the device one wait: its inputs go to pinned host buffers with non-blocking
+through oneDNN's `linear`, which picks AMX, AVX-512 or AVX2 kernels), and the top-k rows of a token are summed in fp32 and rounded once. A no-grad pass costs the device one wait: its inputs go to pinned host buffers with non-blocking
 copies followed by one stream sync, and the output goes back with a non-blocking copy (torch's caching host allocator
 keeps a pinned block until the copies that use it are done). The pass runs with the placement's `cpu_infer`
 intra-op threads.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING
@@ -66,50 +63,14 @@ def expert_groups(top_k_index: Tensor) -> list[tuple[int, Tensor]]:
     return list(zip(experts.tolist(), order.split(counts.tolist())))
 
 
-def _weight_left(x: Tensor, weight: Tensor) -> Tensor:
-    return (weight @ x.T).T  # [n, out] (a transposed view)
-
-
-def _matrix_vector(x: Tensor, weight: Tensor) -> Tensor:
-    return torch.mv(weight, x[0])[None]  # one row only: [1, out]
-
-
-# How `x [n, in]` meets a frozen expert weight `[out, in]`: torch's linear (the weight is the GEMM's right operand,
-# which oneDNN may repack into its blocked layout at every call), the weight as the left operand (read where it lies),
-# or for one row torch.mv. Which is fastest depends on the CPU, the library build and the shape, so it is measured
-# once per shape; every form computes the same dot products with fp32 accumulation.
-EXPERT_GEMMS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "linear": linear, "weight-left": _weight_left, "mv": _matrix_vector}
-_ONE_ROW_ONLY = ("mv",)
-_CHOSEN_GEMM: dict[tuple, str] = {}
-
-
-def fastest_gemm(x: Tensor, weight: Tensor, repeats: int = 5) -> str:
-    """The name of the EXPERT_GEMMS form (those valid for x's row count) with the lowest median time on `x`, `weight`
-    (after a warm-up each)."""
-    forms = {name: fn for name, fn in EXPERT_GEMMS.items() if x.shape[0] == 1 or name not in _ONE_ROW_ONLY}
-    times: dict[str, list[float]] = {name: [] for name in forms}
-    for fn in forms.values():
-        fn(x, weight)
-    for _ in range(repeats):
-        for name, fn in forms.items():
-            start = time.perf_counter()
-            fn(x, weight)
-            times[name].append(time.perf_counter() - start)
-    return min(times, key=lambda name: statistics.median(times[name]))
-
-
 def expert_gemm(x: Tensor, weight: Tensor) -> Tensor:
-    """`x [n, in] @ weight [out, in]^T -> [n, out]` in the form measured fastest on this machine for this weight
-    shape, dtype, thread count and row count (1, up to 16, more); fp32 weights always use `linear`."""
-    if weight.dtype == torch.float32:
-        return linear(x, weight)
-    rows = x.shape[0]
-    key = (1 if rows == 1 else 16 if rows <= 16 else 17, tuple(weight.shape), weight.dtype, torch.get_num_threads())
-    name = _CHOSEN_GEMM.get(key)
-    if name is None:
-        name = _CHOSEN_GEMM[key] = fastest_gemm(x, weight)
-    return EXPERT_GEMMS[name](x, weight)
+    """`x [n, in] @ weight [out, in]^T -> [n, out]` through torch's `linear` (oneDNN).
+
+    Of the torch forms measured reading weights from DRAM on the H200 box (docs/design.md, "CPU expert pass"),
+    `linear` was the fastest (61 % of the read bandwidth at one row; `torch.mv` 36 %). An earlier version timed the
+    forms on the first call and kept the fastest, but it timed one weight that sits in the L3 cache, which picked
+    `torch.mv`, the slowest form from DRAM."""
+    return linear(x, weight)
 
 
 def cpu_infer_forward(
