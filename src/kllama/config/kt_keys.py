@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kllama.config.loader import KllamaConfig
 
-_FROM_MODEL_DIR = "kllama reads the routed experts (bf16) from model_name_or_path"
+_FROM_MODEL_DIR = ("kllama reads the routed experts from model_name_or_path and quantizes them at load "
+                   "(expert_dtype: int8 | fp8)")
 _LORA_EXPERTS = ("extra GPU-side LoRA experts are not implemented; kllama puts LoRA on the routed experts "
                  "themselves (lora_target)")
 

@@ -163,13 +163,20 @@ class EngineArguments:
         choices=("cpu", "stream", "gpu", "auto"),
     )
     max_gpu_memory: str | None = arg(None, "GPU memory budget, e.g. 24GB: routed experts stay resident while it allows.")
+    expert_dtype: str = arg(
+        "auto", "How routed experts are held in host RAM: bf16 (not quantized: the model's weights dtype), int8 "
+        "(per output channel; fastest CPU decode), fp8 (e4m3, 128x128 block scales; streamed passes copy half the "
+        "bytes of bf16), or auto (an fp8 checkpoint's experts stay fp8 as stored, others are not quantized). "
+        "Quantized weights are dequantized on the GPU for streamed/resident passes; LoRA stays in full precision.",
+        choices=("auto", "bf16", "fp8", "int8"),
+    )
     # LLaMA-Factory's KTransformersArguments (kllama.config.kt_keys says what each does here)
     kt_cpu_activation: str | None = arg(
         None, "KTransformers: retain or recompute CPU expert activations under gradient checkpointing. kllama "
         "recomputes them with the layer when gradient_checkpointing is on and keeps them when it is off.",
         choices=("retain", "recompute"),
     )
-    kt_weight_path: str | None = arg(None, "KTransformers: pre-quantised INT8 expert files (accepted, no effect: kllama reads bf16 experts from model_name_or_path).")
+    kt_weight_path: str | None = arg(None, "KTransformers: pre-quantised INT8 expert files (accepted, no effect: kllama reads the experts from model_name_or_path; expert_dtype: int8 quantizes them at load).")
     kt_non_expert_weight_path: str | None = arg(None, "KTransformers: BF16 non-expert cache for INT8 experts (accepted, no effect).")
     kt_expert_checkpoint_path: str | None = arg(None, "KTransformers: expert checkpoint for online conversion (accepted, no effect).")
     kt_use_lora_experts: bool | None = arg(None, "KTransformers: extra GPU-side LoRA experts (accepted, no effect: kllama's expert LoRA is on the routed experts, see lora_target).")

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.nn.functional import linear
 
+from kllama.experts.quant import ExpertWeight, QuantizedWeight
+from kllama.experts.quant_compute import quant_expert_gemm
 from kllama.experts.routed import PassExecutor, SavedPass
 
 if TYPE_CHECKING:
@@ -73,12 +75,19 @@ def expert_gemm(x: Tensor, weight: Tensor) -> Tensor:
     return linear(x, weight)
 
 
+def expert_product(x: Tensor, weights: ExpertWeight, expert: int) -> Tensor:
+    """`x [n, in] @ weights[expert]^T -> [n, out]`: `expert_gemm` for plain weights, `quant_compute` for quantized."""
+    if isinstance(weights, QuantizedWeight):
+        return quant_expert_gemm(x, weights, expert)
+    return expert_gemm(x, weights[expert])
+
+
 def cpu_infer_forward(
     x: Tensor,
     top_k_index: Tensor,
     top_k_weights: Tensor,
-    gate_up: Tensor,
-    down: Tensor,
+    gate_up: ExpertWeight,
+    down: ExpertWeight,
     act_fn: Callable[[Tensor], Tensor],
     lora: Mapping[str, tuple[Tensor, Tensor]] | None = None,
 ) -> Tensor:
@@ -96,12 +105,12 @@ def cpu_infer_forward(
     for expert, rows in expert_groups(top_k_index):
         tokens = rows // top_k  # [n]
         xe = xw if num_tokens == 1 else xw.index_select(0, tokens)  # [n, H]
-        hidden = expert_gemm(xe, gate_up[expert])  # [n, 2I]
+        hidden = expert_product(xe, gate_up, expert)  # [n, 2I]
         if gate_up_lora is not None:
             hidden = hidden + linear(linear(xe, gate_up_lora[0][expert]), gate_up_lora[1][expert])
         act = act_fn(hidden[:, :inter]) * hidden[:, inter:]  # [n, I]
         act = act * weights.index_select(0, rows)
-        y = expert_gemm(act, down[expert])  # [n, H]
+        y = expert_product(act, down, expert)  # [n, H]
         if down_lora is not None:
             y = y + linear(linear(act, down_lora[0][expert]), down_lora[1][expert])
         out.index_add_(0, tokens, y.float())
@@ -137,7 +146,7 @@ class CpuExecutor(PassExecutor):
         return token_chunks(num_tokens, module.placement.chunk_size)
 
     def weights(self, module: "HostExperts", num_tokens: int, backward: bool, training: bool) -> tuple[Tensor, Tensor]:
-        return module.host_weights()
+        return module.dense_host_weights()
 
     def context(self, module: "HostExperts") -> AbstractContextManager:
         return intra_op_threads(module.placement.cpu_threads)

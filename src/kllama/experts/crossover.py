@@ -12,7 +12,8 @@ where a CPU path exists: it reads K of E experts from host RAM instead of all E 
 >= 2. The CPU side is timed with the engine's own pass at doubling token counts (warm-up, median of repeats) until it
 costs more than the stream floor, and the crossover is interpolated between the last two counts, on the running
 maximum of the timings (a pass over more tokens never costs less). Both kinds together take well under 2 s on a
-16-core host with a V2-Lite layer.
+16-core host with a V2-Lite layer. Quantized experts (`scheme` int8 / fp8) are measured as they run: the copy moves
+their bytes, the CPU no-grad pass reads them, a CPU training pass dequantizes the layer first.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 
 from kllama.experts.cpu_compute import cpu_infer_forward, intra_op_threads
 from kllama.experts.pinned import host_empty
+from kllama.experts.quant import ExpertWeight, dequantize, quantize, weight_nbytes
 from kllama.experts.routed import experts_backward, experts_forward, route
 
 NEVER = 1 << 62  # "always use the CPU" (no CUDA device, or the CPU is faster at any size)
@@ -109,11 +111,11 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def cpu_pass(num_tokens: int, gate_up: torch.Tensor, down: torch.Tensor, top_k: int, kind: str,
+def cpu_pass(num_tokens: int, gate_up: ExpertWeight, down: ExpertWeight, top_k: int, kind: str,
              seed: int = 0) -> Callable[[], object]:
     """One CPU routed-experts pass of `kind` as the engine runs it, over random routing of `num_tokens` tokens:
     `inference` is the engine's no-grad CPU pass, `training` the forward that saves the gate/up pre-activations
-    plus the backward from them."""
+    plus the backward from them (quantized weights dequantized first, as the CPU training pass does)."""
     num_experts, _, hidden = gate_up.shape
     silu = torch.nn.functional.silu
     gen = torch.Generator().manual_seed(seed)
@@ -124,16 +126,17 @@ def cpu_pass(num_tokens: int, gate_up: torch.Tensor, down: torch.Tensor, top_k: 
         return lambda: cpu_infer_forward(x, index, weights, gate_up, down, silu)
 
     def training() -> None:
+        dense_gate_up, dense_down = dequantize(gate_up), dequantize(down)
         with torch.no_grad():
             routing = route(index, num_experts)
-            out, hidden_pre = experts_forward(x, routing, weights, gate_up, down, silu)
-        experts_backward(x, routing, weights, hidden_pre, gate_up, down, silu, (), (), torch.ones_like(out),
-                         [True, True])
+            out, hidden_pre = experts_forward(x, routing, weights, dense_gate_up, dense_down, silu)
+        experts_backward(x, routing, weights, hidden_pre, dense_gate_up, dense_down, silu, (), (),
+                         torch.ones_like(out), [True, True])
 
     return training
 
 
-def cpu_pass_seconds(num_tokens: int, gate_up: torch.Tensor, down: torch.Tensor, top_k: int, kind: str,
+def cpu_pass_seconds(num_tokens: int, gate_up: ExpertWeight, down: ExpertWeight, top_k: int, kind: str,
                      repeats: int = 3) -> float:
     """Median wall time of the engine's CPU pass of `kind` over `num_tokens` tokens (after a warm-up)."""
     return median_seconds(cpu_pass(num_tokens, gate_up, down, top_k, kind), repeats)
@@ -180,17 +183,19 @@ def measure_crossovers(
     cpu_threads: int | None = None,
     kinds: Sequence[str] = PASS_KINDS,
     repeats: int = 3,
+    scheme: str | None = None,
 ) -> Crossovers:
     """Crossovers of one layer shape on this machine for each pass kind in `kinds` (NEVER for both when `device`
-    is not CUDA: streaming is impossible there)."""
+    is not CUDA: streaming is impossible there), for weights held in `dtype` or quantized with `scheme`."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return Crossovers(NEVER, NEVER)
-    element = torch.empty((), dtype=dtype).element_size()
-    copy_s = 3 * num_experts * hidden * inter * element / copy_bandwidth(device)
     # weight values do not change GEMM time; a constant fill is much faster than random init at full size
-    gate_up = torch.full((num_experts, 2 * inter, hidden), 0.01, dtype=dtype)
-    down = torch.full((num_experts, hidden, inter), 0.01, dtype=dtype)
+    gate_up: ExpertWeight = torch.full((num_experts, 2 * inter, hidden), 0.01, dtype=dtype)
+    down: ExpertWeight = torch.full((num_experts, hidden, inter), 0.01, dtype=dtype)
+    if scheme is not None:
+        gate_up, down = quantize(gate_up, scheme, projections=2), quantize(down, scheme)
+    copy_s = (weight_nbytes(gate_up) + weight_nbytes(down)) / copy_bandwidth(device)
     samples: dict[str, list[tuple[int, float]]] = {}
     result = {kind: NEVER for kind in PASS_KINDS}
     with intra_op_threads(cpu_threads):

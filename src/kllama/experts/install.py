@@ -13,6 +13,7 @@ from kllama.experts.crossover import Crossovers, measure_crossovers
 from kllama.experts.families import family_of, find_expert_modules, layer_index
 from kllama.experts.module import HostExperts
 from kllama.experts.placement import TARGETS, ExpertPlacement, Target
+from kllama.experts.quant import scheme_of
 from kllama.experts.stream import ExpertStreamer
 
 
@@ -65,12 +66,12 @@ def _resolve_crossovers(model: nn.Module, modules: list[HostExperts]) -> dict[st
         p = m.placement
         if p.short == p.long or p.crossover_tokens is not None or m.compute_device.type != "cuda":
             continue
-        dtype = m.host_weights()[0].dtype
-        key = (m.hidden_dim, m.intermediate_dim, m.num_experts, top_k, dtype, p.cpu_threads)
+        scheme = scheme_of(m.host_weights()[0])
+        key = (m.hidden_dim, m.intermediate_dim, m.num_experts, top_k, m.dtype, scheme, p.cpu_threads)
         if key not in measured:
             measured[key] = measure_crossovers(
-                m.hidden_dim, m.intermediate_dim, m.num_experts, top_k, dtype, m.compute_device,
-                cpu_threads=p.cpu_threads,
+                m.hidden_dim, m.intermediate_dim, m.num_experts, top_k, m.dtype, m.compute_device,
+                cpu_threads=p.cpu_threads, scheme=scheme,
             )
         found = measured[key]
         inference = p.infer_crossover_tokens if p.infer_crossover_tokens is not None else found.inference
@@ -103,10 +104,12 @@ def install_expert_engine(
     *,
     measure: bool = True,
     trace: bool = False,
+    expert_dtype: str | None = None,
 ) -> ExpertEngine:
     """Replace every stock routed-experts module of a transformers model (e.g. from stock `from_pretrained`) by a
     HostExperts whose weights move to (pinned) host memory, then `wire_engine`. `placements` maps each qualified
-    module name to its placement (a mapping must cover every layer) or is a function of the name."""
+    module name to its placement (a mapping must cover every layer) or is a function of the name; `expert_dtype`
+    `int8` / `fp8` holds the weights quantized (`kllama.experts.quant`)."""
     stock = find_expert_modules(model)
     if isinstance(placements, Mapping):
         missing = [name for name in stock if name not in placements]
@@ -117,7 +120,7 @@ def install_expert_engine(
         choose = placements
     modules: dict[str, HostExperts] = {}
     for name, module in stock.items():
-        host = HostExperts.from_stock(module, choose(name), name, compute_device)
+        host = HostExperts.from_stock(module, choose(name), name, compute_device, expert_dtype)
         model.set_submodule(name, host)
         modules[name] = host
     return wire_engine(model, modules, measure=measure, trace=trace)

@@ -6,6 +6,10 @@ Same forward signature as the stock module (`hidden_states [T, H], top_k_index [
 Each pass picks a target from its `ExpertPlacement` (or a forced one): `cpu` computes next to the weights,
 `stream` copies them to the GPU through the shared `ExpertStreamer`, `gpu` keeps a resident GPU copy.
 
+The weights may be held quantized (`kllama.experts.quant`: int8 per channel, fp8 in 128x128 blocks): streamed passes
+copy the quantized bytes and dequantize them on the GPU, a resident copy is dequantized once, CPU passes read the
+quantized bytes (`kllama.experts.quant_compute`) and a CPU training pass dequantizes the layer for its duration.
+
 On a machine or model without CUDA (compute device `cpu`), `stream` and `gpu` run the `cpu` path instead, with a
 one-time warning: the weights are already where the compute happens, so the result is the same and CPU-only runs of
 an `auto` placement keep working.
@@ -29,6 +33,8 @@ from kllama.errors import KllamaError
 from kllama.experts.pinned import pinned_copy
 from kllama.experts.cpu_compute import CpuExecutor
 from kllama.experts.placement import TARGETS, ExpertPlacement, Target
+from kllama.experts.quant import (QUANT_DTYPES, ExpertWeight, QuantizedWeight, dequantize, quantize, scheme_of,
+                                  weight_nbytes)
 from kllama.experts.routed import LoraFactors, SavedPass, expert_factors, sync_free
 from kllama.experts.stream import DeviceExecutor, ExpertStreamer
 
@@ -49,10 +55,13 @@ def expert_pass_hook(hook: PassHook) -> Iterator[None]:
         _PASS_HOOK.reset(token)
 
 
-def to_host(tensor: Tensor, *, pin: bool) -> Tensor:
-    """`tensor` as a contiguous host tensor, pinned when `pin` and CUDA is available (pinned copies run ~3x faster;
+def to_host(weight: ExpertWeight, *, pin: bool) -> ExpertWeight:
+    """`weight` as contiguous host tensors, pinned when `pin` and CUDA is available (pinned copies run ~3x faster;
     a CPU compute device never copies from host memory, so pinning there would only cost a second copy)."""
-    host = tensor.detach()
+    if isinstance(weight, QuantizedWeight):
+        return QuantizedWeight(to_host(weight.data, pin=pin), to_host(weight.scale, pin=pin), weight.dtype,
+                               weight.projections)
+    host = weight.detach()
     if pin and torch.cuda.is_available() and not (host.device.type == "cpu" and host.is_pinned()):
         return pinned_copy(host)  # exact-size pinning: torch's pin_memory() rounds up to a power of two
     return host.to("cpu").contiguous()
@@ -84,14 +93,14 @@ class _ExpertsFunction(torch.autograd.Function):
 class HostExperts(nn.Module):
     """Routed experts of one MoE layer with frozen weights in host memory and optional expert LoRA.
 
-    `gate_up [E, 2I, H]` (rows: gate then up) and `down [E, H, I]` are kept in the dtype they came in.
-    `compute_device` is where `stream`/`gpu` passes run (a CUDA device) and where LoRA parameters live.
+    `gate_up [E, 2I, H]` (rows: gate then up) and `down [E, H, I]` are kept as they came in: tensors (in their dtype)
+    or QuantizedWeights (computing in their `dtype`). `compute_device` is where `stream`/`gpu` passes run (a CUDA device) and where LoRA parameters live.
     """
 
     def __init__(
         self,
-        gate_up: Tensor,
-        down: Tensor,
+        gate_up: ExpertWeight,
+        down: ExpertWeight,
         act_fn: Callable[[Tensor], Tensor],
         placement: ExpertPlacement,
         name: str,
@@ -102,6 +111,9 @@ class HostExperts(nn.Module):
         num_experts, two_inter, hidden = gate_up.shape
         if two_inter % 2 or tuple(down.shape) != (num_experts, hidden, two_inter // 2):
             raise ValueError(f"{name}: gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} do not match")
+        if scheme_of(gate_up) != scheme_of(down) or gate_up.dtype != down.dtype:
+            raise ValueError(f"{name}: gate_up and down are stored differently ({scheme_of(gate_up)}, "
+                             f"{scheme_of(down)})")
         compute_device = torch.device(compute_device)
         if compute_device.type == "cuda" and not torch.cuda.is_available():
             raise KllamaError(f"{name}: compute device {compute_device} requested but no CUDA device is available")
@@ -113,6 +125,8 @@ class HostExperts(nn.Module):
         pin = compute_device.type == "cuda"
         self._gate_up = to_host(gate_up, pin=pin)
         self._down = to_host(down, pin=pin)
+        self.dtype = gate_up.dtype  # what the experts compute in (a quantized weight's dequantized dtype)
+        self.expert_dtype = scheme_of(gate_up) or str(self.dtype).removeprefix("torch.")  # for reports
         self._resident: tuple[Tensor, Tensor] | None = None
         self.streamer: ExpertStreamer | None = None
         self.forced_target: Target | None = None
@@ -123,11 +137,15 @@ class HostExperts(nn.Module):
 
     @classmethod
     def from_stock(
-        cls, module: nn.Module, placement: ExpertPlacement, name: str, compute_device: torch.device | str
+        cls, module: nn.Module, placement: ExpertPlacement, name: str, compute_device: torch.device | str,
+        expert_dtype: str | None = None,
     ) -> "HostExperts":
         """Take the weights out of a stock transformers experts module (its parameters are dropped, so no second
-        copy stays alive once the stock module is replaced)."""
-        host = cls(module.gate_up_proj, module.down_proj, module.act_fn, placement, name, compute_device=compute_device)
+        copy stays alive once the stock module is replaced), quantized when `expert_dtype` is `int8` or `fp8`."""
+        gate_up, down = module.gate_up_proj.detach(), module.down_proj.detach()
+        if expert_dtype in QUANT_DTYPES:
+            gate_up, down = quantize(gate_up, expert_dtype, projections=2), quantize(down, expert_dtype)
+        host = cls(gate_up, down, module.act_fn, placement, name, compute_device=compute_device)
         module.register_parameter("gate_up_proj", None)
         module.register_parameter("down_proj", None)
         return host
@@ -135,19 +153,26 @@ class HostExperts(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"name={self.name!r}, experts={self.num_experts}, hidden={self.hidden_dim}, "
-            f"inter={self.intermediate_dim}, dtype={self._gate_up.dtype}, placement={self.placement.mode}"
+            f"inter={self.intermediate_dim}, dtype={self.expert_dtype}, placement={self.placement.mode}"
         )
 
-    def host_weights(self) -> tuple[Tensor, Tensor]:
-        """The frozen routed weights `(gate_up [E, 2I, H], down [E, H, I])` in host memory (read-only use)."""
+    def host_weights(self) -> tuple[ExpertWeight, ExpertWeight]:
+        """The frozen routed weights `(gate_up [E, 2I, H], down [E, H, I])` in host memory as stored (tensors or
+        QuantizedWeights; read-only use)."""
         return self._gate_up, self._down
 
+    def dense_host_weights(self) -> tuple[Tensor, Tensor]:
+        """The weights as host tensors in `dtype`: the stored ones, or dequantized copies made for the caller (a CPU
+        training pass holds them for its duration)."""
+        return dequantize(self._gate_up), dequantize(self._down)
+
     def resident_weights(self) -> tuple[Tensor, Tensor]:
-        """GPU-resident copies of the weights for the `gpu` target, made on first use and kept."""
+        """GPU-resident copies of the weights in `dtype` for the `gpu` target, made on first use and kept
+        (quantized weights are copied as they are and dequantized on the GPU)."""
         if self._resident is None:
             self._resident = (
-                self._gate_up.to(self.compute_device, non_blocking=True),
-                self._down.to(self.compute_device, non_blocking=True),
+                dequantize(self._gate_up.to(self.compute_device, non_blocking=True)),
+                dequantize(self._down.to(self.compute_device, non_blocking=True)),
             )
         return self._resident
 
@@ -156,8 +181,12 @@ class HostExperts(nn.Module):
         self._resident = None
 
     def host_bytes(self) -> int:
-        """Host memory held by the routed weights."""
-        return sum(t.numel() * t.element_size() for t in (self._gate_up, self._down))
+        """Host memory held by the routed weights (values and scales when quantized)."""
+        return weight_nbytes(self._gate_up) + weight_nbytes(self._down)
+
+    def dense_bytes(self) -> int:
+        """Bytes of the weights in `dtype`: what a resident GPU copy or a stream slot holds."""
+        return 3 * self.num_experts * self.hidden_dim * self.intermediate_dim * self.dtype.itemsize
 
     def gpu_bytes(self) -> int:
         """GPU memory held by this module alone (resident weights + LoRA), excluding the shared stream slots."""
@@ -197,7 +226,7 @@ class HostExperts(nn.Module):
             return {}
         key = (tuple(meta), tuple((id(p), p._version) for p in params))
         if self._host_lora is None or self._host_lora[0] != key:
-            dtype = self._gate_up.dtype
+            dtype = self.dtype
             factors = {}
             for i, (target, scaling) in enumerate(meta):
                 lora = LoraFactors(params[2 * i].detach().cpu(), params[2 * i + 1].detach().cpu(), scaling)

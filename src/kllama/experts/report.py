@@ -33,7 +33,8 @@ def _crossover(p: ExpertPlacement) -> str:
 def _resident_bytes(module: Any, p: ExpertPlacement, host: int) -> int:
     # A `gpu` target keeps a full copy on the GPU once first used; count it up front so the table shows the plan.
     held = int(module.gpu_bytes()) if hasattr(module, "gpu_bytes") else 0
-    return max(held, host) if "gpu" in (p.short, p.long) else held
+    dense = int(module.dense_bytes()) if hasattr(module, "dense_bytes") else host  # quantized: resident is dense
+    return max(held, dense) if "gpu" in (p.short, p.long) else held
 
 
 def placement_table(engine_or_modules: Any, placements: Mapping[str, ExpertPlacement] | None = None,

@@ -8,6 +8,11 @@ than the last one means backward, which also covers activation-checkpoint recomp
 stack the prefetch turns around (after the last layer's forward comes its backward; after layer 0's backward comes
 the next forward). A no-grad pass has no backward to turn to, so after its last layer it prefetches the first
 streamed layer for the next forward (the policy forward after a DPO reference pass, the next long prefill).
+
+Quantized weights (`kllama.experts.quant`) cross PCIe as they are stored (half the bytes of bf16): they land in one
+GPU buffer shared by both slots and are dequantized on the copy stream into the slot's weights, which stay in the
+compute dtype, so the compute stream sees what it sees for bf16 weights (and a copy record's time includes the
+dequantization).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from kllama.experts.quant import ExpertWeight, QuantizedWeight, dequantize, weight_nbytes
 from kllama.experts.routed import PassExecutor
 
 if TYPE_CHECKING:
@@ -70,10 +76,22 @@ class ExpertStreamer:
         self._last: int | None = None
         self._backward = False
         self._open: dict[int, torch.cuda.Event] = {}
+        self._landing: list[QuantizedWeight] = []  # where quantized weights arrive before dequantization
 
     def gpu_bytes(self) -> int:
-        """Bytes held by the two GPU weight slots."""
-        return sum(t.numel() * t.element_size() for s in self._slots for t in (s.gate_up, s.down) if t is not None)
+        """Bytes held by the two GPU weight slots (and the landing buffers of quantized weights)."""
+        slots = sum(t.numel() * t.element_size() for s in self._slots for t in (s.gate_up, s.down) if t is not None)
+        return slots + sum(weight_nbytes(w) for w in self._landing)
+
+    def _land(self, weights: tuple[ExpertWeight, ExpertWeight]) -> list[QuantizedWeight]:
+        # landing buffers matching quantized host weights, reused while the shapes stay the same
+        wanted = [w for w in weights if isinstance(w, QuantizedWeight)]
+        if len(wanted) != len(self._landing) or any(not a.matches(b) for a, b in zip(self._landing, wanted)):
+            self._landing = [w.empty_like(self.device) for w in wanted]
+            for land in self._landing:  # used on the copy stream: freeing them must wait for it
+                land.data.record_stream(self._stream)
+                land.scale.record_stream(self._stream)
+        return self._landing
 
     def invalidate(self) -> None:
         """Forget what the slots hold so the next pass copies every layer again (benchmarks; weights changed)."""
@@ -88,18 +106,17 @@ class ExpertStreamer:
         slot = min((s for s in self._slots if s is not keep), key=lambda s: s.last_used)
         module = self.layers[layer]
         gate_up, down = module.host_weights()
-        if slot.gate_up is None or slot.gate_up.shape != gate_up.shape or slot.gate_up.dtype != gate_up.dtype:
-            slot.gate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=self.device)
-        if slot.down is None or slot.down.shape != down.shape or slot.down.dtype != down.dtype:
-            slot.down = torch.empty(down.shape, dtype=down.dtype, device=self.device)
+        for attr, host in (("gate_up", gate_up), ("down", down)):
+            current = getattr(slot, attr)
+            if current is None or current.shape != host.shape or current.dtype != host.dtype:
+                setattr(slot, attr, torch.empty(host.shape, dtype=host.dtype, device=self.device))
         with torch.cuda.stream(self._stream):
             if slot.released is not None:
                 self._stream.wait_event(slot.released)  # never overwrite weights a queued kernel still reads
             start = torch.cuda.Event(enable_timing=True) if self.trace else None
             if start is not None:
                 start.record(self._stream)
-            slot.gate_up.copy_(gate_up, non_blocking=True)
-            slot.down.copy_(down, non_blocking=True)
+            self._copy_into(slot, (gate_up, down))
             slot.ready = torch.cuda.Event(enable_timing=self.trace)
             slot.ready.record(self._stream)
         if start is not None:
@@ -109,6 +126,19 @@ class ExpertStreamer:
         self._clock += 1
         slot.last_used = self._clock
         return slot
+
+    def _copy_into(self, slot: _Slot, host: tuple[ExpertWeight, ExpertWeight]) -> None:
+        # on the copy stream: plain weights straight into the slot; quantized ones into the landing buffers, then
+        # dequantized into the slot (both ordered on this stream, so the next copy cannot overwrite a landing buffer
+        # before its dequantization has read it)
+        landing = iter(self._land(host))
+        for target, weight in zip((slot.gate_up, slot.down), host):
+            if isinstance(weight, QuantizedWeight):
+                land = next(landing)
+                land.copy_(weight, non_blocking=True)
+                dequantize(land, out=target)
+            else:
+                target.copy_(weight, non_blocking=True)
 
     def _neighbour(self, layer: int, num_tokens: int, backward: bool, training: bool) -> int | None:
         streamed = [i for i, m in enumerate(self.layers) if m.target_for(num_tokens, training) == "stream"]

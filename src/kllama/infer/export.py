@@ -23,8 +23,10 @@ from kllama.model.source import check_model_dir
 logger = logging.getLogger(__name__)
 
 def checkpoint_keys(model_dir: str | Path) -> set[str]:
-    """Tensor names of a safetensors checkpoint directory (sharded with an index, or single-file)."""
-    return set(scan_checkpoint(model_dir).tensors)
+    """Tensor names of a safetensors checkpoint directory (sharded with an index, or single-file), fp8 block scales
+    left out (they belong to their weight, which an unquantized export writes without them)."""
+    index = scan_checkpoint(model_dir)
+    return set(index.tensors) - set(index.scales.values())
 
 
 def _rewrite_in_memory_layout(model: PreTrainedModel, out_dir: Path, max_shard_size: str | int) -> None:
@@ -74,6 +76,19 @@ def _copy_side_files(source_dir: Path, out_dir: Path) -> None:
         shutil.copy2(path, out_dir / path.name)
 
 
+def print_dequantized_note(config: KllamaConfig, model_dir: Path) -> None:
+    """One line when the merge does not use quantized weights as they are: an fp8 checkpoint is dequantized (the
+    export is written in the merge dtype), and `expert_dtype: int8/fp8` (how the engine held experts for training
+    or serving) does not apply to the merge, which uses the checkpoint's own weights."""
+    if scan_checkpoint(model_dir).scales:
+        print(f"kllama export: {model_dir.name} stores fp8 weights with 128x128 block scales; they are dequantized "
+              f"for the merge and the export is written unquantized ({config.model.infer_dtype} dtype, "
+              f"auto = the config's)", flush=True)
+    elif config.engine.expert_dtype in ("fp8", "int8"):
+        print(f"kllama export: expert_dtype {config.engine.expert_dtype} applies to the expert engine only; the "
+              f"merge uses the checkpoint's unquantized weights", flush=True)
+
+
 def run_export(config: KllamaConfig) -> int:
     """Entry point of `kllama export`: load base + merged adapters (`load_model(config, "export")`: stock
     transformers on `export_device`) and write them as a standard checkpoint."""
@@ -83,6 +98,7 @@ def run_export(config: KllamaConfig) -> int:
         raise KllamaError("export_dir: must differ from model_name_or_path (the source would be overwritten)")
     if not config.model.adapter_name_or_path:
         logger.warning("no adapter_name_or_path given: the export is a re-sharded copy of the base model")
+    print_dequantized_note(config, model_dir)
     loaded = load_model(config, "export")
     write_merged_checkpoint(loaded.model, loaded.tokenizer, out_dir,
                             max_shard_size=f"{config.export.export_size}GB", source_dir=model_dir)

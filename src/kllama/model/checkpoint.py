@@ -8,6 +8,11 @@ Checkpoints store routed experts in one of two layouts, and an exporter must be 
 * `fused`: transformers 5.x's in-memory layout (`model.layers.N.mlp.experts.gate_up_proj [E, 2I, H]`,
   `down_proj [E, H, I]`).
 
+fp8 checkpoints (DeepSeek-V3's layout) store a weight `X.weight` in float8_e4m3fn next to its fp32 block scales
+`X.weight_scale_inv [ceil(N/128), ceil(K/128)]` (`weight = value * scale`, despite the name). The index pairs them
+(`CheckpointIndex.scales`); routed experts may stay fp8 with their scales (`expert_dtype`, see
+`kllama.experts.quant`), every other fp8 weight is dequantized when it is loaded.
+
 Files are opened with `safetensors.safe_open`, which memory-maps them; every tensor read is copied into its final
 home at once. Pages of a mapping count towards the process's resident memory until the mapping is dropped, so the
 reader reopens a file after every `MAP_BUDGET_BYTES` read; together this keeps peak host memory near the model size.
@@ -15,17 +20,20 @@ reader reopens a file after every `MAP_BUDGET_BYTES` read; together this keeps p
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from kllama.errors import KllamaError
+from kllama.experts.quant import (BLOCK, QUANT_DTYPES, ExpertWeight, QuantizedWeight, dequantize,
+                                  quantize_projection, scale_shape)
 from kllama.experts.shared_host import expert_host_buffer
 
 SINGLE_FILE = "model.safetensors"
@@ -45,6 +53,7 @@ _EXPERTS_PREFIX = r"(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:mlp|block_spa
 _PER_EXPERT_KEY = re.compile(
     _EXPERTS_PREFIX + r"\.(?P<expert>\d+)\.(?P<proj>" + "|".join(_PROJ_ROLES) + r")\.weight$")
 _FUSED_KEY = re.compile(_EXPERTS_PREFIX + r"\.(?P<proj>gate_up_proj|down_proj)$")
+SCALE_SUFFIX = "_scale_inv"  # fp8 checkpoints: `X.weight_scale_inv` holds the block scales of `X.weight`
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,7 @@ class ExpertLayerKeys:
     intermediate: int
     dtype: torch.dtype
     names: dict[str, str] = field(hash=False)
+    scaled: bool = False  # fp8 with 128x128 block scales (`<key>_scale_inv`), per_expert layout only
 
     def key(self, role: str, expert: int | None = None) -> str:
         """Checkpoint key of `role` (gate/up/down per expert; gate_up/down fused) for `expert` (per_expert only)."""
@@ -87,10 +97,11 @@ class ExpertLayerKeys:
         return f"{self.prefix}.{expert}.{self.names[role]}.weight"
 
     def keys(self) -> list[str]:
-        """Every checkpoint key of this layer's routed experts."""
+        """Every checkpoint key of this layer's routed experts (block scales included)."""
         if self.layout == "fused":
             return [self.key("gate_up"), self.key("down")]
-        return [self.key(r, e) for e in range(self.num_experts) for r in ("gate", "up", "down")]
+        weights = [self.key(r, e) for e in range(self.num_experts) for r in ("gate", "up", "down")]
+        return weights + [k + SCALE_SUFFIX for k in weights] if self.scaled else weights
 
     def nbytes(self, dtype: torch.dtype | None = None) -> int:
         """Bytes of the fused host buffer for this layer (in `dtype`, default the checkpoint's)."""
@@ -105,6 +116,7 @@ class CheckpointIndex:
     model_dir: Path
     tensors: dict[str, TensorInfo]
     expert_layers: dict[int, ExpertLayerKeys]  # layer index -> keys, in layer order
+    scales: dict[str, str] = field(default_factory=dict)  # fp8 weight key -> its block-scale key
 
     @property
     def files(self) -> list[Path]:
@@ -116,8 +128,8 @@ class CheckpointIndex:
 
     def non_expert_keys(self) -> list[str]:
         """Every other key, grouped by file (so reading them in this order opens each file once)."""
-        experts = self.expert_keys()
-        return sorted((k for k in self.tensors if k not in experts), key=lambda k: (self.tensors[k].file, k))
+        skip = self.expert_keys() | set(self.scales.values())
+        return sorted((k for k in self.tensors if k not in skip), key=lambda k: (self.tensors[k].file, k))
 
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
@@ -153,12 +165,16 @@ def _checkpoint_files(model_dir: Path) -> list[Path]:
                       f"Face model directory")
 
 
-def _expert_layer(layer: int, found: dict[str, Any], tensors: dict[str, TensorInfo]) -> ExpertLayerKeys:
+def _expert_layer(layer: int, found: dict[str, Any], tensors: dict[str, TensorInfo], scales: dict[str, str],
+                  ) -> ExpertLayerKeys:
     """Check one layer's expert keys are complete and consistent; build its ExpertLayerKeys."""
     prefix = found["prefix"]
     if found["fused"] and found["experts"]:
         raise KllamaError(f"{prefix}: checkpoint mixes fused and per-expert tensors; re-save the model")
     if found["fused"]:
+        if any(f"{prefix}.{name}" in scales for name in found["fused"].values()):
+            raise KllamaError(f"{prefix}: fused fp8 experts with block scales are not supported; use a checkpoint "
+                              f"that stores one tensor per expert (DeepSeek-V3's layout)")
         names = dict(found["fused"])
         if set(names) != {"gate_up", "down"}:
             raise KllamaError(f"{prefix}: fused experts need gate_up_proj and down_proj; found only {sorted(names)}")
@@ -185,7 +201,11 @@ def _expert_layer(layer: int, found: dict[str, Any], tensors: dict[str, TensorIn
             got = tensors[layer_keys.key(role, e)].shape
             if got != shape:
                 raise KllamaError(f"{layer_keys.key(role, e)} has shape {got}, expected {shape} like expert 0")
-    return ExpertLayerKeys(layer, prefix, "per_expert", num, hidden, inter, gate.dtype, names)
+    scaled = [layer_keys.key(r, e) in scales for e in range(num) for r in ("gate", "up", "down")]
+    if any(scaled) and not all(scaled):
+        raise KllamaError(f"{prefix}: some expert weights have {SCALE_SUFFIX} block scales and others not; the "
+                          f"checkpoint is incomplete ({REFETCH})")
+    return ExpertLayerKeys(layer, prefix, "per_expert", num, hidden, inter, gate.dtype, names, scaled=all(scaled))
 
 
 def scan_checkpoint(model_dir: str | Path) -> CheckpointIndex:
@@ -219,8 +239,30 @@ def scan_checkpoint(model_dir: str | Path) -> CheckpointIndex:
         else:
             continue
         found["prefix"] = m["prefix"]
-    expert_layers = {layer: _expert_layer(layer, layers[layer], tensors) for layer in sorted(layers)}
-    return CheckpointIndex(root, tensors, expert_layers)
+    scales = _block_scales(tensors)
+    expert_layers = {layer: _expert_layer(layer, layers[layer], tensors, scales) for layer in sorted(layers)}
+    return CheckpointIndex(root, tensors, expert_layers, scales)
+
+
+def _block_scales(tensors: dict[str, TensorInfo]) -> dict[str, str]:
+    """fp8 weight key -> its `_scale_inv` key, each checked to be a 128x128 block grid over a 2-D fp8 weight."""
+    scales: dict[str, str] = {}
+    for key, info in tensors.items():
+        if not key.endswith(SCALE_SUFFIX):
+            continue
+        weight_key = key[: -len(SCALE_SUFFIX)]
+        weight = tensors.get(weight_key)
+        if weight is None:
+            raise KllamaError(f"checkpoint tensor {key} has no {weight_key}; the download is incomplete ({REFETCH})")
+        if weight.dtype != torch.float8_e4m3fn or len(weight.shape) != 2:
+            raise KllamaError(f"{weight_key}: block scales are read for 2-D float8_e4m3fn weights only, this one is "
+                              f"{weight.dtype} {weight.shape}")
+        want = scale_shape("fp8", weight.shape)
+        if tuple(info.shape) != want:
+            raise KllamaError(f"{key} has shape {info.shape}, expected {want}: kllama reads fp8 checkpoints with "
+                              f"{BLOCK}x{BLOCK} block scales (quantization_config.weight_block_size [{BLOCK}, {BLOCK}])")
+        scales[weight_key] = key
+    return scales
 
 
 class ShardReader:
@@ -286,33 +328,103 @@ def allocate_layer_buffer(keys: ExpertLayerKeys, dtype: torch.dtype, pin: bool) 
     return flat[:n_gate_up].view(e, 2 * i, h), flat[n_gate_up:].view(e, h, i), filled
 
 
-def load_expert_layer(index: CheckpointIndex, layer_idx: int, *, dtype: torch.dtype, pin: bool,
-                      reader: ShardReader | None = None) -> tuple[Tensor, Tensor]:
-    """Read layer `layer_idx`'s routed experts into one fresh host buffer: `(gate_up [E, 2I, H], down [E, H, I])`.
+def allocate_quantized_layer(keys: ExpertLayerKeys, scheme: str, dtype: torch.dtype, pin: bool,
+                             ) -> tuple[QuantizedWeight, QuantizedWeight, bool]:
+    """Host buffers of a layer quantized with `scheme` (int8 | fp8): one allocation for the values, one for the
+    scales (see `kllama.experts.quant`), as `gate_up` (two projections: gate, up) and `down` QuantizedWeights that
+    dequantize to `dtype`, and whether they already hold the weights (as `allocate_layer_buffer`)."""
+    e, h, i = keys.num_experts, keys.hidden, keys.intermediate
+    gate_up_values, values, filled = allocate_layer_buffer(keys, QUANT_DTYPES[scheme], pin)
+    shapes = (scale_shape(scheme, (e, 2 * i, h), projections=2), scale_shape(scheme, (e, h, i)))
+    sizes = [math.prod(shape) for shape in shapes]
+    flat, _ = expert_host_buffer(sum(sizes), torch.float32, pin=pin)
+    gate_up_scale, down_scale = flat[: sizes[0]].view(shapes[0]), flat[sizes[0]:].view(shapes[1])
+    return (QuantizedWeight(gate_up_values, gate_up_scale, dtype, projections=2),
+            QuantizedWeight(values, down_scale, dtype), filled)
 
-    Each expert slice is copied from the mapped file straight into its place in the buffer (converting to
-    `dtype`), so no second full copy of the layer ever exists. `gate_up` rows are gate then up, as transformers
-    fuses them. Pass a `reader` to share open files across layers.
+
+def expert_scheme(expert_dtype: str, keys: ExpertLayerKeys) -> str | None:
+    """How a layer's routed experts are held for `expert_dtype` (auto | bf16 | fp8 | int8): None = not quantized
+    (the model's weights dtype), else `int8` / `fp8`. `auto` keeps an fp8 checkpoint's experts fp8."""
+    if expert_dtype == "auto":
+        return "fp8" if keys.scaled else None
+    return None if expert_dtype == "bf16" else expert_dtype
+
+
+def _expert_parts(keys: ExpertLayerKeys, expert: int, reader: ShardReader,
+                  ) -> Iterator[tuple[str, Tensor, Tensor | None]]:
+    # (role, values, block scales or None) of one expert's gate, up and down projections (mapping-backed)
+    if keys.layout == "fused":
+        gate_up = reader.get_row(keys.key("gate_up"), expert)  # [2I, H]
+        yield "gate", gate_up[: keys.intermediate], None
+        yield "up", gate_up[keys.intermediate:], None
+        yield "down", reader.get_row(keys.key("down"), expert), None
+        return
+    for role in ("gate", "up", "down"):
+        key = keys.key(role, expert)
+        yield role, reader.get(key), reader.get(key + SCALE_SUFFIX) if keys.scaled else None
+
+
+def _full_precision(values: Tensor, scales: Tensor | None) -> Tensor:
+    return values if scales is None else dequantize(QuantizedWeight(values, scales.float(), torch.float32))
+
+
+def _rows(keys: ExpertLayerKeys, role: str, per_block: bool) -> slice:
+    # rows of `role` in its fused projection (gate, up: gate_up; down: down), in values or in fp8 block scales
+    inter = math.ceil(keys.intermediate / BLOCK) if per_block else keys.intermediate
+    return {"gate": slice(0, inter), "up": slice(inter, 2 * inter), "down": slice(None)}[role]
+
+
+def _fill_dense(keys: ExpertLayerKeys, expert: int, reader: ShardReader, gate_up: Tensor, down: Tensor) -> None:
+    for role, values, scales in _expert_parts(keys, expert, reader):
+        target = down if role == "down" else gate_up
+        target[expert, _rows(keys, role, False)].copy_(_full_precision(values, scales))
+
+
+def _fill_quantized(keys: ExpertLayerKeys, expert: int, reader: ShardReader, gate_up: QuantizedWeight,
+                    down: QuantizedWeight) -> None:
+    # an fp8 checkpoint's values and scales are copied as they are into fp8 buffers; anything else is quantized
+    # here, one projection of one expert at a time (the only full-precision copy that ever exists)
+    scheme = gate_up.scheme
+    for role, values, scales in _expert_parts(keys, expert, reader):
+        target = down if role == "down" else gate_up
+        if scales is not None and scheme == "fp8":
+            quantized = (values, scales)
+        else:
+            quantized = quantize_projection(_full_precision(values, scales), scheme)
+        target.data[expert, _rows(keys, role, False)].copy_(quantized[0])
+        target.scale[expert, _rows(keys, role, scheme == "fp8")].copy_(quantized[1])
+
+
+def load_expert_layer(index: CheckpointIndex, layer_idx: int, *, dtype: torch.dtype, pin: bool,
+                      reader: ShardReader | None = None, expert_dtype: str = "auto",
+                      ) -> tuple[ExpertWeight, ExpertWeight]:
+    """Read layer `layer_idx`'s routed experts into fresh host buffers: `(gate_up [E, 2I, H], down [E, H, I])`,
+    tensors in `dtype` or QuantizedWeights (`expert_dtype`, see `expert_scheme`).
+
+    Each expert projection is copied from the mapped file straight into its place in the buffer (converted to
+    `dtype`, or quantized, or for fp8 checkpoints dequantized first), so no second full copy of the layer ever
+    exists. `gate_up` rows are gate then up, as transformers fuses them. Pass a `reader` to share open files across
+    layers.
     """
     keys = index.expert_layers.get(layer_idx)
     if keys is None:
         raise KllamaError(f"layer {layer_idx} has no routed experts in {index.model_dir}; layers with experts: "
                           f"{sorted(index.expert_layers)}")
-    gate_up, down, filled = allocate_layer_buffer(keys, dtype, pin)  # [E, 2I, H], [E, H, I]
+    scheme = expert_scheme(expert_dtype, keys)
+    if scheme is None:
+        gate_up, down, filled = allocate_layer_buffer(keys, dtype, pin)  # [E, 2I, H], [E, H, I]
+        fill: Callable[..., None] = _fill_dense
+    else:
+        gate_up, down, filled = allocate_quantized_layer(keys, scheme, dtype, pin)
+        fill = _fill_quantized
     if filled:
         return gate_up, down
-    inter = keys.intermediate
     own = reader is None
     reader = reader or ShardReader(index)
     try:
         for e in range(keys.num_experts):
-            if keys.layout == "fused":
-                gate_up[e].copy_(reader.get_row(keys.key("gate_up"), e))
-                down[e].copy_(reader.get_row(keys.key("down"), e))
-            else:
-                gate_up[e, :inter].copy_(reader.get(keys.key("gate", e)))
-                gate_up[e, inter:].copy_(reader.get(keys.key("up", e)))
-                down[e].copy_(reader.get(keys.key("down", e)))
+            fill(keys, e, reader, gate_up, down)
     finally:
         if own:
             reader.close()

@@ -13,6 +13,7 @@ from kllama.errors import KllamaError
 from kllama.experts.install import ExpertEngine
 from kllama.experts.module import HostExperts
 from kllama.experts.placement import ExpertPlacement
+from kllama.experts.quant import QUANT_DTYPES
 from kllama.experts.report import placement_table
 from kllama.model.meta_load import load_checkpoint
 from kllama.model.source import ModelSource
@@ -52,10 +53,13 @@ def placement_chooser(config: KllamaConfig, device: torch.device, notes: list[st
 
 
 def inference_reserve_bytes(engine: ExpertEngine) -> int:
-    """GPU memory an inference job keeps free of resident experts: the two stream slots a long prefill uses, plus
-    2 GiB for a prefill's activations, the KV cache and decode graphs (no gradients, no optimiser)."""
-    layer = max((m.host_bytes() for m in engine.modules.values()), default=0)
-    return 2 * layer + 2 * 2**30
+    """GPU memory an inference job keeps free of resident experts: the two stream slots a long prefill uses (plus
+    the landing buffer of quantized weights), plus 2 GiB for a prefill's activations, the KV cache and decode graphs
+    (no gradients, no optimiser)."""
+    modules = list(engine.modules.values())
+    slots = 2 * max((m.dense_bytes() for m in modules), default=0)
+    landing = max((m.host_bytes() for m in modules if m.expert_dtype in QUANT_DTYPES), default=0)
+    return slots + landing + 2 * 2**30
 
 
 def spread_layers(count: int, candidates: list[int], resident: list[int], num_layers: int) -> list[int]:
@@ -115,7 +119,8 @@ def promote_resident_layers(engine: ExpertEngine, budget_bytes: int, device: tor
     # step and promotes more layers then (kllama.train.promotion).
     reserve = max(int(0.6 * budget_bytes), 8 * 2**30) if reserve_bytes is None else reserve_bytes
     room = budget_bytes - used - reserve
-    count = max(0, room // max(m.host_bytes() for m in modules))  # every MoE layer of a model has the same size
+    # every MoE layer of a model has the same size; resident weights are held in the compute dtype, quantized or not
+    count = max(0, room // max(m.dense_bytes() for m in modules))
     return len(promote_layers(engine, count, spread=spread, why="resident within max_gpu_memory"))
 
 
@@ -128,7 +133,8 @@ def load_on_engine(source: ModelSource, config: KllamaConfig, *, device: torch.d
         print(line, flush=True)
     notes: list[str] = []
     model, engine = load_checkpoint(source, placements_fn=placement_chooser(config, device, notes),
-                                    compute_device=device, dtype=dtype, attn_implementation=attn_implementation)
+                                    compute_device=device, dtype=dtype, attn_implementation=attn_implementation,
+                                    expert_dtype=config.engine.expert_dtype)
     assert engine is not None  # placements were given
     if config.engine.max_gpu_memory and device.type == "cuda":
         budget = parse_bytes(config.engine.max_gpu_memory)

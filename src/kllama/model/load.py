@@ -173,8 +173,14 @@ def _scan_weights(path: Path) -> CheckpointIndex | None:
 
 
 def _load_stock(source: ModelSource, *, device: torch.device, dtype: torch.dtype,
-                attn_implementation: str | None) -> nn.Module:
-    """Every weight on `device` through transformers' `from_pretrained` (its own class whenever it has one)."""
+                attn_implementation: str | None, index: CheckpointIndex | None) -> nn.Module:
+    """Every weight on `device` through transformers' `from_pretrained` (its own class whenever it has one); an fp8
+    checkpoint (block scales) through kllama's loader instead, which dequantizes it to `dtype` on any device."""
+    if index is not None and index.scales:
+        from kllama.model.meta_load import load_checkpoint
+
+        return load_checkpoint(source, placements_fn=None, compute_device=device, dtype=dtype,
+                               attn_implementation=attn_implementation)[0]
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
     model = AutoModelForCausalLM.from_pretrained(source.path, config=source.hf_config, dtype=dtype,
                                                  trust_remote_code=source.remote_code, **kwargs)
@@ -209,7 +215,7 @@ def load_model(config: KllamaConfig, purpose: Purpose, *, device: str | torch.de
         model, engine = load_on_engine(source, config, device=target, dtype=dtype, attn_implementation=attn,
                                        inference=purpose == "infer")
     else:
-        model = _load_stock(source, device=target, dtype=dtype, attn_implementation=attn)
+        model = _load_stock(source, device=target, dtype=dtype, attn_implementation=attn, index=index)
     if purpose == "train" and config.model.router_aux_loss_coef is not None and hasattr(model.config,
                                                                                          "router_aux_loss_coef"):
         model.config.router_aux_loss_coef = config.model.router_aux_loss_coef

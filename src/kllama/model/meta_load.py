@@ -5,6 +5,12 @@ its final place on the compute device (with the key renames transformers applies
 and re-initialised non-persistent buffers such as rotary `inv_freq`), and each MoE layer's routed experts are read
 into one host buffer that becomes a `HostExperts` module. Peak host memory stays close to the model size: nothing
 is read twice and file mappings are dropped as the reader goes (see `kllama.model.checkpoint`).
+
+Routed experts may be held quantized (`expert_dtype`: int8 / fp8, quantized expert by expert as they are read) and
+fp8 checkpoints (DeepSeek-V3's layout: float8_e4m3fn weights with 128x128 `weight_scale_inv` blocks) load too: their
+non-expert weights are dequantized to the model's dtype, their routed experts stay fp8 unless `expert_dtype` says
+otherwise. The built model then holds no fp8 Linear, so its config drops `quantization_config` (a saved or exported
+model must not claim to be fp8).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from kllama.errors import KllamaError
 from kllama.experts.families import family_of, find_expert_modules, layer_index
 from kllama.experts.install import ExpertEngine, wire_engine
 from kllama.experts.placement import ExpertPlacement
+from kllama.experts.quant import dequantize_blocks
 from kllama.model.checkpoint import CheckpointIndex, ShardReader, load_expert_layer, scan_checkpoint
 from kllama.model.source import ModelSource
 
@@ -113,6 +120,8 @@ def _load_non_expert(model: PreTrainedModel, index: CheckpointIndex, plan: list[
             if slot.is_floating_point() and (want := kept(name)) is not None:
                 slot = slot.to(want)
             src = reader.get(key)
+            if key in index.scales:  # fp8 with block scales: dequantized to the slot's dtype
+                src = dequantize_blocks(src, reader.get(index.scales[key]), slot.dtype)
             if tuple(src.shape) != tuple(slot.shape):
                 raise KllamaError(f"checkpoint tensor {key} has shape {tuple(src.shape)} but the model expects "
                                   f"{tuple(slot.shape)} for {name}; config.json does not match the weights")
@@ -183,14 +192,17 @@ def load_checkpoint(
     dtype: torch.dtype,
     attn_implementation: str | None = None,
     show_progress: bool = True,
+    expert_dtype: str = "auto",
 ) -> tuple[PreTrainedModel, ExpertEngine | None]:
     """Load the checkpoint of `source` for the expert engine: returns `(model, engine)`.
 
     Non-expert weights go to `compute_device` in `dtype` (fp32-kept modules stay fp32, as in transformers). Routed
     experts are read layer by layer into one host buffer each (pinned when `compute_device` is CUDA) and become
     `HostExperts` modules placed by `placements_fn(expert_module_names) -> {name: ExpertPlacement}`; the engine is
-    `kllama.experts.install.wire_engine`'s handle. With `placements_fn=None` the stock experts modules are kept and
-    filled on `compute_device` (engine None): what `from_pretrained` would give, via the low-memory path. Every
+    `kllama.experts.install.wire_engine`'s handle; `expert_dtype` (auto | bf16 | fp8 | int8) says how they are held
+    (`kllama.model.checkpoint.expert_scheme`). With `placements_fn=None` the stock experts modules are kept and
+    filled on `compute_device` in `dtype` (engine None): what `from_pretrained` would give, via the low-memory path
+    (an fp8 checkpoint comes out dequantized). Every
     user-fixable problem (missing file, shard or tensor; config/weights mismatch) is a KllamaError naming it.
     """
     device = torch.device(compute_device)
@@ -214,7 +226,9 @@ def load_checkpoint(
         host_modules: dict[str, nn.Module] = {}
         with ShardReader(index) as reader:
             for layer, (name, stock) in experts.items():
-                gate_up, down = load_expert_layer(index, layer, dtype=dtype, pin=device.type == "cuda", reader=reader)
+                held = expert_dtype if placements_fn is not None else "bf16"  # stock modules: dense
+                gate_up, down = load_expert_layer(index, layer, dtype=dtype, pin=device.type == "cuda", reader=reader,
+                                                  expert_dtype=held)
                 if placements_fn is None:
                     stock.gate_up_proj = nn.Parameter(gate_up.to(device))  # [E, 2I, H]
                     stock.down_proj = nn.Parameter(down.to(device))  # [E, H, I]
@@ -223,6 +237,8 @@ def load_checkpoint(
                     model.set_submodule(name, host_modules[name])
                 bar.update(index.expert_layers[layer].nbytes())
     _check_nothing_meta(model, index)
+    if index.scales and hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # every fp8 weight was dequantized or went to the expert engine
     _attach_generation_config(model, Path(model_dir))
     model.eval()
     if placements_fn is None:

@@ -209,3 +209,45 @@ def write_tiny_model(
     (out / "chat_template.jinja").unlink(missing_ok=True)  # a stale one would shadow the config's template
     tok.save_pretrained(out, save_jinja_files=False)
     return out
+
+
+FP8_QUANTIZATION_CONFIG: dict[str, Any] = {
+    "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+def _fp8_eligible(key: str, tensor: torch.Tensor) -> bool:
+    # DeepSeek-V3 stores every decoder-layer linear weight in fp8 except the router; norms, embeddings and the
+    # LM head stay in bf16
+    return (tensor.dim() == 2 and key.endswith(".weight") and ".layers." in key and "norm" not in key
+            and not key.endswith("mlp.gate.weight"))
+
+
+def write_fp8_checkpoint(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+    """Copy the model directory `src_dir` (single `model.safetensors`, e.g. from `write_tiny_model`) to `out_dir`
+    in DeepSeek-V3's fp8 layout: each decoder-layer linear weight (routed experts included, the router excepted)
+    becomes float8_e4m3fn with a `weight_scale_inv` of fp32 128x128 block scales, and config.json gains
+    `quantization_config: {quant_method: fp8, weight_block_size: [128, 128]}`. Other files are copied as they are."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from kllama.experts.quant import quantize_fp8_blocks
+
+    src, out = Path(src_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in src.iterdir():
+        if path.is_file() and path.name not in ("model.safetensors", "config.json"):
+            shutil.copy2(path, out / path.name)
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in load_file(str(src / "model.safetensors")).items():
+        if _fp8_eligible(key, tensor):
+            state[key], state[key + "_scale_inv"] = quantize_fp8_blocks(tensor)
+        else:
+            state[key] = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+    config["dtype"] = "bfloat16"
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out

@@ -154,7 +154,7 @@ class ResidentPromotion(TrainerCallback):
         streamed = self.streamed()
         if not streamed:
             return
-        layer_bytes = max(self.engine.modules[name].host_bytes() for name in streamed)
+        layer_bytes = max(self.engine.modules[name].dense_bytes() for name in streamed)  # resident: compute dtype
         estimate = estimate_promotion(self.steps, worst_tokens=self.worst_tokens, budget=self.budget,
                                       layer_bytes=layer_bytes, candidates=len(streamed))
         if estimate.layers == 0:

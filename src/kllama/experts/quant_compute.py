@@ -1,0 +1,85 @@
+"""CPU products with quantized routed experts: `x [n, K] @ W_e^T` reading expert e's int8 or fp8 bytes.
+
+No-grad CPU passes (decode, short prefills) read one expert's weights per product, so their cost is the bytes read:
+int8 and fp8 halve them. How to turn those bytes into a product is a kernel choice made here, measured per shape:
+
+* int8: torch's weight-only int8 kernel `torch._weight_int8pack_mm(x, w_int8 [N, K], scales [N])` (private API; its
+  behaviour is pinned by tests/experts/test_quant.py: `x @ (w * scales)^T`, scales in x's dtype, fp32 accumulation),
+  or the expert dequantized to x's dtype and multiplied by `linear`. The first reads 1 byte per weight and wins
+  decode; the second may win for many rows where the bf16 GEMM has AMX and the int8 kernel has not.
+* fp8: the expert dequantized (exact fp8 decode, block scales in fp32, one rounding) and multiplied by `linear`.
+  torch has no fp8 CPU GEMM and decoding costs more than reading bf16 on CPUs whose torch build does not vectorise
+  the fp8 cast, so fp8 is the streaming format and int8 the CPU decode format (benchmarks/NOTES.md has the numbers).
+
+Every form computes the same dot products with fp32 accumulation; the choice is measured once per (scheme, row
+bucket, shape, dtype, thread count), as `cpu_compute.expert_gemm` does for bf16 weights.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.nn.functional import linear
+
+from kllama.experts.quant import QuantizedWeight, dequantize
+
+_INT8_PACK = getattr(torch, "_weight_int8pack_mm", None)
+_PACK_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def int8_pack_mm(x: Tensor, weight: QuantizedWeight) -> Tensor:
+    """`x [n, K] @ (data * scale)^T -> [n, N]` through torch's int8 weight-only kernel (one expert, scales cast to
+    x's dtype as the kernel requires)."""
+    return _INT8_PACK(x.contiguous(), weight.data, weight.scale.to(x.dtype))
+
+
+def dequant_mm(x: Tensor, weight: QuantizedWeight) -> Tensor:
+    """`x [n, K] @ W^T -> [n, N]` with W dequantized to x's dtype for this product."""
+    return linear(x, dequantize(weight).to(x.dtype))
+
+
+QUANT_GEMMS: dict[str, dict[str, Callable[[Tensor, QuantizedWeight], Tensor]]] = {
+    "int8": {"int8-pack": int8_pack_mm, "dequant": dequant_mm},
+    "fp8": {"dequant": dequant_mm},
+}
+_CHOSEN: dict[tuple, str] = {}
+
+
+def _forms(x: Tensor, scheme: str) -> dict[str, Callable[[Tensor, QuantizedWeight], Tensor]]:
+    forms = dict(QUANT_GEMMS[scheme])
+    if _INT8_PACK is None or x.dtype not in _PACK_DTYPES:
+        forms.pop("int8-pack", None)
+    return forms
+
+
+def fastest_quant_gemm(x: Tensor, weight: QuantizedWeight, repeats: int = 5) -> str:
+    """The name of the QUANT_GEMMS form of `weight`'s scheme with the lowest median time on `x`, `weight` (one
+    expert, after a warm-up each)."""
+    forms = _forms(x, weight.scheme)
+    if len(forms) == 1:
+        return next(iter(forms))
+    times: dict[str, list[float]] = {name: [] for name in forms}
+    for fn in forms.values():
+        fn(x, weight)
+    for _ in range(repeats):
+        for name, fn in forms.items():
+            start = time.perf_counter()
+            fn(x, weight)
+            times[name].append(time.perf_counter() - start)
+    return min(times, key=lambda name: statistics.median(times[name]))
+
+
+def quant_expert_gemm(x: Tensor, weights: QuantizedWeight, expert: int) -> Tensor:
+    """`x [n, K] @ W_expert^T -> [n, N]` (x's dtype) for a batched quantized `weights [E, N, K]`, in the form
+    measured fastest here for this scheme, shape, dtype, thread count and row bucket (1, up to 16, more)."""
+    weight = weights.expert(expert)
+    rows = x.shape[0]
+    key = (weight.scheme, 1 if rows == 1 else 16 if rows <= 16 else 17, tuple(weight.shape), x.dtype,
+           torch.get_num_threads())
+    name = _CHOSEN.get(key)
+    if name is None:
+        name = _CHOSEN[key] = fastest_quant_gemm(x, weight)
+    return QUANT_GEMMS[weight.scheme][name](x, weight)
