@@ -12,7 +12,8 @@ int8 and fp8 halve them. How to turn those bytes into a product is a kernel choi
   the fp8 cast, so fp8 is the streaming format and int8 the CPU decode format (benchmarks/NOTES.md has the numbers).
 
 Every form computes the same dot products with fp32 accumulation; the choice is measured once per (scheme, row
-bucket, shape, dtype, thread count), as `cpu_compute.expert_gemm` does for bf16 weights.
+bucket, shape, dtype, thread count) against every expert of the layer in turn, so the weights come from memory as
+in a decode step (timing one repeated expert measures a cache-resident weight and can pick the wrong form).
 """
 from __future__ import annotations
 
@@ -55,19 +56,22 @@ def _forms(x: Tensor, scheme: str) -> dict[str, Callable[[Tensor, QuantizedWeigh
     return forms
 
 
-def fastest_quant_gemm(x: Tensor, weight: QuantizedWeight, repeats: int = 5) -> str:
-    """The name of the QUANT_GEMMS form of `weight`'s scheme with the lowest median time on `x`, `weight` (one
-    expert, after a warm-up each)."""
-    forms = _forms(x, weight.scheme)
+def fastest_quant_gemm(x: Tensor, weights: QuantizedWeight, repeats: int = 3) -> str:
+    """The name of the QUANT_GEMMS form of `weights`' scheme with the lowest median time for `x` against every
+    expert of the batched `weights [E, N, K]` in turn (after a warm-up each): the rotation makes the weights come from
+    memory as they do in a decode step, not from a cache one repeated expert would sit in."""
+    forms = _forms(x, weights.scheme)
     if len(forms) == 1:
         return next(iter(forms))
+    experts = [weights.expert(e) for e in range(weights.shape[0])]
     times: dict[str, list[float]] = {name: [] for name in forms}
     for fn in forms.values():
-        fn(x, weight)
+        fn(x, experts[0])
     for _ in range(repeats):
         for name, fn in forms.items():
             start = time.perf_counter()
-            fn(x, weight)
+            for weight in experts:
+                fn(x, weight)
             times[name].append(time.perf_counter() - start)
     return min(times, key=lambda name: statistics.median(times[name]))
 
@@ -75,11 +79,10 @@ def fastest_quant_gemm(x: Tensor, weight: QuantizedWeight, repeats: int = 5) -> 
 def quant_expert_gemm(x: Tensor, weights: QuantizedWeight, expert: int) -> Tensor:
     """`x [n, K] @ W_expert^T -> [n, N]` (x's dtype) for a batched quantized `weights [E, N, K]`, in the form
     measured fastest here for this scheme, shape, dtype, thread count and row bucket (1, up to 16, more)."""
-    weight = weights.expert(expert)
     rows = x.shape[0]
-    key = (weight.scheme, 1 if rows == 1 else 16 if rows <= 16 else 17, tuple(weight.shape), x.dtype,
+    key = (weights.scheme, 1 if rows == 1 else 16 if rows <= 16 else 17, tuple(weights.shape), x.dtype,
            torch.get_num_threads())
     name = _CHOSEN.get(key)
     if name is None:
-        name = _CHOSEN[key] = fastest_quant_gemm(x, weight)
-    return QUANT_GEMMS[weight.scheme][name](x, weight)
+        name = _CHOSEN[key] = fastest_quant_gemm(x, weights)
+    return QUANT_GEMMS[weights.scheme][name](x, weights.expert(expert))
