@@ -163,7 +163,8 @@ async def run_level(base: str, key: str, streams: int, new_tokens: int) -> dict[
             "tpot_p50_ms": (percentile(tpot, 50) or 0) * 1e3, "tpot_p95_ms": (percentile(tpot, 95) or 0) * 1e3,
             "itl_p50_ms": (percentile(gaps, 50) or 0) * 1e3, "itl_p95_ms": (percentile(gaps, 95) or 0) * 1e3,
             "max_batch": after.get("max_batch"), "mean_batch": generated / steps if steps else None,
-            "server_steps": steps}
+            "server_steps": steps, "graph_captures": after.get("graph_captures", 0) - before.get("graph_captures", 0),
+            "capture_s": after.get("capture_s", 0) - before.get("capture_s", 0)}
 
 
 def run_placement(args: argparse.Namespace, placement: str, levels: list[int], log_dir: Path) -> list[dict[str, Any]]:

@@ -59,13 +59,13 @@ def moe_adapter2(moe_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="session")
 def engine(moe_model: Path, moe_adapter: Path):  # noqa: ANN201 - GenerationEngine
-    """A GenerationEngine on the tiny model + adapter, fp32, template deepseek."""
+    """A GenerationEngine on the tiny model + adapter, fp32, template deepseek, 4 sequences decoded together."""
     from kllama.config.loader import build_config
     from kllama.infer.engine import build_engine
 
     config = build_config({"model_name_or_path": str(moe_model), "adapter_name_or_path": str(moe_adapter),
                            "template": "deepseek", "infer_dtype": "float32", "do_sample": False}, command="chat")
-    return build_engine(config, device="cpu")
+    return build_engine(config, device="cpu", max_batch=4)
 
 
 @pytest.fixture(scope="session")

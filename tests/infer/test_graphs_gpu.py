@@ -82,7 +82,9 @@ def even_layers(model: torch.nn.Module, engine) -> list[str]:  # noqa: ANN001
 
 
 def kinds(decoder: GraphedDecoder, bucket: int = 1) -> list[str]:
-    return [item.kind for item in decoder._captured[bucket].items]
+    """The pieces of the (only) step captured for batch bucket `bucket`."""
+    (captured,) = [c for (b, _), c in decoder._captured.items() if b == bucket]
+    return [item.kind for item in captured.items]
 
 
 @pytest.mark.parametrize("placement", ["gpu", "cpu", "auto", None])
@@ -115,19 +117,32 @@ def test_placements_decode_the_same_tokens(arch: str) -> None:
 
 
 def test_batched_slots_graphed_equal_eager() -> None:
-    model, _ = cuda_model("deepseek_v2", None)
+    model, engine = cuda_model("deepseek_v2", None)
     prompts = [prompt_of(model, n, seed=n) for n in (5, 11, 8)]
+    cpu_module = engine.modules[even_layers(model, engine)[0]]
+    rows_seen: list[int] = []
+    run_pass = cpu_module.run_pass
+
+    def counting(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        rows_seen.append(x.shape[0])
+        return run_pass(x, index, weights)
+
+    cpu_module.run_pass = counting  # the CPU layer's pass, as a replay calls it
     results = []
     for use_graphs in (True, False):
         decoder = GraphedDecoder(model, 4, 32, use_graphs=use_graphs)
         last = [int(decoder.prefill(p, slot=s).argmax()) for s, p in enumerate(prompts)]
         tokens = [last]
+        rows_seen.clear()
         for i in range(6):
             last = decoder.step(last, [len(p) + i for p in prompts]).argmax(-1).tolist()  # bucket 4, one padding row
             tokens.append(last)
         results.append(tokens)
         assert decoder.graphed == use_graphs
+        assert rows_seen[-5:] == [3] * 5  # replays hand the CPU pass the 3 real rows, never the padding row
     assert results[0] == results[1]
+    logits = decoder.step([results[0][-1][0], 0, 7], [len(prompts[0]) + 6, -1, len(prompts[2]) + 6])  # slot 1 idles
+    assert torch.isfinite(logits[[0, 2]]).all()
 
 
 def test_resident_experts_with_lora_are_one_graph() -> None:

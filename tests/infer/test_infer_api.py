@@ -86,6 +86,9 @@ def server(moe_model: Path, moe_adapter: Path, tmp_path_factory: pytest.TempPath
 def test_list_models_and_health(server: Server) -> None:
     assert [m.id for m in server.client().models.list()] == [server.model_id]
     assert server.health()["status"] == "ok"
+    # the start-up line states the KV memory the slots take and how decode steps run
+    assert "x 2048 tokens (kt_maxlen); decode steps eager: model on cpu" in server.log.read_text()
+    assert "32 sequences (API_MAX_BATCH)" in server.log.read_text()
 
 
 def test_completion_matches_the_engine_and_stream_matches_completion(server: Server, engine) -> None:  # noqa: ANN001

@@ -1,5 +1,6 @@
-"""Continuous batching in the engine: sequences joining and leaving one running batch answer exactly as they do
-alone (greedy, fp32, CPU), on every MoE family through the expert engine; the paged cache's bookkeeping."""
+"""Continuous batching in the engine: sequences joining and leaving one running batch over the slot decoder answer
+exactly as they do alone (greedy, fp32, CPU: the decoder's eager steps), on every MoE family through the expert
+engine; the packed layout's mask; slots handed down when a sequence leaves."""
 from __future__ import annotations
 
 import threading
@@ -9,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from kllama.infer import graphs
 from kllama.infer.engine import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, GenerationEngine, StreamChunk
-from kllama.infer.kv_cache import PagedKVCache
+from kllama.infer.kv_cache import packed_layout
 from kllama.infer.sampling import NonFiniteLogitsError, SamplingParams
 from kllama.infer.sequence import Sequence
 
@@ -19,14 +21,15 @@ QUESTIONS = ["Hi", "Tell me about the weather today, in some detail please.", "W
 GREEDY = SamplingParams(max_new_tokens=9, do_sample=False, ignore_eos=True)
 
 
-def _kt_engine(model_dir: Path, prefill: int, placement: str = "cpu", device: str = "cpu") -> GenerationEngine:
+def _kt_engine(model_dir: Path, prefill: int, placement: str = "cpu", device: str = "cpu", max_batch: int = 4,
+               **keys: object) -> GenerationEngine:
     from kllama.config.loader import build_config
     from kllama.infer.engine import build_engine
 
     config = build_config({"model_name_or_path": str(model_dir), "template": "empty", "infer_dtype": "float32",
-                           "infer_backend": "ktransformers", "use_kt": True, "expert_placement": placement},
+                           "infer_backend": "ktransformers", "use_kt": True, "expert_placement": placement, **keys},
                           command="chat")
-    engine = build_engine(config, device=device)
+    engine = build_engine(config, device=device, max_batch=max_batch)
     engine.prefill_tokens = prefill
     return engine
 
@@ -55,15 +58,21 @@ def _text(chunks: list[StreamChunk | BaseException]) -> tuple[str, str | None]:
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3", "qwen3_moe", "mixtral"])
-def test_batched_greedy_equals_one_at_a_time(tiny_model_dir: Callable[..., Path], arch: str) -> None:
+def test_batched_greedy_equals_one_at_a_time(tiny_model_dir: Callable[..., Path], arch: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(graphs, "MIN_READ", 4)  # decode steps cross read lengths 8, 16, 32 on the way
     engine = _kt_engine(tiny_model_dir(arch), prefill=5)  # prompts take several chunks
     prompts = [engine.encode([{"role": "user", "content": q}]) for q in QUESTIONS]
     alone = [engine.complete(ids, GREEDY).text for ids in prompts]
     assert len(set(alone)) > 1
-    outs = _run_batch(engine, [(ids, GREEDY) for ids in prompts], join_at=[0, 0, 2, 5])
+    budgets = [GREEDY.updated(max_new_tokens=n) for n in (9, 4, 12, 9)]  # leave in another order than they came
+    alone = [engine.complete(ids, params).text for ids, params in zip(prompts, budgets)]
+    before = dict(engine.stats)
+    outs = _run_batch(engine, list(zip(prompts, budgets)), join_at=[0, 0, 2, 5])
     assert [_text(o) for o in outs] == [(text, FINISH_LENGTH) for text in alone]
     assert engine.stats["max_batch"] == 4
-    assert engine.decoder.cache.sequences == 0  # every sequence gave its blocks back
+    assert engine.stats["decode_steps"] > before["decode_steps"] and engine.stats["packed_steps"] > before["packed_steps"]
+    assert engine.batch.sequences == 0  # every sequence gave its slot back
 
 
 def test_each_sequence_keeps_its_own_settings_and_cancel_leaves_the_batch(engine: GenerationEngine) -> None:
@@ -104,34 +113,57 @@ def test_nan_logits_fail_the_sequence_not_the_engine(tiny_model_dir: Callable[..
     assert engine.complete(prompt, GREEDY).text == healthy  # the engine serves on
 
 
-def test_paged_cache_grows_keeps_content_and_frees_blocks() -> None:
-    cache = PagedKVCache(torch.device("cpu"), block_size=2, initial_blocks=1)
-    keys = torch.arange(6.0).view(1, 1, 6, 1)
-    cache.plan([(1, 3), (2, 3)])
-    got_k, _ = cache.update(keys, -keys, 0)
-    cache.commit()
-    assert got_k.flatten().tolist() == keys.flatten().tolist()
-    assert cache.capacity >= 6 and cache.length(1) == 3
-    plan = cache.plan([(2, 1)])
-    got_k, got_v = cache.update(torch.full((1, 1, 1, 1), 9.0), torch.full((1, 1, 1, 1), -9.0), 0)
-    cache.commit()
-    assert got_k.flatten().tolist() == [3.0, 4.0, 5.0, 9.0] and got_v.flatten().tolist() == [-3.0, -4.0, -5.0, -9.0]
-    assert plan.position_ids.tolist() == [[3]] and plan.attention_mask.all()
-    free_before = len(cache._free)
-    cache.free(1)
-    assert len(cache._free) == free_before + 2 and cache.sequences == 1
-    cache.free(2)  # the last one out: the grown pools go
-    assert cache.capacity == 2 and cache.pool_bytes() == 0 and cache.sequences == 0
+def test_a_lone_sequence_and_a_batch_share_one_decoder_and_a_full_batch_waits(
+        tiny_model_dir: Callable[..., Path]) -> None:
+    engine = _kt_engine(tiny_model_dir("qwen3_moe"), prefill=512, max_batch=2)
+    prompts = [engine.encode([{"role": "user", "content": q}]) for q in QUESTIONS[:3]]
+    alone = [engine.complete(ids, GREEDY).text for ids in prompts]  # each one alone: slot 0, batch of 1
+    assert engine.stats["max_batch"] == 1
+    outs = _run_batch(engine, [(ids, GREEDY) for ids in prompts], join_at=[0, 0, 0])
+    assert [_text(o) for o in outs] == [(text, FINISH_LENGTH) for text in alone]  # the third waited for a slot
+    assert engine.stats["max_batch"] == 2 and engine.batch.sequences == 0
 
 
-def test_mask_keeps_sequences_apart_causal_and_windowed() -> None:
-    cache = PagedKVCache(torch.device("cpu"), sliding_window=2)
-    plan = cache.plan([(1, 3), (2, 2)])
-    mask = plan.attention_mask[0, 0].int().tolist()
-    assert mask == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
-    assert plan.position_ids.tolist() == [[0, 1, 2, 0, 1]] and plan.last_index.tolist() == [2, 4]
-    additive = PagedKVCache(torch.device("cpu"), bool_mask=False).plan([(1, 2)]).attention_mask[0, 0]
-    assert additive[0, 0] == 0 and additive[0, 1] == torch.finfo(torch.float32).min
+def test_interleaved_stream_callers_each_get_their_own_answer(tiny_model_dir: Callable[..., Path]) -> None:
+    # Two `stream` callers step separately: in each decode step the other caller's slot sits idle.
+    engine = _kt_engine(tiny_model_dir("deepseek_v2"), prefill=512, max_batch=2)
+    prompts = [engine.encode([{"role": "user", "content": q}]) for q in QUESTIONS[1:3]]
+    alone = [engine.complete(ids, GREEDY).text for ids in prompts]
+    streams = [engine.stream(ids, GREEDY) for ids in prompts]
+    texts = ["", ""]
+    live = [0, 1]
+    while live:
+        for i in list(live):
+            chunk = next(streams[i], None)
+            if chunk is None:
+                live.remove(i)
+            else:
+                texts[i] += chunk.text
+    assert texts == alone and engine.batch.sequences == 0
+
+
+def test_packed_layout_keeps_sequences_apart_causal_and_windowed() -> None:
+    layout = packed_layout([(2, 0, 3), (0, 1, 2)], capacity=10, device=torch.device("cpu"), window=2)
+    mask = layout.allowed[0, 0].int().tolist()
+    # slot 2 reads its positions 0..2; slot 0 reads 0..2, its position 0 cached before, 1..2 new
+    assert mask == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0],
+                    [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1]]
+    assert layout.position_ids.tolist() == [[0, 1, 2, 1, 2]] and layout.last_index.tolist() == [2, 4]
+    assert layout.write_index.tolist() == [20, 21, 22, 1, 2] and layout.read_index.tolist() == [20, 21, 22, 0, 1, 2]
+    with pytest.raises(ValueError, match="at least one token"):
+        packed_layout([(0, 0, 0)], capacity=4, device=torch.device("cpu"))
+
+
+def test_leaving_sequence_hands_its_slot_to_the_last_one(engine: GenerationEngine) -> None:
+    decoder = graphs.GraphedDecoder(engine.loaded.model, 3, 16)
+    decoder.allocate()
+    layer = decoder.cache.layers[0]
+    with torch.inference_mode():  # the storage is made under inference mode
+        for slot in range(3):
+            layer.key_rows[slot * decoder.capacity:(slot + 1) * decoder.capacity] = slot + 1
+    decoder.move(2, 0, 5)
+    rows = layer.key_rows.view(3, decoder.capacity, -1)
+    assert (rows[0, :5] == 3).all() and (rows[0, 5:] == 1).all() and (rows[1] == 2).all()
 
 
 @pytest.mark.gpu

@@ -52,6 +52,7 @@ def test_ctrl_c_stops_the_answer_not_the_session(engine) -> None:  # noqa: ANN00
 
     partial = session.answer("Hello there", write)
     assert written[-1] == " [stopped]" and partial == written[0]
+    assert engine.batch.sequences == 0  # the stopped answer gave its cache slot back
     assert session.history[-1] == {"role": "assistant", "content": partial}
     # the engine is free again (its lock was released) and the conversation goes on
     session.params = PARAMS

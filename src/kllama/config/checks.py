@@ -142,6 +142,8 @@ def _infer_checks(c: "KllamaConfig", check_paths: bool) -> list[str]:
         out.append("infer_backend: ktransformers runs kllama's expert engine and needs use_kt: true")
     if g.max_new_tokens <= 0:
         out.append(f"max_new_tokens: must be > 0, got {g.max_new_tokens}")
+    if g.kt_maxlen < 2:
+        out.append(f"kt_maxlen: must be >= 2 (a prompt token and an answer token), got {g.kt_maxlen}")
     if g.temperature < 0:
         out.append(f"temperature: must be >= 0, got {g.temperature}")
     if not 0.0 < g.top_p <= 1.0:

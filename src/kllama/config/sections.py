@@ -202,6 +202,11 @@ class GenerationArguments:
     top_p: float = arg(0.7, "Nucleus sampling probability mass.")
     top_k: int = arg(50, "Sample among the k most likely tokens.")
     max_new_tokens: int = arg(1024, "Max tokens generated per answer.")
+    kt_maxlen: int = arg(
+        4096, "Max prompt + answer tokens of one sequence in kllama chat / api (LLaMA-Factory's KTransformers key; "
+        "both backends): the positions of each KV-cache slot, allocated at start for every sequence decoded "
+        "together (capped at the model's max_position_embeddings).",
+    )
     repetition_penalty: float = arg(1.0, "Penalty > 1 discourages repeating tokens.")
     stop: list[str] | None = arg(None, "Stop strings (comma-separated) that end an answer.")
     system: str | None = arg(None, "System prompt for `kllama chat`.")

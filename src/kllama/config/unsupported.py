@@ -61,7 +61,6 @@ UNSUPPORTED: dict[str, str] = {
     "load_best_model_at_end": "best-model selection is not implemented",
     "metric_for_best_model": "best-model selection is not implemented",
     "kt_use_cuda_graph": "CUDA graphs are not used by kllama's expert engine",
-    "kt_maxlen": "kllama sizes its buffers from cutoff_len",
     "kt_mode": "kllama picks CPU/stream/GPU per pass itself (see expert_placement)",
     "image_max_pixels": "multimodal data is not supported",
     "video_max_pixels": "multimodal data is not supported",

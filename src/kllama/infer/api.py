@@ -135,7 +135,8 @@ def create_app(engine: GenerationEngine, model_id: str, settings: ApiSettings | 
                default_system: str | None = None) -> FastAPI:
     """The FastAPI app serving `engine` under the name `model_id` with `settings` (Bearer `api_key` when set)."""
     settings = settings or ApiSettings()
-    scheduler = Scheduler(engine, max_batch=settings.max_batch, max_queue=settings.max_queue)
+    # The engine's cache has a slot per sequence decoded together: the batch cannot be larger.
+    scheduler = Scheduler(engine, max_batch=min(settings.max_batch, engine.max_batch), max_queue=settings.max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -155,7 +156,8 @@ def create_app(engine: GenerationEngine, model_id: str, settings: ApiSettings | 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_id, "waiting": scheduler.waiting, "running": scheduler.running,
-                "batch_limit": scheduler.max_batch, "queue_limit": scheduler.max_queue, **engine.stats}
+                "batch_limit": scheduler.max_batch, "queue_limit": scheduler.max_queue, **engine.stats,
+                "graph_captures": engine.decoder.captures, "capture_s": round(engine.decoder.capture_s, 3)}
 
     @app.get("/v1/models", dependencies=[Depends(check_auth)])
     async def list_models() -> ModelList:
@@ -241,11 +243,16 @@ def run_api(config: KllamaConfig) -> int:
     import uvicorn
 
     settings = ApiSettings.from_env()
-    engine = build_engine(config)
+    engine = build_engine(config, max_batch=settings.max_batch)
     engine.prefill_tokens = settings.prefill_chunk
     model_id = settings.model_name or engine.loaded.model_id
     app = create_app(engine, model_id, settings, config.data.default_system)
     log_auth_state(settings)
+    print(f"kllama api: KV cache {engine.kv_cache_bytes / 2**30:.2f} GiB on {engine.loaded.device}: "
+          f"{engine.max_batch} sequences (API_MAX_BATCH) x {engine.context_length} tokens (kt_maxlen); decode steps "
+          + (f"replayed as CUDA graphs ({engine.decoder.captures} captured in {engine.capture_s:.1f} s)"
+             if engine.decoder.graphed else f"eager: {engine.decoder.reason}"),
+          flush=True)
     print(f"kllama api: serving {model_id!r} on http://{settings.host}:{settings.port}/v1 (docs at /docs); batches of "
           f"up to {settings.max_batch}, queue {settings.max_queue}", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)

@@ -11,7 +11,7 @@ Bearer-key check.
 | API_MAX_BATCH | 32 | sequences decoded together in one running batch |
 | API_MAX_QUEUE | 256 | sequences waiting behind the batch; more get 429 |
 | API_MAX_BODY_BYTES | 1048576 | largest request body; larger ones get 413 |
-| API_PREFILL_CHUNK | 512 | prompt tokens read per decoding step (newcomers are read in chunks) |
+| API_PREFILL_CHUNK | 2048 | prompt tokens read per step (newcomers are read in chunks, together, between answer tokens) |
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class ApiSettings:
     max_batch: int = 32
     max_queue: int = 256
     max_body_bytes: int = 1 << 20
-    prefill_chunk: int = 512
+    prefill_chunk: int = 2048
 
     @classmethod
     def from_env(cls) -> "ApiSettings":

@@ -1,79 +1,66 @@
-"""One decoding step over many sequences: pack their new tokens, run one forward, choose each one's next token.
+"""Continuous batching over the slot decoder: sequences join and leave one running batch between any two tokens.
 
-Sequences that are decoding feed their last token; sequences still reading their prompt share a prefill budget
-(`prefill_tokens` per step, oldest first), so a long newcomer is read in chunks while the others keep streaming.
-All of it goes through the model as one packed row, so the expert engine places its experts for the step's whole
-token count (a big batch may run them on the GPU where a single token would run on the CPU). Each sequence keeps its
-own sampling settings, seed, stop strings and budget; a cancelled one leaves at the step boundary.
+Each running sequence owns a slot of the decoder's cache (graphs.py, kv_cache.py); slots 0..n-1 are always the
+occupied ones (a sequence that ends hands its slot to the last one, whose cache moves down). A step is one of two
+kinds, chosen by what the step's sequences need:
+
+* **decode step** — every one of them is answering: one token per slot through `GraphedDecoder.step`, replayed as
+  a CUDA graph on a GPU (a batch of 1 is bucket 1: `kllama chat` and a lone API request run the same code);
+* **packed step** — some are still reading their prompt: the answering ones feed their next token and the readers
+  share a prefill budget (`prefill_tokens` per step, oldest first), all packed into one eager forward, so a long
+  newcomer is read in chunks while the others keep streaming, and the expert engine sees every token of the step
+  in one pass (under `auto` one stream of the experts serves every newcomer's prompt and the running answers).
+
+Each sequence keeps its own sampling settings, seed, stop strings and budget; a cancelled one leaves at the step
+boundary. A sequence in a slot that a step does not name (another caller's, stepping separately) sits that step out.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 from collections import Counter
 
-import torch
-from torch import Tensor, nn
-from transformers import PretrainedConfig, PreTrainedModel
-
-from kllama.errors import KllamaError
-from kllama.infer.kv_cache import BOOL_MASK_ATTENTION, PagedKVCache, StepPlan
+from kllama.infer.graphs import IDLE, GraphedDecoder
+from kllama.infer.kv_cache import cache_argument, transformers_model  # noqa: F401 - re-exported for benchmarks
 from kllama.infer.sampling import NonFiniteLogitsError, sample_rows
 from kllama.infer.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PREFILL_TOKENS = 512
+DEFAULT_PREFILL_TOKENS = 2048
 
 
-def transformers_model(model: nn.Module) -> PreTrainedModel:
-    """The transformers model inside `model` (itself, or the one a PEFT wrapper holds)."""
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            return module
-    raise KllamaError(f"{type(model).__name__} holds no transformers model; give a transformers causal LM")
+class SlotBatch:
+    """Steps any set of sequences forward through one `GraphedDecoder`, a slot each (see the module docstring)."""
 
-
-def sliding_window(config: PretrainedConfig) -> int | None:
-    """The attention window every layer of the model uses (None = full attention); models mixing windowed and full
-    layers are refused, since one packed mask serves every layer."""
-    kinds = set(getattr(config, "layer_types", None) or ())
-    if len(kinds) > 1:
-        raise KllamaError(f"model type {config.model_type!r} mixes attention kinds {sorted(kinds)}; kllama's batched "
-                          "decoding needs every layer to attend alike. Serve it with infer_backend: huggingface "
-                          "through another server, or set use_sliding_window: false in its config.json")
-    if getattr(config, "use_sliding_window", True) is False:
-        return None
-    window = getattr(config, "sliding_window", None)
-    return int(window) if window else None
-
-
-def cache_argument(model: PreTrainedModel) -> str:
-    """The forward keyword that takes the KV cache: `cache` (transformers >= 5.24) or `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
-class BatchDecoder:
-    """Steps any set of sequences forward through one model and its paged KV cache."""
-
-    def __init__(self, model: nn.Module, device: torch.device, stats: Counter[str] | None = None) -> None:
-        self.model = model
-        self.device = device
+    def __init__(self, decoder: GraphedDecoder, stats: Counter[str] | None = None) -> None:
+        self.decoder = decoder
         self.stats: Counter[str] = stats if stats is not None else Counter()
-        hf = transformers_model(model)
-        attention = hf.config._attn_implementation
-        if attention not in BOOL_MASK_ATTENTION:
-            # Packed sequences need an explicit mask, which flash-attention kernels do not take.
-            logger.warning("attention %r takes no custom mask; batched decoding switches the model to sdpa", attention)
-            hf.set_attn_implementation("sdpa")
-            attention = "sdpa"
-        self.cache = PagedKVCache(device, bool_mask=BOOL_MASK_ATTENTION[attention], mask_dtype=hf.dtype,
-                                  sliding_window=sliding_window(hf.config))
-        self._cache_kw = cache_argument(hf)
+        self.slots: list[Sequence] = []  # slot i holds slots[i]
+        self.lengths: list[int] = []  # positions cached in slot i
+        self._slot_of: dict[int, int] = {}  # seq_id -> slot
+
+    @property
+    def sequences(self) -> int:
+        """Sequences holding a slot."""
+        return len(self.slots)
+
+    def release(self, seq: Sequence) -> None:
+        """Give up the slot of `seq` (ended or abandoned); the last slot's sequence moves into it."""
+        slot = self._slot_of.pop(seq.seq_id, None)
+        if slot is None:
+            return
+        last = len(self.slots) - 1
+        if slot != last:
+            self.decoder.move(last, slot, self.lengths[last])
+            self.slots[slot], self.lengths[slot] = self.slots[last], self.lengths[last]
+            self._slot_of[self.slots[slot].seq_id] = slot
+        self.slots.pop()
+        self.lengths.pop()
 
     def step(self, seqs: list[Sequence], prefill_tokens: int = DEFAULT_PREFILL_TOKENS) -> list[Sequence]:
         """Advance `seqs` (in arrival order) by one forward; returns the sequences that ended (finished, cancelled
-        or failed), whose cache is freed. An error of the forward fails the step's sequences, not the caller."""
+        or failed), whose slots are freed. Sequences beyond the free slots wait. An error of the forward fails the
+        step's sequences, not the caller."""
         ended = [seq for seq in seqs if seq.done]
         live = []
         for seq in seqs:
@@ -85,67 +72,72 @@ class BatchDecoder:
                 ended.append(seq)
             else:
                 live.append(seq)
-        fed, segments, ids = [], [], []
-        budget = prefill_tokens
-        for seq in sorted(live, key=lambda s: s.prefilling):  # decoding first; the sort keeps arrival order
-            prefilling = seq.prefilling
-            if prefilling and budget <= 0:
-                continue
-            taken = seq.take(budget if prefilling else 1)
-            budget -= len(taken) if prefilling else 0
-            fed.append(seq)
-            segments.append((seq.seq_id, len(taken)))
-            ids.extend(taken)
-        if fed:
-            ended.extend(self._forward(fed, segments, ids))
         for seq in ended:
-            self.cache.free(seq.seq_id)
+            self.release(seq)
+        for seq in live:
+            if seq.seq_id not in self._slot_of and len(self.slots) < self.decoder.max_batch:
+                self._slot_of[seq.seq_id] = len(self.slots)
+                self.slots.append(seq)
+                self.lengths.append(0)
+        running = [seq for seq in live if seq.seq_id in self._slot_of]
+        if running:
+            reading = any(seq.prefilling for seq in running)
+            done = self._packed_step(running, prefill_tokens) if reading else self._decode_step(running)
+            for seq in done:
+                self.release(seq)
+            ended.extend(done)
         return ended
 
-    def adopt(self, seq: Sequence, cached: list[int], chunk: int = DEFAULT_PREFILL_TOKENS) -> bool:
-        """Take over `seq`, whose `cached` ids (its prompt so far, or its prompt and answer) another decoder held:
-        they are read into this cache in chunks of `chunk` tokens (one prefill, logits unused), after which `seq`
-        steps here like any other. A failed forward fails `seq` (and frees what it cached); returns success."""
+    def _decode_step(self, running: list[Sequence]) -> list[Sequence]:
+        stepping = {seq.seq_id for seq in running}
+        ids = [seq.pending[0] if seq.seq_id in stepping else 0 for seq in self.slots]
+        positions = [length if seq.seq_id in stepping else IDLE for seq, length in zip(self.slots, self.lengths)]
+        rows = [slot for slot, seq in enumerate(self.slots) if seq.seq_id in stepping]
+        fed = [self.slots[slot] for slot in rows]
+        for seq in fed:
+            seq.take(1)
         try:
-            for start in range(0, len(cached), chunk):
-                part = cached[start:start + chunk]
-                plan = self.cache.plan([(seq.seq_id, len(part))])
-                with torch.inference_mode():
-                    self._run(part, plan, plan.last_index)
-                self.cache.commit()
-        except Exception as exc:  # noqa: BLE001 - as a failed step: this sequence gets the error, the server serves on
-            self.cache.abort()
-            self.cache.free(seq.seq_id)
-            logger.exception("moving sequence %d into the batch failed (%d tokens)", seq.seq_id, len(cached))
-            seq.fail(exc)
-            return False
-        return True
+            logits = self.decoder.step(ids, positions)  # [slots, V]
+            if len(rows) < len(self.slots):
+                logits = logits[rows]
+            tokens, finite = sample_rows(logits, [seq.sampler for seq in fed])
+        except Exception as exc:  # noqa: BLE001 - the step's requests get the error; the server keeps serving
+            return self._failed(fed, exc)
+        for slot in rows:
+            self.lengths[slot] += 1
+        self.stats["decode_steps"] += 1
+        count_step(self.stats, len(fed), len(fed))
+        return accept_tokens(fed, tokens, finite, self.stats)
 
-    def _run(self, ids: list[int], plan: StepPlan, keep: Tensor) -> Tensor:
-        """Logits `[len(keep), V]` of the packed forward of `ids` under `plan` (the cache is not committed)."""
-        out = self.model(input_ids=torch.tensor([ids], device=self.device), position_ids=plan.position_ids,
-                         attention_mask=plan.attention_mask, use_cache=True, logits_to_keep=keep,
-                         **{self._cache_kw: self.cache})
-        return out.logits[0]
-
-    def _forward(self, fed: list[Sequence], segments: list[tuple[int, int]], ids: list[int]) -> list[Sequence]:
+    def _packed_step(self, running: list[Sequence], prefill_tokens: int) -> list[Sequence]:
+        fed, segments = [], []
+        budget = prefill_tokens
+        for seq in sorted(running, key=lambda s: s.prefilling):  # answering first; the sort keeps arrival order
+            reading = seq.prefilling
+            if reading and budget <= 0:
+                continue
+            taken = seq.take(budget if reading else 1)
+            budget -= len(taken) if reading else 0
+            slot = self._slot_of[seq.seq_id]
+            fed.append(seq)
+            segments.append((slot, self.lengths[slot], taken))
         choosing = [i for i, seq in enumerate(fed) if not seq.pending]  # fully fed: their next token is due
         try:
-            plan = self.cache.plan(segments)
-            keep = plan.last_index if len(choosing) == len(fed) else \
-                plan.last_index[torch.tensor(choosing, dtype=torch.long, device=self.device)]
-            with torch.inference_mode():
-                logits = self._run(ids, plan, keep)
-                self.cache.commit()
-                tokens, finite = sample_rows(logits, [fed[i].sampler for i in choosing])
+            logits = self.decoder.packed(segments, choosing)  # [len(choosing), V]
+            tokens, finite = sample_rows(logits, [fed[i].sampler for i in choosing])
         except Exception as exc:  # noqa: BLE001 - the step's requests get the error; the server keeps serving
-            self.cache.abort()
-            logger.exception("decoding step failed (%d sequences, %d tokens)", len(fed), len(ids))
-            for seq in fed:
-                seq.fail(exc)
-            return fed
-        count_step(self.stats, len(fed), len(ids))
+            return self._failed(fed, exc)
+        for slot, _, taken in segments:
+            self.lengths[slot] += len(taken)
+        self.stats["packed_steps"] += 1
+        count_step(self.stats, len(fed), sum(len(taken) for _, _, taken in segments))
         return accept_tokens([fed[i] for i in choosing], tokens, finite, self.stats)
+
+    def _failed(self, fed: list[Sequence], exc: Exception) -> list[Sequence]:
+        logger.exception("decoding step failed (%d sequences)", len(fed), exc_info=exc)
+        for seq in fed:
+            seq.fail(exc)
+        return fed
 
 
 def count_step(stats: Counter[str], sequences: int, tokens: int) -> None:

@@ -1,4 +1,4 @@
-"""The generation engine: one model, a paged KV cache, and decoding steps over any number of answers at once.
+"""The generation engine: one model, a slot KV cache, and decoding steps over any number of answers at once.
 
 We run our own loop instead of `model.generate` so that answers join and leave a running batch between any two
 tokens (a new request, a client gone, Ctrl-C), stop strings are matched on the detokenised text, each answer keeps
@@ -6,33 +6,36 @@ its own sampling settings, and the same loop serves every backend (stock transfo
 `stream` runs one answer in the caller's thread (`kllama chat`); `kllama api` drives `step` from its scheduler
 thread with every running request.
 
-Two paths, chosen per sequence when it starts (`step`): a sequence starting while no other is running goes to the
-single stream (single_stream.py: a reused batch-1 static-cache decoder whose steps are CUDA graphs), which is every
-turn of `kllama chat` and a lone API request; any other goes to the batch path (batching.py). When a second sequence
-arrives while one runs alone, the lone one is moved into the batch at that step boundary by reading its prompt and
-answer so far into the paged cache (one prefill), and both are batched from then on. We move it rather than run two
-forwards per step (graphed stream + batch) because with CPU experts every forward reads the experts' weights again,
-and one packed forward keeps the expert engine placing experts by the step's whole token count. The single stream
-is on by default where the model is on CUDA (off on the CPU, where graphs cannot help).
+There is one path: a `SlotBatch` (batching.py) over one `GraphedDecoder` (graphs.py) of `max_batch` slots x
+`max_len` positions, made when the engine is built: its KV memory is allocated then (`kv_cache_bytes`) and, on a GPU,
+the decode step of every batch bucket is captured for answers of up to MIN_READ tokens (`capture_s`; longer reads
+are captured on first use). Decode steps are CUDA graphs on a GPU and eager elsewhere; prompts are read by packed
+eager steps. `kllama chat` uses one slot, `kllama api` `API_MAX_BATCH`.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
+import torch
+
 from kllama.config.loader import KllamaConfig
 from kllama.errors import KllamaError
-from kllama.infer.batching import DEFAULT_PREFILL_TOKENS, BatchDecoder
+from kllama.infer.batching import DEFAULT_PREFILL_TOKENS, SlotBatch
+from kllama.infer.graphs import GraphedDecoder
+from kllama.infer.kv_cache import BOOL_MASK_ATTENTION, transformers_model
 from kllama.infer.prompt import Messages, PromptRenderer
 from kllama.infer.sampling import SamplingParams
 from kllama.infer.sequence import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Emit, Sequence, StreamChunk
-from kllama.infer.single_stream import SingleStream
 from kllama.model.load import LoadedModel, load_model
 
 __all__ = ["FINISH_CANCELLED", "FINISH_LENGTH", "FINISH_STOP", "Completion", "GenerationEngine", "StreamChunk",
            "build_engine", "sampling_defaults"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,32 +50,40 @@ class Completion:
 
 class GenerationEngine:
     """Generates answers with one loaded model; a lock makes each decoding step exclusive (one model, one cache).
-    `single_stream`: decode a sequence running alone through the static-cache decoder (None: where the model is on
-    CUDA; True on the CPU runs its steps eagerly, for tests)."""
+    `max_batch` sequences decode together (one cache slot each) and each may hold `max_len` tokens of prompt and
+    answer (None or more than the model's context: the model's context); `use_graphs=False` keeps steps eager."""
 
     def __init__(self, loaded: LoadedModel, renderer: PromptRenderer, defaults: SamplingParams,
-                 prefill_tokens: int = DEFAULT_PREFILL_TOKENS, single_stream: bool | None = None) -> None:
+                 prefill_tokens: int = DEFAULT_PREFILL_TOKENS, *, max_batch: int = 1, max_len: int | None = None,
+                 use_graphs: bool = True) -> None:
         self.loaded = loaded
         self.renderer = renderer
         self.defaults = defaults
         self.prefill_tokens = prefill_tokens
         self._lock = threading.Lock()
-        # requests, generated_tokens, cancelled, steps, max_batch, max_step_tokens, single_stream (sequences started
-        # on the single stream), moved_to_batch (of those, moved into the batch) — shown by the API's /health
+        # requests, generated_tokens, cancelled, steps (decode_steps + packed_steps), max_batch, max_step_tokens —
+        # shown by the API's /health
         self.stats: Counter[str] = Counter()
-        self.decoder = BatchDecoder(loaded.model, loaded.device, self.stats)
-        if single_stream is None:
-            single_stream = loaded.device.type == "cuda"
-        self.single = SingleStream(loaded.model, loaded.context_length, self.stats) if single_stream else None
+        use_mask_attention(loaded.model)
+        positions = min(max_len or loaded.context_length, loaded.context_length)
+        self.decoder = GraphedDecoder(loaded.model, max_batch, positions, use_graphs=use_graphs)
+        self.kv_cache_bytes = allocate_kv_cache(self.decoder)
+        self.capture_s = self.decoder.capture_buckets()
+        self.batch = SlotBatch(self.decoder, self.stats)
 
     @property
     def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
         return self.loaded.tokenizer
 
     @property
+    def max_batch(self) -> int:
+        """Sequences that can decode together (cache slots)."""
+        return self.decoder.max_batch
+
+    @property
     def context_length(self) -> int:
-        """Max prompt + answer tokens."""
-        return self.loaded.context_length
+        """Max prompt + answer tokens of one sequence (a cache slot's positions)."""
+        return self.decoder.max_len
 
     def encode(self, messages: Messages, system: str | None = None) -> list[int]:
         """Prompt ids of a conversation (ending with the assistant prefix) under the configured template."""
@@ -85,39 +96,21 @@ class GenerationEngine:
         if not prompt_ids:
             raise KllamaError("the prompt is empty; send at least one message with text")
         if budget < 1:
-            raise KllamaError(f"the prompt has {len(prompt_ids)} tokens, which fills the model's context of "
-                              f"{self.context_length}; shorten the conversation (e.g. `clear` the history)")
+            raise KllamaError(f"the prompt has {len(prompt_ids)} tokens, which fills the context of "
+                              f"{self.context_length} tokens (kt_maxlen, at most the model's); shorten the conversation "
+                              "(e.g. `clear` the history) or raise kt_maxlen")
         return Sequence.start(prompt_ids, params, budget, frozenset(self.renderer.stop_token_ids), self.tokenizer,
                               self.loaded.device, emit, cancel)
 
     def step(self, seqs: list[Sequence]) -> list[Sequence]:
-        """One decoding step of `seqs` (arrival order); returns those that ended. A sequence starting while no other
-        is running takes the single stream; another live sequence moves that one into the batch (module docstring)."""
+        """One decoding step of `seqs` (arrival order); returns those that ended (module docstring)."""
         with self._lock:
-            single = self.single
-            if single is None:
-                return self.decoder.step(seqs, self.prefill_tokens)
-            if single.seq is None and len(seqs) == 1 and self._starts_alone(seqs[0]):
-                single.admit(seqs[0])
-            if single.seq is not None:
-                others = [seq for seq in seqs if seq is not single.seq]
-                if any(not seq.done for seq in others):
-                    seq, cached = single.detach()
-                    self.decoder.adopt(seq, cached, self.prefill_tokens)
-                elif len(others) < len(seqs):
-                    return self.decoder.step(others, self.prefill_tokens) + single.step(self.prefill_tokens)
-            return self.decoder.step(seqs, self.prefill_tokens)
-
-    def _starts_alone(self, seq: Sequence) -> bool:
-        # Nothing of it fed yet and no batched sequence holding cache (e.g. another `stream` caller's).
-        return not seq.done and seq.fed == 0 and not seq.cancel.is_set() and self.decoder.cache.sequences == 0
+            return self.batch.step(seqs, self.prefill_tokens)
 
     def release(self, seq: Sequence) -> None:
-        """Free the cache of a sequence abandoned before it ended."""
+        """Free the cache slot of a sequence abandoned before it ended."""
         with self._lock:
-            if self.single is not None:
-                self.single.drop(seq)
-            self.decoder.cache.free(seq.seq_id)
+            self.batch.release(seq)
 
     def stream(
         self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
@@ -162,12 +155,34 @@ def sampling_defaults(config: KllamaConfig) -> SamplingParams:
     )
 
 
-def build_engine(config: KllamaConfig, device: str = "auto", single_stream: bool | None = None) -> GenerationEngine:
-    """Load the model per the config and wrap it in a GenerationEngine with the config's template and sampling
-    (`single_stream`: see GenerationEngine)."""
+def use_mask_attention(model: torch.nn.Module) -> None:
+    """Switch a model whose attention takes no custom 4-D mask (flash-attention kernels) to sdpa, with a warning:
+    the slot cache hands every attention an explicit mask."""
+    hf = transformers_model(model)
+    attention = hf.config._attn_implementation
+    if attention not in BOOL_MASK_ATTENTION:
+        logger.warning("attention %r takes no custom mask; kllama's decoder switches the model to sdpa", attention)
+        hf.set_attn_implementation("sdpa")
+
+
+def allocate_kv_cache(decoder: GraphedDecoder) -> int:
+    """Allocate the decoder's cache now (not at the first request) and return its bytes; running out of GPU memory
+    is one error naming the settings that size it."""
+    try:
+        return decoder.allocate()
+    except torch.OutOfMemoryError:
+        raise KllamaError(f"the KV cache of {decoder.max_batch} sequences x {decoder.max_len} tokens does not fit in "
+                          "the GPU memory the model's weights leave (and under max_gpu_memory, if set); lower kt_maxlen "
+                          "(tokens per sequence) or API_MAX_BATCH (sequences decoded together)") from None
+
+
+def build_engine(config: KllamaConfig, device: str = "auto", max_batch: int = 1) -> GenerationEngine:
+    """Load the model per the config and wrap it in a GenerationEngine with the config's template, sampling and
+    `kt_maxlen` tokens per sequence, decoding up to `max_batch` sequences together."""
     from kllama.infer.prompt import build_renderer
 
     loaded = load_model(config, "infer", device=device)
     renderer = build_renderer(config.data.template, loaded.tokenizer, getattr(loaded.model, "generation_config", None),
                               enable_thinking=config.data.enable_thinking, default_system=config.data.default_system)
-    return GenerationEngine(loaded, renderer, sampling_defaults(config), single_stream=single_stream)
+    return GenerationEngine(loaded, renderer, sampling_defaults(config), max_batch=max_batch,
+                            max_len=config.generation.kt_maxlen)

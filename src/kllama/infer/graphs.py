@@ -1,28 +1,37 @@
-"""Decode steps replayed as CUDA graphs over a static KV cache, with CPU (or streamed) expert passes between graphs.
+"""Decode steps replayed as CUDA graphs over the slot KV cache, with CPU (or streamed) expert passes between graphs.
 
 At batch 1 a decode step of a MoE model is a few thousand small kernels; launched one by one from Python they take
-~100 ms on the H200 box while the GPU works for a few ms (benchmarks/NOTES.md). Here one step is captured once per
-batch size and replayed: `graphed_decoder(model, max_batch, max_len)` returns a `GraphedDecoder` whose
-`prefill(ids, slot)` runs a prompt eagerly into one cache slot and whose `step(ids, positions)` runs one token per
-slot and returns the logits.
+~100 ms on the H200 box while the GPU works for a few ms (benchmarks/NOTES.md), and a batch of 32 launches the same
+kernels. Here one step is captured once per shape and replayed: `graphed_decoder(model, max_batch, max_len)`
+returns a `GraphedDecoder` over a `SlotCache` (kv_cache.py) of `max_batch` slots whose
+* `step(ids, positions)` runs one token for each of the first B slots and returns their logits: replayed;
+* `packed(segments)` runs several slots' new tokens (prompt chunks, next tokens) in one packed forward: eager;
+* `prefill(ids, slot, start)` reads a prompt into one slot: eager.
 
-* **Static cache.** `SlotCache` is a transformers `Cache` of `max_batch` slots x `max_len + 1` positions whose layers
-  write each forward's keys/values at the positions the decoder sets and hand attention the whole slot rows, with an
-  explicit 4-D mask (position j visible to a token at position p when j <= p; transformers returns a 4-D mask as
-  given). The last position is scratch: padding rows of a batch write there and no real token ever sees it.
+* **Shapes captured.** A step is captured per (batch bucket, read length): the batch is padded to the next power of
+  two (up to `max_batch`) and attention reads positions `0..L-1` of each slot, L the next power of two (at least
+  `MIN_READ`) above the batch's last position, up to the slot capacity. Reading only what the batch needs keeps a
+  step's attention (and DeepSeek's per-step expansion of its cached latents) proportional to the answers' lengths,
+  not to the capacity. Each shape is captured on first use (`captures` counts them, `capture_s` their time: about
+  two or three eager forwards each) and replayed ever after; a batch of B rows in a bucket of more runs its padding
+  rows at the scratch position (below). `capture_buckets` captures every batch bucket at the shortest read length
+  up front (the engine does it when it is built, so requests never wait for those).
+* **Scratch position.** A slot holds `max_len + 1` positions; the last one is scratch: padding rows and slots a step
+  leaves idle (position -1 in `step`) write there and see everything, and no real token ever sees it.
 * **Graphs cut at expert passes that cannot be captured.** While a step is captured, every no-grad expert pass goes
   through `expert_pass_hook`: a pass that runs on the GPU without a host sync (`HostExperts.capturable`: resident
   weights, torch's grouped GEMM) is captured in line; any other (CPU experts, streamed layers) ends the current
   graph, is recorded as an eager call on the captured tensors writing into a static output, and a new graph begins.
-  A step is then replayed as graph, pass, graph, pass, ... (one graph when every layer is resident). All graphs of a
-  decoder share one memory pool; they are replayed in the order they were captured, which is what makes sharing
-  safe. With `split_experts=True` resident passes get graphs of their own, so `timed_step` can tell expert time
-  from other GPU work (for benchmarks; the split costs a few launches per layer).
+  A step is then replayed as graph, pass, graph, pass, ... (one graph when every layer is resident). An eager pass
+  gets only the step's real rows, not the bucket's padding, so CPU experts never compute (and the engine never
+  places by) padding tokens. All graphs of a decoder share one memory pool: a replay only touches its own static
+  tensors and intermediates that die within it, and replays never overlap. With `split_experts=True` resident
+  passes get graphs of their own, so `timed_step` can tell expert time from other GPU work (for benchmarks; the
+  split costs a few launches per layer).
 * **Clean fallback.** Without CUDA, with `use_graphs=False`, or when a capture fails, steps run eagerly over the same
-  static cache (one log line says why), so results never depend on whether graphs were used. A failed capture
-  leaves the process clean (`graph_capture`): the default CUDA RNG and the allocator work as before. Attention
-  implementations other than sdpa and eager (flash-attention takes no 4-D mask) get no decoder: `graphed_decoder`
-  returns None and the caller keeps its own loop.
+  cache (one log line says why), so results never depend on whether graphs were used. A failed capture leaves the
+  process clean (`graph_capture`): the default CUDA RNG and the allocator work as before. Attention implementations
+  other than sdpa and eager (flash-attention takes no 4-D mask) get no decoder: `graphed_decoder` returns None.
 
 A decoder is not thread-safe: one caller steps it (the engine serialises requests).
 """
@@ -36,62 +45,17 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import Cache, StaticLayer
 
 from kllama.experts.module import HostExperts, expert_pass_hook
-from kllama.infer.batching import cache_argument, transformers_model
 from kllama.infer.graph_capture import end_failed_capture, private_cuda_rng
-from kllama.infer.kv_cache import BOOL_MASK_ATTENTION
+from kllama.infer.kv_cache import (
+    BOOL_MASK_ATTENTION, SlotCache, attention_mask, cache_argument, packed_layout, sliding_window, transformers_model,
+)
 
 logger = logging.getLogger(__name__)
 
-
-def attention_mask(allowed: Tensor, bool_mask: bool, dtype: torch.dtype) -> Tensor:
-    """The 4-D mask an attention implementation takes: `allowed` itself (sdpa) or additive (eager)."""
-    if bool_mask:
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
-
-
-class _SlotLayer(StaticLayer):
-    """One layer of a SlotCache: keys/values stored as `[slots * capacity, heads, dim]` rows so a forward's tokens
-    are written with one `index_copy_` at the cache's write index, read back as `[slots, heads, capacity, dim]`."""
-
-    def __init__(self, cache: "SlotCache") -> None:
-        super().__init__(max_cache_len=cache.capacity)
-        self._cache = cache
-
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        slots, capacity = self._cache.max_batch, self.max_cache_len
-        self.device = key_states.device
-        self.key_rows = key_states.new_zeros(slots * capacity, key_states.shape[1], key_states.shape[3])
-        self.value_rows = value_states.new_zeros(slots * capacity, value_states.shape[1], value_states.shape[3])
-        self.keys = self.key_rows.view(slots, capacity, *self.key_rows.shape[1:]).transpose(1, 2)
-        self.values = self.value_rows.view(slots, capacity, *self.value_rows.shape[1:]).transpose(1, 2)
-        self.is_initialized = True
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        index = self._cache.write_index  # [B*T] flat (slot * capacity + position)
-        self.key_rows.index_copy_(0, index, key_states.transpose(1, 2).reshape(-1, *self.key_rows.shape[1:]))
-        self.value_rows.index_copy_(0, index, value_states.transpose(1, 2).reshape(-1, *self.value_rows.shape[1:]))
-        rows = self._cache.rows
-        return self.keys[rows], self.values[rows]
-
-    def get_seq_length(self) -> int:
-        return 0  # positions are always given explicitly
-
-
-class SlotCache(Cache):
-    """Static KV cache of `max_batch` slots x `capacity` positions for every attention layer; `rows` (the slots a
-    forward reads) and `write_index` (where its tokens go) are set by the decoder before each forward."""
-
-    def __init__(self, num_layers: int, max_batch: int, capacity: int) -> None:
-        self.max_batch, self.capacity = max_batch, capacity
-        self.rows = slice(0, max_batch)
-        self.write_index: Tensor | None = None
-        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+MIN_READ = 256  # shortest read length a step is captured for: short answers share one graph per batch bucket
+IDLE = -1  # the position `step` takes for a slot that sits this step out
 
 
 @dataclass
@@ -111,24 +75,30 @@ class StepTimes:
 
 @dataclass
 class _Item:
-    """One piece of a captured step: a graph (`expert` when it holds only an expert pass) or an eager pass."""
+    """One piece of a captured step: a graph (`expert-graph` when it holds only an expert pass) or an eager pass,
+    run with the step's count of real rows."""
 
-    run: Callable[[], None]
+    run: Callable[[int], None]
     kind: str  # graph | expert-graph | host
+
+
+def _graph_item(graph: torch.cuda.CUDAGraph, kind: str) -> _Item:
+    return _Item(lambda rows: graph.replay(), kind)
 
 
 @dataclass
 class _HostPass:
-    """An expert pass that cannot be captured, run eagerly on the tensors the previous graph wrote."""
+    """An expert pass that cannot be captured, run eagerly on the tensors the previous graph wrote: only the step's
+    real rows (one token each), so padding rows cost the CPU nothing and the engine places by the real count."""
 
     module: HostExperts
-    x: Tensor
-    index: Tensor
-    weights: Tensor
-    out: Tensor
+    x: Tensor  # [bucket, H]
+    index: Tensor  # [bucket, K]
+    weights: Tensor  # [bucket, K]
+    out: Tensor  # [bucket, H]; padding rows keep whatever they held
 
-    def __call__(self) -> None:
-        self.out.copy_(self.module.run_pass(self.x, self.index, self.weights))
+    def __call__(self, rows: int) -> None:
+        self.out[:rows].copy_(self.module.run_pass(self.x[:rows], self.index[:rows], self.weights[:rows]))
 
 
 @dataclass
@@ -147,7 +117,7 @@ class _Recorder:
     def end(self, kind: str = "graph") -> None:
         graph, self.graph = self.graph, None
         graph.capture_end()
-        self.items.append(_Item(graph.replay, kind))
+        self.items.append(_graph_item(graph, kind))
 
     def abort(self) -> None:
         if self.graph is not None:
@@ -164,7 +134,7 @@ class _Recorder:
             out = module.run_pass(x, index, weights)
             self.end("expert-graph")
         else:
-            out = torch.empty_like(x)  # outside any capture: a plain allocation that stays where it is
+            out = torch.zeros_like(x)  # outside any capture: a plain allocation that stays where it is
             self.items.append(_Item(_HostPass(module, x, index, weights, out), "host"))
         self.begin()
         return out
@@ -175,11 +145,11 @@ class _Captured:
     items: list[_Item]
     logits: Tensor  # [B, V], written by the last graph
 
-    def replay(self) -> None:
+    def replay(self, rows: int) -> None:
         for item in self.items:
-            item.run()
+            item.run(rows)
 
-    def timed_replay(self, device: torch.device) -> StepTimes:
+    def timed_replay(self, device: torch.device, rows: int) -> StepTimes:
         torch.cuda.synchronize(device)
         start = time.perf_counter()
         expert = other = 0.0
@@ -188,13 +158,13 @@ class _Captured:
             if item.kind == "host":
                 torch.cuda.synchronize(device)  # the previous graphs' time is theirs, not this pass's
                 begin = time.perf_counter()
-                item.run()
+                item.run(rows)
                 torch.cuda.synchronize(device)
                 expert += (time.perf_counter() - begin) * 1e3
                 continue
             pair = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             pair[0].record()
-            item.run()
+            item.run(rows)
             pair[1].record()
             events.append((item.kind, pair))
         torch.cuda.synchronize(device)
@@ -207,9 +177,18 @@ class _Captured:
         return StepTimes(wall, expert, other)
 
 
+def power_buckets(low: int, high: int) -> list[int]:
+    """`low, 2*low, 4*low, ...` below `high`, then `high` itself (`[high]` when `low >= high`)."""
+    sizes, size = [], low
+    while size < high:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, high]
+
+
 class GraphedDecoder:
-    """Prefill and one-token decode steps over a static cache of `max_batch` slots x `max_len` positions, replayed
-    as CUDA graphs where the device allows (see the module docstring)."""
+    """Decode steps, packed steps and prompt reads over a slot cache of `max_batch` slots x `max_len` positions,
+    decode steps replayed as CUDA graphs where the device allows (see the module docstring)."""
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, *, use_graphs: bool = True,
                  split_experts: bool = False) -> None:
@@ -219,13 +198,15 @@ class GraphedDecoder:
         self.device, self.dtype = hf.device, hf.dtype
         self.capacity = max_len + 1  # position max_len is the scratch slot of padding rows
         self.cache = SlotCache(hf.config.num_hidden_layers, max_batch, self.capacity)
+        self.window = sliding_window(hf.config)
         self._bool_mask = BOOL_MASK_ATTENTION[hf.config._attn_implementation]
         self._cache_kw = cache_argument(hf)
         self._ids = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
         self._positions = torch.full((max_batch, 1), max_len, dtype=torch.long, device=self.device)
         self._arange = torch.arange(self.capacity, device=self.device)
-        self._captured: dict[int, _Captured] = {}
+        self._captured: dict[tuple[int, int], _Captured] = {}
         self._pool: tuple | None = None
+        self.captures, self.capture_s = 0, 0.0
         self.reason: str | None = None  # why steps run eagerly; None while graphs are used
         if self.device.type != "cuda":
             self.reason = f"model on {self.device}, CUDA graphs need a CUDA device"
@@ -241,22 +222,46 @@ class GraphedDecoder:
 
     def buckets(self) -> list[int]:
         """The batch sizes a step is captured for (a batch runs in the smallest bucket that holds it)."""
-        sizes, size = [], 1
-        while size < self.max_batch:
-            sizes.append(size)
-            size *= 2
-        return [*sizes, self.max_batch]
+        return power_buckets(1, self.max_batch)
 
-    def _forward(self, ids: Tensor, positions: Tensor, rows: slice) -> Tensor:
-        """Logits `[B, V]` of the last token of each row of `ids [B, T]` at `positions [B, T]`, cache slots `rows`."""
-        slots = torch.arange(rows.start, rows.stop, device=self.device)  # [B]
-        self.cache.rows = rows
-        self.cache.write_index = (slots[:, None] * self.capacity + positions).reshape(-1)
-        allowed = self._arange[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, capacity]
+    def read_lengths(self) -> list[int]:
+        """The read lengths a step is captured for (the smallest above the batch's last position is used)."""
+        return power_buckets(min(MIN_READ, self.capacity), self.capacity)
+
+    def allocate(self) -> int:
+        """Make every layer's storage now (one eager token at a scratch position) and return its bytes."""
+        with torch.inference_mode():
+            self._forward_rows(self._ids[:1], self._positions[:1].fill_(self.max_len), slice(0, 1), self.capacity)
+        return self.cache.nbytes()
+
+    @torch.inference_mode()
+    def capture_buckets(self) -> float:
+        """Capture the step of every batch bucket at the shortest read length now (what short answers use), so no
+        request waits for those captures; returns the seconds it took (0 when steps run eagerly)."""
+        began = time.perf_counter()
+        for bucket in self.buckets():
+            if self._ensure_captured(bucket, self.read_lengths()[0]) is None:
+                return 0.0
+        return time.perf_counter() - began
+
+    def _run(self, ids: Tensor, positions: Tensor, allowed: Tensor, keep: int | Tensor) -> Tensor:
         out = self.model(input_ids=ids, position_ids=positions,
                          attention_mask=attention_mask(allowed, self._bool_mask, self.dtype),
-                         use_cache=True, logits_to_keep=1, **{self._cache_kw: self.cache})
-        return out.logits[:, -1]
+                         use_cache=True, logits_to_keep=keep, **{self._cache_kw: self.cache})
+        return out.logits
+
+    def _forward_rows(self, ids: Tensor, positions: Tensor, rows: slice, length: int) -> Tensor:
+        """Logits `[B, V]` of the last token of each row of `ids [B, T]` at `positions [B, T]` in slots `rows`,
+        attention reading positions `0..length-1`."""
+        slots = torch.arange(rows.start, rows.stop, device=self.device)  # [B]
+        self.cache.set_rows((slots[:, None] * self.capacity + positions).reshape(-1), rows, length)
+        key_pos = self._arange[None, None, None, :length]  # [1, 1, 1, L]
+        query_pos = positions[:, None, :, None]  # [B, 1, T, 1]
+        allowed = key_pos <= query_pos
+        if self.window is not None:
+            allowed = allowed & (key_pos > query_pos - self.window)
+        allowed = allowed | (query_pos == self.max_len)  # scratch rows see everything: never an all-masked row
+        return self._run(ids, positions, allowed, 1)[:, -1]
 
     @torch.inference_mode()
     def prefill(self, input_ids: Tensor | Sequence[int], slot: int = 0, start: int = 0) -> Tensor:
@@ -267,37 +272,60 @@ class GraphedDecoder:
             raise ValueError(f"prefill of {ids.shape[1]} tokens at {start} into slot {slot} does not fit "
                              f"{self.max_batch} slots x {self.max_len} positions")
         positions = (start + torch.arange(ids.shape[1], device=self.device))[None]  # [1, P]
-        return self._forward(ids, positions, slice(slot, slot + 1))[0]
+        return self._forward_rows(ids, positions, slice(slot, slot + 1), start + ids.shape[1])[0]
+
+    @torch.inference_mode()
+    def packed(self, segments: Sequence[tuple[int, int, Sequence[int]]], keep: Sequence[int] | None = None) -> Tensor:
+        """One eager forward of several slots' new tokens packed in one row: `segments` = [(slot, start, ids), ...]
+        (ids at positions `start..` of that slot); returns the logits `[M, V]` of the last token of the segments
+        `keep` (indices into `segments`; default all)."""
+        for slot, start, ids in segments:
+            if not 0 <= slot < self.max_batch or start + len(ids) > self.max_len:
+                raise ValueError(f"{len(ids)} tokens at {start} into slot {slot} do not fit {self.max_batch} slots "
+                                 f"x {self.max_len} positions")
+        layout = packed_layout([(slot, start, len(ids)) for slot, start, ids in segments], self.capacity,
+                               self.device, self.window)
+        flat = [token for _, _, ids in segments for token in ids]
+        last = layout.last_index
+        if keep is not None and len(keep) != len(segments):
+            last = last[torch.tensor(list(keep), dtype=torch.long, device=self.device)]
+        self.cache.set_packed(layout.write_index, layout.read_index)
+        return self._run(torch.tensor([flat], device=self.device), layout.position_ids, layout.allowed, last)[0]
 
     def _bucket(self, batch: int) -> int:
         if not 1 <= batch <= self.max_batch:
             raise ValueError(f"a decode step of {batch} rows does not fit max_batch={self.max_batch}")
         return next(b for b in self.buckets() if b >= batch)
 
-    def _stage(self, input_ids: Tensor | Sequence[int], positions: Tensor | Sequence[int]) -> tuple[int, int]:
+    def _stage(self, input_ids: Tensor | Sequence[int], positions: Tensor | Sequence[int]) -> tuple[int, int, int]:
+        """Copy a step's ids and positions (IDLE -> scratch) into the static inputs; (batch, bucket, read length)."""
         ids = torch.as_tensor(input_ids).reshape(-1)
         pos = torch.as_tensor(positions).reshape(-1)
         batch = ids.numel()
         if pos.numel() != batch:
             raise ValueError(f"{batch} input ids but {pos.numel()} positions")
-        if pos.device.type == "cpu" and batch and int(pos.max()) >= self.max_len:
-            raise ValueError(f"position {int(pos.max())} is past max_len={self.max_len}")
         bucket = self._bucket(batch)
+        length = self.capacity
+        if pos.device.type == "cpu":
+            if int(pos.max()) >= self.max_len:
+                raise ValueError(f"position {int(pos.max())} is past max_len={self.max_len}")
+            length = next(n for n in self.read_lengths() if n > int(pos.max()))
+        pos = torch.where(pos == IDLE, self.max_len, pos)
         self._ids[:batch, 0].copy_(ids)
         self._positions[:batch, 0].copy_(pos)
         self._ids[batch:bucket].zero_()
         self._positions[batch:bucket].fill_(self.max_len)  # padding rows write to the scratch position
-        return batch, bucket
+        return batch, bucket, length
 
     @torch.inference_mode()
     def step(self, input_ids: Tensor | Sequence[int], positions: Tensor | Sequence[int]) -> Tensor:
-        """One token for each of the first B slots: `input_ids [B]` at `positions [B]` (slot b holds row b) ->
-        logits `[B, V]` (a fresh tensor)."""
-        batch, bucket = self._stage(input_ids, positions)
-        captured = self._ensure_captured(bucket)
+        """One token for each of the first B slots: `input_ids [B]` at `positions [B]` (slot b holds row b; position
+        IDLE leaves that slot untouched) -> logits `[B, V]` (a fresh tensor)."""
+        batch, bucket, length = self._stage(input_ids, positions)
+        captured = self._ensure_captured(bucket, length)
         if captured is None:
-            return self._forward(self._ids[:batch], self._positions[:batch], slice(0, batch)).clone()
-        captured.replay()
+            return self._forward_rows(self._ids[:batch], self._positions[:batch], slice(0, batch), length).clone()
+        captured.replay(batch)
         return captured.logits[:batch].clone()
 
     @torch.inference_mode()
@@ -305,44 +333,52 @@ class GraphedDecoder:
                    ) -> tuple[Tensor, StepTimes | None]:
         """`step` with the device synchronised around every piece, returning where the time went (None when steps
         run eagerly). With `split_experts=True` resident expert passes count as expert time too."""
-        batch, bucket = self._stage(input_ids, positions)
-        captured = self._ensure_captured(bucket)
+        batch, bucket, length = self._stage(input_ids, positions)
+        captured = self._ensure_captured(bucket, length)
         if captured is None:
             return self.step(input_ids, positions), None
-        times = captured.timed_replay(self.device)
+        times = captured.timed_replay(self.device, batch)
         return captured.logits[:batch].clone(), times
 
-    def _ensure_captured(self, bucket: int) -> _Captured | None:
+    def move(self, source: int, target: int, length: int) -> None:
+        """Move the first `length` cached positions of slot `source` to slot `target`."""
+        self.cache.move(source, target, length)
+
+    def _ensure_captured(self, bucket: int, length: int) -> _Captured | None:
         if self.reason is not None:
             return None
-        if bucket not in self._captured:
+        key = (bucket, length)
+        if key not in self._captured:
+            began = time.perf_counter()
             try:
-                self._captured[bucket] = self._capture(bucket)
+                self._captured[key] = self._capture(bucket, length)
             except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager steps
                 self.reason = f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
                 self._captured.clear()
                 self._pool = None  # the failed capture gave its share back; never capture into that pool again
                 logger.warning("decode steps run eagerly over a static cache: %s", self.reason)
                 return None
-        return self._captured[bucket]
+            self.captures += 1
+            self.capture_s += time.perf_counter() - began
+        return self._captured[key]
 
-    def _capture(self, bucket: int) -> _Captured:
+    def _capture(self, bucket: int, length: int) -> _Captured:
         ids, positions = self._ids[:bucket], self._positions[:bucket]
         saved = ids.clone(), positions.clone()
         positions.fill_(self.max_len)  # warm-up and capture write only to the scratch position
         try:
-            return self._capture_at_scratch(bucket)
+            return self._capture_at_scratch(bucket, length)
         finally:
             ids.copy_(saved[0])
             positions.copy_(saved[1])
 
-    def _capture_at_scratch(self, bucket: int) -> _Captured:
+    def _capture_at_scratch(self, bucket: int, length: int) -> _Captured:
         ids, positions, rows = self._ids[:bucket], self._positions[:bucket], slice(0, bucket)
         current, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
-            for _ in range(2):  # lazy initialisations (cache, resident weights, cuBLAS workspaces) happen here
-                self._forward(ids, positions, rows)
+            for _ in range(1 if self._captured else 2):  # lazy initialisations (cuBLAS workspaces...) happen here
+                self._forward_rows(ids, positions, rows, length)
         current.wait_stream(side)
         torch.cuda.synchronize(self.device)
         gc.collect()  # nothing the collector frees may be returned to the allocator in the middle of a capture
@@ -353,15 +389,15 @@ class GraphedDecoder:
             try:
                 recorder.begin()
                 with expert_pass_hook(recorder.hook):
-                    logits = self._forward(ids, positions, rows)
+                    logits = self._forward_rows(ids, positions, rows, length)
                 recorder.end()
             except BaseException:
                 recorder.abort()
                 raise
         current.wait_stream(side)
         hosts = sum(item.kind == "host" for item in recorder.items)
-        logger.info("decode step for %d rows captured as %d CUDA graphs around %d host expert passes",
-                    bucket, len(recorder.items) - hosts, hosts)
+        logger.info("decode step for %d rows reading %d positions captured as %d CUDA graphs around %d host expert "
+                    "passes", bucket, length, len(recorder.items) - hosts, hosts)
         return _Captured(recorder.items, logits)
 
 
