@@ -205,7 +205,7 @@ class GenerationArguments:
     kt_maxlen: int = arg(
         4096, "Max prompt + answer tokens of one sequence in kllama chat / api (LLaMA-Factory's KTransformers key; "
         "both backends): the positions of each KV-cache slot, allocated at start for every sequence decoded "
-        "together (capped at the model's max_position_embeddings).",
+        "together (capped at the model's max_position_embeddings; left unset on a GPU, lowered to what fits).",
     )
     repetition_penalty: float = arg(1.0, "Penalty > 1 discourages repeating tokens.")
     stop: list[str] | None = arg(None, "Stop strings (comma-separated) that end an answer.")

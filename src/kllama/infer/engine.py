@@ -23,9 +23,11 @@ from typing import Iterator
 import torch
 
 from kllama.config.loader import KllamaConfig
+from kllama.config.units import parse_bytes
 from kllama.errors import KllamaError
 from kllama.infer.batching import DEFAULT_PREFILL_TOKENS, SlotBatch
 from kllama.infer.graphs import GraphedDecoder
+from kllama.infer.kv_budget import fitted_positions, gpu_room_bytes
 from kllama.infer.kv_cache import BOOL_MASK_ATTENTION, transformers_model
 from kllama.infer.prompt import Messages, PromptRenderer
 from kllama.infer.sampling import SamplingParams
@@ -178,11 +180,15 @@ def allocate_kv_cache(decoder: GraphedDecoder) -> int:
 
 def build_engine(config: KllamaConfig, device: str = "auto", max_batch: int = 1) -> GenerationEngine:
     """Load the model per the config and wrap it in a GenerationEngine with the config's template, sampling and
-    `kt_maxlen` tokens per sequence, decoding up to `max_batch` sequences together."""
+    `kt_maxlen` tokens per sequence (left at its default on a GPU: lowered to fit, see kv_budget.py), decoding up to
+    `max_batch` sequences together."""
     from kllama.infer.prompt import build_renderer
 
     loaded = load_model(config, "infer", device=device)
+    positions = min(config.generation.kt_maxlen, loaded.context_length)
+    if "kt_maxlen" not in config.given and loaded.device.type == "cuda":
+        cap = parse_bytes(config.engine.max_gpu_memory) if config.engine.max_gpu_memory else None
+        positions = fitted_positions(loaded, max_batch, positions, gpu_room_bytes(loaded.device, cap))
     renderer = build_renderer(config.data.template, loaded.tokenizer, getattr(loaded.model, "generation_config", None),
                               enable_thinking=config.data.enable_thinking, default_system=config.data.default_system)
-    return GenerationEngine(loaded, renderer, sampling_defaults(config), max_batch=max_batch,
-                            max_len=config.generation.kt_maxlen)
+    return GenerationEngine(loaded, renderer, sampling_defaults(config), max_batch=max_batch, max_len=positions)
