@@ -253,3 +253,15 @@ def test_router_aux_loss_is_averaged_over_passes_by_rows_and_keeps_merging_on(ti
     # 4 passes: a sum would be ~4x the one-pass value; the row-weighted mean stays near it
     assert 0.5 < aux_part["pass per row"] / aux_part["one pass"] < 1.5, aux_part
     assert why_not_merged(use_kt=True, targets=Counter(stream=3), budget=16384, loss_type=None) is None
+
+
+def test_precomputed_reference_gives_the_in_step_loss_and_gradients_in_a_step_of_several_passes(tiny_model_dir,
+                                                                                                 tmp_path):
+    """The cached reference columns follow their rows through the merged step's passes (issue #11 suspected them):
+    the first step's loss and gradients equal those with the reference computed inside the step."""
+    model_dir = tiny_model_dir("deepseek_v2")
+    loss_a, grads_a = first_step(model_dir, tmp_path / "a", CASES["sigmoid"], 300)
+    loss_b, grads_b = first_step(model_dir, tmp_path / "b", CASES["precomputed-ref"], 300)
+    assert loss_a == pytest.approx(loss_b, abs=1e-5)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -1,8 +1,10 @@
 """`precompute_ref_log_probs`: the cached reference log-probs equal the in-step reference, whatever the batch size
 of the precompute pass (`precompute_ref_batch_size`) or its token budget, and a second run loads them from the
-cache."""
+cache; they are always finite (a failing pass runs again smaller, a pair non-finite alone is refused, a cache with
+non-finite values is computed again)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -63,3 +65,95 @@ def test_precomputed_reference_matches_in_step_reference_for_any_batch_size(tiny
     assert "loaded from cache" in capsys.readouterr().out
     assert cache_file.stat().st_mtime_ns == written
     assert again["ref_chosen_logps"] == one["ref_chosen_logps"]
+
+
+def _tiny_dpo(tiny_model_dir, tmp_path, rows: int = 7):
+    """A tiny deepseek_v2 with a non-zero LoRA, its dpo_en_demo pairs (cutoff 48), their collator and settings."""
+    from kllama.config import build_config
+    from kllama.data import PairwiseCollator, build_dataset, get_template
+    from kllama.model.adapters import attach_lora, resolve_lora_spec
+    from kllama.model.load import load_model
+    from kllama.train.run import preference_settings
+
+    config = build_config({
+        "model_name_or_path": str(tiny_model_dir("deepseek_v2")), "output_dir": str(tmp_path / "out"),
+        "stage": "dpo", "dataset": "dpo_en_demo", "template": "deepseek", "cutoff_len": 48, "max_samples": rows,
+        "use_kt": True, "expert_placement": "cpu", "lora_rank": 4, "precompute_ref_log_probs": True,
+    })
+    loaded = load_model(config, "train")
+    bundle = build_dataset(config.data, loaded.tokenizer, get_template("deepseek", loaded.tokenizer), stage="dpo",
+                           seed=0, cache_dir=None)
+    f = config.finetuning
+    model = attach_lora(loaded.model, resolve_lora_spec(loaded.model, f.lora_target, f.lora_rank, None, 0.0), seed=0)
+    collate = PairwiseCollator(loaded.tokenizer.pad_token_id, pad_to_multiple_of=8)
+    return model, bundle.train, collate, preference_settings(config), loaded.device
+
+
+def _columns(dataset) -> torch.Tensor:
+    return torch.tensor([list(dataset["ref_chosen_logps"]), list(dataset["ref_rejected_logps"])], dtype=torch.float64)
+
+
+def test_a_pass_whose_size_fails_runs_again_in_smaller_passes(tiny_model_dir, tmp_path, capsys):
+    """Issue #11: on the H200 the precompute's one 32 x 2,048-token pass returned NaN for pairs that smaller passes
+    computed fine, and the NaN reached the cache and stopped training at step 7. A CPU has no such kernel, so a hook
+    on the first attention layer stands in for it (NaN output for passes over one pair's tokens): the values must
+    still be finite and equal to one pair a pass."""
+    from kllama.train.reference import attach_reference_logps
+
+    model, rows, collate, settings, device = _tiny_dpo(tiny_model_dir, tmp_path)
+    one = attach_reference_logps(model, rows, collate, settings, None, tmp_path / "one", batch_size=1, device=device)
+
+    def fails_above_one_pair(module, args, output):  # noqa: ANN001, ANN202
+        out = output[0]  # [B, T, H]
+        if out.shape[0] > 2:
+            return (torch.full_like(out, float("nan")), *output[1:])
+        return None
+
+    attention = next(m for name, m in model.named_modules() if name.endswith("layers.0.self_attn"))
+    handle = attention.register_forward_hook(fails_above_one_pair)
+    try:
+        capsys.readouterr()
+        packed = attach_reference_logps(model, rows, collate, settings, None, tmp_path / "packed", batch_size=1,
+                                        device=device, token_budget=4 * 56)
+    finally:
+        handle.remove()
+    out = capsys.readouterr().out
+    assert "gave non-finite log-probs for" in out and "running it again as passes of" in out
+    torch.testing.assert_close(_columns(packed), _columns(one), rtol=1e-6, atol=1e-6)
+    cached = torch.load(next((tmp_path / "packed" / "reference_logps").glob("*.pt")), weights_only=True)
+    assert all(torch.isfinite(torch.tensor(cached["chosen"] + cached["rejected"])))
+
+
+def test_a_pair_non_finite_alone_is_refused_naming_it_and_nothing_is_cached(tiny_model_dir, tmp_path):
+    from kllama.errors import KllamaError
+    from kllama.train.reference import attach_reference_logps
+
+    model, rows, collate, settings, device = _tiny_dpo(tiny_model_dir, tmp_path)
+    # a token only pair 3's chosen response has, with a NaN embedding: that pair is NaN in any pass, alone too
+    others = {t for i in range(len(rows)) for key in ("chosen_input_ids", "rejected_input_ids")
+              for t in rows[i][key] if (i, key) != (3, "chosen_input_ids")}
+    token = next(t for t in rows[3]["chosen_input_ids"] if t not in others)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[token] = float("nan")
+    for batching in ({"batch_size": 3}, {"batch_size": 1, "token_budget": 4 * 56}):
+        with pytest.raises(KllamaError) as error:
+            attach_reference_logps(model, rows, collate, settings, None, tmp_path / "c", device=device, **batching)
+        message = str(error.value)
+        assert "train pair 3 " in message and "not finite" in message and "NaN/inf values in the model" in message
+        assert not (tmp_path / "c" / "reference_logps").exists()
+
+
+def test_a_cache_holding_non_finite_values_is_computed_again(tiny_model_dir, tmp_path, capsys):
+    from kllama.train.reference import attach_reference_logps
+
+    model, rows, collate, settings, device = _tiny_dpo(tiny_model_dir, tmp_path, rows=4)
+    first = attach_reference_logps(model, rows, collate, settings, None, tmp_path, batch_size=2, device=device)
+    cache_file = next((tmp_path / "reference_logps").glob("*.pt"))
+    saved = torch.load(cache_file, weights_only=True)
+    saved["rejected"][2] = float("nan")  # as a run before kllama checked the values could have written it
+    torch.save(saved, cache_file)
+    capsys.readouterr()
+    again = attach_reference_logps(model, rows, collate, settings, None, tmp_path, batch_size=2, device=device)
+    assert "holds non-finite values (pair 2); computing them again" in capsys.readouterr().out
+    torch.testing.assert_close(_columns(again), _columns(first))
+    assert torch.isfinite(torch.tensor(torch.load(cache_file, weights_only=True)["rejected"])).all()

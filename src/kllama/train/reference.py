@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,6 +17,7 @@ from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 
+from kllama.errors import KllamaError
 from kllama.model.adapters import adapter_state_dict, adapters_disabled
 from kllama.train.distributed import gather_objects, is_main_process, my_share
 from kllama.train.micro_batching import chunk_rows, row_lengths
@@ -38,22 +40,92 @@ def _cache_key(model: nn.Module, dataset: Dataset, settings: PreferenceSettings,
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
+Logps = tuple[float, float]  # (chosen, rejected) summed reference log-probs of one pair
+
+
+def _pass_logps(model: nn.Module, dataset: Dataset, collate: Callable[[list[dict]], dict[str, Any]],
+                group: list[int], device: torch.device) -> tuple[dict[int, Logps], tuple[int, int]]:
+    """The reference log-probs of the pairs `group` (row indices) run as one pass, and the pass's
+    `[sequences, padded tokens]`."""
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([dataset[i] for i in group]).items()}
+    sums, _, _ = policy_logps(model, batch, PreferenceSettings(stage="dpo", ld_alpha=None))
+    sums = sums.double().cpu().tolist()  # float64, as summed; [chosen of group; rejected of group]
+    values = {i: (sums[j], sums[len(group) + j]) for j, i in enumerate(group)}
+    return values, tuple(batch["input_ids"].shape)
+
+
+def _finite(values: Logps) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+def _finite_pass_logps(model: nn.Module, dataset: Dataset, collate: Callable[[list[dict]], dict[str, Any]],
+                       group: list[int], device: torch.device) -> dict[int, Logps]:
+    """`_pass_logps` of `group`; a pass of several pairs that returns a non-finite value runs again as two halves
+    (recursively), unless its first such pair is non-finite alone too (then the pair or the weights are at fault,
+    and the values go back as they are, for the caller to report).
+
+    A pair's log-probs do not depend on the other rows of its pass, so a non-finite value that the pair alone does
+    not give is the pass's size failing. Issue #11 (H200, bf16, sdpa): the precompute's one pass at 32 x 2,048
+    tokens (65,536 tokens, 2^31 attention scores: both exactly at a 32-bit edge) held the only pairs whose first
+    training step went NaN, while training's smaller passes of the same pairs stayed finite. The whole pass runs
+    again, not only its non-finite rows: a kernel that failed there may have returned wrong finite values for the
+    others."""
+    values, shape = _pass_logps(model, dataset, collate, group, device)
+    bad = [i for i in group if not _finite(values[i])]
+    if not bad or len(group) == 1:
+        return values
+    alone, _ = _pass_logps(model, dataset, collate, bad[:1], device)
+    if not _finite(alone[bad[0]]):
+        return {**values, **alone}
+    half = (len(group) + 1) // 2
+    tqdm.write(f"reference log-probs: a pass of {len(group)} pairs ({shape[0]} x {shape[1]:,} tokens) gave "
+               f"non-finite log-probs for {len(bad)} of them (pair {bad[0]} alone: finite); running it again as "
+               f"passes of {half} and {len(group) - half} pairs")
+    return {**_finite_pass_logps(model, dataset, collate, group[:half], device),
+            **_finite_pass_logps(model, dataset, collate, group[half:], device)}
+
+
+def _non_finite_pairs(saved: dict[str, list[float]]) -> list[int]:
+    return [i for i, pair in enumerate(zip(saved["chosen"], saved["rejected"])) if not _finite(pair)]
+
+
+def _refuse_non_finite(saved: dict[str, list[float]], bad: list[int], split: str) -> None:
+    first = bad[0]
+    more = f" (and {len(bad) - 1} more: {', '.join(map(str, bad[1:6]))}{', ...' if len(bad) > 6 else ''})" \
+        if len(bad) > 1 else ""
+    raise KllamaError(
+        f"precompute_ref_log_probs: the reference log-probs of {split} pair {first}{more} are not finite "
+        f"(chosen {saved['chosen'][first]}, rejected {saved['rejected'][first]}), even with the pair alone in its "
+        "pass, so training would stop with a NaN loss; nothing was cached. Usual causes: NaN/inf values in the model "
+        "weights or in the starting adapter (adapter_name_or_path), or fp16 overflow (use bf16). Check that pair's "
+        "row in the dataset, and the weights."
+    )
+
+
 def attach_reference_logps(model: nn.Module, dataset: Dataset, collate: Callable[[list[dict]], dict[str, Any]],
                            settings: PreferenceSettings,
                            reference_context: Callable[[], contextlib.AbstractContextManager] | None,
                            cache_dir: str | Path, *, batch_size: int, device: torch.device,
-                           token_budget: int | None = None) -> Dataset:
+                           token_budget: int | None = None, split: str = "train") -> Dataset:
     """Return `dataset` with `ref_chosen_logps` / `ref_rejected_logps` columns (summed log-probs of the reference),
     loading them from `cache_dir` when this dataset + model + reference were computed before.
 
     Rows run `batch_size` at a time in dataset order, or -- with a `token_budget` (experts held in host RAM, where
     every pass pays the weights' copy) -- longest first in passes of at most that many padded tokens. In a
     data-parallel run each rank computes every world_size-th pass and the ranks exchange their results; rank 0's
-    cache decides for all (other nodes may not share its filesystem) and rank 0 writes it."""
+    cache decides for all (other nodes may not share its filesystem) and rank 0 writes it.
+
+    Every value is finite: a pass that returns a non-finite value runs again in smaller passes
+    (`_finite_pass_logps`), a pair still non-finite alone raises `KllamaError` naming it (`split` says which
+    dataset) before anything is cached, and a cache holding non-finite values is computed again."""
     key = _cache_key(model, dataset, settings, reference_context is not None)
     cache = Path(cache_dir) / "reference_logps" / f"{key}.pt"
     saved = torch.load(cache, weights_only=True) if is_main_process() and cache.is_file() else None
     saved = gather_objects(saved)[0]
+    if saved is not None and _non_finite_pairs(saved):
+        print(f"reference log-probs: cache {cache} holds non-finite values (pair {_non_finite_pairs(saved)[0]}); "
+              "computing them again", flush=True)
+        saved = None
     if saved is not None:
         print(f"reference log-probs: loaded from cache {cache}", flush=True)
     else:
@@ -64,25 +136,25 @@ def attach_reference_logps(model: nn.Module, dataset: Dataset, collate: Callable
                   flush=True)
         else:
             groups = [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
-        mine: dict[int, tuple[float, float]] = {}  # row -> (chosen, rejected) of this rank's passes
+        mine: dict[int, Logps] = {}  # row -> (chosen, rejected) of this rank's passes
         was_training = model.training
         model.eval()
         context = reference_context or (lambda: adapters_disabled(model))
         with torch.no_grad(), context():
             for group in tqdm(my_share(groups), desc="reference log-probs", unit="batch",
                               disable=not is_main_process()):
-                batch = {k: v.to(device) if torch.is_tensor(v) else v
-                         for k, v in collate([dataset[i] for i in group]).items()}
-                sums, _, _ = policy_logps(model, batch, PreferenceSettings(stage="dpo", ld_alpha=None))
-                sums = sums.double().cpu().tolist()  # float64, as summed
-                for j, i in enumerate(group):
-                    mine[i] = (sums[j], sums[len(group) + j])
+                values = _finite_pass_logps(model, dataset, collate, group, device)
+                mine.update(values)
+                if not all(map(_finite, values.values())):
+                    break  # a pair non-finite alone: reported below, after every rank has stopped
         model.train(was_training)
         chosen, rejected = [0.0] * n, [0.0] * n
         for part in gather_objects(mine):
             for i, (chosen_logp, rejected_logp) in part.items():
                 chosen[i], rejected[i] = chosen_logp, rejected_logp
         saved = {"chosen": chosen, "rejected": rejected}
+        if bad := _non_finite_pairs(saved):  # every rank holds the same values: all raise, none waits
+            _refuse_non_finite(saved, bad, split)
         if is_main_process():
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp")
@@ -92,7 +164,7 @@ def attach_reference_logps(model: nn.Module, dataset: Dataset, collate: Callable
 
 
 def with_reference_columns(collate: Callable[[list[dict]], dict[str, Any]]) -> Callable[[list[dict]], dict[str, Any]]:
-    """`collate` for rows carrying `ref_chosen_logps` / `ref_rejected_logps`: the batch gets them as `[B]` fp32
+    """`collate` for rows carrying `ref_chosen_logps` / `ref_rejected_logps`: the batch gets them as `[B]` float64
     tensors in row order, so they follow their rows through any sampler or micro-batch merge."""
     def collate_with_reference(rows: list[dict[str, Any]]) -> dict[str, Any]:
         batch = collate([{k: v for k, v in r.items() if not k.startswith("ref_")} for r in rows])

@@ -214,7 +214,8 @@ def run_training(config: KllamaConfig) -> int:
                                            batch_size=ref_batch, device=loaded.device, token_budget=ref_budget)
         if eval_set is not None:
             eval_set = attach_reference_logps(model, eval_set, collate, settings, reference_context, cache_dir,
-                                              batch_size=ref_batch, device=loaded.device, token_budget=ref_budget)
+                                              batch_size=ref_batch, device=loaded.device, token_budget=ref_budget,
+                                              split="eval")
         collate = with_reference_columns(collate)
 
     train_set, collate, plan = apply_micro_batching(config, loaded.engine, train_set, collate)
