@@ -60,7 +60,7 @@ UNSUPPORTED: dict[str, str] = {
     "push_to_hub": "pushing to the hub is not implemented",
     "load_best_model_at_end": "best-model selection is not implemented",
     "metric_for_best_model": "best-model selection is not implemented",
-    "kt_use_cuda_graph": "CUDA graphs are not used by kllama's expert engine",
+    "kt_use_cuda_graph": "no switch: kllama replays decode steps as CUDA graphs whenever the model is on a CUDA device",
     "kt_mode": "kllama picks CPU/stream/GPU per pass itself (see expert_placement)",
     "image_max_pixels": "multimodal data is not supported",
     "video_max_pixels": "multimodal data is not supported",
