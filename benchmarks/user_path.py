@@ -268,13 +268,15 @@ _STREAMED_AFTER = re.compile(r"; (\d+) of (\d+) MoE layers stream")
 
 def expert_layer_facts(log_text: str) -> dict[str, Any]:
     """What a train log says about its expert layers: streamed layers per pass at start (the micro-batching line),
-    the measured-step promotion lines, and the streamed layers after the last promotion."""
+    the measured-step promotion lines, the streamed layers after the last promotion, and whether the DPO reference
+    ran in lock-step with the policy."""
     start = next((int(m.group(1)) for line in log_text.splitlines() if line.startswith("micro-batching:")
                   for pattern in _STREAMED_AT_START if (m := pattern.search(line))), None)
     promotions = [line.strip() for line in log_text.splitlines() if line.startswith("promoted ")]
     final = _STREAMED_AFTER.search(promotions[-1]) if promotions else None
     return {"streamed_layers_at_start": start, "promotions": promotions,
-            "streamed_layers": int(final.group(1)) if final else start}
+            "streamed_layers": int(final.group(1)) if final else start,
+            "lockstep_reference": "DPO reference: computed inside the policy's forward" in log_text}
 
 
 def infer_overrides(args: argparse.Namespace, paths: dict[str, Path]) -> list[str]:

@@ -102,7 +102,8 @@ def test_user_path_runs_the_cli_on_a_tiny_model(tmp_path: Path) -> None:
     train = result["phases"]["train"]
     assert train["exit_code"] == 0 and train["peak_host_gb"] > 0 and train["peak_host_rss_sum_gb"] > 0
     assert [s["step"] for s in train["steps"]] == [1, 2] and all(s["tokens_per_second"] > 0 for s in train["steps"])
-    assert train["promotions"] == [] and train["streamed_layers"] is None  # CPU: the experts run there, none stream
+    # CPU: the experts run there, none stream, and the reference keeps its own pass
+    assert train["promotions"] == [] and train["streamed_layers"] is None and train["lockstep_reference"] is False
 
 
 def test_serve_benchmark_drives_a_real_server(tmp_path: Path, tiny_model_dir) -> None:  # noqa: ANN001

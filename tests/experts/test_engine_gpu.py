@@ -203,6 +203,35 @@ def test_no_grad_pass_prefetches_the_next_forward() -> None:
     assert torch.equal(first, second) and torch.allclose(first.float(), expected.float(), atol=1e-2, rtol=1e-2)
 
 
+def test_lockstep_reference_reuses_each_slot_and_copies_nothing_more() -> None:
+    # the DPO reference in lock-step: after each layer's training forward, a no-grad pass of the same layer (adapters
+    # off). It finds the layer in its slot, and at the top of the stack it must not replace the layer the backward
+    # needs next (2) with the next forward's first layer (0): the copies are those of the policy alone.
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    layers = [
+        HostExperts(torch.randn(8, 256, 128, dtype=torch.bfloat16) * 0.05,
+                    torch.randn(8, 128, 128, dtype=torch.bfloat16) * 0.05, torch.nn.SiLU(),
+                    ExpertPlacement.from_mode("stream"), f"model.layers.{i}.mlp.experts", compute_device=device)
+        for i in range(4)
+    ]
+    streamer = ExpertStreamer(layers, device, trace=True)
+    for layer in layers:
+        layer.streamer = streamer
+    x = torch.randn(64, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
+    index = torch.randint(0, 8, (64, 2), device=device)
+    weights = torch.rand(64, 2, device=device)
+    h, reference = x, x.detach()
+    for layer in layers:
+        h = h + layer(h, index, weights)
+        with torch.no_grad():
+            reference = reference + layer(reference, index, weights)
+    h.float().square().mean().backward()
+    torch.cuda.synchronize()
+    assert [c.layer for c in streamer.copies] == [0, 1, 2, 3, 1, 0]  # 3 and 2 still in their slots for backward
+    assert torch.equal(reference, h.detach())  # same weights, same inputs: the same numbers
+
+
 def test_inference_reserve_keeps_more_layers_resident_than_training() -> None:
     # a budget with room for 3 layers beside two stream slots + 2 GiB: inference promotes 3, the training reserve
     # (60 % of the budget, at least 8 GiB) none

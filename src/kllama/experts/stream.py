@@ -7,7 +7,9 @@ event recorded when its previous layer was released. The direction is read from 
 than the last one means backward, which also covers activation-checkpoint recomputation), and at either end of the
 stack the prefetch turns around (after the last layer's forward comes its backward; after layer 0's backward comes
 the next forward). A no-grad pass has no backward to turn to, so after its last layer it prefetches the first
-streamed layer for the next forward (the policy forward after a DPO reference pass, the next long prefill).
+streamed layer for the next forward (the policy forward after a DPO reference pass, the next long prefill). A layer
+acquired twice in a row (its backward right after its forward, or the DPO reference computed in lock-step with the
+policy) keeps the prefetch its first acquire queued.
 
 Quantized weights (`kllama.experts.quant`) cross PCIe as they are stored (half the bytes of bf16): they land in one
 GPU buffer shared by both slots and are dequantized on the copy stream into the slot's weights, which stay in the
@@ -157,6 +159,10 @@ class ExpertStreamer:
         the next streamed layer in the pass direction (which layers stream depends on the pass kind: `training`).
         Pair every call with `release(module)` after the compute is queued."""
         layer = self._index[id(module)]
+        # The layer acquired last, again (its backward after its forward; the lock-step DPO reference after the
+        # policy's pass of it): the prefetch its first use queued stands. A no-grad pass's own choice here (the next
+        # forward's first layer, after a top layer) would overwrite the layer a backward needs next.
+        repeated = layer == self._last
         if backward or (self._last is not None and layer < self._last):
             self._backward = True
         elif self._last is not None and layer > self._last:
@@ -167,7 +173,7 @@ class ExpertStreamer:
         slot.last_used = self._clock
         compute = torch.cuda.current_stream(self.device)
         compute.wait_event(slot.ready)
-        nxt = self._neighbour(layer, num_tokens, self._backward, training or backward)
+        nxt = None if repeated else self._neighbour(layer, num_tokens, self._backward, training or backward)
         if nxt is not None and self._slot_of(nxt) is None:
             self._load(nxt, keep=slot)
         if self.trace:

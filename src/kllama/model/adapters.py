@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -290,6 +291,25 @@ def adapters_disabled(model: PeftModel) -> Iterator[None]:
         if engine_lora is not None:
             stack.enter_context(engine_lora.disabled())
         yield
+
+
+@contextlib.contextmanager
+def adapters_disabled_in(module: nn.Module) -> Iterator[None]:
+    """Run `module` (a part of a PeftModel, e.g. one decoder layer) with its own PEFT LoRA and expert LoRA off, as
+    `adapters_disabled` does for the whole model: PEFT's `enable_adapters` on each of its tuner layers that was on
+    (it also toggles the adapters' requires_grad, as PEFT's `disable_adapter` does), restored on exit."""
+    tuners = [m for m in module.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    with contextlib.ExitStack() as stack:
+        engine_lora = ExpertLoraSet.of(module)
+        if engine_lora is not None:
+            stack.enter_context(engine_lora.disabled())
+        for tuner in tuners:
+            tuner.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for tuner in tuners:
+                tuner.enable_adapters(True)
 
 
 @contextlib.contextmanager

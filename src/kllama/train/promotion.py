@@ -9,7 +9,8 @@ in what is left:
     worst step = allocated between steps (weights, stream slots, LoRA, optimiser state)
                + activations of the largest pass the run can make (`worst_tokens`, from the data and
                  micro_batch_tokens; scaled from the measured passes, see `activation_bytes`)
-               + the allocator's overhead (reserved - allocated at the fullest measured step's peak)
+               + the allocator's overhead (reserved - allocated at the fullest measured step's peak, grown
+                 in proportion when the activations are scaled up)
                + a safety margin (`safety_margin`)
 
 The cap is enforced on the caching allocator's *reserved* memory (`set_per_process_memory_fraction`), so the
@@ -98,11 +99,13 @@ def estimate_promotion(steps: list[StepMemory], *, worst_tokens: int, budget: in
     """How many of `candidates` streamed layers of `layer_bytes` each to make resident under `budget` (the cap on
     reserved memory) after the measured `steps` (see the module docstring for the estimate)."""
     base = steps[-1].end
+    activations = activation_bytes(steps, worst_tokens)
     # the allocator's overhead where it matters, at the largest peak (a smaller step after it still finds the larger
-    # one's blocks cached, which says nothing about fragmentation)
+    # one's blocks cached, which says nothing about fragmentation), grown with the activations it is scaled to
     fullest = max(reversed(steps), key=lambda s: s.peak_allocated)
-    overhead = max(0, fullest.peak_reserved - fullest.peak_allocated)
-    worst = base + activation_bytes(steps, worst_tokens) + overhead
+    growth = max(1.0, activations / max(fullest.activations, 1))
+    overhead = int(max(0, fullest.peak_reserved - fullest.peak_allocated) * growth)
+    worst = base + activations + overhead
     margin = safety_margin(budget)
     fit = max(0, (budget - worst - margin) // layer_bytes) if layer_bytes > 0 else 0
     return PromotionEstimate(worst, int(min(candidates, fit)), margin)

@@ -44,7 +44,9 @@ from kllama.train.distributed import (
     shutdown_distributed,
 )
 from kllama.train.health import TrainingHealth
-from kllama.train.micro_batching import BatchPlan, apply_micro_batching, reference_pass_budget
+from kllama.train.lockstep import LOCKSTEP_LINE, lockstep_for_run
+from kllama.train.losses import REFERENCE_FREE
+from kllama.train.micro_batching import BatchPlan, apply_micro_batching, expert_passes, reference_pass_budget
 from kllama.train.preflight import prepare_inputs
 from kllama.train.promotion import build_promotion
 from kllama.train.trainer import (
@@ -233,11 +235,19 @@ def run_training(config: KllamaConfig) -> int:
         from transformers.integrations import TensorBoardCallback
 
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=t.logging_dir or str(output_dir / "runs"))))
+    lockstep = lockstep_for_run(
+        loaded.model, stage=f.stage, reference_free=f.pref_loss in REFERENCE_FREE,
+        precomputed=f.precompute_ref_log_probs, starting_adapter=start_snapshot is not None,
+        router_aux=bool(settings.router_aux_loss_coef),
+        streamed_layers=expert_passes(loaded.engine.placements)["stream"] if loaded.engine is not None else 0)
+    if lockstep is not None and is_main_process():
+        print(LOCKSTEP_LINE, flush=True)
     trainer = KllamaTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collate,
         processing_class=tokenizer, callbacks=callbacks, settings=settings, reference_context=reference_context,
         health=TrainingHealth(output_dir),
         promotion=build_promotion(config, loaded.engine, loaded.device, train_set, plan, is_main_process()),
+        lockstep=lockstep,
     )
     if resume is not None:
         load_adapter_weights(model, resume)  # expert LoRA too; the Trainer then restores optimiser/scheduler/RNG

@@ -21,6 +21,7 @@ from kllama.model.adapters import adapter_weights_swapped, adapters_disabled, sa
 from kllama.train.checkpoints import SaveTracker
 from kllama.train.distributed import combine_rank_metrics, decoder_outputs, unwrap
 from kllama.train.health import TrainingHealth
+from kllama.train.lockstep import LockstepReference
 from kllama.train.logprobs import IGNORE_INDEX, logit_transform_for, sequence_logps
 from kllama.train.losses import (
     NEEDS_AVERAGED_LOGPS,
@@ -64,14 +65,21 @@ def policy_logps(model: nn.Module, batch: dict[str, torch.Tensor], settings: Pre
     kwargs = {"output_router_logits": True} if want_router else {}
     out = decoder_outputs(model, lm, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           use_cache=False, **kwargs)
-    sums, counts = sequence_logps(
-        out.last_hidden_state, lm.lm_head, batch["labels"], chunk_tokens=settings.logps_chunk_tokens,
-        ld_alpha=settings.ld_alpha if settings.stage == "dpo" else None, transform=logit_transform_for(lm.config),
-    )
+    sums, counts = hidden_logps(out.last_hidden_state, lm, batch, settings)
     aux = None
     if want_router:
         aux = router_aux_loss(lm, out, batch["attention_mask"])
     return sums, counts, aux
+
+
+def hidden_logps(hidden: torch.Tensor, lm: nn.Module, batch: dict[str, torch.Tensor], settings: PreferenceSettings,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed label log-probs `[N]` and label counts `[N]` of a batch from the decoder's last hidden states
+    `[N, T, H]` (after its final norm), in chunks through `lm`'s head."""
+    return sequence_logps(
+        hidden, lm.lm_head, batch["labels"], chunk_tokens=settings.logps_chunk_tokens,
+        ld_alpha=settings.ld_alpha if settings.stage == "dpo" else None, transform=logit_transform_for(lm.config),
+    )
 
 
 def resolve_router_aux_coef(user_value: float | None, model_config: Any) -> float | None:
@@ -104,8 +112,14 @@ class KllamaTrainer(Trainer):
 
     def __init__(self, *args: Any, settings: PreferenceSettings,
                  reference_context: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 health: TrainingHealth | None = None, promotion: ResidentPromotion | None = None, **kwargs: Any):
+                 health: TrainingHealth | None = None, promotion: ResidentPromotion | None = None,
+                 lockstep: LockstepReference | None = None, **kwargs: Any):
+        if lockstep is not None and (reference_context is not None or settings.router_aux_loss_coef):
+            raise ValueError("a lock-step reference is the policy with adapters off and records no router logits: "
+                             "not with a starting-adapter reference or a router aux loss")
         super().__init__(*args, **kwargs)
+        # the DPO reference computed inside the policy's forward, layer by layer (train.lockstep), or None: own pass
+        self.lockstep = lockstep
         self.health = health or TrainingHealth()
         self.add_callback(self.health)
         self.promotion = promotion  # more resident expert layers once a step is measured (train.promotion)
@@ -135,7 +149,17 @@ class KllamaTrainer(Trainer):
 
     def _dpo_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         s = self.settings
-        sums, counts, aux = policy_logps(model, batch, s)
+        # LD-DPO weights the policy's tokens only; the reference keeps plain sums (as LLaMA-Factory).
+        plain = replace(s, ld_alpha=None, router_aux_loss_coef=None)
+        needs_reference = s.loss_type not in REFERENCE_FREE and "ref_chosen_logps" not in batch
+        ref_sums = None
+        if needs_reference and self.lockstep is not None:
+            with self.lockstep.following() as reference_hidden:
+                sums, counts, aux = policy_logps(model, batch, s)
+            with torch.no_grad():
+                ref_sums, _ = hidden_logps(reference_hidden(), causal_lm_of(model), batch, plain)
+        else:
+            sums, counts, aux = policy_logps(model, batch, s)
         half = sums.shape[0] // 2
         averaged = s.loss_type in NEEDS_AVERAGED_LOGPS
         logps = sums / counts.clamp(min=1) if averaged else sums  # [2B]
@@ -144,10 +168,9 @@ class KllamaTrainer(Trainer):
         if s.loss_type not in REFERENCE_FREE:
             if "ref_chosen_logps" in batch:
                 ref_sums = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).to(sums)
-            else:
+            elif ref_sums is None:
                 with torch.no_grad(), self.reference_context():
-                    # LD-DPO weights the policy's tokens only; the reference keeps plain sums (as LLaMA-Factory).
-                    ref_sums, _, _ = policy_logps(model, batch, replace(s, ld_alpha=None, router_aux_loss_coef=None))
+                    ref_sums, _, _ = policy_logps(model, batch, plain)
             ref = ref_sums / counts.clamp(min=1) if averaged else ref_sums
             ref_chosen, ref_rejected = ref[:half], ref[half:]
         bco_delta = None
