@@ -31,6 +31,7 @@ from kllama.experts.families import find_expert_modules
 from kllama.experts.module import HostExperts
 from kllama.experts.shared_host import expert_host_buffer
 from kllama.experts.placement import ExpertPlacement
+from kllama.experts.quant import QUANT_DTYPES, ExpertWeight, QuantizedWeight, quantize, scale_shape
 from kllama.model.load import compute_device  # noqa: F401 - the one device choice, re-exported for the scripts
 
 INIT_STD = 0.02
@@ -48,6 +49,13 @@ FULL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
         "bos_token_id": 100000, "eos_token_id": 100001, "pad_token_id": None,
     }),
+    "qwen3-235b": ("qwen3_moe", {
+        "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288, "moe_intermediate_size": 1536,
+        "num_hidden_layers": 94, "num_attention_heads": 64, "num_key_value_heads": 4, "head_dim": 128,
+        "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
+        "mlp_only_layers": [], "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+        "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": None,
+    }),
     "qwen3-30b": ("qwen3_moe", {
         "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
         "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
@@ -61,6 +69,7 @@ FULL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "v2lite": {"num_hidden_layers": 3},
     "qwen3-30b": {"num_hidden_layers": 2},
+    "qwen3-235b": {"num_hidden_layers": 2},
 }
 
 
@@ -112,36 +121,52 @@ def _meta_buffer_owners(model: nn.Module) -> list[nn.Module]:
     return list(owners.values())
 
 
+def _host_buffer(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> tuple[torch.Tensor, bool]:
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    # exact-size pinning, as the loader does; inside `node_shared_experts` one copy per node (local rank 0 fills)
+    flat, filled = expert_host_buffer(numel, dtype, pin=pin)
+    return flat.view(shape), filled
+
+
 @torch.no_grad()
 def _random_host_experts(stock: nn.Module, name: str, placement: ExpertPlacement, device: torch.device,
-                         scratch: dict[tuple, torch.Tensor]) -> HostExperts:
-    """A HostExperts of `stock`'s shape with random bf16 host weights: drawn on the GPU (fast) and copied into pinned
-    memory, or drawn on the CPU without CUDA."""
-    gate_up_shape, down_shape = tuple(stock.gate_up_proj.shape), tuple(stock.down_proj.shape)  # meta shapes
+                         scratch: dict[tuple, torch.Tensor], expert_dtype: str = "bf16") -> HostExperts:
+    """A HostExperts of `stock`'s shape with random bf16 weights, held as `expert_dtype` (bf16 | int8 | fp8): drawn
+    (and quantized) on the GPU and copied into pinned host memory, or drawn on the CPU without CUDA. A quantized
+    layer never exists in bf16 on the host, as with the loader."""
+    shapes = (tuple(stock.gate_up_proj.shape), tuple(stock.down_proj.shape))  # meta shapes
     pin = device.type == "cuda"
-    host = []
-    for shape in (gate_up_shape, down_shape):
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        # exact-size pinning, as the loader does; inside `node_shared_experts` one copy per node (local rank 0 fills)
-        flat, filled = expert_host_buffer(numel, torch.bfloat16, pin=pin)
-        tensor = flat.view(shape)
-        if not filled and pin:
-            if shape not in scratch:
-                scratch[shape] = torch.empty(shape, dtype=torch.bfloat16, device=device)
-            tensor.copy_(scratch[shape].normal_(0.0, INIT_STD))
-        elif not filled:
-            tensor.normal_(0.0, INIT_STD)
-        host.append(tensor)
+    host: list[ExpertWeight] = []
+    for shape, projections in zip(shapes, (2, 1)):
+        work = device if pin else torch.device("cpu")
+        if shape not in scratch:
+            scratch[shape] = torch.empty(shape, dtype=torch.bfloat16, device=work)
+        if expert_dtype not in QUANT_DTYPES:
+            tensor, filled = _host_buffer(shape, torch.bfloat16, pin)
+            if not filled:
+                tensor.copy_(scratch[shape].normal_(0.0, INIT_STD))
+            host.append(tensor)
+            continue
+        data, filled = _host_buffer(shape, QUANT_DTYPES[expert_dtype], pin)
+        scale, _ = _host_buffer(scale_shape(expert_dtype, shape, projections), torch.float32, pin)
+        if not filled:
+            drawn = quantize(scratch[shape].normal_(0.0, INIT_STD), expert_dtype, projections=projections)
+            data.copy_(drawn.data)
+            scale.copy_(drawn.scale)
+            del drawn
+        host.append(QuantizedWeight(data, scale, torch.bfloat16, projections))
     return HostExperts(host[0], host[1], stock.act_fn, placement, name, compute_device=device)
 
 
 def build_model(config: PretrainedConfig, device: torch.device, *, host_experts: bool,
-                placement: ExpertPlacement | None = None) -> tuple[nn.Module, dict[str, HostExperts]]:
+                placement: ExpertPlacement | None = None, expert_dtype: str = "bf16",
+                ) -> tuple[nn.Module, dict[str, HostExperts]]:
     """A random bf16 causal LM for `config`: non-expert weights on `device`; routed experts as HostExperts in host
-    memory (`host_experts=True`, with `placement`) or as stock parameters on `device` (the stock baseline).
-    Returns the model (train mode off) and the HostExperts by qualified name (empty for stock)."""
+    memory (`host_experts=True`, with `placement`, held as `expert_dtype`: bf16 | int8 | fp8) or as stock
+    parameters on `device` (the stock baseline). Returns the model (train mode off) and the HostExperts by
+    qualified name (empty for stock)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     modules: dict[str, HostExperts] = {}
@@ -149,7 +174,7 @@ def build_model(config: PretrainedConfig, device: torch.device, *, host_experts:
         scratch: dict[tuple, torch.Tensor] = {}
         for name, stock in find_expert_modules(model).items():
             modules[name] = _random_host_experts(stock, name, placement or ExpertPlacement.from_mode("stream"),
-                                                 device, scratch)
+                                                 device, scratch, expert_dtype)
             model.set_submodule(name, modules[name])
         scratch.clear()
     owners = _meta_buffer_owners(model)

@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/decode.py                       # auto, cpu, gpu (eager + graphs), gpu under 24GB
     PYTHONPATH=src python benchmarks/decode.py --placements auto --caps 24GB,40GB
+    PYTHONPATH=src python benchmarks/decode.py --placements cpu --caps '' --expert-dtype bf16,int8,fp8
 
 Rows (one model build, random weights, a `--prompt`-token prompt, then `--new` greedy tokens):
 * `auto`: the default placement (CPU below the measured inference crossover, streamed above), decode steps through
@@ -13,7 +14,8 @@ Rows (one model build, random weights, a `--prompt`-token prompt, then `--new` g
   inference reserve (`max_gpu_memory`), the rest on the CPU in the same step.
 Each row splits its ms/token into expert passes, other GPU work and host overhead: graphed rows from timed replays
 with expert passes in graphs of their own (`split_experts`), the eager row from torch.profiler kernel times.
-Prints a table and writes JSON.
+`--expert-dtype bf16,int8,fp8` repeats every row with the routed experts held in each dtype (one model build each,
+bf16 = not quantized; crossovers measured per dtype). Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from kllama.experts.crossover import NEVER, measure_crossovers  # noqa: E402
 from kllama.experts.install import ExpertEngine, wire_engine  # noqa: E402
 from kllama.experts.module import HostExperts, expert_pass_hook  # noqa: E402
 from kllama.experts.placement import ExpertPlacement  # noqa: E402
+from kllama.experts.quant import scheme_of  # noqa: E402
 from kllama.infer.batching import cache_argument, transformers_model  # noqa: E402
 from kllama.infer.graphs import GraphedDecoder  # noqa: E402
 from kllama.model.engine_setup import inference_reserve_bytes, promote_resident_layers  # noqa: E402
@@ -61,7 +64,7 @@ DECODE_COLUMNS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=("v2lite", "qwen3-30b"), default="v2lite")
+    p.add_argument("--model", choices=("v2lite", "qwen3-30b", "qwen3-235b"), default="v2lite")
     p.add_argument("--placements", default="auto,cpu,gpu", help="comma list of auto|cpu|gpu|stream")
     p.add_argument("--caps", default="24GB", help="comma list of GPU memory caps, one mixed row each ('' = none)")
     p.add_argument("--no-eager", action="store_true", help="skip the eager gpu row")
@@ -72,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-threads", type=int, default=16)
     p.add_argument("--layers", type=int, default=None, help="only the first N decoder layers")
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test)")
+    p.add_argument("--expert-dtype", default="bf16", help="comma list of bf16|int8|fp8: rows per expert dtype")
     p.add_argument("--profile", type=int, default=0,
                    help="also print torch.profiler's table over this many eager decode steps per placement")
     p.add_argument("--out-dir", type=Path, default=None, help="JSON directory (default benchmarks/results)")
@@ -103,7 +107,8 @@ def measure_auto(modules: dict[str, HostExperts], model: nn.Module, args: argpar
     top_k = model.config.num_experts_per_tok
     start = time.perf_counter()
     found = measure_crossovers(first.hidden_dim, first.intermediate_dim, first.num_experts, top_k,
-                               first.host_weights()[0].dtype, device, cpu_threads=args.cpu_threads)
+                               first.dtype, device, cpu_threads=args.cpu_threads,
+                               scheme=scheme_of(first.host_weights()[0]))
     shown = {k: "never" if v == NEVER else str(v) for k, v in (("inference", found.inference),
                                                                 ("training", found.training))}
     log(f"crossovers: inference {shown['inference']} / training {shown['training']} tokens "
@@ -288,6 +293,57 @@ def cap_row(model: nn.Module, modules: dict[str, HostExperts], cap: str, args: a
         set_gpu_cap(None, device)
 
 
+def dtype_rows(config: Any, device: torch.device, args: argparse.Namespace, placements: list[str], caps: list[str],
+               prompt: list[int], expert_dtype: str, suffix: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Build the model with experts held as `expert_dtype`, append its rows (names end with `suffix`) to `rows`,
+    free it; returns what the build measured (time, host memory, crossovers)."""
+    rss_before = current_host_gb()
+    torch.manual_seed(0)  # every dtype draws the same weights: a quantized build holds the bf16 build quantized
+    start = time.perf_counter()
+    model, modules = build_model(config, device, host_experts=True, expert_dtype=expert_dtype)
+    build_s = time.perf_counter() - start
+    host_gb = sum(m.host_bytes() for m in modules.values()) / 1e9
+    log(f"built ({expert_dtype}) in {build_s:.1f}s: {host_gb:.1f} GB of experts, host RSS {current_host_gb():.1f} GB")
+    build = {"build_s": build_s, "expert_host_gb": host_gb, "host_rss_before_build_gb": rss_before,
+             "host_rss_after_build_gb": current_host_gb()}
+    auto = measure_auto(modules, model, args, device) if "auto" in placements or caps else {}
+    build["crossovers"] = auto
+    crossovers = {k: auto[k] for k in ("inference", "training")} if auto else {}
+    plan = [(mode, graphs) for mode in placements
+            for graphs in ((False, True) if mode == "gpu" and not args.no_eager else (True,))]
+    for mode, graphs in plan:
+        threads = f"{args.cpu_threads} threads, " if mode in ("cpu", "auto") else ""
+        name = f"kllama {mode} ({threads}{'graphs' if graphs else 'eager'}){suffix}"
+        try:
+            engine = place(model, modules, mode, args, crossovers)
+            row = run_row(name, model, engine, args, device, prompt, graphs=graphs)
+            row["expert_dtype"] = expert_dtype
+            if mode == "auto":
+                row["crossovers"] = crossovers
+                if args.long_prompt:
+                    row.update(long_prefill(model, args, device))
+            rows.append(row)
+        except torch.cuda.OutOfMemoryError as exc:
+            rows.append({"name": name, "note": "OOM", "error": str(exc).splitlines()[0]})
+        finally:
+            for module in modules.values():
+                module.drop_resident()
+            release()
+    for cap in caps:
+        try:
+            row = cap_row(model, modules, cap, args, device, prompt, crossovers)
+            rows.append({**row, "name": row["name"] + suffix, "expert_dtype": expert_dtype})
+        except torch.cuda.OutOfMemoryError as exc:
+            rows.append({"name": f"kllama gpu under {cap}{suffix}", "note": "OOM", "error": str(exc).splitlines()[0]})
+        finally:
+            for module in modules.values():
+                module.drop_resident()
+            release()
+    del model, modules
+    release()
+    return build
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     placements = [p.strip() for p in args.placements.split(",") if p.strip()]
@@ -303,51 +359,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         warnings.filterwarnings("ignore", message=".*needs a CUDA compute device.*")
     if device.type != "cuda":
         caps = []  # a GPU memory cap means nothing without a GPU
+    dtypes = [d.strip() for d in args.expert_dtype.split(",") if d.strip()]
+    if not dtypes or any(d not in ("bf16", "int8", "fp8") for d in dtypes):
+        raise SystemExit(f"--expert-dtype {args.expert_dtype!r}: a comma list of bf16, int8, fp8")
     torch.manual_seed(0)
     config = model_config(args.model, tiny=args.tiny, layers=args.layers)
     log(f"decode {args.model}{' (tiny)' if args.tiny else ''}: {config.num_hidden_layers} layers, prompt "
         f"{args.prompt}, {args.new} new tokens, device {device}")
-    start = time.perf_counter()
-    model, modules = build_model(config, device, host_experts=True)
-    build_s = time.perf_counter() - start
-    log(f"built in {build_s:.1f}s, host RSS {current_host_gb():.1f} GB")
     prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
-    auto = measure_auto(modules, model, args, device) if "auto" in placements or caps else {}
-    crossovers = {k: auto[k] for k in ("inference", "training")} if auto else {}
-    plan = [(mode, graphs) for mode in placements
-            for graphs in ((False, True) if mode == "gpu" and not args.no_eager else (True,))]
-    rows = []
-    for mode, graphs in plan:
-        threads = f"{args.cpu_threads} threads, " if mode in ("cpu", "auto") else ""
-        name = f"kllama {mode} ({threads}{'graphs' if graphs else 'eager'})"
-        try:
-            engine = place(model, modules, mode, args, crossovers)
-            row = run_row(name, model, engine, args, device, prompt, graphs=graphs)
-            if mode == "auto":
-                row["crossovers"] = crossovers
-                if args.long_prompt:
-                    row.update(long_prefill(model, args, device))
-            rows.append(row)
-        except torch.cuda.OutOfMemoryError as exc:
-            rows.append({"name": name, "note": "OOM", "error": str(exc).splitlines()[0]})
-        finally:
-            for module in modules.values():
-                module.drop_resident()
-            release()
-    for cap in caps:
-        try:
-            rows.append(cap_row(model, modules, cap, args, device, prompt, crossovers))
-        except torch.cuda.OutOfMemoryError as exc:
-            rows.append({"name": f"kllama gpu under {cap}", "note": "OOM", "error": str(exc).splitlines()[0]})
-        finally:
-            for module in modules.values():
-                module.drop_resident()
-            release()
+    rows: list[dict[str, Any]] = []
+    builds: dict[str, Any] = {}
+    for expert_dtype in dtypes:
+        suffix = f", {expert_dtype}" if len(dtypes) > 1 or expert_dtype != "bf16" else ""
+        builds[expert_dtype] = dtype_rows(config, device, args, placements, caps, prompt, expert_dtype, suffix, rows)
+    first = builds[dtypes[0]]
+    build_s, auto = first["build_s"], first["crossovers"]
     results = {
         "benchmark": "decode", "model": args.model, "tiny": args.tiny, "layers": config.num_hidden_layers,
         "layers_limited": args.layers is not None, "config": shape_summary(config), "prompt_tokens": args.prompt,
         "new_tokens": args.new, "batch": 1, "cpu_threads": args.cpu_threads, "build_s": build_s,
-        "crossovers": auto, "environment": environment(), "rows": rows,
+        "crossovers": auto, "environment": environment(), "rows": rows, "expert_dtypes": dtypes, "builds": builds,
     }
     print(format_table(rows, DECODE_COLUMNS), flush=True)
     path = write_results(results, f"decode_{args.model}{'_tiny' if args.tiny else ''}", args.out_dir)

@@ -4,6 +4,10 @@ One invocation per model (fits one 10-minute call on the GPU box):
 
     PYTHONPATH=src python benchmarks/dpo_throughput.py --model v2lite --placements stream,auto,gpu,cpu \
         --gpu-cap-gb 24 --baseline
+    PYTHONPATH=src python benchmarks/dpo_throughput.py --model v2lite --placements stream --gpu-cap-gb 24 \
+        --expert-dtype bf16,fp8,int8 --no-kt        # one set of engine rows per expert dtype, bf16 first
+    PYTHONPATH=src python benchmarks/dpo_throughput.py --model qwen3-235b --layers 8 --placements stream \
+        --gpu-cap-gb 24 --expert-dtype bf16,fp8 --no-kt --no-probe   # tok/s per layer, projected to 94 layers
 
 Each micro-step is what the trainer does for `stage: dpo`, `lora_target: all`, r=8: a reference pass (adapters off,
 no grad), the policy pass, backward (gradient checkpointing, non-reentrant) and an AdamW step on the LoRA parameters,
@@ -11,7 +15,12 @@ over `2 * pairs * seq` synthetic policy tokens. Rows: one per expert placement (
 cap; `gpu` uncapped, it needs all experts resident; `cpu` extrapolated from one layer, a real step at 16k tokens
 takes minutes), the stock baselines (all weights on the GPU, separate reference forward; full logits as
 LLaMA-Factory/TRL compute them, and with kllama's chunked log-probs), kt-kernel's AMX SFT MoE layer when importable,
-and a bandwidth probe (one layer's pinned copy and grouped_mm forward+backward). Prints a table, writes JSON.
+and a bandwidth probe (one layer's pinned copy and grouped_mm forward+backward). With `--expert-dtype` the engine
+model is built once per listed dtype (int8 / fp8: routed experts quantized, `expert_dtype`) and its placement rows
+repeated, with the host memory each build holds; the probe, `cpu` and kt-kernel rows run on the first dtype's model.
+With `--layers N` each engine row also reports seconds per layer and projects the full model's tok/s (the step
+time scaled by layers / N: conservative, the embedding, LM head and loss are counted once per N layers).
+Prints a table, writes JSON.
 """
 from __future__ import annotations
 
@@ -49,7 +58,7 @@ LEARNING_RATE = 5e-6
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=("v2lite", "qwen3-30b"), default="v2lite")
+    p.add_argument("--model", choices=("v2lite", "qwen3-30b", "qwen3-235b"), default="v2lite")
     p.add_argument("--placements", default="stream,auto,gpu,cpu", help="comma list of stream|auto|gpu|cpu")
     p.add_argument("--gpu-cap-gb", type=float, default=None, help="GPU memory cap for stream/auto (e.g. 24)")
     p.add_argument("--baseline", action="store_true", help="also run stock transformers + peft (when it fits)")
@@ -64,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time each engine placement with precompute_ref_log_probs: steps without a reference "
                         "pass + one no-grad reference pass over F x the batch (precompute_ref_batch_size), / F")
     p.add_argument("--layers", type=int, default=None, help="benchmark only the first N decoder layers")
+    p.add_argument("--expert-dtype", default="bf16",
+                   help="comma list of bf16|fp8|int8: engine rows per expert dtype (bf16 = not quantized)")
     p.add_argument("--cpu-threads", type=int, default=16, help="threads of the CPU expert path (cpu_infer)")
     p.add_argument("--kt-tokens", type=int, default=4096, help="tokens per kt-kernel layer call")
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test)")
@@ -265,24 +276,32 @@ def precomputed_ref_row(model: nn.Module, lm: nn.Module, modules: dict, mode: st
 
 
 def run_engine(args: argparse.Namespace, config: Any, device: torch.device, tokens: int,
-               report: Report) -> tuple[nn.Module, dict]:
-    """Build the engine model once and time each requested placement on it (except `cpu`, see `cpu_row`)."""
-    log("building the expert-engine model (experts in pinned host memory)")
+               report: Report, expert_dtype: str = "bf16") -> tuple[nn.Module, dict]:
+    """Build the engine model once (experts held as `expert_dtype`) and time each requested placement on it (except
+    `cpu`, see `cpu_row`)."""
+    log(f"building the expert-engine model (experts in pinned host memory, {expert_dtype})")
+    rss_before = current_host_gb()
+    torch.manual_seed(0)  # every dtype draws the same weights: a quantized build holds the bf16 build quantized
     start = time.perf_counter()
-    lm, modules = build_model(config, device, host_experts=True)
+    lm, modules = build_model(config, device, host_experts=True, expert_dtype=expert_dtype)
     results = report.results
-    results["build_s"] = time.perf_counter() - start
-    host = sum(m.host_bytes() for m in modules.values())
-    results["expert_host_gb"] = host / 1e9
-    log(f"built in {results['build_s']:.1f}s: {len(modules)} MoE layers, {host / 1e9:.1f} GB of experts on the host, "
+    build = {"build_s": time.perf_counter() - start, "expert_host_gb": sum(m.host_bytes() for m in
+                                                                            modules.values()) / 1e9,
+             "expert_bf16_gb": sum(m.dense_bytes() for m in modules.values()) / 1e9,
+             "host_rss_before_build_gb": rss_before, "host_rss_after_build_gb": current_host_gb()}
+    results.setdefault("builds", {})[expert_dtype] = build
+    if expert_dtype == args.expert_dtypes[0]:
+        results.update(build)
+    log(f"built in {build['build_s']:.1f}s: {len(modules)} MoE layers, {build['expert_host_gb']:.1f} GB of experts "
+        f"on the host ({expert_dtype}; {build['expert_bf16_gb']:.1f} GB in bf16), "
         f"{torch.cuda.memory_allocated() / 1e9 if device.type == 'cuda' else 0:.1f} GB on the GPU, "
-        f"host RSS {current_host_gb():.1f} GB")
-    results["host_rss_after_build_gb"] = current_host_gb()
+        f"host RSS {build['host_rss_after_build_gb']:.1f} GB (before the build {rss_before:.1f} GB)")
     model = prepare_training(lm)
     batch = synthetic_batch(config.vocab_size, args.pairs, args.seq, device)
+    suffix = f", {expert_dtype}" if len(args.expert_dtypes) > 1 or expert_dtype != "bf16" else ""
     for mode in [m for m in args.placements if m != "cpu"]:
         capped = mode in ("stream", "auto") and args.gpu_cap_gb is not None
-        name = f"kllama {mode}" + (f" (cap {args.gpu_cap_gb:g} GB)" if capped else "")
+        name = f"kllama {mode}" + (f" (cap {args.gpu_cap_gb:g} GB)" if capped else "") + suffix
 
         def run(mode: str = mode, name: str = name, capped: bool = capped) -> dict[str, Any]:
             set_gpu_cap(args.gpu_cap_gb if capped else None, device)
@@ -292,9 +311,10 @@ def run_engine(args: argparse.Namespace, config: Any, device: torch.device, toke
             probe_copy_waits(engine.streamer, times)
             with expert_timing(times):
                 row = time_steps(name, model, batch, chunked_logps, args, device, times, tokens)
-            row.update(info)
+            row.update(info, expert_dtype=expert_dtype)
             if mode == "gpu":
                 row["note"] = "all experts resident, no cap"
+            project_layers(row, config, args)
             return row
 
         report.run_row(name, run, device)
@@ -306,6 +326,19 @@ def run_engine(args: argparse.Namespace, config: Any, device: torch.device, toke
     for module in modules.values():
         module.drop_resident()
     return model, modules
+
+
+def project_layers(row: dict[str, Any], config: Any, args: argparse.Namespace) -> None:
+    """With `--layers N`: seconds per layer and the full model's projected tok/s (step time x full layers / N)."""
+    if args.layers is None or "s_per_step" not in row:
+        return
+    full = model_config(args.model, tiny=args.tiny, layers=None).num_hidden_layers
+    layers = config.num_hidden_layers
+    row["s_per_layer"] = row["s_per_step"] / layers
+    row["projected_layers"] = full
+    row["projected_tokens_per_s"] = row["tokens_per_s"] * layers / full
+    row["note"] = (row.get("note", "") + f"; {layers}/{full} layers: projected {row['projected_tokens_per_s']:,.0f} "
+                   f"tok/s for the full model").lstrip("; ")
 
 
 def cpu_row(model: nn.Module, modules: dict, args: argparse.Namespace, device: torch.device, tokens: int,
@@ -398,6 +431,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [p for p in args.placements if p not in ("stream", "auto", "gpu", "cpu")]
     if unknown:
         raise SystemExit(f"unknown placements {unknown}; choose from stream, auto, gpu, cpu")
+    args.expert_dtypes = [d.strip() for d in args.expert_dtype.split(",") if d.strip()]
+    if not args.expert_dtypes or any(d not in ("bf16", "fp8", "int8") for d in args.expert_dtypes):
+        raise SystemExit(f"--expert-dtype {args.expert_dtype!r}: a comma list of bf16, fp8, int8")
     device = compute_device()
     if args.tiny:
         args.pairs, args.seq, args.warmup, args.steps = min(args.pairs, 1), min(args.seq, 32), 0, 1
@@ -414,6 +450,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "layers_limited": args.layers is not None, "config": shape_summary(config), "tokens_per_step": tokens,
         "pairs": args.pairs, "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
         "gpu_cap_gb": args.gpu_cap_gb, "lora": {"rank": LORA_RANK, "target": "all"},
+        "expert_dtypes": args.expert_dtypes,
         "gradient_checkpointing": "non-reentrant", "environment": environment(),
         "time_split": "expert s = routed-expert executor time (CUDA events on the compute stream; wall time for the "
                       "CPU path) minus copy wait; copy wait = GPU time the compute stream waited for streamed "
@@ -421,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     report = Report(results, f"dpo_{args.model}{'_tiny' if args.tiny else ''}", args.out_dir, args.budget_s)
     rows = report.rows
-    model, modules = run_engine(args, config, device, tokens, report)
+    model, modules = run_engine(args, config, device, tokens, report, args.expert_dtypes[0])
     top_k = config.num_experts_per_tok
     if not args.no_probe:
         log("bandwidth probe: one layer's copy and grouped_mm forward+backward")
@@ -433,7 +470,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             or next((r.get("rest_s") for r in rows if r.get("rest_s") is not None), None)
         report.add(cpu_row(model, modules, args, device, tokens, rest))
         log(f"cpu: {rows[-1]['s_per_step']:.1f} s/step extrapolated")
-    if not args.no_kt:
+    if not args.no_kt and args.expert_dtypes[0] == "bf16":
         log("kt-kernel AMX SFT probe")
         kt = kt_kernel_probe(next(iter(modules.values())), top_k, args.kt_tokens, args.cpu_threads, len(modules),
                              LORA_RANK)
@@ -448,6 +485,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report.add({"name": "kt-kernel AMX SFT", "note": kt["status"]})
     del model, modules
     release()
+    for expert_dtype in args.expert_dtypes[1:]:
+        model, modules = run_engine(args, config, device, tokens, report, expert_dtype)
+        if not args.no_probe:
+            results.setdefault("probes", {})[expert_dtype] = bandwidth_probe(next(iter(modules.values())), top_k,
+                                                                            tokens, device)
+            log(f"probe ({expert_dtype}): {results['probes'][expert_dtype]}")
+        del model, modules
+        release()
     if args.baseline:
         run_stock(args, config, device, tokens, report)
     results["total_s"] = time.perf_counter() - report.start

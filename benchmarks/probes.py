@@ -7,16 +7,19 @@ from typing import Any
 
 import torch
 
+from kllama.experts.quant import QuantizedWeight, dequantize
 from kllama.experts.routed import routed_experts_math
 
 
 def bandwidth_probe(module: Any, top_k: int, tokens: int, device: torch.device) -> dict[str, Any]:
-    """One layer: pinned host->GPU copy of its experts, and grouped_mm forward+backward over `tokens` tokens."""
+    """One layer: pinned host->GPU copy of its experts (as held: quantized bytes and scales too), their dequantization
+    on the GPU when quantized, and grouped_mm forward+backward over `tokens` tokens."""
     if device.type != "cuda":
         return {"skipped": "no CUDA device"}
     gate_up, down = module.host_weights()
     nbytes = module.host_bytes()
-    dev = [torch.empty_like(t, device=device) for t in (gate_up, down)]
+    dev = [t.empty_like(device) if isinstance(t, QuantizedWeight) else torch.empty_like(t, device=device)
+           for t in (gate_up, down)]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for d, h in zip(dev, (gate_up, down)):
         d.copy_(h, non_blocking=True)
@@ -28,6 +31,16 @@ def bandwidth_probe(module: Any, top_k: int, tokens: int, device: torch.device) 
     end.record()
     end.synchronize()
     copy_s = start.elapsed_time(end) / 1000 / reps
+    dense = [dequantize(d) for d in dev]
+    dequant_ms = None
+    if isinstance(dev[0], QuantizedWeight):
+        start.record()
+        for _ in range(reps):
+            for d, out in zip(dev, dense):
+                dequantize(d, out=out)
+        end.record()
+        end.synchronize()
+        dequant_ms = start.elapsed_time(end) / reps
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(tokens, module.hidden_dim, generator=gen).to(device, torch.bfloat16).requires_grad_(True)
     index = torch.rand(tokens, module.num_experts, generator=gen).topk(top_k, dim=-1).indices.to(device)
@@ -36,13 +49,14 @@ def bandwidth_probe(module: Any, top_k: int, tokens: int, device: torch.device) 
     for i in range(4):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = routed_experts_math(x, index, w, dev[0], dev[1], module.act_fn)
+        out = routed_experts_math(x, index, w, dense[0], dense[1], module.act_fn)
         out.backward(torch.ones_like(out))
         torch.cuda.synchronize()
         if i:
             fwd_bwd.append(time.perf_counter() - t0)
-    del dev, x, out
-    return {"layer_gb": nbytes / 1e9, "copy_ms": copy_s * 1e3, "copy_gb_per_s": nbytes / copy_s / 1e9,
+    del dev, dense, x, out
+    return {"layer_gb": nbytes / 1e9, "expert_dtype": module.expert_dtype, "copy_ms": copy_s * 1e3,
+            "copy_gb_per_s": nbytes / copy_s / 1e9, "dequant_ms": dequant_ms,
             "grouped_mm_fwd_bwd_ms": sum(fwd_bwd) / len(fwd_bwd) * 1e3, "tokens": tokens,
             "expected_ms": {"copy": 20.4, "grouped_mm_fwd_bwd": 13.3, "source": "docs/design.md, V2-Lite, H100 box"}}
 
