@@ -1,6 +1,7 @@
 """The DPO reference computed in lock-step with the policy's forward: same numbers as its own pass, same step."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,13 @@ from kllama.train.lockstep import LockstepReference, lockstep_for_run
 
 
 def _model(model_dir: Path, tmp: Path, **settings):  # noqa: ANN202
+    settings = {"template": "deepseek", **settings}
     from kllama.config import build_config
     from kllama.model.adapters import attach_lora, resolve_lora_spec
     from kllama.model.load import load_model
 
     config = build_config({"model_name_or_path": str(model_dir), "output_dir": str(tmp), "stage": "dpo",
-                           "dataset": "dpo_en_demo", "template": "deepseek", "cutoff_len": 64, "max_samples": 8,
+                           "dataset": "dpo_en_demo", "cutoff_len": 64, "max_samples": 8,
                            "use_kt": True, "expert_placement": "cpu", "lora_rank": 4, "seed": 3, "max_steps": 1,
                            "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4, "logging_steps": 1,
                            "disable_tqdm": True, **settings})
@@ -68,8 +70,8 @@ def _first_step(model_dir: Path, tmp: Path, lockstep: bool, budget: int | None, 
     from kllama.train.trainer import KllamaTrainer, causal_lm_of
 
     config, loaded, model = _model(model_dir, tmp, **settings)
-    bundle = build_dataset(config.data, loaded.tokenizer, get_template("deepseek", loaded.tokenizer), stage="dpo",
-                           seed=3)
+    bundle = build_dataset(config.data, loaded.tokenizer, get_template(config.data.template, loaded.tokenizer),
+                           stage="dpo", seed=3)
     collate = PairwiseCollator(loaded.tokenizer.pad_token_id)
     rows = LengthGroupedRows(bundle.train, row_lengths(bundle.train, "dpo"), 4, seed=3)
     plan = None
@@ -88,16 +90,21 @@ def _first_step(model_dir: Path, tmp: Path, lockstep: bool, budget: int | None, 
     return loss, capture.grads
 
 
-@pytest.mark.parametrize("budget,settings", [
-    (None, {}),                                        # the user's micro-steps
-    (300, {}),                                         # merged, in passes of unequal size
-    (10**6, {"disable_gradient_checkpointing": True}),  # one pass, activations kept
-    (10**6, {"ld_alpha": 0.5}),                        # the reference keeps plain sums while the policy weights
-], ids=["accumulated", "passes", "no-checkpointing", "ld-dpo"])
-def test_a_dpo_step_with_the_lockstep_reference_equals_the_separate_pass(budget, settings, tiny_model_dir, tmp_path):
-    model_dir = tiny_model_dir("deepseek_v2")
+@pytest.mark.parametrize("arch,budget,settings", [
+    ("deepseek_v2", None, {}),                                         # the user's micro-steps
+    ("deepseek_v2", 300, {}),                                          # merged, in passes of unequal size
+    ("deepseek_v2", 10**6, {"disable_gradient_checkpointing": True}),  # one pass, activations kept
+    ("deepseek_v2", 10**6, {"ld_alpha": 0.5}),                        # the reference keeps plain sums
+    ("qwen3_moe", 300, {"template": "qwen"}),                         # router aux loss from the policy's logits only
+], ids=["accumulated", "passes", "no-checkpointing", "ld-dpo", "router-aux"])
+def test_a_dpo_step_with_the_lockstep_reference_equals_the_separate_pass(arch, budget, settings, tiny_model_dir,
+                                                                          tmp_path):
+    model_dir = tiny_model_dir(arch)
     loss_a, grads_a = _first_step(model_dir, tmp_path / "a", False, budget, **settings)
     loss_b, grads_b = _first_step(model_dir, tmp_path / "b", True, budget, **settings)
+    if arch == "qwen3_moe":  # the config's router aux coefficient is on, and its part of the loss is not small
+        no_aux, _ = _first_step(model_dir, tmp_path / "c", True, budget, **settings, router_aux_loss_coef=0.0)
+        assert abs(loss_b - no_aux) > 1e-4
     assert loss_a == pytest.approx(loss_b, abs=1e-6)
     assert grads_a.keys() == grads_b.keys() and any(".experts." in k for k in grads_a)
     for name in grads_a:
@@ -110,10 +117,10 @@ def test_runs_that_keep_the_reference_pass(tiny_model_dir, tmp_path):
     _, _, model = _model(tiny_model_dir("deepseek_v2"), tmp_path)
     lm = causal_lm_of(model)
     base = {"stage": "dpo", "reference_free": False, "precomputed": False, "starting_adapter": False,
-            "router_aux": False, "streamed_layers": 3}
+            "streamed_layers": 3}
     assert isinstance(lockstep_for_run(lm, **base), LockstepReference)
     for change in ({"stage": "sft"}, {"reference_free": True}, {"precomputed": True}, {"starting_adapter": True},
-                   {"router_aux": True}, {"streamed_layers": 0}):
+                   {"streamed_layers": 0}):
         assert lockstep_for_run(lm, **{**base, **change}) is None, change
     # an adapter outside the decoder layers (here: an adapted head): the reference differs there too
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -132,8 +139,9 @@ def test_trainer_refuses_a_lockstep_reference_it_cannot_honour(tiny_model_dir, t
 
     _, _, model = _model(tiny_model_dir("deepseek_v2"), tmp_path)
     lockstep = LockstepReference.of(causal_lm_of(model))
-    with pytest.raises(ValueError, match="router aux"):
-        KllamaTrainer(model=model, settings=PreferenceSettings(router_aux_loss_coef=0.01), lockstep=lockstep)
+    with pytest.raises(ValueError, match="starting-adapter"):
+        KllamaTrainer(model=model, settings=PreferenceSettings(), lockstep=lockstep,
+                      reference_context=lambda: contextlib.nullcontext())
 
 
 @pytest.mark.gpu

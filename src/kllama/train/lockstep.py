@@ -14,12 +14,13 @@ rotary tables) as in a pass of its own, and the final norm and the log-probs fol
 extra hidden state `[B, T, H]` and a no-grad layer's transient buffers, which the policy's activations exceed.
 
 Hooks are registered only for the policy forward (`following`), so a backward's recompute of a checkpointed layer
-does not run the reference again. Router logits: the reference's layers would add their router outputs to the
-policy's recorded ones, so a run with a router aux loss keeps the separate pass.
+does not run the reference again. The reference's layers run in an empty `contextvars.Context`, where transformers'
+output recorders (router logits for the aux loss) are inactive: only the policy's outputs are recorded.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -67,9 +68,15 @@ class LockstepReference:
                 kwargs = {**kwargs, "hidden_states": hidden}
             else:
                 args = (hidden, *args[1:])
-            # `forward`, not the module call: the layer's own hooks (this one, output capture) stay out of it
-            with torch.no_grad(), adapters_disabled_in(layer):
-                out = layer.forward(*args, **kwargs)
+            def reference_layer() -> Any:
+                # `forward`, not the module call: the layer's own hooks (this one, output capture) stay out of it
+                with torch.no_grad(), adapters_disabled_in(layer):
+                    return layer.forward(*args, **kwargs)
+
+            # In an empty context: transformers records a forward's extra outputs (router logits for the aux loss)
+            # into a collector held in a context variable set for the policy's forward, from hooks on submodules
+            # such as the router; the reference's calls must not add to the policy's.
+            out = contextvars.Context().run(reference_layer)
             state["hidden"] = out[0] if isinstance(out, tuple) else out
 
         handles = [self.layers[0].register_forward_pre_hook(take_input, with_kwargs=True)]
@@ -89,12 +96,12 @@ class LockstepReference:
 
 
 def lockstep_for_run(lm: nn.Module, *, stage: str, reference_free: bool, precomputed: bool,
-                     starting_adapter: bool, router_aux: bool, streamed_layers: int) -> LockstepReference | None:
+                     starting_adapter: bool, streamed_layers: int) -> LockstepReference | None:
     """The run's lock-step reference, or None where the reference keeps its own pass: not DPO, a reference-free
     loss or precomputed reference log-probs (no reference pass at all), a reference with a starting adapter (its
-    weights are swapped in, not switched off), a router aux loss (see the module docstring), or no streamed layer
-    (nothing to save: the passes cost the same either way)."""
-    if stage != "dpo" or reference_free or precomputed or starting_adapter or router_aux or streamed_layers == 0:
+    weights are swapped in, not switched off), or no streamed layer (nothing to save: the passes cost the same
+    either way)."""
+    if stage != "dpo" or reference_free or precomputed or starting_adapter or streamed_layers == 0:
         return None
     return LockstepReference.of(lm)
 

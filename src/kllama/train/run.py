@@ -238,7 +238,6 @@ def run_training(config: KllamaConfig) -> int:
     lockstep = lockstep_for_run(
         loaded.model, stage=f.stage, reference_free=f.pref_loss in REFERENCE_FREE,
         precomputed=f.precompute_ref_log_probs, starting_adapter=start_snapshot is not None,
-        router_aux=bool(settings.router_aux_loss_coef),
         streamed_layers=expert_passes(loaded.engine.placements)["stream"] if loaded.engine is not None else 0)
     if lockstep is not None and is_main_process():
         print(LOCKSTEP_LINE, flush=True)

@@ -114,9 +114,8 @@ class KllamaTrainer(Trainer):
                  reference_context: Callable[[], contextlib.AbstractContextManager] | None = None,
                  health: TrainingHealth | None = None, promotion: ResidentPromotion | None = None,
                  lockstep: LockstepReference | None = None, **kwargs: Any):
-        if lockstep is not None and (reference_context is not None or settings.router_aux_loss_coef):
-            raise ValueError("a lock-step reference is the policy with adapters off and records no router logits: "
-                             "not with a starting-adapter reference or a router aux loss")
+        if lockstep is not None and reference_context is not None:
+            raise ValueError("a lock-step reference is the policy with adapters off, not a starting-adapter reference")
         super().__init__(*args, **kwargs)
         # the DPO reference computed inside the policy's forward, layer by layer (train.lockstep), or None: own pass
         self.lockstep = lockstep
