@@ -7,9 +7,11 @@ here moves on to the next of `--layers` weight sets (8 x 1.1 GB by default), so 
 For a few thread counts this measures:
 * the host's read bandwidth (a float32 sum over one layer's gate_up weights, ~740 MB);
 * the raw GEMVs of one token's top-k experts (`x @ W.T`, `F.linear`, `torch.mv`, `W @ x`);
-* the engine's no-grad CPU layer pass (`cpu_infer_forward`) at 1, 4 and 16 tokens, and the shared training math
-  (`routed_experts_math`) that decode used before, each as GB/s of the distinct experts' weights it must read and as
-  a share of the read bandwidth (the issue's bar: >= 80 %).
+* the engine's no-grad CPU layer pass at each `--tokens` count: the C++ kernel (`experts/cpu_kernels.py`) on each
+  instruction-set path above scalar this CPU runs, with bf16 weights and with int8 weights + per-row scales; the
+  torch path (`cpu_infer_forward(use_kernel=False)`); and the shared training math (`routed_experts_math`);
+  each as GB/s of the distinct experts' weights it must read and as a share of the read bandwidth (the issue's bar:
+  >= 80 %). With one token, torch's int8 weight-only kernel per expert (`torch._weight_int8pack_mm`) is a row too.
 Writes JSON (default benchmarks/results/cpu_gemv.json). CPU only (runs anywhere; compare rows of one run).
 
 Usage: python benchmarks/cpu_gemv.py [--threads 16,8] [--tokens 1,4,16] [--layers 8] [--experts 64]
@@ -23,9 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from torch.nn.functional import linear, silu
 
 from kllama.experts.cpu_compute import cpu_infer_forward
+from kllama.experts.cpu_kernels import expert_layer, kernel_isas, kernel_status
 from kllama.experts.crossover import median_seconds
 from kllama.experts.routed import routed_experts_math
 
@@ -63,6 +67,12 @@ def main(argv: list[str] | None = None) -> dict:
     gate_up = [torch.full((E, 2 * I, H), 0.01, dtype=torch.bfloat16) for _ in range(L)]  # [E, 2I, H] per layer
     down = [torch.full((E, H, I), 0.01, dtype=torch.bfloat16) for _ in range(L)]  # [E, H, I]
     expert_bytes = (gate_up[0][0].numel() + down[0][0].numel()) * gate_up[0].element_size()
+    isas = [isa for isa in kernel_isas() if isa != "scalar"]
+    int8: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # (gate_up, down, their per-row scales) per layer
+    if isas:
+        int8 = [(torch.ones(E, 2 * I, H, dtype=torch.int8), torch.ones(E, H, I, dtype=torch.int8),
+                 torch.full((E, 2 * I), 0.01), torch.full((E, H), 0.01)) for _ in range(L)]
+    int8_bytes = (2 * I * H + H * I) + 4 * (2 * I + H)  # one expert's int8 values and fp32 scales
     experts = torch.randperm(E)[:K].tolist()
     x, act = torch.randn(1, H, dtype=torch.bfloat16), torch.randn(1, I, dtype=torch.bfloat16)
     gemvs = {
@@ -71,17 +81,32 @@ def main(argv: list[str] | None = None) -> dict:
         "torch.mv (bf16)": lambda j: [(torch.mv(gate_up[j][e], x[0]), torch.mv(down[j][e], act[0])) for e in experts],
         "W @ x (bf16)": lambda j: [(gate_up[j][e] @ x.T, down[j][e] @ act.T) for e in experts],
     }
-    passes = {}
+    int8_gemv = getattr(torch, "_weight_int8pack_mm", None)
+    if int8 and int8_gemv is not None:
+        def int8_pack(j: int) -> list:
+            gu, dn, gus, dns = int8[j]
+            return [(int8_gemv(x, gu[e], gus[e].bfloat16()), int8_gemv(act, dn[e], dns[e].bfloat16()))
+                    for e in experts]
+        gemvs["torch._weight_int8pack_mm (int8)"] = int8_pack
+    passes: dict[str, tuple[int, int, int, Callable[[int], object]]] = {}  # name: tokens, experts, bytes each, fn
     for tokens in [int(t) for t in args.tokens.split(",")]:
         xt = torch.randn(tokens, H, dtype=torch.bfloat16)
         index = torch.rand(tokens, E).topk(K, dim=-1).indices  # [T, K] distinct experts per token
         weights = torch.rand(tokens, K)
         touched = index.unique().numel()
         plural = "s" if tokens > 1 else ""
-        passes[f"engine cpu layer pass, {tokens} token{plural}"] = (tokens, touched, lambda j, xt=xt, index=index,
-            weights=weights: cpu_infer_forward(xt, index, weights, gate_up[j], down[j], silu))
-        passes[f"shared expert math (before), {tokens} token{plural}"] = (tokens, touched, lambda j, xt=xt,
-            index=index, weights=weights: routed_experts_math(xt, index, weights, gate_up[j], down[j], silu))
+        for isa in isas:
+            passes[f"kernel {isa} bf16, {tokens} token{plural}"] = (tokens, touched, expert_bytes, lambda j, xt=xt,
+                index=index, weights=weights, isa=isa: expert_layer(xt, index, weights, gate_up[j], down[j], isa=isa))
+            passes[f"kernel {isa} int8, {tokens} token{plural}"] = (tokens, touched, int8_bytes, lambda j, xt=xt,
+                index=index, weights=weights, isa=isa: expert_layer(xt, index, weights, int8[j][0], int8[j][1],
+                                                                    gate_up_scale=int8[j][2], down_scale=int8[j][3],
+                                                                    isa=isa))
+        passes[f"torch layer pass, {tokens} token{plural}"] = (tokens, touched, expert_bytes, lambda j, xt=xt,
+            index=index, weights=weights: cpu_infer_forward(xt, index, weights, gate_up[j], down[j], silu,
+                                                            use_kernel=False))
+        passes[f"shared expert math (before), {tokens} token{plural}"] = (tokens, touched, expert_bytes, lambda j,
+            xt=xt, index=index, weights=weights: routed_experts_math(xt, index, weights, gate_up[j], down[j], silu))
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
@@ -92,21 +117,22 @@ def main(argv: list[str] | None = None) -> dict:
                      "ms": read_s * 1e3, "GB_per_s": read_bw / 1e9, "pct_of_read": 100.0})
         for name, fn in gemvs.items():
             seconds = median_seconds(Cycle(fn, L), args.repeats)
-            gbs = K * expert_bytes / seconds / 1e9
+            gbs = K * (int8_bytes if "int8" in name else expert_bytes) / seconds / 1e9
             rows.append({"variant": name, "threads": threads, "tokens": 1, "ms": seconds * 1e3, "GB_per_s": gbs,
                          "pct_of_read": 100 * gbs * 1e9 / read_bw})
-        for name, (tokens, touched, fn) in passes.items():
+        for name, (tokens, touched, nbytes, fn) in passes.items():
             seconds = median_seconds(Cycle(fn, L), args.repeats)
-            gbs = touched * expert_bytes / seconds / 1e9
+            gbs = touched * nbytes / seconds / 1e9
             rows.append({"variant": name, "threads": threads, "tokens": tokens, "experts_read": touched,
                          "ms": seconds * 1e3, "GB_per_s": gbs, "pct_of_read": 100 * gbs * 1e9 / read_bw})
     print(f"top-{K} of {E} experts, H={H} I={I}: {expert_bytes / 2**20:.1f} MiB of bf16 weights per expert, "
-          f"{L} layers cycled")
-    print(f"{'variant':40s} {'threads':>7s} {'ms':>8s} {'GB/s':>7s} {'% read':>7s}")
+          f"{L} layers cycled; CPU expert kernel: {kernel_status().isa or kernel_status().reason}")
+    print(f"{'variant':44s} {'threads':>7s} {'ms':>8s} {'GB/s':>7s} {'% read':>7s}")
     for row in rows:
-        print(f"{row['variant']:40s} {row['threads']:7d} {row['ms']:8.3f} {row['GB_per_s']:7.1f} "
+        print(f"{row['variant']:44s} {row['threads']:7d} {row['ms']:8.3f} {row['GB_per_s']:7.1f} "
               f"{row['pct_of_read']:7.0f}")
-    results = {"args": vars(args), "rows": rows, "cpu_count": torch.get_num_threads()}
+    results = {"args": vars(args), "rows": rows, "cpu_count": torch.get_num_threads(),
+               "kernel_isa": kernel_status().isa}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

@@ -2,11 +2,13 @@
 
 Training passes (a backward follows) run `routed.py`'s math, shared with the GPU targets, on host copies of their
 inputs. No-grad passes (decode, prefill, reference passes) run `cpu_infer_forward`, the same math written for a few
-tokens: rows are grouped by expert without a sort, each selected expert's weights are read once by two GEMMs (bf16
-through oneDNN's `linear`, which picks AMX, AVX-512 or AVX2 kernels), and the top-k rows of a token are summed in fp32 and rounded once. A no-grad pass costs the device one wait: its inputs go to pinned host buffers with non-blocking
-copies followed by one stream sync, and the output goes back with a non-blocking copy (torch's caching host allocator
-keeps a pinned block until the copies that use it are done). The pass runs with the placement's `cpu_infer`
-intra-op threads.
+tokens: up to 64 tokens with bf16 or int8 weights and SiLU it is one call of the C++ kernel (`cpu_kernels.py`: both matrix
+stages fused over all selected experts, no GIL, near memory bandwidth); otherwise rows are grouped by expert without
+a sort, each selected expert's weights are read once by two GEMMs (bf16 through oneDNN's `linear`, which picks AMX,
+AVX-512 or AVX2 kernels), and the top-k rows of a token are summed in fp32 and rounded once. A no-grad pass costs
+the device one wait: its inputs go to pinned host buffers with non-blocking copies followed by one stream sync, and
+the output goes back with a non-blocking copy (torch's caching host allocator keeps a pinned block until the copies
+that use it are done). The pass runs with the placement's `cpu_infer` intra-op threads.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn.functional import linear
 
+from kllama.experts.cpu_kernels import expert_layer, kernel_runs
 from kllama.experts.quant import ExpertWeight, QuantizedWeight
 from kllama.experts.quant_compute import quant_expert_gemm
 from kllama.experts.routed import PassExecutor, SavedPass
@@ -82,6 +85,18 @@ def expert_product(x: Tensor, weights: ExpertWeight, expert: int) -> Tensor:
     return expert_gemm(x, weights[expert])
 
 
+def kernel_operands(gate_up: ExpertWeight, down: ExpertWeight) -> tuple[Tensor, Tensor, dict[str, Tensor]] | None:
+    """The weights as the C++ kernel takes them: plain tensors, or int8 QuantizedWeights as their values plus
+    `gate_up_scale` / `down_scale` (per output row); None for fp8, which the kernel does not read."""
+    if isinstance(gate_up, QuantizedWeight) and isinstance(down, QuantizedWeight):
+        if gate_up.scheme != "int8" or down.scheme != "int8":
+            return None
+        return gate_up.data, down.data, {"gate_up_scale": gate_up.scale, "down_scale": down.scale}
+    if isinstance(gate_up, QuantizedWeight) or isinstance(down, QuantizedWeight):
+        return None
+    return gate_up, down, {}
+
+
 def cpu_infer_forward(
     x: Tensor,
     top_k_index: Tensor,
@@ -90,11 +105,21 @@ def cpu_infer_forward(
     down: ExpertWeight,
     act_fn: Callable[[Tensor], Tensor],
     lora: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    *,
+    use_kernel: bool = True,
 ) -> Tensor:
     """No-grad routed-experts layer on host tensors: `x [T, H]`, `top_k_index [T, K]`, `top_k_weights [T, K]`,
     `gate_up [E, 2I, H]`, `down [E, H, I]` -> `[T, H]` in x's dtype. Same math as `routed.experts_forward` (routing
     weight applied to the activation in the weights' dtype, top-k rows summed in fp32); `lora` maps a projection
-    to its per-expert factors `(a [E, r, in], b [E, out, r])` with the scaling folded into b."""
+    to its per-expert factors `(a [E, r, in], b [E, out, r])` with the scaling folded into b.
+
+    A pass the C++ kernel takes (`cpu_kernels.kernel_runs`: up to 64 tokens, bf16 or int8 weights, SiLU) runs there
+    in one call, unless `use_kernel` is False; the rest runs the torch loop below."""
+    operands = kernel_operands(gate_up, down) if use_kernel else None
+    if operands is not None and kernel_runs(operands[0], operands[1], act_fn, x.shape[0], lora):
+        gate_up_values, down_values, scales = operands
+        return expert_layer(x, top_k_index, top_k_weights, gate_up_values, down_values, lora=lora,
+                            **scales).to(x.dtype)
     dtype, inter = gate_up.dtype, down.shape[-1]
     num_tokens, top_k = top_k_index.shape
     lora = lora or {}

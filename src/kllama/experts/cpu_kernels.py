@@ -1,0 +1,277 @@
+"""The C++ kernel of the no-grad CPU expert pass: one call computes one MoE layer's selected experts for a few tokens.
+
+Why a kernel (docs/design.md, "The CPU expert pass of decode"): decode reads each selected expert's weights once
+from DRAM, and torch's best form (`linear`, oneDNN) reached 61 % of the host's read bandwidth per expert call on the
+H200 box, before the per-expert Python and small ops of a layer. `csrc/expert_pass.cpp` does the whole layer in
+one call without the GIL: two stages (gate/up with the activation and routing weight fused, then down with the
+weighted sum over a token's experts), each one fork/join over output rows of all selected experts at once, with
+fp32 accumulation (AVX512-BF16 dot products where the CPU has them; AVX-512F, AVX2+FMA or scalar code otherwise).
+
+The call (`expert_layer`), for `T <= KERNEL_MAX_TOKENS` tokens:
+
+* `x [T, H]` bf16 or fp32 (other float dtypes are cast to fp32); `top_k_index [T, K]` int, `top_k_weights [T, K]`;
+* `gate_up [E, 2I, H]` (gate rows, then up rows) and `down [E, H, I]`, contiguous host tensors, both bf16, or both
+  int8 with per-output-row fp32 scales `gate_up_scale [E, 2I]`, `down_scale [E, H]` (`weight = int8 * scale`);
+* `lora`: optional `{"gate_up_proj" | "down_proj": (a [E, r, in], b [E, out, r])}` in bf16, the scaling folded into
+  b (`HostExperts.host_lora_factors`' layout); the delta `b_e @ (a_e @ input)` is added to that projection;
+* returns `out [T, H]` fp32: `sum_k w[t, k] * down_e(silu(gate_e x) * up_e x)`, the activation SiLU.
+
+Numerics: every product accumulates in fp32; with bf16 weights the activations the products read (`x` and
+`silu(gate) * up * w`) are rounded to bf16 once, as the torch path rounds them (which also rounds the gate/up
+outputs and the routing-weight product; the two paths agree to ~1e-2 relative). The kernel runs SiLU only and skips
+nothing else: expert LoRA runs inside it.
+
+The extension is built on first use with torch's C++ extension tools (ninja, the host's C++ compiler) into torch's
+extensions cache and reused from there (one line on stderr while it builds); each instruction-set path is checked
+against torch on a small problem when loaded. Without a compiler, ninja or an x86-64 CPU, or if the build fails,
+one line says why and the torch path runs.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import platform
+import re
+import shutil
+import sys
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+from torch.nn.functional import silu
+
+SOURCE = Path(__file__).parent / "csrc" / "expert_pass.cpp"
+ISAS: dict[str, int] = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512-bf16": 3}  # tiers, best last
+KERNEL_MAX_TOKENS = 64  # memory-bound up to here on a 16-core AVX-512 host; torch's GEMMs take larger passes
+KERNEL_DTYPES = (torch.bfloat16, torch.int8)
+_CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    """The loaded extension and the instruction-set tier it runs, or why it is not available."""
+
+    module: ModuleType | None
+    isa: str | None
+    reason: str = ""
+
+    @property
+    def available(self) -> bool:
+        return self.module is not None
+
+
+def _say(line: str) -> None:
+    print(f"kllama: {line}", file=sys.stderr, flush=True)
+
+
+def _openmp_link_flags() -> list[str]:
+    """Link against the OpenMP runtime torch has already loaded (a wheel may bundle it under another name), so the
+    kernel's threads are torch's intra-op pool and `torch.set_num_threads` applies to them."""
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        for path in re.findall(r"(/\S*lib(?:gomp|iomp5)[^/\s]*\.so[^/\s]*)", maps.read_text()):
+            lib = Path(path)
+            return [f"-L{lib.parent}", f"-l:{lib.name}", f"-Wl,-rpath,{lib.parent}"]
+    return ["-fopenmp"]
+
+
+def _build() -> ModuleType:
+    from torch.utils.cpp_extension import get_default_build_root, load  # imported on demand: slow to import
+
+    ldflags = _openmp_link_flags()
+    key = "\n".join([SOURCE.read_text(), torch.__version__, sys.version, *_CFLAGS, *ldflags])
+    name = f"kllama_expert_pass_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    build_dir = Path(get_default_build_root()) / name
+    if not (build_dir / f"{name}.so").exists():
+        _say(f"building the CPU expert kernel (once, up to a minute; cached in {build_dir})")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return load(name, [str(SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=ldflags, build_directory=str(build_dir),
+                verbose=False)
+
+
+def _why_not_buildable() -> str | None:
+    from torch.utils.cpp_extension import get_cxx_compiler, is_ninja_available
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"it is written for x86-64 CPUs, this one is {platform.machine()}"
+    compiler = get_cxx_compiler()
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler found ({compiler}; set CXX or install g++)"
+    if not is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+@functools.cache
+def kernel_status() -> KernelStatus:
+    """Build or load the extension once per process and pick the best instruction-set tier that agrees with torch
+    on a small problem (printing one line when a tier is dropped, or when the kernel is unavailable)."""
+    reason = _why_not_buildable()
+    module = None
+    if reason is None:
+        try:
+            module = _build()
+        except Exception as error:  # noqa: BLE001 - any build failure means: run the torch path
+            lines = [line for line in str(error).splitlines() if line.strip()]
+            reason = f"the build failed: {lines[-1] if lines else type(error).__name__}"
+    if module is None:
+        _say(f"CPU expert kernel unavailable ({reason}); CPU expert passes use torch")
+        return KernelStatus(None, None, reason)
+    names = [name for name, code in ISAS.items() if code <= module.best_isa()]
+    for name in reversed(names):
+        if _self_check(module, name):
+            return KernelStatus(module, name)
+        _say(f"CPU expert kernel: its {name} path disagrees with torch on this CPU; trying the next one")
+    _say("CPU expert kernel unavailable (no path agrees with torch on this CPU); CPU expert passes use torch")
+    return KernelStatus(None, None, "no instruction-set path agrees with torch")
+
+
+def kernel_isas() -> list[str]:
+    """The instruction-set tiers this CPU can run, up to the one in use (empty without the kernel)."""
+    status = kernel_status()
+    if not status.available:
+        return []
+    return [name for name, code in ISAS.items() if code <= ISAS[status.isa]]
+
+
+_SILU: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PROBE = torch.linspace(-12, 12, 97)
+
+
+def is_silu(act_fn: Callable[[Tensor], Tensor]) -> bool:
+    """Whether `act_fn` computes SiLU (probed once per function or module object, so any wrapper class counts)."""
+    try:
+        known = _SILU.get(act_fn)
+    except TypeError:  # not weak-referenceable: probe each time (rare)
+        known = None
+    if known is None:
+        with torch.no_grad():
+            result = act_fn(_PROBE)
+        known = isinstance(result, Tensor) and torch.allclose(result, silu(_PROBE), rtol=1e-6, atol=1e-7)
+        try:
+            _SILU[act_fn] = known
+        except TypeError:
+            pass
+    return known
+
+
+def kernel_runs(gate_up: Tensor, down: Tensor, act_fn: Callable[[Tensor], Tensor], num_tokens: int,
+                lora: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> bool:
+    """Whether `expert_layer` computes this pass: a few tokens, bf16 or int8 contiguous weights, SiLU, bf16 LoRA
+    factors, and the kernel built on this machine (the first eligible call builds or loads it)."""
+    if not 0 < num_tokens <= KERNEL_MAX_TOKENS or gate_up.dtype not in KERNEL_DTYPES or down.dtype != gate_up.dtype:
+        return False
+    if not (gate_up.is_contiguous() and down.is_contiguous() and gate_up.device.type == "cpu"):
+        return False
+    if any(t.dtype != torch.bfloat16 for pair in (lora or {}).values() for t in pair):
+        return False
+    return is_silu(act_fn) and kernel_status().available
+
+
+def expert_layer(
+    x: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    *,
+    gate_up_scale: Tensor | None = None,
+    down_scale: Tensor | None = None,
+    lora: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    isa: str | None = None,
+) -> Tensor:
+    """One MoE layer's routed experts for `x [T, H]` on host tensors -> `out [T, H]` fp32 (see the module docstring
+    for shapes, dtypes and numerics). `isa` forces an instruction-set tier at most the one in use (tests, probes).
+    Raises RuntimeError when the kernel is not available (check `kernel_runs` or `kernel_status` first)."""
+    status = kernel_status()
+    if not status.available:
+        raise RuntimeError(f"the CPU expert kernel is not available: {status.reason}")
+    tier = ISAS[isa or status.isa]
+    if tier > ISAS[status.isa]:
+        raise ValueError(f"instruction set {isa!r} is above the one this CPU runs ({status.isa})")
+    lora = lora or {}
+    gate_up_a, gate_up_b = lora.get("gate_up_proj", (None, None))
+    down_a, down_b = lora.get("down_proj", (None, None))
+    xin = x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
+    out = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32)
+    status.module.expert_pass(
+        xin.contiguous(), top_k_index.to(torch.long).contiguous(), top_k_weights.to(torch.float32).contiguous(),
+        gate_up, down, gate_up_scale, down_scale, gate_up_a, gate_up_b, down_a, down_b, out, tier)
+    return out
+
+
+def reference_layer(
+    x: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    *,
+    gate_up_scale: Tensor | None = None,
+    down_scale: Tensor | None = None,
+    lora: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+) -> Tensor:
+    """What `expert_layer` computes, in fp32 torch ops (one expert at a time; for checks, not speed)."""
+    lora = lora or {}
+    gu = gate_up.float() * (gate_up_scale.unsqueeze(-1) if gate_up_scale is not None else 1)  # [E, 2I, H]
+    dn = down.float() * (down_scale.unsqueeze(-1) if down_scale is not None else 1)  # [E, H, I]
+    inter = dn.shape[-1]
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for token in range(x.shape[0]):
+        xt = x[token].float()  # [H]
+        for slot, expert in enumerate(top_k_index[token].tolist()):
+            hidden = gu[expert] @ xt  # [2I]
+            if "gate_up_proj" in lora:
+                a, b = lora["gate_up_proj"]
+                hidden = hidden + b[expert].float() @ (a[expert].float() @ xt)
+            act = silu(hidden[:inter]) * hidden[inter:] * float(top_k_weights[token, slot])  # [I]
+            y = dn[expert] @ act  # [H]
+            if "down_proj" in lora:
+                a, b = lora["down_proj"]
+                y = y + b[expert].float() @ (a[expert].float() @ act)
+            out[token] += y
+    return out
+
+
+def _int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+    # symmetric int8 per output row, for the self-check only (the engine's int8 storage is quantized elsewhere)
+    scale = weight.abs().amax(dim=-1).clamp_min(1e-12) / 127  # [..., N]
+    return torch.round(weight / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8), scale.float()
+
+
+def _check_problem(kind: torch.dtype, seed: int = 0) -> tuple[tuple, dict]:
+    """A small layer with odd sizes (vector tails), repeated experts across tokens and LoRA on both projections."""
+    gen = torch.Generator().manual_seed(seed)
+    experts, hidden, inter, rank, tokens, top_k = 5, 83, 45, 3, 11, 3
+    gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen) * 0.2
+    down = torch.randn(experts, hidden, inter, generator=gen) * 0.2
+    kwargs: dict = {"lora": {
+        "gate_up_proj": ((torch.randn(experts, rank, hidden, generator=gen) * 0.2).bfloat16(),
+                         (torch.randn(experts, 2 * inter, rank, generator=gen) * 0.2).bfloat16()),
+        "down_proj": ((torch.randn(experts, rank, inter, generator=gen) * 0.2).bfloat16(),
+                      (torch.randn(experts, hidden, rank, generator=gen) * 0.2).bfloat16())}}
+    if kind == torch.int8:
+        (gate_up, kwargs["gate_up_scale"]), (down, kwargs["down_scale"]) = _int8_rows(gate_up), _int8_rows(down)
+    else:
+        gate_up, down = gate_up.bfloat16(), down.bfloat16()
+    x = torch.randn(tokens, hidden, generator=gen).bfloat16()
+    index = torch.rand(tokens, experts, generator=gen).topk(top_k, dim=-1).indices
+    weights = torch.rand(tokens, top_k, generator=gen)
+    return (x, index, weights, gate_up, down), kwargs
+
+
+def _self_check(module: ModuleType, isa: str) -> bool:
+    for kind in KERNEL_DTYPES:
+        args, kwargs = _check_problem(kind)
+        out = torch.empty(args[0].shape, dtype=torch.float32)
+        lora = kwargs["lora"]
+        module.expert_pass(*args, kwargs.get("gate_up_scale"), kwargs.get("down_scale"), *lora["gate_up_proj"],
+                           *lora["down_proj"], out, ISAS[isa])
+        expected = reference_layer(*args, **kwargs)
+        if not torch.allclose(out, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item()):
+            return False
+    return True

@@ -1,0 +1,503 @@
+// One MoE layer's selected routed experts for a few tokens, in one call (kllama/experts/cpu_kernels.py is the
+// Python side and documents the contract).
+//
+// Decode reads each selected expert's weights once from DRAM, so the pass is bound by memory bandwidth. The work is
+// cut into two matrix stages, each one fork/join over output rows of all selected experts at once:
+//   1. gate/up: for intermediate rows j of a thread's block, for every selected expert and its tokens,
+//      act = silu(gate_j . x) * (up_j . x) * routing weight (LoRA added to gate/up before the activation);
+//   2. down: for hidden rows h of a thread's block, out[token, h] += down_h . act, summed over the token's experts.
+// A thread owns its rows in both stages, so there are no atomics and no reduction across threads. Rows are read
+// as contiguous streams with a software prefetch of the next row (a 4 KiB bf16 row is a page, where the hardware
+// prefetcher stops). Dot products accumulate in fp32: AVX512-BF16 `vdpbf16ps` on bf16 activations, else weights
+// widened to fp32 (AVX-512F, AVX2+FMA or scalar) and multiplied with fp32 activations holding the same values.
+// int8 weights carry one fp32 scale per output row. The instruction set is a runtime argument checked against the
+// CPU, so one build runs anywhere.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <utility>
+#include <vector>
+
+namespace {
+
+constexpr int kMaxPairs = 8;        // activation rows one weight-row read serves at once (accumulators in registers)
+constexpr int64_t kGrainRows = 16;  // fewest output rows per thread
+
+enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+
+#define KL_AVX2 __attribute__((target("avx2,fma")))
+#define KL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+#define KL_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
+
+int64_t best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl")) {
+    return kAvx512Bf16;
+  }
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
+    return kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+  return kScalar;
+}
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch rounds (NaN stays NaN)
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+// res[i] = sum_k w[k] * a_i[k] for n = N activation rows `a` (N <= kMaxPairs) of length `len`; `w` is one weight
+// row, the next row (prefetched) follows it in memory.
+using RowDot = void (*)(const void* w, const void* const* a, int64_t len, float* res);
+using DotTable = std::array<RowDot, kMaxPairs + 1>;  // index: number of activation rows
+
+// ---- scalar (any CPU) ----
+template <int N>
+struct ScalarBf16 {
+  static void run(const void* w_, const void* const* a_, int64_t len, float* res) {
+    const uint16_t* w = static_cast<const uint16_t*>(w_);
+    for (int i = 0; i < N; ++i) {
+      const float* a = static_cast<const float*>(a_[i]);
+      float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t k = 0;
+      for (; k + 8 <= len; k += 8) {
+        for (int l = 0; l < 8; ++l) part[l] += bf16_to_f32(w[k + l]) * a[k + l];
+      }
+      float sum = 0;
+      for (int l = 0; l < 8; ++l) sum += part[l];
+      for (; k < len; ++k) sum += bf16_to_f32(w[k]) * a[k];
+      res[i] = sum;
+    }
+  }
+};
+
+template <int N>
+struct ScalarInt8 {
+  static void run(const void* w_, const void* const* a_, int64_t len, float* res) {
+    const int8_t* w = static_cast<const int8_t*>(w_);
+    for (int i = 0; i < N; ++i) {
+      const float* a = static_cast<const float*>(a_[i]);
+      float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t k = 0;
+      for (; k + 8 <= len; k += 8) {
+        for (int l = 0; l < 8; ++l) part[l] += float(w[k + l]) * a[k + l];
+      }
+      float sum = 0;
+      for (int l = 0; l < 8; ++l) sum += part[l];
+      for (; k < len; ++k) sum += float(w[k]) * a[k];
+      res[i] = sum;
+    }
+  }
+};
+
+// ---- AVX2 + FMA ----
+KL_AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int N>
+struct Avx2Bf16 {
+  KL_AVX2 static void run(const void* w_, const void* const* a_, int64_t len, float* res) {
+    const uint16_t* w = static_cast<const uint16_t*>(w_);
+    const float* a[N];
+    __m256 acc[N];
+    for (int i = 0; i < N; ++i) a[i] = static_cast<const float*>(a_[i]), acc[i] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= len; k += 8) {
+      if ((k & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + len + k), _MM_HINT_T0);
+      __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
+      __m256 wf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+      for (int i = 0; i < N; ++i) acc[i] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(a[i] + k), acc[i]);
+    }
+    for (int i = 0; i < N; ++i) {
+      float sum = hsum256(acc[i]);
+      for (int64_t t = k; t < len; ++t) sum += bf16_to_f32(w[t]) * a[i][t];
+      res[i] = sum;
+    }
+  }
+};
+
+template <int N>
+struct Avx2Int8 {
+  KL_AVX2 static void run(const void* w_, const void* const* a_, int64_t len, float* res) {
+    const int8_t* w = static_cast<const int8_t*>(w_);
+    const float* a[N];
+    __m256 acc[N];
+    for (int i = 0; i < N; ++i) a[i] = static_cast<const float*>(a_[i]), acc[i] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= len; k += 8) {
+      if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + len + k), _MM_HINT_T0);
+      __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k));
+      __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+      for (int i = 0; i < N; ++i) acc[i] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(a[i] + k), acc[i]);
+    }
+    for (int i = 0; i < N; ++i) {
+      float sum = hsum256(acc[i]);
+      for (int64_t t = k; t < len; ++t) sum += float(w[t]) * a[i][t];
+      res[i] = sum;
+    }
+  }
+};
+
+// ---- AVX-512F (+BW/VL for masked tails) ----
+template <int N>
+struct Avx512Bf16W {  // bf16 weights widened to fp32, fp32 activations
+  KL_AVX512 static void run(const void* w_, const void* const* a_, int64_t len, float* res) {
+    const uint16_t* w = static_cast<const uint16_t*>(w_);
+    const float* a[N];
+    __m512 acc[N];
+    for (int i = 0; i < N; ++i) a[i] = static_cast<const float*>(a_[i]), acc[i] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= len; k += 16) {
+      if ((k & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + len + k), _MM_HINT_T0);
+      __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+      __m512 wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+      for (int i = 0; i < N; ++i) acc[i] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(a[i] + k), acc[i]);
+    }
+    if (k < len) {
+      __mmask16 m = __mmask16((1u << (len - k)) - 1u);
+      __m256i raw = _mm256_maskz_loadu_epi16(m, w + k);
+      __m512 wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+      for (int i = 0; i < N; ++i) acc[i] = _mm512_fmadd_ps(wf, _mm512_maskz_loadu_ps(m, a[i] + k), acc[i]);
+    }
+    for (int i = 0; i < N; ++i) res[i] = _mm512_reduce_add_ps(acc[i]);
+  }
+};
+
+template <int N>
+struct Avx512Int8 {
+  KL_AVX512 static void run(const void* w_, const void* const* a_, int64_t len, float* res) {
+    const int8_t* w = static_cast<const int8_t*>(w_);
+    const float* a[N];
+    __m512 acc[N];
+    for (int i = 0; i < N; ++i) a[i] = static_cast<const float*>(a_[i]), acc[i] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= len; k += 16) {
+      if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + len + k), _MM_HINT_T0);
+      __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
+      __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+      for (int i = 0; i < N; ++i) acc[i] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(a[i] + k), acc[i]);
+    }
+    if (k < len) {
+      __mmask16 m = __mmask16((1u << (len - k)) - 1u);
+      __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w + k)));
+      for (int i = 0; i < N; ++i) acc[i] = _mm512_fmadd_ps(wf, _mm512_maskz_loadu_ps(m, a[i] + k), acc[i]);
+    }
+    for (int i = 0; i < N; ++i) res[i] = _mm512_reduce_add_ps(acc[i]);
+  }
+};
+
+// ---- AVX512-BF16: bf16 weights times bf16 activations, fp32 accumulation in one instruction per 32 pairs ----
+template <int N>
+struct Avx512Bf16Dp {
+  KL_AVX512BF16 static void run(const void* w_, const void* const* a_, int64_t len, float* res) {
+    const uint16_t* w = static_cast<const uint16_t*>(w_);
+    const uint16_t* a[N];
+    __m512 acc[N];
+    for (int i = 0; i < N; ++i) a[i] = static_cast<const uint16_t*>(a_[i]), acc[i] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= len; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + len + k), _MM_HINT_T0);
+      __m512i wv = _mm512_loadu_si512(w + k);
+      for (int i = 0; i < N; ++i) {
+        __m512i av = _mm512_loadu_si512(a[i] + k);
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)av, (__m512bh)wv);
+      }
+    }
+    if (k < len) {
+      __mmask32 m = __mmask32((1ull << (len - k)) - 1ull);
+      __m512i wv = _mm512_maskz_loadu_epi16(m, w + k);
+      for (int i = 0; i < N; ++i) {
+        __m512i av = _mm512_maskz_loadu_epi16(m, a[i] + k);
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)av, (__m512bh)wv);
+      }
+    }
+    for (int i = 0; i < N; ++i) res[i] = _mm512_reduce_add_ps(acc[i]);
+  }
+};
+
+template <template <int> class Op, int... Ns>
+DotTable make_table(std::integer_sequence<int, Ns...>) {
+  return DotTable{nullptr, &Op<Ns + 1>::run...};
+}
+
+template <template <int> class Op>
+DotTable table() {
+  return make_table<Op>(std::make_integer_sequence<int, kMaxPairs>{});
+}
+
+enum class Weights { kBf16, kInt8 };
+
+// Activations are bf16 only where the dot product instruction takes bf16 (bf16 weights, AVX512-BF16).
+bool bf16_activations(Weights kind, int64_t isa) { return kind == Weights::kBf16 && isa == kAvx512Bf16; }
+
+const DotTable& dot_table(Weights kind, int64_t isa) {
+  static const DotTable scalar_bf16 = table<ScalarBf16>(), scalar_int8 = table<ScalarInt8>();
+  static const DotTable avx2_bf16 = table<Avx2Bf16>(), avx2_int8 = table<Avx2Int8>();
+  static const DotTable avx512_bf16 = table<Avx512Bf16W>(), avx512_int8 = table<Avx512Int8>();
+  static const DotTable avx512_dp = table<Avx512Bf16Dp>();
+  if (kind == Weights::kInt8) return isa >= kAvx512 ? avx512_int8 : isa == kAvx2 ? avx2_int8 : scalar_int8;
+  if (isa == kAvx512Bf16) return avx512_dp;
+  return isa == kAvx512 ? avx512_bf16 : isa == kAvx2 ? avx2_bf16 : scalar_bf16;
+}
+
+// Activation rows in the representation the dot products read (bf16 or fp32), `cols` wide.
+struct Acts {
+  bool bf16;
+  int64_t cols;
+  std::vector<uint16_t> h;
+  std::vector<float> f;
+
+  Acts(bool bf16_, int64_t rows, int64_t cols_) : bf16(bf16_), cols(cols_) {
+    (bf16 ? h.resize(rows * cols) : f.resize(rows * cols));
+  }
+  const void* row(int64_t r) const {
+    return bf16 ? static_cast<const void*>(h.data() + r * cols) : static_cast<const void*>(f.data() + r * cols);
+  }
+  // `round` keeps the fp32 copy at bf16 values (bf16 weights read through the fp32 path)
+  void set(int64_t r, int64_t c, float v, bool round) {
+    if (bf16) {
+      h[r * cols + c] = f32_to_bf16(v);
+    } else {
+      f[r * cols + c] = round ? bf16_to_f32(f32_to_bf16(v)) : v;
+    }
+  }
+};
+
+// One projection's expert LoRA: a [E, r, in], b [E, out, r] (bf16, scaling folded into b).
+struct Lora {
+  const uint16_t* a = nullptr;
+  const uint16_t* b = nullptr;
+  int64_t r = 0;
+  explicit operator bool() const { return a != nullptr; }
+};
+
+struct Group {  // one selected expert and its (token, weight) pairs [begin, end) in pair order
+  int64_t expert, begin, end;
+};
+
+void check_weight(const at::Tensor& w, const char* name, int64_t experts, int64_t rows, int64_t cols,
+                  at::ScalarType dtype) {
+  TORCH_CHECK(w.device().is_cpu() && w.is_contiguous(), name, " must be a contiguous CPU tensor");
+  TORCH_CHECK(w.scalar_type() == dtype, name, " has dtype ", w.scalar_type(), ", expected ", dtype);
+  TORCH_CHECK(w.dim() == 3 && w.size(0) == experts && w.size(1) == rows && w.size(2) == cols, name,
+              " has shape ", w.sizes(), ", expected [", experts, ", ", rows, ", ", cols, "]");
+}
+
+const float* scale_of(const std::optional<at::Tensor>& scale, const char* name, int64_t experts, int64_t rows) {
+  TORCH_CHECK(scale.has_value(), name, " is required for int8 weights");
+  const at::Tensor& s = *scale;
+  TORCH_CHECK(s.device().is_cpu() && s.is_contiguous() && s.scalar_type() == at::kFloat, name,
+              " must be a contiguous float32 CPU tensor");
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == experts && s.size(1) == rows, name, " has shape ", s.sizes(),
+              ", expected [", experts, ", ", rows, "]");
+  return s.data_ptr<float>();
+}
+
+Lora lora_of(const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b, const char* name,
+             int64_t experts, int64_t in, int64_t out) {
+  TORCH_CHECK(a.has_value() == b.has_value(), name, ": give both LoRA factors or neither");
+  if (!a.has_value()) return {};
+  TORCH_CHECK(a->scalar_type() == at::kBFloat16 && b->scalar_type() == at::kBFloat16, name,
+              ": LoRA factors must be bfloat16");
+  TORCH_CHECK(a->is_contiguous() && b->is_contiguous() && a->device().is_cpu() && b->device().is_cpu(), name,
+              ": LoRA factors must be contiguous CPU tensors");
+  const int64_t r = a->dim() == 3 ? a->size(1) : -1;
+  TORCH_CHECK(a->dim() == 3 && a->size(0) == experts && a->size(2) == in, name, ": LoRA a has shape ", a->sizes());
+  TORCH_CHECK(b->dim() == 3 && b->size(0) == experts && b->size(1) == out && b->size(2) == r, name,
+              ": LoRA b has shape ", b->sizes());
+  return {reinterpret_cast<const uint16_t*>(a->data_ptr()), reinterpret_cast<const uint16_t*>(b->data_ptr()), r};
+}
+
+inline float lora_b_dot(const uint16_t* b_row, const float* low, int64_t r) {
+  float sum = 0;
+  for (int64_t q = 0; q < r; ++q) sum += bf16_to_f32(b_row[q]) * low[q];
+  return sum;
+}
+
+// low[p, q] = a[e_p, q, :] . rows[p] for every pair p (the LoRA's first factor), one fork/join.
+void lora_low(const Lora& lora, const std::vector<Group>& groups, int64_t num_pairs, int64_t in,
+              const std::vector<const void*>& pair_rows, const DotTable& dots, std::vector<float>& low) {
+  low.assign(num_pairs * lora.r, 0.0f);
+  std::vector<int64_t> pair_expert(num_pairs);
+  for (const Group& g : groups) std::fill(pair_expert.begin() + g.begin, pair_expert.begin() + g.end, g.expert);
+  at::parallel_for(0, num_pairs * lora.r, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t p = item / lora.r, q = item % lora.r;
+      const void* row = pair_rows[p];
+      dots[1](lora.a + (pair_expert[p] * lora.r + q) * in, &row, in, &low[item]);
+    }
+  });
+}
+
+// out [T, H] (fp32) = the routed experts of one layer for x [T, H]; see the file comment.
+void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor& weights, const at::Tensor& gate_up,
+                 const at::Tensor& down, const std::optional<at::Tensor>& gate_up_scale,
+                 const std::optional<at::Tensor>& down_scale, const std::optional<at::Tensor>& gate_up_a,
+                 const std::optional<at::Tensor>& gate_up_b, const std::optional<at::Tensor>& down_a,
+                 const std::optional<at::Tensor>& down_b, const at::Tensor& out, int64_t isa) {
+  TORCH_CHECK(isa >= kScalar && isa <= best_isa(), "instruction set ", isa, " is not available on this CPU");
+  TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3, "gate_up and down must be [E, out, in]");
+  const int64_t E = gate_up.size(0), two_inter = gate_up.size(1), H = gate_up.size(2), I = two_inter / 2;
+  const Weights kind = gate_up.scalar_type() == at::kChar ? Weights::kInt8 : Weights::kBf16;
+  const at::ScalarType wtype = kind == Weights::kInt8 ? at::kChar : at::kBFloat16;
+  check_weight(gate_up, "gate_up", E, 2 * I, H, wtype);
+  check_weight(down, "down", E, H, I, wtype);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == H && x.is_contiguous() && x.device().is_cpu(),
+              "x must be a contiguous CPU tensor [T, ", H, "]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x must be bfloat16 or float32");
+  const int64_t T = x.size(0);
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 2 && index.size(0) == T && index.is_contiguous() &&
+                  index.device().is_cpu(), "top_k_index must be a contiguous int64 CPU tensor [T, K]");
+  const int64_t K = index.size(1);
+  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.dim() == 2 && weights.size(0) == T &&
+                  weights.size(1) == K && weights.is_contiguous() && weights.device().is_cpu(),
+              "top_k_weights must be a contiguous float32 CPU tensor [T, K]");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == T && out.size(1) == H &&
+                  out.is_contiguous() && out.device().is_cpu(), "out must be a contiguous float32 CPU tensor [T, H]");
+  const float* gu_scale = kind == Weights::kInt8 ? scale_of(gate_up_scale, "gate_up_scale", E, 2 * I) : nullptr;
+  const float* dn_scale = kind == Weights::kInt8 ? scale_of(down_scale, "down_scale", E, H) : nullptr;
+  const Lora gu_lora = lora_of(gate_up_a, gate_up_b, "gate_up", E, H, 2 * I);
+  const Lora dn_lora = lora_of(down_a, down_b, "down", E, I, H);
+
+  // pairs (token, slot) grouped by expert in ascending order, tokens ascending within a group
+  const int64_t* idx = index.data_ptr<int64_t>();
+  const float* route_w = weights.data_ptr<float>();
+  std::vector<int64_t> count(E + 1, 0);
+  for (int64_t s = 0; s < T * K; ++s) {
+    TORCH_CHECK(idx[s] >= 0 && idx[s] < E, "top_k_index holds expert ", idx[s], ", outside [0, ", E, ")");
+    ++count[idx[s] + 1];
+  }
+  std::vector<Group> groups;
+  for (int64_t e = 0; e < E; ++e) {
+    if (count[e + 1]) groups.push_back({e, count[e], count[e] + count[e + 1]});
+    count[e + 1] += count[e];
+  }
+  const int64_t S = T * K;
+  std::vector<int64_t> pair_token(S);
+  std::vector<float> pair_weight(S);
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t p = count[idx[s]]++;
+    pair_token[p] = s / K;
+    pair_weight[p] = route_w[s];
+  }
+
+  const bool bf16_acts = bf16_activations(kind, isa);
+  const bool round_acts = kind == Weights::kBf16;  // bf16 weights meet bf16-valued activations, as torch's path
+  const DotTable& dots = dot_table(kind, isa);
+  const DotTable& lora_dots = dot_table(Weights::kBf16, bf16_acts ? kAvx512Bf16 : std::min<int64_t>(isa, kAvx512));
+  Acts xs(bf16_acts, T, H);
+  if (x.scalar_type() == at::kBFloat16) {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    for (int64_t i = 0; i < T * H; ++i) xs.set(i / H, i % H, bf16_to_f32(src[i]), false);
+  } else {
+    const float* src = x.data_ptr<float>();
+    for (int64_t i = 0; i < T * H; ++i) xs.set(i / H, i % H, src[i], round_acts);
+  }
+  std::vector<const void*> pair_x(S);
+  for (int64_t p = 0; p < S; ++p) pair_x[p] = xs.row(pair_token[p]);
+  std::vector<float> gu_low;
+  if (gu_lora) lora_low(gu_lora, groups, S, H, pair_x, lora_dots, gu_low);
+
+  // stage 1: act[p, j] = silu(gate) * up * routing weight, threads own intermediate rows j
+  Acts act(bf16_acts, S, I);
+  const size_t wbytes = kind == Weights::kInt8 ? 1 : 2;
+  const char* gu_ptr = static_cast<const char*>(gate_up.data_ptr());
+  at::parallel_for(0, I, kGrainRows, [&](int64_t j0, int64_t j1) {
+    float gate[kMaxPairs], up[kMaxPairs];
+    for (const Group& g : groups) {
+      const char* base = gu_ptr + size_t(g.expert * 2 * I) * H * wbytes;
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t p0 = g.begin; p0 < g.end; p0 += kMaxPairs) {
+          const int n = int(std::min<int64_t>(kMaxPairs, g.end - p0));
+          dots[n](base + size_t(j) * H * wbytes, &pair_x[p0], H, gate);
+          dots[n](base + size_t(I + j) * H * wbytes, &pair_x[p0], H, up);
+          for (int i = 0; i < n; ++i) {
+            const int64_t p = p0 + i;
+            float gv = gate[i], uv = up[i];
+            if (gu_scale) gv *= gu_scale[g.expert * 2 * I + j], uv *= gu_scale[g.expert * 2 * I + I + j];
+            if (gu_lora) {
+              const uint16_t* b = gu_lora.b + (g.expert * 2 * I) * gu_lora.r;
+              gv += lora_b_dot(b + j * gu_lora.r, &gu_low[p * gu_lora.r], gu_lora.r);
+              uv += lora_b_dot(b + (I + j) * gu_lora.r, &gu_low[p * gu_lora.r], gu_lora.r);
+            }
+            act.set(p, j, gv / (1.0f + std::exp(-gv)) * uv * pair_weight[p], round_acts);
+          }
+        }
+      }
+    }
+  });
+
+  std::vector<const void*> pair_act(S);
+  for (int64_t p = 0; p < S; ++p) pair_act[p] = act.row(p);
+  std::vector<float> dn_low;
+  if (dn_lora) lora_low(dn_lora, groups, S, I, pair_act, lora_dots, dn_low);
+
+  // stage 2: out[t, h] = sum over the token's experts of down_h . act, threads own hidden rows h
+  float* o = out.data_ptr<float>();
+  const char* dn_ptr = static_cast<const char*>(down.data_ptr());
+  at::parallel_for(0, H, kGrainRows, [&](int64_t h0, int64_t h1) {
+    for (int64_t t = 0; t < T; ++t) std::fill(o + t * H + h0, o + t * H + h1, 0.0f);
+    float y[kMaxPairs];
+    for (const Group& g : groups) {
+      const char* base = dn_ptr + size_t(g.expert * H) * I * wbytes;
+      for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t p0 = g.begin; p0 < g.end; p0 += kMaxPairs) {
+          const int n = int(std::min<int64_t>(kMaxPairs, g.end - p0));
+          dots[n](base + size_t(h) * I * wbytes, &pair_act[p0], I, y);
+          for (int i = 0; i < n; ++i) {
+            const int64_t p = p0 + i;
+            float v = dn_scale ? y[i] * dn_scale[g.expert * H + h] : y[i];
+            if (dn_lora) {
+              v += lora_b_dot(dn_lora.b + (g.expert * H + h) * dn_lora.r, &dn_low[p * dn_lora.r], dn_lora.r);
+            }
+            o[pair_token[p] * H + h] += v;
+          }
+        }
+      }
+    }
+  });
+}
+
+// How many threads at::parallel_for runs here (the extension must share torch's OpenMP runtime and settings).
+int64_t parallel_threads() {
+  std::atomic<int64_t> chunks{0};
+  at::parallel_for(0, 1 << 16, 1, [&](int64_t, int64_t) { chunks.fetch_add(1); });
+  return chunks.load();
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("best_isa", &best_isa, "the best instruction set tier this CPU runs (0 scalar, 1 avx2, 2 avx512, 3 avx512-bf16)");
+  m.def("expert_pass", &expert_pass, "one layer's selected experts for a few tokens (see cpu_kernels.py)",
+        py::arg("x"), py::arg("top_k_index"), py::arg("top_k_weights"), py::arg("gate_up"), py::arg("down"),
+        py::arg("gate_up_scale"), py::arg("down_scale"), py::arg("gate_up_a"), py::arg("gate_up_b"),
+        py::arg("down_a"), py::arg("down_b"), py::arg("out"), py::arg("isa"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("parallel_threads", &parallel_threads, "threads at::parallel_for uses in this extension");
+}

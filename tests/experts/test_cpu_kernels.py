@@ -1,0 +1,181 @@
+"""The C++ CPU expert kernel computes what the torch expert math computes, on every instruction-set path this CPU
+runs (a machine with AVX512-BF16 checks four paths, an AVX2 machine two), and the engine's no-grad pass uses it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.functional import silu
+
+from kllama.experts import ExpertPlacement, HostExperts
+from kllama.experts.cpu_compute import cpu_infer_forward
+from kllama.experts.cpu_kernels import (
+    ISAS,
+    KERNEL_MAX_TOKENS,
+    _int8_rows,
+    _why_not_buildable,
+    expert_layer,
+    is_silu,
+    kernel_isas,
+    kernel_runs,
+    kernel_status,
+    reference_layer,
+)
+from kllama.experts.lora import ExpertLoRA
+
+REPO = Path(__file__).resolve().parents[2]
+needs_kernel = pytest.mark.skipif(_why_not_buildable() is not None, reason="no C++ toolchain to build the kernel")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def layer(dtype: torch.dtype, experts: int, hidden: int, inter: int, rank: int, seed: int = 0) -> tuple:
+    """Weights (bf16, or int8 + per-row scales) and bf16 LoRA factors of one random layer."""
+    gen = torch.Generator().manual_seed(seed)
+    gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen) * 0.1
+    down = torch.randn(experts, hidden, inter, generator=gen) * 0.1
+    scales: dict = {}
+    if dtype == torch.int8:
+        (gate_up, scales["gate_up_scale"]), (down, scales["down_scale"]) = _int8_rows(gate_up), _int8_rows(down)
+    else:
+        gate_up, down = gate_up.to(dtype), down.to(dtype)
+    lora = {
+        "gate_up_proj": ((torch.randn(experts, rank, hidden, generator=gen) * 0.1).bfloat16(),
+                         (torch.randn(experts, 2 * inter, rank, generator=gen) * 0.1).bfloat16()),
+        "down_proj": ((torch.randn(experts, rank, inter, generator=gen) * 0.1).bfloat16(),
+                      (torch.randn(experts, hidden, rank, generator=gen) * 0.1).bfloat16())}
+    return gate_up, down, scales, lora
+
+
+def routing(tokens: int, experts: int, top_k: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """`top_k_index [T, K]` (distinct experts per token) and `top_k_weights [T, K]`."""
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.rand(tokens, experts, generator=gen).topk(top_k, dim=-1).indices
+    return index, torch.rand(tokens, top_k, generator=gen)
+
+
+@needs_kernel
+def test_kernel_builds_and_runs_the_best_path_of_this_cpu() -> None:
+    status = kernel_status()
+    assert status.available, status.reason
+    best = status.module.best_isa()
+    assert ISAS[status.isa] == best  # a path dropped by the load-time check would show here
+    assert kernel_isas()[-1] == status.isa and kernel_isas()[0] == "scalar"
+
+
+@needs_kernel
+def test_kernel_threads_are_torchs_intra_op_threads() -> None:
+    module, previous = kernel_status().module, torch.get_num_threads()
+    try:
+        for threads in sorted({1, 2, previous}):
+            torch.set_num_threads(threads)
+            assert module.parallel_threads() == threads
+    finally:
+        torch.set_num_threads(previous)
+
+
+# shapes with vector tails (83, 45) and without (128, 64); 20 tokens of top-6 over 8 experts put more than 8 rows on
+# one expert (the kernel's register block)
+@needs_kernel
+@pytest.mark.parametrize("isa", list(ISAS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize(("tokens", "hidden", "inter"), [(1, 128, 64), (3, 83, 45), (20, 128, 64)])
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_kernel_matches_the_fp32_reference(isa: str, dtype: torch.dtype, tokens: int, hidden: int, inter: int,
+                                           with_lora: bool) -> None:
+    if isa not in kernel_isas():
+        pytest.skip(f"this CPU does not run the {isa} path")
+    gate_up, down, scales, lora = layer(dtype, 8, hidden, inter, 4)
+    index, weights = routing(tokens, 8, 6)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(2)).bfloat16()
+    kwargs = {**scales, "lora": lora if with_lora else None}
+    got = expert_layer(x, index, weights, gate_up, down, isa=isa, **kwargs)
+    expected = reference_layer(x, index, weights, gate_up, down, **kwargs)
+    assert got.dtype == torch.float32 and got.shape == (tokens, hidden)
+    # bf16 weights: the activation read by down is rounded to bf16 (~2^-9 relative per element); int8: fp32 all along
+    assert rel(got, expected) < (5e-3 if dtype == torch.bfloat16 else 1e-5)
+    if isa != "scalar":  # every path computes the same products; only the summation order differs
+        scalar = expert_layer(x, index, weights, gate_up, down, isa="scalar", **kwargs)
+        assert rel(got, scalar) < (5e-3 if dtype == torch.bfloat16 else 1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_engine_pass_runs_the_kernel_and_agrees_with_the_torch_path(tokens: int, with_lora: bool) -> None:
+    gate_up, down, _, lora = layer(torch.bfloat16, 8, 64, 48, 4)
+    index, weights = routing(tokens, 8, 2)
+    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
+    factors = lora if with_lora else None
+    got = cpu_infer_forward(x, index, weights, gate_up, down, silu, factors)
+    kernel = expert_layer(x, index, weights, gate_up, down, lora=factors).to(x.dtype)
+    torch_path = cpu_infer_forward(x, index, weights, gate_up, down, silu, factors, use_kernel=False)
+    assert torch.equal(got, kernel)
+    assert rel(got, torch_path) < 1e-2
+
+
+@needs_kernel
+def test_kernel_takes_only_what_it_computes() -> None:
+    gate_up, down, _, lora = layer(torch.bfloat16, 4, 32, 16, 2)
+    assert kernel_runs(gate_up, down, silu, 1) and kernel_runs(gate_up, down, torch.nn.SiLU(), KERNEL_MAX_TOKENS, lora)
+    assert not kernel_runs(gate_up, down, silu, KERNEL_MAX_TOKENS + 1)  # larger passes: torch's GEMMs
+    assert not kernel_runs(gate_up, down, torch.nn.GELU(), 1)  # the kernel's activation is SiLU
+    assert not kernel_runs(gate_up.float(), down.float(), silu, 1)
+    fp32_lora = {k: (a.float(), b.float()) for k, (a, b) in lora.items()}
+    assert not kernel_runs(gate_up, down, silu, 1, fp32_lora)
+    assert is_silu(torch.nn.SiLU()) and not is_silu(torch.nn.functional.gelu)
+
+
+@needs_kernel
+def test_no_grad_bf16_layer_with_expert_lora_equals_the_training_forward() -> None:
+    # HostExperts decoding with an unmerged adapter (kllama chat with adapter_name_or_path) runs the kernel
+    gen = torch.Generator().manual_seed(0)
+    experts, hidden, inter = 8, 64, 32
+    module = HostExperts((torch.randn(experts, 2 * inter, hidden, generator=gen) * 0.2).bfloat16(),
+                         (torch.randn(experts, hidden, inter, generator=gen) * 0.2).bfloat16(), torch.nn.SiLU(),
+                         ExpertPlacement.from_mode("cpu"), "model.layers.1.mlp.experts", compute_device="cpu")
+    for target, (n_in, n_out) in {"gate_up_proj": (hidden, 2 * inter), "down_proj": (inter, hidden)}.items():
+        lora = ExpertLoRA(experts, n_in, n_out, 4, 8, device=torch.device("cpu"), dtype=torch.float32)
+        lora.reset_parameters(gen)
+        with torch.no_grad():
+            lora.lora_B.normal_(generator=gen)
+        module.lora[target] = lora
+    x = torch.randn(3, hidden, generator=gen).bfloat16()
+    index, weights = routing(3, experts, 2)
+    with torch.no_grad():
+        no_grad = module(x, index, weights)
+    training = module(x.clone().requires_grad_(), index, weights)  # the shared math, saved activations
+    assert rel(no_grad, training.detach()) < 1e-2
+    with torch.no_grad():
+        module.lora_enabled = False
+        base = module(x, index, weights)
+    assert rel(no_grad - base, training.detach() - base) < 3e-2  # the LoRA part itself is there
+
+
+def test_without_a_compiler_one_line_says_why_and_the_torch_path_runs(tmp_path: Path) -> None:
+    script = (
+        "import torch\n"
+        "from kllama.experts.cpu_compute import cpu_infer_forward\n"
+        "from kllama.experts.cpu_kernels import kernel_status\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "gu, dn = torch.randn(4, 16, 8, generator=g).bfloat16(), torch.randn(4, 8, 8, generator=g).bfloat16()\n"
+        "x, idx, w = torch.randn(2, 8).bfloat16(), torch.tensor([[0, 1], [2, 3]]), torch.rand(2, 2)\n"
+        "out = cpu_infer_forward(x, idx, w, gu, dn, torch.nn.functional.silu)\n"
+        "ref = cpu_infer_forward(x, idx, w, gu, dn, torch.nn.functional.silu, use_kernel=False)\n"
+        "assert torch.equal(out, ref) and not kernel_status().available\n"
+        "print('ok', kernel_status().reason)\n"
+    )
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path),
+           "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok no C++ compiler found")
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines == [f"kllama: CPU expert kernel unavailable (no C++ compiler found ({tmp_path / 'no-such-compiler'}; "
+                     "set CXX or install g++)); CPU expert passes use torch"]
