@@ -26,6 +26,7 @@ from kllama.experts.cpu_kernels import (
     reference_layer,
 )
 from kllama.experts.lora import ExpertLoRA
+from kllama.experts.quant import QuantizedWeight, quantize_int8
 
 REPO = Path(__file__).resolve().parents[2]
 needs_kernel = pytest.mark.skipif(_why_not_buildable() is not None, reason="no C++ toolchain to build the kernel")
@@ -179,3 +180,18 @@ def test_without_a_compiler_one_line_says_why_and_the_torch_path_runs(tmp_path: 
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines == [f"kllama: CPU expert kernel unavailable (no C++ compiler found ({tmp_path / 'no-such-compiler'}; "
                      "set CXX or install g++)); CPU expert passes use torch"]
+
+
+@needs_kernel
+def test_engine_pass_runs_int8_experts_in_the_kernel() -> None:
+    gen = torch.Generator().manual_seed(4)
+    gate_up, down = torch.randn(8, 96, 64, generator=gen) * 0.1, torch.randn(8, 64, 48, generator=gen) * 0.1
+    quantized = [QuantizedWeight(*quantize_int8(w), torch.bfloat16) for w in (gate_up, down)]
+    index, weights = routing(3, 8, 2)
+    x = torch.randn(3, 64, generator=gen).bfloat16()
+    got = cpu_infer_forward(x, index, weights, *quantized, silu)
+    kernel = expert_layer(x, index, weights, quantized[0].data, quantized[1].data, gate_up_scale=quantized[0].scale,
+                          down_scale=quantized[1].scale).to(x.dtype)
+    torch_path = cpu_infer_forward(x, index, weights, *quantized, silu, use_kernel=False)  # quant_compute's forms
+    assert torch.equal(got, kernel)
+    assert rel(got, torch_path) < 1e-2

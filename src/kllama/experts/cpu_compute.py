@@ -2,10 +2,11 @@
 
 Training passes (a backward follows) run `routed.py`'s math, shared with the GPU targets, on host copies of their
 inputs. No-grad passes (decode, prefill, reference passes) run `cpu_infer_forward`, the same math written for a few
-tokens: up to 64 tokens with bf16 or int8 weights and SiLU it is one call of the C++ kernel (`cpu_kernels.py`: both matrix
-stages fused over all selected experts, no GIL, near memory bandwidth); otherwise rows are grouped by expert without
-a sort, each selected expert's weights are read once by two GEMMs (bf16 through oneDNN's `linear`, which picks AMX,
-AVX-512 or AVX2 kernels), and the top-k rows of a token are summed in fp32 and rounded once. A no-grad pass costs
+tokens: up to 64 tokens with bf16 or int8 weights and SiLU it is one call of the C++ kernel (`cpu_kernels.py`: both
+matrix stages fused over all selected experts, no GIL, near memory bandwidth); otherwise (and for fp8 experts) rows
+are grouped by expert without a sort, each selected expert's weights are read once by two GEMMs (bf16 through
+oneDNN's `linear`, which picks AMX, AVX-512 or AVX2 kernels; quantized ones through `quant_compute`), and the top-k
+rows of a token are summed in fp32 and rounded once. A no-grad pass costs
 the device one wait: its inputs go to pinned host buffers with non-blocking copies followed by one stream sync, and
 the output goes back with a non-blocking copy (torch's caching host allocator keeps a pinned block until the copies
 that use it are done). The pass runs with the placement's `cpu_infer` intra-op threads.

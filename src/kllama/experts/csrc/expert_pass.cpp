@@ -493,7 +493,7 @@ int64_t parallel_threads() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("best_isa", &best_isa, "the best instruction set tier this CPU runs (0 scalar, 1 avx2, 2 avx512, 3 avx512-bf16)");
+  m.def("best_isa", &best_isa, "best instruction-set tier of this CPU (0 scalar, 1 avx2, 2 avx512, 3 avx512-bf16)");
   m.def("expert_pass", &expert_pass, "one layer's selected experts for a few tokens (see cpu_kernels.py)",
         py::arg("x"), py::arg("top_k_index"), py::arg("top_k_weights"), py::arg("gate_up"), py::arg("down"),
         py::arg("gate_up_scale"), py::arg("down_scale"), py::arg("gate_up_a"), py::arg("gate_up_b"),
