@@ -192,8 +192,12 @@ class CpuExecutor(PassExecutor):
         xh, index, weights = stage_to_host(x.detach(), top_k_index, top_k_weights.detach())
         factors = module.host_lora_factors(lora_meta, lora_params)
         gate_up, down = module.host_weights()
+        spans = self.chunks(module, xh.shape[0])
         with torch.no_grad(), self.context(module):
-            outs = [cpu_infer_forward(xh[s], index[s], weights[s], gate_up, down, module.act_fn, factors)
-                    for s in self.chunks(module, xh.shape[0])]
-        out = (outs[0] if len(outs) == 1 else torch.cat(outs)) if outs else torch.zeros_like(xh)
+            if len(spans) == 1:  # decode and short inputs: no slicing ops on the per-layer path
+                out = cpu_infer_forward(xh, index, weights, gate_up, down, module.act_fn, factors)
+            else:
+                outs = [cpu_infer_forward(xh[s], index[s], weights[s], gate_up, down, module.act_fn, factors)
+                        for s in spans]
+                out = torch.cat(outs) if outs else torch.zeros_like(xh)
         return stage_to_device(out, x.device), None

@@ -72,11 +72,14 @@ def _openmp_link_flags() -> list[str]:
     """Link against the OpenMP runtime torch has already loaded (a wheel may bundle it under another name), so the
     kernel's threads are torch's intra-op pool and `torch.set_num_threads` applies to them."""
     maps = Path("/proc/self/maps")
-    if maps.exists():
-        for path in re.findall(r"(/\S*lib(?:gomp|iomp5)[^/\s]*\.so[^/\s]*)", maps.read_text()):
-            lib = Path(path)
-            return [f"-L{lib.parent}", f"-l:{lib.name}", f"-Wl,-rpath,{lib.parent}"]
-    return ["-fopenmp"]
+    if not maps.exists():
+        return ["-fopenmp"]
+    found = dict.fromkeys(re.findall(r"(/\S*lib(?:gomp|iomp5)[^/\s]*\.so[^/\s]*)", maps.read_text()))
+    if not found:
+        return ["-fopenmp"]
+    torch_dir = str(Path(torch.__file__).resolve().parent)
+    lib = Path(next((path for path in found if path.startswith(torch_dir)), next(iter(found))))  # torch's own first
+    return [f"-L{lib.parent}", f"-l:{lib.name}", f"-Wl,-rpath,{lib.parent}"]
 
 
 def _build() -> ModuleType:
