@@ -131,6 +131,7 @@ def test_kernel_takes_only_what_it_computes() -> None:
     fp32_lora = {k: (a.float(), b.float()) for k, (a, b) in lora.items()}
     assert not kernel_runs(gate_up, down, silu, 1, fp32_lora)
     assert is_silu(torch.nn.SiLU()) and not is_silu(torch.nn.functional.gelu)
+    assert is_silu(torch.nn.SiLU(inplace=True)) and is_silu(silu)  # the in-place probe left the reference intact
 
 
 @needs_kernel

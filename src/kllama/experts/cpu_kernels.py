@@ -153,7 +153,7 @@ def is_silu(act_fn: Callable[[Tensor], Tensor]) -> bool:
         known = None
     if known is None:
         with torch.no_grad():
-            result = act_fn(_PROBE)
+            result = act_fn(_PROBE.clone())  # a copy: an in-place activation must not change the probe
         known = isinstance(result, Tensor) and torch.allclose(result, silu(_PROBE), rtol=1e-6, atol=1e-7)
         try:
             _SILU[act_fn] = known
