@@ -202,3 +202,15 @@ def test_quantize_fp8_blocks_pads_partial_blocks_without_touching_values() -> No
     assert q.shape == w.shape and scale.shape == (2, 2)
     # the last partial block's scale comes from its own values only (the padding is zeros)
     assert scale[1, 1] == w[128:, 128:].abs().max() / FP8_MAX
+
+
+def test_placement_table_says_how_experts_are_held() -> None:
+    from kllama.experts.report import placement_table
+
+    model = build_tiny_model("qwen3_moe", seed=0)
+    engine = install_expert_engine(model, lambda name: ExpertPlacement.from_mode("cpu"), "cpu", expert_dtype="int8")
+    total = placement_table(engine).splitlines()[-1]
+    assert total.startswith("total (3 MoE layers), experts held int8")
+    plain = install_expert_engine(build_tiny_model("qwen3_moe", seed=0), lambda name: ExpertPlacement.from_mode("cpu"),
+                                  "cpu")
+    assert "held" not in placement_table(plain)

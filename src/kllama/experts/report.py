@@ -60,7 +60,9 @@ def placement_table(engine_or_modules: Any, placements: Mapping[str, ExpertPlace
                      p.source))
     streamer = getattr(engine_or_modules, "streamer", None)
     slots = int(streamer.gpu_bytes()) if streamer is not None and hasattr(streamer, "gpu_bytes") else 0
-    total_label = f"total ({len(rows)} MoE layers)" + (f", + {format_bytes(slots)} stream slots" if slots else "")
+    held = sorted({getattr(m, "expert_dtype", "") for m in modules.values()} - {"", "bfloat16", "float32", "float16"})
+    total_label = (f"total ({len(rows)} MoE layers)" + (f", experts held {'/'.join(held)}" if held else "")
+                   + (f", + {format_bytes(slots)} stream slots" if slots else ""))
     rows.append((total_label, "", "", "", format_bytes(total_host), format_bytes(total_gpu + slots), ""))
     widths = [max(len(r[i]) for r in [_HEADERS, *rows]) for i in range(len(_HEADERS))]
 
