@@ -214,3 +214,12 @@ def test_placement_table_says_how_experts_are_held() -> None:
     plain = install_expert_engine(build_tiny_model("qwen3_moe", seed=0), lambda name: ExpertPlacement.from_mode("cpu"),
                                   "cpu")
     assert "held" not in placement_table(plain)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_constant_quantized_weights_are_one_times_the_scale(scheme: str) -> None:
+    from kllama.experts.quant import constant_quantized
+
+    w = constant_quantized((2, 128, 64), scheme, torch.bfloat16, projections=2)
+    assert w.scheme == scheme and w.projections == 2
+    assert torch.equal(dequantize(w), torch.full((2, 128, 64), 0.01, dtype=torch.bfloat16))

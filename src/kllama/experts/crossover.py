@@ -27,7 +27,7 @@ import torch
 
 from kllama.experts.cpu_compute import cpu_infer_forward, intra_op_threads
 from kllama.experts.pinned import host_empty
-from kllama.experts.quant import ExpertWeight, dequantize, quantize, weight_nbytes
+from kllama.experts.quant import ExpertWeight, constant_quantized, dequantize, weight_nbytes
 from kllama.experts.routed import experts_backward, experts_forward, route
 
 NEVER = 1 << 62  # "always use the CPU" (no CUDA device, or the CPU is faster at any size)
@@ -191,10 +191,13 @@ def measure_crossovers(
     if device.type != "cuda" or not torch.cuda.is_available():
         return Crossovers(NEVER, NEVER)
     # weight values do not change GEMM time; a constant fill is much faster than random init at full size
-    gate_up: ExpertWeight = torch.full((num_experts, 2 * inter, hidden), 0.01, dtype=dtype)
-    down: ExpertWeight = torch.full((num_experts, hidden, inter), 0.01, dtype=dtype)
-    if scheme is not None:
-        gate_up, down = quantize(gate_up, scheme, projections=2), quantize(down, scheme)
+    shapes = ((num_experts, 2 * inter, hidden), (num_experts, hidden, inter))
+    gate_up: ExpertWeight
+    down: ExpertWeight
+    if scheme is None:
+        gate_up, down = (torch.full(shape, 0.01, dtype=dtype) for shape in shapes)
+    else:
+        gate_up, down = (constant_quantized(shape, scheme, dtype, p) for shape, p in zip(shapes, (2, 1)))
     copy_s = (weight_nbytes(gate_up) + weight_nbytes(down)) / copy_bandwidth(device)
     samples: dict[str, list[tuple[int, float]]] = {}
     result = {kind: NEVER for kind in PASS_KINDS}

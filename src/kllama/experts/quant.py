@@ -165,6 +165,15 @@ def quantize(weight: Tensor, scheme: str, *, projections: int = 1, dtype: torch.
                            dtype, projections)
 
 
+def constant_quantized(shape: tuple[int, ...], scheme: str, dtype: torch.dtype, projections: int = 1,
+                       ) -> QuantizedWeight:
+    """A QuantizedWeight of `shape` whose every value is 1 x scale 0.01 (no full-precision tensor is made): timing
+    probes, where values do not change the cost."""
+    one = {"int8": torch.ones(shape, dtype=torch.int8),
+           "fp8": torch.full(shape, 0x38, dtype=torch.uint8).view(torch.float8_e4m3fn)}[scheme]  # 0x38 = 1.0
+    return QuantizedWeight(one, torch.full(scale_shape(scheme, shape, projections), 0.01), dtype, projections)
+
+
 # ---- dequantize ----------------------------------------------------------------------------------------------
 
 def _fp16_bits(data: Tensor) -> Tensor:
