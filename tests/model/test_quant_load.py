@@ -140,7 +140,7 @@ def test_export_notes_that_expert_dtype_does_not_apply(moe_model_path: Path, tmp
     from kllama.infer.export import print_dequantized_note
 
     config = build_config({"model_name_or_path": str(moe_model_path), "export_dir": str(tmp_path / "x"),
-                           "expert_dtype": "int8"}, command="export")
+                           "use_kt": True, "expert_dtype": "int8"}, command="export")
     print_dequantized_note(config, moe_model_path)
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "expert_dtype int8" in out
@@ -163,3 +163,12 @@ def test_load_model_holds_experts_as_configured(moe_model_path: Path, expert_dty
     assert loaded.engine.host_bytes() < 0.55 * sum(m.dense_bytes() for m in modules)
     gate_up = modules[0].host_weights()[0]
     assert dequantize(gate_up).dtype == torch.bfloat16
+
+
+def test_quantized_expert_dtype_needs_the_engine() -> None:
+    from kllama.errors import KllamaError
+
+    with pytest.raises(KllamaError, match="expert_dtype: fp8 quantizes the routed experts .* set use_kt: true"):
+        build_config({"model_name_or_path": "m", "expert_dtype": "fp8"}, check_paths=False)
+    with pytest.raises(KllamaError, match="expert_dtype: 'fp4' is not one of auto, bf16, fp8, int8"):
+        build_config({"model_name_or_path": "m", "use_kt": True, "expert_dtype": "fp4"}, check_paths=False)
