@@ -121,3 +121,12 @@ def test_placement_table_rows_and_totals(tmp_path: Path) -> None:
     assert two[6:8] == ["0", "B"] and lines[3].endswith(r"rules.yaml#1 /experts$/")
     assert lines[-1].split()[:8] == ["total", "(2", "MoE", "layers)", "6.00", "KiB", "3.00", "KiB"]
     assert "700 tok" in placement_table(modules, {n: p.with_crossover(700) for n, p in placements.items()})
+
+
+def test_placement_table_says_never_for_a_crossover_that_is_never_reached():
+    from kllama.experts.crossover import NEVER
+    from kllama.experts.placement import ExpertPlacement
+    from kllama.experts.report import _crossover
+
+    assert _crossover(ExpertPlacement(crossover_tokens=2, infer_crossover_tokens=NEVER)) == "infer never / train 2 tok"
+    assert _crossover(ExpertPlacement(crossover_tokens=12, infer_crossover_tokens=12)) == "12 tok"

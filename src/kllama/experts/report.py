@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kllama.experts.crossover import NEVER
 from kllama.experts.placement import ExpertPlacement
 
 _HEADERS = ("layer", "mode", "short/long", "crossover", "host", "GPU resident", "source")
@@ -24,10 +25,15 @@ def _crossover(p: ExpertPlacement) -> str:
         return "-"
     if p.crossover_tokens is None:
         return "measure"
-    infer = p.crossover(training=False)
-    if infer == p.crossover_tokens:
-        return f"{infer} tok"
-    return f"infer {infer} / train {p.crossover_tokens} tok"
+    infer, train = _tokens(p.crossover(training=False)), _tokens(p.crossover_tokens)
+    if infer == train:
+        return infer
+    return f"infer {infer} / train {train}"
+
+
+def _tokens(crossover: int) -> str:
+    """A crossover as the table shows it; NEVER (the short target at any size) reads "never"."""
+    return "never" if crossover >= NEVER else f"{crossover} tok"
 
 
 def _resident_bytes(module: Any, p: ExpertPlacement, host: int) -> int:
