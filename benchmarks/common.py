@@ -73,6 +73,23 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
+PLACEMENTS = ("stream", "auto", "gpu", "cpu")
+
+
+def comma_list(text: str) -> list[str]:
+    """The non-empty items of a comma-separated option value, stripped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def placement_list(text: str) -> list[str]:
+    """A `--placements` value as a list; an unknown name ends the script with one line naming the choices."""
+    placements = comma_list(text)
+    unknown = [p for p in placements if p not in PLACEMENTS]
+    if unknown:
+        raise SystemExit(f"unknown placements {unknown}; choose from {', '.join(PLACEMENTS)}")
+    return placements
+
+
 def log(message: str) -> None:
     """Print a progress line with wall time since start, flushed (a run killed at the time limit still shows it)."""
     stamp = _dt.datetime.now().strftime("%H:%M:%S")

@@ -34,8 +34,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    build_model, compute_device, current_host_gb, environment, format_table, gpu_peak_gb, log, model_config,
-    peak_host_gb, release, reset_gpu_peak, set_gpu_cap, shape_summary, synchronize, write_results,
+    build_model, comma_list, compute_device, current_host_gb, environment, format_table, gpu_peak_gb, log,
+    model_config, peak_host_gb, placement_list, release, reset_gpu_peak, set_gpu_cap, shape_summary, synchronize,
+    write_results,
 )
 from kllama.config.units import parse_bytes  # noqa: E402
 from kllama.experts.crossover import NEVER, measure_crossovers  # noqa: E402
@@ -346,11 +347,8 @@ def dtype_rows(config: Any, device: torch.device, args: argparse.Namespace, plac
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    placements = [p.strip() for p in args.placements.split(",") if p.strip()]
-    unknown = [p for p in placements if p not in ("stream", "auto", "gpu", "cpu")]
-    if unknown:
-        raise SystemExit(f"unknown placements {unknown}; choose from stream, auto, gpu, cpu")
-    caps = [c.strip() for c in args.caps.split(",") if c.strip()]
+    placements = placement_list(args.placements)
+    caps = comma_list(args.caps)
     device = compute_device()
     if args.tiny:
         args.prompt, args.new, args.long_prompt = min(args.prompt, 16), min(args.new, 8), min(args.long_prompt, 32)
@@ -359,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         warnings.filterwarnings("ignore", message=".*needs a CUDA compute device.*")
     if device.type != "cuda":
         caps = []  # a GPU memory cap means nothing without a GPU
-    dtypes = [d.strip() for d in args.expert_dtype.split(",") if d.strip()]
+    dtypes = comma_list(args.expert_dtype)
     if not dtypes or any(d not in ("bf16", "int8", "fp8") for d in dtypes):
         raise SystemExit(f"--expert-dtype {args.expert_dtype!r}: a comma list of bf16, int8, fp8")
     torch.manual_seed(0)

@@ -40,9 +40,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    ExpertTimes, build_model, compute_device, current_host_gb, environment, expert_timing, format_table, gpu_peak_gb,
-    log, model_config, peak_host_gb, probe_copy_waits, release, reset_gpu_peak, set_gpu_cap, shape_summary,
-    split_expert_time, synchronize, write_results,
+    ExpertTimes, build_model, comma_list, compute_device, current_host_gb, environment, expert_timing, format_table,
+    gpu_peak_gb, log, model_config, peak_host_gb, placement_list, probe_copy_waits, release, reset_gpu_peak,
+    set_gpu_cap, shape_summary, split_expert_time, synchronize, write_results,
 )
 from kllama.experts.install import wire_engine  # noqa: E402
 from probes import bandwidth_probe, kt_kernel_probe  # noqa: E402
@@ -427,11 +427,8 @@ def run_stock(args: argparse.Namespace, config: Any, device: torch.device, token
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    args.placements = [p.strip() for p in args.placements.split(",") if p.strip()]
-    unknown = [p for p in args.placements if p not in ("stream", "auto", "gpu", "cpu")]
-    if unknown:
-        raise SystemExit(f"unknown placements {unknown}; choose from stream, auto, gpu, cpu")
-    args.expert_dtypes = [d.strip() for d in args.expert_dtype.split(",") if d.strip()]
+    args.placements = placement_list(args.placements)
+    args.expert_dtypes = comma_list(args.expert_dtype)
     if not args.expert_dtypes or any(d not in ("bf16", "fp8", "int8") for d in args.expert_dtypes):
         raise SystemExit(f"--expert-dtype {args.expert_dtype!r}: a comma list of bf16, fp8, int8")
     device = compute_device()

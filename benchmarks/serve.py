@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, format_table, log, write_results  # noqa: E402
+from common import environment, format_table, log, placement_list, write_results  # noqa: E402
 
 SERVE_COLUMNS = (
     ("name", "run", "{}"),
@@ -198,10 +198,7 @@ def run_placement(args: argparse.Namespace, placement: str, levels: list[int], l
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    placements = [p.strip() for p in args.placements.split(",") if p.strip()]
-    unknown = [p for p in placements if p not in ("stream", "auto", "gpu", "cpu")]
-    if unknown:
-        raise SystemExit(f"unknown placements {unknown}; choose from stream, auto, gpu, cpu")
+    placements = placement_list(args.placements)
     levels = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
     config = json.loads((args.model_dir / "config.json").read_text())
     out_dir = args.out_dir
