@@ -9,7 +9,7 @@ import torch
 from kllama.experts import ExpertPlacement, HostExperts, install_expert_engine
 from kllama.experts.cpu_compute import cpu_infer_forward
 from kllama.experts.lora import ExpertLoRA
-from kllama.experts.quant import (BLOCK, FP8_DECODERS, FP8_MAX, QuantizedWeight, dequantize, quantize,
+from kllama.experts.quant import (BLOCK, FP8_DECODERS, FP8_MAX, INT8_MAX, QuantizedWeight, dequantize, quantize,
                                   quantize_fp8_blocks, quantize_int8, scale_shape)
 from kllama.experts.quant_compute import QUANT_GEMMS, int8_pack_mm, quant_expert_gemm
 from kllama.model.tiny import build_tiny_model
@@ -91,6 +91,26 @@ def test_fp8_decoders_are_exact_for_every_code() -> None:
     for name, decode in FP8_DECODERS.items():
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             assert torch.equal(decode(codes, dtype)[finite], codes.to(dtype)[finite]), (name, dtype)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                   reason="needs CUDA")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantizing_gives_correctly_rounded_scales_and_the_same_bytes_on_every_device(device: str) -> None:
+    # CUDA divides by a Python number as a multiply by its reciprocal (one ulp off for ~half of amax / 448): a model
+    # moved to the GPU and installed with expert_dtype got other scales and fp8/int8 bytes than one quantized on the
+    # host. Scales must be amax / max rounded once, wherever the weight is.
+    w = weights(2, 256, 384)
+    blocks = w.abs().view(2, 2, BLOCK, 3, BLOCK).amax(dim=(-3, -1))  # [E, nb, kb]
+    for scheme, amax, largest in (("int8", w.abs().amax(dim=-1), INT8_MAX), ("fp8", blocks, FP8_MAX)):
+        host = quantize(w, scheme)
+        here = quantize(w.to(device), scheme)
+        exact = (amax.double() / largest).float()
+        assert torch.equal(here.scale.cpu(), torch.where(exact > 0, exact, torch.ones_like(exact))), scheme
+        assert torch.equal(here.scale.cpu(), host.scale), scheme
+        assert torch.equal(here.data.cpu().view(torch.uint8), host.data.view(torch.uint8)), scheme
 
 
 @pytest.mark.parametrize("rows", [1, 5])

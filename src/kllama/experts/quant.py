@@ -12,7 +12,8 @@ that shape in int8 or float8_e4m3fn plus fp32 `scale`s, `weight ~= data * scale`
 Why these two (docs/design.md, "Quantized routed experts"): int8 per channel is the format torch has a CPU kernel for
 (`torch._weight_int8pack_mm`, decode); fp8 blocks are the format fp8 checkpoints ship in, read without a round trip
 through bf16. Both halve the bytes of bf16 in host RAM and over PCIe. `dequantize` turns either into the compute
-dtype (`dtype`, the model's weights dtype) with one rounding, on whatever device the weight is.
+dtype (`dtype`, the model's weights dtype) with one rounding, on whatever device the weight is. Quantizing gives
+the same bytes on the CPU and on a GPU (a model quantized where it was loaded equals one quantized on the host).
 """
 from __future__ import annotations
 
@@ -111,11 +112,18 @@ def check_scheme(expert_dtype: str) -> None:
 
 # ---- quantize ------------------------------------------------------------------------------------------------
 
+def _div_exact(t: Tensor, divisor: float) -> Tensor:
+    """`t / divisor`, correctly rounded on every device. CUDA divides by a Python number (a CPU scalar) as a multiply
+    by its reciprocal, which can land one ulp off the CPU's quotient: scales, and so quantized bytes, would depend on
+    where a weight was quantized. A 0-dim tensor on `t`'s device is divided exactly on both."""
+    return t / t.new_full((), divisor)
+
+
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     """`weight [..., N, K]` (any float dtype) -> (int8 values, fp32 scales `[..., N]`): symmetric per row, rounded to
     nearest; an all-zero row gets scale 1."""
     w = weight.float()
-    scale = w.abs().amax(dim=-1) / INT8_MAX  # [..., N]
+    scale = _div_exact(w.abs().amax(dim=-1), INT8_MAX)  # [..., N]
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(w / scale.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
@@ -134,7 +142,7 @@ def quantize_fp8_blocks(weight: Tensor) -> tuple[Tensor, Tensor]:
     all-zero block gets scale 1."""
     *lead, rows, cols = weight.shape
     blocks = _blocked(weight.float(), rows, cols)  # [..., nb, B, kb, B]
-    scale = blocks.abs().amax(dim=(-3, -1)) / FP8_MAX  # [..., nb, kb]
+    scale = _div_exact(blocks.abs().amax(dim=(-3, -1)), FP8_MAX)  # [..., nb, kb]
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scaled = (blocks / scale[..., :, None, :, None]).clamp_(-FP8_MAX, FP8_MAX)
     q = scaled.view(*lead, scaled.shape[-4] * BLOCK, scaled.shape[-2] * BLOCK)[..., :rows, :cols]
