@@ -2,6 +2,7 @@
 and (GPU) that a decode step under `auto` runs its experts on the CPU."""
 from __future__ import annotations
 
+import os
 import time
 import warnings
 
@@ -120,22 +121,33 @@ def test_without_cuda_streaming_never_wins() -> None:
     assert time.perf_counter() - start < 0.5
 
 
+def cpu_contention() -> float:
+    """Runnable threads per usable core over the last minute, at least 1: how many times slower than on an idle host
+    CPU-bound work runs now (a suite run beside a benchmark, or with more threads than cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1.0, os.getloadavg()[0] / cores) if hasattr(os, "getloadavg") else 1.0
+
+
 @pytest.mark.parametrize("kind", ["inference", "training"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_measured_crossovers_on_gpu_hold_and_are_cheap(kind: str) -> None:
     # full V2-Lite layer shape: two measurements agree within a factor 2 (the first call used to say 14, the second
-    # 41), both >= 2, and both kinds together take well under 2 s
+    # 41), both >= 2, and both kinds together take well under 2 s on an idle host. The time bound scales with the
+    # host's load: the measurement's CPU passes use every core, so a busy host slows them by its oversubscription
+    # (13.6 s was seen with the suite beside 16 other threads), which says nothing about the measurement's cost.
+    contention = cpu_contention()
     start = time.perf_counter()
     first = measure_crossovers(2048, 1408, 64, 6, torch.bfloat16, "cuda", cpu_threads=torch.get_num_threads())
     elapsed = time.perf_counter() - start
     second = measure_crossovers(2048, 1408, 64, 6, torch.bfloat16, "cuda", cpu_threads=torch.get_num_threads())
+    contention = max(contention, cpu_contention())
     a, b = getattr(first, kind), getattr(second, kind)
-    print(f"{kind} crossover {a} / {b} tokens (copy {first.copy_s * 1e3:.1f} ms), both kinds in {elapsed:.2f} s; "
-          f"samples {first.samples[kind]}")
+    print(f"{kind} crossover {a} / {b} tokens (copy {first.copy_s * 1e3:.1f} ms), both kinds in {elapsed:.2f} s "
+          f"at CPU contention {contention:.1f}; samples {first.samples[kind]}")
     assert MIN_CROSSOVER <= a < NEVER and MIN_CROSSOVER <= b < NEVER
     assert max(a, b) <= 2 * min(a, b) + 2
-    assert elapsed < 4.0
+    assert elapsed < 4.0 * contention
 
 
 @pytest.mark.gpu
