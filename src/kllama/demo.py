@@ -10,6 +10,7 @@ import argparse
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -55,13 +56,12 @@ def held_out_scores(model_dir: Path, adapter_dir: Path, rows: list[dict]) -> dic
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from kllama.compat import peft_wrapping
+    from kllama.compat import peft_wrapped
     from kllama.data import PairwiseCollator
     from kllama.train.trainer import PreferenceSettings, policy_logps
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    with peft_wrapping():
-        model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    model = peft_wrapped(partial(PeftModel.from_pretrained, base, adapter_dir)).eval()
     collate = PairwiseCollator(0, pad_to_multiple_of=8)
     sums = {"before": [], "after": []}
     counts = []

@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from kllama.compat import peft_wrapped
 from kllama.errors import KllamaError
 from kllama.experts import ExpertLoraSet, ExpertPlacement, install_expert_engine
 from kllama.model.tiny import build_tiny_model
@@ -26,7 +27,7 @@ def peft_model(arch: str, dtype: torch.dtype = torch.float32):  # noqa: ANN201
     """Stock model + PEFT expert LoRA with random non-zero A and B (so the delta matters)."""
     base = build_tiny_model(arch, seed=0, dtype=dtype)
     config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[], target_parameters=TARGET_PARAMETERS)
-    model = get_peft_model(base, config)
+    model = peft_wrapped(lambda: get_peft_model(base, config))
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -134,7 +135,7 @@ def test_state_dict_round_trip_through_peft_from_pretrained(tmp_path: Path) -> N
     adapter.mkdir()
     save_file(ExpertLoraSet(ours).state_dict(), adapter / "adapter_model.safetensors")
     LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[], target_parameters=TARGET_PARAMETERS).save_pretrained(adapter)
-    stock = PeftModel.from_pretrained(build_tiny_model("olmoe", seed=0), adapter)
+    stock = peft_wrapped(lambda: PeftModel.from_pretrained(build_tiny_model("olmoe", seed=0), adapter))
     ids = torch.tensor([[7, 8, 9, 10, 11, 12]])
     with torch.no_grad():
         assert torch.allclose(stock(ids).logits, ours(ids).logits, atol=1e-5)
@@ -178,7 +179,8 @@ def test_lora_errors() -> None:
 
 def test_keys_follow_peft_nesting_whatever_the_target_order() -> None:
     config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[], target_parameters=TARGET_PARAMETERS[::-1])
-    peft_keys = sorted(get_peft_model_state_dict(get_peft_model(build_tiny_model("mixtral", seed=0), config)))
+    stock = peft_wrapped(lambda: get_peft_model(build_tiny_model("mixtral", seed=0), config))
+    peft_keys = sorted(get_peft_model_state_dict(stock))
     ours = build_tiny_model("mixtral", seed=0)
     install_expert_engine(ours, lambda n: ExpertPlacement(), "cpu")
     ExpertLoraSet(ours).add(r=R, alpha=ALPHA, targets=("down_proj", "gate_up_proj"))
@@ -187,6 +189,7 @@ def test_keys_follow_peft_nesting_whatever_the_target_order() -> None:
     install_expert_engine(only_down, lambda n: ExpertPlacement(), "cpu")
     ExpertLoraSet(only_down).add(r=R, alpha=ALPHA, targets=("down_proj",))
     config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[], target_parameters=["mlp.experts.down_proj"])
-    reference = get_peft_model_state_dict(get_peft_model(build_tiny_model("mixtral", seed=0), config))
+    stock = peft_wrapped(lambda: get_peft_model(build_tiny_model("mixtral", seed=0), config))
+    reference = get_peft_model_state_dict(stock)
     ours_state = ExpertLoraSet(only_down).state_dict()
     assert {k: v.shape for k, v in ours_state.items()} == {k: v.shape for k, v in reference.items()}

@@ -23,12 +23,14 @@ def make_adapter(model_dir: Path, out_dir: Path, seed: int, targets: tuple[str, 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from kllama.compat import peft_wrapped
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = LoraConfig(
         r=4, lora_alpha=8, target_modules=list(targets),
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
     )
-    peft_model = get_peft_model(model, config)
+    peft_model = peft_wrapped(lambda: get_peft_model(model, config))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

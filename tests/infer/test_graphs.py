@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kllama.compat import peft_wrapped
 from kllama.experts import ExpertPlacement, install_expert_engine
 from kllama.infer.batching import cache_argument, transformers_model
 from kllama.infer.graphs import GraphedDecoder, graphed_decoder
@@ -83,12 +84,12 @@ def test_decoder_checks_sizes_and_unsupported_attention() -> None:
     assert graphed_decoder(model, 1, 8) is None
 
 
-@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft 0.21 asks
 def test_decoder_runs_a_peft_wrapped_model() -> None:
     # the ktransformers backend serves adapters unmerged: a PEFT wrapper around the engine model
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(engine_model("qwen3_moe"), LoraConfig(r=4, target_modules=["o_proj", "q_proj"]))
+    config = LoraConfig(r=4, target_modules=["o_proj", "q_proj"])
+    model = peft_wrapped(lambda: get_peft_model(engine_model("qwen3_moe"), config))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -9,6 +9,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from kllama.config import build_config
+from kllama.compat import peft_wrapped
 from kllama.errors import KllamaError
 from kllama.experts.install import ExpertEngine
 from kllama.model.load import LoadedModel, compute_device, load_model
@@ -32,8 +33,8 @@ def _linear_adapter(model_dir: Path, out: Path) -> Path:
     """A PEFT adapter on attention only, with a non-zero B so it changes the logits."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"]))
+    model = peft_wrapped(lambda: get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                                LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"])))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

@@ -37,7 +37,7 @@ def hub_directory(src: Path, out: Path, marker: Path, model_type: str | None = N
     (out / "config.json").write_text(json.dumps(config, indent=2))
     for name in ("configuration_deepseek.py", "modeling_deepseek.py"):
         (out / name).write_text(
-            f"open({str(marker)!r}, 'a').write({name!r} + '\\n')\n"
+            f"with open({str(marker)!r}, 'a') as marker:\n    marker.write({name!r} + '\\n')\n"
             "from transformers.modeling_attn_mask_utils import _prepare_4d_causal_attention_mask  # gone in v5\n"
         )
     return out

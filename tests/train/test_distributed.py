@@ -130,11 +130,14 @@ def test_two_nodes_train_and_one_process_resumes_their_checkpoint(tiny_model_dir
     outputs = []
     try:
         for proc in procs:
-            outputs.append((proc.wait(timeout=TIMEOUT), proc.stdout.read()))
+            text, _ = proc.communicate(timeout=TIMEOUT)  # reads to EOF and closes the pipe
+            outputs.append((proc.returncode, text))
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+                proc.wait()
+            proc.stdout.close()  # a no-op after communicate
     node0 = _check(*outputs[0])
     node1 = _check(*outputs[1])
     assert "kllama: launching torchrun --nnodes 2 --node_rank 0 --nproc_per_node 1" in node0

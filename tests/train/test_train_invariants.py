@@ -96,6 +96,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_model_dir, t
             break
         assert time.time() < deadline, "training never reached step 7"
     proc.wait(timeout=30)
+    proc.stdout.close()
     assert seen_step7 and proc.returncode == -signal.SIGKILL
     assert not (out / "checkpoint-10").exists()
     # A kill during a save leaves only staged or marker-less directories: resume must ignore both.

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -24,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kllama.compat import peft_wrapping
+from kllama.compat import peft_wrapped
 from kllama.errors import KllamaError
 from kllama.experts.lora import ExpertLoraSet
 
@@ -147,8 +148,7 @@ def attach_lora(model: nn.Module, spec: LoraSpec, *, seed: int = 0) -> PeftModel
     if not spec.linear_targets and target_parameters is None:
         # Experts only on the engine: PEFT still needs some target to build a PeftModel; an empty regex works.
         config.target_modules = r"^$"
-    with peft_wrapping():
-        peft_model = get_peft_model(model, config)
+    peft_model = peft_wrapped(partial(get_peft_model, model, config))
     if spec.experts and engine_lora is not None:
         # the same HostExperts modules; their PEFT key names do not depend on the wrapper's prefix
         engine_lora.add(r=spec.rank, alpha=spec.alpha, dropout=spec.dropout, seed=seed)
@@ -260,8 +260,7 @@ def merge_adapters(model: nn.Module, adapters: list[Path]) -> nn.Module:
     """Load each PEFT adapter in order and merge it into the weights (expert LoRA on fused experts included)."""
     for adapter in adapters:
         try:
-            with peft_wrapping():
-                model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+            model = peft_wrapped(partial(PeftModel.from_pretrained, model, str(adapter))).merge_and_unload()
         except (OSError, SafetensorError) as exc:
             raise KllamaError(f"{adapter / ADAPTER_WEIGHTS} is incomplete or corrupt ({exc}); train or download the "
                               f"adapter again") from None

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from peft import PeftModel
 from transformers import TrainingArguments, set_seed
 
-from kllama.compat import peft_wrapping
+from kllama.compat import peft_wrapped
 from kllama.config import KllamaConfig, format_config
 from kllama.config.kt_keys import usable_cpus
 from kllama.errors import KllamaError
@@ -151,8 +152,7 @@ def _apply_adapters(config: KllamaConfig, loaded: LoadedModel) -> tuple[PeftMode
                               "kllama export first")
         merge = adapters if f.create_new_adapter else adapters[:-1]
         for path in merge:
-            with peft_wrapping():
-                model = PeftModel.from_pretrained(model, path).merge_and_unload()
+            model = peft_wrapped(partial(PeftModel.from_pretrained, model, path)).merge_and_unload()
         adapters = [] if f.create_new_adapter else adapters[-1:]
     if adapters:
         spec = spec_from_adapter(model, adapters[0])
