@@ -89,6 +89,12 @@ def make_resident(module: HostExperts, why: str) -> None:
     module.resident_weights()
 
 
+def demote_layer(module: HostExperts, placement: ExpertPlacement) -> None:
+    """Undo `make_resident`: back to `placement` (the one before the promotion), the GPU copy freed."""
+    module.placement = placement
+    module.drop_resident()
+
+
 def promote_layers(engine: ExpertEngine, count: int, *, spread: bool, why: str,
                    candidates: list[str] | None = None) -> list[str]:
     """Make `count` more layers resident (of `candidates`, default every layer not resident yet): spread over the

@@ -59,6 +59,14 @@ class TrainingHealth(TrainerCallback):
         """Keep one training micro-step's loss (a scalar tensor; checked at the next optimiser step)."""
         self._losses.append(loss.detach().float().reshape(()))
 
+    def recorded_losses(self) -> int:
+        """How many micro-step losses wait for the next optimiser step's check."""
+        return len(self._losses)
+
+    def forget_losses_after(self, count: int) -> None:
+        """Drop the losses recorded after the first `count` (a micro-step that is run again)."""
+        del self._losses[count:]
+
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               model: nn.Module | None = None, **kwargs: Any) -> None:
         step = state.global_step + 1

@@ -4,23 +4,29 @@ At load, `max_gpu_memory` keeps a fixed reserve free for a step's activations (`
 the budget, at least 8 GiB), because nothing has run yet. On the seed YAML under a 24 GB cap that left ~4 GB of the
 cap unused (peak 19.7 GB, V2-Lite): three more of the ~1.1 GB layers, each of which a step otherwise copies three
 times. So after a step has run, `ResidentPromotion` reads what the step really used and makes more layers resident
-in what is left:
+in what is left, while worst step + margin + the promoted layers' bytes stay within the budget:
 
     worst step = allocated between steps (weights, stream slots, LoRA, optimiser state)
                + activations of the largest pass the run can make (`worst_tokens`, from the data and
                  micro_batch_tokens; scaled from the measured passes, see `activation_bytes`)
-               + the allocator's overhead (reserved - allocated at the fullest measured step's peak, grown
-                 in proportion when the activations are scaled up)
+    margin     = the allocator's fragmentation (`fragmentation_bytes`: reserved but unusable bytes at the fullest
+                 measured step's peak, grown with the activations, and never below `FRAGMENTATION_FLOOR` of
+                 the worst step's allocation)
                + a safety margin (`safety_margin`)
 
 The cap is enforced on the caching allocator's *reserved* memory (`set_per_process_memory_fraction`), so the
-overhead term is measured, not guessed; the margin covers what one step cannot show: other pass shapes at the same
-token count (rows x length: attention and mask buffers), the allocator packing activations around the new resident
-blocks, and workspaces of GEMM shapes not run yet. A layer is promoted only under that worst-case estimate, so no
-later pass can need it back: there is never a demotion. A later step (a larger pass measured, a second pass size
-to fit a line through) can tighten the estimate and promote more.
+fragmentation term counts against it. The first steps under-show it: after the promotion on the seed YAML (24 GB
+cap, V2-Lite) step 8 died with 20.28 GiB allocated but 22.04 GiB reserved (1.76 GiB of holes, 8.7 % of the
+allocation) and a 364 MiB request that fit in none of them, under a 22.35 GiB cap, although the steps measured
+before had predicted 1 GiB to spare. Hence the floor. The safety margin covers what one step cannot show: other
+pass shapes at the same token count (rows x length: attention and mask buffers) and workspaces of GEMM shapes not
+run yet. A later step (a larger pass measured, a second pass size to fit a line through) can tighten the estimate
+and promote more.
 
-Training results do not change: a resident layer runs the same kernels on the same weights as a streamed one.
+Should a step still run out of GPU memory after a promotion, the trainer demotes every layer promoted here, reruns
+the step from the state it began with, and promotes nothing more in that run (`KllamaTrainer.training_step`,
+`ResidentPromotion.demote_all`). Training results do not change either way: a resident layer runs the same kernels on
+the same weights as a streamed one.
 """
 from __future__ import annotations
 
@@ -31,13 +37,16 @@ import torch
 from transformers import TrainerCallback
 
 from kllama.config import parse_bytes
-from kllama.model.engine_setup import promote_layers
+from kllama.model.engine_setup import demote_layer, promote_layers
 from kllama.train.micro_batching import worst_pass_tokens
 
 GiB = 2**30
 # A line through the measured passes is trusted to extrapolate only when their sizes span a quarter of the worst
 # pass; closer points (noise in rows x length) fall back to the proportional estimate, which over-estimates.
 MIN_FIT_SPREAD = 0.25
+# Fragmentation kept free, as a share of the predicted allocation at the worst step's peak, however little the measured
+# steps showed: the seed-YAML OOM had 8.7 % of its allocation in holes, plus a request that fit in none (docstring).
+FRAGMENTATION_FLOOR = 0.10
 
 
 def safety_margin(budget: int) -> int:
@@ -55,6 +64,13 @@ class StepMemory:
     peak_allocated: int
     peak_reserved: int
     end: int  # allocated after the optimizer step (gradients freed)
+    peak_inactive_split: int = 0  # the allocator's largest free bytes inside split blocks during the step
+
+    @property
+    def fragmentation(self) -> int:
+        """Reserved bytes the step could not use: reserved above allocated at the peaks, or the largest free bytes
+        inside partly used blocks (`inactive_split_bytes`), whichever is larger."""
+        return max(0, self.peak_reserved - self.peak_allocated, self.peak_inactive_split)
 
     @property
     def activations(self) -> int:
@@ -85,36 +101,44 @@ def activation_bytes(steps: list[StepMemory], tokens: int) -> int:
     return int(max(a for t, a in points if t == largest_t) * tokens / largest_t)
 
 
+def fragmentation_bytes(steps: list[StepMemory], allocated: int, activations: int) -> int:
+    """Reserved-but-unusable bytes to keep free beside a predicted peak allocation of `allocated` bytes, of which
+    `activations` are the step's own: the fragmentation measured at the fullest step's peak (a smaller step after it
+    still finds the larger one's blocks cached, which says nothing about fragmentation), grown in proportion when
+    the activations are scaled beyond it, and at least `FRAGMENTATION_FLOOR` of `allocated`."""
+    fullest = max(reversed(steps), key=lambda s: s.peak_allocated)
+    growth = max(1.0, activations / max(fullest.activations, 1))
+    return max(int(fullest.fragmentation * growth), int(FRAGMENTATION_FLOOR * allocated))
+
+
 @dataclass(frozen=True)
 class PromotionEstimate:
-    """The worst step's predicted reserved memory and how many more layers fit beside it."""
+    """The worst step's predicted allocation and how many more layers fit beside it."""
 
-    worst_bytes: int  # reserved bytes the largest pass is predicted to need, before promotion
+    worst_bytes: int  # bytes the largest pass is predicted to allocate at its peak, before promotion
     layers: int  # layers to promote now
-    margin: int
+    margin: int  # bytes kept free beside it: fragmentation + safety margin
+    fragmentation: int  # the fragmentation part of `margin`
 
 
 def estimate_promotion(steps: list[StepMemory], *, worst_tokens: int, budget: int, layer_bytes: int,
                        candidates: int) -> PromotionEstimate:
     """How many of `candidates` streamed layers of `layer_bytes` each to make resident under `budget` (the cap on
     reserved memory) after the measured `steps` (see the module docstring for the estimate)."""
-    base = steps[-1].end
     activations = activation_bytes(steps, worst_tokens)
-    # the allocator's overhead where it matters, at the largest peak (a smaller step after it still finds the larger
-    # one's blocks cached, which says nothing about fragmentation), grown with the activations it is scaled to
-    fullest = max(reversed(steps), key=lambda s: s.peak_allocated)
-    growth = max(1.0, activations / max(fullest.activations, 1))
-    overhead = int(max(0, fullest.peak_reserved - fullest.peak_allocated) * growth)
-    worst = base + activations + overhead
-    margin = safety_margin(budget)
+    worst = steps[-1].end + activations
+    # the promoted layers' own blocks are allocated once, after an empty_cache, whole: they add no holes
+    fragmentation = fragmentation_bytes(steps, worst, activations)
+    margin = fragmentation + safety_margin(budget)
     fit = max(0, (budget - worst - margin) // layer_bytes) if layer_bytes > 0 else 0
-    return PromotionEstimate(worst, int(min(candidates, fit)), margin)
+    return PromotionEstimate(worst, int(min(candidates, fit)), margin, fragmentation)
 
 
 class ResidentPromotion(TrainerCallback):
     """Measures each training step's GPU memory and makes more streamed expert layers resident when the measured
     worst case leaves room under `max_gpu_memory` (see the module docstring). The trainer reports each training
-    pass's padded tokens through `observe_pass`; one line is printed per promotion."""
+    pass's padded tokens through `observe_pass`; one line is printed per promotion. `demote_all` undoes every
+    promotion and stops further ones (the trainer's answer to a step that ran out of GPU memory)."""
 
     def __init__(self, engine: Any, device: torch.device, budget: int, worst_tokens: int,
                  announce: bool = True) -> None:
@@ -122,9 +146,15 @@ class ResidentPromotion(TrainerCallback):
         self.announce = announce
         self.steps: list[StepMemory] = []
         self.promoted: list[str] = []
+        self.enabled = True
+        self._before: dict[str, Any] = {}  # each promoted layer's placement before its promotion
         self._tokens = 0
         self._start = 0
         self._run_peak = 0
+
+    @property
+    def _cuda(self) -> bool:
+        return self.device.type == "cuda"
 
     def observe_pass(self, tokens: int) -> None:
         """A training pass of `tokens` padded tokens ran in the current step."""
@@ -132,14 +162,40 @@ class ResidentPromotion(TrainerCallback):
 
     def run_peak_allocated(self) -> int:
         """The largest GPU allocation of the run so far (torch's own peak is reset at every step here)."""
-        return max(self._run_peak, torch.cuda.max_memory_allocated(self.device))
+        return max(self._run_peak, torch.cuda.max_memory_allocated(self.device)) if self._cuda else 0
 
     def streamed(self) -> list[str]:
         """Names of the layers whose training passes stream their experts now."""
         return [name for name, m in self.engine.modules.items()
                 if m.target_for(self.worst_tokens, training=True) == "stream"]
 
+    def promote(self, count: int, why: str, candidates: list[str] | None = None) -> list[str]:
+        """Make `count` more of `candidates` (default: the streamed layers) resident, spread over the stack;
+        returns their names."""
+        candidates = self.streamed() if candidates is None else candidates
+        before = {name: self.engine.modules[name].placement for name in candidates}
+        names = promote_layers(self.engine, count, spread=True, candidates=candidates, why=why)
+        self._before.update({name: before[name] for name in names})
+        self.promoted += names
+        return names
+
+    def demote_all(self) -> list[str]:
+        """Stream every layer promoted here again (their GPU copies freed, the streamer's slots refilled from
+        scratch, the allocator's cache emptied) and promote nothing more in this run; returns their names."""
+        names, self.promoted, self.enabled = self.promoted, [], False
+        if self._cuda:  # kernels the failed step queued may still read a stream slot or a resident copy
+            torch.cuda.synchronize(self.device)
+        for name in names:
+            demote_layer(self.engine.modules[name], self._before.pop(name))
+        if self.engine.streamer is not None:  # a slot a failed copy or compute left half-used is filled afresh
+            self.engine.streamer.invalidate()
+        if self._cuda:
+            torch.cuda.empty_cache()
+        return names
+
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self._cuda:
+            return
         if not self.steps:  # what loading and the crossover probes left cached is no part of a step's footprint
             torch.cuda.empty_cache()
         self._run_peak = self.run_peak_allocated()
@@ -148,14 +204,15 @@ class ResidentPromotion(TrainerCallback):
         self._tokens = 0
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._tokens == 0:  # a step without a training pass (nothing to learn from)
+        if not self._cuda or self._tokens == 0:  # a step without a training pass (nothing to learn from)
             return
         self.steps.append(StepMemory(
             tokens=self._tokens, start=self._start, peak_allocated=torch.cuda.max_memory_allocated(self.device),
             peak_reserved=torch.cuda.max_memory_reserved(self.device),
-            end=torch.cuda.memory_allocated(self.device)))
+            end=torch.cuda.memory_allocated(self.device),
+            peak_inactive_split=torch.cuda.memory_stats(self.device).get("inactive_split_bytes.all.peak", 0)))
         streamed = self.streamed()
-        if not streamed:
+        if not self.enabled or not streamed:
             return
         layer_bytes = max(self.engine.modules[name].dense_bytes() for name in streamed)  # resident: compute dtype
         estimate = estimate_promotion(self.steps, worst_tokens=self.worst_tokens, budget=self.budget,
@@ -163,9 +220,7 @@ class ResidentPromotion(TrainerCallback):
         if estimate.layers == 0:
             return
         torch.cuda.empty_cache()  # the new resident blocks get fresh segments, not holes between cached activations
-        names = promote_layers(self.engine, estimate.layers, spread=True, candidates=streamed,
-                               why=f"resident after step {state.global_step}'s measured peak")
-        self.promoted += names
+        names = self.promote(estimate.layers, f"resident after step {state.global_step}'s measured peak")
         if self.announce:
             print(promotion_line(len(names), state.global_step, estimate, layer_bytes, self.budget,
                                  self.worst_tokens, len(self.streamed()), len(self.engine.modules)), flush=True)
@@ -176,8 +231,9 @@ def promotion_line(count: int, step: int, estimate: PromotionEstimate, layer_byt
     """The line printed when layers are promoted."""
     peak = estimate.worst_bytes + count * layer_bytes
     return (f"promoted {count} more layer{'s' if count != 1 else ''} after step {step}: peak {peak / 1e9:.1f} GB "
-            f"of {budget / 1e9:.1f} GB budget (predicted for a {worst_tokens:,}-token pass from the measured steps, "
-            f"+{estimate.margin / 1e9:.1f} GB kept free); {streamed} of {layers} MoE layers stream")
+            f"allocated of {budget / 1e9:.1f} GB budget (predicted for a {worst_tokens:,}-token pass from the "
+            f"measured steps, +{estimate.margin / 1e9:.1f} GB kept free for fragmentation "
+            f"({estimate.fragmentation / 1e9:.1f} GB) and safety); {streamed} of {layers} MoE layers stream")
 
 
 def build_promotion(config: Any, engine: Any, device: torch.device, train_rows: Any, plan: Any,

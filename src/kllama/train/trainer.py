@@ -1,7 +1,8 @@
 """The preference / SFT trainer: transformers' Trainer with kllama's loss, metrics and adapter saving.
 
-Only public Trainer hooks are overridden: `compute_loss`, `prediction_step`, `log`, `save_model`; training health
-(non-finite loss or gradient, dead gradient) is a TrainerCallback (`kllama.train.health`).
+Only public Trainer hooks are overridden: `compute_loss`, `training_step` (a step out of GPU memory:
+`kllama.train.oom_rerun`), `prediction_step`, `log`, `save_model`; training health (non-finite loss or gradient,
+dead gradient) is a TrainerCallback (`kllama.train.health`).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from kllama.train.losses import (
     preference_loss,
     sft_term,
 )
+from kllama.train.oom_rerun import StepStart, can_rerun, out_of_memory_error, rerun_line
 from kllama.train.promotion import ResidentPromotion
 
 
@@ -236,6 +238,37 @@ class KllamaTrainer(Trainer):
         if model.training:
             self.health.record_loss(loss)
         return (loss, None) if return_outputs else loss
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None,
+                      ) -> torch.Tensor:
+        """Stock training step; one that runs out of GPU memory after a promotion is run again with the promoted
+        layers demoted (`kllama.train.oom_rerun`), any other out-of-memory ends the run with a clear error."""
+        start = StepStart.capture(model, self._bookkeeping())
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        except torch.OutOfMemoryError as exc:
+            step = self.state.global_step + 1
+            if not can_rerun(start, self.promotion, self.accelerator.num_processes):
+                raise out_of_memory_error(step, exc) from None
+        # here, outside the except block, the failed attempt's tensors (held by its traceback) are freed
+        assert self.promotion is not None
+        demoted = self.promotion.demote_all()
+        start.restore(model)
+        self._restore_bookkeeping(start.bookkeeping)
+        print(rerun_line(step, len(demoted)), flush=True)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _bookkeeping(self) -> tuple[dict[str, int], int, int, tuple[float, int]]:
+        """The trainer's per-step records as they stand (metric counts, tokens, health losses, bco_pair's mean)."""
+        return ({key: len(values) for key, values in self._stored["train"].items()}, self._tokens_since_log,
+                self.health.recorded_losses(), (self._bco.mean, self._bco.count))
+
+    def _restore_bookkeeping(self, saved: tuple[dict[str, int], int, int, tuple[float, int]]) -> None:
+        """Back to the records of `_bookkeeping` (a step that is run again records itself once)."""
+        counts, self._tokens_since_log, losses, (self._bco.mean, self._bco.count) = saved
+        for key, values in self._stored["train"].items():
+            del values[counts.get(key, 0):]
+        self.health.forget_losses_after(losses)
 
     def _record(self, split: str, batch: dict[str, torch.Tensor], metrics: dict[str, float]) -> None:
         """Store a batch's metrics once per row (so means over passes of different sizes are means over rows)."""
