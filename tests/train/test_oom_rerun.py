@@ -52,11 +52,11 @@ class PromoteAfterFirstStep(TrainerCallback):
             self.promotion.promote(1, "test promotion", candidates=list(self.promotion.engine.modules))
 
 
-def run(model_dir: Path, out: Path, *, promote: bool, inject: str | None, accumulation: int = 1,
+def run(model_dir: Path, out: Path, *, promote: bool, inject: str | None, accumulation: int = 1, times: int = 1,
         ) -> tuple[list[float], dict[int, dict[str, torch.Tensor]], object]:
     """Two DPO steps of 2 pairs on the tiny model, LoRA dropout on (so the rerun needs the step's
     RNG state back); `promote` one layer after step 1, `inject` one out-of-memory error into step 2's first
-    "forward" or "backward" through an expert layer (the backward: later layers' gradients already added). Returns the logged losses, each step's gradients and the promotion."""
+    "forward" or "backward" through an expert layer (the backward: later layers' gradients already added), `times` times in a row. Returns the logged losses, each step's gradients and the promotion."""
     from transformers import set_seed
 
     from kllama.config import build_config
@@ -95,7 +95,7 @@ def run(model_dir: Path, out: Path, *, promote: bool, inject: str | None, accumu
 
     def fail_once(*_args):  # noqa: ANN002, ANN202
         # in step 2; with accumulation, once the step's first micro-step has added its gradients
-        if trainer.state.global_step == 1 and not failed and (accumulation == 1 or 2 in substeps.steps):
+        if trainer.state.global_step == 1 and len(failed) < times and (accumulation == 1 or 2 in substeps.steps):
             failed.append(True)
             raise torch.OutOfMemoryError(OOM)
 
@@ -137,3 +137,8 @@ def test_out_of_memory_after_gradients_accumulated_is_a_clear_error(tiny_model_d
     # the step's first micro-step already added its gradients: they cannot be put back, so no rerun
     with pytest.raises(KllamaError, match="training step 2 ran out of GPU memory"):
         run(tiny_model_dir("deepseek_v2"), tmp_path / "acc", promote=True, inject="forward", accumulation=2)
+
+
+def test_a_rerun_out_of_memory_again_is_a_clear_error(tiny_model_dir, tmp_path):
+    with pytest.raises(KllamaError, match="training step 2 ran out of GPU memory"):
+        run(tiny_model_dir("deepseek_v2"), tmp_path / "twice", promote=True, inject="backward", times=2)

@@ -5,7 +5,7 @@ of GPU memory, the trainer demotes them, puts back the state the step began with
 RNG states, the step's metric records) and runs the step again, so the rerun is the same computation as a step that
 never failed. An out-of-memory error with nothing to demote (or with gradients accumulated by earlier micro-steps
 of the same optimizer step, which cannot be put back, or in a multi-process run whose other ranks are inside the
-step) ends the run with a `KllamaError` naming the settings that change a step's memory.
+step), or in the rerun itself, ends the run with a `KllamaError` naming the settings that change a step's memory.
 """
 from __future__ import annotations
 

@@ -256,7 +256,10 @@ class KllamaTrainer(Trainer):
         start.restore(model)
         self._restore_bookkeeping(start.bookkeeping)
         print(rerun_line(step, len(demoted)), flush=True)
-        return super().training_step(model, inputs, num_items_in_batch)
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        except torch.OutOfMemoryError as exc:  # out of memory with nothing promoted either
+            raise out_of_memory_error(step, exc) from None
 
     def _bookkeeping(self) -> tuple[dict[str, int], int, int, tuple[float, int]]:
         """The trainer's per-step records as they stand (metric counts, tokens, health losses, bco_pair's mean)."""
