@@ -100,7 +100,7 @@ def test_the_pass_kind_picks_the_crossover(training: bool) -> None:
 def test_placement_table_shows_both_crossovers() -> None:
     layer = _layer(ExpertPlacement.from_mode("auto").with_crossovers(inference=30, training=8))
     table = placement_table({layer.name: layer})
-    assert "infer 30 / train 8 tok" in table
+    assert "infer 30 tok / train 8 tok" in table
     layer.placement = layer.placement.with_crossover(700)
     assert "700 tok" in placement_table({layer.name: layer})
 
