@@ -13,20 +13,10 @@ from kllama.experts import ExpertLoraSet, ExpertPlacement, ExpertStreamer, HostE
 from kllama.experts.lora import ExpertLoRA
 from kllama.model.tiny import build_tiny_model
 
+from expert_helpers import rel, run, streamed_stack
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-
-
-def run(model: torch.nn.Module, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    leaf = embeds.clone().requires_grad_()
-    logits = model(inputs_embeds=leaf).logits
-    logits.float().square().mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return logits.detach(), leaf.grad, grads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -172,15 +162,7 @@ def test_no_grad_pass_prefetches_the_next_forward() -> None:
     # streamed layer, so the next forward finds it in a slot instead of turning around for a backward never coming
     torch.manual_seed(0)
     device = torch.device("cuda")
-    layers = [
-        HostExperts(torch.randn(8, 256, 128, dtype=torch.bfloat16) * 0.05,
-                    torch.randn(8, 128, 128, dtype=torch.bfloat16) * 0.05, torch.nn.SiLU(),
-                    ExpertPlacement.from_mode("stream"), f"model.layers.{i}.mlp.experts", compute_device=device)
-        for i in range(4)
-    ]
-    streamer = ExpertStreamer(layers, device, trace=True)
-    for layer in layers:
-        layer.streamer = streamer
+    layers, streamer = streamed_stack(device)
     x = torch.randn(64, 128, device=device, dtype=torch.bfloat16)
     index = torch.randint(0, 8, (64, 2), device=device)
     weights = torch.rand(64, 2, device=device)
@@ -211,15 +193,7 @@ def test_lockstep_reference_reuses_each_slot_and_copies_nothing_more() -> None:
     # needs next (2) with the next forward's first layer (0): the copies are those of the policy alone.
     torch.manual_seed(0)
     device = torch.device("cuda")
-    layers = [
-        HostExperts(torch.randn(8, 256, 128, dtype=torch.bfloat16) * 0.05,
-                    torch.randn(8, 128, 128, dtype=torch.bfloat16) * 0.05, torch.nn.SiLU(),
-                    ExpertPlacement.from_mode("stream"), f"model.layers.{i}.mlp.experts", compute_device=device)
-        for i in range(4)
-    ]
-    streamer = ExpertStreamer(layers, device, trace=True)
-    for layer in layers:
-        layer.streamer = streamer
+    layers, streamer = streamed_stack(device)
     x = torch.randn(64, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
     index = torch.randint(0, 8, (64, 2), device=device)
     weights = torch.rand(64, 2, device=device)

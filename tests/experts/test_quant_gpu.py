@@ -14,19 +14,9 @@ from kllama.experts import (ExpertEngine, ExpertLoraSet, ExpertPlacement, HostEx
 from kllama.experts.quant import QuantizedWeight, dequantize, quantize
 from kllama.model.tiny import build_tiny_model
 
+from expert_helpers import rel, run
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-
-
-def run(model: torch.nn.Module, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    leaf = embeds.clone().requires_grad_()
-    logits = model(inputs_embeds=leaf).logits
-    logits.float().square().mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return logits.detach(), leaf.grad, grads
 
 
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])

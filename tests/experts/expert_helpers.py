@@ -1,0 +1,36 @@
+"""Helpers shared by the GPU expert tests: a relative error, one forward+backward of a model, and a small stack of
+streamed expert layers wired to one streamer."""
+from __future__ import annotations
+
+import torch
+
+from kllama.experts import ExpertPlacement, ExpertStreamer, HostExperts
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| in fp32."""
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def run(model: torch.nn.Module, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Logits, the input gradient and every parameter gradient of one forward+backward of `model` on `embeds`."""
+    leaf = embeds.clone().requires_grad_()
+    logits = model(inputs_embeds=leaf).logits
+    logits.float().square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), leaf.grad, grads
+
+
+def streamed_stack(device: torch.device, count: int = 4) -> tuple[list[HostExperts], ExpertStreamer]:
+    """`count` bf16 expert layers (8 experts, hidden 128, intermediate 128) streamed to `device` by one tracing
+    streamer."""
+    layers = [
+        HostExperts(torch.randn(8, 256, 128, dtype=torch.bfloat16) * 0.05,
+                    torch.randn(8, 128, 128, dtype=torch.bfloat16) * 0.05, torch.nn.SiLU(),
+                    ExpertPlacement.from_mode("stream"), f"model.layers.{i}.mlp.experts", compute_device=device)
+        for i in range(count)
+    ]
+    streamer = ExpertStreamer(layers, device, trace=True)
+    for layer in layers:
+        layer.streamer = streamer
+    return layers, streamer
