@@ -2,14 +2,29 @@
 
 `tiny_model_dir(arch, seed=0, expert_layout="original")` writes a tiny random model of `arch` once per test session
 (per distinct arguments) into a temporary directory and returns its path; use it instead of writing models yourself
-so the whole suite pays for each model once.
+so the whole suite pays for each model once. `pytest_configure` caps the CPU threads (see there).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+MAX_TEST_THREADS = 4  # tiny models gain nothing from more; several suites share a 16-core GPU box
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Cap the CPU threads of the test process and of the `kllama` subprocesses tests start (they inherit the
+    environment) at min(4, usable CPUs), unless OMP_NUM_THREADS is set: torch's default of one thread per core
+    oversubscribed a 16-core box running several pytest processes at once (> 165 s each)."""
+    if not os.environ.get("OMP_NUM_THREADS"):
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ["OMP_NUM_THREADS"] = str(min(MAX_TEST_THREADS, cpus))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

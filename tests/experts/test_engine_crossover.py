@@ -137,10 +137,12 @@ def test_measured_crossovers_on_gpu_hold_and_are_cheap(kind: str) -> None:
     # host's load: the measurement's CPU passes use every core, so a busy host slows them by its oversubscription
     # (13.6 s was seen with the suite beside 16 other threads), which says nothing about the measurement's cost.
     contention = cpu_contention()
+    # every usable core, as `kllama train` measures (the suite's own torch pool is capped by tests/conftest.py)
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     start = time.perf_counter()
-    first = measure_crossovers(2048, 1408, 64, 6, torch.bfloat16, "cuda", cpu_threads=torch.get_num_threads())
+    first = measure_crossovers(2048, 1408, 64, 6, torch.bfloat16, "cuda", cpu_threads=threads)
     elapsed = time.perf_counter() - start
-    second = measure_crossovers(2048, 1408, 64, 6, torch.bfloat16, "cuda", cpu_threads=torch.get_num_threads())
+    second = measure_crossovers(2048, 1408, 64, 6, torch.bfloat16, "cuda", cpu_threads=threads)
     contention = max(contention, cpu_contention())
     a, b = getattr(first, kind), getattr(second, kind)
     print(f"{kind} crossover {a} / {b} tokens (copy {first.copy_s * 1e3:.1f} ms), both kinds in {elapsed:.2f} s "
