@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -29,9 +29,21 @@ class Server:
     model_id: str
     proc: subprocess.Popen
     log: Path
+    clients: dict[str, openai.OpenAI] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # tests call `client` from many threads
 
     def client(self, api_key: str = API_KEY) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=api_key, max_retries=0, timeout=60)
+        """One client per key for the module (thread-safe), its connections closed by `close`: a client per call
+        left its pooled sockets to the garbage collector (ResourceWarning: unclosed socket)."""
+        with self.lock:
+            if api_key not in self.clients:
+                self.clients[api_key] = openai.OpenAI(base_url=f"{self.base}/v1", api_key=api_key, max_retries=0,
+                                                      timeout=60)
+            return self.clients[api_key]
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
 
     def health(self) -> dict:
         return httpx.get(f"{self.base}/health", timeout=10).json()
@@ -80,6 +92,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 def server(moe_model: Path, moe_adapter: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     running = start_server(moe_model, moe_adapter, tmp_path_factory.mktemp("api") / "server.log")
     yield running
+    running.close()
     stop_server(running.proc)
 
 
