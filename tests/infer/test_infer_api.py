@@ -102,6 +102,8 @@ def test_list_models_and_health(server: Server) -> None:
     # the start-up line states the KV memory the slots take and how decode steps run
     assert "x 2048 tokens (kt_maxlen); decode steps eager: model on cpu" in server.log.read_text()
     assert "32 sequences (API_MAX_BATCH)" in server.log.read_text()
+    # loading the adapter (gate_proj/up_proj -> fused gate_up_proj at rank 2r in PEFT) warns about nothing
+    assert "Warning" not in server.log.read_text()
 
 
 def test_completion_matches_the_engine_and_stream_matches_completion(server: Server, engine) -> None:  # noqa: ANN001
