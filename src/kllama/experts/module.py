@@ -94,7 +94,8 @@ class HostExperts(nn.Module):
     """Routed experts of one MoE layer with frozen weights in host memory and optional expert LoRA.
 
     `gate_up [E, 2I, H]` (rows: gate then up) and `down [E, H, I]` are kept as they came in: tensors (in their dtype)
-    or QuantizedWeights (computing in their `dtype`). `compute_device` is where `stream`/`gpu` passes run (a CUDA device) and where LoRA parameters live.
+    or QuantizedWeights (computing in their `dtype`). `compute_device` is where `stream`/`gpu` passes run (a CUDA
+    device) and where LoRA parameters live.
     """
 
     def __init__(

@@ -243,15 +243,17 @@ class KllamaTrainer(Trainer):
                       ) -> torch.Tensor:
         """Stock training step; one that runs out of GPU memory after a promotion is run again with the promoted
         layers demoted (`kllama.train.oom_rerun`), any other out-of-memory ends the run with a clear error."""
-        start = StepStart.capture(model, self._bookkeeping())
+        # only a step with promoted layers can be run again: the others skip the capture (RNG states, a parameter walk)
+        promoted = self.promotion is not None and bool(self.promotion.promoted)
+        start = StepStart.capture(model, self._bookkeeping()) if promoted else None
         try:
             return super().training_step(model, inputs, num_items_in_batch)
         except torch.OutOfMemoryError as exc:
             step = self.state.global_step + 1
-            if not can_rerun(start, self.promotion, self.accelerator.num_processes):
+            if start is None or not can_rerun(start, self.promotion, self.accelerator.num_processes):
                 raise out_of_memory_error(step, exc) from None
         # here, outside the except block, the failed attempt's tensors (held by its traceback) are freed
-        assert self.promotion is not None
+        assert self.promotion is not None and start is not None
         demoted = self.promotion.demote_all()
         start.restore(model)
         self._restore_bookkeeping(start.bookkeeping)
