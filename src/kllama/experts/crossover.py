@@ -161,12 +161,20 @@ def copy_bandwidth(device: torch.device, probe_bytes: int = _COPY_PROBE_BYTES, r
 def sample_cpu_until(pass_seconds: Callable[[int], float], stream_s: float, *, max_tokens: int = 4096,
                      budget_s: float = 1.5) -> list[tuple[int, float]]:
     """Time the CPU pass at 1, 2, 4, ... tokens until it costs at least `stream_s`, `max_tokens` is passed, or the
-    sampling has used `budget_s` of wall time (the crossover is then extrapolated)."""
+    sampling has used `budget_s` of wall time (the crossover is then extrapolated from the last two samples).
+
+    The budget starts after the first sample, which carries one-time costs (the CPU kernel's first build, first
+    page touches): on a fresh H200 box the kernel build took 14 s inside the first sample, the budget was spent
+    before a second one, and a single sample below the stream floor gave NEVER, so every 2,048-token prefill ran
+    on the CPU (3.0 s instead of 0.52 s). At least two samples are always taken, so a crossover can be
+    extrapolated."""
     samples: list[tuple[int, float]] = []
-    start, tokens = time.perf_counter(), 1
+    start, tokens = 0.0, 1
     while tokens <= max_tokens:
         samples.append((tokens, pass_seconds(tokens)))
-        if samples[-1][1] >= stream_s or time.perf_counter() - start > budget_s:
+        if len(samples) == 1:
+            start = time.perf_counter()
+        if samples[-1][1] >= stream_s or (len(samples) >= 2 and time.perf_counter() - start > budget_s):
             break
         tokens *= 2
     return samples
