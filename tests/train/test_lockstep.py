@@ -154,16 +154,22 @@ def test_cli_streamed_run_uses_the_lockstep_reference_and_trains_as_a_resident_r
     from kllama.train.lockstep import LOCKSTEP_LINE
 
     model_dir = tiny_model_dir("deepseek_v2")
-    streamed = train_tiny_dpo(tmp_path / "streamed", model_dir)  # lock-step reference, merged passes
-    resident = train_tiny_dpo(tmp_path / "resident", model_dir, "expert_placement=gpu")  # its own pass, 1 x 4
+    # 4 pairs: every step is an epoch of the same 4 pairs in both runs. With more rows the runs train on different
+    # steps: the streamed run merges each step's pairs and groups rows into steps by length (LengthGroupedRows), the
+    # resident run keeps 1 x 4 and the Trainer's random sampler; with 12 pairs steps 2-3 differ by up to 0.004 on
+    # the CPU as on the GPU (experts on the CPU, merged vs micro_batch_tokens=0), bit for bit the GPU's losses.
+    streamed = train_tiny_dpo(tmp_path / "streamed", model_dir, "max_samples=4")  # lock-step reference, merged
+    resident = train_tiny_dpo(tmp_path / "resident", model_dir, "max_samples=4", "expert_placement=gpu")  # 1 x 4
     assert LOCKSTEP_LINE in streamed and LOCKSTEP_LINE not in resident
+    assert "each step's 4 pairs in as few passes" in streamed and "kept 1 x 4 accumulation" in resident
 
     def losses(out: Path) -> list[float]:
         return [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
 
-    # step 1 starts at the reference (B = 0); steps 2 and 3 compare policies that moved away from it. The adapters
-    # are not compared element-wise: merged passes and accumulation differ by float rounding, which Adam turns into
-    # +-lr for gradients near zero.
+    # step 1 starts at the reference (B = 0: log 2 whatever the rows); steps 2 and 3 compare policies that moved away
+    # from it (by ~0.025 and ~0.04 here; a reference that followed the policy would stay at log 2). The adapters are
+    # not compared element-wise: merged passes and accumulation differ by float rounding, which Adam turns into +-lr
+    # for gradients near zero (the losses barely move: 1.2e-7 between merged and 1 x 4 on the CPU).
     first, *later = losses(tmp_path / "streamed")
     assert [first, *later] == pytest.approx(losses(tmp_path / "resident"), abs=1e-4)
     assert any(abs(loss - first) > 1e-3 for loss in later)
