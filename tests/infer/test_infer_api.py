@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,10 +17,18 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
 from kllama.infer.sampling import SamplingParams
 
 API_KEY = "test-key-123"
+# where `kllama api` puts the model (device auto: the first visible GPU when there is one) -> its start-up line
+STARTUP_LINE = {
+    "cpu": r"GiB on cpu: 32 sequences \(API_MAX_BATCH\) x 2048 tokens \(kt_maxlen\); decode steps eager: model on "
+           r"cpu, CUDA graphs need a CUDA device\n",
+    "cuda": r"GiB on cuda:0: 32 sequences \(API_MAX_BATCH\) x 2048 tokens \(kt_maxlen\); decode steps replayed as "
+            r"CUDA graphs \([1-9]\d* captured in \d+\.\d s\)\n",
+}
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a mixture of experts?"}]
 
 
@@ -99,11 +108,11 @@ def server(moe_model: Path, moe_adapter: Path, tmp_path_factory: pytest.TempPath
 def test_list_models_and_health(server: Server) -> None:
     assert [m.id for m in server.client().models.list()] == [server.model_id]
     assert server.health()["status"] == "ok"
-    # the start-up line states the KV memory the slots take and how decode steps run
-    assert "x 2048 tokens (kt_maxlen); decode steps eager: model on cpu" in server.log.read_text()
-    assert "32 sequences (API_MAX_BATCH)" in server.log.read_text()
+    # the start-up line states the KV memory the slots take, where, and how decode steps run there
+    log = server.log.read_text()
+    assert re.search(STARTUP_LINE["cuda" if torch.cuda.is_available() else "cpu"], log), log
     # loading the adapter (gate_proj/up_proj -> fused gate_up_proj at rank 2r in PEFT) warns about nothing
-    assert "Warning" not in server.log.read_text()
+    assert "Warning" not in log
 
 
 def test_completion_matches_the_engine_and_stream_matches_completion(server: Server, engine) -> None:  # noqa: ANN001
