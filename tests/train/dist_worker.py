@@ -52,12 +52,13 @@ class FirstStep(TrainerCallback):
 
 
 def load_for_training(config: Any):  # noqa: ANN201
-    """`load_model(config, "train")` inside `expert_memory_per_node`, as `kllama train` runs it."""
+    """`load_model(config, "train")` inside `expert_memory_per_node`, as `kllama train` runs it, on the CPU on any
+    machine: the ranks run with no visible GPU (gloo), and the in-process references must compute where they do."""
     from kllama.model.load import load_model
     from kllama.train.distributed import dist_info, expert_memory_per_node
 
     with expert_memory_per_node(dist_info(), config.engine.use_kt):
-        return load_model(config, "train")
+        return load_model(config, "train", device="cpu")
 
 
 def first_step(model_dir: Path, output_dir: Path, case: str, world: int) -> tuple[float, dict[str, torch.Tensor]]:

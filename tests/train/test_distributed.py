@@ -47,10 +47,12 @@ use_cpu: true
 
 
 def _env(**extra: str) -> dict[str, str]:
+    """The launchers' environment: no GPU visible, so every rank trains on the CPU with gloo on any machine (with a
+    GPU, each rank would take `cuda:LOCAL_RANK`: more ranks than GPUs is an error, two simulated nodes one GPU)."""
     launch_vars = ("FORCE_TORCHRUN", "NNODES", "NODE_RANK", "NPROC_PER_NODE", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launch_vars}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(Path(__file__).parent), env.get("PYTHONPATH", "")])
-    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
 
 
 def _check(code: int, text: str) -> str:
@@ -160,3 +162,23 @@ def test_two_nodes_train_and_one_process_resumes_their_checkpoint(tiny_model_dir
     assert expected.keys() == resumed.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_more_ranks_per_node_than_gpus_is_one_clear_error(tiny_model_dir, tmp_path):
+    """torchrun started by hand with one process more than the visible GPUs: each rank would take cuda:LOCAL_RANK,
+    so the job stops before any rank touches a GPU, with kllama's error (said once) instead of CUDA's."""
+    gpus = torch.cuda.device_count()
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus + 1),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "kllama", "train",
+            f"model_name_or_path={tiny_model_dir('deepseek_v2')}", *COMMON, "max_steps=1", f"output_dir={tmp_path}"]
+    env = {k: v for k, v in _env().items() if k != "CUDA_VISIBLE_DEVICES"}
+    run = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO, env=env)
+    text = run.stdout + run.stderr
+    assert run.returncode != 0, text[-4000:]
+    error = (f"kllama train: error: {gpus + 1} processes per node (torchrun --nproc_per_node, NPROC_PER_NODE or "
+             f"accelerate's num_processes) but this machine shows {gpus} GPU")
+    assert text.count(error) == 1, text[-4000:]
+    assert 'CUDA_VISIBLE_DEVICES=""' in text and "invalid device ordinal" not in text, text[-4000:]
+    assert not any(tmp_path.iterdir())  # stopped before anything was written

@@ -52,6 +52,18 @@ def test_bad_launch_variables_are_clear_errors(env, needle):
         torchrun_command(ARGV, {"FORCE_TORCHRUN": "1", **env}, gpus=0)
 
 
+def test_more_processes_per_node_than_gpus_is_refused_before_launching():
+    with pytest.raises(KllamaError, match=r"3 processes per node .* shows 2 GPUs .* at most 2 per node, or set "
+                                          r'CUDA_VISIBLE_DEVICES="" to train on the CPU \(gloo\)'):
+        torchrun_command(ARGV, {"NPROC_PER_NODE": "3"}, gpus=2)
+    with pytest.raises(KllamaError, match="shows 1 GPU and"):
+        torchrun_command(ARGV, {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, gpus=1)
+    # one process per GPU or fewer, or no visible GPU at all (the CPU with gloo, any count) launch as asked
+    for nproc, gpus in ((2, 2), (1, 2), (4, 0)):
+        command = torchrun_command(ARGV, {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": str(nproc)}, gpus=gpus)
+        assert _flags(command)["--nproc_per_node"] == str(nproc)
+
+
 def test_workers_get_a_share_of_the_cores_unless_the_user_chose():
     command = torchrun_command(ARGV, {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, gpus=0)
     assert int(worker_env(command, {})["OMP_NUM_THREADS"]) >= 1

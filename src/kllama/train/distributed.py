@@ -12,6 +12,7 @@ import datetime
 import io
 import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -21,7 +22,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from kllama.errors import KllamaError
+from kllama.train.launch import check_processes_per_node, visible_gpus
+
 _TRUE = ("1", "true", "yes")
+_QUIET_RANK_DELAY_S = 5.0  # how long ranks other than local rank 0 wait before raising a launch error
 T = TypeVar("T")
 
 
@@ -64,10 +69,12 @@ def dist_info(env: dict[str, str] | None = None) -> DistInfo:
 def init_distributed(timeout_s: float) -> DistInfo:
     """Join the torchrun job this process belongs to (a no-op in a single process) and return its ranks.
 
-    Each rank takes `cuda:LOCAL_RANK` (NCCL) or, without CUDA, the CPU (gloo). The Trainer's accelerate state finds
-    the group already initialised and uses it. An accelerate FSDP launch (`ACCELERATE_USE_FSDP=true`, as LLaMA-Factory's
-    `fsdp2_kt_*.yaml` configs set) runs as DDP: LoRA adapters are small, so non-expert weights are replicated on each
-    GPU and the routed experts stay in host memory shared by the node's ranks.
+    Each rank takes `cuda:LOCAL_RANK` (NCCL) or, without a visible GPU, the CPU (gloo); more ranks per node than
+    visible GPUs is a `KllamaError` (said by local rank 0; the others wait a moment, so it is said once). The
+    Trainer's accelerate state finds the group already initialised and uses it. An accelerate FSDP launch
+    (`ACCELERATE_USE_FSDP=true`, as LLaMA-Factory's `fsdp2_kt_*.yaml` configs set) runs as DDP: LoRA adapters are
+    small, so non-expert weights are replicated on each GPU and the routed experts stay in host memory shared by the
+    node's ranks.
     """
     info = dist_info()
     if not info.is_main:
@@ -79,6 +86,12 @@ def init_distributed(timeout_s: float) -> DistInfo:
               "routed experts in host memory shared per node)", flush=True)
     if not info.enabled:
         return info
+    try:
+        check_processes_per_node(info.local_world_size, visible_gpus())
+    except KllamaError:
+        if not info.is_local_main:  # local rank 0 says it; torchrun stops the other ranks when it exits
+            time.sleep(_QUIET_RANK_DELAY_S)
+        raise
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():

@@ -5,6 +5,10 @@ With `FORCE_TORCHRUN=1`, or on a machine with more than one visible GPU, `kllama
 `NNODES` (1), `NODE_RANK` (0), `NPROC_PER_NODE` (the GPU count; 1 without GPUs), `MASTER_ADDR` (127.0.0.1),
 `MASTER_PORT` (a free port; required with several nodes). Inside a torchrun worker nothing is relaunched.
 `CUDA_VISIBLE_DEVICES=0 kllama train ...` keeps a multi-GPU machine to one process.
+
+Each rank trains on its own GPU (`cuda:LOCAL_RANK`), so a node with visible GPUs runs at most one process per GPU
+(`check_processes_per_node`, here before torchrun starts and in every rank of a job started by hand); a node with no
+visible GPU (`CUDA_VISIBLE_DEVICES=""`, or none installed) trains on the CPU with gloo, any number of processes.
 """
 from __future__ import annotations
 
@@ -26,6 +30,16 @@ def visible_gpus() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_processes_per_node(nproc: int, gpus: int) -> None:
+    """Refuse `nproc` processes on a node that shows `gpus` GPUs when there are fewer GPUs than processes (0 GPUs:
+    a CPU run, which takes any number)."""
+    if 0 < gpus < nproc:
+        raise KllamaError(
+            f"{nproc} processes per node (torchrun --nproc_per_node, NPROC_PER_NODE or accelerate's num_processes) but "
+            f"this machine shows {gpus} GPU{'s' if gpus > 1 else ''} and each process trains on its own GPU; launch at "
+            f"most {gpus} per node, or set CUDA_VISIBLE_DEVICES=\"\" to train on the CPU (gloo)")
 
 
 def free_port() -> int:
@@ -66,6 +80,7 @@ def torchrun_command(argv: Sequence[str], env: Mapping[str, str] | None = None, 
         raise KllamaError(f"NNODES={nnodes}: set MASTER_ADDR (node 0's address) and MASTER_PORT to the same values "
                           "on every node")
     nproc = _int_var(env, "NPROC_PER_NODE", max(gpus, 1), 1)
+    check_processes_per_node(nproc, gpus)
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", str(nnodes), "--node_rank", str(node_rank), "--nproc_per_node", str(nproc),
