@@ -2,12 +2,13 @@
 
 `tiny_model_dir(arch, seed=0, expert_layout="original")` writes a tiny random model of `arch` once per test session
 (per distinct arguments) into a temporary directory and returns its path; use it instead of writing models yourself
-so the whole suite pays for each model once. `pytest_configure` caps the CPU threads (see there).
+so the whole suite pays for each model once. `pytest_configure` caps the CPU threads (see there); an autouse fixture
+puts the allocator variables `kllama train` sets back after each test.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,20 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(autouse=True)
+def _allocator_variables() -> Iterator[None]:
+    """`kllama train` run in the test process sets PYTORCH_CUDA_ALLOC_CONF (`kllama.train.allocator`): put the
+    allocator variables back as they were after each test, so no test sees another's."""
+    names = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -67,6 +67,8 @@ def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, l
 
 
 def _run_config_command(args: argparse.Namespace) -> int:
+    # before anything can initialise CUDA (torchrun's workers inherit it)
+    allocator_line = _choose_training_allocator() if args.command == "train" else None
     from kllama.config import format_config, load_config
 
     config_path, overrides = _split_config_and_overrides(args)
@@ -74,6 +76,8 @@ def _run_config_command(args: argparse.Namespace) -> int:
     if args.print_config:
         print(format_config(config))
         return 0
+    if allocator_line:
+        print(allocator_line, flush=True)
     if args.command == "train":  # FORCE_TORCHRUN=1 or several GPUs: data-parallel under torchrun, as LLaMA-Factory
         from kllama.train.launch import launch, torchrun_command
 
@@ -82,6 +86,19 @@ def _run_config_command(args: argparse.Namespace) -> int:
     job = _resolve(CONFIG_COMMANDS[args.command][1])
     result = job(config)
     return int(result) if isinstance(result, int) else 0
+
+
+def _choose_training_allocator() -> str | None:
+    """Expandable segments for `kllama train` unless the user set an allocator configuration
+    (`kllama.train.allocator`); returns the line saying so in the process the user started, None in torchrun's
+    workers (the launcher said it)."""
+    import os
+
+    from kllama.train.allocator import use_training_allocator
+    from kllama.train.launch import in_torchrun_worker
+
+    line = use_training_allocator(os.environ)
+    return None if in_torchrun_worker(os.environ) else line
 
 
 def _run_tiny(args: argparse.Namespace) -> int:

@@ -12,12 +12,15 @@ import pytest
 import torch
 from train_helpers import GradCapture
 
+from kllama.train.allocator import ALLOC_CONF_VARS
 from kllama.train.micro_batching import (
     BatchPlan,
     ChunkedCollator,
     LengthGroupedRows,
+    StepShape,
     chunk_rows,
     grouped_order,
+    largest_pass_tokens,
     padded,
     padding_fraction,
     passes_per_step,
@@ -84,6 +87,41 @@ def test_grouped_order_is_a_seeded_permutation_of_whole_steps_with_the_partial_s
     assert [rows[i] for i in range(len(rows))] == order
     rows.set_epoch(1)
     assert [rows[i] for i in range(len(rows))] == grouped_order(lengths, 8, seed=6)
+
+
+def _steps(order: list[int], step_rows: int, full: int) -> list[tuple[int, ...]]:
+    return [tuple(order[s:s + step_rows]) for s in range(0, full, step_rows)]
+
+
+@pytest.mark.parametrize("rank_rows", [8, 4])  # one rank, or two ranks of 4 rows in a step of 8
+def test_the_step_of_the_largest_pass_runs_first_and_the_steps_stay_the_same(rank_rows):
+    lengths = [(i * 389) % 1500 + 20 for i in range(203)]
+    shape = StepShape(rank_rows, 2, 4096)
+    for seed in range(4):
+        plain = grouped_order(lengths, 8, seed)
+        order = grouped_order(lengths, 8, seed, shape)
+        assert order == grouped_order(lengths, 8, seed, shape)  # a function of the seed: resume replays it
+        steps, before = _steps(order, 8, 200), _steps(plain, 8, 200)
+        assert sorted(steps) == sorted(before) and order[200:] == plain[200:]  # same steps, partial step last
+        sizes = [shape.largest_pass([lengths[i] for i in step]) for step in steps]
+        assert sizes[0] == max(sizes)
+        assert steps[1:] == [step for step in before if step != steps[0]]  # the others keep their shuffled order
+    # the largest pass of a step is a pass chunk_rows makes of one rank's rows
+    step = [1500, 1400, 1300, 100, 90, 80, 70, 60]
+    assert StepShape(8, 2, 4096).largest_pass(step) == 2 * padded(1500)  # each long row alone
+    assert StepShape(4, 2, 10**6).largest_pass(step) == 4 * 2 * padded(1500)  # rank 0's 4 rows in one pass
+
+
+def test_the_run_worst_pass_is_the_real_largest_of_its_epochs_within_the_bound():
+    lengths = [(i * 389) % 1500 + 20 for i in range(203)]
+    shape = StepShape(8, 2, 16384)
+    rows = LengthGroupedRows(list(range(203)), lengths, 8, seed=1, shape=shape)
+    per_epoch = [max(shape.largest_pass([lengths[i] for i in rows.order_of(e)[s:s + 8]]) for s in range(0, 203, 8))
+                 for e in range(3)]
+    assert rows.largest_pass(3) == max(per_epoch) and rows.largest_pass(1) == per_epoch[0]
+    whole_steps = [shape.largest_pass([lengths[i] for i in rows.order[s:s + 8]]) for s in range(0, 200, 8)]
+    assert whole_steps[0] == max(whole_steps)  # the partial last step (3 rows) is the only one that could hold more
+    assert rows.largest_pass(3) <= largest_pass_tokens(lengths, 2, 8, 16384)
 
 
 def test_padding_stays_under_ten_percent_on_the_bundled_demo_with_the_seed_batching(tiny_model_dir):
@@ -187,8 +225,9 @@ def test_merged_step_equals_accumulated_micro_steps(case, budget, tiny_model_dir
 
 
 def _train(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ALLOC_CONF_VARS}  # kllama train chooses the allocator
     out = subprocess.run([sys.executable, "-m", "kllama.cli", "train", *args], capture_output=True, text=True,
-                         timeout=300, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                         timeout=300, cwd=REPO, env={**env, "PYTHONUNBUFFERED": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
@@ -208,6 +247,8 @@ def test_cli_prints_the_merge_and_resumes_exactly_across_an_epoch(tiny_model_dir
     assert ("micro-batching: 1 x 4 accumulation -> each step's 4 pairs in as few passes of up to 16,384 tokens as fit "
             "(micro_batch_tokens; experts on the CPU") in full.stdout
     assert "first epoch: 3 steps, 3 in 1 pass" in full.stdout
+    assert "each epoch starts with its largest pass (" in full.stdout
+    assert "GPU allocator: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (set by kllama train" in full.stdout
     reference = _losses(tmp_path / "full")
     assert sorted(reference) == list(range(1, 7))  # 10 rows, 4 per step: 3 steps per epoch (the last has 2 rows)
     resumed = _train(*common, f"output_dir={tmp_path / 'resumed'}",

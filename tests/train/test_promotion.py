@@ -17,6 +17,7 @@ from kllama.train.promotion import (
     activation_bytes,
     build_promotion,
     estimate_promotion,
+    run_epochs,
     safety_margin,
 )
 
@@ -124,6 +125,45 @@ def test_the_seed_yaml_oom_case_would_not_have_promoted_three_layers():
                         peak_reserved=int(22.40 * GiB), end=int(15.1 * GiB))
     over = estimate_promotion([failed], worst_tokens=16384, budget=budget, layer_bytes=layer, candidates=17)
     assert over.layers == 0 and over.worst_bytes + over.margin > budget
+
+
+def test_seed_yaml_measured_at_its_largest_pass_promotes_two_layers_with_expandable_segments():
+    # The H200 run (V2-Lite, seed YAML, max_gpu_memory 24GB, 6 resident, lock-step reference): peak 19.7e9 bytes
+    # allocated at the run's largest pass, a resident layer 1.107e9 bytes. With the largest pass first, step 1
+    # measures it (no scaling). Expandable segments: fragmentation max(0.3e9 measured, 3 % x 19.7e9 = 0.591e9),
+    # margin 0.591e9 + 1 GiB = 1.665e9, room 24 - 19.7 - 1.665 = 2.635e9: two layers (peak 21.9e9), 8 of 26
+    # resident. The default allocator's 10 % floor (1.97e9) leaves 1.256e9: one layer.
+    layer, worst = int(1.107 * GB), int(19.7 * GB)
+    between = int(13.7 * GB)  # weights, 6 resident layers, stream slots, LoRA + Adam (any value: start == end)
+    step1 = StepMemory(tokens=15872, start=between, peak_allocated=worst, peak_reserved=worst + int(0.3 * GB),
+                       end=between)
+    expandable = estimate_promotion([step1], worst_tokens=15872, budget=24 * GB, layer_bytes=layer, candidates=20,
+                                    expandable=True)
+    assert expandable.worst_bytes == worst and expandable.fragmentation == int(0.03 * worst)
+    assert expandable.margin == int(0.03 * worst) + GiB
+    assert expandable.layers == 2
+    assert (worst + 2 * layer) / GB == pytest.approx(21.914)
+    default = estimate_promotion([step1], worst_tokens=15872, budget=24 * GB, layer_bytes=layer, candidates=20)
+    assert default.fragmentation == int(0.10 * worst) and default.layers == 1
+    # before the largest pass came first: step 1 was ~8k tokens (3.5e9 of activations, ~1e9 of them fixed), scaled
+    # in proportion to the 16,384-token bound: 7e9, worst 20.7e9; the default allocator's margin 2.07e9 + 1 GiB
+    # leaves no layer (the H200 run printed no promotion line)
+    small = StepMemory(tokens=8192, start=between, peak_allocated=between + int(3.5 * GB),
+                       peak_reserved=between + int(3.7 * GB), end=between)
+    assert estimate_promotion([small], worst_tokens=16384, budget=24 * GB, layer_bytes=layer,
+                              candidates=20).layers == 0
+    # a measured fragmentation above the floor still counts: 1.2e9 of holes leaves room for one layer
+    holes = StepMemory(tokens=15872, start=between, peak_allocated=worst, peak_reserved=worst + int(1.2 * GB),
+                       end=between)
+    assert estimate_promotion([holes], worst_tokens=15872, budget=24 * GB, layer_bytes=layer, candidates=20,
+                              expandable=True).layers == 1
+
+
+def test_run_epochs_counts_the_epochs_the_trainer_starts():
+    assert run_epochs(300, 8, 40, 3.0) == 2  # 38 steps an epoch (the last one partial): 40 steps start a second
+    assert run_epochs(300, 8, 38, 3.0) == 1
+    assert run_epochs(300, 8, -1, 2.5) == 3
+    assert run_epochs(300, 16, 0, 1.0) == 1
 
 
 def test_margin_is_a_gib_or_four_percent_of_the_budget():

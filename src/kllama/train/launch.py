@@ -62,12 +62,17 @@ def _int_var(env: Mapping[str, str], name: str, default: int, minimum: int) -> i
     return value
 
 
+def in_torchrun_worker(env: Mapping[str, str]) -> bool:
+    """Whether `env` is that of a process torchrun (or accelerate launch) started."""
+    return any(var in env for var in _WORKER_VARS)
+
+
 def torchrun_command(argv: Sequence[str], env: Mapping[str, str] | None = None, gpus: int | None = None,
                      ) -> list[str] | None:
     """The torchrun command line that runs `kllama <argv>` data-parallel, or None when this process should train
     itself (no FORCE_TORCHRUN and at most one GPU, or already a torchrun worker)."""
     env = os.environ if env is None else env
-    if any(var in env for var in _WORKER_VARS):
+    if in_torchrun_worker(env):
         return None
     gpus = visible_gpus() if gpus is None else gpus
     if env.get("FORCE_TORCHRUN", "0").lower() not in _TRUE and gpus <= 1:

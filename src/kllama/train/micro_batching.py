@@ -17,8 +17,11 @@ weighted by their rows, as accumulation averages it over micro-batches (its valu
 are grouped, as it does with any change of batch size).
 
 Merged micro-batches are grouped by length (`LengthGroupedRows`) so padding stays small: the rows of an epoch are
-shuffled, sorted by length inside windows of up to 50 steps, cut into steps, and the steps shuffled again; the order
-is a function of (seed, epoch) only, so resuming from a checkpoint replays it exactly.
+shuffled, sorted by length inside windows of up to 50 steps, cut into steps, and the steps shuffled again; then the
+step holding the epoch's largest pass (padded tokens) moves to the front, as transformers' LengthGroupedSampler puts
+its longest batch first "to OOM early": the first step's measured GPU memory is then the worst of the epoch, which is
+what `kllama.train.promotion` needs to make more layers resident after step 1. The order is a function of
+(seed, epoch) only, so resuming from a checkpoint replays it exactly.
 """
 from __future__ import annotations
 
@@ -119,6 +122,28 @@ class ChunkedCollator:
         return {"chunks": [self.collate([rows[i] for i in part]) for part in parts]}
 
 
+def pass_tokens(lengths: list[int], sequences_per_row: int, budget: int) -> list[int]:
+    """Padded tokens of each pass `chunk_rows` makes of one step's rows."""
+    return [len(part) * sequences_per_row * padded(max(lengths[i] for i in part))
+            for part in chunk_rows(lengths, sequences_per_row, budget)]
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """How a global step's rows become passes: `rank_rows` consecutive rows per data-parallel rank, each rank's rows
+    split by `chunk_rows` with `sequences_per_row` and `budget`."""
+
+    rank_rows: int
+    sequences_per_row: int
+    budget: int
+
+    def largest_pass(self, lengths: list[int]) -> int:
+        """Padded tokens of the largest pass any rank runs for a global step of rows of `lengths`."""
+        return max((t for r in range(0, len(lengths), self.rank_rows)
+                    for t in pass_tokens(lengths[r:r + self.rank_rows], self.sequences_per_row, self.budget)),
+                   default=0)
+
+
 def largest_pass_tokens(lengths: list[int], sequences_per_row: int, rows_per_step: int, budget: int) -> int:
     """The most padded tokens one pass can hold, whatever order the rows come in: `chunk_rows` starts a pass with its
     longest row (padded length L) and adds rows no longer than L while they fit `budget`, so such a pass holds at most
@@ -132,9 +157,13 @@ def largest_pass_tokens(lengths: list[int], sequences_per_row: int, rows_per_ste
     return best
 
 
-def worst_pass_tokens(train_rows: Any, stage: str, plan: BatchPlan | None, per_device_batch: int) -> int:
-    """`largest_pass_tokens` of a run's training rows: under a micro-batching `plan`, or for the user's own
-    per-device micro-batches when `plan` is None."""
+def worst_pass_tokens(train_rows: Any, stage: str, plan: BatchPlan | None, per_device_batch: int,
+                      epochs: int | None = None) -> int:
+    """The largest pass a run's training rows make: the real one of the `epochs` the run sees when the rows are a
+    `LengthGroupedRows` that knows its steps' shape, else `largest_pass_tokens` (a bound over every order) under a
+    micro-batching `plan`, or for the user's own per-device micro-batches when `plan` is None."""
+    if isinstance(train_rows, LengthGroupedRows) and train_rows.shape is not None and epochs:
+        return train_rows.largest_pass(epochs)
     lengths = train_rows.lengths if isinstance(train_rows, LengthGroupedRows) else row_lengths(train_rows, stage)
     sequences = _STAGE_ROWS[stage][1]
     if plan is None:
@@ -177,34 +206,48 @@ def why_not_merged(*, use_kt: bool, targets: Counter, budget: int, loss_type: st
     return next((reason for failed, reason in checks if failed), None)
 
 
-def describe(plan: BatchPlan, targets: Counter, passes: Counter, pad: float) -> str:
-    """The one line printed at start: what was merged and why."""
+def describe(plan: BatchPlan, targets: Counter, passes: Counter, pad: float, first_pass: int) -> str:
+    """The one line printed at start: what was merged and why, and the first step's largest pass."""
     spread = ", ".join(f"{count} in {n} pass{'es' if n > 1 else ''}" for n, count in sorted(passes.items()))
     return (f"micro-batching: {plan.user_batch} x {plan.user_accumulation} accumulation -> each step's "
             f"{plan.step_rows} {plan.unit} in as few passes of up to {plan.budget:,} tokens as fit "
             f"(micro_batch_tokens; {_experts_phrase(targets)}); first epoch: {sum(passes.values())} steps, "
-            f"{spread}; grouped by length, {pad:.1%} padding")
+            f"{spread}; grouped by length, {pad:.1%} padding; each epoch starts with its largest pass "
+            f"({first_pass:,} tokens), so GPU memory is measured at its worst first")
 
 
 class LengthGroupedRows(Dataset):
     """`rows` in a per-epoch order whose consecutive `step_rows` rows form one optimizer step of similar lengths.
 
     The order depends only on `seed + epoch` (set by accelerate's `set_epoch` before each epoch), so a resumed run
-    sees the same steps. A partial last step (len % step_rows rows) stays at the end, as the Trainer expects.
+    sees the same steps. A partial last step (len % step_rows rows) stays at the end, as the Trainer expects. With a
+    `shape`, the whole step holding the epoch's largest pass runs first (`grouped_order`).
     """
 
-    def __init__(self, rows: Any, lengths: list[int], step_rows: int, seed: int) -> None:
+    def __init__(self, rows: Any, lengths: list[int], step_rows: int, seed: int,
+                 shape: StepShape | None = None) -> None:
         if len(lengths) != len(rows):
             raise ValueError(f"{len(lengths)} lengths for {len(rows)} rows")
-        self.rows, self.lengths, self.step_rows, self.seed = rows, lengths, step_rows, seed
+        self.rows, self.lengths, self.step_rows, self.seed, self.shape = rows, lengths, step_rows, seed, shape
         self.epoch = 0
-        self.order = grouped_order(lengths, step_rows, seed)
+        self.order = self.order_of(0)
+
+    def order_of(self, epoch: int) -> list[int]:
+        """The row order of `epoch`."""
+        return grouped_order(self.lengths, self.step_rows, self.seed + epoch, self.shape)
 
     def set_epoch(self, epoch: int) -> None:
         """Reorder for `epoch` (called by the data loader before each epoch)."""
         if epoch != self.epoch:
             self.epoch = epoch
-            self.order = grouped_order(self.lengths, self.step_rows, self.seed + epoch)
+            self.order = self.order_of(epoch)
+
+    def largest_pass(self, epochs: int) -> int:
+        """Padded tokens of the largest pass of the first `epochs` epochs (needs a `shape`)."""
+        assert self.shape is not None
+        return max(self.shape.largest_pass([self.lengths[i] for i in order[s:s + self.step_rows]])
+                   for order in (self.order_of(e) for e in range(epochs))
+                   for s in range(0, len(order), self.step_rows))
 
     def __len__(self) -> int:
         return len(self.order)
@@ -213,8 +256,9 @@ class LengthGroupedRows(Dataset):
         return self.rows[self.order[index]]
 
 
-def grouped_order(lengths: list[int], step_rows: int, seed: int) -> list[int]:
-    """Row indices: shuffled, sorted (longest first) within windows of whole steps, steps shuffled again."""
+def grouped_order(lengths: list[int], step_rows: int, seed: int, shape: StepShape | None = None) -> list[int]:
+    """Row indices: shuffled, sorted (longest first) within windows of whole steps, steps shuffled again; with a
+    `shape`, the first whole step holding the largest pass (`StepShape.largest_pass`) then moves to the front."""
     rng = random.Random(seed)
     indices = list(range(len(lengths)))
     rng.shuffle(indices)
@@ -228,6 +272,9 @@ def grouped_order(lengths: list[int], step_rows: int, seed: int) -> list[int]:
         block = sorted(head[start:start + window], key=lambda i: -lengths[i])
         steps += [block[s:s + step_rows] for s in range(0, len(block), step_rows)]
     rng.shuffle(steps)
+    if shape is not None and steps:
+        sizes = [shape.largest_pass([lengths[i] for i in step]) for step in steps]
+        steps.insert(0, steps.pop(sizes.index(max(sizes))))
     return [i for step in steps for i in step] + sorted(tail, key=lambda i: -lengths[i])
 
 
@@ -288,8 +335,11 @@ def apply_micro_batching(config: Any, engine: Any, train_set: Any, collate: Any,
     lengths = row_lengths(train_set, f.stage)
     # A data-parallel step gives each rank `step_rows` consecutive rows: group all ranks' rows of a step together,
     # so every step holds the same rows whatever the rank count (a resume on another count continues exactly).
-    train_set = LengthGroupedRows(train_set, lengths, plan.step_rows * world_size(), t.seed)
+    # The step of the epoch's largest pass runs first, so promotion measures the worst pass at step 1.
+    shape = StepShape(plan.step_rows, sequences, budget)
+    train_set = LengthGroupedRows(train_set, lengths, plan.step_rows * world_size(), t.seed, shape)
     passes = passes_per_step(lengths, train_set.order, plan.step_rows, sequences, budget)
     pad = padding_fraction(lengths, train_set.order, plan.step_rows, sequences, budget)
-    print(describe(plan, targets, passes, pad), flush=True)
+    first_pass = shape.largest_pass([lengths[i] for i in train_set.order[:train_set.step_rows]])
+    print(describe(plan, targets, passes, pad, first_pass), flush=True)
     return train_set, ChunkedCollator(collate, f.stage, budget), plan

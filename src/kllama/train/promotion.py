@@ -2,26 +2,47 @@
 
 At load, `max_gpu_memory` keeps a fixed reserve free for a step's activations (`promote_resident_layers`: 60 % of
 the budget, at least 8 GiB), because nothing has run yet. On the seed YAML under a 24 GB cap that left ~4 GB of the
-cap unused (peak 19.7 GB, V2-Lite): three more of the ~1.1 GB layers, each of which a step otherwise copies three
-times. So after a step has run, `ResidentPromotion` reads what the step really used and makes more layers resident
-in what is left, while worst step + margin + the promoted layers' bytes stay within the budget:
+cap unused (peak 19.7 GB, V2-Lite): more of the ~1.1 GB layers, each of which a step otherwise copies twice (lock-step
+reference). So after a step has run, `ResidentPromotion` reads what the step really used and makes more layers
+resident in what is left, while worst step + margin + the promoted layers' bytes stay within the budget:
 
     worst step = allocated between steps (weights, stream slots, LoRA, optimiser state)
-               + activations of the largest pass the run can make (`worst_tokens`, from the data and
-                 micro_batch_tokens; scaled from the measured passes, see `activation_bytes`)
+               + activations of the largest pass the run makes (`worst_tokens`: the real largest pass of the
+                 epochs the run sees, from the data and micro_batch_tokens; scaled from the measured passes when
+                 none was that large, see `activation_bytes`)
     margin     = the allocator's fragmentation (`fragmentation_bytes`: reserved but unusable bytes at the fullest
-                 measured step's peak, grown with the activations, and never below `FRAGMENTATION_FLOOR` of
-                 the worst step's allocation)
+                 measured step's peak, grown with the activations, and never below the floor, a share of the
+                 worst step's allocation: `FRAGMENTATION_FLOOR`, 10 % with torch's default allocator, 3 % with
+                 expandable segments, which `kllama train` sets: `kllama.train.allocator`)
                + a safety margin (`safety_margin`)
 
+The micro-batched order runs the step of each epoch's largest pass first (`kllama.train.micro_batching`), so step 1
+measures the worst pass itself and the promotion comes right after it; before that order the first steps were small
+(~6-10k tokens), were scaled in proportion to a 16,384-token bound, which over-estimates, and nothing was promoted in
+a 40-step run.
+
 The cap is enforced on the caching allocator's *reserved* memory (`set_per_process_memory_fraction`), so the
-fragmentation term counts against it. The first steps under-show it: after the promotion on the seed YAML (24 GB
-cap, V2-Lite) step 8 died with 20.28 GiB allocated but 22.04 GiB reserved (1.76 GiB of holes, 8.7 % of the
-allocation) and a 364 MiB request that fit in none of them, under a 22.35 GiB cap, although the steps measured
-before had predicted 1 GiB to spare. Hence the floor. The safety margin covers what one step cannot show: other
-pass shapes at the same token count (rows x length: attention and mask buffers) and workspaces of GEMM shapes not
-run yet. A later step (a larger pass measured, a second pass size to fit a line through) can tighten the estimate
-and promote more.
+fragmentation term counts against it. With the default allocator the first steps under-show it: after a promotion on
+the seed YAML (24 GB cap, V2-Lite) step 8 died with 20.28 GiB allocated but 22.04 GiB reserved (1.76 GiB of holes,
+8.7 % of the allocation) and a 364 MiB request that fit in none of them, under a 22.35 GiB cap, although the steps
+measured before had predicted 1 GiB to spare. Hence the 10 % floor. With expandable segments a free page between
+live blocks is unmapped and reused when the cap is reached, so only partly used pages are lost: a 3 % floor, the
+measured fragmentation (reserved above allocated at the peaks; torch leaves expandable segments out of
+`inactive_split_bytes`) still counting when larger. The safety margin covers what one step cannot show: other pass
+shapes at the same token count (rows x length: attention and mask buffers) and workspaces of GEMM shapes not run
+yet. A later step (a larger pass measured, a second pass size to fit a line through) can tighten the estimate and
+promote more.
+
+The seed YAML's numbers (V2-Lite, `max_gpu_memory: 24GB` = 24.0e9 bytes, 6 layers resident at load, a layer
+1.107e9 bytes resident; measured peak 19.7e9 allocated at the run's largest pass), now measured at step 1:
+
+    fragmentation  = max(measured, 3 % x 19.7e9 = 0.591e9)          -> 0.591e9 (expandable segments)
+    margin         = 0.591e9 + max(1 GiB, 4 % x 24e9) = 0.591e9 + 1.074e9 = 1.665e9
+    room           = 24.0e9 - 19.7e9 - 1.665e9 = 2.635e9             -> 2 layers (2.214e9), peak 21.9e9
+    default allocator: fragmentation 1.97e9, margin 3.044e9, room 1.256e9 -> 1 layer
+
+so 8 of 26 layers resident, 18 streamed (`tests/train/test_promotion.py`); a step then copies 2 x 18 - 2 = 34
+layers per pass pair instead of 38.
 
 Should a step still run out of GPU memory after a promotion, the trainer demotes every layer promoted here, reruns
 the step from the state it began with, and promotes nothing more in that run (`KllamaTrainer.training_step`,
@@ -33,11 +54,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import math
+import os
+
 import torch
 from transformers import TrainerCallback
 
 from kllama.config import parse_bytes
 from kllama.model.engine_setup import demote_layer, promote_layers
+from kllama.train.allocator import expandable_segments
+from kllama.train.distributed import world_size
 from kllama.train.micro_batching import worst_pass_tokens
 
 GiB = 2**30
@@ -45,8 +71,10 @@ GiB = 2**30
 # pass; closer points (noise in rows x length) fall back to the proportional estimate, which over-estimates.
 MIN_FIT_SPREAD = 0.25
 # Fragmentation kept free, as a share of the predicted allocation at the worst step's peak, however little the measured
-# steps showed: the seed-YAML OOM had 8.7 % of its allocation in holes, plus a request that fit in none (docstring).
-FRAGMENTATION_FLOOR = 0.10
+# steps showed, by whether the allocator uses expandable segments: with the default one the seed-YAML OOM had 8.7 %
+# of its allocation in holes, plus a request that fit in none; expandable segments unmap free pages between live
+# blocks when the cap is reached, losing only partly used 20 MiB pages (docstring).
+FRAGMENTATION_FLOOR: dict[bool, float] = {False: 0.10, True: 0.03}
 
 
 def safety_margin(budget: int) -> int:
@@ -101,14 +129,14 @@ def activation_bytes(steps: list[StepMemory], tokens: int) -> int:
     return int(max(a for t, a in points if t == largest_t) * tokens / largest_t)
 
 
-def fragmentation_bytes(steps: list[StepMemory], allocated: int, activations: int) -> int:
+def fragmentation_bytes(steps: list[StepMemory], allocated: int, activations: int, floor: float) -> int:
     """Reserved-but-unusable bytes to keep free beside a predicted peak allocation of `allocated` bytes, of which
     `activations` are the step's own: the fragmentation measured at the fullest step's peak (a smaller step after it
     still finds the larger one's blocks cached, which says nothing about fragmentation), grown in proportion when
-    the activations are scaled beyond it, and at least `FRAGMENTATION_FLOOR` of `allocated`."""
+    the activations are scaled beyond it, and at least `floor` (a `FRAGMENTATION_FLOOR`) of `allocated`."""
     fullest = max(reversed(steps), key=lambda s: s.peak_allocated)
     growth = max(1.0, activations / max(fullest.activations, 1))
-    return max(int(fullest.fragmentation * growth), int(FRAGMENTATION_FLOOR * allocated))
+    return max(int(fullest.fragmentation * growth), int(floor * allocated))
 
 
 @dataclass(frozen=True)
@@ -122,13 +150,14 @@ class PromotionEstimate:
 
 
 def estimate_promotion(steps: list[StepMemory], *, worst_tokens: int, budget: int, layer_bytes: int,
-                       candidates: int) -> PromotionEstimate:
+                       candidates: int, expandable: bool = False) -> PromotionEstimate:
     """How many of `candidates` streamed layers of `layer_bytes` each to make resident under `budget` (the cap on
-    reserved memory) after the measured `steps` (see the module docstring for the estimate)."""
+    reserved memory) after the measured `steps`, the allocator using expandable segments or not (see the module
+    docstring for the estimate)."""
     activations = activation_bytes(steps, worst_tokens)
     worst = steps[-1].end + activations
     # the promoted layers' own blocks are allocated once, after an empty_cache, whole: they add no holes
-    fragmentation = fragmentation_bytes(steps, worst, activations)
+    fragmentation = fragmentation_bytes(steps, worst, activations, FRAGMENTATION_FLOOR[expandable])
     margin = fragmentation + safety_margin(budget)
     fit = max(0, (budget - worst - margin) // layer_bytes) if layer_bytes > 0 else 0
     return PromotionEstimate(worst, int(min(candidates, fit)), margin, fragmentation)
@@ -141,9 +170,9 @@ class ResidentPromotion(TrainerCallback):
     promotion and stops further ones (the trainer's answer to a step that ran out of GPU memory)."""
 
     def __init__(self, engine: Any, device: torch.device, budget: int, worst_tokens: int,
-                 announce: bool = True) -> None:
+                 announce: bool = True, expandable: bool = False) -> None:
         self.engine, self.device, self.budget, self.worst_tokens = engine, device, budget, worst_tokens
-        self.announce = announce
+        self.announce, self.expandable = announce, expandable
         self.steps: list[StepMemory] = []
         self.promoted: list[str] = []
         self.enabled = True
@@ -216,7 +245,7 @@ class ResidentPromotion(TrainerCallback):
             return
         layer_bytes = max(self.engine.modules[name].dense_bytes() for name in streamed)  # resident: compute dtype
         estimate = estimate_promotion(self.steps, worst_tokens=self.worst_tokens, budget=self.budget,
-                                      layer_bytes=layer_bytes, candidates=len(streamed))
+                                      layer_bytes=layer_bytes, candidates=len(streamed), expandable=self.expandable)
         if estimate.layers == 0:
             return
         torch.cuda.empty_cache()  # the new resident blocks get fresh segments, not holes between cached activations
@@ -242,7 +271,31 @@ def build_promotion(config: Any, engine: Any, device: torch.device, train_rows: 
     `max_gpu_memory`, or no layer streaming its training passes."""
     if engine is None or device.type != "cuda" or not config.engine.max_gpu_memory or train_rows is None:
         return None
-    worst = worst_pass_tokens(train_rows, config.finetuning.stage, plan, config.training.per_device_train_batch_size)
+    t = config.training
+    epochs = None if plan is None else run_epochs(len(train_rows), plan.step_rows * world_size(), t.max_steps,
+                                                  t.num_train_epochs)
+    worst = worst_pass_tokens(train_rows, config.finetuning.stage, plan, t.per_device_train_batch_size, epochs)
     budget = min(parse_bytes(config.engine.max_gpu_memory), torch.cuda.get_device_properties(device).total_memory)
-    promotion = ResidentPromotion(engine, device, budget, worst, announce=announce)
+    promotion = ResidentPromotion(engine, device, budget, worst, announce=announce,
+                                  expandable=allocator_expandable())
     return promotion if promotion.streamed() else None
+
+
+def run_epochs(rows: int, rows_per_step: int, max_steps: int, num_train_epochs: float) -> int:
+    """Epochs (whole or started) a run of `rows` training rows, `rows_per_step` a step, goes through: as the Trainer
+    counts them, `max_steps` (when > 0) over the steps of an epoch (the last one partial), else `num_train_epochs`
+    rounded up."""
+    steps_per_epoch = max(1, math.ceil(rows / max(rows_per_step, 1)))
+    if max_steps > 0:
+        return max(1, math.ceil(max_steps / steps_per_epoch))
+    return max(1, math.ceil(num_train_epochs))
+
+
+def allocator_expandable() -> bool:
+    """Whether this process's CUDA caching allocator uses expandable segments: the settings torch parsed where it
+    tells them (`torch._C._accelerator_getAllocatorSettings`; an environment set after CUDA started does not
+    count), else the environment."""
+    settings = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    if settings is not None:
+        return expandable_segments({"PYTORCH_ALLOC_CONF": settings()})
+    return expandable_segments(os.environ)
