@@ -73,6 +73,36 @@ def test_two_threads_and_small_chunks_match_and_restore_thread_count() -> None:
     assert torch.get_num_threads() == before
 
 
+def test_device_executor_runs_a_pass_in_chunk_size_spans_with_the_unchunked_numbers() -> None:
+    # the GPU targets (gpu, stream) cut a pass into `chunk_size`-token spans like the CPU does, so a 16k-token
+    # training pass's transient buffers exist for 8k tokens at a time; output and every gradient equal the one-span
+    # pass (on CUDA where there is one, else the same executor code on the CPU device)
+    from dataclasses import replace
+
+    from kllama.experts.stream import DeviceExecutor
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_tiny_model("deepseek_v2", seed=0, dtype=torch.float32)
+    engine = install_expert_engine(model, lambda name: ExpertPlacement.from_mode("gpu", chunk_size=5), device)
+    layer = next(iter(engine.modules.values()))
+    executor = DeviceExecutor(stream=False)
+    assert executor.chunks(layer, 22) == [slice(0, 5), slice(5, 10), slice(10, 15), slice(15, 20), slice(20, 22)]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(22, layer.hidden_dim, generator=gen).to(device)
+    index = torch.rand(22, layer.num_experts, generator=gen).topk(2, dim=-1).indices.to(device)
+    weights = torch.rand(22, 2, generator=gen).to(device)
+    grad_out = torch.randn(22, layer.hidden_dim, generator=gen).to(device)
+    results = []
+    for chunk_size in (5, 8192):
+        layer.placement = replace(layer.placement, chunk_size=chunk_size)
+        out, saved = executor.forward(layer, x, index, weights, (), (), keep=True)
+        assert len(saved.chunks) == (5 if chunk_size == 5 else 1)
+        grads = executor.backward(layer, saved, grad_out, (), (), [True, True])
+        results.append((out, *grads))
+    for chunked, whole in zip(*results):
+        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_activation_checkpointing_matches_stock(reentrant: bool) -> None:
     # the saved pre-activations go through save_for_backward: checkpointing drops them in the first forward and its

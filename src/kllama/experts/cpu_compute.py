@@ -49,12 +49,6 @@ def intra_op_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def token_chunks(num_tokens: int, chunk_size: int) -> list[slice]:
-    """`[0, num_tokens)` cut into spans of at most `chunk_size` tokens."""
-    step = max(1, chunk_size)
-    return [slice(start, min(start + step, num_tokens)) for start in range(0, num_tokens, step)]
-
-
 def expert_groups(top_k_index: Tensor) -> list[tuple[int, Tensor]]:
     """`top_k_index [T, K]` (host) -> `[(expert, rows)]`, rows being the flat `(token * K + slot)` indices routed to
     that expert, in ascending expert order (experts without rows are left out)."""
@@ -167,9 +161,6 @@ class CpuExecutor(PassExecutor):
 
     def device(self, module: "HostExperts") -> torch.device:
         return torch.device("cpu")
-
-    def chunks(self, module: "HostExperts", num_tokens: int) -> list[slice]:
-        return token_chunks(num_tokens, module.placement.chunk_size)
 
     def weights(self, module: "HostExperts", num_tokens: int, backward: bool, training: bool) -> tuple[Tensor, Tensor]:
         return module.dense_host_weights()

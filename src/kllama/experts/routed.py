@@ -54,6 +54,12 @@ class Routing:
         return self._counts
 
 
+def token_chunks(num_tokens: int, chunk_size: int) -> list[slice]:
+    """`[0, num_tokens)` cut into spans of at most `chunk_size` tokens."""
+    step = max(1, chunk_size)
+    return [slice(start, min(start + step, num_tokens)) for start in range(0, num_tokens, step)]
+
+
 def route(top_k_index: Tensor, num_experts: int) -> Routing:
     """Group the rows of `top_k_index [T, K]` by expert (no host sync)."""
     top_k = top_k_index.shape[1]
@@ -298,7 +304,10 @@ class PassExecutor:
         return module.compute_device
 
     def chunks(self, module: "HostExperts", num_tokens: int) -> list[slice]:
-        return [slice(0, num_tokens)]
+        """Token spans of at most the placement's `chunk_size` (KTransformers' key, 8192 by default): the pass's
+        transient buffers (gathered rows, pre-activations' gradients: ~3 GB for a 16k-token V2-Lite backward) exist
+        for one span at a time; the saved pre-activations are those of the whole pass either way."""
+        return token_chunks(num_tokens, module.placement.chunk_size)
 
     def weights(self, module: "HostExperts", num_tokens: int, backward: bool, training: bool) -> tuple[Tensor, Tensor]:
         """The weights a pass computes with; `training` says a backward follows (it decides which layers stream)."""
