@@ -1,5 +1,6 @@
 """The C++ CPU expert kernel computes what the torch expert math computes, on every instruction-set path this CPU
-runs (a machine with AVX512-BF16 checks four paths, an AVX2 machine two), and the engine's no-grad pass uses it."""
+runs (a machine with AVX512-BF16 checks four paths, an AVX2 machine two), for bf16, int8 and fp8 weights, and the
+engine's no-grad pass uses it."""
 from __future__ import annotations
 
 import os
@@ -10,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from torch.nn.functional import silu
+from transformers import DynamicCache
 
-from kllama.experts import ExpertPlacement, HostExperts
-from kllama.experts.cpu_compute import cpu_infer_forward
+from kllama.experts import ExpertPlacement, HostExperts, install_expert_engine
+from kllama.experts import cpu_compute
+from kllama.experts.cpu_compute import cpu_infer_forward, kernel_operands
 from kllama.experts.cpu_kernels import (
     ISAS,
     KERNEL_MAX_TOKENS,
@@ -26,7 +29,9 @@ from kllama.experts.cpu_kernels import (
     reference_layer,
 )
 from kllama.experts.lora import ExpertLoRA
-from kllama.experts.quant import QuantizedWeight, quantize_int8
+from kllama.experts.quant import QuantizedWeight, dequantize, quantize, quantize_int8
+from kllama.infer.kv_cache import cache_argument
+from kllama.model.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 needs_kernel = pytest.mark.skipif(_why_not_buildable() is not None, reason="no C++ toolchain to build the kernel")
@@ -37,13 +42,18 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def layer(dtype: torch.dtype, experts: int, hidden: int, inter: int, rank: int, seed: int = 0) -> tuple:
-    """Weights (bf16, or int8 + per-row scales) and bf16 LoRA factors of one random layer."""
+    """Weights (bf16, int8 + per-row scales, or fp8 + 128x128 block scales, gate_up on two grids) and bf16 LoRA
+    factors of one random layer."""
     gen = torch.Generator().manual_seed(seed)
     gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen) * 0.1
     down = torch.randn(experts, hidden, inter, generator=gen) * 0.1
     scales: dict = {}
     if dtype == torch.int8:
         (gate_up, scales["gate_up_scale"]), (down, scales["down_scale"]) = _int8_rows(gate_up), _int8_rows(down)
+    elif dtype == torch.float8_e4m3fn:
+        gate_up, down = quantize(gate_up, "fp8", projections=2), quantize(down, "fp8")
+        scales = {"gate_up_scale": gate_up.scale, "down_scale": down.scale}
+        gate_up, down = gate_up.data, down.data
     else:
         gate_up, down = gate_up.to(dtype), down.to(dtype)
     lora = {
@@ -82,11 +92,12 @@ def test_kernel_threads_are_torchs_intra_op_threads() -> None:
 
 
 # shapes with vector tails (83, 45) and without (128, 64); 20 tokens of top-6 over 8 experts put more than 8 rows on
-# one expert (the kernel's register block)
+# one expert (the kernel's register block); 301 x 150 spans fp8 scale blocks, the last ones partial (a masked tail in
+# a block, and gate_up's two grids of 2 block rows each where one grid of 300 rows would have 3)
 @needs_kernel
 @pytest.mark.parametrize("isa", list(ISAS))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
-@pytest.mark.parametrize(("tokens", "hidden", "inter"), [(1, 128, 64), (3, 83, 45), (20, 128, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize(("tokens", "hidden", "inter"), [(1, 128, 64), (3, 83, 45), (20, 128, 64), (4, 301, 150)])
 @pytest.mark.parametrize("with_lora", [False, True])
 def test_kernel_matches_the_fp32_reference(isa: str, dtype: torch.dtype, tokens: int, hidden: int, inter: int,
                                            with_lora: bool) -> None:
@@ -99,7 +110,8 @@ def test_kernel_matches_the_fp32_reference(isa: str, dtype: torch.dtype, tokens:
     got = expert_layer(x, index, weights, gate_up, down, isa=isa, **kwargs)
     expected = reference_layer(x, index, weights, gate_up, down, **kwargs)
     assert got.dtype == torch.float32 and got.shape == (tokens, hidden)
-    # bf16 weights: the activation read by down is rounded to bf16 (~2^-9 relative per element); int8: fp32 all along
+    # bf16 weights: the activation read by down is rounded to bf16 (~2^-9 relative per element); int8, fp8: fp32 all
+    # along
     assert rel(got, expected) < (5e-3 if dtype == torch.bfloat16 else 1e-5)
     if isa != "scalar":  # every path computes the same products; only the summation order differs
         scalar = expert_layer(x, index, weights, gate_up, down, isa="scalar", **kwargs)
@@ -196,3 +208,83 @@ def test_engine_pass_runs_int8_experts_in_the_kernel() -> None:
     torch_path = cpu_infer_forward(x, index, weights, *quantized, silu, use_kernel=False)  # quant_compute's forms
     assert torch.equal(got, kernel)
     assert rel(got, torch_path) < 1e-2
+
+
+@needs_kernel
+def test_fp8_conversion_of_every_path_equals_torchs_cast_for_every_code() -> None:
+    # an e4m3fn byte shifted into fp16 bits is value * 2^-8 for normals and subnormals alike; the NaN codes (0x7f,
+    # 0xff) are never produced by quantizing
+    codes = torch.arange(256, dtype=torch.uint8)
+    finite = (codes & 0x7F) != 0x7F
+    expected = codes.view(torch.float8_e4m3fn).float()
+    for isa in kernel_isas():
+        got = torch.empty(256)
+        kernel_status().module.fp8_values(codes, got, ISAS[isa])
+        assert torch.equal(got[finite], expected[finite]), isa
+        assert torch.equal(got[finite].signbit(), expected[finite].signbit()), isa  # -0 stays -0
+
+
+def fp8_pair(gen: torch.Generator, experts: int, hidden: int, inter: int, gate_up_grids: int = 2,
+             ) -> list[QuantizedWeight]:
+    gate_up, down = (torch.randn(experts, 2 * inter, hidden, generator=gen) * 0.1,
+                     torch.randn(experts, hidden, inter, generator=gen) * 0.1)
+    return [quantize(gate_up, "fp8", projections=gate_up_grids, dtype=torch.bfloat16),
+            quantize(down, "fp8", dtype=torch.bfloat16)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_engine_pass_runs_fp8_experts_in_the_kernel(tokens: int) -> None:
+    gen = torch.Generator().manual_seed(5)
+    quantized = fp8_pair(gen, 8, 200, 160)
+    index, weights = routing(tokens, 8, 2)
+    x = torch.randn(tokens, 200, generator=gen).bfloat16()
+    got = cpu_infer_forward(x, index, weights, *quantized, silu)
+    kernel = expert_layer(x, index, weights, quantized[0].data, quantized[1].data, gate_up_scale=quantized[0].scale,
+                          down_scale=quantized[1].scale).to(x.dtype)
+    torch_path = cpu_infer_forward(x, index, weights, *quantized, silu, use_kernel=False)  # dequantized to bf16
+    assert torch.equal(got, kernel)
+    assert rel(got, torch_path) < 1e-2
+
+
+@needs_kernel
+def test_fp8_gate_up_on_one_grid_goes_to_the_kernel_only_where_its_blocks_are_the_same() -> None:
+    gen = torch.Generator().manual_seed(6)
+    index, weights = routing(3, 8, 2)
+    for inter, kernel_takes in ((160, False), (128, True)):  # 160: one 320-row grid mixes gate and up rows
+        gate_up, down = fp8_pair(gen, 8, 64, inter, gate_up_grids=1)
+        assert (kernel_operands(gate_up, down) is not None) == kernel_takes
+        x = torch.randn(3, 64, generator=gen).bfloat16()
+        got = cpu_infer_forward(x, index, weights, gate_up, down, silu)
+        expected = reference_layer(x, index, weights, dequantize(gate_up).float(), dequantize(down).float())
+        assert rel(got, expected) < 1e-2
+    int8_down = QuantizedWeight(*quantize_int8(dequantize(down)), torch.bfloat16)
+    assert kernel_operands(gate_up, int8_down) is None  # mixed schemes: the torch path
+
+
+@needs_kernel
+def test_tiny_model_decodes_fp8_experts_in_the_kernel_as_the_dequantized_bf16_torch_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a prefill and four cached single-token steps of a bf16 model whose routed experts are fp8 on the CPU (expert
+    # width 160: gate_up on two block grids with partial blocks)
+    model = build_tiny_model("deepseek_v2", seed=0, dtype=torch.bfloat16, moe_intermediate_size=160)
+    install_expert_engine(model, lambda name: ExpertPlacement.from_mode("cpu"), "cpu", expert_dtype="fp8")
+    ids = torch.randint(0, 2000, (1, 9), generator=torch.Generator().manual_seed(7))
+
+    def decode() -> torch.Tensor:
+        cache = {cache_argument(model): DynamicCache(config=model.config)}
+        with torch.no_grad():
+            logits = [model(ids[:, :5], use_cache=True, **cache).logits[:, -1]]
+            for step in range(5, 9):
+                logits.append(model(ids[:, step:step + 1], use_cache=True, **cache).logits[:, -1])
+        return torch.cat(logits).float()
+
+    calls = []
+    real_layer = cpu_compute.expert_layer
+    monkeypatch.setattr(cpu_compute, "expert_layer", lambda *a, **k: calls.append(1) or real_layer(*a, **k))
+    kernel = decode()
+    assert len(calls) == 5 * model.config.num_hidden_layers - 5 * model.config.first_k_dense_replace
+    monkeypatch.setattr(cpu_compute, "kernel_runs", lambda *a, **k: False)  # quant_compute: dequantize, bf16 GEMM
+    torch_path = decode()
+    assert len(calls) == 5 * model.config.num_hidden_layers - 5 * model.config.first_k_dense_replace
+    assert rel(kernel, torch_path) < 2e-2

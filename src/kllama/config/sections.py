@@ -165,8 +165,9 @@ class EngineArguments:
     max_gpu_memory: str | None = arg(None, "GPU memory budget, e.g. 24GB: routed experts stay resident while it allows.")
     expert_dtype: str = arg(
         "auto", "How routed experts are held in host RAM: bf16 (not quantized: the model's weights dtype), int8 "
-        "(per output channel; fastest CPU decode), fp8 (e4m3, 128x128 block scales; streamed passes copy half the "
-        "bytes of bf16), or auto (an fp8 checkpoint's experts stay fp8 as stored, others are not quantized). "
+        "(per output channel; fast CPU decode and prefill), fp8 (e4m3, 128x128 block scales; streamed passes copy "
+        "half the bytes of bf16, CPU decode as fast as int8), or auto (an fp8 checkpoint's experts stay fp8 as "
+        "stored, others are not quantized). "
         "Quantized weights are dequantized on the GPU for streamed/resident passes; LoRA stays in full precision.",
         choices=("auto", "bf16", "fp8", "int8"),
     )

@@ -2,9 +2,9 @@
 
 Training passes (a backward follows) run `routed.py`'s math, shared with the GPU targets, on host copies of their
 inputs. No-grad passes (decode, prefill, reference passes) run `cpu_infer_forward`, the same math written for a few
-tokens: up to 64 tokens with bf16 or int8 weights and SiLU it is one call of the C++ kernel (`cpu_kernels.py`: both
-matrix stages fused over all selected experts, no GIL, near memory bandwidth); otherwise (and for fp8 experts) rows
-are grouped by expert without a sort, each selected expert's weights are read once by two GEMMs (bf16 through
+tokens: up to 64 tokens with bf16, int8 or fp8 weights and SiLU it is one call of the C++ kernel (`cpu_kernels.py`:
+both matrix stages fused over all selected experts, no GIL, near memory bandwidth); otherwise rows are grouped by
+expert without a sort, each selected expert's weights are read once by two GEMMs (bf16 through
 oneDNN's `linear`, which picks AMX, AVX-512 or AVX2 kernels; quantized ones through `quant_compute`), and the top-k
 rows of a token are summed in fp32 and rounded once. A no-grad pass costs
 the device one wait: its inputs go to pinned host buffers with non-blocking copies followed by one stream sync, and
@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.nn.functional import linear
 
 from kllama.experts.cpu_kernels import expert_layer, kernel_runs
-from kllama.experts.quant import ExpertWeight, QuantizedWeight
+from kllama.experts.quant import BLOCK, ExpertWeight, QuantizedWeight
 from kllama.experts.quant_compute import quant_expert_gemm
 from kllama.experts.routed import PassExecutor, SavedPass
 
@@ -81,15 +81,22 @@ def expert_product(x: Tensor, weights: ExpertWeight, expert: int) -> Tensor:
 
 
 def kernel_operands(gate_up: ExpertWeight, down: ExpertWeight) -> tuple[Tensor, Tensor, dict[str, Tensor]] | None:
-    """The weights as the C++ kernel takes them: plain tensors, or int8 QuantizedWeights as their values plus
-    `gate_up_scale` / `down_scale` (per output row); None for fp8, which the kernel does not read."""
+    """The weights as the C++ kernel takes them: plain tensors, or QuantizedWeights of one scheme as their values plus
+    `gate_up_scale` / `down_scale` (int8: per output row; fp8: 128x128 blocks, gate_up on a grid per projection);
+    None for what the kernel does not read (mixed schemes, an fp8 gate_up on one grid where two differ)."""
     if isinstance(gate_up, QuantizedWeight) and isinstance(down, QuantizedWeight):
-        if gate_up.scheme != "int8" or down.scheme != "int8":
+        if gate_up.scheme != down.scheme or (gate_up.scheme == "fp8" and not _fp8_grids_fit(gate_up, down)):
             return None
         return gate_up.data, down.data, {"gate_up_scale": gate_up.scale, "down_scale": down.scale}
     if isinstance(gate_up, QuantizedWeight) or isinstance(down, QuantizedWeight):
         return None
     return gate_up, down, {}
+
+
+def _fp8_grids_fit(gate_up: QuantizedWeight, down: QuantizedWeight) -> bool:
+    # the kernel reads gate_up's scales as two block grids (gate rows, up rows) and down's as one; a one-grid gate_up
+    # is the same layout when the width is a whole number of blocks
+    return down.projections == 1 and (gate_up.projections == 2 or down.shape[-1] % BLOCK == 0)
 
 
 def cpu_infer_forward(
@@ -108,7 +115,7 @@ def cpu_infer_forward(
     weight applied to the activation in the weights' dtype, top-k rows summed in fp32); `lora` maps a projection
     to its per-expert factors `(a [E, r, in], b [E, out, r])` with the scaling folded into b.
 
-    A pass the C++ kernel takes (`cpu_kernels.kernel_runs`: up to 64 tokens, bf16 or int8 weights, SiLU) runs there
+    A pass the C++ kernel takes (`cpu_kernels.kernel_runs`: up to 64 tokens, bf16/int8/fp8 weights, SiLU) runs there
     in one call, unless `use_kernel` is False; the rest runs the torch loop below."""
     operands = kernel_operands(gate_up, down) if use_kernel else None
     if operands is not None and kernel_runs(operands[0], operands[1], act_fn, x.shape[0], lora):

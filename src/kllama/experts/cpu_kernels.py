@@ -5,18 +5,24 @@ from DRAM, and torch's best form (`linear`, oneDNN) reached 61 % of the host's r
 H200 box, before the per-expert Python and small ops of a layer. `csrc/expert_pass.cpp` does the whole layer in
 one call without the GIL: two stages (gate/up with the activation and routing weight fused, then down with the
 weighted sum over a token's experts), each one fork/join over output rows of all selected experts at once, with
-fp32 accumulation (AVX512-BF16 dot products where the CPU has them; AVX-512F, AVX2+FMA or scalar code otherwise).
+fp32 accumulation (AVX512-BF16 dot products where the CPU has them; AVX-512F, AVX2+FMA+F16C or scalar code
+otherwise).
 
 The call (`expert_layer`), for `T <= KERNEL_MAX_TOKENS` tokens:
 
 * `x [T, H]` bf16 or fp32 (other float dtypes are cast to fp32); `top_k_index [T, K]` int, `top_k_weights [T, K]`;
 * `gate_up [E, 2I, H]` (gate rows, then up rows) and `down [E, H, I]`, contiguous host tensors, both bf16, or both
-  int8 with per-output-row fp32 scales `gate_up_scale [E, 2I]`, `down_scale [E, H]` (`weight = int8 * scale`);
+  int8 with per-output-row fp32 scales `gate_up_scale [E, 2I]`, `down_scale [E, H]` (`weight = int8 * scale`), or
+  both float8_e4m3fn with fp32 scales per 128x128 block (`quant.py`'s layout): `gate_up_scale
+  [E, 2 * ceil(I/128), ceil(H/128)]` (gate rows and up rows each on their own grid, `projections=2`), `down_scale
+  [E, ceil(H/128), ceil(I/128)]`. fp8 bytes are read as they are (shifted into fp16 bit patterns and widened with
+  F16C, exactly), each 128-column block's partial dot product times its scale;
 * `lora`: optional `{"gate_up_proj" | "down_proj": (a [E, r, in], b [E, out, r])}` in bf16, the scaling folded into
   b (`HostExperts.host_lora_factors`' layout); the delta `b_e @ (a_e @ input)` is added to that projection;
 * returns `out [T, H]` fp32: `sum_k w[t, k] * down_e(silu(gate_e x) * up_e x)`, the activation SiLU.
 
-Numerics: every product accumulates in fp32; with bf16 weights the activations the products read (`x` and
+Numerics: every product accumulates in fp32 (int8 and fp8: fp32 activations, equal to the fp32 reference of the
+dequantized weights to ~1e-6); with bf16 weights the activations the products read (`x` and
 `silu(gate) * up * w`) are rounded to bf16 once, as the torch path rounds them (which also rounds the gate/up
 outputs and the routing-weight product; the two paths agree to ~1e-2 relative). The kernel runs SiLU only and skips
 nothing else: expert LoRA runs inside it.
@@ -44,10 +50,12 @@ import torch
 from torch import Tensor
 from torch.nn.functional import silu
 
+from kllama.experts.quant import BLOCK, quantize
+
 SOURCE = Path(__file__).parent / "csrc" / "expert_pass.cpp"
 ISAS: dict[str, int] = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512-bf16": 3}  # tiers, best last
 KERNEL_MAX_TOKENS = 64  # memory-bound up to here on a 16-core AVX-512 host; torch's GEMMs take larger passes
-KERNEL_DTYPES = (torch.bfloat16, torch.int8)
+KERNEL_DTYPES = (torch.bfloat16, torch.int8, torch.float8_e4m3fn)
 _CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 
 
@@ -164,7 +172,7 @@ def is_silu(act_fn: Callable[[Tensor], Tensor]) -> bool:
 
 def kernel_runs(gate_up: Tensor, down: Tensor, act_fn: Callable[[Tensor], Tensor], num_tokens: int,
                 lora: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> bool:
-    """Whether `expert_layer` computes this pass: a few tokens, bf16 or int8 contiguous weights, SiLU, bf16 LoRA
+    """Whether `expert_layer` computes this pass: a few tokens, bf16, int8 or fp8 contiguous weights, SiLU, bf16 LoRA
     factors, and the kernel built on this machine (the first eligible call builds or loads it)."""
     if not 0 < num_tokens <= KERNEL_MAX_TOKENS or gate_up.dtype not in KERNEL_DTYPES or down.dtype != gate_up.dtype:
         return False
@@ -220,8 +228,8 @@ def reference_layer(
 ) -> Tensor:
     """What `expert_layer` computes, in fp32 torch ops (one expert at a time; for checks, not speed)."""
     lora = lora or {}
-    gu = gate_up.float() * (gate_up_scale.unsqueeze(-1) if gate_up_scale is not None else 1)  # [E, 2I, H]
-    dn = down.float() * (down_scale.unsqueeze(-1) if down_scale is not None else 1)  # [E, H, I]
+    gu = _fp32_weight(gate_up, gate_up_scale, projections=2)  # [E, 2I, H]
+    dn = _fp32_weight(down, down_scale, projections=1)  # [E, H, I]
     inter = dn.shape[-1]
     out = torch.zeros(x.shape, dtype=torch.float32)
     for token in range(x.shape[0]):
@@ -240,6 +248,20 @@ def reference_layer(
     return out
 
 
+def _fp32_weight(values: Tensor, scale: Tensor | None, projections: int) -> Tensor:
+    """`values [E, N, K]` times their scales in fp32: none (bf16), per row (int8) or per 128x128 block of each of
+    `projections` row groups (fp8; torch's cast, independent of the kernel's bit trick)."""
+    weight = values.float()
+    if scale is None:
+        return weight
+    if values.dtype != torch.float8_e4m3fn:
+        return weight * scale.unsqueeze(-1)
+    experts, rows, cols = weight.shape
+    grid = scale.view(experts, projections, -1, scale.shape[-1])
+    grid = grid.repeat_interleave(BLOCK, dim=-2)[..., : rows // projections, :].repeat_interleave(BLOCK, dim=-1)
+    return weight * grid[..., :cols].reshape(experts, rows, cols)
+
+
 def _int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
     # symmetric int8 per output row, for the self-check only (the engine's int8 storage is quantized elsewhere)
     scale = weight.abs().amax(dim=-1).clamp_min(1e-12) / 127  # [..., N]
@@ -247,9 +269,11 @@ def _int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _check_problem(kind: torch.dtype, seed: int = 0) -> tuple[tuple, dict]:
-    """A small layer with odd sizes (vector tails), repeated experts across tokens and LoRA on both projections."""
+    """A small layer with odd sizes (vector tails), repeated experts across tokens and LoRA on both projections
+    (fp8: wider than a 128-column block, with a partial one, and two block grids on gate_up)."""
     gen = torch.Generator().manual_seed(seed)
-    experts, hidden, inter, rank, tokens, top_k = 5, 83, 45, 3, 11, 3
+    experts, rank, tokens, top_k = 5, 3, 11, 3
+    hidden, inter = (201, 150) if kind == torch.float8_e4m3fn else (83, 45)
     gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen) * 0.2
     down = torch.randn(experts, hidden, inter, generator=gen) * 0.2
     kwargs: dict = {"lora": {
@@ -259,6 +283,10 @@ def _check_problem(kind: torch.dtype, seed: int = 0) -> tuple[tuple, dict]:
                       (torch.randn(experts, hidden, rank, generator=gen) * 0.2).bfloat16())}}
     if kind == torch.int8:
         (gate_up, kwargs["gate_up_scale"]), (down, kwargs["down_scale"]) = _int8_rows(gate_up), _int8_rows(down)
+    elif kind == torch.float8_e4m3fn:
+        gate_up, down = quantize(gate_up, "fp8", projections=2), quantize(down, "fp8")
+        kwargs.update(gate_up_scale=gate_up.scale, down_scale=down.scale)
+        gate_up, down = gate_up.data, down.data
     else:
         gate_up, down = gate_up.bfloat16(), down.bfloat16()
     x = torch.randn(tokens, hidden, generator=gen).bfloat16()
@@ -268,7 +296,7 @@ def _check_problem(kind: torch.dtype, seed: int = 0) -> tuple[tuple, dict]:
 
 
 def _self_check(module: ModuleType, isa: str) -> bool:
-    """Whether the `isa` path computes the check problems (bf16 and int8, with LoRA) as `reference_layer` does."""
+    """Whether the `isa` path computes the check problems (bf16, int8 and fp8, with LoRA) as `reference_layer` does."""
     for kind in KERNEL_DTYPES:
         args, kwargs = _check_problem(kind)
         out = torch.empty(args[0].shape, dtype=torch.float32)

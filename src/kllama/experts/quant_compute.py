@@ -1,7 +1,9 @@
 """CPU products with quantized routed experts: `x [n, K] @ W_e^T` reading expert e's int8 or fp8 bytes.
 
-No-grad CPU passes (decode, short prefills) read one expert's weights per product, so their cost is the bytes read:
-int8 and fp8 halve them. How to turn those bytes into a product is a kernel choice made here, measured per shape:
+No-grad CPU passes read one expert's weights per product, so their cost is the bytes read: int8 and fp8 halve them.
+Passes of up to 64 tokens run in the C++ expert kernel (`cpu_kernels.py`, int8 and fp8 alike); the rest (larger
+prefills, or where the kernel is unavailable) come here. How to turn those bytes into a product is a kernel choice
+made here, measured per shape:
 
 * int8: torch's weight-only int8 kernel `torch._weight_int8pack_mm(x, w_int8 [N, K], scales [N])` (private API; its
   behaviour is pinned by tests/experts/test_quant.py: `x @ (w * scales)^T`, scales in x's dtype, fp32 accumulation),
@@ -9,7 +11,7 @@ int8 and fp8 halve them. How to turn those bytes into a product is a kernel choi
   decode; the second may win for many rows where the bf16 GEMM has AMX and the int8 kernel has not.
 * fp8: the expert dequantized (exact fp8 decode, block scales in fp32, one rounding) and multiplied by `linear`.
   torch has no fp8 CPU GEMM and decoding costs more than reading bf16 on CPUs whose torch build does not vectorise
-  the fp8 cast, so fp8 is the streaming format and int8 the CPU decode format (benchmarks/NOTES.md has the numbers).
+  the fp8 cast, so on this path int8 is the faster CPU format (benchmarks/NOTES.md has the numbers).
 
 Every form computes the same dot products with fp32 accumulation; the choice is measured once per (scheme, row
 bucket, shape, dtype, thread count) against every expert of the layer in turn, so the weights come from memory as

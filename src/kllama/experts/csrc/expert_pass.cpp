@@ -10,8 +10,11 @@
 // as contiguous streams with a software prefetch of the next row (a 4 KiB bf16 row is a page, where the hardware
 // prefetcher stops). Dot products accumulate in fp32: AVX512-BF16 `vdpbf16ps` on bf16 activations, else weights
 // widened to fp32 (AVX-512F, AVX2+FMA or scalar) and multiplied with fp32 activations holding the same values.
-// int8 weights carry one fp32 scale per output row. The instruction set is a runtime argument checked against the
-// CPU, so one build runs anywhere.
+// int8 weights carry one fp32 scale per output row. fp8 (e4m3fn) weights carry one fp32 scale per 128x128 block
+// (kllama/experts/quant.py's layout, a grid per fused projection): a byte becomes fp16 bits by a shift (exactly
+// value * 2^-8), F16C widens those to fp32, and each 128-column block's partial dot product is multiplied by its
+// scale (times 2^8) before it is added. The instruction set is a runtime argument checked against the CPU, so one
+// build runs anywhere.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/utils/pybind.h>
@@ -32,10 +35,12 @@ namespace {
 
 constexpr int kMaxPairs = 8;        // activation rows one weight-row read serves at once (accumulators in registers)
 constexpr int64_t kGrainRows = 16;  // fewest output rows per thread
+constexpr int64_t kBlock = 128;     // fp8 scale block edge (rows and columns), quant.py's BLOCK
+constexpr float kFp8Unscale = 256.0f;  // fp8 bytes read as fp16 are value * 2^-8
 
 enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
-#define KL_AVX2 __attribute__((target("avx2,fma")))
+#define KL_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define KL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
 #define KL_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
 
@@ -48,7 +53,9 @@ int64_t best_isa() {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
     return kAvx512;
   }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    return kAvx2;
+  }
   return kScalar;
 }
 
@@ -67,15 +74,37 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch round
   return uint16_t(u >> 16);
 }
 
+// e4m3fn byte -> fp16 bits of value * 2^-8: e4m3's 7 magnitude bits at fp16's bits 13..7, the sign at bit 15 (fp16's
+// exponent bias is 8 more than e4m3's, for normals and subnormals alike). NaN (0x7f, 0xff) is never quantized to.
+inline uint16_t fp8_half_bits(uint8_t b) { return uint16_t((b & 0x80u) << 8 | (b & 0x7fu) << 7); }
+
+inline float half_to_f32(uint16_t h) {  // exact, without F16C
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0) {  // subnormal (or zero): man * 2^-24
+    float mag = float(man) * 0x1p-24f;
+    std::memcpy(&u, &mag, sizeof u);
+  } else {
+    u = exp == 0x1fu ? (0xffu << 23 | man << 13) : ((exp + 112u) << 23 | man << 13);
+  }
+  u |= sign;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline float fp8_scaled(uint8_t b) { return half_to_f32(fp8_half_bits(b)); }  // value * 2^-8
+
 // res[i] = sum_k w[k] * a_i[k] for n = N activation rows `a` (N <= kMaxPairs) of length `len`; `w` is one weight
-// row, the next row (prefetched) follows it in memory.
-using RowDot = void (*)(const void* w, const void* const* a, int64_t len, float* res);
+// row, the next row (prefetched) follows it in memory. `blocks` (fp8 only, else unused) holds the scales of the
+// row's 128-column blocks: each block's partial sum is multiplied by its scale.
+using RowDot = void (*)(const void* w, const float* blocks, const void* const* a, int64_t len, float* res);
 using DotTable = std::array<RowDot, kMaxPairs + 1>;  // index: number of activation rows
 
 // ---- scalar (any CPU) ----
 template <int N>
 struct ScalarBf16 {
-  static void run(const void* w_, const void* const* a_, int64_t len, float* res) {
+  static void run(const void* w_, const float*, const void* const* a_, int64_t len, float* res) {
     const uint16_t* w = static_cast<const uint16_t*>(w_);
     for (int i = 0; i < N; ++i) {
       const float* a = static_cast<const float*>(a_[i]);
@@ -94,7 +123,7 @@ struct ScalarBf16 {
 
 template <int N>
 struct ScalarInt8 {
-  static void run(const void* w_, const void* const* a_, int64_t len, float* res) {
+  static void run(const void* w_, const float*, const void* const* a_, int64_t len, float* res) {
     const int8_t* w = static_cast<const int8_t*>(w_);
     for (int i = 0; i < N; ++i) {
       const float* a = static_cast<const float*>(a_[i]);
@@ -111,7 +140,25 @@ struct ScalarInt8 {
   }
 };
 
-// ---- AVX2 + FMA ----
+template <int N>
+struct ScalarFp8 {
+  static void run(const void* w_, const float* blocks, const void* const* a_, int64_t len, float* res) {
+    const uint8_t* w = static_cast<const uint8_t*>(w_);
+    for (int i = 0; i < N; ++i) {
+      const float* a = static_cast<const float*>(a_[i]);
+      float sum = 0;
+      for (int64_t k0 = 0, b = 0; k0 < len; k0 += kBlock, ++b) {
+        const int64_t k1 = std::min(len, k0 + kBlock);
+        float part = 0;
+        for (int64_t k = k0; k < k1; ++k) part += fp8_scaled(w[k]) * a[k];
+        sum += part * (blocks[b] * kFp8Unscale);
+      }
+      res[i] = sum;
+    }
+  }
+};
+
+// ---- AVX2 + FMA (+F16C) ----
 KL_AVX2 inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -121,7 +168,7 @@ KL_AVX2 inline float hsum256(__m256 v) {
 
 template <int N>
 struct Avx2Bf16 {
-  KL_AVX2 static void run(const void* w_, const void* const* a_, int64_t len, float* res) {
+  KL_AVX2 static void run(const void* w_, const float*, const void* const* a_, int64_t len, float* res) {
     const uint16_t* w = static_cast<const uint16_t*>(w_);
     const float* a[N];
     __m256 acc[N];
@@ -143,7 +190,7 @@ struct Avx2Bf16 {
 
 template <int N>
 struct Avx2Int8 {
-  KL_AVX2 static void run(const void* w_, const void* const* a_, int64_t len, float* res) {
+  KL_AVX2 static void run(const void* w_, const float*, const void* const* a_, int64_t len, float* res) {
     const int8_t* w = static_cast<const int8_t*>(w_);
     const float* a[N];
     __m256 acc[N];
@@ -163,10 +210,47 @@ struct Avx2Int8 {
   }
 };
 
+KL_AVX2 inline __m256 fp8x8_avx2(const uint8_t* w) {  // 8 e4m3 bytes -> 8 floats, value * 2^-8
+  const __m128i wide = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w)));  // sign-extended
+  // bits 13..7 the magnitude, bit 15 the sign (bit 14, a copy of the sign, is masked off: 0xBF80)
+  return _mm256_cvtph_ps(_mm_and_si128(_mm_slli_epi16(wide, 7), _mm_set1_epi16(int16_t(0xBF80))));
+}
+
+template <int N>
+struct Avx2Fp8 {
+  KL_AVX2 static void run(const void* w_, const float* blocks, const void* const* a_, int64_t len, float* res) {
+    const uint8_t* w = static_cast<const uint8_t*>(w_);
+    const float* a[N];
+    __m256 acc[N];
+    float tail[N];
+    for (int i = 0; i < N; ++i) a[i] = static_cast<const float*>(a_[i]), acc[i] = _mm256_setzero_ps(), tail[i] = 0;
+    for (int64_t k0 = 0, b = 0; k0 < len; k0 += kBlock, ++b) {
+      const int64_t k1 = std::min(len, k0 + kBlock);
+      const float scale = blocks[b] * kFp8Unscale;
+      __m256 part[N];
+      for (int i = 0; i < N; ++i) part[i] = _mm256_setzero_ps();
+      int64_t k = k0;
+      for (; k + 8 <= k1; k += 8) {
+        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + len + k), _MM_HINT_T0);
+        const __m256 wf = fp8x8_avx2(w + k);
+        for (int i = 0; i < N; ++i) part[i] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(a[i] + k), part[i]);
+      }
+      const __m256 s = _mm256_set1_ps(scale);
+      for (int i = 0; i < N; ++i) {
+        acc[i] = _mm256_fmadd_ps(part[i], s, acc[i]);
+        float t = 0;
+        for (int64_t q = k; q < k1; ++q) t += fp8_scaled(w[q]) * a[i][q];  // the last block's tail
+        tail[i] += t * scale;
+      }
+    }
+    for (int i = 0; i < N; ++i) res[i] = hsum256(acc[i]) + tail[i];
+  }
+};
+
 // ---- AVX-512F (+BW/VL for masked tails) ----
 template <int N>
 struct Avx512Bf16W {  // bf16 weights widened to fp32, fp32 activations
-  KL_AVX512 static void run(const void* w_, const void* const* a_, int64_t len, float* res) {
+  KL_AVX512 static void run(const void* w_, const float*, const void* const* a_, int64_t len, float* res) {
     const uint16_t* w = static_cast<const uint16_t*>(w_);
     const float* a[N];
     __m512 acc[N];
@@ -190,7 +274,7 @@ struct Avx512Bf16W {  // bf16 weights widened to fp32, fp32 activations
 
 template <int N>
 struct Avx512Int8 {
-  KL_AVX512 static void run(const void* w_, const void* const* a_, int64_t len, float* res) {
+  KL_AVX512 static void run(const void* w_, const float*, const void* const* a_, int64_t len, float* res) {
     const int8_t* w = static_cast<const int8_t*>(w_);
     const float* a[N];
     __m512 acc[N];
@@ -211,10 +295,55 @@ struct Avx512Int8 {
   }
 };
 
+KL_AVX512 inline __m512 fp8x16_avx512(__m128i raw) {  // 16 e4m3 bytes -> 16 floats, value * 2^-8
+  const __m256i wide = _mm256_cvtepi8_epi16(raw);
+  return _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(wide, 7), _mm256_set1_epi16(int16_t(0xBF80))));
+}
+
+template <int N>
+struct Avx512Fp8 {  // 32 bytes per step into two accumulator sets (two FMA chains per activation row)
+  KL_AVX512 static void run(const void* w_, const float* blocks, const void* const* a_, int64_t len, float* res) {
+    const uint8_t* w = static_cast<const uint8_t*>(w_);
+    const float* a[N];
+    __m512 acc[N];
+    for (int i = 0; i < N; ++i) a[i] = static_cast<const float*>(a_[i]), acc[i] = _mm512_setzero_ps();
+    const __m512i mask = _mm512_set1_epi16(int16_t(0xBF80));
+    for (int64_t k0 = 0, b = 0; k0 < len; k0 += kBlock, ++b) {
+      const int64_t k1 = std::min(len, k0 + kBlock);
+      __m512 lo[N], hi[N];
+      for (int i = 0; i < N; ++i) lo[i] = _mm512_setzero_ps(), hi[i] = _mm512_setzero_ps();
+      int64_t k = k0;
+      for (; k + 32 <= k1; k += 32) {
+        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + len + k), _MM_HINT_T0);
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+        const __m512i h = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(raw), 7), mask);
+        const __m512 w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+        const __m512 w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+        for (int i = 0; i < N; ++i) {
+          lo[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(a[i] + k), lo[i]);
+          hi[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(a[i] + k + 16), hi[i]);
+        }
+      }
+      for (; k + 16 <= k1; k += 16) {  // the last block's tail
+        const __m512 wf = fp8x16_avx512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
+        for (int i = 0; i < N; ++i) lo[i] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(a[i] + k), lo[i]);
+      }
+      if (k < k1) {
+        const __mmask16 m = __mmask16((1u << (k1 - k)) - 1u);
+        const __m512 wf = fp8x16_avx512(_mm_maskz_loadu_epi8(m, w + k));
+        for (int i = 0; i < N; ++i) lo[i] = _mm512_fmadd_ps(wf, _mm512_maskz_loadu_ps(m, a[i] + k), lo[i]);
+      }
+      const __m512 s = _mm512_set1_ps(blocks[b] * kFp8Unscale);
+      for (int i = 0; i < N; ++i) acc[i] = _mm512_fmadd_ps(_mm512_add_ps(lo[i], hi[i]), s, acc[i]);
+    }
+    for (int i = 0; i < N; ++i) res[i] = _mm512_reduce_add_ps(acc[i]);
+  }
+};
+
 // ---- AVX512-BF16: bf16 weights times bf16 activations, fp32 accumulation in one instruction per 32 pairs ----
 template <int N>
 struct Avx512Bf16Dp {
-  KL_AVX512BF16 static void run(const void* w_, const void* const* a_, int64_t len, float* res) {
+  KL_AVX512BF16 static void run(const void* w_, const float*, const void* const* a_, int64_t len, float* res) {
     const uint16_t* w = static_cast<const uint16_t*>(w_);
     const uint16_t* a[N];
     __m512 acc[N];
@@ -250,7 +379,16 @@ DotTable table() {
   return make_table<Op>(std::make_integer_sequence<int, kMaxPairs>{});
 }
 
-enum class Weights { kBf16, kInt8 };
+enum class Weights { kBf16, kInt8, kFp8 };
+
+Weights weights_of(at::ScalarType dtype) {
+  return dtype == at::kChar ? Weights::kInt8 : dtype == at::kFloat8_e4m3fn ? Weights::kFp8 : Weights::kBf16;
+}
+
+at::ScalarType dtype_of(Weights kind) {
+  static const std::array<at::ScalarType, 3> dtypes{at::kBFloat16, at::kChar, at::kFloat8_e4m3fn};
+  return dtypes[static_cast<int>(kind)];
+}
 
 // Activations are bf16 only where the dot product instruction takes bf16 (bf16 weights, AVX512-BF16).
 bool bf16_activations(Weights kind, int64_t isa) { return kind == Weights::kBf16 && isa == kAvx512Bf16; }
@@ -260,6 +398,8 @@ const DotTable& dot_table(Weights kind, int64_t isa) {
   static const DotTable avx2_bf16 = table<Avx2Bf16>(), avx2_int8 = table<Avx2Int8>();
   static const DotTable avx512_bf16 = table<Avx512Bf16W>(), avx512_int8 = table<Avx512Int8>();
   static const DotTable avx512_dp = table<Avx512Bf16Dp>();
+  static const DotTable scalar_fp8 = table<ScalarFp8>(), avx2_fp8 = table<Avx2Fp8>(), avx512_fp8 = table<Avx512Fp8>();
+  if (kind == Weights::kFp8) return isa >= kAvx512 ? avx512_fp8 : isa == kAvx2 ? avx2_fp8 : scalar_fp8;
   if (kind == Weights::kInt8) return isa >= kAvx512 ? avx512_int8 : isa == kAvx2 ? avx2_int8 : scalar_int8;
   if (isa == kAvx512Bf16) return avx512_dp;
   return isa == kAvx512 ? avx512_bf16 : isa == kAvx2 ? avx2_bf16 : scalar_bf16;
@@ -308,14 +448,39 @@ void check_weight(const at::Tensor& w, const char* name, int64_t experts, int64_
               " has shape ", w.sizes(), ", expected [", experts, ", ", rows, ", ", cols, "]");
 }
 
-const float* scale_of(const std::optional<at::Tensor>& scale, const char* name, int64_t experts, int64_t rows) {
-  TORCH_CHECK(scale.has_value(), name, " is required for int8 weights");
+// A weight's scales: none (bf16), one per output row (int8, [E, rows]), or one per 128x128 block (fp8,
+// [E, grids * ceil(rows / grids / 128), ceil(cols / 128)]: `grids` equal row groups, each on its own block grid).
+struct Scales {
+  const float* data = nullptr;
+  bool blocked = false;
+  int64_t rows = 0, grid_rows = 0, grids = 1, block_rows = 0, block_cols = 0;
+
+  bool per_row() const { return data != nullptr && !blocked; }
+  float row(int64_t e, int64_t r) const { return data[e * rows + r]; }
+  const float* blocks(int64_t e, int64_t r) const {  // the scales of row r's column blocks (fp8), else nullptr
+    if (!blocked) return nullptr;
+    return data + (e * grids * block_rows + (r / grid_rows) * block_rows + (r % grid_rows) / kBlock) * block_cols;
+  }
+};
+
+Scales scales_of(const std::optional<at::Tensor>& scale, const char* name, Weights kind, int64_t experts,
+                 int64_t rows, int64_t cols, int64_t grids) {
+  if (kind == Weights::kBf16) return {};
+  TORCH_CHECK(scale.has_value(), name, " is required for int8 and fp8 weights");
   const at::Tensor& s = *scale;
   TORCH_CHECK(s.device().is_cpu() && s.is_contiguous() && s.scalar_type() == at::kFloat, name,
               " must be a contiguous float32 CPU tensor");
-  TORCH_CHECK(s.dim() == 2 && s.size(0) == experts && s.size(1) == rows, name, " has shape ", s.sizes(),
-              ", expected [", experts, ", ", rows, "]");
-  return s.data_ptr<float>();
+  if (kind == Weights::kInt8) {
+    TORCH_CHECK(s.dim() == 2 && s.size(0) == experts && s.size(1) == rows, name, " has shape ", s.sizes(),
+                ", expected [", experts, ", ", rows, "]");
+    return {s.data_ptr<float>(), false, rows, rows, 1, 0, 0};
+  }
+  const int64_t grid_rows = rows / grids, block_rows = (grid_rows + kBlock - 1) / kBlock;
+  const int64_t block_cols = (cols + kBlock - 1) / kBlock;
+  TORCH_CHECK(s.dim() == 3 && s.size(0) == experts && s.size(1) == grids * block_rows && s.size(2) == block_cols,
+              name, " has shape ", s.sizes(), ", expected [", experts, ", ", grids * block_rows, ", ", block_cols,
+              "] (128x128 blocks, ", grids, " grid(s))");
+  return {s.data_ptr<float>(), true, rows, grid_rows, grids, block_rows, block_cols};
 }
 
 Lora lora_of(const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b, const char* name,
@@ -349,7 +514,7 @@ void lora_low(const Lora& lora, const std::vector<Group>& groups, int64_t num_pa
     for (int64_t item = begin; item < end; ++item) {
       const int64_t p = item / lora.r, q = item % lora.r;
       const void* row = pair_rows[p];
-      dots[1](lora.a + (pair_expert[p] * lora.r + q) * in, &row, in, &low[item]);
+      dots[1](lora.a + (pair_expert[p] * lora.r + q) * in, nullptr, &row, in, &low[item]);
     }
   });
 }
@@ -363,8 +528,8 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
   TORCH_CHECK(isa >= kScalar && isa <= best_isa(), "instruction set ", isa, " is not available on this CPU");
   TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3, "gate_up and down must be [E, out, in]");
   const int64_t E = gate_up.size(0), two_inter = gate_up.size(1), H = gate_up.size(2), I = two_inter / 2;
-  const Weights kind = gate_up.scalar_type() == at::kChar ? Weights::kInt8 : Weights::kBf16;
-  const at::ScalarType wtype = kind == Weights::kInt8 ? at::kChar : at::kBFloat16;
+  const Weights kind = weights_of(gate_up.scalar_type());
+  const at::ScalarType wtype = dtype_of(kind);
   check_weight(gate_up, "gate_up", E, 2 * I, H, wtype);
   check_weight(down, "down", E, H, I, wtype);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == H && x.is_contiguous() && x.device().is_cpu(),
@@ -379,8 +544,8 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
               "top_k_weights must be a contiguous float32 CPU tensor [T, K]");
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == T && out.size(1) == H &&
                   out.is_contiguous() && out.device().is_cpu(), "out must be a contiguous float32 CPU tensor [T, H]");
-  const float* gu_scale = kind == Weights::kInt8 ? scale_of(gate_up_scale, "gate_up_scale", E, 2 * I) : nullptr;
-  const float* dn_scale = kind == Weights::kInt8 ? scale_of(down_scale, "down_scale", E, H) : nullptr;
+  const Scales gu_scale = scales_of(gate_up_scale, "gate_up_scale", kind, E, 2 * I, H, 2);  // fp8: gate, up grids
+  const Scales dn_scale = scales_of(down_scale, "down_scale", kind, E, H, I, 1);
   const Lora gu_lora = lora_of(gate_up_a, gate_up_b, "gate_up", E, H, 2 * I);
   const Lora dn_lora = lora_of(down_a, down_b, "down", E, I, H);
 
@@ -425,7 +590,7 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
 
   // stage 1: act[p, j] = silu(gate) * up * routing weight, threads own intermediate rows j
   Acts act(bf16_acts, S, I);
-  const size_t wbytes = kind == Weights::kInt8 ? 1 : 2;
+  const size_t wbytes = kind == Weights::kBf16 ? 2 : 1;
   const char* gu_ptr = static_cast<const char*>(gate_up.data_ptr());
   at::parallel_for(0, I, kGrainRows, [&](int64_t j0, int64_t j1) {
     float gate[kMaxPairs], up[kMaxPairs];
@@ -434,12 +599,12 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
       for (int64_t j = j0; j < j1; ++j) {
         for (int64_t p0 = g.begin; p0 < g.end; p0 += kMaxPairs) {
           const int n = int(std::min<int64_t>(kMaxPairs, g.end - p0));
-          dots[n](base + size_t(j) * H * wbytes, &pair_x[p0], H, gate);
-          dots[n](base + size_t(I + j) * H * wbytes, &pair_x[p0], H, up);
+          dots[n](base + size_t(j) * H * wbytes, gu_scale.blocks(g.expert, j), &pair_x[p0], H, gate);
+          dots[n](base + size_t(I + j) * H * wbytes, gu_scale.blocks(g.expert, I + j), &pair_x[p0], H, up);
           for (int i = 0; i < n; ++i) {
             const int64_t p = p0 + i;
             float gv = gate[i], uv = up[i];
-            if (gu_scale) gv *= gu_scale[g.expert * 2 * I + j], uv *= gu_scale[g.expert * 2 * I + I + j];
+            if (gu_scale.per_row()) gv *= gu_scale.row(g.expert, j), uv *= gu_scale.row(g.expert, I + j);
             if (gu_lora) {
               const uint16_t* b = gu_lora.b + (g.expert * 2 * I) * gu_lora.r;
               gv += lora_b_dot(b + j * gu_lora.r, &gu_low[p * gu_lora.r], gu_lora.r);
@@ -468,10 +633,10 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
       for (int64_t h = h0; h < h1; ++h) {
         for (int64_t p0 = g.begin; p0 < g.end; p0 += kMaxPairs) {
           const int n = int(std::min<int64_t>(kMaxPairs, g.end - p0));
-          dots[n](base + size_t(h) * I * wbytes, &pair_act[p0], I, y);
+          dots[n](base + size_t(h) * I * wbytes, dn_scale.blocks(g.expert, h), &pair_act[p0], I, y);
           for (int i = 0; i < n; ++i) {
             const int64_t p = p0 + i;
-            float v = dn_scale ? y[i] * dn_scale[g.expert * H + h] : y[i];
+            float v = dn_scale.per_row() ? y[i] * dn_scale.row(g.expert, h) : y[i];
             if (dn_lora) {
               v += lora_b_dot(dn_lora.b + (g.expert * H + h) * dn_lora.r, &dn_low[p * dn_lora.r], dn_lora.r);
             }
@@ -481,6 +646,40 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
       }
     }
   });
+}
+
+// out [n] = the fp8 -> fp32 conversion the `isa` path's dot products use, times 2^8 (the value), of `codes` [n]
+// uint8, n a multiple of 16 (a test checks it against torch's float8_e4m3fn cast for all 256 codes).
+KL_AVX2 void fp8_values_avx2(const uint8_t* c, float* o, int64_t n) {
+  for (int64_t k = 0; k < n; k += 8) {
+    _mm256_storeu_ps(o + k, _mm256_mul_ps(fp8x8_avx2(c + k), _mm256_set1_ps(kFp8Unscale)));
+  }
+}
+
+KL_AVX512 void fp8_values_avx512(const uint8_t* c, float* o, int64_t n) {
+  for (int64_t k = 0; k < n; k += 16) {
+    const __m512 v = fp8x16_avx512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k)));
+    _mm512_storeu_ps(o + k, _mm512_mul_ps(v, _mm512_set1_ps(kFp8Unscale)));
+  }
+}
+
+void fp8_values(const at::Tensor& codes, const at::Tensor& out, int64_t isa) {
+  TORCH_CHECK(isa >= kScalar && isa <= best_isa(), "instruction set ", isa, " is not available on this CPU");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 1 && codes.is_contiguous() &&
+                  codes.device().is_cpu() && codes.size(0) % 16 == 0,
+              "codes must be a contiguous uint8 CPU tensor [n], n a multiple of 16");
+  const int64_t n = codes.size(0);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 1 && out.size(0) == n && out.is_contiguous() &&
+                  out.device().is_cpu(), "out must be a contiguous float32 CPU tensor [", n, "]");
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  float* o = out.data_ptr<float>();
+  if (isa >= kAvx512) {
+    fp8_values_avx512(c, o, n);
+  } else if (isa == kAvx2) {
+    fp8_values_avx2(c, o, n);
+  } else {
+    for (int64_t k = 0; k < n; ++k) o[k] = fp8_scaled(c[k]) * kFp8Unscale;
+  }
 }
 
 // How many threads at::parallel_for runs here (the extension must share torch's OpenMP runtime and settings).
@@ -499,5 +698,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("gate_up_scale"), py::arg("down_scale"), py::arg("gate_up_a"), py::arg("gate_up_b"),
         py::arg("down_a"), py::arg("down_b"), py::arg("out"), py::arg("isa"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("fp8_values", &fp8_values, "the fp8 conversion of an instruction-set path (tests)", py::arg("codes"),
+        py::arg("out"), py::arg("isa"));
   m.def("parallel_threads", &parallel_threads, "threads at::parallel_for uses in this extension");
 }
