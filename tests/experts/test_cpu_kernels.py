@@ -14,10 +14,11 @@ from torch.nn.functional import silu
 from transformers import DynamicCache
 
 from kllama.experts import ExpertPlacement, HostExperts, install_expert_engine
-from kllama.experts import cpu_compute
+from kllama.experts import cpu_compute, cpu_kernels
 from kllama.experts.cpu_compute import cpu_infer_forward, kernel_operands
 from kllama.experts.cpu_kernels import (
     ISAS,
+    KERNEL_DTYPES,
     KERNEL_MAX_TOKENS,
     _int8_rows,
     _why_not_buildable,
@@ -77,6 +78,7 @@ def test_kernel_builds_and_runs_the_best_path_of_this_cpu() -> None:
     assert status.available, status.reason
     best = status.module.best_isa()
     assert ISAS[status.isa] == best  # a path dropped by the load-time check would show here
+    assert status.tiers == {dtype: status.isa for dtype in KERNEL_DTYPES}  # for every weight dtype
     assert kernel_isas()[-1] == status.isa and kernel_isas()[0] == "scalar"
 
 
@@ -288,3 +290,20 @@ def test_tiny_model_decodes_fp8_experts_in_the_kernel_as_the_dequantized_bf16_to
     torch_path = decode()
     assert len(calls) == 5 * model.config.num_hidden_layers - 5 * model.config.first_k_dense_replace
     assert rel(kernel, torch_path) < 2e-2
+
+
+@needs_kernel
+def test_a_path_that_disagrees_for_one_weight_dtype_drops_only_that_dtypes_tier(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    # the fp8 paths are checked at load like the others; one faulty fp8 path must not cost bf16 / int8 their tier
+    best, real_check = kernel_status().isa, cpu_kernels._self_check
+    below = kernel_isas()[-2]
+    monkeypatch.setattr(cpu_kernels, "_self_check", lambda module, isa, kind: (
+        not (isa == best and kind == torch.float8_e4m3fn) and real_check(module, isa, kind)))
+    capsys.readouterr()
+    status = kernel_status.__wrapped__()  # a fresh load-time check (the cached status stays)
+    assert status.isa == best
+    assert status.tiers == {torch.bfloat16: best, torch.int8: best, torch.float8_e4m3fn: below}
+    assert capsys.readouterr().err.splitlines() == [
+        f"kllama: CPU expert kernel: its {best} path disagrees with torch for fp8 weights on this CPU; trying the "
+        "next one"]

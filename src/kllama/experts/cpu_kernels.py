@@ -29,8 +29,9 @@ nothing else: expert LoRA runs inside it.
 
 The extension is built on first use with torch's C++ extension tools (ninja, the host's C++ compiler) into torch's
 extensions cache and reused from there (one line on stderr while it builds); each instruction-set path is checked
-against torch on a small problem when loaded. Without a compiler, ninja or an x86-64 CPU, or if the build fails,
-one line says why and the torch path runs.
+against torch on a small problem per weight dtype when loaded, and each dtype runs the best path that agrees (one line
+when a path is dropped). Without a compiler, ninja or an x86-64 CPU, or if the build fails, one line says why and the
+torch path runs.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ import shutil
 import sys
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
@@ -56,16 +57,18 @@ SOURCE = Path(__file__).parent / "csrc" / "expert_pass.cpp"
 ISAS: dict[str, int] = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512-bf16": 3}  # tiers, best last
 KERNEL_MAX_TOKENS = 64  # memory-bound up to here on a 16-core AVX-512 host; torch's GEMMs take larger passes
 KERNEL_DTYPES = (torch.bfloat16, torch.int8, torch.float8_e4m3fn)
+_LABELS = {torch.bfloat16: "bf16", torch.int8: "int8", torch.float8_e4m3fn: "fp8"}
 _CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 
 
 @dataclass(frozen=True)
 class KernelStatus:
-    """The loaded extension and the instruction-set tier it runs, or why it is not available."""
+    """The loaded extension and the instruction-set tier each weight dtype runs, or why it is not available."""
 
     module: ModuleType | None
-    isa: str | None
+    isa: str | None  # the best tier in use (of `tiers`)
     reason: str = ""
+    tiers: Mapping[torch.dtype, str] = field(default_factory=dict)  # per weight dtype; absent: no path agrees
 
     @property
     def available(self) -> bool:
@@ -119,8 +122,9 @@ def _why_not_buildable() -> str | None:
 
 @functools.cache
 def kernel_status() -> KernelStatus:
-    """Build or load the extension once per process and pick the best instruction-set tier that agrees with torch
-    on a small problem (printing one line when a tier is dropped, or when the kernel is unavailable)."""
+    """Build or load the extension once per process and pick, for each weight dtype, the best instruction-set tier
+    that agrees with torch on a small problem (printing one line when a tier is dropped, or when the kernel is
+    unavailable)."""
     reason = _why_not_buildable()
     module = None
     if reason is None:
@@ -133,12 +137,21 @@ def kernel_status() -> KernelStatus:
         _say(f"CPU expert kernel unavailable ({reason}); CPU expert passes use torch")
         return KernelStatus(None, None, reason)
     names = [name for name, code in ISAS.items() if code <= module.best_isa()]
-    for name in reversed(names):
-        if _self_check(module, name):
-            return KernelStatus(module, name)
-        _say(f"CPU expert kernel: its {name} path disagrees with torch on this CPU; trying the next one")
-    _say("CPU expert kernel unavailable (no path agrees with torch on this CPU); CPU expert passes use torch")
-    return KernelStatus(None, None, "no instruction-set path agrees with torch")
+    tiers: dict[torch.dtype, str] = {}
+    for dtype in KERNEL_DTYPES:  # each weight format on its own, so one format's faulty path costs no other its tier
+        label = _LABELS[dtype]
+        for name in reversed(names):
+            if _self_check(module, name, dtype):
+                tiers[dtype] = name
+                break
+            _say(f"CPU expert kernel: its {name} path disagrees with torch for {label} weights on this CPU; "
+                 "trying the next one")
+        else:
+            _say(f"CPU expert kernel: no path agrees with torch for {label} weights on this CPU; those use torch")
+    if not tiers:
+        _say("CPU expert kernel unavailable (no path agrees with torch on this CPU); CPU expert passes use torch")
+        return KernelStatus(None, None, "no instruction-set path agrees with torch")
+    return KernelStatus(module, max(tiers.values(), key=ISAS.__getitem__), tiers=tiers)
 
 
 def kernel_isas() -> list[str]:
@@ -180,7 +193,7 @@ def kernel_runs(gate_up: Tensor, down: Tensor, act_fn: Callable[[Tensor], Tensor
         return False
     if any(t.dtype != torch.bfloat16 for pair in (lora or {}).values() for t in pair):
         return False
-    return is_silu(act_fn) and kernel_status().available
+    return is_silu(act_fn) and gate_up.dtype in kernel_status().tiers
 
 
 def expert_layer(
@@ -196,12 +209,15 @@ def expert_layer(
     isa: str | None = None,
 ) -> Tensor:
     """One MoE layer's routed experts for `x [T, H]` on host tensors -> `out [T, H]` fp32 (see the module docstring
-    for shapes, dtypes and numerics). `isa` forces an instruction-set tier at most the one in use (tests, probes).
-    Raises RuntimeError when the kernel is not available (check `kernel_runs` or `kernel_status` first)."""
+    for shapes, dtypes and numerics). `isa` forces an instruction-set tier at most the best one in use (tests,
+    probes); by default the weights' dtype runs its own tier (`KernelStatus.tiers`). Raises RuntimeError when the
+    kernel is not available for these weights (check `kernel_runs` or `kernel_status` first)."""
     status = kernel_status()
     if not status.available:
         raise RuntimeError(f"the CPU expert kernel is not available: {status.reason}")
-    tier = ISAS[isa or status.isa]
+    if isa is None and gate_up.dtype not in status.tiers:
+        raise RuntimeError(f"the CPU expert kernel is not available for {gate_up.dtype} weights on this CPU")
+    tier = ISAS[isa or status.tiers[gate_up.dtype]]
     if tier > ISAS[status.isa]:
         raise ValueError(f"instruction set {isa!r} is above the one this CPU runs ({status.isa})")
     lora = lora or {}
@@ -295,18 +311,15 @@ def _check_problem(kind: torch.dtype, seed: int = 0) -> tuple[tuple, dict]:
     return (x, index, weights, gate_up, down), kwargs
 
 
-def _self_check(module: ModuleType, isa: str) -> bool:
-    """Whether the `isa` path computes the check problems (bf16, int8 and fp8, with LoRA) as `reference_layer` does."""
-    for kind in KERNEL_DTYPES:
-        args, kwargs = _check_problem(kind)
-        out = torch.empty(args[0].shape, dtype=torch.float32)
-        lora = kwargs["lora"]
-        try:
-            module.expert_pass(*args, kwargs.get("gate_up_scale"), kwargs.get("down_scale"), *lora["gate_up_proj"],
-                               *lora["down_proj"], out, ISAS[isa])
-        except RuntimeError:
-            return False
-        expected = reference_layer(*args, **kwargs)
-        if not torch.allclose(out, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item()):
-            return False
-    return True
+def _self_check(module: ModuleType, isa: str, kind: torch.dtype) -> bool:
+    """Whether the `isa` path computes the check problem of `kind` weights (with LoRA) as `reference_layer` does."""
+    args, kwargs = _check_problem(kind)
+    out = torch.empty(args[0].shape, dtype=torch.float32)
+    lora = kwargs["lora"]
+    try:
+        module.expert_pass(*args, kwargs.get("gate_up_scale"), kwargs.get("down_scale"), *lora["gate_up_proj"],
+                           *lora["down_proj"], out, ISAS[isa])
+    except RuntimeError:
+        return False
+    expected = reference_layer(*args, **kwargs)
+    return torch.allclose(out, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
