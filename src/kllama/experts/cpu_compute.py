@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 from torch.nn.functional import linear
 
-from kllama.experts.cpu_kernels import expert_layer, kernel_runs
+from kllama.experts.cpu_kernels import KERNEL_MAX_TOKENS, expert_layer, kernel_runs
 from kllama.experts.quant import BLOCK, ExpertWeight, QuantizedWeight
 from kllama.experts.quant_compute import quant_expert_gemm
-from kllama.experts.routed import PassExecutor, SavedPass
+from kllama.experts.routed import PassExecutor, SavedPass, token_chunks
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -33,6 +33,13 @@ if TYPE_CHECKING:
 
 # (token, slot) rows up to which experts are grouped in Python (no sort, no device ops): decode and small batches
 _SMALL_ROWS = 512
+# Tokens up to which a no-grad pass over int8/fp8 experts runs the C++ kernel in 64-token calls instead of torch's
+# loop. The loop dequantizes each selected expert in torch (measured on the H200 box, V2-Lite, `expert_placement: cpu`:
+# a 128-token prefill took 4.9-6.2 s with int8 and 19.2 s with fp8 experts, against 1.1-1.5 s for bf16 through
+# oneDNN); a kernel call reads the layer's selected experts once (~0.55 GB, ~11 ms at ~50 GB/s) for 64 tokens, so
+# 512 tokens cost ~8 layer reads, still far below the loop. Longer passes are compute-bound and stream to the GPU
+# under `auto` (its crossover is 24-33 tokens with quantized experts).
+QUANT_KERNEL_MAX_TOKENS = 512
 
 
 @contextmanager
@@ -116,12 +123,18 @@ def cpu_infer_forward(
     to its per-expert factors `(a [E, r, in], b [E, out, r])` with the scaling folded into b.
 
     A pass the C++ kernel takes (`cpu_kernels.kernel_runs`: up to 64 tokens, bf16/int8/fp8 weights, SiLU) runs there
-    in one call, unless `use_kernel` is False; the rest runs the torch loop below."""
+    in one call, unless `use_kernel` is False; quantized weights take passes of up to `QUANT_KERNEL_MAX_TOKENS`
+    there too, in 64-token calls; the rest runs the torch loop below."""
     operands = kernel_operands(gate_up, down) if use_kernel else None
-    if operands is not None and kernel_runs(operands[0], operands[1], act_fn, x.shape[0], lora):
+    num_tokens = x.shape[0]
+    spans = [slice(0, num_tokens)]
+    if operands is not None and isinstance(gate_up, QuantizedWeight) and num_tokens <= QUANT_KERNEL_MAX_TOKENS:
+        spans = token_chunks(num_tokens, KERNEL_MAX_TOKENS)
+    if operands is not None and kernel_runs(operands[0], operands[1], act_fn, spans[0].stop - spans[0].start, lora):
         gate_up_values, down_values, scales = operands
-        return expert_layer(x, top_k_index, top_k_weights, gate_up_values, down_values, lora=lora,
-                            **scales).to(x.dtype)
+        outs = [expert_layer(x[s], top_k_index[s], top_k_weights[s], gate_up_values, down_values, lora=lora,
+                             **scales) for s in spans]
+        return torch.cat(outs).to(x.dtype)
     dtype, inter = gate_up.dtype, down.shape[-1]
     num_tokens, top_k = top_k_index.shape
     lora = lora or {}
