@@ -14,8 +14,13 @@ from torch.utils.data import DataLoader
 
 from kllama.experts.pinned import host_empty
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/smaps").exists() or not hasattr(os, "fork"),
-                                reason="reads Linux /proc and forks")
+pytestmark = [
+    pytest.mark.skipif(not Path("/proc/self/smaps").exists() or not hasattr(os, "fork"),
+                       reason="reads Linux /proc and forks"),
+    # these tests fork on purpose (what DataLoader workers do); Python 3.12 warns about forking a process that has
+    # threads, which torch's CUDA and intra-op pools start on a GPU machine (4 warnings in the H200 box's suite)
+    pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning"),
+]
 MIB = 2**20
 
 
