@@ -14,8 +14,14 @@ For a few thread counts this measures:
   >= 80 %). With one token, torch's int8 weight-only kernel per expert (`torch._weight_int8pack_mm`) is a row too.
 Writes JSON (default benchmarks/results/cpu_gemv.json). CPU only (runs anywhere; compare rows of one run).
 
+`--kernel-only` measures the C++ kernel alone, per weight dtype (bf16, int8, fp8) and instruction-set path: each call
+runs one layer's `--top-k` experts for `--tokens` tokens, and consecutive calls read disjoint expert sets of one
+`--top-k x --layers`-expert tensor per dtype (so no memory is spent on unselected experts; make the cycled bytes,
+printed, several times the L3 cache). GB/s counts the weight and scale bytes a call must read.
+
 Usage: python benchmarks/cpu_gemv.py [--threads 16,8] [--tokens 1,4,16] [--layers 8] [--experts 64]
                                      [--hidden 2048] [--inter 1408] [--top-k 6]
+       python benchmarks/cpu_gemv.py --kernel-only [--threads 16,8] [--tokens 1] [--layers 24] [--isas avx2,...]
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from torch.nn.functional import linear, silu
 from kllama.experts.cpu_compute import cpu_infer_forward
 from kllama.experts.cpu_kernels import expert_layer, kernel_isas, kernel_status
 from kllama.experts.crossover import median_seconds
+from kllama.experts.quant import BLOCK
 from kllama.experts.routed import routed_experts_math
 
 
@@ -44,7 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--inter", type=int, default=1408)
     parser.add_argument("--top-k", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=16)
-    parser.add_argument("--out", default="benchmarks/results/cpu_gemv.json")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/cpu_gemv.json, with "
+                        "--kernel-only cpu_kernel.json)")
+    parser.add_argument("--kernel-only", action="store_true",
+                        help="only the C++ kernel: GB/s per weight dtype and instruction-set path")
+    parser.add_argument("--isas", default="", help="kernel paths to time with --kernel-only (default: all above "
+                        "scalar this CPU runs)")
     return parser.parse_args(argv)
 
 
@@ -59,8 +71,80 @@ class Cycle:
         return self.fn(self.i)
 
 
+def kernel_weights(dtype: str, experts: int, hidden: int, inter: int) -> tuple[tuple[Tensor, Tensor], dict]:
+    """(gate_up, down) of `experts` experts in `dtype` (constant values: they do not change the kernel's time) and
+    the kernel's scale keywords."""
+    if dtype == "bf16":
+        return (torch.full((experts, 2 * inter, hidden), 0.01, dtype=torch.bfloat16),
+                torch.full((experts, hidden, inter), 0.01, dtype=torch.bfloat16)), {}
+    if dtype == "int8":
+        return (torch.ones(experts, 2 * inter, hidden, dtype=torch.int8),
+                torch.ones(experts, hidden, inter, dtype=torch.int8)), {
+            "gate_up_scale": torch.full((experts, 2 * inter), 0.01), "down_scale": torch.full((experts, hidden), 0.01)}
+    fp8 = torch.float8_e4m3fn
+    blocks = -(-inter // BLOCK), -(-hidden // BLOCK)  # quant.py's 128x128 grid: gate and up rows on their own
+    return (torch.full((experts, 2 * inter, hidden), 0.5).to(fp8), torch.full((experts, hidden, inter), 0.5).to(fp8)), {
+        "gate_up_scale": torch.full((experts, 2 * blocks[0], blocks[1]), 0.01),
+        "down_scale": torch.full((experts, blocks[1], blocks[0]), 0.01)}
+
+
+def kernel_only(args: argparse.Namespace) -> dict:
+    """The C++ kernel's GB/s per dtype and instruction-set path (see the module docstring)."""
+    H, I, K, L = args.hidden, args.inter, args.top_k, args.layers  # noqa: N806
+    isas = args.isas.split(",") if args.isas else [isa for isa in kernel_isas() if isa != "scalar"]
+    if not isas:
+        print(f"no kernel path to time: {kernel_status().reason or 'this CPU runs the scalar path only'}")
+    tokens_list = [int(t) for t in args.tokens.split(",")]
+    rows, sets = [], {}
+    for dtype in ("bf16", "int8", "fp8"):
+        (gate_up, down), scales = kernel_weights(dtype, K * L, H, I)
+        per_expert = sum(t[0].numel() * t.element_size() for t in (gate_up, down, *scales.values()))
+        sets[dtype] = (gate_up, down, scales, per_expert)
+        print(f"{dtype}: {K} experts x {per_expert / 1e6:.2f} MB per call, {L} disjoint sets cycled "
+              f"({K * L * per_expert / 2**20:.0f} MiB)")
+    gen = torch.Generator().manual_seed(0)
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        gate_up_bf16 = sets["bf16"][0]
+        read_s = median_seconds(lambda: gate_up_bf16.view(torch.float32).sum(), max(3, args.repeats // 4))
+        read_bw = gate_up_bf16.numel() * gate_up_bf16.element_size() / read_s
+        rows.append({"variant": "read bandwidth (float32 sum)", "threads": threads, "tokens": 0,
+                     "ms": read_s * 1e3, "GB_per_s": read_bw / 1e9, "pct_of_read": 100.0})
+        for tokens in tokens_list:
+            x = torch.randn(tokens, H, generator=gen).bfloat16()
+            weights = torch.rand(tokens, K, generator=gen)
+            # each call's tokens choose among the next disjoint set of K experts (every token: all K of them)
+            index = [torch.stack([torch.randperm(K, generator=gen) + j * K for _ in range(tokens)]) for j in range(L)]
+            for isa in isas:
+                for dtype, (gate_up, down, scales, per_expert) in sets.items():
+                    fn = Cycle(lambda j, gate_up=gate_up, down=down, scales=scales, isa=isa: expert_layer(
+                        x, index[j], weights, gate_up, down, isa=isa, **scales), L)
+                    seconds = median_seconds(fn, args.repeats)
+                    gbs = K * per_expert / seconds / 1e9
+                    rows.append({"variant": f"kernel {isa} {dtype}", "threads": threads, "tokens": tokens,
+                                 "ms": seconds * 1e3, "GB_per_s": gbs, "pct_of_read": 100 * gbs * 1e9 / read_bw})
+    print(f"CPU expert kernel alone, top-{K} experts, H={H} I={I}; tiers in use: "
+          f"{ {_label(d): t for d, t in kernel_status().tiers.items()} }")
+    print(f"{'variant':32s} {'threads':>7s} {'tokens':>6s} {'ms':>8s} {'GB/s':>7s} {'% read':>7s}")
+    for row in rows:
+        print(f"{row['variant']:32s} {row['threads']:7d} {row['tokens']:6d} {row['ms']:8.3f} {row['GB_per_s']:7.1f} "
+              f"{row['pct_of_read']:7.0f}")
+    return {"args": vars(args), "rows": rows, "cpu_count": torch.get_num_threads(), "kernel_isa": kernel_status().isa}
+
+
+def _label(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.kernel_only:
+        results = kernel_only(args)
+        out = Path(args.out or "benchmarks/results/cpu_kernel.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {out}")
+        return results
     torch.manual_seed(0)
     E, H, I, K, L = args.experts, args.hidden, args.inter, args.top_k, args.layers  # noqa: N806
     # weight values do not change GEMV time; a constant fill is much faster than random init at full size
@@ -133,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['pct_of_read']:7.0f}")
     results = {"args": vars(args), "rows": rows, "cpu_count": torch.get_num_threads(),
                "kernel_isa": kernel_status().isa}
-    out = Path(args.out)
+    out = Path(args.out or "benchmarks/results/cpu_gemv.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")

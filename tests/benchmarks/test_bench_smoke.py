@@ -90,6 +90,21 @@ def test_cpu_gemv_probe_runs_small(tmp_path: Path) -> None:
     assert "GB/s" in log
 
 
+def test_cpu_gemv_kernel_only_rows_per_dtype_and_path(tmp_path: Path) -> None:
+    """`--kernel-only` times the C++ kernel alone: one row per thread count, dtype and instruction-set path."""
+    out = tmp_path / "kernel.json"
+    log = _finish(_start("cpu_gemv.py", "--kernel-only", "--threads", "1", "--hidden", "256", "--inter", "192",
+                         "--top-k", "2", "--layers", "2", "--tokens", "1", "--repeats", "2", "--out", str(out)))
+    results = json.loads(out.read_text())
+    variants = {row["variant"] for row in results["rows"]}
+    assert "read bandwidth (float32 sum)" in variants
+    if results["kernel_isa"] not in (None, "scalar"):
+        isa = results["kernel_isa"]
+        assert {f"kernel {isa} {dtype}" for dtype in ("bf16", "int8", "fp8")} <= variants
+    assert all(row["GB_per_s"] > 0 for row in results["rows"])
+    assert "GB/s" in log and "disjoint sets cycled" in log
+
+
 def test_user_path_runs_the_cli_on_a_tiny_model(tmp_path: Path) -> None:
     """benchmarks/user_path.py drives the real CLI (`kllama train` on the example YAML in a subprocess) and records
     per-step tokens/s and the whole process tree's peak memory (the API phase's client is covered by serve.py's

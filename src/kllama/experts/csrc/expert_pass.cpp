@@ -8,7 +8,9 @@
 //   2. down: for hidden rows h of a thread's block, out[token, h] += down_h . act, summed over the token's experts.
 // A thread owns its rows in both stages, so there are no atomics and no reduction across threads. Rows are read
 // as contiguous streams with a software prefetch of the next row (a 4 KiB bf16 row is a page, where the hardware
-// prefetcher stops). Dot products accumulate in fp32: AVX512-BF16 `vdpbf16ps` on bf16 activations, else weights
+// prefetcher stops). A dot product of few activation rows (decode: one) keeps several independent accumulator chains
+// per row (`chains`), else one FMA chain's latency, not memory, sets its speed (measured: benchmarks/NOTES.md, "The
+// CPU expert kernel at memory bandwidth"). Dot products accumulate in fp32: AVX512-BF16 `vdpbf16ps` on bf16 activations, else weights
 // widened to fp32 (AVX-512F, AVX2+FMA or scalar) and multiplied with fp32 activations holding the same values.
 // int8 weights carry one fp32 scale per output row. fp8 (e4m3fn) weights carry one fp32 scale per 128x128 block
 // (kllama/experts/quant.py's layout, a grid per fused projection): a byte becomes fp16 bits by a shift (exactly
@@ -37,6 +39,10 @@ constexpr int kMaxPairs = 8;        // activation rows one weight-row read serve
 constexpr int64_t kGrainRows = 16;  // fewest output rows per thread
 constexpr int64_t kBlock = 128;     // fp8 scale block edge (rows and columns), quant.py's BLOCK
 constexpr float kFp8Unscale = 256.0f;  // fp8 bytes read as fp16 are value * 2^-8
+
+// Independent accumulator chains per activation row, so that a dot product of few rows (decode: one) is not bound by
+// the FMA latency (4-5 cycles per step of one chain) but by the loads: n rows keep n * chains(n) sums in flight.
+constexpr int chains(int n) { return n >= 4 ? 1 : n >= 2 ? 2 : 4; }
 
 enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
@@ -166,22 +172,44 @@ KL_AVX2 inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+template <int U>
+KL_AVX2 inline __m256 sum_chains(const __m256* c) {  // c[0] + ... + c[U - 1], pairwise
+  if constexpr (U == 1) {
+    return c[0];
+  } else {
+    return _mm256_add_ps(sum_chains<U / 2>(c), sum_chains<U / 2>(c + U / 2));
+  }
+}
+
 template <int N>
 struct Avx2Bf16 {
+  static constexpr int U = chains(N);
   KL_AVX2 static void run(const void* w_, const float*, const void* const* a_, int64_t len, float* res) {
     const uint16_t* w = static_cast<const uint16_t*>(w_);
     const float* a[N];
-    __m256 acc[N];
-    for (int i = 0; i < N; ++i) a[i] = static_cast<const float*>(a_[i]), acc[i] = _mm256_setzero_ps();
+    __m256 acc[N][U];
+    for (int i = 0; i < N; ++i) {
+      a[i] = static_cast<const float*>(a_[i]);
+      for (int u = 0; u < U; ++u) acc[i][u] = _mm256_setzero_ps();
+    }
     int64_t k = 0;
+    for (; k + 8 * U <= len; k += 8 * U) {
+      for (int u = 0; u < U; ++u) {
+        const int64_t ku = k + 8 * u;
+        if ((ku & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + len + ku), _MM_HINT_T0);
+        __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + ku));
+        __m256 wf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+        for (int i = 0; i < N; ++i) acc[i][u] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(a[i] + ku), acc[i][u]);
+      }
+    }
     for (; k + 8 <= len; k += 8) {
       if ((k & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + len + k), _MM_HINT_T0);
       __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
       __m256 wf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-      for (int i = 0; i < N; ++i) acc[i] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(a[i] + k), acc[i]);
+      for (int i = 0; i < N; ++i) acc[i][0] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(a[i] + k), acc[i][0]);
     }
     for (int i = 0; i < N; ++i) {
-      float sum = hsum256(acc[i]);
+      float sum = hsum256(sum_chains<U>(acc[i]));
       for (int64_t t = k; t < len; ++t) sum += bf16_to_f32(w[t]) * a[i][t];
       res[i] = sum;
     }
@@ -190,20 +218,31 @@ struct Avx2Bf16 {
 
 template <int N>
 struct Avx2Int8 {
+  static constexpr int U = chains(N);
   KL_AVX2 static void run(const void* w_, const float*, const void* const* a_, int64_t len, float* res) {
     const int8_t* w = static_cast<const int8_t*>(w_);
     const float* a[N];
-    __m256 acc[N];
-    for (int i = 0; i < N; ++i) a[i] = static_cast<const float*>(a_[i]), acc[i] = _mm256_setzero_ps();
+    __m256 acc[N][U];
+    for (int i = 0; i < N; ++i) {
+      a[i] = static_cast<const float*>(a_[i]);
+      for (int u = 0; u < U; ++u) acc[i][u] = _mm256_setzero_ps();
+    }
     int64_t k = 0;
+    for (; k + 8 * U <= len; k += 8 * U) {
+      for (int u = 0; u < U; ++u) {
+        const int64_t ku = k + 8 * u;
+        if ((ku & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + len + ku), _MM_HINT_T0);
+        __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + ku))));
+        for (int i = 0; i < N; ++i) acc[i][u] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(a[i] + ku), acc[i][u]);
+      }
+    }
     for (; k + 8 <= len; k += 8) {
       if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + len + k), _MM_HINT_T0);
-      __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k));
-      __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-      for (int i = 0; i < N; ++i) acc[i] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(a[i] + k), acc[i]);
+      __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k))));
+      for (int i = 0; i < N; ++i) acc[i][0] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(a[i] + k), acc[i][0]);
     }
     for (int i = 0; i < N; ++i) {
-      float sum = hsum256(acc[i]);
+      float sum = hsum256(sum_chains<U>(acc[i]));
       for (int64_t t = k; t < len; ++t) sum += float(w[t]) * a[i][t];
       res[i] = sum;
     }
@@ -218,6 +257,7 @@ KL_AVX2 inline __m256 fp8x8_avx2(const uint8_t* w) {  // 8 e4m3 bytes -> 8 float
 
 template <int N>
 struct Avx2Fp8 {
+  static constexpr int U = chains(N);  // divides the 16 steps of 8 bytes of a whole block
   KL_AVX2 static void run(const void* w_, const float* blocks, const void* const* a_, int64_t len, float* res) {
     const uint8_t* w = static_cast<const uint8_t*>(w_);
     const float* a[N];
@@ -227,19 +267,29 @@ struct Avx2Fp8 {
     for (int64_t k0 = 0, b = 0; k0 < len; k0 += kBlock, ++b) {
       const int64_t k1 = std::min(len, k0 + kBlock);
       const float scale = blocks[b] * kFp8Unscale;
-      __m256 part[N];
-      for (int i = 0; i < N; ++i) part[i] = _mm256_setzero_ps();
+      __m256 part[N][U];
+      for (int i = 0; i < N; ++i) {
+        for (int u = 0; u < U; ++u) part[i][u] = _mm256_setzero_ps();
+      }
       int64_t k = k0;
-      for (; k + 8 <= k1; k += 8) {
+      for (; k + 8 * U <= k1; k += 8 * U) {
+        for (int u = 0; u < U; ++u) {
+          const int64_t ku = k + 8 * u;
+          if ((ku & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + len + ku), _MM_HINT_T0);
+          const __m256 wf = fp8x8_avx2(w + ku);
+          for (int i = 0; i < N; ++i) part[i][u] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(a[i] + ku), part[i][u]);
+        }
+      }
+      for (; k + 8 <= k1; k += 8) {  // the last block's tail
         if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + len + k), _MM_HINT_T0);
         const __m256 wf = fp8x8_avx2(w + k);
-        for (int i = 0; i < N; ++i) part[i] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(a[i] + k), part[i]);
+        for (int i = 0; i < N; ++i) part[i][0] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(a[i] + k), part[i][0]);
       }
       const __m256 s = _mm256_set1_ps(scale);
       for (int i = 0; i < N; ++i) {
-        acc[i] = _mm256_fmadd_ps(part[i], s, acc[i]);
+        acc[i] = _mm256_fmadd_ps(sum_chains<U>(part[i]), s, acc[i]);
         float t = 0;
-        for (int64_t q = k; q < k1; ++q) t += fp8_scaled(w[q]) * a[i][q];  // the last block's tail
+        for (int64_t q = k; q < k1; ++q) t += fp8_scaled(w[q]) * a[i][q];  // the last block's scalar tail
         tail[i] += t * scale;
       }
     }
@@ -248,50 +298,85 @@ struct Avx2Fp8 {
 };
 
 // ---- AVX-512F (+BW/VL for masked tails) ----
+template <int U>
+KL_AVX512 inline __m512 sum_chains512(const __m512* c) {  // c[0] + ... + c[U - 1], pairwise
+  if constexpr (U == 1) {
+    return c[0];
+  } else {
+    return _mm512_add_ps(sum_chains512<U / 2>(c), sum_chains512<U / 2>(c + U / 2));
+  }
+}
+
 template <int N>
 struct Avx512Bf16W {  // bf16 weights widened to fp32, fp32 activations
+  static constexpr int U = chains(N);
   KL_AVX512 static void run(const void* w_, const float*, const void* const* a_, int64_t len, float* res) {
     const uint16_t* w = static_cast<const uint16_t*>(w_);
     const float* a[N];
-    __m512 acc[N];
-    for (int i = 0; i < N; ++i) a[i] = static_cast<const float*>(a_[i]), acc[i] = _mm512_setzero_ps();
+    __m512 acc[N][U];
+    for (int i = 0; i < N; ++i) {
+      a[i] = static_cast<const float*>(a_[i]);
+      for (int u = 0; u < U; ++u) acc[i][u] = _mm512_setzero_ps();
+    }
     int64_t k = 0;
+    for (; k + 16 * U <= len; k += 16 * U) {
+      for (int u = 0; u < U; ++u) {
+        const int64_t ku = k + 16 * u;
+        if ((ku & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + len + ku), _MM_HINT_T0);
+        __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + ku));
+        __m512 wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+        for (int i = 0; i < N; ++i) acc[i][u] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(a[i] + ku), acc[i][u]);
+      }
+    }
     for (; k + 16 <= len; k += 16) {
       if ((k & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + len + k), _MM_HINT_T0);
       __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
       __m512 wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-      for (int i = 0; i < N; ++i) acc[i] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(a[i] + k), acc[i]);
+      for (int i = 0; i < N; ++i) acc[i][0] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(a[i] + k), acc[i][0]);
     }
     if (k < len) {
       __mmask16 m = __mmask16((1u << (len - k)) - 1u);
       __m256i raw = _mm256_maskz_loadu_epi16(m, w + k);
       __m512 wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-      for (int i = 0; i < N; ++i) acc[i] = _mm512_fmadd_ps(wf, _mm512_maskz_loadu_ps(m, a[i] + k), acc[i]);
+      for (int i = 0; i < N; ++i) acc[i][0] = _mm512_fmadd_ps(wf, _mm512_maskz_loadu_ps(m, a[i] + k), acc[i][0]);
     }
-    for (int i = 0; i < N; ++i) res[i] = _mm512_reduce_add_ps(acc[i]);
+    for (int i = 0; i < N; ++i) res[i] = _mm512_reduce_add_ps(sum_chains512<U>(acc[i]));
   }
 };
 
 template <int N>
 struct Avx512Int8 {
+  static constexpr int U = chains(N);
   KL_AVX512 static void run(const void* w_, const float*, const void* const* a_, int64_t len, float* res) {
     const int8_t* w = static_cast<const int8_t*>(w_);
     const float* a[N];
-    __m512 acc[N];
-    for (int i = 0; i < N; ++i) a[i] = static_cast<const float*>(a_[i]), acc[i] = _mm512_setzero_ps();
+    __m512 acc[N][U];
+    for (int i = 0; i < N; ++i) {
+      a[i] = static_cast<const float*>(a_[i]);
+      for (int u = 0; u < U; ++u) acc[i][u] = _mm512_setzero_ps();
+    }
     int64_t k = 0;
+    for (; k + 16 * U <= len; k += 16 * U) {
+      for (int u = 0; u < U; ++u) {
+        const int64_t ku = k + 16 * u;
+        if ((ku & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + len + ku), _MM_HINT_T0);
+        __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + ku));
+        __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+        for (int i = 0; i < N; ++i) acc[i][u] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(a[i] + ku), acc[i][u]);
+      }
+    }
     for (; k + 16 <= len; k += 16) {
       if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + len + k), _MM_HINT_T0);
       __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
       __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
-      for (int i = 0; i < N; ++i) acc[i] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(a[i] + k), acc[i]);
+      for (int i = 0; i < N; ++i) acc[i][0] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(a[i] + k), acc[i][0]);
     }
     if (k < len) {
       __mmask16 m = __mmask16((1u << (len - k)) - 1u);
       __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w + k)));
-      for (int i = 0; i < N; ++i) acc[i] = _mm512_fmadd_ps(wf, _mm512_maskz_loadu_ps(m, a[i] + k), acc[i]);
+      for (int i = 0; i < N; ++i) acc[i][0] = _mm512_fmadd_ps(wf, _mm512_maskz_loadu_ps(m, a[i] + k), acc[i][0]);
     }
-    for (int i = 0; i < N; ++i) res[i] = _mm512_reduce_add_ps(acc[i]);
+    for (int i = 0; i < N; ++i) res[i] = _mm512_reduce_add_ps(sum_chains512<U>(acc[i]));
   }
 };
 
@@ -301,7 +386,8 @@ KL_AVX512 inline __m512 fp8x16_avx512(__m128i raw) {  // 16 e4m3 bytes -> 16 flo
 }
 
 template <int N>
-struct Avx512Fp8 {  // 32 bytes per step into two accumulator sets (two FMA chains per activation row)
+struct Avx512Fp8 {  // 32 bytes per conversion into two chains; U chains per activation row (one row: 4)
+  static constexpr int U = chains(N) < 2 ? 2 : chains(N);  // even, divides the 8 steps of 16 bytes of a block
   KL_AVX512 static void run(const void* w_, const float* blocks, const void* const* a_, int64_t len, float* res) {
     const uint8_t* w = static_cast<const uint8_t*>(w_);
     const float* a[N];
@@ -310,31 +396,37 @@ struct Avx512Fp8 {  // 32 bytes per step into two accumulator sets (two FMA chai
     const __m512i mask = _mm512_set1_epi16(int16_t(0xBF80));
     for (int64_t k0 = 0, b = 0; k0 < len; k0 += kBlock, ++b) {
       const int64_t k1 = std::min(len, k0 + kBlock);
-      __m512 lo[N], hi[N];
-      for (int i = 0; i < N; ++i) lo[i] = _mm512_setzero_ps(), hi[i] = _mm512_setzero_ps();
+      __m512 part[N][U];
+      for (int i = 0; i < N; ++i) {
+        for (int u = 0; u < U; ++u) part[i][u] = _mm512_setzero_ps();
+      }
       int64_t k = k0;
-      for (; k + 32 <= k1; k += 32) {
-        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + len + k), _MM_HINT_T0);
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
-        const __m512i h = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(raw), 7), mask);
-        const __m512 w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
-        const __m512 w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
-        for (int i = 0; i < N; ++i) {
-          lo[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(a[i] + k), lo[i]);
-          hi[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(a[i] + k + 16), hi[i]);
+      for (; k + 16 * U <= k1; k += 16 * U) {
+        for (int u = 0; u < U; u += 2) {
+          const int64_t ku = k + 16 * u;
+          if ((ku & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + len + ku), _MM_HINT_T0);
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + ku));
+          const __m512i h = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(raw), 7), mask);
+          const __m512 w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+          const __m512 w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+          for (int i = 0; i < N; ++i) {
+            part[i][u] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(a[i] + ku), part[i][u]);
+            part[i][u + 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(a[i] + ku + 16), part[i][u + 1]);
+          }
         }
       }
       for (; k + 16 <= k1; k += 16) {  // the last block's tail
+        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + len + k), _MM_HINT_T0);
         const __m512 wf = fp8x16_avx512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
-        for (int i = 0; i < N; ++i) lo[i] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(a[i] + k), lo[i]);
+        for (int i = 0; i < N; ++i) part[i][0] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(a[i] + k), part[i][0]);
       }
       if (k < k1) {
         const __mmask16 m = __mmask16((1u << (k1 - k)) - 1u);
         const __m512 wf = fp8x16_avx512(_mm_maskz_loadu_epi8(m, w + k));
-        for (int i = 0; i < N; ++i) lo[i] = _mm512_fmadd_ps(wf, _mm512_maskz_loadu_ps(m, a[i] + k), lo[i]);
+        for (int i = 0; i < N; ++i) part[i][0] = _mm512_fmadd_ps(wf, _mm512_maskz_loadu_ps(m, a[i] + k), part[i][0]);
       }
       const __m512 s = _mm512_set1_ps(blocks[b] * kFp8Unscale);
-      for (int i = 0; i < N; ++i) acc[i] = _mm512_fmadd_ps(_mm512_add_ps(lo[i], hi[i]), s, acc[i]);
+      for (int i = 0; i < N; ++i) acc[i] = _mm512_fmadd_ps(sum_chains512<U>(part[i]), s, acc[i]);
     }
     for (int i = 0; i < N; ++i) res[i] = _mm512_reduce_add_ps(acc[i]);
   }
@@ -343,18 +435,33 @@ struct Avx512Fp8 {  // 32 bytes per step into two accumulator sets (two FMA chai
 // ---- AVX512-BF16: bf16 weights times bf16 activations, fp32 accumulation in one instruction per 32 pairs ----
 template <int N>
 struct Avx512Bf16Dp {
+  static constexpr int U = chains(N);
   KL_AVX512BF16 static void run(const void* w_, const float*, const void* const* a_, int64_t len, float* res) {
     const uint16_t* w = static_cast<const uint16_t*>(w_);
     const uint16_t* a[N];
-    __m512 acc[N];
-    for (int i = 0; i < N; ++i) a[i] = static_cast<const uint16_t*>(a_[i]), acc[i] = _mm512_setzero_ps();
+    __m512 acc[N][U];
+    for (int i = 0; i < N; ++i) {
+      a[i] = static_cast<const uint16_t*>(a_[i]);
+      for (int u = 0; u < U; ++u) acc[i][u] = _mm512_setzero_ps();
+    }
     int64_t k = 0;
+    for (; k + 32 * U <= len; k += 32 * U) {
+      for (int u = 0; u < U; ++u) {
+        const int64_t ku = k + 32 * u;
+        _mm_prefetch(reinterpret_cast<const char*>(w + len + ku), _MM_HINT_T0);
+        __m512i wv = _mm512_loadu_si512(w + ku);
+        for (int i = 0; i < N; ++i) {
+          __m512i av = _mm512_loadu_si512(a[i] + ku);
+          acc[i][u] = _mm512_dpbf16_ps(acc[i][u], (__m512bh)av, (__m512bh)wv);
+        }
+      }
+    }
     for (; k + 32 <= len; k += 32) {
       _mm_prefetch(reinterpret_cast<const char*>(w + len + k), _MM_HINT_T0);
       __m512i wv = _mm512_loadu_si512(w + k);
       for (int i = 0; i < N; ++i) {
         __m512i av = _mm512_loadu_si512(a[i] + k);
-        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)av, (__m512bh)wv);
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)av, (__m512bh)wv);
       }
     }
     if (k < len) {
@@ -362,10 +469,10 @@ struct Avx512Bf16Dp {
       __m512i wv = _mm512_maskz_loadu_epi16(m, w + k);
       for (int i = 0; i < N; ++i) {
         __m512i av = _mm512_maskz_loadu_epi16(m, a[i] + k);
-        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)av, (__m512bh)wv);
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)av, (__m512bh)wv);
       }
     }
-    for (int i = 0; i < N; ++i) res[i] = _mm512_reduce_add_ps(acc[i]);
+    for (int i = 0; i < N; ++i) res[i] = _mm512_reduce_add_ps(sum_chains512<U>(acc[i]));
   }
 };
 
