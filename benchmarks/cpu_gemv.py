@@ -22,6 +22,7 @@ printed, several times the L3 cache). GB/s counts the weight and scale bytes a c
 Usage: python benchmarks/cpu_gemv.py [--threads 16,8] [--tokens 1,4,16] [--layers 8] [--experts 64]
                                      [--hidden 2048] [--inter 1408] [--top-k 6]
        python benchmarks/cpu_gemv.py --kernel-only [--threads 16,8] [--tokens 1] [--layers 24] [--isas avx2,...]
+                                     [--dtypes bf16,int8,fp8]
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="only the C++ kernel: GB/s per weight dtype and instruction-set path")
     parser.add_argument("--isas", default="", help="kernel paths to time with --kernel-only (default: all above "
                         "scalar this CPU runs)")
+    parser.add_argument("--dtypes", default="bf16,int8,fp8", help="weight dtypes to time with --kernel-only")
     return parser.parse_args(argv)
 
 
@@ -96,7 +98,7 @@ def kernel_only(args: argparse.Namespace) -> dict:
         print(f"no kernel path to time: {kernel_status().reason or 'this CPU runs the scalar path only'}")
     tokens_list = [int(t) for t in args.tokens.split(",")]
     rows, sets = [], {}
-    for dtype in ("bf16", "int8", "fp8"):
+    for dtype in args.dtypes.split(","):
         (gate_up, down), scales = kernel_weights(dtype, K * L, H, I)
         per_expert = sum(t[0].numel() * t.element_size() for t in (gate_up, down, *scales.values()))
         sets[dtype] = (gate_up, down, scales, per_expert)
@@ -105,9 +107,9 @@ def kernel_only(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(0)
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
-        gate_up_bf16 = sets["bf16"][0]
-        read_s = median_seconds(lambda: gate_up_bf16.view(torch.float32).sum(), max(3, args.repeats // 4))
-        read_bw = gate_up_bf16.numel() * gate_up_bf16.element_size() / read_s
+        largest = max((entry[0] for entry in sets.values()), key=lambda t: t.numel() * t.element_size())
+        read_s = median_seconds(lambda: largest.view(torch.float32).sum(), max(3, args.repeats // 4))
+        read_bw = largest.numel() * largest.element_size() / read_s
         rows.append({"variant": "read bandwidth (float32 sum)", "threads": threads, "tokens": 0,
                      "ms": read_s * 1e3, "GB_per_s": read_bw / 1e9, "pct_of_read": 100.0})
         for tokens in tokens_list:

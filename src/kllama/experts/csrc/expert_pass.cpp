@@ -40,9 +40,11 @@ constexpr int64_t kGrainRows = 16;  // fewest output rows per thread
 constexpr int64_t kBlock = 128;     // fp8 scale block edge (rows and columns), quant.py's BLOCK
 constexpr float kFp8Unscale = 256.0f;  // fp8 bytes read as fp16 are value * 2^-8
 
-// Independent accumulator chains per activation row, so that a dot product of few rows (decode: one) is not bound by
-// the FMA latency (4-5 cycles per step of one chain) but by the loads: n rows keep n * chains(n) sums in flight.
-constexpr int chains(int n) { return n >= 4 ? 1 : n >= 2 ? 2 : 4; }
+// Independent accumulator chains per activation row. Each chain takes one FMA per 4-5 cycles (its latency), so a
+// weight row advances by chains(n) vector steps per FMA latency whatever the number of rows n: one chain per row
+// held a 1-token dot product to 8 (AVX2) or 16 (AVX-512) weights per latency, well below a core's share of the
+// memory bandwidth. From 5 rows on, one chain each is what the FMA ports and AVX2's 16 registers take.
+constexpr int chains(int n) { return n <= 2 ? 4 : n <= 4 ? 2 : 1; }
 
 enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
