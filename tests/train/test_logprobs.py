@@ -275,3 +275,13 @@ def test_gpu_peak_memory_at_deepseek_v2_lite_vocab(head_trainable: bool) -> None
         ref, _ = naive_logps(hidden[:, : m + 1].float(), head.float(), labels[:, : m + 1])
         got, _ = sequence_logps(hidden[:, : m + 1], head, labels[:, : m + 1], chunk_tokens=100)
     torch.testing.assert_close(got, ref, rtol=1e-2, atol=1.0)  # both float64
+
+
+def test_head_chunks_hold_a_fixed_byte_budget_of_logits() -> None:
+    # one chunk's logits (bf16 + fp32, 6 bytes each) within 512 MiB: DeepSeek-V2's vocab 873 rows (was a fixed
+    # 4,096 = 2.5 GB beside the resident experts), Qwen3's 588; small vocabularies stop at 8,192 rows, huge ones at 256
+    from kllama.train.logprobs import LOGITS_CHUNK_BYTES, logits_chunk_tokens
+
+    assert logits_chunk_tokens(102_400) == 873 and logits_chunk_tokens(151_936) == 588
+    assert 6 * 102_400 * logits_chunk_tokens(102_400) <= LOGITS_CHUNK_BYTES
+    assert logits_chunk_tokens(32) == 8192 and logits_chunk_tokens(10_000_000) == 256

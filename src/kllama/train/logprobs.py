@@ -27,6 +27,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+# Bytes one chunk's logits may take (bf16 from the head + the fp32 copy: 6 bytes a logit). A fixed 4,096 rows was
+# 2.5 GB at DeepSeek-V2's 102,400 vocab (3.7 GB at Qwen3's 151,936): with the experts streamed under a
+# max_gpu_memory cap, that transient at the end of every forward and in every backward sets the step's peak beside
+# the resident layers, each of which would save two ~20 ms copies a step (benchmarks/NOTES.md, "Fifth session").
+LOGITS_CHUNK_BYTES = 512 * 2**20
+
+
+def logits_chunk_tokens(vocab_size: int, budget_bytes: int = LOGITS_CHUNK_BYTES) -> int:
+    """Label rows per head chunk so that one chunk's logits stay within `budget_bytes`: 873 at vocab 102,400, 588 at
+    151,936, never fewer than 256 rows (a GEMM still large enough to run at speed) nor more than 8,192."""
+    return max(256, min(8192, budget_bytes // (6 * max(1, vocab_size))))
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from kllama.train.checkpoints import SaveTracker
 from kllama.train.distributed import combine_rank_metrics, decoder_outputs, unwrap
 from kllama.train.health import TrainingHealth
 from kllama.train.lockstep import LockstepReference
-from kllama.train.logprobs import IGNORE_INDEX, logit_transform_for, sequence_logps
+from kllama.train.logprobs import IGNORE_INDEX, logit_transform_for, logits_chunk_tokens, sequence_logps
 from kllama.train.losses import (
     NEEDS_AVERAGED_LOGPS,
     REFERENCE_FREE,
@@ -49,7 +49,7 @@ class PreferenceSettings:
     ftx: float = 0.0
     ld_alpha: float | None = None
     router_aux_loss_coef: float | None = None
-    logps_chunk_tokens: int = 4096
+    logps_chunk_tokens: int | None = None  # None: `logits_chunk_tokens` of the model's vocab
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
@@ -78,8 +78,9 @@ def hidden_logps(hidden: torch.Tensor, lm: nn.Module, batch: dict[str, torch.Ten
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed label log-probs `[N]` and label counts `[N]` of a batch from the decoder's last hidden states
     `[N, T, H]` (after its final norm), in chunks through `lm`'s head."""
+    vocab = getattr(lm.lm_head, "out_features", None) or lm.config.vocab_size
     return sequence_logps(
-        hidden, lm.lm_head, batch["labels"], chunk_tokens=settings.logps_chunk_tokens,
+        hidden, lm.lm_head, batch["labels"], chunk_tokens=settings.logps_chunk_tokens or logits_chunk_tokens(vocab),
         ld_alpha=settings.ld_alpha if settings.stage == "dpo" else None, transform=logit_transform_for(lm.config),
     )
 
