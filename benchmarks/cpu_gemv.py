@@ -42,6 +42,14 @@ from kllama.experts.quant import BLOCK
 from kllama.experts.routed import routed_experts_math
 
 
+def print_rows(rows: list[dict], width: int) -> None:
+    """The rows as a table: variant (`width` wide), threads, tokens, ms, GB/s, % of the read bandwidth."""
+    print(f"{'variant':{width}s} {'threads':>7s} {'tokens':>6s} {'ms':>8s} {'GB/s':>7s} {'% read':>7s}")
+    for row in rows:
+        print(f"{row['variant']:{width}s} {row['threads']:7d} {row['tokens']:6d} {row['ms']:8.3f} "
+              f"{row['GB_per_s']:7.1f} {row['pct_of_read']:7.0f}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", default="16,8")
@@ -127,10 +135,7 @@ def kernel_only(args: argparse.Namespace) -> dict:
                                  "ms": seconds * 1e3, "GB_per_s": gbs, "pct_of_read": 100 * gbs * 1e9 / read_bw})
     print(f"CPU expert kernel alone, top-{K} experts, H={H} I={I}; tiers in use: "
           f"{ {_label(d): t for d, t in kernel_status().tiers.items()} }")
-    print(f"{'variant':32s} {'threads':>7s} {'tokens':>6s} {'ms':>8s} {'GB/s':>7s} {'% read':>7s}")
-    for row in rows:
-        print(f"{row['variant']:32s} {row['threads']:7d} {row['tokens']:6d} {row['ms']:8.3f} {row['GB_per_s']:7.1f} "
-              f"{row['pct_of_read']:7.0f}")
+    print_rows(rows, 32)
     return {"args": vars(args), "rows": rows, "cpu_count": torch.get_num_threads(), "kernel_isa": kernel_status().isa}
 
 
@@ -213,10 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "ms": seconds * 1e3, "GB_per_s": gbs, "pct_of_read": 100 * gbs * 1e9 / read_bw})
     print(f"top-{K} of {E} experts, H={H} I={I}: {expert_bytes / 2**20:.1f} MiB of bf16 weights per expert, "
           f"{L} layers cycled; CPU expert kernel: {kernel_status().isa or kernel_status().reason}")
-    print(f"{'variant':44s} {'threads':>7s} {'ms':>8s} {'GB/s':>7s} {'% read':>7s}")
-    for row in rows:
-        print(f"{row['variant']:44s} {row['threads']:7d} {row['ms']:8.3f} {row['GB_per_s']:7.1f} "
-              f"{row['pct_of_read']:7.0f}")
+    print_rows(rows, 44)
     results = {"args": vars(args), "rows": rows, "cpu_count": torch.get_num_threads(),
                "kernel_isa": kernel_status().isa}
     out = Path(args.out or "benchmarks/results/cpu_gemv.json")
