@@ -263,6 +263,7 @@ def train(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, Any]:
 
 
 _STREAMED_AT_START = (re.compile(r"each pass copies (\d+) layers"), re.compile(r"each pass has (\d+) streamed"))
+_PROMOTED = re.compile(r"promoted \d+ more layers? after step [^\r\n]*")
 _STREAMED_AFTER = re.compile(r"; (\d+) of (\d+) MoE layers stream")
 
 
@@ -272,7 +273,8 @@ def expert_layer_facts(log_text: str) -> dict[str, Any]:
     ran in lock-step with the policy."""
     start = next((int(m.group(1)) for line in log_text.splitlines() if line.startswith("micro-batching:")
                   for pattern in _STREAMED_AT_START if (m := pattern.search(line))), None)
-    promotions = [line.strip() for line in log_text.splitlines() if line.startswith("promoted ")]
+    # anywhere on a line: a log written before the line went through tqdm.write has it after the step bar
+    promotions = [m.group(0).strip() for m in _PROMOTED.finditer(log_text)]
     final = _STREAMED_AFTER.search(promotions[-1]) if promotions else None
     return {"streamed_layers_at_start": start, "promotions": promotions,
             "streamed_layers": int(final.group(1)) if final else start,

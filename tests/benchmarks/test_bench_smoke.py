@@ -152,3 +152,21 @@ def test_dpo_ddp_runs_two_tiny_ranks_on_cpu(tmp_path: Path) -> None:
         assert len(rows[name]["per_rank"]) == 2 and rows[name]["node_pss_gb"] > 0
     probe = result["copy_probe"]
     assert len(probe["alone_gb_s"]) == len(probe["together_gb_s"]) == 2 and probe["together_total_gb_s"] > 0
+
+
+def test_user_path_finds_promotion_lines_after_a_step_bar() -> None:
+    """The H200 run of 2026-11-30 logged the promotion right after tqdm's step bar on one line; the JSON said no
+    promotion. Both shapes (own line, after a bar) count."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from user_path import expert_layer_facts
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    line = ("promoted 1 more layer after step 1: peak 21.6 GB allocated of 24.0 GB budget (...); "
+            "19 of 26 MoE layers stream")
+    start = "micro-batching: 1 x 8 accumulation -> (...; experts host-held: each pass has 20 streamed, 6 resident)\n"
+    for log in (start + "  4%|4         | 1/24 [00:12<04:58, 12.97s/it]" + line + "\n",
+                start + line + "\nsomething else\n"):
+        facts = expert_layer_facts(log)
+        assert facts["promotions"] == [line] and facts["streamed_layers"] == 19
+        assert facts["streamed_layers_at_start"] == 20

@@ -41,11 +41,6 @@ def _pairs(vocab: int, n: int = 16, longest: int = 2048, seed: int = 0):
     return Dataset.from_dict(rows)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open bug, benchmarks/NOTES.md 'Fifth session': on the H200 box (twice, in the GPU suite's process) this pass "
-    "and then every pair alone gave NaN, although the same pair alone in a fresh process is finite and "
-    "benchmarks/sdpa_edges.py found every attention backend finite at these shapes; precompute's guard turns it "
-    "into one clear error (or splits the pass), and the full-size precompute of this session was finite"))
 def test_the_largest_precompute_pass_equals_one_pair_a_pass(tmp_path, capsys):
     from kllama.config import build_config
     from kllama.data import PairwiseCollator

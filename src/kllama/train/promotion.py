@@ -58,6 +58,7 @@ import math
 import os
 
 import torch
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from kllama.config import parse_bytes
@@ -251,8 +252,9 @@ class ResidentPromotion(TrainerCallback):
         torch.cuda.empty_cache()  # the new resident blocks get fresh segments, not holes between cached activations
         names = self.promote(estimate.layers, f"resident after step {state.global_step}'s measured peak")
         if self.announce:
-            print(promotion_line(len(names), state.global_step, estimate, layer_bytes, self.budget,
-                                 self.worst_tokens, len(self.streamed()), len(self.engine.modules)), flush=True)
+            # tqdm.write: the line gets its own line above the step bar instead of following the bar on it
+            tqdm.write(promotion_line(len(names), state.global_step, estimate, layer_bytes, self.budget,
+                                      self.worst_tokens, len(self.streamed()), len(self.engine.modules)))
 
 
 def promotion_line(count: int, step: int, estimate: PromotionEstimate, layer_bytes: int, budget: int,
