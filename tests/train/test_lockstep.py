@@ -72,12 +72,13 @@ def _first_step(model_dir: Path, tmp: Path, lockstep: bool, budget: int | None, 
     config, loaded, model = _model(model_dir, tmp, **settings)
     bundle = build_dataset(config.data, loaded.tokenizer, get_template(config.data.template, loaded.tokenizer),
                            stage="dpo", seed=3)
-    collate = PairwiseCollator(loaded.tokenizer.pad_token_id)
+    packed = bool(config.training.padding_free)
+    collate = PairwiseCollator(loaded.tokenizer.pad_token_id, packed=packed)
     rows = LengthGroupedRows(bundle.train, row_lengths(bundle.train, "dpo"), 4, seed=3)
     plan = None
     if budget is not None:
-        plan = BatchPlan(1, 4, budget, 2, "pairs")
-        collate = ChunkedCollator(collate, "dpo", budget)
+        plan = BatchPlan(1, 4, budget, 2, "pairs", packed)
+        collate = ChunkedCollator(collate, "dpo", budget, packed)
     args = build_training_arguments(config, has_eval=False, use_cpu=True, plan=plan)
     args.train_sampling_strategy = "sequential"
     capture = GradCapture()
@@ -96,7 +97,9 @@ def _first_step(model_dir: Path, tmp: Path, lockstep: bool, budget: int | None, 
     ("deepseek_v2", 10**6, {"disable_gradient_checkpointing": True}),  # one pass, activations kept
     ("deepseek_v2", 10**6, {"ld_alpha": 0.5}),                        # the reference keeps plain sums
     ("qwen3_moe", 300, {"template": "qwen"}),                         # router aux loss from the policy's logits only
-], ids=["accumulated", "passes", "no-checkpointing", "ld-dpo", "router-aux"])
+    ("deepseek_v2", 300, {"padding_free": True, "ld_alpha": 0.5}),    # packed passes: the reference's too
+    ("qwen3_moe", 300, {"template": "qwen", "padding_free": True}),   # packed, router aux loss
+], ids=["accumulated", "passes", "no-checkpointing", "ld-dpo", "router-aux", "packed", "packed-router-aux"])
 def test_a_dpo_step_with_the_lockstep_reference_equals_the_separate_pass(arch, budget, settings, tiny_model_dir,
                                                                           tmp_path):
     model_dir = tiny_model_dir(arch)

@@ -148,7 +148,9 @@ def test_padding_stays_under_ten_percent_on_the_bundled_demo_with_the_seed_batch
 
 def first_step(model_dir: Path, tmp: Path, settings: dict, budget: int | None) -> tuple[float, dict[str, torch.Tensor]]:
     """Loss and gradients of the first optimizer step, with the rows of a 4-row step in the grouped order: as 1 x 4
-    accumulated micro-steps (`budget` None) or as one step batch run in passes of `budget` tokens."""
+    accumulated micro-steps (`budget` None) or as one step batch run in passes of `budget` tokens; with
+    `padding_free: true` in `settings` every batch (the precompute's too) is packed and `budget` counts real tokens
+    (the step's rows are the same either way: grouped by their padded lengths)."""
     from kllama.config import build_config
     from kllama.data import PairwiseCollator, SFTCollator, build_dataset, get_template
     from kllama.model.adapters import attach_lora, resolve_lora_spec
@@ -165,6 +167,7 @@ def first_step(model_dir: Path, tmp: Path, settings: dict, budget: int | None) -
         "expert_placement": "cpu", "lora_rank": 4, "seed": 3, "disable_tqdm": True, **settings,
     })
     stage = config.finetuning.stage
+    packed = bool(config.training.padding_free)
     set_seed(3)
     loaded = load_model(config, "train")
     bundle = build_dataset(config.data, loaded.tokenizer, get_template("deepseek", loaded.tokenizer), stage=stage,
@@ -175,7 +178,7 @@ def first_step(model_dir: Path, tmp: Path, settings: dict, budget: int | None) -
         for name, p in model.named_parameters():
             if p.requires_grad and "lora_B" in name:
                 p.normal_(0, 0.05, generator=torch.Generator(device=p.device).manual_seed(len(name)))
-    collate = (PairwiseCollator if stage == "dpo" else SFTCollator)(loaded.tokenizer.pad_token_id)
+    collate = (PairwiseCollator if stage == "dpo" else SFTCollator)(loaded.tokenizer.pad_token_id, packed=packed)
     rows = bundle.train
     if f.precompute_ref_log_probs:
         rows = attach_reference_logps(model, rows, collate, preference_settings(config), None, tmp / "cache",
@@ -184,8 +187,8 @@ def first_step(model_dir: Path, tmp: Path, settings: dict, budget: int | None) -
     ordered = LengthGroupedRows(rows, row_lengths(rows, stage), 4, seed=3)
     plan = None
     if budget is not None:
-        plan = BatchPlan(1, 4, budget, 2 if stage == "dpo" else 1)
-        collate = ChunkedCollator(collate, stage, budget)
+        plan = BatchPlan(1, 4, budget, 2 if stage == "dpo" else 1, packed=packed)
+        collate = ChunkedCollator(collate, stage, budget, packed)
     args = build_training_arguments(config, has_eval=False, use_cpu=loaded.device.type == "cpu", plan=plan)
     args.train_sampling_strategy = "sequential"  # both runs see the grouped order's first step
     capture = GradCapture()
@@ -205,19 +208,24 @@ CASES = {
     "simpo": {"stage": "dpo", "dataset": "dpo_en_demo", "pref_loss": "simpo", "pref_beta": 2.0},
     "sft": {"stage": "sft", "dataset": "alpaca_en_demo"},
     "precomputed-ref": {"stage": "dpo", "dataset": "dpo_en_demo", "precompute_ref_log_probs": True},
+    "ld-dpo": {"stage": "dpo", "dataset": "dpo_en_demo", "pref_loss": "sigmoid", "ld_alpha": 0.5},
 }
 
 
 # every loss in one pass; passes of unequal size (300 tokens: 2 rows, then 1, ...) and one pass per row where the
-# weighting differs most (DPO per-pair means, SFT token means, cached reference columns)
-STEP_CASES = [(case, 10**6) for case in CASES] + [("sigmoid", 300), ("sft", 300), ("precomputed-ref", 1)]
+# weighting differs most (DPO per-pair means, SFT token means, cached reference columns); each loss again packed
+# (padding-free), against the same padded micro-steps
+STEP_CASES = ([(case, 10**6, False) for case in CASES] + [("sigmoid", 300, False), ("sft", 300, False),
+                                                          ("precomputed-ref", 1, False)]
+              + [(case, 10**6, True) for case in CASES] + [("sigmoid", 300, True), ("sft", 300, True)])
 
 
-@pytest.mark.parametrize("case,budget", STEP_CASES, ids=[f"{c}-{b}" for c, b in STEP_CASES])
-def test_merged_step_equals_accumulated_micro_steps(case, budget, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("case,budget,packed", STEP_CASES,
+                         ids=[f"{c}-{b}{'-packed' if p else ''}" for c, b, p in STEP_CASES])
+def test_merged_step_equals_accumulated_micro_steps(case, budget, packed, tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir("deepseek_v2")
     loss_a, grads_a = first_step(model_dir, tmp_path / "a", CASES[case], None)
-    loss_b, grads_b = first_step(model_dir, tmp_path / "b", CASES[case], budget)
+    loss_b, grads_b = first_step(model_dir, tmp_path / "b", {**CASES[case], "padding_free": packed}, budget)
     assert loss_a == pytest.approx(loss_b, abs=1e-5)
     assert grads_a.keys() == grads_b.keys() and any(".experts." in k for k in grads_a)
     for name in grads_a:
@@ -247,6 +255,7 @@ def test_cli_prints_the_merge_and_resumes_exactly_across_an_epoch(tiny_model_dir
     assert ("micro-batching: 1 x 4 accumulation -> each step's 4 pairs in as few passes of up to 16,384 tokens as fit "
             "(micro_batch_tokens; experts on the CPU") in full.stdout
     assert "first epoch: 3 steps, 3 in 1 pass" in full.stdout
+    assert "grouped by length, packed (padding-free), " in full.stdout  # experts host-held: packed by default
     assert "each epoch starts with its largest pass (" in full.stdout
     assert "GPU allocator: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (set by kllama train" in full.stdout
     reference = _losses(tmp_path / "full")

@@ -43,6 +43,15 @@ def test_precomputed_reference_matches_in_step_reference_for_any_batch_size(tiny
     budgeted = attach_reference_logps(model, bundle.train, collate, settings, None, tmp_path / "c", batch_size=1,
                                       device=device, token_budget=2 * 2 * 56)
     assert "7 pairs in" in capsys.readouterr().out
+    # packed (padding-free) passes, budget in real tokens, and packed fixed batches
+    packed_collate = PairwiseCollator(loaded.tokenizer.pad_token_id, packed=True)
+    packed = attach_reference_logps(model, bundle.train, packed_collate, settings, None, tmp_path / "d",
+                                    batch_size=1, device=device, token_budget=200, packed=True)
+    out = capsys.readouterr().out
+    passes = int(out.split("7 pairs in ")[1].split(" passes of up to 200 real (packed) tokens")[0])
+    assert 2 < passes < 7  # several pairs share a pass, none over 200 tokens (a pair is 60-100 at cutoff 48)
+    packed_five = attach_reference_logps(model, bundle.train, packed_collate, settings, None, tmp_path / "e",
+                                         batch_size=5, device=device)
 
     rows = [bundle.train[i] for i in range(len(bundle.train))]
     batch = {k: v.to(device) for k, v in collate(rows).items()}
@@ -53,7 +62,7 @@ def test_precomputed_reference_matches_in_step_reference_for_any_batch_size(tiny
     half = len(rows)
     assert sums.shape[0] == 2 * half
     assert not torch.allclose(policy, sums, atol=1e-3)  # the reference really is the model with adapters off
-    for cached in (one, five, budgeted):
+    for cached in (one, five, budgeted, packed, packed_five):
         torch.testing.assert_close(torch.tensor(cached["ref_chosen_logps"], dtype=torch.float64), sums[:half], rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(torch.tensor(cached["ref_rejected_logps"], dtype=torch.float64), sums[half:], rtol=1e-5, atol=1e-4)
 

@@ -95,7 +95,7 @@ class FinetuningArguments:
         False, "Compute the reference model's log-probs for the whole dataset once (cached on disk) and train without reference passes."
     )
     precompute_ref_batch_size: int | None = arg(
-        None, "Batch size of the precompute pass (TRL's key). Unset: with routed experts held in host RAM (use_kt, streamed or on the CPU) the pairs run longest first in passes of up to 4 x micro_batch_tokens tokens (no gradients are kept there; each pass pays one copy of the weights), otherwise per_device_eval_batch_size at a time."
+        None, "Batch size of the precompute pass (TRL's key). Unset: with routed experts held in host RAM (use_kt, streamed or on the CPU) the pairs run longest first in passes of up to 4 x micro_batch_tokens tokens (packed: up to 16,384 real tokens) (no gradients are kept there; each pass pays one copy of the weights), otherwise per_device_eval_batch_size at a time."
     )
     plot_loss: bool = arg(False, "Write training_loss.png, training_rewards_*.png (and training_eval_loss.png) to output_dir.")
 
@@ -144,7 +144,14 @@ class TrainingArguments:
     micro_batch_tokens: int = arg(
         16384, "With routed experts in host RAM (use_kt, streamed or on the CPU): token budget of one pass. The "
         "per_device_train_batch_size x gradient_accumulation_steps rows of an optimizer step run in as few passes as "
-        "fit this many padded tokens each (same gradient, grouped by length); 0 = as written.",
+        "fit this many tokens each (padded, or real tokens when packed: padding_free; same gradient, grouped by length); "
+        "0 = as written.",
+    )
+    padding_free: bool | None = arg(
+        None, "Run each pass's sequences packed into one row without padding (TRL's key; position_ids restart per "
+        "sequence, attention stays within each sequence, same numbers as padded). Unset: packed when routed experts "
+        "are held in host RAM (use_kt, streamed or on the CPU) and the attention is sdpa, eager, fa2 or flex; "
+        "micro_batch_tokens then counts real tokens.",
     )
     ddp_timeout: int = arg(1800, "Timeout in seconds of distributed collectives in a data-parallel run (single-process runs ignore it).")
     disable_tqdm: bool = arg(False, "Hide progress bars.")

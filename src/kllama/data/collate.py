@@ -1,5 +1,8 @@
-"""Batch collators: right-pad to a multiple of 8; preference batches stack all chosen rows, then all rejected."""
+"""Batch collators: right-pad to a multiple of 8 (preference batches stack all chosen rows, then all rejected), or
+pack a batch's sequences into one row without padding (`packed=True`, see `pack_batch`)."""
 from __future__ import annotations
+
+from typing import Any, Mapping
 
 import torch
 
@@ -31,27 +34,69 @@ def pad_batch(ids: list[list[int]], labels: list[list[int]], pad_token_id: int, 
     }
 
 
+def pack_batch(ids: list[list[int]], labels: list[list[int]]) -> dict:
+    """The sequences concatenated into one row without padding (TRL's `padding_free`): `input_ids`, `labels`,
+    `position_ids` and `sequence_index` (which sequence each token belongs to), all `[1, N]`, N the real tokens.
+
+    There is no `attention_mask`: transformers then reads the sequence boundaries from `position_ids` (restarting at
+    0 per sequence) and builds a block-diagonal causal mask (sdpa / eager / flex) or runs flash-attention's varlen
+    kernel, so each sequence attends only to itself. Each sequence's first label is IGNORE_INDEX: a position predicts
+    the next position's label, and the last token of one sequence must not predict the first of the next (a padded
+    row's first label is never a target either, so the targets are exactly those of `pad_batch`)."""
+    flat_labels = [t for seq in labels for t in [IGNORE_INDEX, *seq[1:]][:len(seq)]]
+    return {
+        "input_ids": torch.tensor([[t for seq in ids for t in seq]], dtype=torch.long),  # [1, N]
+        "labels": torch.tensor([flat_labels], dtype=torch.long),  # [1, N]
+        "position_ids": torch.cat([torch.arange(len(seq)) for seq in ids])[None],  # [1, N]
+        "sequence_index": torch.cat([torch.full((len(seq),), i) for i, seq in enumerate(ids)])[None],  # [1, N]
+    }
+
+
+def is_packed(batch: Mapping[str, Any]) -> bool:
+    """Whether a batch is `pack_batch`'s one padding-free row (else `pad_batch`'s padded rows)."""
+    return "sequence_index" in batch
+
+
+def batch_sequences(batch: Mapping[str, Any]) -> int:
+    """Sequences in a padded or packed batch."""
+    return int(batch["sequence_index"][0, -1]) + 1 if is_packed(batch) else batch["input_ids"].shape[0]
+
+
+def real_tokens(batch: Mapping[str, Any]) -> int:
+    """Tokens of a batch that are not padding."""
+    return batch["input_ids"].numel() if is_packed(batch) else int(batch["attention_mask"].sum())
+
+
+def _collate(ids: list[list[int]], labels: list[list[int]], pad_token_id: int, multiple: int | None,
+             packed: bool) -> dict:
+    return pack_batch(ids, labels) if packed else pad_batch(ids, labels, pad_token_id, multiple)
+
+
 class PairwiseCollator:
     """Preference rows -> `{"input_ids" [2B, T], "attention_mask" [2B, T], "labels" [2B, T]}`: rows 0..B-1 are the
-    chosen sequences, rows B..2B-1 the rejected ones in the same order (so pair i is rows i and B+i)."""
+    chosen sequences, rows B..2B-1 the rejected ones in the same order (so pair i is rows i and B+i); `packed`: the
+    2B sequences in that order as one `pack_batch` row."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 8) -> None:
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 8, packed: bool = False) -> None:
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.packed = packed
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         ids = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
         labels = [f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features]
-        return pad_batch(ids, labels, self.pad_token_id, self.pad_to_multiple_of)
+        return _collate(ids, labels, self.pad_token_id, self.pad_to_multiple_of, self.packed)
 
 
 class SFTCollator:
-    """SFT rows -> `{"input_ids" [B, T], "attention_mask" [B, T], "labels" [B, T]}`."""
+    """SFT rows -> `{"input_ids" [B, T], "attention_mask" [B, T], "labels" [B, T]}`; `packed`: one `pack_batch`
+    row."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 8) -> None:
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 8, packed: bool = False) -> None:
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.packed = packed
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        return pad_batch([f["input_ids"] for f in features], [f["labels"] for f in features],
-                         self.pad_token_id, self.pad_to_multiple_of)
+        return _collate([f["input_ids"] for f in features], [f["labels"] for f in features],
+                        self.pad_token_id, self.pad_to_multiple_of, self.packed)

@@ -236,12 +236,21 @@ def ld_token_weights(mask: torch.Tensor, alpha: float) -> torch.Tensor:
     """
     if mask.shape[0] % 2:
         raise ValueError(f"ld_alpha needs a [chosen; rejected] batch of even size, got {mask.shape[0]} rows")
-    half = mask.shape[0] // 2
-    lengths = mask.sum(-1)  # [B]
-    shared = torch.minimum(lengths[:half], lengths[half:]).repeat(2)  # [B]
-    rank = mask.cumsum(-1)  # [B, T] 1-based index of each label token within its row
-    weights = torch.where(rank <= shared[:, None], 1.0, float(alpha))  # [B, T]
-    return weights * mask
+    flat = mask.reshape(-1).nonzero().squeeze(1)  # [N] label tokens, row-major
+    weights = torch.zeros(mask.numel(), dtype=torch.float32, device=mask.device)  # [B*T]
+    weights[flat] = label_ld_weights(flat // mask.shape[1], mask.sum(-1), alpha)
+    return weights.reshape(mask.shape)
+
+
+def label_ld_weights(owner: torch.Tensor, counts: torch.Tensor, alpha: float) -> torch.Tensor:
+    """LD-DPO weights `[N]` of a batch's label tokens in order, `owner` `[N]` the (non-decreasing) sequence of each
+    and `counts` `[S]` the label tokens of each sequence, the sequences laid out `[chosen; rejected]`
+    (`ld_token_weights` for padded rows; packed rows use it directly)."""
+    half = counts.shape[0] // 2
+    shared = torch.minimum(counts[:half], counts[half:]).repeat(2)  # [S]
+    starts = counts.cumsum(0) - counts  # [S] flat index of each sequence's first label token
+    rank = torch.arange(owner.shape[0], device=owner.device) - starts[owner] + 1  # [N] 1-based within its sequence
+    return torch.where(rank <= shared[owner], 1.0, float(alpha))  # [N]
 
 
 def sequence_logps(
@@ -252,13 +261,17 @@ def sequence_logps(
     chunk_tokens: int = 4096,
     ld_alpha: float | None = None,
     transform: LogitTransform | None = None,
+    sequence_index: torch.Tensor | None = None,  # [B, T] packed rows: the sequence each token belongs to
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log p(label) of each sequence and its number of label tokens: `(sum_logps [B] float64, num_tokens [B])`.
+    """Summed log p(label) of each sequence and its number of label tokens: `(sum_logps [S] float64, num_tokens [S])`.
 
     Labels are shifted inside (position t predicts label t+1), as transformers' causal-LM loss does. Only label
-    rows reach the head, in chunks of `chunk_tokens` (see module docstring). `ld_alpha` (LD-DPO) down-weights the
-    tokens of the longer response past the shorter one's length, for a `[chosen; rejected]` batch; `num_tokens`
-    stays the unweighted count, so `sum_logps / num_tokens` is the average used by ipo / orpo / simpo.
+    rows reach the head, in chunks of `chunk_tokens` (see module docstring). A sequence is a row (S = B), or with
+    `sequence_index` (packed rows, `kllama.data.collate.pack_batch`: non-decreasing along the flattened rows) the
+    tokens of one index (S = its largest value + 1); a token is counted for the sequence of the position it is the
+    label of. `ld_alpha` (LD-DPO) down-weights the tokens of the longer response past the shorter one's length, for
+    `[chosen; rejected]` sequences; `num_tokens` stays the unweighted count, so `sum_logps / num_tokens` is the
+    average used by ipo / orpo / simpo.
     """
     if hidden_states.shape[:2] != labels.shape:
         shapes = f"hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)}"
@@ -267,14 +280,23 @@ def sequence_logps(
     shifted = labels[:, 1:]  # [B, T-1]
     mask = shifted != IGNORE_INDEX  # [B, T-1]
     flat = mask.reshape(-1).nonzero().squeeze(1)  # [N] indices of label tokens
-    rows = flat // shifted.shape[1]  # [N] which sequence each belongs to
+    rows = flat // shifted.shape[1]  # [N] which row each belongs to
     # position t of row b predicts shifted label t: row b*T + t of the [B*T, H] view (no copy of all positions)
     hidden = hidden_states.reshape(-1, width).index_select(0, flat + rows)  # [N, H]
     targets = shifted.reshape(-1).index_select(0, flat)  # [N]
+    if sequence_index is None:
+        owner, sequences = rows, batch
+    else:
+        owner = sequence_index[:, 1:].reshape(-1).index_select(0, flat)  # [N]
+        sequences = int(sequence_index.max()) + 1 if sequence_index.numel() else 0
+    counts = torch.zeros(sequences, dtype=torch.long, device=labels.device).index_add(
+        0, owner, torch.ones_like(owner))  # [S]
     logps = token_logps(hidden, lm_head, targets, chunk_tokens=chunk_tokens, transform=transform)  # [N]
     if ld_alpha is not None:
-        logps = logps * ld_token_weights(mask, ld_alpha).reshape(-1).index_select(0, flat)
+        if sequences % 2:
+            raise ValueError(f"ld_alpha needs [chosen; rejected] sequences, an even number, got {sequences}")
+        logps = logps * label_ld_weights(owner, counts, ld_alpha)
     # Accumulated in float64: a 2,000-token sum in fp32 is off by ~3e-5 relative, as large as the log-ratio
     # differences DPO works with (autocast never touches float64, and the gradient flows back in fp32).
-    sums = torch.zeros(batch, dtype=torch.float64, device=logps.device).index_add(0, rows, logps.double())  # [B]
-    return sums, mask.sum(-1)
+    sums = torch.zeros(sequences, dtype=torch.float64, device=logps.device).index_add(0, owner, logps.double())  # [S]
+    return sums, counts

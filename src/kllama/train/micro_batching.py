@@ -22,6 +22,10 @@ step holding the epoch's largest pass (padded tokens) moves to the front, as tra
 its longest batch first "to OOM early": the first step's measured GPU memory is then the worst of the epoch, which is
 what `kllama.train.promotion` needs to make more layers resident after step 1. The order is a function of
 (seed, epoch) only, so resuming from a checkpoint replays it exactly.
+
+Packed passes (`kllama.train.packing`, `padding_free`) hold their rows' sequences in one row without padding: a
+row's length is then its sequences' total (chosen + rejected) and a pass's size the sum of its rows' lengths, so
+the budget counts real tokens; grouping, the longest-first split and the largest pass first stay as above.
 """
 from __future__ import annotations
 
@@ -48,14 +52,17 @@ _WHOLE_BATCH_LOSSES: dict[str, str] = {
 }
 
 
-def row_lengths(dataset: Any, stage: str) -> list[int]:
-    """Padded-sequence length each row needs (the longer of chosen/rejected for pairs), read from Arrow columns."""
+def row_lengths(dataset: Any, stage: str, packed: bool = False) -> list[int]:
+    """Tokens each row puts in a pass, read from Arrow columns: padded, its longest sequence's length (the longer of
+    chosen/rejected for pairs; every sequence of the pass is padded to the longest row's); packed, all its
+    sequences' tokens (chosen + rejected)."""
     import pyarrow.compute as pc
 
     columns = _STAGE_ROWS[stage][0]
     table = dataset.with_format("arrow")
     per_column = [pc.list_value_length(table[c]).to_pylist() for c in columns]
-    return [max(values) for values in zip(*per_column)]
+    combine = sum if packed else max
+    return [combine(values) for values in zip(*per_column)]
 
 
 def padded(length: int) -> int:
@@ -73,6 +80,7 @@ class BatchPlan:
     budget: int
     sequences_per_row: int = 1
     unit: str = "rows"
+    packed: bool = False  # padding-free passes: `budget` counts real tokens (`kllama.train.packing`)
 
     @property
     def step_rows(self) -> int:
@@ -90,14 +98,20 @@ class BatchPlan:
         return 1
 
 
-def chunk_rows(lengths: list[int], sequences_per_row: int, budget: int) -> list[list[int]]:
+def pass_size(lengths: list[int], sequences_per_row: int, packed: bool = False) -> int:
+    """Tokens of one pass of rows of `lengths` (`row_lengths`): packed, their sum; padded, every sequence padded to
+    the longest row."""
+    return sum(lengths) if packed else len(lengths) * sequences_per_row * padded(max(lengths))
+
+
+def chunk_rows(lengths: list[int], sequences_per_row: int, budget: int, packed: bool = False) -> list[list[int]]:
     """Split one step's rows (by index into `lengths`) into passes: rows longest first, each pass as many rows as
-    fit `budget` tokens when every sequence is padded to the pass's longest row; a row longer than the budget runs
-    alone."""
+    fit `budget` tokens (`pass_size`: padded to the pass's longest row, or packed); a row longer than the budget
+    runs alone. The first pass holds the longest rows, so it is the step's largest."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     passes: list[list[int]] = []
     for i in order:
-        if passes and (len(passes[-1]) + 1) * sequences_per_row * padded(lengths[passes[-1][0]]) <= budget:
+        if passes and pass_size([lengths[j] for j in (*passes[-1], i)], sequences_per_row, packed) <= budget:
             passes[-1].append(i)
         else:
             passes.append([i])
@@ -105,50 +119,59 @@ def chunk_rows(lengths: list[int], sequences_per_row: int, budget: int) -> list[
 
 
 class ChunkedCollator:
-    """Collates one optimizer step's rows as `{"chunks": [batch, ...]}`: one padded batch per pass (`chunk_rows`),
-    each padded only to its own longest row. `KllamaTrainer.compute_loss` runs the passes one after the other and
-    weights each pass's loss by its share of the step, so the gradient is that of the step's rows in one batch."""
+    """Collates one optimizer step's rows as `{"chunks": [batch, ...]}`: one batch per pass (`chunk_rows`), each
+    padded only to its own longest row, or packed (`packed`: `collate` packs, and the budget counts real tokens).
+    `KllamaTrainer.compute_loss` runs the passes one after the other and weights each pass's loss by its share of
+    the step, so the gradient is that of the step's rows in one batch."""
 
-    def __init__(self, collate: Any, stage: str, budget: int) -> None:
-        self.collate, self.budget = collate, budget
+    def __init__(self, collate: Any, stage: str, budget: int, packed: bool = False) -> None:
+        self.collate, self.budget, self.packed = collate, budget, packed
         self.columns, self.sequences_per_row, _ = _STAGE_ROWS[stage]
 
     def row_length(self, row: Mapping[str, Any]) -> int:
-        """Tokens of a row's longest sequence."""
-        return max(len(row[c]) for c in self.columns)
+        """A row's `row_lengths` value: its longest sequence's tokens, or packed all its sequences' tokens."""
+        return (sum if self.packed else max)(len(row[c]) for c in self.columns)
 
     def __call__(self, rows: list[Mapping[str, Any]]) -> dict[str, Any]:
-        parts = chunk_rows([self.row_length(r) for r in rows], self.sequences_per_row, self.budget)
+        parts = chunk_rows([self.row_length(r) for r in rows], self.sequences_per_row, self.budget, self.packed)
         return {"chunks": [self.collate([rows[i] for i in part]) for part in parts]}
 
 
-def pass_tokens(lengths: list[int], sequences_per_row: int, budget: int) -> list[int]:
-    """Padded tokens of each pass `chunk_rows` makes of one step's rows."""
-    return [len(part) * sequences_per_row * padded(max(lengths[i] for i in part))
-            for part in chunk_rows(lengths, sequences_per_row, budget)]
+def pass_tokens(lengths: list[int], sequences_per_row: int, budget: int, packed: bool = False) -> list[int]:
+    """Tokens (padded, or real when packed) of each pass `chunk_rows` makes of one step's rows."""
+    return [pass_size([lengths[i] for i in part], sequences_per_row, packed)
+            for part in chunk_rows(lengths, sequences_per_row, budget, packed)]
 
 
 @dataclass(frozen=True)
 class StepShape:
     """How a global step's rows become passes: `rank_rows` consecutive rows per data-parallel rank, each rank's rows
-    split by `chunk_rows` with `sequences_per_row` and `budget`."""
+    split by `chunk_rows` with `sequences_per_row`, `budget` and `packed`."""
 
     rank_rows: int
     sequences_per_row: int
     budget: int
+    packed: bool = False
 
     def largest_pass(self, lengths: list[int]) -> int:
-        """Padded tokens of the largest pass any rank runs for a global step of rows of `lengths`."""
+        """Tokens of the largest pass any rank runs for a global step of rows of `lengths`."""
         return max((t for r in range(0, len(lengths), self.rank_rows)
-                    for t in pass_tokens(lengths[r:r + self.rank_rows], self.sequences_per_row, self.budget)),
+                    for t in pass_tokens(lengths[r:r + self.rank_rows], self.sequences_per_row, self.budget,
+                                         self.packed)),
                    default=0)
 
 
-def largest_pass_tokens(lengths: list[int], sequences_per_row: int, rows_per_step: int, budget: int) -> int:
-    """The most padded tokens one pass can hold, whatever order the rows come in: `chunk_rows` starts a pass with its
+def largest_pass_tokens(lengths: list[int], sequences_per_row: int, rows_per_step: int, budget: int,
+                        packed: bool = False) -> int:
+    """The most tokens one pass can hold, whatever order the rows come in: `chunk_rows` starts a pass with its
     longest row (padded length L) and adds rows no longer than L while they fit `budget`, so such a pass holds at most
     min(rows_per_step, budget // (sequences_per_row x L), rows no longer than L) rows (at least the one). With
-    `budget` 0 (user batching: each pass is a micro-batch of `rows_per_step` rows) only the row counts bound it."""
+    `budget` 0 (user batching: each pass is a micro-batch of `rows_per_step` rows) only the row counts bound it.
+    Packed (`lengths` are rows' real tokens), a pass is the longest row alone or at most `budget` tokens of at most
+    `rows_per_step` rows."""
+    if packed:
+        largest = sum(sorted(lengths)[-rows_per_step:]) if rows_per_step > 0 else 0
+        return max(max(lengths, default=0), min(largest, budget) if budget > 0 else largest)
     best = 0
     for count, length in enumerate(sorted(padded(n) for n in lengths), start=1):
         per_row = sequences_per_row * length
@@ -164,17 +187,19 @@ def worst_pass_tokens(train_rows: Any, stage: str, plan: BatchPlan | None, per_d
     micro-batching `plan`, or for the user's own per-device micro-batches when `plan` is None."""
     if isinstance(train_rows, LengthGroupedRows) and train_rows.shape is not None and epochs:
         return train_rows.largest_pass(epochs)
-    lengths = train_rows.lengths if isinstance(train_rows, LengthGroupedRows) else row_lengths(train_rows, stage)
+    packed = plan is not None and plan.packed
+    lengths = (train_rows.lengths if isinstance(train_rows, LengthGroupedRows)
+               else row_lengths(train_rows, stage, packed))
     sequences = _STAGE_ROWS[stage][1]
     if plan is None:
         return largest_pass_tokens(lengths, sequences, per_device_batch, 0)
-    return largest_pass_tokens(lengths, sequences, plan.step_rows, plan.budget)
+    return largest_pass_tokens(lengths, sequences, plan.step_rows, plan.budget, packed)
 
 
 def passes_per_step(lengths: list[int], order: list[int], step_rows: int, sequences_per_row: int,
-                    budget: int) -> Counter:
+                    budget: int, packed: bool = False) -> Counter:
     """How many steps of an epoch in `order` run in 1, 2, ... passes."""
-    return Counter(len(chunk_rows([lengths[i] for i in order[s:s + step_rows]], sequences_per_row, budget))
+    return Counter(len(chunk_rows([lengths[i] for i in order[s:s + step_rows]], sequences_per_row, budget, packed))
                    for s in range(0, len(order), step_rows))
 
 
@@ -206,14 +231,25 @@ def why_not_merged(*, use_kt: bool, targets: Counter, budget: int, loss_type: st
     return next((reason for failed, reason in checks if failed), None)
 
 
-def describe(plan: BatchPlan, targets: Counter, passes: Counter, pad: float, first_pass: int) -> str:
-    """The one line printed at start: what was merged and why, and the first step's largest pass."""
+def layout_phrase(plan: BatchPlan, lengths: list[int], order: list[int], passes: Counter) -> str:
+    """How an epoch's passes are laid out, for `describe`: the padding share, or packed the real tokens a pass
+    holds on average."""
+    if plan.packed:
+        per_pass = sum(lengths[i] for i in order) / max(1, sum(n * count for n, count in passes.items()))
+        return f"packed (padding-free), {per_pass:,.0f} real tokens per pass on average"
+    return f"{padding_fraction(lengths, order, plan.step_rows, plan.sequences_per_row, plan.budget):.1%} padding"
+
+
+def describe(plan: BatchPlan, targets: Counter, passes: Counter, layout: str, first_pass: int) -> str:
+    """The one line printed at start: what was merged and why, how (`layout_phrase`), and the first step's largest
+    pass."""
     spread = ", ".join(f"{count} in {n} pass{'es' if n > 1 else ''}" for n, count in sorted(passes.items()))
+    kind = "real" if plan.packed else "padded"
     return (f"micro-batching: {plan.user_batch} x {plan.user_accumulation} accumulation -> each step's "
             f"{plan.step_rows} {plan.unit} in as few passes of up to {plan.budget:,} tokens as fit "
             f"(micro_batch_tokens; {_experts_phrase(targets)}); first epoch: {sum(passes.values())} steps, "
-            f"{spread}; grouped by length, {pad:.1%} padding; each epoch starts with its largest pass "
-            f"({first_pass:,} tokens), so GPU memory is measured at its worst first")
+            f"{spread}; grouped by length, {layout}; each epoch starts with its largest pass "
+            f"({first_pass:,} {kind} tokens), so GPU memory is measured at its worst first")
 
 
 class LengthGroupedRows(Dataset):
@@ -243,7 +279,7 @@ class LengthGroupedRows(Dataset):
             self.order = self.order_of(epoch)
 
     def largest_pass(self, epochs: int) -> int:
-        """Padded tokens of the largest pass of the first `epochs` epochs (needs a `shape`)."""
+        """Tokens of the largest pass of the first `epochs` epochs (needs a `shape`)."""
         assert self.shape is not None
         return max(self.shape.largest_pass([self.lengths[i] for i in order[s:s + self.step_rows]])
                    for order in (self.order_of(e) for e in range(epochs))
@@ -297,26 +333,36 @@ def padding_fraction(lengths: list[int], order: list[int], step_rows: int, seque
 # A no-grad pass keeps no activations for a backward, so it can take several times a training pass's tokens in the
 # same memory (measured on the H200 box: a 65,536-token V2-Lite reference pass peaks at 15.1 GB under a 24 GB cap).
 NO_GRAD_BUDGET_FACTOR = 4
+# A packed pass has no padding mask to reuse: sdpa and eager attention get its block-diagonal causal mask as a
+# [1, 1, N, N] tensor built from the position_ids, 65,536^2 bytes = 4.3 GB for a 4 x 16,384-token no-grad pass (and
+# the scores' N x N per head for eager). Packed precompute passes stay at 16,384 real tokens (268 MB of mask),
+# which hold as many real tokens as a padded pass several times their size.
+PACKED_PASS_CAP = 16384
 
 
-def reference_pass_budget(config: Any, engine: Any) -> int | None:
+def reference_pass_budget(config: Any, engine: Any, packed: bool = False) -> int | None:
     """Token budget of the reference precompute's passes when routed experts are host-held and the user did not
-    fix `precompute_ref_batch_size` (None: fixed batches in dataset order)."""
+    fix `precompute_ref_batch_size` (None: fixed batches in dataset order); packed passes (real tokens) at most
+    `PACKED_PASS_CAP`."""
     t = config.training
     if (engine is None or not config.engine.use_kt or t.micro_batch_tokens <= 0
             or config.finetuning.precompute_ref_batch_size is not None):
         return None
     targets = expert_passes(engine.placements)
-    return NO_GRAD_BUDGET_FACTOR * t.micro_batch_tokens if targets.get("stream") or targets.get("cpu") else None
+    if not (targets.get("stream") or targets.get("cpu")):
+        return None
+    budget = NO_GRAD_BUDGET_FACTOR * t.micro_batch_tokens
+    return min(budget, PACKED_PASS_CAP) if packed else budget
 
 
-def apply_micro_batching(config: Any, engine: Any, train_set: Any, collate: Any,
+def apply_micro_batching(config: Any, engine: Any, train_set: Any, collate: Any, packed: bool = False,
                          ) -> tuple[Any, Any, BatchPlan | None]:
     """Plan the step's passes for this run and print the line saying what was merged (or why not).
 
     Returns the training rows (in a `LengthGroupedRows` order when merged), the collator (a `ChunkedCollator`
     around `collate` when merged) and the plan, or the rows and collator unchanged and None when the user's batching
-    stands (said in one line when the engine is on and B x G > 1).
+    stands (said in one line when the engine is on and B x G > 1). `packed`: `collate` packs its rows
+    (`kllama.train.packing`), so a pass's budget counts real tokens.
     """
     t, f = config.training, config.finetuning
     rows_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
@@ -328,18 +374,19 @@ def apply_micro_batching(config: Any, engine: Any, train_set: Any, collate: Any,
                             loss_type=f.pref_loss if f.stage == "dpo" else None)
     if reason is not None:
         user = f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} accumulation"
-        print(f"micro-batching: kept {user} ({reason})", flush=True)
+        layout = "; each micro-batch packed (padding-free)" if packed else ""
+        print(f"micro-batching: kept {user} ({reason}){layout}", flush=True)
         return train_set, collate, None
     _, sequences, unit = _STAGE_ROWS[f.stage]
-    plan = BatchPlan(t.per_device_train_batch_size, t.gradient_accumulation_steps, budget, sequences, unit)
-    lengths = row_lengths(train_set, f.stage)
+    plan = BatchPlan(t.per_device_train_batch_size, t.gradient_accumulation_steps, budget, sequences, unit, packed)
+    lengths = row_lengths(train_set, f.stage, packed)
     # A data-parallel step gives each rank `step_rows` consecutive rows: group all ranks' rows of a step together,
     # so every step holds the same rows whatever the rank count (a resume on another count continues exactly).
     # The step of the epoch's largest pass runs first, so promotion measures the worst pass at step 1.
-    shape = StepShape(plan.step_rows, sequences, budget)
+    shape = StepShape(plan.step_rows, sequences, budget, packed)
     train_set = LengthGroupedRows(train_set, lengths, plan.step_rows * world_size(), t.seed, shape)
-    passes = passes_per_step(lengths, train_set.order, plan.step_rows, sequences, budget)
-    pad = padding_fraction(lengths, train_set.order, plan.step_rows, sequences, budget)
+    passes = passes_per_step(lengths, train_set.order, plan.step_rows, sequences, budget, packed)
     first_pass = shape.largest_pass([lengths[i] for i in train_set.order[:train_set.step_rows]])
-    print(describe(plan, targets, passes, pad, first_pass), flush=True)
-    return train_set, ChunkedCollator(collate, f.stage, budget), plan
+    layout = layout_phrase(plan, lengths, train_set.order, passes)
+    print(describe(plan, targets, passes, layout, first_pass), flush=True)
+    return train_set, ChunkedCollator(collate, f.stage, budget, packed), plan

@@ -46,7 +46,7 @@ Logps = tuple[float, float]  # (chosen, rejected) summed reference log-probs of 
 def _pass_logps(model: nn.Module, dataset: Dataset, collate: Callable[[list[dict]], dict[str, Any]],
                 group: list[int], device: torch.device) -> tuple[dict[int, Logps], tuple[int, int]]:
     """The reference log-probs of the pairs `group` (row indices) run as one pass, and the pass's
-    `[sequences, padded tokens]`."""
+    `[rows, tokens]` (packed: one row of real tokens)."""
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([dataset[i] for i in group]).items()}
     sums, _, _ = policy_logps(model, batch, PreferenceSettings(stage="dpo", ld_alpha=None))
     sums = sums.double().cpu().tolist()  # float64, as summed; [chosen of group; rejected of group]
@@ -106,13 +106,13 @@ def attach_reference_logps(model: nn.Module, dataset: Dataset, collate: Callable
                            settings: PreferenceSettings,
                            reference_context: Callable[[], contextlib.AbstractContextManager] | None,
                            cache_dir: str | Path, *, batch_size: int, device: torch.device,
-                           token_budget: int | None = None, split: str = "train") -> Dataset:
+                           token_budget: int | None = None, split: str = "train", packed: bool = False) -> Dataset:
     """Return `dataset` with `ref_chosen_logps` / `ref_rejected_logps` columns (summed log-probs of the reference),
     loading them from `cache_dir` when this dataset + model + reference were computed before.
 
     Rows run `batch_size` at a time in dataset order, or -- with a `token_budget` (experts held in host RAM, where
-    every pass pays the weights' copy) -- longest first in passes of at most that many padded tokens. In a
-    data-parallel run each rank computes every world_size-th pass and the ranks exchange their results; rank 0's
+    every pass pays the weights' copy) -- longest first in passes of at most that many tokens (real ones with
+    `packed`: `collate` packs). In a data-parallel run each rank computes every world_size-th pass and the ranks exchange their results; rank 0's
     cache decides for all (other nodes may not share its filesystem) and rank 0 writes it.
 
     Every value is finite: a pass that returns a non-finite value runs again in smaller passes
@@ -131,8 +131,9 @@ def attach_reference_logps(model: nn.Module, dataset: Dataset, collate: Callable
     else:
         n = len(dataset)
         if token_budget:
-            groups = chunk_rows(row_lengths(dataset, "dpo"), 2, token_budget)
-            print(f"reference log-probs: {n} pairs in {len(groups)} passes of up to {token_budget:,} tokens",
+            groups = chunk_rows(row_lengths(dataset, "dpo", packed), 2, token_budget, packed)
+            kind = " real (packed)" if packed else ""
+            print(f"reference log-probs: {n} pairs in {len(groups)} passes of up to {token_budget:,}{kind} tokens",
                   flush=True)
         else:
             groups = [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]

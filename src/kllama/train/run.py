@@ -49,6 +49,7 @@ from kllama.train.lockstep import LOCKSTEP_LINE, lockstep_for_run
 from kllama.train.losses import REFERENCE_FREE
 from kllama.train.micro_batching import BatchPlan, apply_micro_batching, expert_passes, reference_pass_budget
 from kllama.train.preflight import prepare_inputs
+from kllama.train.packing import padding_free_for
 from kllama.train.promotion import build_promotion
 from kllama.train.trainer import (
     KllamaTrainer,
@@ -205,22 +206,24 @@ def run_training(config: KllamaConfig) -> int:
     print(f"trainable LoRA parameters: {trainable:,}", flush=True)
 
     collator_cls = PairwiseCollator if f.stage == "dpo" else SFTCollator
-    collate = collator_cls(tokenizer.pad_token_id, pad_to_multiple_of=8)
+    packed = padding_free_for(config, loaded.engine, getattr(loaded.model.config, "_attn_implementation", None))
+    collate = collator_cls(tokenizer.pad_token_id, pad_to_multiple_of=8, packed=packed)
     settings = preference_settings(config, loaded.model.config)
     reference_context = (lambda: starting_adapter_reference(model, start_snapshot)) if start_snapshot else None
     train_set, eval_set = bundle.train, bundle.eval
     if f.stage == "dpo" and f.precompute_ref_log_probs:
         ref_batch = f.precompute_ref_batch_size or t.per_device_eval_batch_size
-        ref_budget = reference_pass_budget(config, loaded.engine)
+        ref_budget = reference_pass_budget(config, loaded.engine, packed)
         train_set = attach_reference_logps(model, train_set, collate, settings, reference_context, cache_dir,
-                                           batch_size=ref_batch, device=loaded.device, token_budget=ref_budget)
+                                           batch_size=ref_batch, device=loaded.device, token_budget=ref_budget,
+                                           packed=packed)
         if eval_set is not None:
             eval_set = attach_reference_logps(model, eval_set, collate, settings, reference_context, cache_dir,
                                               batch_size=ref_batch, device=loaded.device, token_budget=ref_budget,
-                                              split="eval")
+                                              split="eval", packed=packed)
         collate = with_reference_columns(collate)
 
-    train_set, collate, plan = apply_micro_batching(config, loaded.engine, train_set, collate)
+    train_set, collate, plan = apply_micro_batching(config, loaded.engine, train_set, collate, packed)
     if rank.is_main:
         prepare_output_dir(output_dir, overwrite=t.overwrite_output_dir, resuming=resume is not None)
     barrier()

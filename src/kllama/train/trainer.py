@@ -18,6 +18,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import Trainer
 
+from kllama.data.collate import batch_sequences, is_packed, real_tokens
 from kllama.model.adapters import adapter_weights_swapped, adapters_disabled, save_adapter
 from kllama.train.checkpoints import SaveTracker
 from kllama.train.distributed import combine_rank_metrics, decoder_outputs, unwrap
@@ -60,28 +61,33 @@ def causal_lm_of(model: nn.Module) -> nn.Module:
 
 def policy_logps(model: nn.Module, batch: dict[str, torch.Tensor], settings: PreferenceSettings,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Summed label log-probs `[N]`, label counts `[N]` and the router aux loss (or None) of a padded batch, computed
-    from the decoder's last hidden states in chunks (no [tokens x vocab] fp32 logits)."""
+    """Summed label log-probs `[N]`, label counts `[N]` (one per sequence) and the router aux loss (or None) of a
+    padded or packed batch, computed from the decoder's last hidden states in chunks (no [tokens x vocab] fp32
+    logits). A packed batch runs with its `position_ids` and no attention mask (`kllama.data.collate.pack_batch`)."""
     lm = causal_lm_of(model)
     want_router = bool(settings.router_aux_loss_coef)
     kwargs = {"output_router_logits": True} if want_router else {}
-    out = decoder_outputs(model, lm, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          use_cache=False, **kwargs)
+    layout = "position_ids" if is_packed(batch) else "attention_mask"
+    out = decoder_outputs(model, lm, input_ids=batch["input_ids"], **{layout: batch[layout]}, use_cache=False,
+                          **kwargs)
     sums, counts = hidden_logps(out.last_hidden_state, lm, batch, settings)
     aux = None
     if want_router:
-        aux = router_aux_loss(lm, out, batch["attention_mask"])
+        # a packed row has no padding: every token counts, as the padded batch's mask counts its real tokens
+        mask = torch.ones_like(batch["input_ids"]) if is_packed(batch) else batch["attention_mask"]
+        aux = router_aux_loss(lm, out, mask)
     return sums, counts, aux
 
 
 def hidden_logps(hidden: torch.Tensor, lm: nn.Module, batch: dict[str, torch.Tensor], settings: PreferenceSettings,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed label log-probs `[N]` and label counts `[N]` of a batch from the decoder's last hidden states
-    `[N, T, H]` (after its final norm), in chunks through `lm`'s head."""
+    """Summed label log-probs `[N]` and label counts `[N]` of a batch's N sequences from the decoder's last hidden
+    states `[rows, T, H]` (after its final norm), in chunks through `lm`'s head."""
     vocab = getattr(lm.lm_head, "out_features", None) or lm.config.vocab_size
     return sequence_logps(
         hidden, lm.lm_head, batch["labels"], chunk_tokens=settings.logps_chunk_tokens or logits_chunk_tokens(vocab),
         ld_alpha=settings.ld_alpha if settings.stage == "dpo" else None, transform=logit_transform_for(lm.config),
+        sequence_index=batch.get("sequence_index"),
     )
 
 
@@ -280,14 +286,14 @@ class KllamaTrainer(Trainer):
         """Store a batch's metrics once per row (so means over passes of different sizes are means over rows)."""
         rows = self._rows(batch)
         if split == "train":
-            self._tokens_since_log += int(batch["attention_mask"].sum())
+            self._tokens_since_log += real_tokens(batch)
             if self.promotion is not None:
                 self.promotion.observe_pass(batch["input_ids"].numel())
         for key, value in metrics.items():
             self._stored[split][key].extend([value] * rows)
 
     def _rows(self, batch: dict[str, torch.Tensor]) -> int:
-        sequences = batch["input_ids"].shape[0]
+        sequences = batch_sequences(batch)
         return sequences // 2 if self.settings.stage == "dpo" else sequences
 
     def _pass_losses(self, model: nn.Module, chunks: list[dict[str, torch.Tensor]], split: str,

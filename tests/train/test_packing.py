@@ -1,0 +1,189 @@
+"""Padding-free ("packed") passes: transformers' packed attention (pinned: we rely on it), the packed batch layout,
+per-sequence log-probs and router aux loss equal to the padded batch's, pass budgets in real tokens, and when a run
+packs. Whole training steps packed vs padded: tests/train/test_micro_batching.py, test_lockstep.py,
+test_reference.py."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kllama.data.collate import IGNORE_INDEX, batch_sequences, pack_batch, pad_batch, real_tokens
+from kllama.train.logprobs import sequence_logps
+from kllama.train.micro_batching import (
+    BatchPlan,
+    StepShape,
+    chunk_rows,
+    describe,
+    largest_pass_tokens,
+    layout_phrase,
+    pass_tokens,
+    passes_per_step,
+    reference_pass_budget,
+)
+from kllama.train.packing import padding_free_for
+
+
+def _loaded(model_dir: Path, tmp: Path, **settings):  # noqa: ANN202
+    from kllama.config import build_config
+    from kllama.model.load import load_model
+
+    config = build_config({"model_name_or_path": str(model_dir), "output_dir": str(tmp), "stage": "dpo",
+                           "dataset": "dpo_en_demo", "template": "deepseek", "use_kt": True,
+                           "expert_placement": "cpu", **settings})
+    return load_model(config, "train")
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "qwen3_moe"])
+def test_transformers_masks_packed_sequences_from_position_ids(arch, tiny_model_dir, tmp_path):
+    """Two sequences in one row, position_ids restarting at 0, no attention mask and no cache (`use_cache=False`,
+    as `policy_logps` runs) give each sequence's logits run alone (transformers' `find_packed_sequence_indices`); the
+    same row without position_ids does not (the check can fail)."""
+    lm = _loaded(tiny_model_dir(arch), tmp_path).model
+    device = next(lm.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(5, 100, (1, n), generator=generator).to(device) for n in (7, 12))
+    row = torch.cat([first, second], 1)  # [1, 19]
+    positions = torch.cat([torch.arange(7), torch.arange(12)])[None].to(device)
+    with torch.no_grad():
+        alone = torch.cat([lm(input_ids=first, use_cache=False).logits,
+                           lm(input_ids=second, use_cache=False).logits], 1)  # [1, 19, V]
+        packed = lm(input_ids=row, position_ids=positions, use_cache=False).logits
+        unmasked = lm(input_ids=row, use_cache=False).logits
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(unmasked[:, 7:], alone[:, 7:], atol=1e-3)
+
+
+def test_pack_batch_lays_out_sequences_without_padding():
+    ids, labels = [[5, 6, 7], [8, 9]], [[5, 6, 7], [IGNORE_INDEX, 9]]
+    batch = pack_batch(ids, labels)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["sequence_index"].tolist() == [[0, 0, 0, 1, 1]]
+    # a sequence's first label is never a target: the last token of the one before must not predict it
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]
+    assert "attention_mask" not in batch
+    assert (real_tokens(batch), batch_sequences(batch)) == (5, 2)
+    padded = pad_batch(ids, labels, 0, 8)
+    assert (real_tokens(padded), batch_sequences(padded)) == (5, 2)
+
+
+@pytest.mark.parametrize("ld_alpha", [None, 0.3])
+def test_packed_sequence_logps_equal_the_padded_rows(ld_alpha):
+    """Per-sequence sums and counts (LD-DPO weights included) of a packed row equal those of the same sequences
+    padded, given the same hidden state at each real token; an empty-label sequence gets 0 tokens."""
+    generator = torch.Generator().manual_seed(1)
+    lengths = [6, 3, 9, 4]  # [chosen 0, chosen 1, rejected 0, rejected 1]
+    ids = [torch.randint(0, 11, (n,), generator=generator).tolist() for n in lengths]
+    labels = [[IGNORE_INDEX] * 2 + seq[2:] for seq in ids]
+    labels[1] = [IGNORE_INDEX] * 3  # no label token at all
+    head = torch.randn(11, 8, generator=generator)
+    states = [torch.randn(n, 8, generator=generator) for n in lengths]
+    padded = pad_batch(ids, labels, 0, 8)
+    hidden = torch.zeros(4, padded["input_ids"].shape[1], 8)
+    for i, s in enumerate(states):
+        hidden[i, :len(s)] = s
+    packed = pack_batch(ids, labels)
+    want_sums, want_counts = sequence_logps(hidden, head, padded["labels"], ld_alpha=ld_alpha)
+    got_sums, got_counts = sequence_logps(torch.cat(states)[None], head, packed["labels"], ld_alpha=ld_alpha,
+                                          sequence_index=packed["sequence_index"])
+    assert got_counts.tolist() == want_counts.tolist() == [4, 0, 7, 2]
+    torch.testing.assert_close(got_sums, want_sums)
+
+
+def test_router_aux_loss_and_logps_of_a_packed_batch_equal_the_padded_batch(tiny_model_dir, tmp_path):
+    """qwen3_moe (its config turns the router aux loss on): the packed row counts every token, as the padded
+    batch's mask counts its real ones."""
+    from kllama.data import PairwiseCollator, build_dataset, get_template
+    from kllama.train.run import preference_settings
+    from kllama.train.trainer import policy_logps
+    from kllama.config import build_config
+
+    model_dir = tiny_model_dir("qwen3_moe")
+    config = build_config({"model_name_or_path": str(model_dir), "output_dir": str(tmp_path), "stage": "dpo",
+                           "dataset": "dpo_en_demo", "template": "qwen", "cutoff_len": 48, "max_samples": 3,
+                           "use_kt": True, "expert_placement": "cpu"})
+    loaded = _loaded(model_dir, tmp_path, template="qwen")
+    rows = build_dataset(config.data, loaded.tokenizer, get_template("qwen", loaded.tokenizer), stage="dpo", seed=0)
+    rows = [rows.train[i] for i in range(3)]
+    settings = preference_settings(config, loaded.model.config)
+    assert settings.router_aux_loss_coef
+    results = {}
+    with torch.no_grad():
+        for packed in (False, True):
+            collate = PairwiseCollator(loaded.tokenizer.pad_token_id, packed=packed)
+            batch = {k: v.to(loaded.device) for k, v in collate(rows).items()}
+            results[packed] = policy_logps(loaded.model, batch, settings)
+    (sums_a, counts_a, aux_a), (sums_b, counts_b, aux_b) = results[False], results[True]
+    assert counts_a.tolist() == counts_b.tolist() and len(counts_a) == 6
+    torch.testing.assert_close(sums_b, sums_a, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(aux_b, aux_a, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_passes_count_real_tokens_longest_first():
+    lengths = [900, 300, 700, 100]  # real tokens of each row (chosen + rejected)
+    assert chunk_rows(lengths, 2, 1000, packed=True) == [[0], [2, 1], [3]]
+    assert pass_tokens(lengths, 2, 1000, packed=True) == [900, 1000, 100]
+    assert chunk_rows(lengths, 2, 10**6, packed=True) == [[0, 2, 1, 3]]
+    assert chunk_rows([1500, 10], 2, 1000, packed=True) == [[0], [1]]  # a row over the budget runs alone
+    assert StepShape(2, 2, 1000, packed=True).largest_pass(lengths) == 900  # steps [900, 300], [700, 100]
+    # the bound over any order: the longest row alone, or the budget, or the step's largest rows together
+    assert largest_pass_tokens(lengths, 2, 4, 1000, packed=True) == 1000
+    assert largest_pass_tokens(lengths, 2, 2, 10**6, packed=True) == 1600
+    assert largest_pass_tokens([1500, 10], 2, 2, 1000, packed=True) == 1500
+    assert passes_per_step(lengths, [0, 1, 2, 3], 2, 2, 1000, packed=True) == Counter({1: 1, 2: 1})
+
+
+def test_the_start_line_says_packed_and_the_real_tokens_per_pass():
+    plan = BatchPlan(1, 2, 1000, 2, "pairs", packed=True)
+    lengths, order = [900, 300, 700, 100], [0, 1, 2, 3]
+    passes = passes_per_step(lengths, order, 2, 2, 1000, packed=True)
+    line = describe(plan, Counter(stream=3), passes, layout_phrase(plan, lengths, order, passes), 900)
+    assert "grouped by length, packed (padding-free), 667 real tokens per pass on average" in line
+    assert "largest pass (900 real tokens)" in line and "padding" not in line.replace("padding-free", "")
+
+
+def _engine(mode: str) -> SimpleNamespace:
+    from kllama.experts.placement import ExpertPlacement
+
+    return SimpleNamespace(placements={f"l{i}": ExpertPlacement.from_mode(mode) for i in range(3)})
+
+
+@pytest.mark.parametrize("choice,mode,attention,want", [
+    (None, "stream", "sdpa", True),
+    (None, "cpu", "flash_attention_2", True),
+    (None, "gpu", "sdpa", False),           # resident experts: no per-pass copy to save
+    (None, "stream", "some_kernel", False),  # an attention that may not read packed rows
+    (False, "stream", "sdpa", False),
+    (True, "gpu", "eager", True),
+])
+def test_when_a_run_packs(choice, mode, attention, want, tiny_model_dir):
+    from kllama.config import build_config
+
+    config = build_config({"model_name_or_path": str(tiny_model_dir("deepseek_v2")), "output_dir": "/nonexistent/o",
+                           "stage": "dpo", "dataset": "dpo_en_demo", "use_kt": True, "padding_free": choice})
+    assert padding_free_for(config, _engine(mode), attention) is want
+
+
+def test_forcing_packing_on_an_attention_that_cannot_is_a_clear_error(tiny_model_dir):
+    from kllama.config import build_config
+    from kllama.errors import KllamaError
+
+    config = build_config({"model_name_or_path": str(tiny_model_dir("deepseek_v2")), "output_dir": "/nonexistent/o",
+                           "stage": "dpo", "dataset": "dpo_en_demo", "use_kt": True, "padding_free": True})
+    with pytest.raises(KllamaError, match="padding_free: true needs .* set flash_attn: sdpa, or padding_free: false"):
+        padding_free_for(config, _engine("stream"), "some_kernel")
+
+
+def test_packed_precompute_passes_stay_at_16k_tokens(tiny_model_dir):
+    """sdpa materialises a packed pass's N x N mask: 4 x 16,384 tokens would be 4.3 GB of it."""
+    from kllama.config import build_config
+
+    config = build_config({"model_name_or_path": str(tiny_model_dir("deepseek_v2")), "output_dir": "/nonexistent/o",
+                           "stage": "dpo", "dataset": "dpo_en_demo", "use_kt": True,
+                           "precompute_ref_log_probs": True})
+    assert reference_pass_budget(config, _engine("stream"), packed=True) == 16384
+    assert reference_pass_budget(config, _engine("stream"), packed=False) == 4 * 16384
