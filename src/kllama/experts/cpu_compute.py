@@ -56,6 +56,12 @@ def intra_op_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def worker_threads(cpu_threads: int | None) -> int:
+    """Intra-op threads of a CPU pass that runs beside a main thread launching GPU work (a split pass's CPU side):
+    one fewer than the placement's `cpu_threads` (or torch's count), so the launch queue keeps a core."""
+    return max(1, (cpu_threads or torch.get_num_threads()) - 1)
+
+
 def expert_groups(top_k_index: Tensor) -> list[tuple[int, Tensor]]:
     """`top_k_index [T, K]` (host) -> `[(expert, rows)]`, rows being the flat `(token * K + slot)` indices routed to
     that expert, in ascending expert order (experts without rows are left out)."""

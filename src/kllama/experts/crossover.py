@@ -14,6 +14,9 @@ costs more than the stream floor, and the crossover is interpolated between the 
 maximum of the timings (a pass over more tokens never costs less). Both kinds together take well under 2 s on a
 16-core host with a V2-Lite layer. Quantized experts (`scheme` int8 / fp8) are measured as they run: the copy moves
 their bytes, the CPU no-grad pass reads them, a CPU training pass dequantizes the layer first.
+
+Next to the inference crossover, the CPU's seconds per expert are sampled at a few row counts (`expert_samples`):
+the cost model of long no-grad passes that leave some experts to the CPU (`kllama.experts.cpu_share`) reads them.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kllama.experts.cpu_compute import cpu_infer_forward, intra_op_threads
+from kllama.experts.cpu_compute import cpu_infer_forward, intra_op_threads, worker_threads
 from kllama.experts.pinned import host_empty
 from kllama.experts.quant import ExpertWeight, constant_quantized, dequantize, weight_nbytes
 from kllama.experts.routed import experts_backward, experts_forward, route
@@ -35,6 +38,9 @@ MIN_CROSSOVER = 2  # a 1-token pass never streams
 PASS_KINDS: tuple[str, ...] = ("inference", "training")
 COPIES_PER_PASS: dict[str, int] = {"inference": 1, "training": 2}
 _COPY_PROBE_BYTES = 256 << 20
+# Rows per expert at which the CPU's per-expert time is sampled (a 2,048-token V2-Lite prefill routes ~192 to each)
+EXPERT_ROWS: tuple[int, ...] = (32, 64, 128, 256, 512)
+_EXPERTS_PER_SAMPLE = 8
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,8 @@ class Crossovers:
     training: int
     copy_s: float = 0.0  # one layer copy, host -> GPU
     samples: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # kind -> [(tokens, CPU seconds)]
+    copy_bandwidth: float = 0.0  # bytes/s of the pinned host -> GPU copy
+    expert_samples: tuple[tuple[int, float], ...] = ()  # (rows per expert, CPU no-grad seconds per expert)
 
     def stream_seconds(self, kind: str) -> float:
         """Lower bound of one streamed pass of `kind` (its copies)."""
@@ -142,6 +150,26 @@ def cpu_pass_seconds(num_tokens: int, gate_up: ExpertWeight, down: ExpertWeight,
     return median_seconds(cpu_pass(num_tokens, gate_up, down, top_k, kind), repeats)
 
 
+def cpu_expert_seconds(rows: int, gate_up: ExpertWeight, down: ExpertWeight, repeats: int = 3) -> float:
+    """Seconds per expert of the engine's no-grad CPU pass when each expert gets `rows` rows of one slot (the CPU
+    side of a split pass, `split_pass.cpu_share_rows`): median over calls of 8 experts each, a different 8 every
+    call so their weights come from DRAM as in a real pass."""
+    num_experts, _, hidden = gate_up.shape
+    group = min(_EXPERTS_PER_SAMPLE, num_experts)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(group * rows, hidden, generator=gen).to(gate_up.dtype)
+    weights = torch.rand(group * rows, 1, generator=gen)
+    block = torch.arange(group * rows) // rows  # [group * rows]: rows of expert 0, then 1, ...
+    indexes = [((block + start) % num_experts).unsqueeze(1) for start in range(0, num_experts, group)]
+    calls = iter(range(1 << 30))
+    silu = torch.nn.functional.silu
+
+    def one() -> None:
+        cpu_infer_forward(x, indexes[next(calls) % len(indexes)], weights, gate_up, down, silu)
+
+    return median_seconds(one, repeats) / group
+
+
 def copy_bandwidth(device: torch.device, probe_bytes: int = _COPY_PROBE_BYTES, repeats: int = 5) -> float:
     """Pinned host -> `device` copy bandwidth in bytes/s: median of `repeats` timed copies after a warm-up."""
     host = host_empty(probe_bytes, torch.uint8, pin=True)  # not torch's pin_memory(): its cache would keep it pinned
@@ -206,7 +234,9 @@ def measure_crossovers(
         gate_up, down = (torch.full(shape, 0.01, dtype=dtype) for shape in shapes)
     else:
         gate_up, down = (constant_quantized(shape, scheme, dtype, p) for shape, p in zip(shapes, (2, 1)))
-    copy_s = (weight_nbytes(gate_up) + weight_nbytes(down)) / copy_bandwidth(device)
+    bandwidth = copy_bandwidth(device)
+    copy_s = (weight_nbytes(gate_up) + weight_nbytes(down)) / bandwidth
+    expert_samples: tuple[tuple[int, float], ...] = ()
     samples: dict[str, list[tuple[int, float]]] = {}
     result = {kind: NEVER for kind in PASS_KINDS}
     with intra_op_threads(cpu_threads):
@@ -215,7 +245,10 @@ def measure_crossovers(
             samples[kind] = sample_cpu_until(
                 lambda t: cpu_pass_seconds(t, gate_up, down, top_k, kind, repeats), stream_s)
             result[kind] = crossover_from_samples(samples[kind], stream_s)
-    return Crossovers(result["inference"], result["training"], copy_s, samples)
+    if "inference" in kinds:
+        with intra_op_threads(worker_threads(cpu_threads)):  # as the split pass's CPU side runs
+            expert_samples = tuple((rows, cpu_expert_seconds(rows, gate_up, down, repeats)) for rows in EXPERT_ROWS)
+    return Crossovers(result["inference"], result["training"], copy_s, samples, bandwidth, expert_samples)
 
 
 def measure_crossover(

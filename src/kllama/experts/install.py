@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kllama.errors import KllamaError
+from kllama.experts.cpu_share import SplitModel
 from kllama.experts.crossover import Crossovers, measure_crossovers
 from kllama.experts.families import family_of, find_expert_modules, layer_index
 from kllama.experts.module import HostExperts
@@ -30,6 +31,12 @@ class ExpertEngine:
     def placements(self) -> dict[str, ExpertPlacement]:
         """Qualified name -> the placement each module runs with (crossovers filled in)."""
         return {name: m.placement for name, m in self.modules.items()}
+
+    def split_note(self, num_tokens: int = 2048) -> str | None:
+        """What a long no-grad pass of `num_tokens` tokens does with its experts (the first layer with a measured
+        split model; every MoE layer of a model has the same shape), or None when none was measured."""
+        model = next((m.cpu_share for m in self.modules.values() if m.cpu_share is not None), None)
+        return model.describe(num_tokens) if model is not None else None
 
     def host_bytes(self) -> int:
         """Host memory held by all routed weights."""
@@ -58,7 +65,8 @@ class ExpertEngine:
 def _resolve_crossovers(model: nn.Module, modules: list[HostExperts]) -> dict[str, Crossovers]:
     # `auto` placements without a crossover get both (inference, training) measured once per distinct layer shape
     # (CUDA only: on CPU the stream target falls back to cpu anyway); a no-grad crossover a rule already fixed
-    # (a KTransformers CPU entry) is kept. Returns each measured module's measurement.
+    # (a KTransformers CPU entry) is kept, and the split of long no-grad passes gets its cost model. Returns each
+    # measured module's measurement.
     top_k = getattr(model.config, family_of(model).top_k_attr)
     measured: dict[tuple, Crossovers] = {}
     by_module: dict[str, Crossovers] = {}
@@ -76,6 +84,7 @@ def _resolve_crossovers(model: nn.Module, modules: list[HostExperts]) -> dict[st
         found = measured[key]
         inference = p.infer_crossover_tokens if p.infer_crossover_tokens is not None else found.inference
         m.placement = p.with_crossovers(inference, found.training)
+        m.cpu_share = SplitModel.from_crossovers(found, m.num_experts, top_k, m.hidden_dim * m.dtype.itemsize)
         by_module[m.name] = found
     return by_module
 

@@ -10,6 +10,10 @@ The weights may be held quantized (`kllama.experts.quant`: int8 per channel, fp8
 copy the quantized bytes and dequantize them on the GPU, a resident copy is dequantized once, CPU passes read the
 quantized bytes (`kllama.experts.quant_compute`) and a CPU training pass dequantizes the layer for its duration.
 
+A long no-grad pass that streams may leave the layer's first experts to the CPU (`split_for`, from the start-up
+measurement `cpu_share`, `kllama.experts.cpu_share`), run by `split_pass.SplitExecutor`; training passes never split
+(their backward needs the whole layer on the GPU).
+
 On a machine or model without CUDA (compute device `cpu`), `stream` and `gpu` run the `cpu` path instead, with a
 one-time warning: the weights are already where the compute happens, so the result is the same and CPU-only runs of
 an `auto` placement keep working.
@@ -32,13 +36,16 @@ from torch import Tensor, nn
 from kllama.errors import KllamaError
 from kllama.experts.pinned import pinned_copy
 from kllama.experts.cpu_compute import CpuExecutor
+from kllama.experts.cpu_share import SplitModel
 from kllama.experts.placement import TARGETS, ExpertPlacement, Target
 from kllama.experts.quant import (QUANT_DTYPES, ExpertWeight, QuantizedWeight, dequantize, quantize, scheme_of,
                                   weight_nbytes)
 from kllama.experts.routed import LoraFactors, SavedPass, expert_factors, sync_free
+from kllama.experts.split_pass import SplitExecutor
 from kllama.experts.stream import DeviceExecutor, ExpertStreamer
 
 _EXECUTORS = {"cpu": CpuExecutor(), "stream": DeviceExecutor(stream=True), "gpu": DeviceExecutor(stream=False)}
+_SPLIT = SplitExecutor()  # a no-grad `stream` pass whose first experts run on the CPU
 
 PassHook = Callable[["HostExperts", Tensor, Tensor, Tensor], Tensor]
 _PASS_HOOK: ContextVar[PassHook | None] = ContextVar("kllama_expert_pass_hook", default=None)
@@ -131,6 +138,8 @@ class HostExperts(nn.Module):
         self._resident: tuple[Tensor, Tensor] | None = None
         self.streamer: ExpertStreamer | None = None
         self.forced_target: Target | None = None
+        self.cpu_share: SplitModel | None = None  # measured at start-up (auto placements on CUDA)
+        self.forced_split: int | None = None  # CPU experts of every long no-grad streamed pass (tests, benchmarks)
         self.lora = nn.ModuleDict()  # target name -> ExpertLoRA (kllama.experts.lora)
         self.lora_enabled = True
         self._warned_fallback = False
@@ -211,6 +220,15 @@ class HostExperts(nn.Module):
             return "cpu"
         return target
 
+    def split_for(self, num_tokens: int, training: bool = False) -> int:
+        """How many of the layer's experts (`[0, k)`) the CPU computes in a pass over `num_tokens` tokens: 0 for
+        training passes and passes that do not stream, else `forced_split` if set, else the `cpu_share` model's k."""
+        if training or self.target_for(num_tokens, training) != "stream":
+            return 0
+        if self.forced_split is not None:
+            return max(0, min(self.forced_split, self.num_experts))
+        return self.cpu_share.plan(num_tokens).cpu_experts if self.cpu_share is not None else 0
+
     def _active_lora(self) -> tuple[tuple[tuple[str, float], ...], list[Tensor]]:
         if not self.lora_enabled or len(self.lora) == 0:
             return (), []
@@ -249,6 +267,8 @@ class HostExperts(nn.Module):
         meta, params = self._active_lora()
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, top_k_weights, *params))
         executor = _EXECUTORS[self.target_for(hidden_states.shape[0], training)]
+        if executor is _EXECUTORS["stream"] and self.split_for(hidden_states.shape[0], training):
+            executor = _SPLIT
         return _ExpertsFunction.apply(hidden_states, top_k_weights, top_k_index, self, executor, meta, *params)
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:

@@ -68,6 +68,11 @@ class QuantizedWeight:
         """Expert `index` of a batched `[E, N, K]` weight (views, no copy)."""
         return QuantizedWeight(self.data[index], self.scale[index], self.dtype, self.projections)
 
+    def experts(self, start: int, stop: int) -> "QuantizedWeight":
+        """Experts `[start, stop)` of a batched `[E, N, K]` weight, values and scales sliced alike (views, no copy;
+        contiguous when the weight is)."""
+        return QuantizedWeight(self.data[start:stop], self.scale[start:stop], self.dtype, self.projections)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "QuantizedWeight":
         """Copies of values and scales on `device`."""
         return QuantizedWeight(self.data.to(device, non_blocking=non_blocking),

@@ -15,6 +15,11 @@ Quantized weights (`kllama.experts.quant`) cross PCIe as they are stored (half t
 GPU buffer shared by both slots and are dequantized on the copy stream into the slot's weights, which stay in the
 compute dtype, so the compute stream sees what it sees for bf16 weights (and a copy record's time includes the
 dequantization).
+
+A long no-grad pass may leave a layer's first experts to the CPU (`split_pass.py`): the slot then holds experts
+`[first, E)` only, copied as one slice of each pinned host weight (values and scales alike when quantized) into the
+front of the slot's full-size buffers. A slot holding more of a layer (a smaller `first`) serves a request for less,
+so a lock-step DPO reference after the policy's pass of a layer reuses the whole layer instead of copying it again.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ class _Slot:
     gate_up: Tensor | None = None
     down: Tensor | None = None
     layer: int | None = None
+    first: int = 0  # the slot holds experts [first, E) of its layer, at the front of its buffers
     ready: torch.cuda.Event | None = None  # copy into the slot finished (copy stream)
     released: torch.cuda.Event | None = None  # last compute reading the slot finished (compute stream)
     last_used: int = -1
@@ -79,6 +85,7 @@ class ExpertStreamer:
         self._backward = False
         self._open: dict[int, torch.cuda.Event] = {}
         self._landing: list[QuantizedWeight] = []  # where quantized weights arrive before dequantization
+        self._acquired: dict[int, _Slot] = {}  # layer -> the slot its current pass reads (until release)
 
     def gpu_bytes(self) -> int:
         """Bytes held by the two GPU weight slots (and the landing buffers of quantized weights)."""
@@ -99,12 +106,15 @@ class ExpertStreamer:
         """Forget what the slots hold so the next pass copies every layer again (benchmarks; weights changed)."""
         for slot in self._slots:
             slot.layer = None
+            slot.first = 0
         self._last = None
 
-    def _slot_of(self, layer: int) -> _Slot | None:
-        return next((s for s in self._slots if s.layer == layer), None)
+    def _slot_of(self, layer: int, first: int = 0) -> _Slot | None:
+        # a slot holding experts [f, E) of the layer with f <= first (the most of the layer if two do)
+        held = [s for s in self._slots if s.layer == layer and s.first <= first]
+        return min(held, key=lambda s: s.first) if held else None
 
-    def _load(self, layer: int, keep: _Slot | None) -> _Slot:
+    def _load(self, layer: int, keep: _Slot | None, first: int = 0) -> _Slot:
         slot = min((s for s in self._slots if s is not keep), key=lambda s: s.last_used)
         module = self.layers[layer]
         gate_up, down = module.host_weights()
@@ -118,29 +128,31 @@ class ExpertStreamer:
             start = torch.cuda.Event(enable_timing=True) if self.trace else None
             if start is not None:
                 start.record(self._stream)
-            self._copy_into(slot, (gate_up, down))
+            self._copy_into(slot, (gate_up, down), first)
             slot.ready = torch.cuda.Event(enable_timing=self.trace)
             slot.ready.record(self._stream)
         if start is not None:
             self.copies.append(CopyRecord(layer, start, slot.ready))
         slot.layer = layer
+        slot.first = first
         slot.released = None
         self._clock += 1
         slot.last_used = self._clock
         return slot
 
-    def _copy_into(self, slot: _Slot, host: tuple[ExpertWeight, ExpertWeight]) -> None:
-        # on the copy stream: plain weights straight into the slot; quantized ones into the landing buffers, then
-        # dequantized into the slot (both ordered on this stream, so the next copy cannot overwrite a landing buffer
-        # before its dequantization has read it)
+    def _copy_into(self, slot: _Slot, host: tuple[ExpertWeight, ExpertWeight], first: int) -> None:
+        # on the copy stream: experts [first, E) into the front of the slot; plain weights straight in, quantized ones
+        # into the landing buffers, then dequantized into the slot (both ordered on this stream, so the next copy
+        # cannot overwrite a landing buffer before its dequantization has read it)
         landing = iter(self._land(host))
+        count = host[0].shape[0] - first
         for target, weight in zip((slot.gate_up, slot.down), host):
             if isinstance(weight, QuantizedWeight):
-                land = next(landing)
-                land.copy_(weight, non_blocking=True)
-                dequantize(land, out=target)
+                land = next(landing).experts(0, count)
+                land.copy_(weight.experts(first, first + count), non_blocking=True)
+                dequantize(land, out=target[:count])
             else:
-                target.copy_(weight, non_blocking=True)
+                target[:count].copy_(weight[first:], non_blocking=True)
 
     def _neighbour(self, layer: int, num_tokens: int, backward: bool, training: bool) -> int | None:
         streamed = [i for i, m in enumerate(self.layers) if m.target_for(num_tokens, training) == "stream"]
@@ -158,6 +170,17 @@ class ExpertStreamer:
         """GPU copies `(gate_up, down)` of `module`'s weights, usable on the current stream; queues the prefetch of
         the next streamed layer in the pass direction (which layers stream depends on the pass kind: `training`).
         Pair every call with `release(module)` after the compute is queued."""
+        gate_up, down, _ = self._acquire(module, num_tokens, backward, training, first=0)
+        return gate_up, down
+
+    def acquire_from(self, module: "HostExperts", num_tokens: int, first: int) -> tuple[Tensor, Tensor, int]:
+        """For a no-grad forward whose CPU side takes experts `[0, first)`: `(gate_up [E-f, 2I, H], down [E-f, H,
+        I], f)`, experts `[f, E)` on the GPU with `f <= first` (less than asked when a slot already holds more of
+        the layer). Prefetches like `acquire`; pair with `release(module)`."""
+        return self._acquire(module, num_tokens, backward=False, training=False, first=first)
+
+    def _acquire(self, module: "HostExperts", num_tokens: int, backward: bool, training: bool,
+                 first: int) -> tuple[Tensor, Tensor, int]:
         layer = self._index[id(module)]
         # The layer acquired last, again (its backward after its forward; the lock-step DPO reference after the
         # policy's pass of it): the prefetch its first use queued stands. A no-grad pass's own choice here (the next
@@ -168,24 +191,29 @@ class ExpertStreamer:
         elif self._last is not None and layer > self._last:
             self._backward = False
         self._last = layer
-        slot = self._slot_of(layer) or self._load(layer, keep=None)
+        slot = self._slot_of(layer, first) or self._load(layer, keep=None, first=first)
+        self._acquired[layer] = slot
         self._clock += 1
         slot.last_used = self._clock
         compute = torch.cuda.current_stream(self.device)
         compute.wait_event(slot.ready)
-        nxt = None if repeated else self._neighbour(layer, num_tokens, self._backward, training or backward)
-        if nxt is not None and self._slot_of(nxt) is None:
-            self._load(nxt, keep=slot)
+        training = training or backward
+        nxt = None if repeated else self._neighbour(layer, num_tokens, self._backward, training)
+        if nxt is not None:
+            nxt_first = self.layers[nxt].split_for(num_tokens, training)  # the same pass's split for that layer
+            if self._slot_of(nxt, nxt_first) is None:
+                self._load(nxt, keep=slot, first=nxt_first)
         if self.trace:
             start = torch.cuda.Event(enable_timing=True)
             start.record(compute)
             self._open[layer] = start
-        return slot.gate_up, slot.down
+        held = module.num_experts - slot.first
+        return slot.gate_up[:held], slot.down[:held], slot.first
 
     def release(self, module: "HostExperts", backward: bool = False) -> None:
         """Mark the compute queued on `module`'s streamed weights; the slot may be refilled after it."""
         layer = self._index[id(module)]
-        slot = self._slot_of(layer)
+        slot = self._acquired.pop(layer, None)
         compute = torch.cuda.current_stream(self.device)
         if slot is not None:
             slot.released = torch.cuda.Event(enable_timing=self.trace)

@@ -149,4 +149,6 @@ def load_on_engine(source: ModelSource, config: KllamaConfig, *, device: torch.d
         promote_resident_layers(engine, budget, device, inference_reserve_bytes(engine) if inference else None,
                                 spread=not inference)
     print(placement_table(engine, notes=notes), flush=True)
+    if note := engine.split_note():
+        print(note, flush=True)
     return model, engine

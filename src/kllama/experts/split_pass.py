@@ -1,0 +1,199 @@
+"""A streamed no-grad pass whose experts `[0, k)` are computed on the CPU while the GPU copies and computes `[k, E)`.
+
+The math is three pieces, shared by the executor and the tests: `cpu_share_rows` (host: the `(token, slot)` rows
+routed to experts below `first`, through the engine's no-grad CPU pass, one row each), `device_share` (the
+compute device: the same grouped-GEMM pass as an unsplit stream pass, over the experts the slot holds; rows of
+CPU experts keep their place with routing weight 0, so nothing on the device waits for a row count) and
+`combine` (the CPU rows added to the device's sum in fp32, rounded once more). `split_forward` runs them in order.
+
+`SplitExecutor` overlaps them: the hidden states go to pinned host memory after an event, the CPU side starts in a
+worker thread as soon as they land, while the main thread acquires the slot (the streamer copies only `[k, E)`)
+and queues the device side; one host->device copy of the CPU rows, one `index_add_`. The worker uses one intra-op
+thread fewer than the placement's `cpu_threads`, so the main thread keeps a core to launch kernels.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from kllama.experts.cpu_compute import cpu_infer_forward, intra_op_threads, worker_threads
+from kllama.experts.quant import ExpertWeight
+from kllama.experts.routed import LoraFactors, SavedPass, experts_forward, lora_from_flat, route, token_chunks
+from kllama.experts.stream import DeviceExecutor
+
+if TYPE_CHECKING:
+    from kllama.experts.module import HostExperts
+
+_WORKER: ThreadPoolExecutor | None = None
+
+
+def _worker() -> ThreadPoolExecutor:
+    # one long-lived thread: the CPU side of one layer at a time (the next layer's depends on this one's output)
+    global _WORKER
+    if _WORKER is None:
+        _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kllama-cpu-share")
+    return _WORKER
+
+
+def cpu_share_rows(
+    x: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    first: int,
+    gate_up: ExpertWeight,
+    down: ExpertWeight,
+    act_fn: Callable[[Tensor], Tensor],
+    lora: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Host side: `(tokens [R], rows [R, H])`, the output of every `(token, slot)` row routed to an expert below
+    `first` (routing weight applied, in x's dtype), computed by `cpu_infer_forward` with one slot a row. Host tensors
+    `x [T, H]`, `top_k_index [T, K]`, `top_k_weights [T, K]`; the full host weights (only experts < first are read)
+    and per-expert LoRA factors as `HostExperts.host_lora_factors` gives them."""
+    tokens, slots = (top_k_index < first).nonzero(as_tuple=True)  # [R] each
+    if tokens.numel() == 0:
+        return tokens, x.new_zeros(0, x.shape[-1])
+    rows = cpu_infer_forward(x.index_select(0, tokens), top_k_index[tokens, slots].unsqueeze(1),
+                             top_k_weights[tokens, slots].unsqueeze(1), gate_up, down, act_fn, lora)
+    return tokens, rows
+
+
+def lora_tail(lora: LoraFactors, first: int, num_experts: int) -> LoraFactors:
+    """The factors of experts `[first, E)` in PEFT's layout for `E - first` experts: A's rows `e*r:(e+1)*r`, B's
+    columns `r_i*E + e` (see `routed.expert_factors`)."""
+    if first == 0:
+        return lora
+    rank = lora.lora_A.shape[0] // num_experts
+    lora_b = lora.lora_B.view(lora.lora_B.shape[0], rank, num_experts)[:, :, first:]
+    return LoraFactors(lora.lora_A[first * rank :], lora_b.reshape(lora.lora_B.shape[0], -1), lora.scaling)
+
+
+def device_share(
+    x: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    first: int,
+    gate_up: Tensor,
+    down: Tensor,
+    act_fn: Callable[[Tensor], Tensor],
+    lora: Mapping[str, LoraFactors] | None,
+    num_experts: int,
+    spans: Sequence[slice] | None = None,
+) -> Tensor:
+    """Device side: `[T, H]` in x's dtype, the sum over each token's rows routed to experts `>= first`, with
+    `gate_up [E - first, 2I, H]`, `down [E - first, H, I]` (what the stream slot holds) and the full LoRA factors
+    (sliced here). Rows of CPU experts go to the first held expert with weight 0 (no host sync to drop them);
+    `spans` cut the tokens into chunks (the placement's `chunk_size`)."""
+    held = num_experts - first
+    if held == 0:
+        return torch.zeros_like(x)
+    mine = top_k_index >= first
+    index = torch.where(mine, top_k_index - first, torch.zeros_like(top_k_index))  # [T, K]
+    weights = torch.where(mine, top_k_weights, torch.zeros_like(top_k_weights))  # [T, K]
+    tail = {target: lora_tail(f, first, num_experts) for target, f in (lora or {}).items()}
+    outs = [experts_forward(x[s], route(index[s], held), weights[s], gate_up, down, act_fn, tail)[0]
+            for s in (spans or [slice(0, x.shape[0])])]
+    return torch.cat(outs) if outs else torch.zeros_like(x)
+
+
+def combine(device_out: Tensor, tokens: Tensor, rows: Tensor) -> Tensor:
+    """`device_out [T, H]` plus the CPU `rows [R, H]` of `tokens [R]` (already on its device), summed in fp32."""
+    if tokens.numel() == 0:
+        return device_out
+    return device_out.float().index_add_(0, tokens, rows.float()).to(device_out.dtype)
+
+
+def split_forward(
+    x: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    first: int,
+    host_weights: tuple[ExpertWeight, ExpertWeight],
+    device_weights: tuple[Tensor, Tensor],
+    act_fn: Callable[[Tensor], Tensor],
+    lora: Mapping[str, LoraFactors] | None = None,
+    host_lora: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+) -> Tensor:
+    """The split pass run in order on x's device (the reference the executor overlaps): experts `[0, first)`
+    on the CPU from `host_weights`, `[first, E)` from `device_weights` (those experts only)."""
+    num_experts = host_weights[0].shape[0]
+    hx, hidx, hw = (t.detach().cpu() for t in (x, top_k_index, top_k_weights))
+    tokens, rows = cpu_share_rows(hx, hidx, hw, first, *host_weights, act_fn, host_lora)
+    out = device_share(x, top_k_index, top_k_weights, first, *device_weights, act_fn, lora, num_experts)
+    return combine(out, tokens.to(x.device), rows.to(x.device))
+
+
+def cpu_side(ready: torch.cuda.Event | None, staged: Sequence[Tensor], first: int, module: "HostExperts",
+             host_lora: Mapping[str, tuple[Tensor, Tensor]], threads: int, inference: bool) -> tuple[Tensor, Tensor]:
+    """The CPU side of a split pass as the worker thread runs it: wait for the staged `(x, index, weights)` to land
+    (`ready`), then `cpu_share_rows` with `threads` intra-op threads, without grad, in inference mode when the
+    caller was (grad and inference modes are per thread)."""
+    if ready is not None:
+        ready.synchronize()
+    with torch.no_grad(), torch.inference_mode(inference), intra_op_threads(threads):
+        return cpu_share_rows(*staged, first, *module.host_weights(), module.act_fn, host_lora)
+
+
+def submit_cpu_side(ready: torch.cuda.Event | None, staged: Sequence[Tensor], first: int, module: "HostExperts",
+                    host_lora: Mapping[str, tuple[Tensor, Tensor]]) -> "Future[tuple[Tensor, Tensor]]":
+    """`cpu_side` started in the worker thread with one intra-op thread fewer than the placement's."""
+    return _worker().submit(cpu_side, ready, staged, first, module, host_lora,
+                            worker_threads(module.placement.cpu_threads), torch.is_inference_mode_enabled())
+
+
+def stage_async(*tensors: Tensor) -> tuple[list[Tensor], torch.cuda.Event | None]:
+    """Pinned host copies of device `tensors` queued on the current stream, and the event after them (None and the
+    tensors themselves when they are on the host)."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return list(tensors), None
+    hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(tensors[0].device))
+    return hosts, ready
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """`t` (host) on `device` through a pinned buffer and a non-blocking copy."""
+    if device.type == "cpu":
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t).to(device, non_blocking=True)
+
+
+class SplitExecutor(DeviceExecutor):
+    """A streamed no-grad pass with the CPU taking the layer's first `HostExperts.split_for` experts (fewer when the
+    slot already holds more of the layer, e.g. a DPO reference computed in lock-step after the policy's pass)."""
+
+    def __init__(self) -> None:
+        super().__init__(stream=True)
+
+    def forward(
+        self,
+        module: "HostExperts",
+        x: Tensor,
+        top_k_index: Tensor,
+        top_k_weights: Tensor,
+        lora_meta: Sequence[tuple[str, float]],
+        lora_params: Sequence[Tensor],
+        keep: bool,
+    ) -> tuple[Tensor, SavedPass | None]:
+        if keep or module.streamer is None:  # a training pass needs the whole layer on the GPU for its backward
+            return super().forward(module, x, top_k_index, top_k_weights, lora_meta, lora_params, keep)
+        device = self.device(module)
+        num_tokens = x.shape[0]
+        with torch.no_grad():
+            xd, idx, w = x.detach().to(device), top_k_index.to(device), top_k_weights.detach().to(device)
+            host_lora = module.host_lora_factors(lora_meta, lora_params)  # cached; a first copy syncs, so before:
+            staged, ready = stage_async(xd, idx, w)  # both before acquire, whose wait for the copy must not delay them
+            gate_up, down, first = module.streamer.acquire_from(module, num_tokens, module.split_for(num_tokens))
+            job = submit_cpu_side(ready, staged, first, module, host_lora) if first else None
+            lora = lora_from_flat(lora_meta, [p.detach().to(device) for p in lora_params])
+            out = device_share(xd, idx, w, first, gate_up, down, module.act_fn, lora, module.num_experts,
+                               self.chunks(module, num_tokens))
+            if job is not None:
+                tokens, rows = job.result()
+                out = combine(out, to_device(tokens, device), to_device(rows, device))
+            self.done(module, backward=False)
+        return out.to(x.device), None

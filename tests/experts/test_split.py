@@ -1,0 +1,135 @@
+"""Long no-grad passes split between the CPU (experts [0, k)) and the streamed GPU slot ([k, E)): the math equals
+the unsplit pass, and the cost model picks k as derived by hand."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kllama.experts import ExpertPlacement, HostExperts
+from kllama.experts.cpu_share import MIN_GAIN, SplitModel, per_expert_seconds
+from kllama.experts.crossover import Crossovers, cpu_expert_seconds
+from kllama.experts.quant import dequantize, quantize
+from kllama.experts.routed import LoraFactors, expert_factors, routed_experts_math
+from kllama.experts.split_pass import cpu_share_rows, lora_tail, split_forward, submit_cpu_side
+
+E, H, I, K = 8, 64, 48, 2  # noqa: E741
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def layer(dtype: torch.dtype, with_lora: bool, seed: int = 0) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    gate_up = (torch.randn(E, 2 * I, H, generator=gen) * 0.2).to(dtype)
+    down = (torch.randn(E, H, I, generator=gen) * 0.2).to(dtype)
+    lora = {}
+    if with_lora:
+        for target, (n_in, n_out) in {"gate_up_proj": (H, 2 * I), "down_proj": (I, H)}.items():
+            lora[target] = LoraFactors(torch.randn(E * 4, n_in, generator=gen) * 0.3,
+                                       torch.randn(n_out, E * 4, generator=gen) * 0.3, 0.5)
+    return gate_up, down, lora
+
+
+def routing(tokens: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(tokens, E, generator=gen).topk(K, dim=-1).indices, torch.rand(tokens, K, generator=gen))
+
+
+@pytest.mark.parametrize("scheme", [None, "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_split_pass_equals_the_unsplit_pass(scheme: str | None, dtype: torch.dtype, with_lora: bool) -> None:
+    # experts [0, k) through the CPU pass on the host weights (quantized as stored), [k, E) through the grouped-GEMM
+    # pass on the device with the slot's weights (dequantized [k, E)), against the stream pass on all of them
+    gate_up, down, lora = layer(dtype, with_lora)
+    host = (gate_up, down) if scheme is None else (quantize(gate_up, scheme, projections=2), quantize(down, scheme))
+    dense = [dequantize(w) for w in host]  # what a streamed slot holds
+    x = torch.randn(40, H, generator=torch.Generator().manual_seed(2)).to(dtype)
+    index, weights = routing(40)
+    silu = torch.nn.functional.silu
+    device_lora = {t: LoraFactors(f.lora_A.to(DEVICE), f.lora_B.to(DEVICE), f.scaling) for t, f in lora.items()}
+    host_lora = {t: expert_factors(f, E, dtype) for t, f in lora.items()}
+    xd, idx, w = x.to(DEVICE), index.to(DEVICE), weights.to(DEVICE)
+    expected = routed_experts_math(xd, idx, w, *(d.to(DEVICE) for d in dense), silu, device_lora)
+    tol = 1e-5 if dtype == torch.float32 and scheme is None else 2e-2
+    for first in (0, 1, 3, E):
+        slot = tuple(d[first:].to(DEVICE) for d in dense)
+        got = split_forward(xd, idx, w, first, host, slot, silu, device_lora, host_lora)
+        assert got.shape == expected.shape and got.dtype == expected.dtype and got.device == expected.device
+        assert rel(got, expected) < tol, first
+    if scheme is None and not lora:  # the CPU side's experts count: zero host weights change the result
+        zeros = (torch.zeros_like(gate_up), torch.zeros_like(down))
+        partial = split_forward(xd, idx, w, 3, zeros, tuple(d[3:].to(DEVICE) for d in dense), silu)
+        assert rel(partial, expected) > 1e-2
+
+
+def test_lora_tail_holds_the_factors_of_the_last_experts() -> None:
+    _, _, lora = layer(torch.float32, with_lora=True)
+    for factors in lora.values():
+        a, b = expert_factors(factors, E, torch.float32)
+        for first in (0, 3, E - 1):
+            ta, tb = expert_factors(lora_tail(factors, first, E), E - first, torch.float32)
+            assert torch.equal(ta, a[first:]) and torch.equal(tb, b[first:])
+
+
+def model(per_expert_s: float, copy_s: float, num_experts: int = 64) -> SplitModel:
+    # hidden 2048 in bf16 (4,096 bytes a token), 55 GB/s copies, a flat per-expert CPU time
+    return SplitModel(num_experts, 6, copy_s, 55e9, 4096, ((32, per_expert_s), (512, per_expert_s)))
+
+
+def test_split_point_is_where_the_cpu_meets_the_copy() -> None:
+    # V2-Lite at 2,048 tokens (docs/design.md): 1.19 ms an expert on the CPU, 20.3 ms to copy 64 experts.
+    # cpu(k) = 1.19 k + hop, hop = 2 * 2048 * 4096 B / 55 GB/s = 0.305 ms; copy(64 - k) = 0.3172 (64 - k) ms:
+    # k = 13 gives max(15.78, 16.18) = 16.18 ms, k = 14 max(16.97, 15.86) = 16.97 ms, k = 12 max(14.6, 16.5).
+    plan = model(1.19e-3, 20.3e-3).plan(2048)
+    assert plan.cpu_experts == 13
+    assert plan.layer_s == pytest.approx(20.3e-3 * 51 / 64)
+    assert plan.stream_s == pytest.approx(20.3e-3)
+    assert "CPU takes 13 of 64 experts a layer at 2,048 tokens (est. 16.2 ms a layer vs 20.3 ms" in \
+        model(1.19e-3, 20.3e-3).describe(2048)
+
+
+def test_no_split_when_the_cpu_is_too_slow_to_pay() -> None:
+    # 5 ms an expert against a 10 ms layer copy: k = 1 costs max(5.3, 9.84) = 9.84 ms, a 1.6 % gain < MIN_GAIN
+    slow = model(5e-3, 10e-3)
+    assert slow.layer_seconds(1, 2048) > (1 - MIN_GAIN) * 10e-3
+    assert slow.plan(2048).cpu_experts == 0
+    assert "all 64 experts a layer streamed" in slow.describe(2048)
+
+
+def test_per_expert_seconds_interpolates_with_a_read_floor() -> None:
+    samples = [(32, 1.0), (64, 1.0), (128, 2.0), (256, 4.0)]
+    assert per_expert_seconds(samples, 8) == 1.0  # below the smallest sample: reading the weights is the floor
+    assert per_expert_seconds(samples, 96) == pytest.approx(1.5)
+    assert per_expert_seconds(samples, 512) == pytest.approx(8.0)  # the last slope beyond the samples
+
+
+def test_split_model_needs_a_measurement() -> None:
+    assert SplitModel.from_crossovers(Crossovers(10, 10), 64, 6, 4096) is None
+    found = Crossovers(10, 10, copy_s=0.02, copy_bandwidth=55e9, expert_samples=((32, 1e-3),))
+    assert SplitModel.from_crossovers(found, 64, 6, 4096) == SplitModel(64, 6, 0.02, 55e9, 4096, ((32, 1e-3),))
+
+
+def test_cpu_expert_seconds_times_the_engine_pass() -> None:
+    gate_up, down, _ = layer(torch.bfloat16, with_lora=False)
+    assert 0 < cpu_expert_seconds(16, gate_up, down, repeats=1) < 1.0
+    quantized = quantize(gate_up, "int8", projections=2), quantize(down, "int8")
+    assert 0 < cpu_expert_seconds(16, *quantized, repeats=1) < 1.0
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_worker_thread_runs_the_cpu_side_as_the_caller_would(inference: bool) -> None:
+    # grad and inference modes are per thread: the worker takes the caller's, and its rows equal the direct call's
+    gate_up, down, _ = layer(torch.bfloat16, with_lora=False)
+    module = HostExperts(gate_up, down, torch.nn.SiLU(), ExpertPlacement.from_mode("cpu", cpu_threads=2),
+                         "model.layers.0.mlp.experts", compute_device="cpu")
+    x = torch.randn(40, H, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    index, weights = routing(40)
+    with torch.inference_mode(inference):
+        tokens, rows = submit_cpu_side(None, (x, index, weights), 3, module, {}).result()
+        assert rows.is_inference() == inference
+    expect_tokens, expect_rows = cpu_share_rows(x, index, weights, 3, gate_up, down, torch.nn.functional.silu)
+    assert torch.equal(tokens, expect_tokens) and torch.equal(rows, expect_rows)
+    assert rows.shape == (int((index < 3).sum()), H) and rows.abs().sum() > 0

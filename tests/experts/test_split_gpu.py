@@ -1,0 +1,133 @@
+"""Streamed no-grad passes with a CPU share (experts [0, k) on the CPU, [k, E) streamed) on CUDA: the same numbers
+as streaming everything, the same prefetch order, and training passes never split.
+
+Run on the GPU box: `.venv/bin/pytest -q -m gpu tests/experts/`.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kllama.experts import ExpertPlacement, ExpertStreamer, HostExperts, install_expert_engine
+from kllama.experts.lora import ExpertLoRA
+from kllama.experts.quant import quantize
+from kllama.model.tiny import build_tiny_model
+
+from expert_helpers import rel, streamed_stack
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def quantized_stack(device: torch.device, count: int = 4) -> tuple[list[HostExperts], ExpertStreamer]:
+    """`streamed_stack`'s shape with int8 weights."""
+    layers = [
+        HostExperts(quantize(torch.randn(8, 256, 128, dtype=torch.bfloat16) * 0.05, "int8", projections=2),
+                    quantize(torch.randn(8, 128, 128, dtype=torch.bfloat16) * 0.05, "int8"), torch.nn.SiLU(),
+                    ExpertPlacement.from_mode("stream"), f"model.layers.{i}.mlp.experts", compute_device=device)
+        for i in range(count)
+    ]
+    streamer = ExpertStreamer(layers, device, trace=True)
+    for layer in layers:
+        layer.streamer = streamer
+    return layers, streamer
+
+
+def add_lora(layers: list[HostExperts]) -> None:
+    for layer in layers:
+        lora = ExpertLoRA(8, 128, 256, 8, 16, device=torch.device("cuda"), dtype=torch.bfloat16)
+        lora.reset_parameters()
+        with torch.no_grad():
+            lora.lora_B.normal_(std=0.3)
+        layer.lora["gate_up_proj"] = lora
+
+
+@pytest.mark.parametrize("scheme", [None, "int8"])
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_forced_split_equals_streaming_everything_with_the_same_prefetch_order(scheme: str | None,
+                                                                                with_lora: bool) -> None:
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    layers, streamer = streamed_stack(device) if scheme is None else quantized_stack(device)
+    if with_lora:
+        add_lora(layers)
+    x = torch.randn(96, 128, device=device, dtype=torch.bfloat16)
+    index = torch.rand(96, 8, device=device).topk(2, dim=-1).indices
+    weights = torch.rand(96, 2, device=device)
+
+    def forward(split: int | None) -> tuple[torch.Tensor, list[int], list[int]]:
+        streamer.invalidate()
+        streamer.copies.clear()
+        for layer in layers:
+            layer.forced_split = split
+        h = x
+        held = []
+        with torch.no_grad():
+            for layer in layers:
+                h = h + layer(h, index, weights)
+                held.append(min(s.first for s in streamer._slots if s.layer == layer_index(layer)))
+        torch.cuda.synchronize()
+        return h, [c.layer for c in streamer.copies], held
+
+    def layer_index(layer: HostExperts) -> int:
+        return layers.index(layer)
+
+    whole, order, held = forward(None)
+    assert order == [0, 1, 2, 3, 0] and held == [0, 0, 0, 0]
+    for split in (3, 8):
+        got, split_order, split_held = forward(split)
+        assert split_order == order, split  # the copies of the same layers in the same order, fewer experts each
+        assert split_held == [split] * 4
+        assert rel(got, whole) < 2e-2, split
+    ones, _, _ = forward(0)
+    assert torch.equal(ones, whole)  # k = 0 is the plain stream pass
+
+
+def test_lockstep_reference_uses_the_whole_layer_the_policy_copied() -> None:
+    # a no-grad pass that would split finds the layer whole in its slot (the training pass before it copied all of
+    # it): it computes everything there, copying nothing more, and gives the policy's numbers
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    layers, streamer = streamed_stack(device)
+    for layer in layers:
+        layer.forced_split = 3
+    x = torch.randn(64, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
+    index = torch.randint(0, 8, (64, 2), device=device)
+    weights = torch.rand(64, 2, device=device)
+    h, reference = x, x.detach()
+    for layer in layers:
+        h = h + layer(h, index, weights)
+        with torch.no_grad():
+            reference = reference + layer(reference, index, weights)
+    h.float().square().mean().backward()
+    torch.cuda.synchronize()
+    assert [c.layer for c in streamer.copies] == [0, 1, 2, 3, 1, 0]
+    assert all(s.first == 0 for s in streamer._slots)  # training passes copy whole layers
+    assert torch.equal(reference, h.detach())
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "qwen3_moe"])
+def test_model_prefill_with_a_cpu_share_matches_streaming(arch: str) -> None:
+    model = build_tiny_model(arch, seed=0, dtype=torch.bfloat16).cuda()
+    ours = copy.deepcopy(model)
+    engine = install_expert_engine(ours, lambda name: ExpertPlacement.from_mode("stream"), "cuda", trace=True)
+    embeds = torch.randn(1, 48, model.config.hidden_size, device="cuda", dtype=torch.bfloat16) * 0.5
+    results = []
+    for split in (None, 2):
+        for module in engine.modules.values():
+            module.forced_split = split
+        with torch.no_grad():
+            results.append(ours(inputs_embeds=embeds).logits)
+    assert rel(results[1], results[0]) < 2e-2
+
+
+def test_auto_engine_measures_its_split_model() -> None:
+    model = build_tiny_model("deepseek_v2", seed=0, dtype=torch.bfloat16).cuda()
+    engine = install_expert_engine(model, lambda name: ExpertPlacement.from_mode("auto"), "cuda")
+    assert all(m.cpu_share is not None and m.cpu_share.expert_samples for m in engine.modules.values())
+    note = engine.split_note(2048)
+    assert note is not None and note.startswith("long no-grad passes: ")
+    module = next(iter(engine.modules.values()))
+    assert module.split_for(2048, training=True) == 0
+    assert module.split_for(2048) == module.cpu_share.plan(2048).cpu_experts
