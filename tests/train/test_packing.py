@@ -65,6 +65,7 @@ def test_pack_batch_lays_out_sequences_without_padding():
     assert batch["sequence_index"].tolist() == [[0, 0, 0, 1, 1]]
     # a sequence's first label is never a target: the last token of the one before must not predict it
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]
+    assert batch["sequence_bounds"] == (0, 3, 5)
     assert "attention_mask" not in batch
     assert (real_tokens(batch), batch_sequences(batch)) == (5, 2)
     padded = pad_batch(ids, labels, 0, 8)
@@ -115,7 +116,7 @@ def test_router_aux_loss_and_logps_of_a_packed_batch_equal_the_padded_batch(tiny
     with torch.no_grad():
         for packed in (False, True):
             collate = PairwiseCollator(loaded.tokenizer.pad_token_id, packed=packed)
-            batch = {k: v.to(loaded.device) for k, v in collate(rows).items()}
+            batch = {k: v.to(loaded.device) if torch.is_tensor(v) else v for k, v in collate(rows).items()}
             results[packed] = policy_logps(loaded.model, batch, settings)
     (sums_a, counts_a, aux_a), (sums_b, counts_b, aux_b) = results[False], results[True]
     assert counts_a.tolist() == counts_b.tolist() and len(counts_a) == 6
@@ -187,3 +188,31 @@ def test_packed_precompute_passes_stay_at_16k_tokens(tiny_model_dir):
                            "precompute_ref_log_probs": True})
     assert reference_pass_budget(config, _engine("stream"), packed=True) == 16384
     assert reference_pass_budget(config, _engine("stream"), packed=False) == 4 * 16384
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # MHA, and GQA (two query heads per key/value head)
+def test_per_sequence_sdpa_equals_the_masked_packed_attention(kv_heads):
+    """Each sequence causal on its own slice = the block-diagonal masked row, forward and backward (a 1-token
+    sequence included); a call without bounds is transformers' sdpa unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from kllama.train.packing import SEQUENCE_BOUNDS, per_sequence_sdpa
+
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=4 // kv_heads)
+    bounds = (0, 5, 6, 13)
+    generator = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 13, 8, generator=generator, requires_grad=True)
+    k = torch.randn(1, kv_heads, 13, 8, generator=generator, requires_grad=True)
+    v = torch.randn(1, kv_heads, 13, 6, generator=generator, requires_grad=True)
+    segment = torch.repeat_interleave(torch.arange(3), torch.tensor([5, 1, 7]))
+    mask = (segment[:, None] == segment[None, :]) & torch.ones(13, 13, dtype=torch.bool).tril()  # [13, 13]
+    want = sdpa_attention_forward(module, q, k, v, mask[None, None], scaling=0.3)[0]  # [1, 13, 4, 6]
+    got = per_sequence_sdpa(module, q, k, v, None, scaling=0.3, **{SEQUENCE_BOUNDS: bounds})[0]
+    torch.testing.assert_close(got, want)
+    weights = torch.randn(want.shape, generator=generator)
+    grads_want = torch.autograd.grad((want * weights).sum(), (q, k, v))
+    grads_got = torch.autograd.grad((got * weights).sum(), (q, k, v))
+    for a, b in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, b)
+    plain = per_sequence_sdpa(module, q, k, v, mask[None, None], scaling=0.3)[0]
+    torch.testing.assert_close(plain, want, rtol=0, atol=0)

@@ -2,6 +2,7 @@
 pack a batch's sequences into one row without padding (`packed=True`, see `pack_batch`)."""
 from __future__ import annotations
 
+import itertools
 from typing import Any, Mapping
 
 import torch
@@ -36,7 +37,8 @@ def pad_batch(ids: list[list[int]], labels: list[list[int]], pad_token_id: int, 
 
 def pack_batch(ids: list[list[int]], labels: list[list[int]]) -> dict:
     """The sequences concatenated into one row without padding (TRL's `padding_free`): `input_ids`, `labels`,
-    `position_ids` and `sequence_index` (which sequence each token belongs to), all `[1, N]`, N the real tokens.
+    `position_ids` and `sequence_index` (which sequence each token belongs to), all `[1, N]`, N the real tokens, and
+    `sequence_bounds`, the offsets where each sequence starts plus N (a tuple of ints: known without a GPU sync).
 
     There is no `attention_mask`: transformers then reads the sequence boundaries from `position_ids` (restarting at
     0 per sequence) and builds a block-diagonal causal mask (sdpa / eager / flex) or runs flash-attention's varlen
@@ -49,6 +51,7 @@ def pack_batch(ids: list[list[int]], labels: list[list[int]]) -> dict:
         "labels": torch.tensor([flat_labels], dtype=torch.long),  # [1, N]
         "position_ids": torch.cat([torch.arange(len(seq)) for seq in ids])[None],  # [1, N]
         "sequence_index": torch.cat([torch.full((len(seq),), i) for i, seq in enumerate(ids)])[None],  # [1, N]
+        "sequence_bounds": tuple(itertools.accumulate((len(seq) for seq in ids), initial=0)),  # S + 1 offsets
     }
 
 

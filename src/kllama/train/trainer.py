@@ -33,6 +33,7 @@ from kllama.train.losses import (
     preference_loss,
     sft_term,
 )
+from kllama.train.packing import SEQUENCE_BOUNDS, use_per_sequence_sdpa
 from kllama.train.oom_rerun import StepStart, can_rerun, out_of_memory_error, rerun_line
 from kllama.train.promotion import ResidentPromotion
 
@@ -67,9 +68,12 @@ def policy_logps(model: nn.Module, batch: dict[str, torch.Tensor], settings: Pre
     lm = causal_lm_of(model)
     want_router = bool(settings.router_aux_loss_coef)
     kwargs = {"output_router_logits": True} if want_router else {}
-    layout = "position_ids" if is_packed(batch) else "attention_mask"
-    out = decoder_outputs(model, lm, input_ids=batch["input_ids"], **{layout: batch[layout]}, use_cache=False,
-                          **kwargs)
+    if is_packed(batch):
+        use_per_sequence_sdpa()
+        kwargs |= {"position_ids": batch["position_ids"], SEQUENCE_BOUNDS: batch["sequence_bounds"]}
+    else:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    out = decoder_outputs(model, lm, input_ids=batch["input_ids"], use_cache=False, **kwargs)
     sums, counts = hidden_logps(out.last_hidden_state, lm, batch, settings)
     aux = None
     if want_router:
