@@ -7,7 +7,9 @@
 Rows (one model build, random weights, a `--prompt`-token prompt, then `--new` greedy tokens):
 * `auto`: the default placement (CPU below the measured inference crossover, streamed above), decode steps through
   `kllama.infer.graphs` (graphs cut around the CPU expert passes); also times the prefill of a `--long-prompt`-token
-  prompt, which streams every layer.
+  prompt, which streams every layer with the CPU taking `k` of each layer's experts (`CPU experts` column: the
+  start-up cost model's k; `--cpu-experts 0,8,13` times the prefill again with each k forced, JSON
+  `prefill_long_forced_s`).
 * `cpu`: every layer's experts on the CPU, graphed the same way.
 * `gpu`: every layer resident, once eagerly with transformers' own loop (dynamic cache) and once as one CUDA graph.
 * `gpu under <cap>` (one row per `--caps` entry): `auto` plus as many layers resident as the cap allows with an
@@ -39,6 +41,7 @@ from common import (  # noqa: E402
     write_results,
 )
 from kllama.config.units import parse_bytes  # noqa: E402
+from kllama.experts.cpu_share import SplitModel  # noqa: E402
 from kllama.experts.crossover import NEVER, measure_crossovers  # noqa: E402
 from kllama.experts.install import ExpertEngine, wire_engine  # noqa: E402
 from kllama.experts.module import HostExperts, expert_pass_hook  # noqa: E402
@@ -57,6 +60,7 @@ DECODE_COLUMNS = (
     ("host_ms", "host ms", "{:.1f}"),
     ("prefill_s", "prefill s", "{:.3f}"),
     ("prefill_long_s", "long prefill s", "{:.3f}"),
+    ("prefill_long_cpu_experts", "CPU experts", "{}"),
     ("resident_layers", "resident", "{}"),
     ("peak_gpu_gb", "peak GPU GB", "{:.1f}"),
     ("note", "note", "{}"),
@@ -72,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="greedy tokens to generate")
     p.add_argument("--long-prompt", type=int, default=2048, help="prefill timed with auto (0 = skip)")
+    p.add_argument("--cpu-experts", default="",
+                   help="comma list of k: the long prefill timed again with the CPU taking k experts a layer")
     p.add_argument("--split-steps", type=int, default=8, help="decode steps timed piece by piece for the split")
     p.add_argument("--cpu-threads", type=int, default=16)
     p.add_argument("--layers", type=int, default=None, help="only the first N decoder layers")
@@ -85,14 +91,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- placing the experts
 def place(model: nn.Module, modules: dict[str, HostExperts], mode: str, args: argparse.Namespace,
-          crossovers: dict[str, int]) -> ExpertEngine:
-    """Every layer on `mode` (`auto` with the crossovers measured once per run), resident copies made for `gpu`."""
+          crossovers: dict[str, Any]) -> ExpertEngine:
+    """Every layer on `mode` (`auto` with the crossovers measured once per run, and the split model of long no-grad
+    passes), resident copies made for `gpu`."""
     for module in modules.values():
         module.drop_resident()
         placement = ExpertPlacement.from_mode(mode, cpu_threads=args.cpu_threads, source="benchmark")
         if mode == "auto" and crossovers:
             placement = placement.with_crossovers(crossovers["inference"], crossovers["training"])
         module.placement = placement
+        module.cpu_share = crossovers.get("split")
+        module.forced_split = None
     release()
     engine = wire_engine(model, modules, measure=False)
     if mode == "gpu":
@@ -114,8 +123,13 @@ def measure_auto(modules: dict[str, HostExperts], model: nn.Module, args: argpar
                                                                 ("training", found.training))}
     log(f"crossovers: inference {shown['inference']} / training {shown['training']} tokens "
         f"(copy {found.copy_s * 1e3:.1f} ms, measured in {time.perf_counter() - start:.2f} s)")
-    return {"inference": found.inference, "training": found.training, "copy_ms": found.copy_s * 1e3,
-            "samples": found.samples}
+    split = SplitModel.from_crossovers(found, first.num_experts, top_k, first.hidden_dim * first.dtype.itemsize)
+    line = split.describe(args.long_prompt or 2048) if split is not None else None
+    if line:
+        log(line)
+    return {"split_line": line, "inference": found.inference, "training": found.training, "copy_ms": found.copy_s * 1e3,
+            "samples": found.samples, "copy_gb_per_s": found.copy_bandwidth / 1e9,
+            "cpu_expert_samples": found.expert_samples, "split": split}
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -249,12 +263,9 @@ def run_row(name: str, model: nn.Module, engine: ExpertEngine, args: argparse.Na
     return finish_row(row, split)
 
 
-def long_prefill(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Seconds to prefill a `--long-prompt`-token prompt (min of two after a warm-up), as `auto` places it."""
-    length = args.long_prompt
-    prompt = torch.randint(0, model.config.vocab_size, (length,), generator=torch.Generator().manual_seed(1)).tolist()
-    decoder = GraphedDecoder(model, 1, length + 2)
-    decoder.prefill(prompt)  # warm-up: stream slots, kernels for this length
+def time_prefill(decoder: GraphedDecoder, prompt: list[int], device: torch.device) -> list[float]:
+    """Seconds of two prefills of `prompt` after a warm-up (stream slots, kernels for this length)."""
+    decoder.prefill(prompt)
     times = []
     for _ in range(2):
         synchronize(device)
@@ -262,10 +273,37 @@ def long_prefill(model: nn.Module, args: argparse.Namespace, device: torch.devic
         decoder.prefill(prompt)
         synchronize(device)
         times.append(time.perf_counter() - start)
-    log(f"prefill of {length} tokens: {', '.join(f'{t:.3f}' for t in times)} s")
+    return times
+
+
+def long_prefill(model: nn.Module, modules: dict[str, HostExperts], args: argparse.Namespace,
+                 device: torch.device) -> dict[str, Any]:
+    """Seconds to prefill a `--long-prompt`-token prompt (min of two after a warm-up), as `auto` places it (the
+    CPU taking the cost model's k experts a layer), then with each `--cpu-experts` k forced."""
+    length = args.long_prompt
+    prompt = torch.randint(0, model.config.vocab_size, (length,), generator=torch.Generator().manual_seed(1)).tolist()
+    first = next(iter(modules.values()))
+    k = first.split_for(length)
+    plan = first.cpu_share.plan(length) if first.cpu_share is not None else None
+    decoder = GraphedDecoder(model, 1, length + 2)
+    times = time_prefill(decoder, prompt, device)
+    log(f"prefill of {length} tokens (CPU takes {k} experts a layer): {', '.join(f'{t:.3f}' for t in times)} s")
+    row = {"prefill_long_s": min(times), "prefill_long_runs_s": times, "long_prompt_tokens": length,
+           "prefill_long_cpu_experts": k, "prefill_long_est_layer_ms": plan.layer_s * 1e3 if plan else None,
+           "prefill_long_est_stream_layer_ms": plan.stream_s * 1e3 if plan else None}
+    forced: dict[int, float] = {}
+    try:
+        for value in (int(v) for v in comma_list(args.cpu_experts)):
+            for module in modules.values():
+                module.forced_split = value
+            forced[value] = min(time_prefill(decoder, prompt, device))
+            log(f"prefill of {length} tokens, CPU forced to {value} experts a layer: {forced[value]:.3f} s")
+    finally:
+        for module in modules.values():
+            module.forced_split = None
     del decoder
     release()
-    return {"prefill_long_s": min(times), "prefill_long_runs_s": times, "long_prompt_tokens": length}
+    return {**row, "prefill_long_forced_s": forced} if forced else row
 
 
 def profile_decode(model: nn.Module, prompt: list[int], steps: int, device: torch.device) -> str:
@@ -308,8 +346,9 @@ def dtype_rows(config: Any, device: torch.device, args: argparse.Namespace, plac
     build = {"build_s": build_s, "expert_host_gb": host_gb, "host_rss_before_build_gb": rss_before,
              "host_rss_after_build_gb": current_host_gb()}
     auto = measure_auto(modules, model, args, device) if "auto" in placements or caps else {}
+    split = auto.pop("split", None)  # the model object; the JSON keeps its samples and the start-up line
     build["crossovers"] = auto
-    crossovers = {k: auto[k] for k in ("inference", "training")} if auto else {}
+    crossovers = {"inference": auto["inference"], "training": auto["training"], "split": split} if auto else {}
     plan = [(mode, graphs) for mode in placements
             for graphs in ((False, True) if mode == "gpu" and not args.no_eager else (True,))]
     for mode, graphs in plan:
@@ -320,9 +359,9 @@ def dtype_rows(config: Any, device: torch.device, args: argparse.Namespace, plac
             row = run_row(name, model, engine, args, device, prompt, graphs=graphs)
             row["expert_dtype"] = expert_dtype
             if mode == "auto":
-                row["crossovers"] = crossovers
+                row["crossovers"] = {k: crossovers[k] for k in ("inference", "training")} if crossovers else {}
                 if args.long_prompt:
-                    row.update(long_prefill(model, args, device))
+                    row.update(long_prefill(model, modules, args, device))
             rows.append(row)
         except torch.cuda.OutOfMemoryError as exc:
             rows.append({"name": name, "note": "OOM", "error": str(exc).splitlines()[0]})
