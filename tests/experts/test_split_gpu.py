@@ -130,4 +130,5 @@ def test_auto_engine_measures_its_split_model() -> None:
     assert note is not None and note.startswith("long no-grad passes: ")
     module = next(iter(engine.modules.values()))
     assert module.split_for(2048, training=True) == 0
-    assert module.split_for(2048) == module.cpu_share.plan(2048).cpu_experts
+    streams = module.target_for(2048) == "stream"  # a tiny layer may run on the CPU at any size
+    assert module.split_for(2048) == (module.cpu_share.plan(2048).cpu_experts if streams else 0)

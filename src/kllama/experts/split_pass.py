@@ -130,11 +130,16 @@ def cpu_side(ready: torch.cuda.Event | None, staged: Sequence[Tensor], first: in
              host_lora: Mapping[str, tuple[Tensor, Tensor]], threads: int, inference: bool) -> tuple[Tensor, Tensor]:
     """The CPU side of a split pass as the worker thread runs it: wait for the staged `(x, index, weights)` to land
     (`ready`), then `cpu_share_rows` with `threads` intra-op threads, without grad, in inference mode when the
-    caller was (grad and inference modes are per thread)."""
+    caller was (grad and inference modes are per thread). With a device waiting (`ready`), the result is left in
+    pinned memory, copied here with the worker's threads rather than by the main thread afterwards."""
     if ready is not None:
         ready.synchronize()
     with torch.no_grad(), torch.inference_mode(inference), intra_op_threads(threads):
-        return cpu_share_rows(*staged, first, *module.host_weights(), module.act_fn, host_lora)
+        tokens, rows = cpu_share_rows(*staged, first, *module.host_weights(), module.act_fn, host_lora)
+        if ready is None:
+            return tokens, rows
+        pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t) for t in (tokens, rows)]
+        return pinned[0], pinned[1]
 
 
 def submit_cpu_side(ready: torch.cuda.Event | None, staged: Sequence[Tensor], first: int, module: "HostExperts",
@@ -153,13 +158,6 @@ def stage_async(*tensors: Tensor) -> tuple[list[Tensor], torch.cuda.Event | None
     ready = torch.cuda.Event()
     ready.record(torch.cuda.current_stream(tensors[0].device))
     return hosts, ready
-
-
-def to_device(t: Tensor, device: torch.device) -> Tensor:
-    """`t` (host) on `device` through a pinned buffer and a non-blocking copy."""
-    if device.type == "cpu":
-        return t
-    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t).to(device, non_blocking=True)
 
 
 class SplitExecutor(DeviceExecutor):
@@ -194,6 +192,6 @@ class SplitExecutor(DeviceExecutor):
                                self.chunks(module, num_tokens))
             if job is not None:
                 tokens, rows = job.result()
-                out = combine(out, to_device(tokens, device), to_device(rows, device))
+                out = combine(out, tokens.to(device, non_blocking=True), rows.to(device, non_blocking=True))
             self.done(module, backward=False)
         return out.to(x.device), None
