@@ -133,3 +133,17 @@ def test_worker_thread_runs_the_cpu_side_as_the_caller_would(inference: bool) ->
     expect_tokens, expect_rows = cpu_share_rows(x, index, weights, 3, gate_up, down, torch.nn.functional.silu)
     assert torch.equal(tokens, expect_tokens) and torch.equal(rows, expect_rows)
     assert rows.shape == (int((index < 3).sum()), H) and rows.abs().sum() > 0
+
+
+def test_engine_start_up_line_names_the_split() -> None:
+    from kllama.experts.install import ExpertEngine
+
+    gate_up, down, _ = layer(torch.bfloat16, with_lora=False)
+    module = HostExperts(gate_up, down, torch.nn.SiLU(), ExpertPlacement.from_mode("auto"),
+                         "model.layers.0.mlp.experts", compute_device="cpu")
+    engine = ExpertEngine(modules={module.name: module}, streamer=None)
+    assert engine.split_note() is None  # nothing measured (no CUDA)
+    module.cpu_share = model(1.19e-3, 20.3e-3)
+    assert engine.split_note(2048) == model(1.19e-3, 20.3e-3).describe(2048)
+    with pytest.warns(UserWarning, match="needs a CUDA compute device"):
+        assert module.split_for(2048) == 0  # no CUDA compute device: the pass runs on the CPU, nothing to split
