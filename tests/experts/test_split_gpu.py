@@ -111,7 +111,7 @@ def test_lockstep_reference_uses_the_whole_layer_the_policy_copied() -> None:
 def test_model_prefill_with_a_cpu_share_matches_streaming(arch: str) -> None:
     model = build_tiny_model(arch, seed=0, dtype=torch.bfloat16).cuda()
     ours = copy.deepcopy(model)
-    engine = install_expert_engine(ours, lambda name: ExpertPlacement.from_mode("stream"), "cuda", trace=True)
+    engine = install_expert_engine(ours, lambda name: ExpertPlacement.from_mode("stream"), "cuda", measure=False)
     embeds = torch.randn(1, 48, model.config.hidden_size, device="cuda", dtype=torch.bfloat16) * 0.5
     results = []
     for split in (None, 2):
@@ -122,9 +122,10 @@ def test_model_prefill_with_a_cpu_share_matches_streaming(arch: str) -> None:
     assert rel(results[1], results[0]) < 2e-2
 
 
-def test_auto_engine_measures_its_split_model() -> None:
+@pytest.mark.parametrize("mode", ["auto", "stream"])
+def test_streaming_engine_measures_its_split_model(mode: str) -> None:
     model = build_tiny_model("deepseek_v2", seed=0, dtype=torch.bfloat16).cuda()
-    engine = install_expert_engine(model, lambda name: ExpertPlacement.from_mode("auto"), "cuda")
+    engine = install_expert_engine(model, lambda name: ExpertPlacement.from_mode(mode), "cuda")
     assert all(m.cpu_share is not None and m.cpu_share.expert_samples for m in engine.modules.values())
     note = engine.split_note(2048)
     assert note is not None and note.startswith("long no-grad passes: ")
@@ -132,3 +133,4 @@ def test_auto_engine_measures_its_split_model() -> None:
     assert module.split_for(2048, training=True) == 0
     streams = module.target_for(2048) == "stream"  # a tiny layer may run on the CPU at any size
     assert module.split_for(2048) == (module.cpu_share.plan(2048).cpu_experts if streams else 0)
+    assert bool(engine.measurements) == (mode == "auto")  # crossovers only where a placement has two targets

@@ -220,9 +220,11 @@ def measure_crossovers(
     kinds: Sequence[str] = PASS_KINDS,
     repeats: int = 3,
     scheme: str | None = None,
+    split: bool = True,
 ) -> Crossovers:
     """Crossovers of one layer shape on this machine for each pass kind in `kinds` (NEVER for both when `device`
-    is not CUDA: streaming is impossible there), for weights held in `dtype` or quantized with `scheme`."""
+    is not CUDA: streaming is impossible there), for weights held in `dtype` or quantized with `scheme`; with
+    `split`, also the CPU's seconds per expert at `EXPERT_ROWS` (the split model of long no-grad passes)."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return Crossovers(NEVER, NEVER)
@@ -245,7 +247,7 @@ def measure_crossovers(
             samples[kind] = sample_cpu_until(
                 lambda t: cpu_pass_seconds(t, gate_up, down, top_k, kind, repeats), stream_s)
             result[kind] = crossover_from_samples(samples[kind], stream_s)
-    if "inference" in kinds:
+    if split:
         with intra_op_threads(worker_threads(cpu_threads)):  # as the split pass's CPU side runs
             expert_samples = tuple((rows, cpu_expert_seconds(rows, gate_up, down, repeats)) for rows in EXPERT_ROWS)
     return Crossovers(result["inference"], result["training"], copy_s, samples, bandwidth, expert_samples)
@@ -266,5 +268,5 @@ def measure_crossover(
     training pass (forward + backward) when `backward`, else for a no-grad inference pass."""
     kind = "training" if backward else "inference"
     found = measure_crossovers(hidden, inter, num_experts, top_k, dtype, device, cpu_threads=cpu_threads,
-                               kinds=(kind,))
+                               kinds=(kind,), split=False)
     return found.training if backward else found.inference

@@ -10,7 +10,7 @@ from torch import nn
 
 from kllama.errors import KllamaError
 from kllama.experts.cpu_share import SplitModel
-from kllama.experts.crossover import Crossovers, measure_crossovers
+from kllama.experts.crossover import PASS_KINDS, Crossovers, measure_crossovers
 from kllama.experts.families import family_of, find_expert_modules, layer_index
 from kllama.experts.module import HostExperts
 from kllama.experts.placement import TARGETS, ExpertPlacement, Target
@@ -63,29 +63,31 @@ class ExpertEngine:
 
 
 def _resolve_crossovers(model: nn.Module, modules: list[HostExperts]) -> dict[str, Crossovers]:
-    # `auto` placements without a crossover get both (inference, training) measured once per distinct layer shape
-    # (CUDA only: on CPU the stream target falls back to cpu anyway); a no-grad crossover a rule already fixed
-    # (a KTransformers CPU entry) is kept, and the split of long no-grad passes gets its cost model. Returns each
-    # measured module's measurement.
+    # CUDA layers whose long passes stream get the split model of long no-grad passes (`cpu_share`), measured once per
+    # distinct layer shape (on CPU the stream target falls back to cpu anyway). `auto` placements without a crossover
+    # also get both crossovers (inference, training) from the same measurement; a no-grad crossover a rule already
+    # fixed (a KTransformers CPU entry) is kept. Returns each module's measurement where crossovers were measured.
     top_k = getattr(model.config, family_of(model).top_k_attr)
     measured: dict[tuple, Crossovers] = {}
     by_module: dict[str, Crossovers] = {}
     for m in modules:
         p = m.placement
-        if p.short == p.long or p.crossover_tokens is not None or m.compute_device.type != "cuda":
+        if p.long != "stream" or m.compute_device.type != "cuda":
             continue
+        kinds = PASS_KINDS if p.short != p.long and p.crossover_tokens is None else ()
         scheme = scheme_of(m.host_weights()[0])
-        key = (m.hidden_dim, m.intermediate_dim, m.num_experts, top_k, m.dtype, scheme, p.cpu_threads)
+        key = (m.hidden_dim, m.intermediate_dim, m.num_experts, top_k, m.dtype, scheme, p.cpu_threads, kinds)
         if key not in measured:
             measured[key] = measure_crossovers(
                 m.hidden_dim, m.intermediate_dim, m.num_experts, top_k, m.dtype, m.compute_device,
-                cpu_threads=p.cpu_threads, scheme=scheme,
+                cpu_threads=p.cpu_threads, scheme=scheme, kinds=kinds,
             )
         found = measured[key]
-        inference = p.infer_crossover_tokens if p.infer_crossover_tokens is not None else found.inference
-        m.placement = p.with_crossovers(inference, found.training)
         m.cpu_share = SplitModel.from_crossovers(found, m.num_experts, top_k, m.hidden_dim * m.dtype.itemsize)
-        by_module[m.name] = found
+        if kinds:
+            inference = p.infer_crossover_tokens if p.infer_crossover_tokens is not None else found.inference
+            m.placement = p.with_crossovers(inference, found.training)
+            by_module[m.name] = found
     return by_module
 
 
