@@ -93,6 +93,31 @@ def expert_product(x: Tensor, weights: ExpertWeight, expert: int) -> Tensor:
     return expert_gemm(x, weights[expert])
 
 
+def expert_output(
+    xe: Tensor,
+    row_weights: Tensor,
+    gate_up: ExpertWeight,
+    down: ExpertWeight,
+    expert: int,
+    act_fn: Callable[[Tensor], Tensor],
+    gate_up_lora: tuple[Tensor, Tensor] | None = None,
+    down_lora: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """One expert's rows through the torch path: `xe [n, H]` and `row_weights [n, 1]` in the weights' dtype ->
+    `[n, H]`: gate/up GEMM (+ LoRA), `act(gate) * up` times the routing weight, down GEMM (+ LoRA); LoRA factors
+    per expert `(a [E, r, in], b [E, out, r])`."""
+    inter = down.shape[-1]
+    hidden = expert_product(xe, gate_up, expert)  # [n, 2I]
+    if gate_up_lora is not None:
+        hidden = hidden + linear(linear(xe, gate_up_lora[0][expert]), gate_up_lora[1][expert])
+    act = act_fn(hidden[:, :inter]) * hidden[:, inter:]  # [n, I]
+    act = act * row_weights
+    y = expert_product(act, down, expert)  # [n, H]
+    if down_lora is not None:
+        y = y + linear(linear(act, down_lora[0][expert]), down_lora[1][expert])
+    return y
+
+
 def kernel_operands(gate_up: ExpertWeight, down: ExpertWeight) -> tuple[Tensor, Tensor, dict[str, Tensor]] | None:
     """The weights as the C++ kernel takes them: plain tensors, or QuantizedWeights of one scheme as their values plus
     `gate_up_scale` / `down_scale` (int8: per output row; fp8: 128x128 blocks, gate_up on a grid per projection);
@@ -141,7 +166,7 @@ def cpu_infer_forward(
         outs = [expert_layer(x[s], top_k_index[s], top_k_weights[s], gate_up_values, down_values, lora=lora,
                              **scales) for s in spans]
         return torch.cat(outs).to(x.dtype)
-    dtype, inter = gate_up.dtype, down.shape[-1]
+    dtype = gate_up.dtype
     num_tokens, top_k = top_k_index.shape
     lora = lora or {}
     gate_up_lora, down_lora = lora.get("gate_up_proj"), lora.get("down_proj")
@@ -151,14 +176,7 @@ def cpu_infer_forward(
     for expert, rows in expert_groups(top_k_index):
         tokens = rows // top_k  # [n]
         xe = xw if num_tokens == 1 else xw.index_select(0, tokens)  # [n, H]
-        hidden = expert_product(xe, gate_up, expert)  # [n, 2I]
-        if gate_up_lora is not None:
-            hidden = hidden + linear(linear(xe, gate_up_lora[0][expert]), gate_up_lora[1][expert])
-        act = act_fn(hidden[:, :inter]) * hidden[:, inter:]  # [n, I]
-        act = act * weights.index_select(0, rows)
-        y = expert_product(act, down, expert)  # [n, H]
-        if down_lora is not None:
-            y = y + linear(linear(act, down_lora[0][expert]), down_lora[1][expert])
+        y = expert_output(xe, weights.index_select(0, rows), gate_up, down, expert, act_fn, gate_up_lora, down_lora)
         out.index_add_(0, tokens, y.float())
     return out.to(x.dtype)
 

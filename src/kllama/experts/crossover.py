@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kllama.experts.cpu_compute import cpu_infer_forward, intra_op_threads, worker_threads
+from kllama.experts.split_pass import cpu_share_rows
 from kllama.experts.pinned import host_empty
 from kllama.experts.quant import ExpertWeight, constant_quantized, dequantize, weight_nbytes
 from kllama.experts.routed import experts_backward, experts_forward, route
@@ -151,9 +152,9 @@ def cpu_pass_seconds(num_tokens: int, gate_up: ExpertWeight, down: ExpertWeight,
 
 
 def cpu_expert_seconds(rows: int, gate_up: ExpertWeight, down: ExpertWeight, repeats: int = 3) -> float:
-    """Seconds per expert of the engine's no-grad CPU pass when each expert gets `rows` rows of one slot (the CPU
-    side of a split pass, `split_pass.cpu_share_rows`): median over calls of 8 experts each, a different 8 every
-    call so their weights come from DRAM as in a real pass."""
+    """Seconds per expert of the CPU side of a split pass (`split_pass.cpu_share_rows`) when each expert gets `rows`
+    rows: median over calls of 8 experts each, a different 8 every call so their weights come from DRAM as in a real
+    pass."""
     num_experts, _, hidden = gate_up.shape
     group = min(_EXPERTS_PER_SAMPLE, num_experts)
     gen = torch.Generator().manual_seed(0)
@@ -165,7 +166,7 @@ def cpu_expert_seconds(rows: int, gate_up: ExpertWeight, down: ExpertWeight, rep
     silu = torch.nn.functional.silu
 
     def one() -> None:
-        cpu_infer_forward(x, indexes[next(calls) % len(indexes)], weights, gate_up, down, silu)
+        cpu_share_rows(x, indexes[next(calls) % len(indexes)], weights, num_experts, gate_up, down, silu)
 
     return median_seconds(one, repeats) / group
 

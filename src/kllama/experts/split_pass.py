@@ -1,7 +1,8 @@
 """A streamed no-grad pass whose experts `[0, k)` are computed on the CPU while the GPU copies and computes `[k, E)`.
 
 The math is three pieces, shared by the executor and the tests: `cpu_share_rows` (host: the `(token, slot)` rows
-routed to experts below `first`, through the engine's no-grad CPU pass, one row each), `device_share` (the
+routed to experts below `first`, grouped by expert through the CPU pass's per-expert torch path,
+`cpu_compute.expert_output`, one output row each), `device_share` (the
 compute device: the same grouped-GEMM pass as an unsplit stream pass, over the experts the slot holds; rows of
 CPU experts keep their place with routing weight 0, so nothing on the device waits for a row count) and
 `combine` (the CPU rows added to the device's sum in fp32, rounded once more). `split_forward` runs them in order.
@@ -20,9 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from kllama.experts.cpu_compute import cpu_infer_forward, intra_op_threads, worker_threads
+from kllama.experts.cpu_compute import expert_output, intra_op_threads, worker_threads
 from kllama.experts.quant import ExpertWeight
-from kllama.experts.routed import LoraFactors, SavedPass, experts_forward, lora_from_flat, route, token_chunks
+from kllama.experts.routed import LoraFactors, SavedPass, experts_forward, lora_from_flat, route
 from kllama.experts.stream import DeviceExecutor
 
 if TYPE_CHECKING:
@@ -48,16 +49,31 @@ def cpu_share_rows(
     down: ExpertWeight,
     act_fn: Callable[[Tensor], Tensor],
     lora: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    *,
+    pin: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Host side: `(tokens [R], rows [R, H])`, the output of every `(token, slot)` row routed to an expert below
-    `first` (routing weight applied, in x's dtype), computed by `cpu_infer_forward` with one slot a row. Host tensors
-    `x [T, H]`, `top_k_index [T, K]`, `top_k_weights [T, K]`; the full host weights (only experts < first are read)
-    and per-expert LoRA factors as `HostExperts.host_lora_factors` gives them."""
+    `first` (routing weight applied, in x's dtype; pinned when `pin`), rows grouped by expert. Host tensors `x [T,
+    H]`, `top_k_index [T, K]`, `top_k_weights [T, K]`; the full host weights (only experts < first are read) and
+    per-expert LoRA factors as `HostExperts.host_lora_factors` gives them. Each row is its own output (no top-k sum
+    here), so every expert's rows are written straight into their slice of the result: no fp32 buffer, no scatter."""
     tokens, slots = (top_k_index < first).nonzero(as_tuple=True)  # [R] each
+    rows = torch.empty(tokens.numel(), x.shape[-1], dtype=x.dtype, pin_memory=pin)
     if tokens.numel() == 0:
-        return tokens, x.new_zeros(0, x.shape[-1])
-    rows = cpu_infer_forward(x.index_select(0, tokens), top_k_index[tokens, slots].unsqueeze(1),
-                             top_k_weights[tokens, slots].unsqueeze(1), gate_up, down, act_fn, lora)
+        return tokens, rows
+    experts = top_k_index[tokens, slots]
+    order = torch.argsort(experts, stable=True)
+    tokens, slots = tokens[order], slots[order]
+    ids, counts = torch.unique_consecutive(experts[order], return_counts=True)
+    dtype, lora = gate_up.dtype, lora or {}
+    xs = x.index_select(0, tokens).to(dtype)  # [R, H]
+    ws = top_k_weights[tokens, slots].unsqueeze(1).to(dtype)  # [R, 1]
+    start = 0
+    for expert, count in zip(ids.tolist(), counts.tolist()):
+        span = slice(start, start + count)
+        rows[span] = expert_output(xs[span], ws[span], gate_up, down, expert, act_fn, lora.get("gate_up_proj"),
+                                   lora.get("down_proj"))
+        start += count
     return tokens, rows
 
 
@@ -130,16 +146,14 @@ def cpu_side(ready: torch.cuda.Event | None, staged: Sequence[Tensor], first: in
              host_lora: Mapping[str, tuple[Tensor, Tensor]], threads: int, inference: bool) -> tuple[Tensor, Tensor]:
     """The CPU side of a split pass as the worker thread runs it: wait for the staged `(x, index, weights)` to land
     (`ready`), then `cpu_share_rows` with `threads` intra-op threads, without grad, in inference mode when the
-    caller was (grad and inference modes are per thread). With a device waiting (`ready`), the result is left in
-    pinned memory, copied here with the worker's threads rather than by the main thread afterwards."""
+    caller was (grad and inference modes are per thread). With a device waiting (`ready`), the result is written
+    to pinned memory, ready for a non-blocking copy."""
     if ready is not None:
         ready.synchronize()
     with torch.no_grad(), torch.inference_mode(inference), intra_op_threads(threads):
-        tokens, rows = cpu_share_rows(*staged, first, *module.host_weights(), module.act_fn, host_lora)
-        if ready is None:
-            return tokens, rows
-        pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t) for t in (tokens, rows)]
-        return pinned[0], pinned[1]
+        pin = ready is not None
+        tokens, rows = cpu_share_rows(*staged, first, *module.host_weights(), module.act_fn, host_lora, pin=pin)
+        return (tokens.pin_memory() if pin else tokens), rows
 
 
 def submit_cpu_side(ready: torch.cuda.Event | None, staged: Sequence[Tensor], first: int, module: "HostExperts",
