@@ -124,10 +124,13 @@ def test_router_aux_loss_and_logps_of_a_packed_batch_equal_the_padded_batch(tiny
     torch.testing.assert_close(aux_b, aux_a, rtol=1e-5, atol=1e-6)
 
 
-def test_packed_passes_count_real_tokens_longest_first():
+def test_packed_passes_count_real_tokens_largest_first():
     lengths = [900, 300, 700, 100]  # real tokens of each row (chosen + rejected)
-    assert chunk_rows(lengths, 2, 1000, packed=True) == [[0], [2, 1], [3]]
-    assert pass_tokens(lengths, 2, 1000, packed=True) == [900, 1000, 100]
+    assert chunk_rows(lengths, 2, 1000, packed=True) == [[0, 3], [2, 1]]  # first fit: 2 passes (next fit takes 3)
+    assert pass_tokens(lengths, 2, 1000, packed=True) == [1000, 1000]
+    # the fewest passes, then balanced: 1,000 + 800 would put 1,000 tokens in the largest pass, 900 + 900 does not
+    assert chunk_rows([600, 500, 400, 300], 2, 1000, packed=True) == [[0, 3], [1, 2]]
+    assert chunk_rows([600, 500, 450, 400], 2, 1000, packed=True) == [[0, 3], [1, 2]]  # 1,000 and 950 both fit
     assert chunk_rows(lengths, 2, 10**6, packed=True) == [[0, 2, 1, 3]]
     assert chunk_rows([1500, 10], 2, 1000, packed=True) == [[0], [1]]  # a row over the budget runs alone
     assert StepShape(2, 2, 1000, packed=True).largest_pass(lengths) == 900  # steps [900, 300], [700, 100]

@@ -25,7 +25,8 @@ what `kllama.train.promotion` needs to make more layers resident after step 1. T
 
 Packed passes (`kllama.train.packing`, `padding_free`) hold their rows' sequences in one row without padding: a
 row's length is then its sequences' total (chosen + rejected) and a pass's size the sum of its rows' lengths, so
-the budget counts real tokens; grouping, the longest-first split and the largest pass first stay as above.
+the budget counts real tokens; a step's rows go into as few passes as first-fit decreasing finds, balanced so its
+largest pass is as small as that count allows (`packed_passes`); grouping and the largest pass first stay as above.
 """
 from __future__ import annotations
 
@@ -105,9 +106,11 @@ def pass_size(lengths: list[int], sequences_per_row: int, packed: bool = False) 
 
 
 def chunk_rows(lengths: list[int], sequences_per_row: int, budget: int, packed: bool = False) -> list[list[int]]:
-    """Split one step's rows (by index into `lengths`) into passes: rows longest first, each pass as many rows as
-    fit `budget` tokens (`pass_size`: padded to the pass's longest row, or packed); a row longer than the budget
-    runs alone. The first pass holds the longest rows, so it is the step's largest."""
+    """Split one step's rows (by index into `lengths`) into passes: padded, rows longest first, each pass as many
+    rows as fit `budget` tokens when padded to the pass's longest row; packed, `packed_passes`. A row longer than
+    the budget runs alone. The first pass is the step's largest."""
+    if packed:
+        return packed_passes(lengths, budget)
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     passes: list[list[int]] = []
     for i in order:
@@ -116,6 +119,28 @@ def chunk_rows(lengths: list[int], sequences_per_row: int, budget: int, packed: 
         else:
             passes.append([i])
     return passes
+
+
+def packed_passes(lengths: list[int], budget: int) -> list[list[int]]:
+    """Packed passes of rows of `lengths` real tokens: as few as first-fit decreasing finds under `budget` (each
+    pass costs a copy of the streamed layers), then the rows dealt again over that many passes longest first, each
+    to the pass holding the fewest tokens, where that keeps every pass of several rows within the budget: the
+    largest pass, which sets the step's GPU memory (what promotion can keep resident), shrinks toward the step's
+    mean. Largest pass first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    fitted: list[list[int]] = []
+    for i in order:
+        target = next((p for p in fitted if sum(lengths[j] for j in p) + lengths[i] <= budget), None)
+        if target is None:
+            fitted.append([i])
+        else:
+            target.append(i)
+    dealt: list[list[int]] = [[] for _ in fitted]
+    for i in order:
+        min(dealt, key=lambda p: sum(lengths[j] for j in p)).append(i)
+    fits = all(len(p) == 1 or sum(lengths[j] for j in p) <= budget for p in dealt)
+    chosen = dealt if fits and all(dealt) else fitted
+    return sorted(chosen, key=lambda p: -sum(lengths[j] for j in p))
 
 
 class ChunkedCollator:
