@@ -219,3 +219,33 @@ def test_per_sequence_sdpa_equals_the_masked_packed_attention(kv_heads):
         torch.testing.assert_close(a, b)
     plain = per_sequence_sdpa(module, q, k, v, mask[None, None], scaling=0.3)[0]
     torch.testing.assert_close(plain, want, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_per_sequence_sdpa_on_the_gpu_matches_the_masked_row_at_v2_lite_shapes():
+    """bf16 on CUDA, V2-Lite's attention shapes (16 heads, MLA q/k 192, v 128) and a 6,200-token row of 16
+    sequences (the seed YAML's step): the per-sequence kernels agree with the dense block-diagonal mask, forward and
+    backward."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from kllama.train.packing import SEQUENCE_BOUNDS, per_sequence_sdpa
+
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    lengths = torch.randint(100, 700, (16,), generator=generator, device="cuda").tolist()
+    bounds = (0, *torch.tensor(lengths).cumsum(0).tolist())
+    n = bounds[-1]
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=1)
+    q, k = (torch.randn(1, 16, n, 192, generator=generator, device="cuda", dtype=torch.bfloat16).requires_grad_()
+            for _ in range(2))
+    v = torch.randn(1, 16, n, 128, generator=generator, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    segment = torch.repeat_interleave(torch.arange(16, device="cuda"), torch.tensor(lengths, device="cuda"))
+    mask = (segment[:, None] == segment[None, :]) & torch.ones(n, n, dtype=torch.bool, device="cuda").tril()
+    want = sdpa_attention_forward(module, q, k, v, mask[None, None], scaling=192 ** -0.5)[0]
+    got = per_sequence_sdpa(module, q, k, v, None, scaling=192 ** -0.5, **{SEQUENCE_BOUNDS: bounds})[0]
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    weights = torch.randn(want.shape, generator=generator, device="cuda", dtype=torch.bfloat16)
+    for a, b in zip(torch.autograd.grad((got * weights).sum(), (q, k, v)),
+                    torch.autograd.grad((want * weights).sum(), (q, k, v))):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
