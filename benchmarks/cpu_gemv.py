@@ -19,10 +19,17 @@ runs one layer's `--top-k` experts for `--tokens` tokens, and consecutive calls 
 `--top-k x --layers`-expert tensor per dtype (so no memory is spent on unselected experts; make the cycled bytes,
 printed, several times the L3 cache). GB/s counts the weight and scale bytes a call must read.
 
+`--layer-pass` measures the hop around the kernel: per weight dtype, one decode layer's pass through `HostExperts`
+(what the engine runs: x, routing and output on the GPU when there is one, else on the host) next to the kernel
+alone on host copies of the same inputs, over `--layers` modules of `--top-k` experts each, and prints both and their
+difference (the overhead a layer pays outside the kernel). With a small `--hidden`/`--inter` the kernel is cheap and
+the overhead stands out.
+
 Usage: python benchmarks/cpu_gemv.py [--threads 16,8] [--tokens 1,4,16] [--layers 8] [--experts 64]
                                      [--hidden 2048] [--inter 1408] [--top-k 6]
        python benchmarks/cpu_gemv.py --kernel-only [--threads 16,8] [--tokens 1] [--layers 24] [--isas avx2,...]
                                      [--dtypes bf16,int8,fp8]
+       python benchmarks/cpu_gemv.py --layer-pass [--threads 16] [--tokens 1] [--layers 24] [--dtypes ...]
 """
 from __future__ import annotations
 
@@ -35,10 +42,12 @@ import torch
 from torch import Tensor
 from torch.nn.functional import linear, silu
 
-from kllama.experts.cpu_compute import cpu_infer_forward
+from kllama.experts.cpu_compute import cpu_infer_forward, kernel_operands
 from kllama.experts.cpu_kernels import expert_layer, kernel_isas, kernel_status
 from kllama.experts.crossover import median_seconds
-from kllama.experts.quant import BLOCK
+from kllama.experts.module import HostExperts
+from kllama.experts.placement import ExpertPlacement
+from kllama.experts.quant import BLOCK, quantize
 from kllama.experts.routed import routed_experts_math
 
 
@@ -64,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--kernel-only cpu_kernel.json)")
     parser.add_argument("--kernel-only", action="store_true",
                         help="only the C++ kernel: GB/s per weight dtype and instruction-set path")
+    parser.add_argument("--layer-pass", action="store_true",
+                        help="a layer's pass through HostExperts next to the kernel alone, and the difference")
     parser.add_argument("--isas", default="", help="kernel paths to time with --kernel-only (default: all above "
                         "scalar this CPU runs)")
     parser.add_argument("--dtypes", default="bf16,int8,fp8", help="weight dtypes to time with --kernel-only")
@@ -139,15 +150,70 @@ def kernel_only(args: argparse.Namespace) -> dict:
     return {"args": vars(args), "rows": rows, "cpu_count": torch.get_num_threads(), "kernel_isa": kernel_status().isa}
 
 
+def layer_pass(args: argparse.Namespace) -> dict:
+    """A decode layer's pass through `HostExperts` next to the kernel alone (see the module docstring)."""
+    H, I, K, L = args.hidden, args.inter, args.top_k, args.layers  # noqa: N806
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        placement = ExpertPlacement("cpu", "cpu", cpu_threads=threads)
+        for dtype in args.dtypes.split(","):
+            scheme = None if dtype == "bf16" else dtype
+            modules = []
+            for j in range(L):
+                gate_up = torch.randn(K, 2 * I, H, generator=gen).bfloat16() * 0.02  # [K, 2I, H]
+                down = torch.randn(K, H, I, generator=gen).bfloat16() * 0.02  # [K, H, I]
+                if scheme is not None:
+                    gate_up, down = quantize(gate_up, scheme, projections=2), quantize(down, scheme)
+                modules.append(HostExperts(gate_up, down, silu, placement, f"layer{j}", compute_device=device))
+            operands = [kernel_operands(*m.host_weights()) for m in modules]
+            for tokens in [int(t) for t in args.tokens.split(",")]:
+                x = torch.randn(tokens, H, generator=gen).bfloat16()
+                index = torch.stack([torch.randperm(K, generator=gen) for _ in range(tokens)])  # [T, K]: all K
+                weights = torch.rand(tokens, K, generator=gen)
+                xd, index_d, weights_d = x.to(device), index.to(device), weights.to(device)
+
+                def kernel(j: int, x=x, index=index, weights=weights) -> object:  # noqa: ANN001
+                    gate_up, down, scales = operands[j]
+                    return expert_layer(x, index, weights, gate_up, down, **scales)
+
+                def module_pass(j: int, xd=xd, index_d=index_d, weights_d=weights_d) -> object:  # noqa: ANN001
+                    with torch.no_grad():
+                        out = modules[j](xd, index_d, weights_d)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    return out
+
+                # interleaved rounds, each variant's best round median: the dev box's other load comes and goes
+                times: dict[str, list[float]] = {"kernel alone": [], "HostExperts pass": []}
+                for _ in range(5):
+                    times["kernel alone"].append(median_seconds(Cycle(kernel, L), args.repeats))
+                    times["HostExperts pass"].append(median_seconds(Cycle(module_pass, L), args.repeats))
+                best = {name: min(values) * 1e3 for name, values in times.items()}
+                for name, ms in best.items():
+                    rows.append({"variant": f"{name} {dtype}", "threads": threads, "tokens": tokens, "ms": ms})
+                rows.append({"variant": f"overhead {dtype}", "threads": threads, "tokens": tokens,
+                             "ms": best["HostExperts pass"] - best["kernel alone"]})
+    print(f"a layer's pass through HostExperts (x on {device}) vs the kernel alone, top-{K} experts, H={H} I={I}, "
+          f"{L} layers cycled")
+    print(f"{'variant':28s} {'threads':>7s} {'tokens':>6s} {'ms':>8s}")
+    for row in rows:
+        print(f"{row['variant']:28s} {row['threads']:7d} {row['tokens']:6d} {row['ms']:8.3f}")
+    return {"args": vars(args), "rows": rows, "device": str(device), "kernel_isa": kernel_status().isa}
+
+
 def _label(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.kernel_only:
-        results = kernel_only(args)
-        out = Path(args.out or "benchmarks/results/cpu_kernel.json")
+    if args.kernel_only or args.layer_pass:
+        results = kernel_only(args) if args.kernel_only else layer_pass(args)
+        default = "cpu_kernel.json" if args.kernel_only else "cpu_layer_pass.json"
+        out = Path(args.out or f"benchmarks/results/{default}")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
         print(f"wrote {out}")

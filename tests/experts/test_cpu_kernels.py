@@ -329,3 +329,66 @@ def test_a_path_that_disagrees_for_one_weight_dtype_drops_only_that_dtypes_tier(
     assert capsys.readouterr().err.splitlines() == [
         f"kllama: CPU expert kernel: its {best} path disagrees with torch for fp8 weights on this CPU; trying the "
         "next one"]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, torch.float8_e4m3fn])
+def test_a_bf16_out_is_the_fp32_out_rounded_once(dtype: torch.dtype) -> None:
+    gate_up, down, scales, lora = layer(dtype, 8, 301, 150, 4)
+    index, weights = routing(5, 8, 6)
+    x = torch.randn(5, 301, generator=torch.Generator().manual_seed(5)).bfloat16()
+    fp32 = expert_layer(x, index, weights, gate_up, down, lora=lora, **scales)
+    out = torch.full((5, 301), float("nan"), dtype=torch.bfloat16)
+    got = expert_layer(x, index, weights, gate_up, down, lora=lora, out=out, **scales)
+    assert got is out
+    assert torch.equal(out, fp32.bfloat16())
+
+
+def host_experts(scheme: str | None, device: torch.device | str, seed: int = 6) -> HostExperts:
+    """A HostExperts layer of 8 experts (H=64, I=48) placed on the CPU, its weights bf16, int8 or fp8."""
+    gen = torch.Generator().manual_seed(seed)
+    gate_up = (torch.randn(8, 96, 64, generator=gen) * 0.1).bfloat16()
+    down = (torch.randn(8, 64, 48, generator=gen) * 0.1).bfloat16()
+    if scheme is not None:
+        gate_up, down = quantize(gate_up, scheme, projections=2), quantize(down, scheme)
+    return HostExperts(gate_up, down, silu, ExpertPlacement("cpu", "cpu"), "layer", compute_device=device)
+
+
+@needs_kernel
+@pytest.mark.parametrize("scheme", [None, "int8", "fp8"])
+def test_a_no_grad_pass_is_one_kernel_call_without_the_autograd_function(
+        scheme: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kllama.experts import module as module_file
+
+    experts = host_experts(scheme, "cpu")
+    index, weights = routing(3, 8, 2)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(7)).bfloat16()
+    expected = cpu_infer_forward(x, index, weights, *experts.host_weights(), silu)
+    calls = []
+    real_layer = cpu_compute.expert_layer
+    monkeypatch.setattr(cpu_compute, "expert_layer", lambda *a, **k: calls.append(1) or real_layer(*a, **k))
+    monkeypatch.setattr(module_file._ExpertsFunction, "apply", None)  # any use of it fails
+    with torch.no_grad():
+        got = experts(x, index, weights)
+    assert torch.equal(got, expected) and got.dtype == x.dtype
+    assert experts(x, index, weights).grad_fn is None  # grad mode on, nothing asks for a gradient: same pass
+    assert len(calls) == 2
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scheme", [None, "int8"])
+def test_decode_passes_from_the_gpu_reuse_their_pinned_buffers_and_equal_the_host_pass(scheme: str | None) -> None:
+    device = torch.device("cuda")
+    experts = host_experts(scheme, device)
+    gen = torch.Generator().manual_seed(8)
+    for step, tokens in enumerate([1, 3, 1, 1, 3]):  # two shapes, each staged once and reused
+        index, weights = routing(tokens, 8, 2, seed=step)
+        x = torch.randn(tokens, 64, generator=gen).bfloat16()
+        with torch.no_grad():
+            got = experts(x.to(device), index.to(device), weights.to(device).bfloat16())
+        expected = cpu_infer_forward(x, index, weights.bfloat16().float(), *experts.host_weights(), silu)
+        assert got.device.type == "cuda" and got.dtype == torch.bfloat16
+        assert torch.equal(got.cpu(), expected)
+    assert len(cpu_compute._STAGING[experts]) == 2

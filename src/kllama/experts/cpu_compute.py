@@ -8,13 +8,21 @@ expert without a sort, each selected expert's weights are read once by two GEMMs
 oneDNN's `linear`, which picks AMX, AVX-512 or AVX2 kernels; quantized ones through `quant_compute`), and the top-k
 rows of a token are summed in fp32 and rounded once. A no-grad pass costs
 the device one wait: its inputs go to pinned host buffers with non-blocking copies followed by one stream sync, and
-the output goes back with a non-blocking copy (torch's caching host allocator keeps a pinned block until the copies
-that use it are done). The pass runs with the placement's `cpu_infer` intra-op threads.
+the output goes back with a non-blocking copy. The pass runs with the placement's `cpu_infer` intra-op threads.
+
+A pass the kernel takes whole (decode: `kernel_pass`) goes the shortest way, since on the H200 box the hop around
+the kernel cost ~0.5 ms a layer next to the kernel's 0.6-0.95 ms: pinned buffers made once per module and pass shape
+(x, routing, and the output the kernel writes in x's dtype), three copies in, one stream sync, one kernel call, one
+copy out, and no autograd Function (`HostExperts.run_pass` skips it when nothing needs a gradient). A pinned output
+buffer is rewritten only after its previous copy to the device is done (an event recorded after that copy).
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -200,6 +208,76 @@ def stage_to_device(out: Tensor, device: torch.device) -> Tensor:
     return pinned.to(device, non_blocking=True)
 
 
+@dataclass
+class _Staging:
+    """Pinned host buffers of one module's kernel passes of one shape (reused pass after pass)."""
+
+    x: Tensor  # [T, H] in x's dtype
+    index: Tensor  # [T, K] int64
+    weights: Tensor  # [T, K] float32
+    out: Tensor  # [T, H] in x's dtype, written by the kernel
+    copied: torch.cuda.Event  # recorded after the copy out of `out` to the device
+
+    @classmethod
+    def make(cls, x: Tensor, top_k: int) -> _Staging:
+        num_tokens, hidden = x.shape
+        return cls(torch.empty(num_tokens, hidden, dtype=x.dtype, pin_memory=True),
+                   torch.empty(num_tokens, top_k, dtype=torch.long, pin_memory=True),
+                   torch.empty(num_tokens, top_k, dtype=torch.float32, pin_memory=True),
+                   torch.empty(num_tokens, hidden, dtype=x.dtype, pin_memory=True), torch.cuda.Event())
+
+
+# module -> {(tokens, top_k, x's dtype, device, thread): staging}; a thread key, so passes of one module on two
+# threads never share a buffer
+_STAGING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_KERNEL_OUT_DTYPES = (torch.bfloat16, torch.float32)  # the dtypes the kernel writes its output in
+
+
+def _staging(module: "HostExperts", x: Tensor, top_k: int) -> _Staging:
+    buffers = _STAGING.get(module)
+    if buffers is None:
+        buffers = _STAGING[module] = {}
+    key = (x.shape[0], top_k, x.dtype, x.device, threading.get_ident())
+    stage = buffers.get(key)
+    if stage is None:
+        stage = buffers[key] = _Staging.make(x, top_k)
+    return stage
+
+
+def kernel_pass(
+    module: "HostExperts",
+    x: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    lora: Mapping[str, tuple[Tensor, Tensor]],
+) -> Tensor | None:
+    """A no-grad pass the C++ kernel takes in one call (up to `KERNEL_MAX_TOKENS` tokens, bf16 or fp32 `x`), the
+    shortest way to and from the device (module docstring): `x [T, H]`, `top_k_index [T, K]`, `top_k_weights
+    [T, K]` on any device -> `[T, H]` on x's device in x's dtype, equal to `cpu_infer_forward`'s result. None (having
+    done nothing) when the kernel does not take the pass. Run it with the placement's threads (`intra_op_threads`)."""
+    if x.dtype not in _KERNEL_OUT_DTYPES:
+        return None
+    operands = kernel_operands(*module.host_weights())
+    if operands is None or not kernel_runs(operands[0], operands[1], module.act_fn, x.shape[0], lora):
+        return None
+    gate_up, down, scales = operands
+    if x.device.type == "cpu":
+        out = torch.empty(x.shape, dtype=x.dtype)
+        return expert_layer(x, top_k_index, top_k_weights, gate_up, down, lora=lora, out=out, **scales)
+    stage = _staging(module, x, top_k_index.shape[1])
+    stage.copied.synchronize()  # the previous pass's copy out of `stage.out` is done (its inputs were read then too)
+    stage.x.copy_(x, non_blocking=True)
+    stage.index.copy_(top_k_index, non_blocking=True)
+    stage.weights.copy_(top_k_weights, non_blocking=True)
+    stream = torch.cuda.current_stream(x.device)
+    stream.synchronize()
+    expert_layer(stage.x, stage.index, stage.weights, gate_up, down, lora=lora, out=stage.out, **scales)
+    result = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    result.copy_(stage.out, non_blocking=True)
+    stage.copied.record(stream)
+    return result
+
+
 class CpuExecutor(PassExecutor):
     """Runs a HostExperts pass on the CPU: inputs move to host, `chunk_size` tokens per call, output moves back."""
 
@@ -224,8 +302,12 @@ class CpuExecutor(PassExecutor):
     ) -> tuple[Tensor, SavedPass | None]:
         if keep:
             return super().forward(module, x, top_k_index, top_k_weights, lora_meta, lora_params, keep)
-        xh, index, weights = stage_to_host(x.detach(), top_k_index, top_k_weights.detach())
         factors = module.host_lora_factors(lora_meta, lora_params)
+        with self.context(module):
+            out = kernel_pass(module, x.detach(), top_k_index, top_k_weights.detach(), factors)
+        if out is not None:
+            return out, None
+        xh, index, weights = stage_to_host(x.detach(), top_k_index, top_k_weights.detach())
         gate_up, down = module.host_weights()
         spans = self.chunks(module, xh.shape[0])
         with torch.no_grad(), self.context(module):

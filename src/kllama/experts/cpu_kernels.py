@@ -19,7 +19,8 @@ The call (`expert_layer`), for `T <= KERNEL_MAX_TOKENS` tokens:
   F16C, exactly), each 128-column block's partial dot product times its scale;
 * `lora`: optional `{"gate_up_proj" | "down_proj": (a [E, r, in], b [E, out, r])}` in bf16, the scaling folded into
   b (`HostExperts.host_lora_factors`' layout); the delta `b_e @ (a_e @ input)` is added to that projection;
-* returns `out [T, H]` fp32: `sum_k w[t, k] * down_e(silu(gate_e x) * up_e x)`, the activation SiLU.
+* returns `out [T, H]` fp32: `sum_k w[t, k] * down_e(silu(gate_e x) * up_e x)`, the activation SiLU; or writes
+  it into a given `out` (fp32, or bf16: each fp32 sum rounded once, as `.to(torch.bfloat16)` rounds it).
 
 Numerics: every product accumulates in fp32 (int8 and fp8: fp32 activations, equal to the fp32 reference of the
 dequantized weights to ~1e-6); with bf16 weights the activations the products read (`x` and
@@ -207,9 +208,10 @@ def expert_layer(
     down_scale: Tensor | None = None,
     lora: Mapping[str, tuple[Tensor, Tensor]] | None = None,
     isa: str | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """One MoE layer's routed experts for `x [T, H]` on host tensors -> `out [T, H]` fp32 (see the module docstring
-    for shapes, dtypes and numerics). `isa` forces an instruction-set tier at most the best one in use (tests,
+    """One MoE layer's routed experts for `x [T, H]` on host tensors -> `out [T, H]` fp32, or written into `out`
+    (contiguous fp32 or bf16, returned; see the module docstring for shapes, dtypes and numerics). `isa` forces an instruction-set tier at most the best one in use (tests,
     probes); by default the weights' dtype runs its own tier (`KernelStatus.tiers`). Raises RuntimeError when the
     kernel is not available for these weights (check `kernel_runs` or `kernel_status` first)."""
     status = kernel_status()
@@ -224,7 +226,8 @@ def expert_layer(
     gate_up_a, gate_up_b = lora.get("gate_up_proj", (None, None))
     down_a, down_b = lora.get("down_proj", (None, None))
     xin = x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
-    out = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32)
+    if out is None:
+        out = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32)
     status.module.expert_pass(
         xin.contiguous(), _as(top_k_index, torch.long), _as(top_k_weights, torch.float32),
         gate_up, down, gate_up_scale, down_scale, gate_up_a, gate_up_b, down_a, down_b, out, tier)

@@ -269,6 +269,8 @@ class HostExperts(nn.Module):
         executor = _EXECUTORS[self.target_for(hidden_states.shape[0], training)]
         if executor is _EXECUTORS["stream"] and self.split_for(hidden_states.shape[0], training):
             executor = _SPLIT
+        if not training:  # no gradient to ask for: the autograd Function's machinery is pure cost (decode)
+            return executor.forward(self, hidden_states, top_k_index, top_k_weights, meta, params, False)[0]
         return _ExpertsFunction.apply(hidden_states, top_k_weights, top_k_index, self, executor, meta, *params)
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:

@@ -651,8 +651,9 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
   TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.dim() == 2 && weights.size(0) == T &&
                   weights.size(1) == K && weights.is_contiguous() && weights.device().is_cpu(),
               "top_k_weights must be a contiguous float32 CPU tensor [T, K]");
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == T && out.size(1) == H &&
-                  out.is_contiguous() && out.device().is_cpu(), "out must be a contiguous float32 CPU tensor [T, H]");
+  TORCH_CHECK((out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) && out.dim() == 2 &&
+                  out.size(0) == T && out.size(1) == H && out.is_contiguous() && out.device().is_cpu(),
+              "out must be a contiguous float32 or bfloat16 CPU tensor [T, H]");
   const Scales gu_scale = scales_of(gate_up_scale, "gate_up_scale", kind, E, 2 * I, H, 2);  // fp8: gate, up grids
   const Scales dn_scale = scales_of(down_scale, "down_scale", kind, E, H, I, 1);
   const Lora gu_lora = lora_of(gate_up_a, gate_up_b, "gate_up", E, H, 2 * I);
@@ -731,8 +732,12 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
   std::vector<float> dn_low;
   if (dn_lora) lora_low(dn_lora, groups, S, I, pair_act, lora_dots, dn_low);
 
-  // stage 2: out[t, h] = sum over the token's experts of down_h . act, threads own hidden rows h
-  float* o = out.data_ptr<float>();
+  // stage 2: out[t, h] = sum over the token's experts of down_h . act, threads own hidden rows h; a bf16 `out`
+  // gets the fp32 sums rounded once at the end of a thread's rows (what `.to(torch.bfloat16)` of the fp32 out gives)
+  const bool bf16_out = out.scalar_type() == at::kBFloat16;
+  std::vector<float> sums(bf16_out ? T * H : 0);
+  float* o = bf16_out ? sums.data() : out.data_ptr<float>();
+  uint16_t* o16 = bf16_out ? reinterpret_cast<uint16_t*>(out.data_ptr()) : nullptr;
   const char* dn_ptr = static_cast<const char*>(down.data_ptr());
   at::parallel_for(0, H, kGrainRows, [&](int64_t h0, int64_t h1) {
     for (int64_t t = 0; t < T; ++t) std::fill(o + t * H + h0, o + t * H + h1, 0.0f);
@@ -752,6 +757,11 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
             o[pair_token[p] * H + h] += v;
           }
         }
+      }
+    }
+    if (bf16_out) {
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t h = h0; h < h1; ++h) o16[t * H + h] = f32_to_bf16(o[t * H + h]);
       }
     }
   });
