@@ -255,7 +255,7 @@ def test_cli_prints_the_merge_and_resumes_exactly_across_an_epoch(tiny_model_dir
     assert ("micro-batching: 1 x 4 accumulation -> each step's 4 pairs in as few passes of up to 16,384 tokens as fit "
             "(micro_batch_tokens; experts on the CPU") in full.stdout
     assert "first epoch: 3 steps, 3 in 1 pass" in full.stdout
-    assert "grouped by length, packed (padding-free), " in full.stdout  # experts host-held: packed by default
+    assert "; packed (padding-free), " in full.stdout  # experts host-held: packed by default
     assert "each epoch starts with its largest pass (" in full.stdout
     assert "GPU allocator: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (set by kllama train" in full.stdout
     reference = _losses(tmp_path / "full")

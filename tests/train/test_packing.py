@@ -4,6 +4,7 @@ packs. Whole training steps packed vs padded: tests/train/test_micro_batching.py
 test_reference.py."""
 from __future__ import annotations
 
+import random
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -146,8 +147,8 @@ def test_the_start_line_says_packed_and_the_real_tokens_per_pass():
     lengths, order = [900, 300, 700, 100], [0, 1, 2, 3]
     passes = passes_per_step(lengths, order, 2, 2, 1000, packed=True)
     line = describe(plan, Counter(stream=3), passes, layout_phrase(plan, lengths, order, passes), 900)
-    assert "grouped by length, packed (padding-free), 667 real tokens per pass on average" in line
-    assert "largest pass (900 real tokens)" in line and "padding" not in line.replace("padding-free", "")
+    assert "; packed (padding-free), 667 real tokens per pass on average, steps not grouped by length" in line
+    assert "largest pass (900 real tokens)" in line and "% padding" not in line
 
 
 def _engine(mode: str) -> SimpleNamespace:
@@ -249,3 +250,26 @@ def test_per_sequence_sdpa_on_the_gpu_matches_the_masked_row_at_v2_lite_shapes()
                     torch.autograd.grad((want * weights).sum(), (q, k, v))):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_packed_steps_are_not_grouped_by_length_and_the_largest_runs_first():
+    """Grouping only saves padding; packed, it would put the longest rows in the same steps (more of them over the
+    budget). The order is still a seeded permutation of whole steps with the epoch's largest pass first."""
+    from kllama.train.micro_batching import grouped_order
+
+    rng = random.Random(0)
+    lengths = [int(400 * rng.lognormvariate(0, 0.45)) for _ in range(400)]  # pairs spread like a preference set
+    shape = StepShape(8, 2, 4600, packed=True)
+    order = grouped_order(lengths, 8, seed=5, shape=shape)
+    assert sorted(order) == list(range(400)) and order == grouped_order(lengths, 8, seed=5, shape=shape)
+    steps = [[lengths[i] for i in order[s:s + 8]] for s in range(0, 400, 8)]
+    sizes = [shape.largest_pass(step) for step in steps]
+    assert sizes[0] == max(sizes)
+    spread = [max(step) - min(step) for step in steps]
+    grouped = grouped_order(lengths, 8, seed=5, shape=StepShape(8, 2, 4600))
+    grouped_spread = [max(lengths[i] for i in grouped[s:s + 8]) - min(lengths[i] for i in grouped[s:s + 8])
+                      for s in range(0, 400, 8)]
+    assert sum(spread) > 3 * sum(grouped_spread)  # rows of all lengths share a step
+    over = sum(sum(step) > 4600 for step in steps)
+    grouped_over = sum(sum(lengths[i] for i in grouped[s:s + 8]) > 4600 for s in range(0, 400, 8))
+    assert over < grouped_over, (over, grouped_over)

@@ -144,7 +144,7 @@ class TrainingArguments:
     micro_batch_tokens: int = arg(
         16384, "With routed experts in host RAM (use_kt, streamed or on the CPU): token budget of one pass. The "
         "per_device_train_batch_size x gradient_accumulation_steps rows of an optimizer step run in as few passes as "
-        "fit this many tokens each (padded, or real tokens when packed: padding_free; same gradient, grouped by length); "
+        "fit this many tokens each (padded, grouped by length; or real tokens when packed: padding_free; same gradient); "
         "0 = as written.",
     )
     padding_free: bool | None = arg(

@@ -26,7 +26,8 @@ what `kllama.train.promotion` needs to make more layers resident after step 1. T
 Packed passes (`kllama.train.packing`, `padding_free`) hold their rows' sequences in one row without padding: a
 row's length is then its sequences' total (chosen + rejected) and a pass's size the sum of its rows' lengths, so
 the budget counts real tokens; a step's rows go into as few passes as first-fit decreasing finds, balanced so its
-largest pass is as small as that count allows (`packed_passes`); grouping and the largest pass first stay as above.
+largest pass is as small as that count allows (`packed_passes`). Packed steps are not grouped by length (nothing to
+save, and grouped steps of long rows overflow the budget more often); the largest pass still runs first.
 """
 from __future__ import annotations
 
@@ -261,8 +262,10 @@ def layout_phrase(plan: BatchPlan, lengths: list[int], order: list[int], passes:
     holds on average."""
     if plan.packed:
         per_pass = sum(lengths[i] for i in order) / max(1, sum(n * count for n, count in passes.items()))
-        return f"packed (padding-free), {per_pass:,.0f} real tokens per pass on average"
-    return f"{padding_fraction(lengths, order, plan.step_rows, plan.sequences_per_row, plan.budget):.1%} padding"
+        return (f"packed (padding-free), {per_pass:,.0f} real tokens per pass on average, steps not grouped by "
+                "length (no padding to save; fewer steps over the budget)")
+    pad = padding_fraction(lengths, order, plan.step_rows, plan.sequences_per_row, plan.budget)
+    return f"grouped by length, {pad:.1%} padding"
 
 
 def describe(plan: BatchPlan, targets: Counter, passes: Counter, layout: str, first_pass: int) -> str:
@@ -273,7 +276,7 @@ def describe(plan: BatchPlan, targets: Counter, passes: Counter, layout: str, fi
     return (f"micro-batching: {plan.user_batch} x {plan.user_accumulation} accumulation -> each step's "
             f"{plan.step_rows} {plan.unit} in as few passes of up to {plan.budget:,} tokens as fit "
             f"(micro_batch_tokens; {_experts_phrase(targets)}); first epoch: {sum(passes.values())} steps, "
-            f"{spread}; grouped by length, {layout}; each epoch starts with its largest pass "
+            f"{spread}; {layout}; each epoch starts with its largest pass "
             f"({first_pass:,} {kind} tokens), so GPU memory is measured at its worst first")
 
 
@@ -318,16 +321,20 @@ class LengthGroupedRows(Dataset):
 
 
 def grouped_order(lengths: list[int], step_rows: int, seed: int, shape: StepShape | None = None) -> list[int]:
-    """Row indices: shuffled, sorted (longest first) within windows of whole steps, steps shuffled again; with a
-    `shape`, the first whole step holding the largest pass (`StepShape.largest_pass`) then moves to the front."""
+    """Row indices: shuffled, sorted (longest first) within windows of whole steps (one step when `shape` is
+    packed: no grouping), steps shuffled again; with a `shape`, the first whole step holding the largest pass
+    (`StepShape.largest_pass`) then moves to the front."""
     rng = random.Random(seed)
     indices = list(range(len(lengths)))
     rng.shuffle(indices)
     full = len(indices) - len(indices) % step_rows
     head, tail = indices[:full], indices[full:]
     # Like transformers' LengthGroupedSampler: windows of min(50, steps/4) steps keep some randomness in which
-    # rows share a step while rows within a step have close lengths.
-    window = step_rows * max(1, min(MAX_WINDOW_STEPS, full // step_rows // 4))
+    # rows share a step while rows within a step have close lengths. Packed steps are not grouped (a window of one
+    # step): there is no padding to save, and grouping puts the longest rows together, so more steps overflow the
+    # budget (the user-path data of issue 11: 6 of 38 steps in 2 passes grouped, 0-2 of 38 not).
+    packed = shape is not None and shape.packed
+    window = step_rows * (1 if packed else max(1, min(MAX_WINDOW_STEPS, full // step_rows // 4)))
     steps: list[list[int]] = []
     for start in range(0, full, window):
         block = sorted(head[start:start + window], key=lambda i: -lengths[i])
