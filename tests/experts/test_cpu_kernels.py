@@ -1,5 +1,5 @@
 """The C++ CPU expert kernel computes what the torch expert math computes, on every instruction-set path this CPU
-runs (a machine with AVX512-BF16 checks four paths, an AVX2 machine two), for bf16, int8 and fp8 weights, and the
+runs (a machine with AVX512-BF16 checks five tiers, an AVX2 machine two), for bf16, int8 and fp8 weights, and the
 engine's no-grad pass uses it."""
 from __future__ import annotations
 
@@ -392,3 +392,21 @@ def test_decode_passes_from_the_gpu_reuse_their_pinned_buffers_and_equal_the_hos
         assert got.device.type == "cuda" and got.dtype == torch.bfloat16
         assert torch.equal(got.cpu(), expected)
     assert len(cpu_compute._STAGING[experts]) == 2
+
+
+# int8 on the avx512-vnni tier and above reads activations as 24-bit integers times one scale per row: an outlier
+# (massive activations are common in LLM hidden states) coarsens every other element's step, within the bound that
+# csrc/expert_pass.cpp documents (~2.4e-7 x max|a| x sum|w| a dot product), far below int8's own rounding
+@needs_kernel
+@pytest.mark.parametrize("isa", list(ISAS))
+@pytest.mark.parametrize("outlier", [1e2, 1e4])
+def test_int8_with_an_outlier_activation_stays_at_fp32_accuracy(isa: str, outlier: float) -> None:
+    if isa not in kernel_isas():
+        pytest.skip(f"this CPU does not run the {isa} path")
+    gate_up, down, scales, lora = layer(torch.int8, 8, 2048, 150, 4)
+    index, weights = routing(4, 8, 6)
+    x = torch.randn(4, 2048, generator=torch.Generator().manual_seed(9))
+    x[:, 7] = outlier
+    got = expert_layer(x, index, weights, gate_up, down, isa=isa, lora=lora, **scales)
+    expected = reference_layer(x, index, weights, gate_up, down, lora=lora, **scales)
+    assert rel(got, expected) < 1e-5

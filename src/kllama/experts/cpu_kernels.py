@@ -5,8 +5,8 @@ from DRAM, and torch's best form (`linear`, oneDNN) reached 61 % of the host's r
 H200 box, before the per-expert Python and small ops of a layer. `csrc/expert_pass.cpp` does the whole layer in
 one call without the GIL: two stages (gate/up with the activation and routing weight fused, then down with the
 weighted sum over a token's experts), each one fork/join over output rows of all selected experts at once, with
-fp32 accumulation (AVX512-BF16 dot products where the CPU has them; AVX-512F, AVX2+FMA+F16C or scalar code
-otherwise).
+fp32 accumulation (AVX512-BF16 dot products for bf16 weights and AVX512-VNNI integer ones for int8 weights where
+the CPU has them; AVX-512F, AVX2+FMA+F16C or scalar code otherwise).
 
 The call (`expert_layer`), for `T <= KERNEL_MAX_TOKENS` tokens:
 
@@ -23,7 +23,9 @@ The call (`expert_layer`), for `T <= KERNEL_MAX_TOKENS` tokens:
   it into a given `out` (fp32, or bf16: each fp32 sum rounded once, as `.to(torch.bfloat16)` rounds it).
 
 Numerics: every product accumulates in fp32 (int8 and fp8: fp32 activations, equal to the fp32 reference of the
-dequantized weights to ~1e-6); with bf16 weights the activations the products read (`x` and
+dequantized weights to ~1e-6; int8 on the `avx512-vnni` tier and above: each activation row as 24-bit integers
+times a per-row scale, exact integer sums, within ~2.4e-7 x max|a| x sum|w| of the fp32 dot product, ~1e-7
+relative on random rows: `csrc/expert_pass.cpp`, "AVX512-VNNI"); with bf16 weights the activations the products read (`x` and
 `silu(gate) * up * w`) are rounded to bf16 once, as the torch path rounds them (which also rounds the gate/up
 outputs and the routing-weight product; the two paths agree to ~1e-2 relative). The kernel runs SiLU only and skips
 nothing else: expert LoRA runs inside it.
@@ -55,7 +57,8 @@ from torch.nn.functional import silu
 from kllama.experts.quant import BLOCK, quantize
 
 SOURCE = Path(__file__).parent / "csrc" / "expert_pass.cpp"
-ISAS: dict[str, int] = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512-bf16": 3}  # tiers, best last
+# tiers, best last, each including those below (bf16 weights read avx512-vnni's as avx512's)
+ISAS: dict[str, int] = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512-vnni": 3, "avx512-bf16": 4}
 KERNEL_MAX_TOKENS = 64  # memory-bound up to here on a 16-core AVX-512 host; torch's GEMMs take larger passes
 KERNEL_DTYPES = (torch.bfloat16, torch.int8, torch.float8_e4m3fn)
 _LABELS = {torch.bfloat16: "bf16", torch.int8: "int8", torch.float8_e4m3fn: "fp8"}

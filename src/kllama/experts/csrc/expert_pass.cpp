@@ -46,21 +46,22 @@ constexpr float kFp8Unscale = 256.0f;  // fp8 bytes read as fp16 are value * 2^-
 // memory bandwidth. From 5 rows on, one chain each is what the FMA ports and AVX2's 16 registers take.
 constexpr int chains(int n) { return n <= 2 ? 4 : n <= 4 ? 2 : 1; }
 
-enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+// Tiers, each including the ones below it (every CPU with AVX512-BF16 has AVX512-VNNI).
+enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3, kAvx512Bf16 = 4 };
 
 #define KL_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define KL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+#define KL_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
 #define KL_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
 
 int64_t best_isa() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl")) {
-    return kAvx512Bf16;
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl");
+  if (avx512 && __builtin_cpu_supports("avx512vnni")) {
+    return __builtin_cpu_supports("avx512bf16") ? kAvx512Bf16 : kAvx512Vnni;
   }
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
-    return kAvx512;
-  }
+  if (avx512) return kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
     return kAvx2;
   }
@@ -478,6 +479,95 @@ struct Avx512Bf16Dp {
   }
 };
 
+// ---- AVX512-VNNI: int8 weights times activations as 24-bit integers, exact int32 accumulation ----
+// An activation row a [len] becomes q = round(a / scale), |q| <= kDigitMax, scale = max|a| / kDigitMax, written in
+// three signed base-256 digits d0 + 256 d1 + 65536 d2, each in [-128, 127] (`QuantRow`, one byte plane a digit).
+// `vpdpbusd` multiplies 64 unsigned bytes by 64 signed bytes a step, so the weights are the unsigned operand:
+// w + 128 (the sign bit flipped), and the 128 * sum(d) that adds is taken off once per row from the digits' sums.
+// Per plane, sum_k w_k d_k is exact in int32: |(w + 128) d| <= 255 * 128 = 32640 a product, so a row of up to
+// kMaxDigitLen = 65792 columns sums to at most 2^31 - 128 in every lane and in the lanes' total (H = 2048: 66.8e6;
+// I = 1408: 46.0e6; V3's H = 7168: 234e6); the planes are combined in int64 and scaled once in double. So the only
+// error against the fp32 reference is q's rounding: |a - scale * q| <= 2 * scale (half a step, plus the fp32
+// rounding of a * (kDigitMax / max|a|)), a dot product off by at most 2 * max|a| / kDigitMax * sum|w| ~ 2.4e-7
+// max|a| sum|w| (random rows: ~1e-6 relative), the size of fp32 accumulation's own error over a row. Each 64-byte weight step costs one load, one xor and 3 `vpdpbusd` per
+// activation row (the fp32 path: 8 conversions and 4 FMAs), so a core keeps more weight lines in flight.
+constexpr int32_t kDigitMax = 127 * 65793;  // 0x7f7f7f: the largest q whose three digits stay in [-128, 127]
+constexpr int64_t kMaxDigitLen = 65792;
+
+struct QuantRow {  // an activation row as value = scale * (d[0] + 256 d[1] + 65536 d[2]); planes zero past len
+  const int8_t* d[3];
+  float scale;
+  int32_t sum[3];  // each plane's digits summed
+};
+
+// Fills `q` from the fp32 row `a [len]` into the three planes `d0..d2` [padded] (padded: len rounded up to 64).
+KL_AVX512VNNI void quantize_row(const float* a, int64_t len, int64_t padded, int8_t* d0, int8_t* d1, int8_t* d2,
+                                QuantRow& q) {
+  __m512 peak = _mm512_setzero_ps();
+  for (int64_t k = 0; k < len; k += 16) {
+    const __mmask16 m = len - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - k)) - 1u);
+    peak = _mm512_max_ps(peak, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, a + k)));
+  }
+  // a floor, so that kDigitMax / top stays finite (rows below it are digitized at that scale: q ~ 0)
+  const float top = std::max(_mm512_reduce_max_ps(peak), 1e-30f);
+  const __m512 inv = _mm512_set1_ps(float(kDigitMax) / top);
+  const __m512i hi = _mm512_set1_epi32(kDigitMax), lo = _mm512_set1_epi32(-kDigitMax);
+  const __m512i half = _mm512_set1_epi32(128), byte = _mm512_set1_epi32(255);
+  __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512(), s2 = _mm512_setzero_si512();
+  for (int64_t k = 0; k < padded; k += 16) {
+    const __mmask16 m = k >= len ? __mmask16(0) : len - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - k)) - 1u);
+    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, a + k), inv));  // nearest, ties even
+    v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+    const __m512i e0 = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, half), byte), half);  // [-128, 127]
+    v = _mm512_srai_epi32(_mm512_sub_epi32(v, e0), 8);  // exact: v - e0 is a multiple of 256
+    const __m512i e1 = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, half), byte), half);
+    const __m512i e2 = _mm512_srai_epi32(_mm512_sub_epi32(v, e1), 8);  // in [-127, 127] as |q| <= kDigitMax
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d0 + k), _mm512_cvtepi32_epi8(e0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d1 + k), _mm512_cvtepi32_epi8(e1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d2 + k), _mm512_cvtepi32_epi8(e2));
+    s0 = _mm512_add_epi32(s0, e0), s1 = _mm512_add_epi32(s1, e1), s2 = _mm512_add_epi32(s2, e2);
+  }
+  q = QuantRow{{d0, d1, d2}, top / float(kDigitMax),
+               {_mm512_reduce_add_epi32(s0), _mm512_reduce_add_epi32(s1), _mm512_reduce_add_epi32(s2)}};
+}
+
+template <int N>
+struct Avx512Int8Vnni {  // the activation rows are `QuantRow`s; 3 planes are 3 independent chains per row
+  KL_AVX512VNNI static void run(const void* w_, const float*, const void* const* a_, int64_t len, float* res) {
+    const int8_t* w = static_cast<const int8_t*>(w_);
+    const QuantRow* a[N];
+    __m512i acc[N][3];
+    for (int i = 0; i < N; ++i) {
+      a[i] = static_cast<const QuantRow*>(a_[i]);
+      for (int p = 0; p < 3; ++p) acc[i][p] = _mm512_setzero_si512();
+    }
+    const __m512i flip = _mm512_set1_epi8(char(0x80));
+    int64_t k = 0;
+    for (; k + 64 <= len; k += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + len + k), _MM_HINT_T0);
+      const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + k), flip);  // w + 128, unsigned
+      for (int i = 0; i < N; ++i) {
+        for (int p = 0; p < 3; ++p) acc[i][p] = _mm512_dpbusd_epi32(acc[i][p], wv, _mm512_loadu_si512(a[i]->d[p] + k));
+      }
+    }
+    if (k < len) {  // masked weight bytes load as 0 (128 once flipped) and meet zero digits past len
+      const __mmask64 m = __mmask64((1ull << (len - k)) - 1ull);
+      const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + k), flip);
+      for (int i = 0; i < N; ++i) {
+        for (int p = 0; p < 3; ++p) acc[i][p] = _mm512_dpbusd_epi32(acc[i][p], wv, _mm512_loadu_si512(a[i]->d[p] + k));
+      }
+    }
+    for (int i = 0; i < N; ++i) {
+      int64_t dot = 0;
+      for (int p = 0; p < 3; ++p) {
+        const int64_t plane = int64_t(_mm512_reduce_add_epi32(acc[i][p])) - 128 * int64_t(a[i]->sum[p]);
+        dot += plane * (int64_t(1) << (8 * p));
+      }
+      res[i] = float(double(dot) * double(a[i]->scale));
+    }
+  }
+};
+
 template <template <int> class Op, int... Ns>
 DotTable make_table(std::integer_sequence<int, Ns...>) {
   return DotTable{nullptr, &Op<Ns + 1>::run...};
@@ -499,10 +589,20 @@ at::ScalarType dtype_of(Weights kind) {
   return dtypes[static_cast<int>(kind)];
 }
 
-// Activations are bf16 only where the dot product instruction takes bf16 (bf16 weights, AVX512-BF16).
-bool bf16_activations(Weights kind, int64_t isa) { return kind == Weights::kBf16 && isa == kAvx512Bf16; }
+// How the dot products read activation rows: bf16 where the instruction takes bf16 (bf16 weights, AVX512-BF16),
+// 24-bit integer digits where it takes bytes (int8 weights, AVX512-VNNI, rows short enough to sum exactly), else
+// fp32.
+enum class ActForm { kF32, kBf16, kDigits };
 
-const DotTable& dot_table(Weights kind, int64_t isa) {
+ActForm act_form(Weights kind, int64_t isa, int64_t len) {
+  if (kind == Weights::kBf16 && isa >= kAvx512Bf16) return ActForm::kBf16;
+  if (kind == Weights::kInt8 && isa >= kAvx512Vnni && len <= kMaxDigitLen) return ActForm::kDigits;
+  return ActForm::kF32;
+}
+
+const DotTable& dot_table(Weights kind, int64_t isa, ActForm form) {
+  static const DotTable avx512_vnni = table<Avx512Int8Vnni>();
+  if (form == ActForm::kDigits) return avx512_vnni;
   static const DotTable scalar_bf16 = table<ScalarBf16>(), scalar_int8 = table<ScalarInt8>();
   static const DotTable avx2_bf16 = table<Avx2Bf16>(), avx2_int8 = table<Avx2Int8>();
   static const DotTable avx512_bf16 = table<Avx512Bf16W>(), avx512_int8 = table<Avx512Int8>();
@@ -510,30 +610,49 @@ const DotTable& dot_table(Weights kind, int64_t isa) {
   static const DotTable scalar_fp8 = table<ScalarFp8>(), avx2_fp8 = table<Avx2Fp8>(), avx512_fp8 = table<Avx512Fp8>();
   if (kind == Weights::kFp8) return isa >= kAvx512 ? avx512_fp8 : isa == kAvx2 ? avx2_fp8 : scalar_fp8;
   if (kind == Weights::kInt8) return isa >= kAvx512 ? avx512_int8 : isa == kAvx2 ? avx2_int8 : scalar_int8;
-  if (isa == kAvx512Bf16) return avx512_dp;
-  return isa == kAvx512 ? avx512_bf16 : isa == kAvx2 ? avx2_bf16 : scalar_bf16;
+  if (form == ActForm::kBf16) return avx512_dp;
+  return isa >= kAvx512 ? avx512_bf16 : isa == kAvx2 ? avx2_bf16 : scalar_bf16;
 }
 
-// Activation rows in the representation the dot products read (bf16 or fp32), `cols` wide.
+// Activation rows in the representation the dot products read (`ActForm`), `cols` wide. Values are `set` as fp32
+// (kept as fp32 for LoRA's first factor and the digits' source, or as bf16), then `digitize` makes the digit rows.
 struct Acts {
-  bool bf16;
-  int64_t cols;
+  ActForm form;
+  int64_t rows, cols, padded;  // padded: cols rounded up to 64 (a digit plane's length)
   std::vector<uint16_t> h;
   std::vector<float> f;
+  std::vector<int8_t> digits;  // kDigits: per row, 3 planes of `padded` bytes
+  std::vector<QuantRow> quant;
 
-  Acts(bool bf16_, int64_t rows, int64_t cols_) : bf16(bf16_), cols(cols_) {
-    (bf16 ? h.resize(rows * cols) : f.resize(rows * cols));
+  Acts(ActForm form_, int64_t rows_, int64_t cols_)
+      : form(form_), rows(rows_), cols(cols_), padded((cols_ + 63) / 64 * 64) {
+    (form == ActForm::kBf16 ? h.resize(rows * cols) : f.resize(rows * cols));
+    if (form == ActForm::kDigits) digits.resize(3 * rows * padded), quant.resize(rows);
   }
-  const void* row(int64_t r) const {
-    return bf16 ? static_cast<const void*>(h.data() + r * cols) : static_cast<const void*>(f.data() + r * cols);
+  const void* row(int64_t r) const {  // what the weights' dot products read
+    if (form == ActForm::kDigits) return &quant[r];
+    return lora_row(r);
+  }
+  const void* lora_row(int64_t r) const {  // what LoRA's (bf16-weight) dot products read
+    return form == ActForm::kBf16 ? static_cast<const void*>(h.data() + r * cols)
+                                  : static_cast<const void*>(f.data() + r * cols);
   }
   // `round` keeps the fp32 copy at bf16 values (bf16 weights read through the fp32 path)
   void set(int64_t r, int64_t c, float v, bool round) {
-    if (bf16) {
+    if (form == ActForm::kBf16) {
       h[r * cols + c] = f32_to_bf16(v);
     } else {
       f[r * cols + c] = round ? bf16_to_f32(f32_to_bf16(v)) : v;
     }
+  }
+  void digitize() {  // once every value is set
+    if (form != ActForm::kDigits) return;
+    at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        int8_t* d = digits.data() + 3 * r * padded;
+        quantize_row(f.data() + r * cols, cols, padded, d, d + padded, d + 2 * padded, quant[r]);
+      }
+    });
   }
 };
 
@@ -681,11 +800,15 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
     pair_weight[p] = route_w[s];
   }
 
-  const bool bf16_acts = bf16_activations(kind, isa);
+  const ActForm x_form = act_form(kind, isa, H), act_form_ = act_form(kind, isa, I);
   const bool round_acts = kind == Weights::kBf16;  // bf16 weights meet bf16-valued activations, as torch's path
-  const DotTable& dots = dot_table(kind, isa);
-  const DotTable& lora_dots = dot_table(Weights::kBf16, bf16_acts ? kAvx512Bf16 : std::min<int64_t>(isa, kAvx512));
-  Acts xs(bf16_acts, T, H);
+  const DotTable& gu_dots = dot_table(kind, isa, x_form);
+  const DotTable& dn_dots = dot_table(kind, isa, act_form_);
+  // LoRA's factors are bf16: the bf16 dot product where activations are bf16, else the fp32 path of the tier
+  const bool bf16_acts = x_form == ActForm::kBf16;
+  const DotTable& lora_dots = dot_table(Weights::kBf16, bf16_acts ? kAvx512Bf16 : std::min<int64_t>(isa, kAvx512),
+                                        bf16_acts ? ActForm::kBf16 : ActForm::kF32);
+  Acts xs(x_form, T, H);
   if (x.scalar_type() == at::kBFloat16) {
     const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr());
     for (int64_t i = 0; i < T * H; ++i) xs.set(i / H, i % H, bf16_to_f32(src[i]), false);
@@ -693,13 +816,14 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
     const float* src = x.data_ptr<float>();
     for (int64_t i = 0; i < T * H; ++i) xs.set(i / H, i % H, src[i], round_acts);
   }
-  std::vector<const void*> pair_x(S);
-  for (int64_t p = 0; p < S; ++p) pair_x[p] = xs.row(pair_token[p]);
+  xs.digitize();
+  std::vector<const void*> pair_x(S), pair_lora(S);
+  for (int64_t p = 0; p < S; ++p) pair_x[p] = xs.row(pair_token[p]), pair_lora[p] = xs.lora_row(pair_token[p]);
   std::vector<float> gu_low;
-  if (gu_lora) lora_low(gu_lora, groups, S, H, pair_x, lora_dots, gu_low);
+  if (gu_lora) lora_low(gu_lora, groups, S, H, pair_lora, lora_dots, gu_low);
 
   // stage 1: act[p, j] = silu(gate) * up * routing weight, threads own intermediate rows j
-  Acts act(bf16_acts, S, I);
+  Acts act(act_form_, S, I);
   const size_t wbytes = kind == Weights::kBf16 ? 2 : 1;
   const char* gu_ptr = static_cast<const char*>(gate_up.data_ptr());
   at::parallel_for(0, I, kGrainRows, [&](int64_t j0, int64_t j1) {
@@ -709,8 +833,8 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
       for (int64_t j = j0; j < j1; ++j) {
         for (int64_t p0 = g.begin; p0 < g.end; p0 += kMaxPairs) {
           const int n = int(std::min<int64_t>(kMaxPairs, g.end - p0));
-          dots[n](base + size_t(j) * H * wbytes, gu_scale.blocks(g.expert, j), &pair_x[p0], H, gate);
-          dots[n](base + size_t(I + j) * H * wbytes, gu_scale.blocks(g.expert, I + j), &pair_x[p0], H, up);
+          gu_dots[n](base + size_t(j) * H * wbytes, gu_scale.blocks(g.expert, j), &pair_x[p0], H, gate);
+          gu_dots[n](base + size_t(I + j) * H * wbytes, gu_scale.blocks(g.expert, I + j), &pair_x[p0], H, up);
           for (int i = 0; i < n; ++i) {
             const int64_t p = p0 + i;
             float gv = gate[i], uv = up[i];
@@ -727,10 +851,11 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
     }
   });
 
-  std::vector<const void*> pair_act(S);
-  for (int64_t p = 0; p < S; ++p) pair_act[p] = act.row(p);
+  act.digitize();
+  std::vector<const void*> pair_act(S), pair_act_lora(S);
+  for (int64_t p = 0; p < S; ++p) pair_act[p] = act.row(p), pair_act_lora[p] = act.lora_row(p);
   std::vector<float> dn_low;
-  if (dn_lora) lora_low(dn_lora, groups, S, I, pair_act, lora_dots, dn_low);
+  if (dn_lora) lora_low(dn_lora, groups, S, I, pair_act_lora, lora_dots, dn_low);
 
   // stage 2: out[t, h] = sum over the token's experts of down_h . act, threads own hidden rows h; a bf16 `out`
   // gets the fp32 sums rounded once at the end of a thread's rows (what `.to(torch.bfloat16)` of the fp32 out gives)
@@ -747,7 +872,7 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
       for (int64_t h = h0; h < h1; ++h) {
         for (int64_t p0 = g.begin; p0 < g.end; p0 += kMaxPairs) {
           const int n = int(std::min<int64_t>(kMaxPairs, g.end - p0));
-          dots[n](base + size_t(h) * I * wbytes, dn_scale.blocks(g.expert, h), &pair_act[p0], I, y);
+          dn_dots[n](base + size_t(h) * I * wbytes, dn_scale.blocks(g.expert, h), &pair_act[p0], I, y);
           for (int i = 0; i < n; ++i) {
             const int64_t p = p0 + i;
             float v = dn_scale.per_row() ? y[i] * dn_scale.row(g.expert, h) : y[i];
@@ -811,7 +936,7 @@ int64_t parallel_threads() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("best_isa", &best_isa, "best instruction-set tier of this CPU (0 scalar, 1 avx2, 2 avx512, 3 avx512-bf16)");
+  m.def("best_isa", &best_isa, "best instruction-set tier of this CPU (0 scalar, 1 avx2, 2 avx512, 3 avx512-vnni, 4 avx512-bf16)");
   m.def("expert_pass", &expert_pass, "one layer's selected experts for a few tokens (see cpu_kernels.py)",
         py::arg("x"), py::arg("top_k_index"), py::arg("top_k_weights"), py::arg("gate_up"), py::arg("down"),
         py::arg("gate_up_scale"), py::arg("down_scale"), py::arg("gate_up_a"), py::arg("gate_up_b"),
