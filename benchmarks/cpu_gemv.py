@@ -23,7 +23,8 @@ printed, several times the L3 cache). GB/s counts the weight and scale bytes a c
 (what the engine runs: x, routing and output on the GPU when there is one, else on the host) next to the kernel
 alone on host copies of the same inputs, over `--layers` modules of `--top-k` experts each, and prints both and their
 difference (the overhead a layer pays outside the kernel). With a small `--hidden`/`--inter` the kernel is cheap and
-the overhead stands out.
+the overhead stands out. A third row times the HostExperts pass after `--idle-ms` of sleep before each call, as in
+decode, where the kernel's threads wait while the GPU runs the rest of a layer (and may fall asleep).
 
 Usage: python benchmarks/cpu_gemv.py [--threads 16,8] [--tokens 1,4,16] [--layers 8] [--experts 64]
                                      [--hidden 2048] [--inter 1408] [--top-k 6]
@@ -35,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="only the C++ kernel: GB/s per weight dtype and instruction-set path")
     parser.add_argument("--layer-pass", action="store_true",
                         help="a layer's pass through HostExperts next to the kernel alone, and the difference")
+    parser.add_argument("--idle-ms", type=float, default=0.5,
+                        help="--layer-pass: sleep before each call of its 'after idle' row")
     parser.add_argument("--isas", default="", help="kernel paths to time with --kernel-only (default: all above "
                         "scalar this CPU runs)")
     parser.add_argument("--dtypes", default="bf16,int8,fp8", help="weight dtypes to time with --kernel-only")
@@ -150,6 +155,18 @@ def kernel_only(args: argparse.Namespace) -> dict:
     return {"args": vars(args), "rows": rows, "cpu_count": torch.get_num_threads(), "kernel_isa": kernel_status().isa}
 
 
+def after_idle(fn: Callable[[], object], repeats: int, idle_s: float) -> float:
+    """Median wall time of `repeats` calls of `fn`, each after `idle_s` of sleep (not timed)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        time.sleep(idle_s)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def layer_pass(args: argparse.Namespace) -> dict:
     """A decode layer's pass through `HostExperts` next to the kernel alone (see the module docstring)."""
     H, I, K, L = args.hidden, args.inter, args.top_k, args.layers  # noqa: N806
@@ -187,10 +204,13 @@ def layer_pass(args: argparse.Namespace) -> dict:
                     return out
 
                 # interleaved rounds, each variant's best round median: the dev box's other load comes and goes
-                times: dict[str, list[float]] = {"kernel alone": [], "HostExperts pass": []}
+                times: dict[str, list[float]] = {"kernel alone": [], "HostExperts pass": [],
+                                                 "HostExperts pass after idle": []}
                 for _ in range(5):
                     times["kernel alone"].append(median_seconds(Cycle(kernel, L), args.repeats))
                     times["HostExperts pass"].append(median_seconds(Cycle(module_pass, L), args.repeats))
+                    times["HostExperts pass after idle"].append(
+                        after_idle(Cycle(module_pass, L), args.repeats, args.idle_ms / 1e3))
                 best = {name: min(values) * 1e3 for name, values in times.items()}
                 for name, ms in best.items():
                     rows.append({"variant": f"{name} {dtype}", "threads": threads, "tokens": tokens, "ms": ms})
@@ -198,9 +218,9 @@ def layer_pass(args: argparse.Namespace) -> dict:
                              "ms": best["HostExperts pass"] - best["kernel alone"]})
     print(f"a layer's pass through HostExperts (x on {device}) vs the kernel alone, top-{K} experts, H={H} I={I}, "
           f"{L} layers cycled")
-    print(f"{'variant':28s} {'threads':>7s} {'tokens':>6s} {'ms':>8s}")
+    print(f"{'variant':34s} {'threads':>7s} {'tokens':>6s} {'ms':>8s}")
     for row in rows:
-        print(f"{row['variant']:28s} {row['threads']:7d} {row['tokens']:6d} {row['ms']:8.3f}")
+        print(f"{row['variant']:34s} {row['threads']:7d} {row['tokens']:6d} {row['ms']:8.3f}")
     return {"args": vars(args), "rows": rows, "device": str(device), "kernel_isa": kernel_status().isa}
 
 
