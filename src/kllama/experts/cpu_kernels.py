@@ -25,10 +25,10 @@ The call (`expert_layer`), for `T <= KERNEL_MAX_TOKENS` tokens:
 Numerics: every product accumulates in fp32 (int8 and fp8: fp32 activations, equal to the fp32 reference of the
 dequantized weights to ~1e-6; int8 on the `avx512-vnni` tier and above: each activation row as 24-bit integers
 times a per-row scale, exact integer sums, within ~2.4e-7 x max|a| x sum|w| of the fp32 dot product, ~1e-7
-relative on random rows: `csrc/expert_pass.cpp`, "AVX512-VNNI"); with bf16 weights the activations the products read (`x` and
-`silu(gate) * up * w`) are rounded to bf16 once, as the torch path rounds them (which also rounds the gate/up
-outputs and the routing-weight product; the two paths agree to ~1e-2 relative). The kernel runs SiLU only and skips
-nothing else: expert LoRA runs inside it.
+relative on random rows: `csrc/expert_pass.cpp`, "AVX512-VNNI"); with bf16 weights the activations the products
+read (`x` and `silu(gate) * up * w`) are rounded to bf16 once, as the torch path rounds them (which also rounds
+the gate/up outputs and the routing-weight product; the two paths agree to ~1e-2 relative). The kernel runs SiLU
+only and skips nothing else: expert LoRA runs inside it.
 
 The extension is built on first use with torch's C++ extension tools (ninja, the host's C++ compiler) into torch's
 extensions cache and reused from there (one line on stderr while it builds); each instruction-set path is checked
@@ -214,9 +214,10 @@ def expert_layer(
     out: Tensor | None = None,
 ) -> Tensor:
     """One MoE layer's routed experts for `x [T, H]` on host tensors -> `out [T, H]` fp32, or written into `out`
-    (contiguous fp32 or bf16, returned; see the module docstring for shapes, dtypes and numerics). `isa` forces an instruction-set tier at most the best one in use (tests,
-    probes); by default the weights' dtype runs its own tier (`KernelStatus.tiers`). Raises RuntimeError when the
-    kernel is not available for these weights (check `kernel_runs` or `kernel_status` first)."""
+    (contiguous fp32 or bf16, returned; see the module docstring for shapes, dtypes and numerics). `isa` forces an
+    instruction-set tier at most the best one in use (tests, probes); by default the weights' dtype runs its own tier
+    (`KernelStatus.tiers`). Raises RuntimeError when the kernel is not available for these weights (check
+    `kernel_runs` or `kernel_status` first)."""
     status = kernel_status()
     if not status.available:
         raise RuntimeError(f"the CPU expert kernel is not available: {status.reason}")

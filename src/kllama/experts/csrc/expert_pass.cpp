@@ -485,12 +485,13 @@ struct Avx512Bf16Dp {
 // `vpdpbusd` multiplies 64 unsigned bytes by 64 signed bytes a step, so the weights are the unsigned operand:
 // w + 128 (the sign bit flipped), and the 128 * sum(d) that adds is taken off once per row from the digits' sums.
 // Per plane, sum_k w_k d_k is exact in int32: |(w + 128) d| <= 255 * 128 = 32640 a product, so a row of up to
-// kMaxDigitLen = 65792 columns sums to at most 2^31 - 128 in every lane and in the lanes' total (H = 2048: 66.8e6;
-// I = 1408: 46.0e6; V3's H = 7168: 234e6); the planes are combined in int64 and scaled once in double. So the only
-// error against the fp32 reference is q's rounding: |a - scale * q| <= 2 * scale (half a step, plus the fp32
-// rounding of a * (kDigitMax / max|a|)), a dot product off by at most 2 * max|a| / kDigitMax * sum|w| ~ 2.4e-7
-// max|a| sum|w| (random rows: ~1e-6 relative), the size of fp32 accumulation's own error over a row. Each 64-byte weight step costs one load, one xor and 3 `vpdpbusd` per
-// activation row (the fp32 path: 8 conversions and 4 FMAs), so a core keeps more weight lines in flight.
+// kMaxDigitLen = 65792 columns sums to below 2^31 (65792 x 32640 = 2^31 - 32768) in every lane and in the lanes'
+// total (H = 2048: 66.8e6; I = 1408: 46.0e6; V3's H = 7168: 234e6); the planes are combined in int64 and scaled once
+// in double. So the only error against the fp32 reference is q's rounding: |a - scale * q| <= 2 * scale (half a
+// step, plus the fp32 rounding of a * (kDigitMax / max|a|)), a dot product off by at most 2 * max|a| / kDigitMax *
+// sum|w| ~ 2.4e-7 max|a| sum|w| (random rows: ~1e-7 relative), the size of fp32 accumulation's own error over a row.
+// Each 64-byte weight step costs one load, one xor and 3 `vpdpbusd` per activation row (the fp32 path: 8 conversions
+// and 4 FMAs), so a core keeps more weight lines in flight.
 constexpr int32_t kDigitMax = 127 * 65793;  // 0x7f7f7f: the largest q whose three digits stay in [-128, 127]
 constexpr int64_t kMaxDigitLen = 65792;
 
@@ -936,7 +937,8 @@ int64_t parallel_threads() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("best_isa", &best_isa, "best instruction-set tier of this CPU (0 scalar, 1 avx2, 2 avx512, 3 avx512-vnni, 4 avx512-bf16)");
+  m.def("best_isa", &best_isa,
+        "best instruction-set tier of this CPU (0 scalar, 1 avx2, 2 avx512, 3 avx512-vnni, 4 avx512-bf16)");
   m.def("expert_pass", &expert_pass, "one layer's selected experts for a few tokens (see cpu_kernels.py)",
         py::arg("x"), py::arg("top_k_index"), py::arg("top_k_weights"), py::arg("gate_up"), py::arg("down"),
         py::arg("gate_up_scale"), py::arg("down_scale"), py::arg("gate_up_a"), py::arg("gate_up_b"),
