@@ -131,6 +131,23 @@ def test_weight_int8pack_mm_behaviour(rows: int, dtype: torch.dtype) -> None:
     assert torch.equal(int8_pack_mm(x, QuantizedWeight(q, scale, dtype)), got)
 
 
+def test_torch_int8_pack_is_used_only_where_its_avx512_loads_stay_in_bounds() -> None:
+    # torch's AVX-512 _weight_int8pack_mm has no K tail and uses aligned loads: K = 200 segfaulted on the H200 box.
+    # Such shapes take the dequantizing form; a row-offset (misaligned) view is copied before the call.
+    from kllama.experts.quant_compute import _forms
+
+    assert "int8-pack" not in _forms(torch.randn(3, 200).bfloat16(), "int8")
+    assert "int8-pack" in _forms(torch.randn(3, 256).bfloat16(), "int8") or torch._weight_int8pack_mm is None
+    w = weights(96, 256)
+    q, scale = quantize_int8(w)
+    x = torch.randn(5, 256, generator=gen(4)).bfloat16()
+    weight = QuantizedWeight(q, scale, torch.bfloat16)
+    shifted = torch.empty(5 * 256 + 8, dtype=torch.bfloat16)[8:].view(5, 256)  # 16 bytes off the allocation
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 64 != 0
+    assert torch.equal(int8_pack_mm(shifted, weight), int8_pack_mm(x, weight))
+
+
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])
 @pytest.mark.parametrize("rows", [1, 9, 40])
 def test_every_cpu_form_computes_the_dequantized_product(scheme: str, rows: int) -> None:

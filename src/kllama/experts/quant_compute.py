@@ -33,10 +33,22 @@ _INT8_PACK = getattr(torch, "_weight_int8pack_mm", None)
 _PACK_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+# torch's AVX-512 `_weight_int8pack_mm` (aten/src/ATen/native/cpu/int8mm_kernel.cpp) walks K in steps of 16 with
+# aligned vector loads of the activation rows (32 bytes) and the weight rows (16 bytes) and no tail: K not a multiple
+# of 16 or a misaligned row reads past the rows -- a segfault on the H200 box (K = 200 in a kernel test).
+_PACK_K_MULTIPLE = 16
+_PACK_ALIGN = 64
+
+
+def _aligned(t: Tensor) -> Tensor:
+    return t if t.data_ptr() % _PACK_ALIGN == 0 else t.clone()  # a fresh allocation is 64-byte aligned
+
+
 def int8_pack_mm(x: Tensor, weight: QuantizedWeight) -> Tensor:
     """`x [n, K] @ (data * scale)^T -> [n, N]` through torch's int8 weight-only kernel (one expert, scales cast to
-    x's dtype as the kernel requires)."""
-    return _INT8_PACK(x.contiguous(), weight.data, weight.scale.to(x.dtype))
+    x's dtype as the kernel requires); only for K a multiple of 16 (`_forms` leaves it out otherwise), rows aligned
+    as the kernel's vector loads need."""
+    return _INT8_PACK(_aligned(x.contiguous()), _aligned(weight.data), weight.scale.to(x.dtype))
 
 
 def dequant_mm(x: Tensor, weight: QuantizedWeight) -> Tensor:
@@ -53,7 +65,7 @@ _CHOSEN: dict[tuple, str] = {}
 
 def _forms(x: Tensor, scheme: str) -> dict[str, Callable[[Tensor, QuantizedWeight], Tensor]]:
     forms = dict(QUANT_GEMMS[scheme])
-    if _INT8_PACK is None or x.dtype not in _PACK_DTYPES:
+    if _INT8_PACK is None or x.dtype not in _PACK_DTYPES or x.shape[-1] % _PACK_K_MULTIPLE:
         forms.pop("int8-pack", None)
     return forms
 
