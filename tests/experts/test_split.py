@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kllama.experts import ExpertPlacement, HostExperts
-from kllama.experts.cpu_share import MIN_GAIN, SplitModel, per_expert_seconds
+from kllama.experts.cpu_share import CPU_OVERLAPS_COPY, MIN_GAIN, SplitModel, per_expert_seconds
 from kllama.experts.crossover import Crossovers, cpu_expert_seconds
 from kllama.experts.quant import dequantize, quantize
 from kllama.experts.routed import LoraFactors, expert_factors, routed_experts_math
@@ -74,9 +74,20 @@ def test_lora_tail_holds_the_factors_of_the_last_experts() -> None:
             assert torch.equal(ta, a[first:]) and torch.equal(tb, b[first:])
 
 
-def model(per_expert_s: float, copy_s: float, num_experts: int = 64) -> SplitModel:
-    # hidden 2048 in bf16 (4,096 bytes a token), 55 GB/s copies, a flat per-expert CPU time
-    return SplitModel(num_experts, 6, copy_s, 55e9, 4096, ((32, per_expert_s), (512, per_expert_s)))
+def model(per_expert_s: float, copy_s: float, num_experts: int = 64, overlapped: bool = True) -> SplitModel:
+    # hidden 2048 in bf16 (4,096 bytes a token), 55 GB/s copies, a flat per-expert CPU time; the overlapped algebra
+    # unless asked (the default of a measured model is `CPU_OVERLAPS_COPY`)
+    return SplitModel(num_experts, 6, copy_s, 55e9, 4096, ((32, per_expert_s), (512, per_expert_s)), overlapped)
+
+
+def test_the_measured_default_adds_the_sides_and_streams_everything() -> None:
+    # H200 box, 2,048-token prefill, forced k = 0 / 8 / 13 / 16: 0.525 / 0.711 / 0.998 / 1.136 s (26 layers): the
+    # sum model gives 0.528 / 0.717 / 0.831 / 0.899 s -- the sides ran one after the other -- so k = 0
+    serial = model(1.19e-3, 20.3e-3, overlapped=False)
+    assert SplitModel.__dataclass_fields__["overlapped"].default is CPU_OVERLAPS_COPY is False
+    assert 26 * serial.layer_seconds(8, 2048) == pytest.approx(0.711, abs=0.01)
+    assert serial.plan(2048).cpu_experts == 0
+    assert "all 64 experts a layer streamed" in serial.describe(2048)
 
 
 def test_split_point_is_where_the_cpu_meets_the_copy() -> None:

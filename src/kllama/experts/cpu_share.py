@@ -2,7 +2,8 @@
 
 A long no-grad pass (a prefill) under `auto` streams every MoE layer: its time is the copy of the layer's experts
 over PCIe, the GPU's compute hiding behind it. If the CPU computes the layer's experts `[0, k)` while the copy
-engine brings `[k, E)`, a layer costs about `max(cpu(k), copy(E - k))`, where
+engine brings `[k, E)`, a layer costs about `max(cpu(k), copy(E - k))` (if the two sides overlap: see
+`CPU_OVERLAPS_COPY`, measured not to yet; else their sum), where
 
 * `copy(n) = n / E * copy_s`: the measured copy of a whole layer (as stored: quantized bytes for int8/fp8),
 * `cpu(k) = k * expert_s(rows) + hop`: `expert_s(rows)` the measured seconds of the engine's no-grad CPU pass per
@@ -23,6 +24,12 @@ from dataclasses import dataclass
 from kllama.experts.crossover import Crossovers, running_max
 
 MIN_GAIN = 0.05  # a split must save this share of a streamed layer's time (below it: noise in the estimates)
+# Whether the CPU side runs while the copy engine brings the rest. Measured on the H200 box (2026-11-30, V2-Lite,
+# 2,048-token prefill, `benchmarks/decode.py --cpu-experts 0,8,13,16`): 0.525 / 0.711 / 0.998 / 1.136 s, i.e. the
+# CPU's k experts and the copy of the other 64 - k ran one after the other (k = 8: 26 x (8 x 1.19 + 56 x 0.317) ms
+# = 0.71 s), not at once. Until that overlap is made to happen and measured, the model adds the two sides, which
+# never pays for a CPU slower per expert than the copy: long passes stream everything (`forced_split` still splits).
+CPU_OVERLAPS_COPY = False
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ class SplitModel:
     copy_bandwidth: float  # bytes/s of that copy
     token_bytes: int  # one token's hidden state in the compute dtype (hidden * itemsize)
     expert_samples: tuple[tuple[int, float], ...]  # (rows per expert, CPU seconds per expert)
+    overlapped: bool = CPU_OVERLAPS_COPY  # the CPU side runs during the copy (max of the two) or before it (sum)
 
     @classmethod
     def from_crossovers(cls, found: Crossovers, num_experts: int, top_k: int, token_bytes: int,
@@ -89,7 +97,8 @@ class SplitModel:
 
     def layer_seconds(self, cpu_experts: int, num_tokens: int) -> float:
         """Estimated layer time with the CPU taking `cpu_experts` (the GPU's compute hidden behind the copy)."""
-        return max(self.cpu_seconds(cpu_experts, num_tokens), self.copy_seconds(self.num_experts - cpu_experts))
+        cpu, copy = self.cpu_seconds(cpu_experts, num_tokens), self.copy_seconds(self.num_experts - cpu_experts)
+        return max(cpu, copy) if self.overlapped else cpu + copy
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 (frozen, hashable, few instances; asked per layer and pass)
     def plan(self, num_tokens: int) -> SplitPlan:
@@ -99,7 +108,8 @@ class SplitModel:
         per_expert, hop = self.cpu_terms(num_tokens)  # layer_seconds' terms, computed once for the 65 candidates
 
         def layer_s(k: int) -> float:
-            return max(k * per_expert + hop if k else 0.0, self.copy_seconds(self.num_experts - k))
+            cpu, copy = k * per_expert + hop if k else 0.0, self.copy_seconds(self.num_experts - k)
+            return max(cpu, copy) if self.overlapped else cpu + copy
 
         best = min(range(self.num_experts + 1), key=lambda k: (layer_s(k), k))
         best_s = layer_s(best)
