@@ -250,12 +250,12 @@ def test_cli_prints_the_merge_and_resumes_exactly_across_an_epoch(tiny_model_dir
               "template=deepseek", "cutoff_len=64", "max_samples=10", "per_device_train_batch_size=1",
               "gradient_accumulation_steps=4", "num_train_epochs=2", "save_steps=4", "logging_steps=1",
               "learning_rate=5e-3", "use_kt=true", "expert_placement=cpu", "lora_rank=4", "seed=11",
-              "disable_tqdm=true", "dataloader_num_workers=2"]
+              "disable_tqdm=true", "dataloader_num_workers=2", "padding_free=true"]
     full = _train(*common, f"output_dir={tmp_path / 'full'}")
     assert ("micro-batching: 1 x 4 accumulation -> each step's 4 pairs in as few passes of up to 16,384 tokens as fit "
             "(micro_batch_tokens; experts on the CPU") in full.stdout
     assert "first epoch: 3 steps, 3 in 1 pass" in full.stdout
-    assert "; packed (padding-free), " in full.stdout  # experts host-held: packed by default
+    assert "; packed (padding-free), " in full.stdout  # asked for
     assert "each epoch starts with its largest pass (" in full.stdout
     assert "GPU allocator: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (set by kllama train" in full.stdout
     reference = _losses(tmp_path / "full")
