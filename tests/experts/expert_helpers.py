@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kllama.experts import ExpertPlacement, ExpertStreamer, HostExperts
+from kllama.experts.quant import quantize
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -21,13 +22,19 @@ def run(model: torch.nn.Module, embeds: torch.Tensor) -> tuple[torch.Tensor, tor
     return logits.detach(), leaf.grad, grads
 
 
-def streamed_stack(device: torch.device, count: int = 4) -> tuple[list[HostExperts], ExpertStreamer]:
-    """`count` bf16 expert layers (8 experts, hidden 128, intermediate 128) streamed to `device` by one tracing
-    streamer."""
+def streamed_stack(device: torch.device, count: int = 4,
+                   scheme: str | None = None) -> tuple[list[HostExperts], ExpertStreamer]:
+    """`count` expert layers (8 experts, hidden 128, intermediate 128; bf16, or quantized with `scheme`) streamed to
+    `device` by one tracing streamer."""
+    def weights() -> tuple:
+        gate_up = torch.randn(8, 256, 128, dtype=torch.bfloat16) * 0.05
+        down = torch.randn(8, 128, 128, dtype=torch.bfloat16) * 0.05
+        return (gate_up, down) if scheme is None else (quantize(gate_up, scheme, projections=2),
+                                                       quantize(down, scheme))
+
     layers = [
-        HostExperts(torch.randn(8, 256, 128, dtype=torch.bfloat16) * 0.05,
-                    torch.randn(8, 128, 128, dtype=torch.bfloat16) * 0.05, torch.nn.SiLU(),
-                    ExpertPlacement.from_mode("stream"), f"model.layers.{i}.mlp.experts", compute_device=device)
+        HostExperts(*weights(), torch.nn.SiLU(), ExpertPlacement.from_mode("stream"), f"model.layers.{i}.mlp.experts",
+                    compute_device=device)
         for i in range(count)
     ]
     streamer = ExpertStreamer(layers, device, trace=True)

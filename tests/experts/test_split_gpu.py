@@ -10,28 +10,13 @@ import copy
 import pytest
 import torch
 
-from kllama.experts import ExpertPlacement, ExpertStreamer, HostExperts, install_expert_engine
+from kllama.experts import ExpertPlacement, HostExperts, install_expert_engine
 from kllama.experts.lora import ExpertLoRA
-from kllama.experts.quant import quantize
 from kllama.model.tiny import build_tiny_model
 
 from expert_helpers import rel, streamed_stack
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
-def quantized_stack(device: torch.device, count: int = 4) -> tuple[list[HostExperts], ExpertStreamer]:
-    """`streamed_stack`'s shape with int8 weights."""
-    layers = [
-        HostExperts(quantize(torch.randn(8, 256, 128, dtype=torch.bfloat16) * 0.05, "int8", projections=2),
-                    quantize(torch.randn(8, 128, 128, dtype=torch.bfloat16) * 0.05, "int8"), torch.nn.SiLU(),
-                    ExpertPlacement.from_mode("stream"), f"model.layers.{i}.mlp.experts", compute_device=device)
-        for i in range(count)
-    ]
-    streamer = ExpertStreamer(layers, device, trace=True)
-    for layer in layers:
-        layer.streamer = streamer
-    return layers, streamer
 
 
 def add_lora(layers: list[HostExperts]) -> None:
@@ -49,7 +34,7 @@ def test_forced_split_equals_streaming_everything_with_the_same_prefetch_order(s
                                                                                 with_lora: bool) -> None:
     torch.manual_seed(0)
     device = torch.device("cuda")
-    layers, streamer = streamed_stack(device) if scheme is None else quantized_stack(device)
+    layers, streamer = streamed_stack(device, scheme=scheme)
     if with_lora:
         add_lora(layers)
     x = torch.randn(96, 128, device=device, dtype=torch.bfloat16)
