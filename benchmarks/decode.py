@@ -8,7 +8,7 @@ Rows (one model build, random weights, a `--prompt`-token prompt, then `--new` g
 * `auto`: the default placement (CPU below the measured inference crossover, streamed above), decode steps through
   `kllama.infer.graphs` (graphs cut around the CPU expert passes); also times the prefill of a `--long-prompt`-token
   prompt, which streams every layer with the CPU taking `k` of each layer's experts (`CPU experts` column: the
-  start-up cost model's k; `--cpu-experts 0,8,13` times the prefill again with each k forced, JSON
+  start-up cost model's k; `--cpu-experts 0,6,8,10` times the prefill again with each k forced, JSON
   `prefill_long_forced_s`).
 * `cpu`: every layer's experts on the CPU, graphed the same way.
 * `gpu`: every layer resident, once eagerly with transformers' own loop (dynamic cache) and once as one CUDA graph.

@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from kllama.experts import ExpertPlacement, HostExperts
-from kllama.experts.cpu_share import CPU_OVERLAPS_COPY, MIN_GAIN, SplitModel, per_expert_seconds
+from kllama.experts.cpu_share import (CPU_OVERLAPS_COPY, CPU_SLOWDOWN, HOST_GAP_S, MIN_GAIN, SplitModel,
+                                      per_expert_seconds)
 from kllama.experts.crossover import Crossovers, cpu_expert_seconds
 from kllama.experts.quant import dequantize, quantize
 from kllama.experts.routed import LoraFactors, expert_factors, routed_experts_math
-from kllama.experts.split_pass import cpu_share_rows, lora_tail, split_forward, submit_cpu_side
+from kllama.experts.split_pass import (HostStaging, SplitExecutor, cpu_share_rows, lora_tail, run_on_worker,
+                                       split_forward, submit_cpu_side)
 
 E, H, I, K = 8, 64, 48, 2  # noqa: E741
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -74,32 +76,66 @@ def test_lora_tail_holds_the_factors_of_the_last_experts() -> None:
             assert torch.equal(ta, a[first:]) and torch.equal(tb, b[first:])
 
 
-def model(per_expert_s: float, copy_s: float, num_experts: int = 64, overlapped: bool = True) -> SplitModel:
-    # hidden 2048 in bf16 (4,096 bytes a token), 55 GB/s copies, a flat per-expert CPU time; the overlapped algebra
-    # unless asked (the default of a measured model is `CPU_OVERLAPS_COPY`)
-    return SplitModel(num_experts, 6, copy_s, 55e9, 4096, ((32, per_expert_s), (512, per_expert_s)), overlapped)
+def model(per_expert_s: float, copy_s: float, num_experts: int = 64, overlapped: bool = True,
+          gap_s: float = 0.0, slowdown: float = 1.0) -> SplitModel:
+    # hidden 2048 in bf16 (4,096 bytes a token), 55 GB/s copies, a flat per-expert CPU time; no host gap and no
+    # slowdown unless asked, so the algebra below is the model's alone
+    return SplitModel(num_experts, 6, copy_s, 55e9, 4096, ((32, per_expert_s), (512, per_expert_s)), overlapped,
+                      gap_s, slowdown)
 
 
-def test_the_measured_default_adds_the_sides_and_streams_everything() -> None:
-    # H200 box, 2,048-token prefill, forced k = 0 / 8 / 13 / 16: 0.525 / 0.711 / 0.998 / 1.136 s (26 layers): the
-    # sum model gives 0.528 / 0.717 / 0.831 / 0.899 s -- the sides ran one after the other -- so k = 0
-    serial = model(1.19e-3, 20.3e-3, overlapped=False)
-    assert SplitModel.__dataclass_fields__["overlapped"].default is CPU_OVERLAPS_COPY is False
+def box(sampled_s: float) -> SplitModel:
+    # the H200 box as profiled (V2-Lite bf16, 2,048 tokens): 0.314 ms to copy an expert, the CPU side sampled at
+    # `sampled_s` an expert, the model's documented gap and slowdown
+    return SplitModel(64, 6, 64 * 0.314e-3, 55e9, 4096, ((32, sampled_s), (512, sampled_s)))
+
+
+def test_the_default_overlaps_and_the_box_splits_where_the_cpu_hides_under_the_copy() -> None:
+    # 1.19 ms sampled x 1.25 = 1.49 ms a real expert; gap 3.4 + 2 * 2048 * 4096 B / 55 GB/s = 3.705 ms.
+    # k = 9: cpu 9 * 1.4875 + 3.705 = 17.09 <= copy 55 * 0.314 = 17.27 ms; k = 10: 18.58 > 16.96 (the CPU would
+    # set the pace). So k = 9 and a layer costs 17.27 ms against 20.10 ms streaming all (26 layers: 0.449 s).
+    assert SplitModel.__dataclass_fields__["overlapped"].default is CPU_OVERLAPS_COPY is True
+    assert (HOST_GAP_S, CPU_SLOWDOWN) == (3.4e-3, 1.25)
+    plan = box(1.19e-3).plan(2048)
+    assert plan.cpu_experts == 9
+    assert plan.layer_s == pytest.approx(55 * 0.314e-3)
+    assert box(1.19e-3).cpu_seconds(9, 2048) == pytest.approx(9 * 1.4875e-3 + 3.705e-3, abs=1e-5)
+    assert "CPU takes 9 of 64 experts a layer at 2,048 tokens (est. 17.3 ms a layer vs 20.1 ms" in \
+        box(1.19e-3).describe(2048)
+
+
+@pytest.mark.parametrize("sampled_s", [1.0e-3, 1.1e-3, 1.19e-3, 1.2e-3, 1.3e-3])
+def test_the_box_never_gets_a_cpu_side_longer_than_its_copy(sampled_s: float) -> None:
+    # the CPU side 1.25-1.63 ms an expert (the profile's 1.5 in the middle): k stays within 6..10, and the chosen
+    # k's CPU side (with the gap) fits under the copy of the rest while k + 1's does not
+    split = box(sampled_s)
+    k = split.plan(2048).cpu_experts
+    assert 6 <= k <= 10
+    assert split.cpu_seconds(k, 2048) <= split.copy_seconds(64 - k)
+    assert split.cpu_seconds(k + 1, 2048) > split.copy_seconds(64 - k - 1)
+    assert split.plan(2048).layer_s == pytest.approx(split.layer_seconds(k, 2048))
+
+
+def test_the_sum_model_streams_everything() -> None:
+    # H200 box, 2,048-token prefill, forced k = 0 / 8 / 13 / 16: 0.525 / 0.711 / 0.998 / 1.136 s (26 layers), read
+    # as the sides running one after the other; the sum model gives 0.528 / 0.717 s for k = 0 / 8, and so k = 0
+    serial = model(1.19e-3, 20.3e-3, overlapped=False, gap_s=0.0)
     assert 26 * serial.layer_seconds(8, 2048) == pytest.approx(0.711, abs=0.01)
     assert serial.plan(2048).cpu_experts == 0
     assert "all 64 experts a layer streamed" in serial.describe(2048)
 
 
 def test_split_point_is_where_the_cpu_meets_the_copy() -> None:
-    # V2-Lite at 2,048 tokens (docs/design.md): 1.19 ms an expert on the CPU, 20.3 ms to copy 64 experts.
-    # cpu(k) = 1.19 k + hop, hop = 2 * 2048 * 4096 B / 55 GB/s = 0.305 ms; copy(64 - k) = 0.3172 (64 - k) ms:
-    # k = 13 gives max(15.78, 16.18) = 16.18 ms, k = 14 max(16.97, 15.86) = 16.97 ms, k = 12 max(14.6, 16.5).
+    # no gap, no slowdown: cpu(k) = 1.19 k + hop, hop = 2 * 2048 * 4096 B / 55 GB/s = 0.305 ms; copy(64 - k) =
+    # 0.3172 (64 - k) ms: k = 13 gives max(15.78, 16.18) = 16.18 ms, k = 14 max(16.97, 15.86) (CPU over its copy)
     plan = model(1.19e-3, 20.3e-3).plan(2048)
     assert plan.cpu_experts == 13
     assert plan.layer_s == pytest.approx(20.3e-3 * 51 / 64)
     assert plan.stream_s == pytest.approx(20.3e-3)
     assert "CPU takes 13 of 64 experts a layer at 2,048 tokens (est. 16.2 ms a layer vs 20.3 ms" in \
         model(1.19e-3, 20.3e-3).describe(2048)
+    # the gap moves the CPU side up by its length: k = 11 gives 16.795 <= 16.81 ms, k = 12 17.985 > 16.49 ms
+    assert model(1.19e-3, 20.3e-3, gap_s=3.4e-3).plan(2048).cpu_experts == 11
 
 
 def test_no_split_when_the_cpu_is_too_slow_to_pay() -> None:
@@ -108,6 +144,8 @@ def test_no_split_when_the_cpu_is_too_slow_to_pay() -> None:
     assert slow.layer_seconds(1, 2048) > (1 - MIN_GAIN) * 10e-3
     assert slow.plan(2048).cpu_experts == 0
     assert "all 64 experts a layer streamed" in slow.describe(2048)
+    # the gap alone (3.4 ms) is nearly a 3.5 ms layer copy: k = 1's CPU side, 0.2 + 3.4 + 0.02 ms, is over its copy
+    assert model(0.2e-3, 3.5e-3, gap_s=3.4e-3).plan(128).cpu_experts == 0
 
 
 def test_per_expert_seconds_interpolates_with_a_read_floor() -> None:
@@ -158,3 +196,52 @@ def test_engine_start_up_line_names_the_split() -> None:
     assert engine.split_note(2048) == model(1.19e-3, 20.3e-3).describe(2048)
     with pytest.warns(UserWarning, match="needs a CUDA compute device"):
         assert module.split_for(2048) == 0  # no CUDA compute device: the pass runs on the CPU, nothing to split
+
+
+def test_staging_buffers_are_reused_and_change_no_number() -> None:
+    # one set of buffers for every layer: the same memory pass after pass (grown once when a pass routes more rows
+    # to the CPU), the same rows and tokens as fresh tensors, in and out of inference mode
+    gate_up, down, lora = layer(torch.bfloat16, with_lora=True)
+    host_lora = {t: expert_factors(f, E, torch.bfloat16) for t, f in lora.items()}
+    silu = torch.nn.functional.silu
+    staging = HostStaging(pin=False)
+    pointers = []
+    for seed, tokens, first, inference in ((1, 40, 3, True), (2, 40, 2, False), (3, 64, 5, False), (4, 24, 3, True)):
+        x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+        index, weights = routing(tokens, seed)
+        expect = cpu_share_rows(x, index, weights, first, gate_up, down, silu, host_lora)
+        with torch.no_grad(), torch.inference_mode(inference):
+            got = cpu_share_rows(x, index, weights, first, gate_up, down, silu, host_lora, staging=staging)
+        assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1]) and got[1].abs().sum() > 0
+        assert got[1].data_ptr() == staging.take("rows", (1, H), torch.bfloat16).data_ptr()
+        assert got[0].data_ptr() == staging.take("tokens", (1,), torch.int64).data_ptr()
+        pointers.append((got[0].data_ptr(), got[1].data_ptr(), got[1].shape[0]))
+    assert pointers[1][:2] == pointers[0][:2]  # fewer rows: the same buffers
+    assert pointers[2][2] > pointers[0][2] and pointers[3][:2] == pointers[2][:2]  # grown once, then kept
+
+
+def test_worker_writes_the_cpu_side_into_the_staging_buffers() -> None:
+    gate_up, down, _ = layer(torch.bfloat16, with_lora=False)
+    module = HostExperts(gate_up, down, torch.nn.SiLU(), ExpertPlacement.from_mode("cpu", cpu_threads=2),
+                         "model.layers.0.mlp.experts", compute_device="cpu")
+    x = torch.randn(40, H, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    index, weights = routing(40)
+    staging = HostStaging(pin=False)
+    for _ in range(2):
+        tokens, rows = submit_cpu_side(None, (x, index, weights), 3, module, {}, staging).result()
+        assert rows.data_ptr() == staging.take("rows", (1, H), torch.bfloat16).data_ptr()
+    expect_tokens, expect_rows = cpu_share_rows(x, index, weights, 3, gate_up, down, torch.nn.functional.silu)
+    assert torch.equal(tokens, expect_tokens) and torch.equal(rows, expect_rows)
+
+
+def test_executor_keeps_one_staging_set_per_thread() -> None:
+    executor = SplitExecutor()
+    assert executor.staging() is executor.staging()
+    assert executor.staging().pin == torch.cuda.is_available()
+    assert run_on_worker(executor.staging) is not executor.staging()
+
+
+def test_start_up_samples_run_in_the_worker_thread() -> None:
+    import threading
+
+    assert run_on_worker(lambda: threading.current_thread().name).startswith("kllama-cpu-share")

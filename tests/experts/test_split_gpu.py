@@ -69,6 +69,37 @@ def test_forced_split_equals_streaming_everything_with_the_same_prefetch_order(s
     assert torch.equal(ones, whole)  # k = 0 is the plain stream pass
 
 
+def test_split_passes_stage_through_the_same_pinned_buffers() -> None:
+    # no pinned tensor per layer: every layer's inputs, rows and tokens go through one set of buffers, pass after
+    # pass, and the numbers are those of a pass that had fresh ones
+    from kllama.experts.module import _SPLIT
+
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    layers, streamer = streamed_stack(device)
+    x = torch.randn(96, 128, device=device, dtype=torch.bfloat16)
+    index = torch.rand(96, 8, device=device).topk(2, dim=-1).indices
+    weights = torch.rand(96, 2, device=device)
+    for layer in layers:
+        layer.forced_split = 3
+
+    def forward() -> tuple[torch.Tensor, dict[str, int]]:
+        streamer.invalidate()
+        h = x
+        with torch.no_grad():
+            for layer in layers:
+                h = h + layer(h, index, weights)
+        torch.cuda.synchronize()
+        return h, {name: buf.data_ptr() for name, buf in _SPLIT.staging()._buffers.items()}
+
+    first, pointers = forward()
+    again, same = forward()
+    assert set(pointers) >= {"in0", "in1", "in2", "rows", "tokens"} and same == pointers
+    assert all(buf.is_pinned() for buf in _SPLIT.staging()._buffers.values())
+    assert torch.equal(again, first)
+    assert streamer.held_from(layers[0], 3) == 3 and streamer.held_from(layers[3], 5) == 3  # what the slots hold
+
+
 def test_lockstep_reference_uses_the_whole_layer_the_policy_copied() -> None:
     # a no-grad pass that would split finds the layer whole in its slot (the training pass before it copied all of
     # it): it computes everything there, copying nothing more, and gives the policy's numbers

@@ -2,17 +2,20 @@
 
 A long no-grad pass (a prefill) under `auto` streams every MoE layer: its time is the copy of the layer's experts
 over PCIe, the GPU's compute hiding behind it. If the CPU computes the layer's experts `[0, k)` while the copy
-engine brings `[k, E)`, a layer costs about `max(cpu(k), copy(E - k))` (if the two sides overlap: see
-`CPU_OVERLAPS_COPY`, measured not to yet; else their sum), where
+engine brings `[k, E)`, a layer costs `max(copy(E - k), cpu(k))` (the two sides overlap: `CPU_OVERLAPS_COPY`), where
 
 * `copy(n) = n / E * copy_s`: the measured copy of a whole layer (as stored: quantized bytes for int8/fp8),
-* `cpu(k) = k * expert_s(rows) + hop`: `expert_s(rows)` the measured seconds of the engine's no-grad CPU pass per
-  expert when each gets `rows = T * top_k / E` rows (interpolated between start-up samples), `hop` the device->host
-  copy of the pass's hidden states and the host->device copy of the CPU's rows, at the measured copy bandwidth.
+* `cpu(k) = k * CPU_SLOWDOWN * expert_s(rows) + gap`: `expert_s(rows)` the seconds per expert of the split pass's
+  CPU side measured at start-up in its worker thread with its thread count, when each expert gets `rows = T *
+  top_k / E` rows (interpolated between samples); `gap` the serial host path between one layer's CPU side and the
+  next one's (`HOST_GAP_S`) plus the device->host copy of the hidden states and the host->device copy of the CPU's
+  rows at the measured copy bandwidth.
 
-`k` is the value minimising that maximum; 0 when the best split does not save at least `MIN_GAIN` of the streamed
-layer (short passes, slow CPU paths such as quantized weights through the torch loop: the same model decides, no
-scheme is special-cased). Contiguous `[0, k)` because the copy of layer i+1 is queued before its routing is known:
+`k` is the value minimising that maximum among those whose CPU side fits under the copy of the rest (so the layer
+costs `copy(E - k)`: the CPU side's jitter, e.g. its cold first layer, is then absorbed instead of adding to every
+layer; the optimum of the maximum is that k or the one above it); 0 when it does not save at least `MIN_GAIN` of
+the streamed layer (short passes, slow CPU paths such as quantized weights through the torch loop: the same model
+decides, no scheme is special-cased). Contiguous `[0, k)` because the copy of layer i+1 is queued before its routing is known:
 only a fixed block can be left out of it (docs/design.md, "Long no-grad passes split their experts").
 """
 from __future__ import annotations
@@ -23,13 +26,24 @@ from dataclasses import dataclass
 
 from kllama.experts.crossover import Crossovers, running_max
 
-MIN_GAIN = 0.05  # a split must save this share of a streamed layer's time (below it: noise in the estimates)
-# Whether the CPU side runs while the copy engine brings the rest. Measured on the H200 box (2026-11-30, V2-Lite,
-# 2,048-token prefill, `benchmarks/decode.py --cpu-experts 0,8,13,16`): 0.525 / 0.711 / 0.998 / 1.136 s, i.e. the
-# CPU's k experts and the copy of the other 64 - k ran one after the other (k = 8: 26 x (8 x 1.19 + 56 x 0.317) ms
-# = 0.71 s), not at once. Until that overlap is made to happen and measured, the model adds the two sides, which
-# never pays for a CPU slower per expert than the copy: long passes stream everything (`forced_split` still splits).
-CPU_OVERLAPS_COPY = False
+MIN_GAIN = 0.03  # a split must save this share of a streamed layer's time (below it: noise in the estimates)
+# Whether the CPU side runs while the copy engine brings the rest. It does: torch.profiler on the H200 box
+# (2026-11-30, 8 full-size V2-Lite layers, 2,048-token prefill, bf16, k = 10) shows layer i+1's weight copy (54
+# experts, 16.9 ms) running while the worker computes layer i's 10 experts. An earlier sweep (k = 8: 0.711 s
+# against 0.525 s streaming all) had read as the two sides running one after the other; the profile shows instead
+# a cycle of max(copy, cpu + gap) with a CPU side slower than sampled (CPU_SLOWDOWN) and a serial host gap
+# (HOST_GAP_S). False: the model adds the two sides (never splits while the CPU is slower per expert than the copy).
+CPU_OVERLAPS_COPY = True
+# The serial host path from one layer's CPU side ending to the next layer's starting, in the same profile: the
+# main thread wakes from the worker's result, queues the rows' copy and `index_add_`, launches the next attention
+# (~30 small kernels the GPU runs at host launch speed, ~1 ms), the router, the staging copies, the acquire and the
+# submit: ~3.7 ms a layer, of which ~0.3 ms are the two copies `hop` adds by itself. Measured before the submit was
+# moved ahead of the acquire and the pinned buffers were made once (split_pass.py), so likely ~0.5-1 ms high now.
+HOST_GAP_S = 3.4e-3
+# The CPU side's seconds per expert in a real pass against the start-up sample: 1.5 ms an expert (192 rows, 15
+# threads) in that profile against ~1.19 ms sampled. The copy engine reads host DRAM meanwhile, the worker shares
+# the GIL with the main thread's launches, and the first layer of a pass runs cold (25 ms for 10 experts).
+CPU_SLOWDOWN = 1.25
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,8 @@ class SplitModel:
     token_bytes: int  # one token's hidden state in the compute dtype (hidden * itemsize)
     expert_samples: tuple[tuple[int, float], ...]  # (rows per expert, CPU seconds per expert)
     overlapped: bool = CPU_OVERLAPS_COPY  # the CPU side runs during the copy (max of the two) or before it (sum)
+    host_gap_s: float = HOST_GAP_S  # the serial host path between two layers' CPU sides
+    cpu_slowdown: float = CPU_SLOWDOWN  # a real pass's CPU seconds per expert over the start-up sample
 
     @classmethod
     def from_crossovers(cls, found: Crossovers, num_experts: int, top_k: int, token_bytes: int,
@@ -79,17 +95,19 @@ class SplitModel:
         return cls(num_experts, top_k, found.copy_s, found.copy_bandwidth, token_bytes, found.expert_samples)
 
     def cpu_terms(self, num_tokens: int) -> tuple[float, float]:
-        """`(seconds per expert, hop seconds)` of the CPU side of a pass over `num_tokens` tokens."""
+        """`(seconds per expert, gap seconds)` of the CPU side of a pass over `num_tokens` tokens: the sampled time
+        times the slowdown, and the host gap plus the hidden states' and rows' copies."""
         rows = num_tokens * self.top_k / self.num_experts
         hop = 2 * num_tokens * self.token_bytes / self.copy_bandwidth
-        return per_expert_seconds(self.expert_samples, rows), hop
+        return self.cpu_slowdown * per_expert_seconds(self.expert_samples, rows), self.host_gap_s + hop
 
     def cpu_seconds(self, experts: int, num_tokens: int) -> float:
-        """Estimated CPU side of a pass over `num_tokens` tokens computing `experts` experts (0 for none)."""
+        """Estimated CPU side (with its gap) of a pass over `num_tokens` tokens computing `experts` experts (0 for
+        none)."""
         if experts <= 0:
             return 0.0
-        per_expert, hop = self.cpu_terms(num_tokens)
-        return experts * per_expert + hop
+        per_expert, gap = self.cpu_terms(num_tokens)
+        return experts * per_expert + gap
 
     def copy_seconds(self, experts: int) -> float:
         """The copy of `experts` of the layer's experts."""
@@ -102,16 +120,20 @@ class SplitModel:
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 (frozen, hashable, few instances; asked per layer and pass)
     def plan(self, num_tokens: int) -> SplitPlan:
-        """The split of a no-grad pass over `num_tokens` tokens: the k minimising `layer_seconds`, or 0 when it does
-        not save `MIN_GAIN` of streaming everything."""
+        """The split of a no-grad pass over `num_tokens` tokens: the k minimising `layer_seconds` among those whose
+        CPU side fits under their copy (overlapped), or 0 when it does not save `MIN_GAIN` of streaming everything."""
         stream_s = self.copy_seconds(self.num_experts)
-        per_expert, hop = self.cpu_terms(num_tokens)  # layer_seconds' terms, computed once for the 65 candidates
+        per_expert, gap = self.cpu_terms(num_tokens)  # layer_seconds' terms, computed once for the 65 candidates
+
+        def sides(k: int) -> tuple[float, float]:
+            return (k * per_expert + gap if k else 0.0), self.copy_seconds(self.num_experts - k)
 
         def layer_s(k: int) -> float:
-            cpu, copy = k * per_expert + hop if k else 0.0, self.copy_seconds(self.num_experts - k)
+            cpu, copy = sides(k)
             return max(cpu, copy) if self.overlapped else cpu + copy
 
-        best = min(range(self.num_experts + 1), key=lambda k: (layer_s(k), k))
+        fits = [k for k in range(self.num_experts + 1) if not self.overlapped or sides(k)[0] <= sides(k)[1]]
+        best = min(fits, key=lambda k: (layer_s(k), k))
         best_s = layer_s(best)
         if best_s > (1 - MIN_GAIN) * stream_s:
             best, best_s = 0, stream_s

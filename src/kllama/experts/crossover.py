@@ -15,8 +15,9 @@ maximum of the timings (a pass over more tokens never costs less). Both kinds to
 16-core host with a V2-Lite layer. Quantized experts (`scheme` int8 / fp8) are measured as they run: the copy moves
 their bytes, the CPU no-grad pass reads them, a CPU training pass dequantizes the layer first.
 
-Next to the inference crossover, the CPU's seconds per expert are sampled at a few row counts (`expert_samples`):
-the cost model of long no-grad passes that leave some experts to the CPU (`kllama.experts.cpu_share`) reads them.
+Next to the inference crossover, the CPU's seconds per expert are sampled at a few row counts (`expert_samples`),
+in the split pass's worker thread with its thread count: the cost model of long no-grad passes that leave some
+experts to the CPU (`kllama.experts.cpu_share`) reads them.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kllama.experts.cpu_compute import cpu_infer_forward, intra_op_threads, worker_threads
-from kllama.experts.split_pass import cpu_share_rows
+from kllama.experts.split_pass import cpu_share_rows, run_on_worker
 from kllama.experts.pinned import host_empty
 from kllama.experts.quant import ExpertWeight, constant_quantized, dequantize, weight_nbytes
 from kllama.experts.routed import experts_backward, experts_forward, route
@@ -40,7 +41,7 @@ PASS_KINDS: tuple[str, ...] = ("inference", "training")
 COPIES_PER_PASS: dict[str, int] = {"inference": 1, "training": 2}
 _COPY_PROBE_BYTES = 256 << 20
 # Rows per expert at which the CPU's per-expert time is sampled (a 2,048-token V2-Lite prefill routes ~192 to each)
-EXPERT_ROWS: tuple[int, ...] = (32, 64, 128, 256, 512)
+EXPERT_ROWS: tuple[int, ...] = (32, 64, 128, 192, 256, 512)
 _EXPERTS_PER_SAMPLE = 8
 
 
@@ -248,9 +249,12 @@ def measure_crossovers(
             samples[kind] = sample_cpu_until(
                 lambda t: cpu_pass_seconds(t, gate_up, down, top_k, kind, repeats), stream_s)
             result[kind] = crossover_from_samples(samples[kind], stream_s)
-    if split:
-        with intra_op_threads(worker_threads(cpu_threads)):  # as the split pass's CPU side runs
-            expert_samples = tuple((rows, cpu_expert_seconds(rows, gate_up, down, repeats)) for rows in EXPERT_ROWS)
+    if split:  # in the split pass's worker thread with its thread count, as its CPU side runs
+        def sample() -> tuple[tuple[int, float], ...]:
+            with intra_op_threads(worker_threads(cpu_threads)):
+                return tuple((rows, cpu_expert_seconds(rows, gate_up, down, repeats)) for rows in EXPERT_ROWS)
+
+        expert_samples = run_on_worker(sample)
     return Crossovers(result["inference"], result["training"], copy_s, samples, bandwidth, expert_samples)
 
 

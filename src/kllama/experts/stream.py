@@ -179,6 +179,13 @@ class ExpertStreamer:
         the layer). Prefetches like `acquire`; pair with `release(module)`."""
         return self._acquire(module, num_tokens, backward=False, training=False, first=first)
 
+    def held_from(self, module: "HostExperts", first: int) -> int:
+        """The `f` that `acquire_from(module, _, first)` would give now, without acquiring anything: `first`, or less
+        when a slot already holds more of the layer. The split pass asks first, so its CPU side starts before the
+        acquire (which queues the next layer's copy)."""
+        slot = self._slot_of(self._index[id(module)], first)
+        return slot.first if slot is not None else first
+
     def _acquire(self, module: "HostExperts", num_tokens: int, backward: bool, training: bool,
                  first: int) -> tuple[Tensor, Tensor, int]:
         layer = self._index[id(module)]
