@@ -92,11 +92,12 @@ def test_split_passes_stage_through_the_same_pinned_buffers() -> None:
         torch.cuda.synchronize()
         return h, {name: buf.data_ptr() for name, buf in _SPLIT.staging()._buffers.items()}
 
+    _SPLIT._local.__dict__.pop("staging", None)  # fresh buffers for the first pass, reused by the second
     first, pointers = forward()
     again, same = forward()
     assert set(pointers) >= {"in0", "in1", "in2", "rows", "tokens"} and same == pointers
     assert all(buf.is_pinned() for buf in _SPLIT.staging()._buffers.values())
-    assert torch.equal(again, first)
+    assert rel(again, first) < 1e-3  # index_add_'s fp32 atomics may add a token's CPU rows in another order
     assert streamer.held_from(layers[0], 3) == 3 and streamer.held_from(layers[3], 5) == 3  # what the slots hold
 
 

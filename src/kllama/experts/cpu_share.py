@@ -11,12 +11,13 @@ engine brings `[k, E)`, a layer costs `max(copy(E - k), cpu(k))` (the two sides 
   next one's (`HOST_GAP_S`) plus the device->host copy of the hidden states and the host->device copy of the CPU's
   rows at the measured copy bandwidth.
 
-`k` is the value minimising that maximum among those whose CPU side fits under the copy of the rest (so the layer
-costs `copy(E - k)`: the CPU side's jitter, e.g. its cold first layer, is then absorbed instead of adding to every
-layer; the optimum of the maximum is that k or the one above it); 0 when it does not save at least `MIN_GAIN` of
-the streamed layer (short passes, slow CPU paths such as quantized weights through the torch loop: the same model
-decides, no scheme is special-cased). Contiguous `[0, k)` because the copy of layer i+1 is queued before its routing is known:
-only a fixed block can be left out of it (docs/design.md, "Long no-grad passes split their experts").
+`k` is the value minimising that maximum among those whose CPU side fits under the copy of the rest, so a layer
+costs `copy(E - k)` and some jitter of the CPU side (a pass's cold first layer) is absorbed by the copy instead of
+setting the pace (the unconstrained optimum is that k or the one above it); 0 when it does not save at least
+`MIN_GAIN` of the streamed layer (short passes, slow CPU paths such as quantized weights through the torch loop: the
+same model decides, no scheme is special-cased). Contiguous `[0, k)` because the copy of layer i+1 is queued before
+its routing is known: only a fixed block can be left out of it (docs/design.md, "Long no-grad passes split their
+experts").
 """
 from __future__ import annotations
 

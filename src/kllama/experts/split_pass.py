@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
@@ -274,9 +274,14 @@ class SplitExecutor(DeviceExecutor):
             gate_up, down, held = streamer.acquire_from(module, num_tokens, first)
             if held != first:
                 raise RuntimeError(f"{module.name}: the slot holds experts [{held}, E), the CPU took [0, {first})")
-            lora = lora_from_flat(lora_meta, [p.detach().to(device) for p in lora_params])
-            out = device_share(xd, idx, w, first, gate_up, down, module.act_fn, lora, module.num_experts,
-                               self.chunks(module, num_tokens))
+            try:
+                lora = lora_from_flat(lora_meta, [p.detach().to(device) for p in lora_params])
+                out = device_share(xd, idx, w, first, gate_up, down, module.act_fn, lora, module.num_experts,
+                                   self.chunks(module, num_tokens))
+            except BaseException:
+                if job is not None:  # a retried pass (after an OOM) restages into the buffers this job still reads
+                    wait([job])
+                raise
             if job is not None:
                 tokens, rows = job.result()
                 out = combine(out, tokens.to(device, non_blocking=True), rows.to(device, non_blocking=True))
