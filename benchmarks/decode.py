@@ -9,7 +9,9 @@ Rows (one model build, random weights, a `--prompt`-token prompt, then `--new` g
   `kllama.infer.graphs` (graphs cut around the CPU expert passes); also times the prefill of a `--long-prompt`-token
   prompt, which streams every layer with the CPU taking `k` of each layer's experts (`CPU experts` column: the
   start-up cost model's k; `--cpu-experts 0,6,8,10` times the prefill again with each k forced, JSON
-  `prefill_long_forced_s`).
+  `prefill_long_forced_s`); each timed prefill logs its split trace (`kllama.experts.split_trace`: the CPU side's ms
+  an expert, the gap between layers, to check the cost model's constants), JSON `prefill_long_trace` /
+  `prefill_long_forced_trace`.
 * `cpu`: every layer's experts on the CPU, graphed the same way.
 * `gpu`: every layer resident, once eagerly with transformers' own loop (dynamic cache) and once as one CUDA graph.
 * `gpu under <cap>` (one row per `--caps` entry): `auto` plus as many layers resident as the cap allows with an
@@ -47,6 +49,7 @@ from kllama.experts.install import ExpertEngine, wire_engine  # noqa: E402
 from kllama.experts.module import HostExperts, expert_pass_hook  # noqa: E402
 from kllama.experts.placement import ExpertPlacement  # noqa: E402
 from kllama.experts.quant import scheme_of  # noqa: E402
+from kllama.experts.split_trace import summarize, traced_split  # noqa: E402
 from kllama.infer.batching import cache_argument, transformers_model  # noqa: E402
 from kllama.infer.graphs import GraphedDecoder  # noqa: E402
 from kllama.model.engine_setup import inference_reserve_bytes, promote_resident_layers  # noqa: E402
@@ -263,17 +266,29 @@ def run_row(name: str, model: nn.Module, engine: ExpertEngine, args: argparse.Na
     return finish_row(row, split)
 
 
-def time_prefill(decoder: GraphedDecoder, prompt: list[int], device: torch.device) -> list[float]:
-    """Seconds of two prefills of `prompt` after a warm-up (stream slots, kernels for this length)."""
+def time_prefill(decoder: GraphedDecoder, prompt: list[int], device: torch.device,
+                 ) -> tuple[list[float], dict[str, Any]]:
+    """Seconds of two prefills of `prompt` after a warm-up (stream slots, kernels for this length), and the split
+    trace's summary of those two (`split_trace.summarize`: the CPU side's ms an expert, the gap between layers)."""
     decoder.prefill(prompt)
     times = []
-    for _ in range(2):
-        synchronize(device)
-        start = time.perf_counter()
-        decoder.prefill(prompt)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+    with traced_split() as timings:
+        for _ in range(2):
+            synchronize(device)
+            start = time.perf_counter()
+            decoder.prefill(prompt)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+    return times, summarize(timings)
+
+
+def trace_line(trace: dict[str, Any]) -> str:
+    """The split trace in one log line (empty when no layer split)."""
+    if not trace["layers"]:
+        return ""
+    return (f" [CPU side {trace['cpu_ms_per_expert'] or 0:.2f} ms an expert (first layer "
+            f"{trace['first_layer_cpu_ms_per_expert']:.2f}), gap {trace['gap_ms'] or 0:.2f} ms, worker start "
+            f"{trace['worker_start_ms']:.2f} ms, cycle {trace['cycle_ms'] or 0:.2f} ms]")
 
 
 def long_prefill(model: nn.Module, modules: dict[str, HostExperts], args: argparse.Namespace,
@@ -286,24 +301,28 @@ def long_prefill(model: nn.Module, modules: dict[str, HostExperts], args: argpar
     k = first.split_for(length)
     plan = first.cpu_share.plan(length) if first.cpu_share is not None else None
     decoder = GraphedDecoder(model, 1, length + 2)
-    times = time_prefill(decoder, prompt, device)
-    log(f"prefill of {length} tokens (CPU takes {k} experts a layer): {', '.join(f'{t:.3f}' for t in times)} s")
+    times, trace = time_prefill(decoder, prompt, device)
+    log(f"prefill of {length} tokens (CPU takes {k} experts a layer): {', '.join(f'{t:.3f}' for t in times)} s"
+        f"{trace_line(trace)}")
     row = {"prefill_long_s": min(times), "prefill_long_runs_s": times, "long_prompt_tokens": length,
            "prefill_long_cpu_experts": k, "prefill_long_est_layer_ms": plan.layer_s * 1e3 if plan else None,
-           "prefill_long_est_stream_layer_ms": plan.stream_s * 1e3 if plan else None}
+           "prefill_long_est_stream_layer_ms": plan.stream_s * 1e3 if plan else None, "prefill_long_trace": trace}
     forced: dict[int, float] = {}
+    traces: dict[int, dict[str, Any]] = {}
     try:
         for value in (int(v) for v in comma_list(args.cpu_experts)):
             for module in modules.values():
                 module.forced_split = value
-            forced[value] = min(time_prefill(decoder, prompt, device))
-            log(f"prefill of {length} tokens, CPU forced to {value} experts a layer: {forced[value]:.3f} s")
+            forced_times, traces[value] = time_prefill(decoder, prompt, device)
+            forced[value] = min(forced_times)
+            log(f"prefill of {length} tokens, CPU forced to {value} experts a layer: {forced[value]:.3f} s"
+                f"{trace_line(traces[value])}")
     finally:
         for module in modules.values():
             module.forced_split = None
     del decoder
     release()
-    return {**row, "prefill_long_forced_s": forced} if forced else row
+    return {**row, "prefill_long_forced_s": forced, "prefill_long_forced_trace": traces} if forced else row
 
 
 def profile_decode(model: nn.Module, prompt: list[int], steps: int, device: torch.device) -> str:

@@ -12,6 +12,7 @@ import torch
 
 from kllama.experts import ExpertPlacement, HostExperts, install_expert_engine
 from kllama.experts.lora import ExpertLoRA
+from kllama.experts.split_trace import passes, traced_split
 from kllama.model.tiny import build_tiny_model
 
 from expert_helpers import rel, streamed_stack
@@ -94,7 +95,11 @@ def test_split_passes_stage_through_the_same_pinned_buffers() -> None:
 
     _SPLIT._local.__dict__.pop("staging", None)  # fresh buffers for the first pass, reused by the second
     first, pointers = forward()
-    again, same = forward()
+    with traced_split() as timings:
+        again, same = forward()
+    assert [t.experts for t in timings] == [3] * 4 and passes(timings) == [timings]
+    assert all(t.staged <= t.cpu_start <= t.cpu_end <= t.resumed for t in timings)
+    assert all(t.rows == int((index < 3).sum()) for t in timings)
     assert set(pointers) >= {"in0", "in1", "in2", "rows", "tokens"} and same == pointers
     assert all(buf.is_pinned() for buf in _SPLIT.staging()._buffers.values())
     assert rel(again, first) < 1e-3  # index_add_'s fp32 atomics may add a token's CPU rows in another order

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, TypeVar
@@ -35,6 +36,7 @@ from torch import Tensor
 from kllama.experts.cpu_compute import expert_output, intra_op_threads, worker_threads
 from kllama.experts.quant import ExpertWeight
 from kllama.experts.routed import LoraFactors, SavedPass, experts_forward, lora_from_flat, route
+from kllama.experts.split_trace import SplitTiming, record, tracing
 from kllama.experts.stream import DeviceExecutor
 
 if TYPE_CHECKING:
@@ -200,25 +202,32 @@ def split_forward(
 
 def cpu_side(ready: torch.cuda.Event | None, staged: Sequence[Tensor], first: int, module: "HostExperts",
              host_lora: Mapping[str, tuple[Tensor, Tensor]], threads: int, inference: bool,
-             staging: HostStaging | None = None) -> tuple[Tensor, Tensor]:
+             staging: HostStaging | None = None, clock: list[float] | None = None) -> tuple[Tensor, Tensor]:
     """The CPU side of a split pass as the worker thread runs it: wait for the staged `(x, index, weights)` to land
     (`ready`), then `cpu_share_rows` with `threads` intra-op threads, without grad, in inference mode when the
     caller was (grad and inference modes are per thread). With `staging`, the result is written into its (pinned)
-    buffers once the previous rows have reached the device, ready for a non-blocking copy."""
+    buffers once the previous rows have reached the device, ready for a non-blocking copy. With `clock`, the
+    `perf_counter` times of the computation's start and end are appended to it."""
     if ready is not None:
         ready.synchronize()
     if staging is not None:
         staging.wait_returned()
+    if clock is not None:
+        clock.append(time.perf_counter())
     with torch.no_grad(), torch.inference_mode(inference), intra_op_threads(threads):
-        return cpu_share_rows(*staged, first, *module.host_weights(), module.act_fn, host_lora, staging=staging)
+        out = cpu_share_rows(*staged, first, *module.host_weights(), module.act_fn, host_lora, staging=staging)
+    if clock is not None:
+        clock.append(time.perf_counter())
+    return out
 
 
 def submit_cpu_side(ready: torch.cuda.Event | None, staged: Sequence[Tensor], first: int, module: "HostExperts",
                     host_lora: Mapping[str, tuple[Tensor, Tensor]], staging: HostStaging | None = None,
-                    ) -> "Future[tuple[Tensor, Tensor]]":
+                    clock: list[float] | None = None) -> "Future[tuple[Tensor, Tensor]]":
     """`cpu_side` started in the worker thread with one intra-op thread fewer than the placement's."""
     return _worker().submit(cpu_side, ready, staged, first, module, host_lora,
-                            worker_threads(module.placement.cpu_threads), torch.is_inference_mode_enabled(), staging)
+                            worker_threads(module.placement.cpu_threads), torch.is_inference_mode_enabled(), staging,
+                            clock)
 
 
 def stage_async(staging: HostStaging, *tensors: Tensor) -> tuple[list[Tensor], torch.cuda.Event | None]:
@@ -267,10 +276,10 @@ class SplitExecutor(DeviceExecutor):
             host_lora = module.host_lora_factors(lora_meta, lora_params)  # cached; a first copy syncs, so before:
             # the CPU side is on the layer's critical path: stage and submit it before anything else is launched
             first = streamer.held_from(module, module.split_for(num_tokens))
-            job, staging = None, self.staging()
+            job, staging, clock = None, self.staging(), [time.perf_counter()] if tracing() else None
             if first:
                 staged, ready = stage_async(staging, xd, idx, w)
-                job = submit_cpu_side(ready, staged, first, module, host_lora, staging)
+                job = submit_cpu_side(ready, staged, first, module, host_lora, staging, clock)
             gate_up, down, held = streamer.acquire_from(module, num_tokens, first)
             if held != first:
                 raise RuntimeError(f"{module.name}: the slot holds experts [{held}, E), the CPU took [0, {first})")
@@ -284,6 +293,8 @@ class SplitExecutor(DeviceExecutor):
                 raise
             if job is not None:
                 tokens, rows = job.result()
+                if clock is not None:  # [staged, cpu_start, cpu_end]
+                    record(SplitTiming(module.name, first, tokens.numel(), *clock, time.perf_counter()))
                 out = combine(out, tokens.to(device, non_blocking=True), rows.to(device, non_blocking=True))
                 staging.returned(torch.cuda.current_stream(device))
             self.done(module, backward=False)
