@@ -37,7 +37,7 @@ import time
 import traceback
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -339,9 +339,11 @@ def run_mode(name: str, mode: Mode, placement: str, model: nn.Module, trainer: K
 
 
 def run_placement(placement: str, lm: nn.Module, modules: dict, model: nn.Module, modes: list[str],
-                  args: argparse.Namespace, device: torch.device, work: str, seed: int) -> list[dict[str, Any]]:
+                  args: argparse.Namespace, device: torch.device, work: str, seed: int,
+                  rows: list[dict[str, Any]], save: Callable[[], Any]) -> None:
     """Place the experts, build the run's trainer (lock-step reference when layers stream) and run every mode on
-    pairs drawn from `seed` (a placement of its own: lengths no earlier placement warmed up)."""
+    pairs drawn from `seed` (a placement of its own: lengths no earlier placement warmed up), adding a row to `rows`
+    and saving after each (a run cut off at the time limit still leaves its JSON)."""
     capped = placement == "stream"
     set_gpu_cap(args.gpu_cap_gb if capped else None, device)
     engine, info = place_experts(lm, modules, placement, args, device)
@@ -351,11 +353,11 @@ def run_placement(placement: str, lm: nn.Module, modules: dict, model: nn.Module
         streamed_layers=streamed)
     trainer = make_trainer(model, lockstep, device, work)
     log(f"{placement}: {streamed} streamed MoE layers, lock-step reference {'on' if lockstep else 'off'}, {info}")
-    rows = []
     for name in modes:
         if time.perf_counter() - args.started > args.budget_s:
             log(f"{name} [{placement}]: skipped, past the {args.budget_s:.0f}s budget")
             rows.append({"name": name, "placement": placement, "note": "skipped: time budget"})
+            save()
             continue
         try:
             row = run_mode(name, MODES[name], placement, model, trainer, args, device, seed)
@@ -366,14 +368,15 @@ def run_placement(placement: str, lm: nn.Module, modules: dict, model: nn.Module
                    "error": f"{type(exc).__name__}: {exc}"}
         row.update(lockstep=lockstep is not None, streamed_layers=streamed)
         rows.append(row)
+        save()
         model.zero_grad(set_to_none=True)
         release()
     del trainer, engine
     set_gpu_cap(None, device)
-    return rows
 
 
 def print_profiles(rows: list[dict[str, Any]]) -> None:
+    """Each row's profiler tables and its syncs / host reads by source line."""
     for row in rows:
         for key, title in (("self_cuda", "self CUDA time"), ("self_cpu", "self CPU time")):
             top = row.get("profile", {}).get(key)
@@ -424,15 +427,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "cudnn": torch.backends.cuda.cudnn_sdp_enabled(), "flash": torch.backends.cuda.flash_sdp_enabled(),
             "efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
             "cudnn_version": torch.backends.cudnn.version()}
+    stem = f"packed_pass_{args.model}{'_tiny' if args.tiny else ''}"
+
+    def save() -> Path:
+        return write_results(results, stem, args.out_dir)
+
     with tempfile.TemporaryDirectory() as work:
         for index, placement in enumerate(placements):
-            results["rows"] += run_placement(placement, lm, modules, model, modes, args, device, work,
-                                             args.seed + 1000 * index)
-            write_results(results, f"packed_pass_{args.model}{'_tiny' if args.tiny else ''}", args.out_dir)
+            run_placement(placement, lm, modules, model, modes, args, device, work, args.seed + 1000 * index,
+                          results["rows"], save)
     results["total_s"] = time.perf_counter() - start
     print_profiles(results["rows"])
     print("\n" + format_table(results["rows"], STEP_COLUMNS), flush=True)
-    path = write_results(results, f"packed_pass_{args.model}{'_tiny' if args.tiny else ''}", args.out_dir)
+    path = save()
     log(f"wrote {path}")
     return results
 
