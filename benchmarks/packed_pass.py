@@ -16,9 +16,10 @@ Modes (`--modes`, a comma list of `MODES`) separate the suspects:
 * `packed-dense`: transformers' own masked SDPA over the packed row (its N x N block-diagonal mask), no split.
 
 For each mode: seconds a step (median of `--repeats` after `--warmup`), peak GPU GB, host syncs of one step (CUDA:
-`torch.cuda.set_sync_debug_mode("warn")`, with the source lines that caused them) and host reads seen from Python
-(`.item()`, `.tolist()`, `nonzero`, ... on any device), then torch.profiler's top 20 ops by self CUDA time and by self
-CPU time over one step (`--trace` also exports a Chrome trace). Prints the tables, writes JSON.
+`torch.cuda.set_sync_debug_mode("warn")`, with the source lines that caused them), host reads seen from Python
+(`.item()`, `.tolist()`, `nonzero`, ... on any device) and the cuDNN plan cache's lookups in that step (its
+`TORCH_CUDNN_SDPA_CACHE_DEBUG` lines, where this torch has them), then torch.profiler's top 20 ops by self CUDA
+time and by self CPU time over one step (`--trace` also exports a Chrome trace). Prints the tables, writes JSON.
 
     PYTHONPATH=src python benchmarks/packed_pass.py --layers 4 --placements stream --gpu-cap-gb 24     # ~1 min
     PYTHONPATH=src python benchmarks/packed_pass.py --layers 4 --cudnn-avoid-recompile      # torch's opt-in flag
@@ -38,7 +39,7 @@ import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,7 @@ STEP_COLUMNS = (
     ("name", "mode", "{}"), ("placement", "placement", "{}"), ("real_tokens", "real tok", "{:,}"),
     ("pass_tokens", "pass tok", "{:,}"), ("s_per_step", "s/step (median)", "{:.3f}"), ("s_min", "min", "{:.3f}"),
     ("s_max", "max", "{:.3f}"), ("peak_gpu_gb", "peak GPU GB", "{:.1f}"), ("cuda_syncs", "CUDA syncs", "{}"),
-    ("host_reads", "host reads", "{}"), ("note", "note", "{}"),
+    ("host_reads", "host reads", "{}"), ("cudnn_cache_lookups", "cuDNN lookups", "{}"), ("note", "note", "{}"),
 )
 
 
@@ -118,6 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=75.0,
                    help="after this many seconds, later modes are skipped and a running one drops its count and "
                         "profile steps (the box's call is held to ~90 s)")
+    p.add_argument("--no-cudnn-cache-debug", action="store_true",
+                   help="leave TORCH_CUDNN_SDPA_CACHE_DEBUG unset (set by default: the counted step records the "
+                        "cuDNN plan cache's lookups and cumulative hit rate, where this torch has the switch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test)")
     p.add_argument("--out-dir", type=Path, default=None, help="JSON directory (default benchmarks/results)")
@@ -180,25 +184,37 @@ def _short(path: str) -> str:
     return path
 
 
+@dataclass
+class StepWarnings:
+    """What torch reported during one CUDA step: synchronizing calls by the Python line that caused them, and the
+    cuDNN attention plan cache's own lines (`TORCH_CUDNN_SDPA_CACHE_DEBUG=1`: one a lookup, cumulative counts)."""
+
+    syncs: Counter = field(default_factory=Counter)
+    cudnn_cache: list[str] = field(default_factory=list)
+
+
 @contextlib.contextmanager
-def cuda_syncs(device: torch.device) -> Iterator[Counter]:
-    """Inside the block, every synchronizing CUDA call torch makes is counted by the Python line that caused it
-    (`torch.cuda.set_sync_debug_mode("warn")`); an empty counter on CPU."""
-    sites: Counter[str] = Counter()
+def cuda_warnings(device: torch.device) -> Iterator[StepWarnings]:
+    """Inside the block, torch's warnings are collected: every synchronizing CUDA call
+    (`torch.cuda.set_sync_debug_mode("warn")`) and the cuDNN cache's debug lines; empty on CPU."""
+    seen = StepWarnings()
     if device.type != "cuda":
-        yield sites
+        yield seen
         return
     previous = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            yield sites
+            yield seen
         finally:
             torch.cuda.set_sync_debug_mode(previous)
     for w in caught:
-        if "synchroniz" in str(w.message):
-            sites[f"{_short(w.filename)}:{w.lineno}"] += 1
+        text = str(w.message)
+        if "synchroniz" in text:
+            seen.syncs[f"{_short(w.filename)}:{w.lineno}"] += 1
+        elif "SDPA Cache" in text:
+            seen.cudnn_cache.append(text.strip())
 
 
 # ----------------------------------------------------------------------------- the step
@@ -279,7 +295,7 @@ def counted_step(trainer: KllamaTrainer, model: nn.Module, batch: dict[str, Any]
     than a timed step: the counting costs) and the log-probs the trainer recorded for it."""
     counter = HostReadCounter()
     start = time.perf_counter()
-    with cuda_syncs(device) as syncs, counter:  # the step alone: the timing's own synchronize stays outside
+    with cuda_warnings(device) as seen, counter:  # the step alone: the timing's own synchronize stays outside
         loss = trainer.training_step(model, batch)
     synchronize(device)
     seconds = time.perf_counter() - start
@@ -287,8 +303,9 @@ def counted_step(trainer: KllamaTrainer, model: nn.Module, batch: dict[str, Any]
     logged = trainer._stored["train"]  # the same pairs padded or packed must give the same log-probs
     return {"counted_step_s": seconds, "loss": float(loss), "logps_chosen": logged["logps/chosen"][-1],
             "logps_rejected": logged["logps/rejected"][-1],
-            "cuda_syncs": sum(syncs.values()) if device.type == "cuda" else None,
-            "cuda_sync_sites": dict(syncs.most_common(15)), "host_reads": sum(counter.sites.values()),
+            "cuda_syncs": sum(seen.syncs.values()) if device.type == "cuda" else None,
+            "cuda_sync_sites": dict(seen.syncs.most_common(15)), "host_reads": sum(counter.sites.values()),
+            "cudnn_cache_lookups": len(seen.cudnn_cache), "cudnn_cache_last": seen.cudnn_cache[-4:],
             "host_read_sites": dict(counter.sites.most_common(15))}
 
 
@@ -383,6 +400,9 @@ def print_profiles(rows: list[dict[str, Any]]) -> None:
             if top:
                 print(f"\n== {row['name']} [{row['placement']}]: top {len(top)} ops by {title} (one step) ==")
                 print(format_table(top, PROFILE_COLUMNS), flush=True)
+        if row.get("cudnn_cache_last"):
+            print(f"-- {row['name']} [{row['placement']}]: {row['cudnn_cache_lookups']} cuDNN plan-cache lookups in "
+                  f"the counted step, last: {row['cudnn_cache_last'][-1]}", flush=True)
         for key, title in (("cuda_sync_sites", "CUDA syncs"), ("host_read_sites", "host reads from Python")):
             if row.get(key):
                 print(f"-- {row['name']} [{row['placement']}]: {title} by source line: "
@@ -394,7 +414,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     args.started = time.perf_counter()
     if args.cudnn_avoid_recompile:
-        os.environ["TORCH_CUDNN_SDPA_AVOID_RECOMPILE"] = "1"  # read by torch's cuDNN attention at call time
+        os.environ["TORCH_CUDNN_SDPA_AVOID_RECOMPILE"] = "1"  # read by torch's cuDNN attention at its first call
+    if not args.no_cudnn_cache_debug:
+        os.environ["TORCH_CUDNN_SDPA_CACHE_DEBUG"] = "1"  # the plan cache says its lookups and hit rate (a warning)
     placements = placement_list(args.placements)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if bad := [p for p in placements if p not in ("stream", "gpu")] + [m for m in modes if m not in MODES]:
