@@ -115,7 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler step")
     p.add_argument("--trace", action="store_true", help="also export each profiled step as a Chrome trace")
     p.add_argument("--cudnn-avoid-recompile", action="store_true",
-                   help="set TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (torch's opt-in: one cuDNN graph for all lengths)")
+                   help="set TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (torch's opt-in: lengths rounded up to powers of "
+                        "two in cuDNN's cache key; only for BSHD-contiguous q/k/v without a mask)")
     p.add_argument("--budget-s", type=float, default=75.0,
                    help="after this many seconds, later modes are skipped and a running one drops its count and "
                         "profile steps (the box's call is held to ~90 s)")
