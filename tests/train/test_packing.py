@@ -222,6 +222,29 @@ def test_per_sequence_sdpa_equals_the_masked_packed_attention(kv_heads):
     torch.testing.assert_close(plain, want, rtol=0, atol=0)
 
 
+def test_per_sequence_calls_keep_cudnn_attention_off_and_other_calls_as_they_were(monkeypatch):
+    """The per-sequence calls of a packed row run with cuDNN's sdpa backend disabled (a new plan per slice shape
+    made packed steps 14x slower on the H200 box), restored after; a call without bounds keeps torch's setting."""
+    from kllama.train.packing import SEQUENCE_BOUNDS, per_sequence_sdpa
+
+    seen: list[bool] = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def observed(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", observed)
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=1)
+    q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3))
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    per_sequence_sdpa(module, q, k, v, None, **{SEQUENCE_BOUNDS: (0, 4, 9)})
+    assert seen == [False, False]
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    per_sequence_sdpa(module, q, k, v, None)
+    assert seen[-1] == before
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_per_sequence_sdpa_on_the_gpu_matches_the_masked_row_at_v2_lite_shapes():
@@ -250,6 +273,9 @@ def test_per_sequence_sdpa_on_the_gpu_matches_the_masked_row_at_v2_lite_shapes()
                     torch.autograd.grad((want * weights).sum(), (q, k, v))):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        per_sequence_sdpa(module, q, k, v, None, scaling=192 ** -0.5, **{SEQUENCE_BOUNDS: bounds})
+    assert not [e.key for e in prof.key_averages() if "cudnn" in e.key.lower()]  # no per-shape cuDNN plans
 
 
 def test_packed_steps_are_not_grouped_by_length_and_the_largest_runs_first():

@@ -35,16 +35,18 @@ MIN_GAIN = 0.03  # a split must save this share of a streamed layer's time (belo
 # a cycle of max(copy, cpu + gap) with a CPU side slower than sampled (CPU_SLOWDOWN) and a serial host gap
 # (HOST_GAP_S). False: the model adds the two sides (never splits while the CPU is slower per expert than the copy).
 CPU_OVERLAPS_COPY = True
-# The serial host path from one layer's CPU side ending to the next layer's starting, in the same profile: the
-# main thread wakes from the worker's result, queues the rows' copy and `index_add_`, launches the next attention
-# (~30 small kernels the GPU runs at host launch speed, ~1 ms), the router, the staging copies, the acquire and the
-# submit: ~3.7 ms a layer, of which ~0.3 ms are the two copies `hop` adds by itself. Measured before the submit was
-# moved ahead of the acquire and the pinned buffers were made once (split_pass.py), so likely ~0.5-1 ms high now.
-HOST_GAP_S = 3.4e-3
-# The CPU side's seconds per expert in a real pass against the start-up sample: 1.5 ms an expert (192 rows, 15
-# threads) in that profile against ~1.19 ms sampled. The copy engine reads host DRAM meanwhile, the worker shares
-# the GIL with the main thread's launches, and the first layer of a pass runs cold (25 ms for 10 experts).
-CPU_SLOWDOWN = 1.25
+# The serial host path from one layer's CPU side ending to the next layer's starting: the main thread wakes from the
+# worker's result, queues the rows' copy and `index_add_`, launches the next attention (~30 small kernels the GPU
+# runs at host launch speed), the router, the staging copies and the submit. torch.profiler on the H200 box
+# (2026-11-30) showed ~3.7 ms; the split trace of `benchmarks/decode.py` after the submit moved ahead of the acquire
+# measured 3.95 / 4.36 / 4.56 / 5.19 ms (k = 8 / 10 / 6 / the model's 6): most of it is the attention's launches.
+HOST_GAP_S = 4.5e-3
+# The CPU side's seconds per expert in a real pass against the start-up sample (taken in the worker thread, 192 rows:
+# 1.79 ms on the H200 box, 2026-11-30). The split trace of the same run measured 2.20 and 2.66 ms with k = 6 (1.23x,
+# 1.48x), 2.97 ms with k = 8 (1.66x) and 4.57 ms with k = 10 (2.55x): the copy engine reads host DRAM meanwhile and
+# the worker shares the GIL with the main thread's launches, and the slowdown grows with k. 1.5 keeps the model's k
+# where it was measured (k = 5-6 on that box); a larger k would set the pace with a CPU side slower than modelled.
+CPU_SLOWDOWN = 1.5
 
 
 @dataclass(frozen=True)
