@@ -27,7 +27,12 @@ from dataclasses import dataclass
 
 from kllama.experts.crossover import Crossovers, running_max
 
-MIN_GAIN = 0.03  # a split must save this share of a streamed layer's time (below it: noise in the estimates)
+# A split must save this share of a streamed layer's time. On the H200 box (2026-11-30, V2-Lite bf16, 2,048-token
+# prefill, streaming all: 0.526-0.529 s) the split's measured gain was within its run-to-run spread: k = 6 took
+# 0.498 / 0.505 s in one run, 0.533 s forced in the same run, and 0.615 / 0.640 s in an earlier one (forced: 0.513),
+# while k >= 8 lost badly (0.71-1.8 s: the CPU side slows with k). Below 10 % a predicted gain is not worth that
+# risk; the split is for machines whose copy is slow against their CPU (e.g. PCIe 4: ~0.7 ms an expert -> k ~ 11).
+MIN_GAIN = 0.10
 # Whether the CPU side runs while the copy engine brings the rest. It does: torch.profiler on the H200 box
 # (2026-11-30, 8 full-size V2-Lite layers, 2,048-token prefill, bf16, k = 10) shows layer i+1's weight copy (54
 # experts, 16.9 ms) running while the worker computes layer i's 10 experts. An earlier sweep (k = 8: 0.711 s
