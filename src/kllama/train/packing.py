@@ -5,8 +5,8 @@ attention mask (`kllama.data.collate.pack_batch`); transformers (>= 4.56) then m
 the position_ids (sdpa / eager / flex) or runs flash-attention's varlen kernel, so the numbers are those of the padded
 batch (tests/train/test_packing.py pins it). With routed experts held in host RAM every pass pays a fixed copy of the
 streamed layers, and padding both wastes a pass's token budget (more passes a step) and inflates its activations
-(the GPU memory `kllama.train.promotion` has to leave free). Runs pack with `padding_free: true` (opt-in: on the H200
-box packed passes measured slower, `padding_free_for`).
+(the GPU memory `kllama.train.promotion` has to leave free). Runs pack with `padding_free: true` (opt-in until measured faster at full size,
+`padding_free_for`).
 """
 from __future__ import annotations
 
@@ -34,10 +34,10 @@ def padding_free_for(config: Any, engine: Any, attn_implementation: str | None) 
         raise KllamaError(f"padding_free: true needs an attention implementation that reads packed sequences from "
                           f"position_ids ({', '.join(sorted(PACKED_ATTENTION))}); this model runs "
                           f"{attn_implementation!r}: set flash_attn: sdpa, or padding_free: false")
-    # Unset = off. Packing was meant to be the default with host-held experts (a padded pass wastes the copy's token
-    # budget), but on the H200 box (2026-11-30) the seed DPO YAML ran 8-9 s a step packed against ~2 s padded and
-    # the packed precompute 1.9 s per 16k-token pass against 1.2 s per 65k padded, while on the CPU packed steps are
-    # faster than padded ones: the GPU cause is not found yet, so packing is opt-in until it is measured faster.
+    # Unset = off. Packing is meant to be the default with host-held experts (a padded pass wastes the copy's token
+    # budget), but on the H200 box (2026-11-30) the seed DPO YAML first ran 8-9 s a step packed against ~2 s padded:
+    # cuDNN attention plans built per sequence shape (`PACKED_BACKENDS`). Fixed and measured in a 4-layer probe
+    # (packed 0.32 s a step, padded 0.50 s), not yet at full size: opt-in until the seed YAML runs faster packed.
     return bool(choice)
 
 
