@@ -280,10 +280,10 @@ class SplitExecutor(DeviceExecutor):
             if first:
                 staged, ready = stage_async(staging, xd, idx, w)
                 job = submit_cpu_side(ready, staged, first, module, host_lora, staging, clock)
-            gate_up, down, held = streamer.acquire_from(module, num_tokens, first)
-            if held != first:
-                raise RuntimeError(f"{module.name}: the slot holds experts [{held}, E), the CPU took [0, {first})")
             try:
+                gate_up, down, held = streamer.acquire_from(module, num_tokens, first)
+                if held != first:
+                    raise RuntimeError(f"{module.name}: the slot holds experts [{held}, E), the CPU took [0, {first})")
                 lora = lora_from_flat(lora_meta, [p.detach().to(device) for p in lora_params])
                 out = device_share(xd, idx, w, first, gate_up, down, module.act_fn, lora, module.num_experts,
                                    self.chunks(module, num_tokens))
