@@ -8,11 +8,11 @@ from test_bench_smoke import _finish, _only_json, _start
 
 
 def test_packed_pass_probe_runs_tiny_on_cpu(tmp_path: Path) -> None:
-    log = _finish(_start("packed_pass.py", "--tiny", "--layers", "2", "--modes", "padded,packed", "--warmup", "0",
+    log = _finish(_start("packed_pass.py", "--tiny", "--layers", "2", "--modes", "padded,packed,packed-cudnn", "--warmup", "0",
                          "--repeats", "1", "--out-dir", str(tmp_path)))
     result = _only_json(tmp_path)
     rows = {row["name"]: row for row in result["rows"]}
-    assert list(rows) == ["padded", "packed"], rows
+    assert list(rows) == ["padded", "packed", "packed-cudnn"], rows
     for row in rows.values():
         assert "error" not in row, row
         assert row["s_per_step"] > 0 and row["placement"] == "stream" and row["lockstep"], row
@@ -25,6 +25,7 @@ def test_packed_pass_probe_runs_tiny_on_cpu(tmp_path: Path) -> None:
     # ... and the trainer computed the same log-probs from both layouts (bf16 model)
     for key in ("logps_chosen", "logps_rejected"):
         assert abs(padded[key] - packed[key]) <= 0.02 * abs(padded[key]), (key, padded[key], packed[key])
+        assert rows["packed-cudnn"][key] == packed[key]  # the pre-fix kernels' mode (no cuDNN on a CPU): same step
     # the packed path's own host read: the sequence count of the packed row in the log-prob reduction
     assert any("kllama/train/logprobs.py" in site for site in packed["host_read_sites"]), packed["host_read_sites"]
     assert "s/step (median)" in log and "top" in log and "self CPU time" in log
