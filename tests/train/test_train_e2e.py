@@ -107,18 +107,25 @@ def test_train_changes_every_lora_param_and_adapter_loads_on_stock(arch, extra, 
     assert diff < 1e-4
 
 
-def test_reference_example_yaml_runs_unchanged_on_tiny(tiny_model_dir, tmp_path):
-    # The reference train YAML (tests/fixtures, docs/design.md) (bf16, llama3 template, KTransformers rule file) with only the model,
-    # output dir and step count overridden.
-    model_dir = tiny_model_dir("deepseek_v2")
-    run_train(str(REPO / "examples/train_lora/deepseek2_lora_dpo_kt.yaml"), f"model_name_or_path={model_dir}",
-              f"output_dir={tmp_path / 'out'}", "max_steps=3", "gradient_accumulation_steps=1", "cutoff_len=128",
-              "max_samples=12", "disable_tqdm=true")
+def test_reference_example_yaml_runs_unchanged_on_tiny(tiny_model_dir, tmp_path, monkeypatch):
+    # The reference train YAML (tests/fixtures, docs/design.md) (bf16, llama3 template, KTransformers rule file) with
+    # only the model, output dir and step count overridden; `kllama train` in this process, from the repository root
+    # as a user runs it (the YAML names its rule file relative to it).
+    from kllama.cli import main
+
+    monkeypatch.chdir(REPO)
+    yaml = str(REPO / "examples/train_lora/deepseek2_lora_dpo_kt.yaml")
+    assert main(["train", yaml, f"model_name_or_path={tiny_model_dir('deepseek_v2')}",
+                 f"output_dir={tmp_path / 'out'}", "max_steps=3", "gradient_accumulation_steps=1", "cutoff_len=128",
+                 "max_samples=12", "disable_tqdm=true"]) == 0
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
 
 
-def test_bad_dataset_row_is_one_clear_error(tiny_model_dir, tmp_path):
+def test_bad_dataset_row_is_one_clear_error(tiny_model_dir, tmp_path, capsys):
+    """`kllama train` in this process: an uncaught error would raise here instead of returning 2."""
+    from kllama.cli import main
+
     data = tmp_path / "data"
     data.mkdir()
     (data / "dataset_info.json").write_text(json.dumps(
@@ -126,12 +133,11 @@ def test_bad_dataset_row_is_one_clear_error(tiny_model_dir, tmp_path):
                     "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}}}))
     (data / "broken.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"}],
                                                    "chosen": {"from": "gpt", "value": "hello"}}]))
-    out = subprocess.run([sys.executable, "-m", "kllama.cli", "train", f"model_name_or_path={tiny_model_dir('deepseek_v2')}",
-                          f"output_dir={tmp_path / 'out'}", "stage=dpo", "dataset=broken", f"dataset_dir={data}",
-                          "template=deepseek"], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert out.returncode == 2
-    assert "Traceback" not in out.stderr
-    assert "broken.json" in out.stderr and "rejected" in out.stderr
+    capsys.readouterr()
+    assert main(["train", f"model_name_or_path={tiny_model_dir('deepseek_v2')}", f"output_dir={tmp_path / 'out'}",
+                 "stage=dpo", "dataset=broken", f"dataset_dir={data}", "template=deepseek"]) == 2
+    err = capsys.readouterr().err
+    assert "broken.json" in err and "rejected" in err
 
 
 def test_dataloader_workers_above_the_usable_cpus_are_clamped_with_one_line():
