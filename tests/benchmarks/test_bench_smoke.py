@@ -9,7 +9,10 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # Runs a script as __main__ with the GPU box's missing packages hidden (None in sys.modules = not installed).
@@ -20,15 +23,30 @@ _LAUNCH = (
 )
 
 
-def _start(script: str, *args: str) -> subprocess.Popen:
+def _env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     env.pop("OUT", None)
-    return subprocess.Popen([sys.executable, "-c", _LAUNCH, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return env
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 120) -> str:
+def _start(script: str, *args: str, log: Path | None = None) -> subprocess.Popen:
+    """Starts `script` with the GPU box's missing packages hidden; its output goes to a pipe, or to `log` (a run
+    that waits for its test while others run must not block on a full pipe)."""
+    return _popen([sys.executable, "-c", _LAUNCH, str(ROOT / "benchmarks" / script), *args], log)
+
+
+def _popen(command: list[str], log: Path | None) -> subprocess.Popen:
+    if log is None:
+        return subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    with log.open("w") as sink:  # the child keeps its own descriptor
+        return subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=sink, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 120, log: Path | None = None) -> str:
+    """Waits for `proc`; its output (from the pipe, or from `log` when `_start` wrote there); it must succeed."""
     out, _ = proc.communicate(timeout=timeout)
+    out = log.read_text() if log is not None else out
     assert proc.returncode == 0, out[-4000:]
     return out
 
@@ -74,10 +92,45 @@ def test_benchmarks_run_tiny_on_cpu(tmp_path: Path) -> None:
     assert "decode tok/s" in decode_log and "expert ms" in decode_log
 
 
-def test_cpu_gemv_probe_runs_small(tmp_path: Path) -> None:
-    out = tmp_path / "gemv.json"
-    log = _finish(_start("cpu_gemv.py", "--threads", "1", "--experts", "8", "--hidden", "64", "--inter", "32",
-                         "--top-k", "2", "--tokens", "1,4", "--repeats", "3", "--out", str(out)))
+@pytest.fixture(scope="module")
+def one_core_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir) -> Iterator[dict]:  # noqa: ANN001
+    """The smoke runs that keep one core busy each (the two cpu_gemv probes, user_path.py, serve.py), started
+    together when the first of their tests runs: on a 2-core CI machine they overlap instead of queueing (~12 s
+    less). name -> (process, its output file, its work directory); each test waits for and checks its own."""
+    work = tmp_path_factory.mktemp("one-core-runs")
+    commands = {
+        "gemv": ["cpu_gemv.py", "--threads", "1", "--experts", "8", "--hidden", "64", "--inter", "32", "--top-k", "2",
+                 "--tokens", "1,4", "--repeats", "3", "--out", str(work / "gemv" / "gemv.json")],
+        "kernel": ["cpu_gemv.py", "--kernel-only", "--threads", "1", "--hidden", "256", "--inter", "192", "--top-k",
+                   "2", "--layers", "2", "--tokens", "1", "--repeats", "2",
+                   "--out", str(work / "kernel" / "kernel.json")],
+        "serve": ["serve.py", str(tiny_model_dir("deepseek_v2")), "--placements", "auto", "--concurrency", "1,4",
+                  "--new", "6", "--out-dir", str(work / "serve" / "serve")],  # a server starts
+    }
+    runs = {}
+    for name, (script, *args) in commands.items():
+        (work / name).mkdir()
+        runs[name] = (_start(script, *args, log=work / name / "log.txt"), work / name / "log.txt", work / name)
+    # user_path.py drives the real CLI (`kllama train` in its own subprocess) and is run as a user runs it
+    (work / "user_path").mkdir()
+    user_path = [sys.executable, str(ROOT / "benchmarks" / "user_path.py"), "--tiny", "--work",
+                 str(work / "user_path" / "work"), "--phases", "write,data,train", "--pairs", "8",
+                 "--pair-tokens", "60", "--set", "max_steps=2", "--set", "logging_steps=1",
+                 "--set", "dataloader_num_workers=0", "--set", "per_device_train_batch_size=2",
+                 "--set", "gradient_accumulation_steps=2", "--out-dir", str(work / "user_path" / "results")]
+    log = work / "user_path" / "log.txt"
+    runs["user_path"] = (_popen(user_path, log), log, work / "user_path")
+    yield runs
+    for proc, _, _ in runs.values():  # a test that failed before waiting for its run
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cpu_gemv_probe_runs_small(one_core_runs: dict) -> None:
+    proc, log_file, work = one_core_runs["gemv"]
+    log = _finish(proc, log=log_file)
+    out = work / "gemv.json"
     results = json.loads(out.read_text())
     rows = results["rows"]
     expected = {"read bandwidth (float32 sum)", "x @ W.T (bf16)", "torch layer pass, 1 token",
@@ -90,11 +143,11 @@ def test_cpu_gemv_probe_runs_small(tmp_path: Path) -> None:
     assert "GB/s" in log
 
 
-def test_cpu_gemv_kernel_only_rows_per_dtype_and_path(tmp_path: Path) -> None:
+def test_cpu_gemv_kernel_only_rows_per_dtype_and_path(one_core_runs: dict) -> None:
     """`--kernel-only` times the C++ kernel alone: one row per thread count, dtype and instruction-set path."""
-    out = tmp_path / "kernel.json"
-    log = _finish(_start("cpu_gemv.py", "--kernel-only", "--threads", "1", "--hidden", "256", "--inter", "192",
-                         "--top-k", "2", "--layers", "2", "--tokens", "1", "--repeats", "2", "--out", str(out)))
+    proc, log_file, work = one_core_runs["kernel"]
+    log = _finish(proc, log=log_file)
+    out = work / "kernel.json"
     results = json.loads(out.read_text())
     variants = {row["variant"] for row in results["rows"]}
     assert "read bandwidth (float32 sum)" in variants
@@ -105,20 +158,13 @@ def test_cpu_gemv_kernel_only_rows_per_dtype_and_path(tmp_path: Path) -> None:
     assert "GB/s" in log and "disjoint sets cycled" in log
 
 
-def test_user_path_runs_the_cli_on_a_tiny_model(tmp_path: Path) -> None:
+def test_user_path_runs_the_cli_on_a_tiny_model(one_core_runs: dict) -> None:
     """benchmarks/user_path.py drives the real CLI (`kllama train` on the example YAML in a subprocess) and records
     per-step tokens/s and the whole process tree's peak memory (the API phase's client is covered by serve.py's
     smoke test)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    env.pop("OUT", None)
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "user_path.py"), "--tiny", "--work", str(tmp_path / "work"),
-         "--phases", "write,data,train", "--pairs", "8", "--pair-tokens", "60", "--set", "max_steps=2",
-         "--set", "logging_steps=1", "--set", "dataloader_num_workers=0", "--set", "per_device_train_batch_size=2",
-         "--set", "gradient_accumulation_steps=2", "--out-dir", str(tmp_path / "results")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    result = _only_json(tmp_path / "results")
+    proc, log_file, work = one_core_runs["user_path"]
+    _finish(proc, timeout=300, log=log_file)
+    result = _only_json(work / "results")
     train = result["phases"]["train"]
     assert train["exit_code"] == 0 and train["peak_host_gb"] > 0 and train["peak_host_rss_sum_gb"] > 0
     assert [s["step"] for s in train["steps"]] == [1, 2] and all(s["tokens_per_second"] > 0 for s in train["steps"])
@@ -126,10 +172,10 @@ def test_user_path_runs_the_cli_on_a_tiny_model(tmp_path: Path) -> None:
     assert train["promotions"] == [] and train["streamed_layers"] is None and train["lockstep_reference"] is False
 
 
-def test_serve_benchmark_drives_a_real_server(tmp_path: Path, tiny_model_dir) -> None:  # noqa: ANN001
-    out_dir = tmp_path / "serve"
-    log = _finish(_start("serve.py", str(tiny_model_dir("deepseek_v2")), "--placements", "auto", "--concurrency",
-                         "1,4", "--new", "6", "--out-dir", str(out_dir)), timeout=300)  # a server starts
+def test_serve_benchmark_drives_a_real_server(one_core_runs: dict) -> None:
+    proc, log_file, work = one_core_runs["serve"]
+    log = _finish(proc, timeout=300, log=log_file)
+    out_dir = work / "serve"
     result = _only_json(out_dir)
     rows = {row["name"]: row for row in result["rows"]}
     assert set(rows) == {"auto x1", "auto x4"}, rows
