@@ -149,10 +149,9 @@ class TrainingArguments:
     )
     padding_free: bool | None = arg(
         None, "Run each pass's sequences packed into one row without padding (TRL's key; position_ids restart per "
-        "sequence, attention stays within each sequence, same numbers as padded; needs sdpa, eager, fa2 or flex "
-        "attention; micro_batch_tokens then counts real tokens). Unset = false until packed runs are measured faster at "
-        "full size: the 4x slowdown first seen on the H200 box (a cuDNN attention plan built per sequence shape) is "
-        "fixed, a 4-layer probe now runs packed steps in 0.64x the padded time (benchmarks/NOTES.md).",
+        "sequence, attention stays within each sequence, same numbers as padded). Unset: packed when routed experts "
+        "are held in host RAM (use_kt, streamed or on the CPU) and the attention is sdpa, eager, fa2 or flex "
+        "(1.13x the padded seed DPO YAML on the H200 box); micro_batch_tokens then counts real tokens.",
     )
     ddp_timeout: int = arg(1800, "Timeout in seconds of distributed collectives in a data-parallel run (single-process runs ignore it).")
     disable_tqdm: bool = arg(False, "Hide progress bars.")
