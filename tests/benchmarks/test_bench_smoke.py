@@ -1,7 +1,8 @@
 """The GPU benchmarks run end to end on tiny CPU models, so they cannot rot between GPU sessions.
 
 The scripts run as subprocesses (concurrently, to stay fast) the way the lead runs them on the GPU box, with
-`datasets` and `fastapi` made unimportable as they are there.
+`datasets` and `fastapi` made unimportable as they are there, and on the CPU on any machine (`--tiny` is the CPU
+smoke mode; a GPU hidden from them, so the same rows are checked on a GPU machine).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ _LAUNCH = (
 def _env() -> dict[str, str]:
     # src first, then the caller's path (the GPU machine's carried wheels are found through PYTHONPATH)
     path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("OUT", None)
     return env
 

@@ -59,3 +59,24 @@ def test_sft_truncation_spends_the_budget_turn_by_turn(family_tokenizer):
     row = tokenize_sft({"system": "", "messages": messages}, tokenizer=tok, template=template, cutoff_len=cutoff)
     assert row["truncated"] and row["input_ids"] == ids
     assert row["num_tokens"] == sum(len(s) + len(t) for s, t in pairs)
+
+
+def test_rows_longer_than_the_tokenizers_maximum_tokenize_quietly(caplog, capfd):
+    """kllama cuts rows to cutoff_len itself, so a row past the tokenizer's `model_max_length` prints nothing (the
+    seed YAML's run on the GPU machine printed transformers' "Token indices sequence length is longer than the
+    specified maximum" line). The same text through a bare `encode` does warn: the check can fail."""
+    from kllama.model.tokenizer import build_tokenizer
+
+    text = "hello world " * 1500  # > 2,048 tokens, the written tokenizer's model_max_length
+    assert len(build_tokenizer("qwen3_moe").encode(text, add_special_tokens=False)) > 2048
+    warned = capfd.readouterr().err + caplog.text
+    assert "longer than the specified maximum" in warned
+
+    caplog.clear()
+    tok = build_tokenizer("qwen3_moe")
+    template = get_template("qwen3", tok)
+    prompt, chosen, rejected = template.encode_pair(tok, [{"role": "user", "content": text}], text, "short", None,
+                                                    cutoff_len=None)
+    assert len(prompt) > 2048 and len(chosen) > 2048
+    quiet = capfd.readouterr().err + caplog.text
+    assert "longer than the specified maximum" not in quiet

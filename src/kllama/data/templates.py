@@ -54,6 +54,13 @@ def split_system(messages: list[dict], system: str | None) -> tuple[list[dict], 
     return list(messages), system
 
 
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """`text`'s token ids without special tokens. Quietly past the tokenizer's `model_max_length`: kllama cuts
+    every example to `cutoff_len` itself, so transformers' "sequence length is longer than the specified maximum"
+    warning (printed on the first long row of a dataset) would only be noise in a clean run."""
+    return tokenizer.encode(text, add_special_tokens=False, verbose=False)
+
+
 class Template:
     """What every template offers; subclasses supply `encode_oneturn`, `encode_multiturn` and `stop_token_ids`.
 
@@ -170,7 +177,7 @@ class SlotTemplate(Template):
         for s in slots:
             if isinstance(s, str):
                 if s:
-                    ids += tokenizer.encode(s, add_special_tokens=False)
+                    ids += text_ids(tokenizer, s)
             elif s == BOS:
                 if tokenizer.bos_token_id is not None:
                     ids.append(tokenizer.bos_token_id)
@@ -216,7 +223,7 @@ class SlotTemplate(Template):
         return self.thought_words[0].strip() in content or self.thought_words[1].strip() in content
 
     def _empty_thought_ids(self, tokenizer) -> list[int]:
-        return tokenizer.encode(self.thought_words[0] + self.thought_words[1], add_special_tokens=False)
+        return text_ids(tokenizer, self.thought_words[0] + self.thought_words[1])
 
     def encode_oneturn(self, tokenizer, messages, system):
         messages = [dict(m) for m in messages]
@@ -344,7 +351,7 @@ class JinjaTemplate(Template):
             ) from exc
 
     def _encode_text(self, tokenizer, text: str) -> list[int]:
-        ids = tokenizer.encode(text, add_special_tokens=False) if text else []
+        ids = text_ids(tokenizer, text) if text else []
         bos = tokenizer.bos_token_id
         if bos is not None and ids[:2] == [bos, bos]:  # never double BOS
             ids = ids[1:]
@@ -370,13 +377,13 @@ class JinjaTemplate(Template):
             return self._encode_text(tokenizer, self._render(tokenizer, messages[:-1], system, True)), []
         texts = self._texts(tokenizer, messages, system)
         prompt_text = "".join(s + t for s, t in texts[:-1]) + texts[-1][0]
-        return self._encode_text(tokenizer, prompt_text), tokenizer.encode(texts[-1][1], add_special_tokens=False)
+        return self._encode_text(tokenizer, prompt_text), text_ids(tokenizer, texts[-1][1])
 
     def encode_multiturn(self, tokenizer, messages, system):
         out = []
         for i, (source, target) in enumerate(self._texts(tokenizer, messages, system)):
-            src = self._encode_text(tokenizer, source) if i == 0 else tokenizer.encode(source, add_special_tokens=False)
-            out.append((src, tokenizer.encode(target, add_special_tokens=False)))
+            src = self._encode_text(tokenizer, source) if i == 0 else text_ids(tokenizer, source)
+            out.append((src, text_ids(tokenizer, target)))
         return out
 
     def stop_token_ids(self, tokenizer) -> list[int]:
