@@ -44,7 +44,7 @@ from common import (  # noqa: E402
 )
 from kllama.config.units import parse_bytes  # noqa: E402
 from kllama.experts.cpu_share import SplitModel  # noqa: E402
-from kllama.experts.crossover import NEVER, measure_crossovers  # noqa: E402
+from kllama.experts.crossover import NEVER, measure_crossovers, measurement_note  # noqa: E402
 from kllama.experts.install import ExpertEngine, wire_engine  # noqa: E402
 from kllama.experts.module import HostExperts, expert_pass_hook  # noqa: E402
 from kllama.experts.placement import ExpertPlacement  # noqa: E402
@@ -121,18 +121,19 @@ def measure_auto(modules: dict[str, HostExperts], model: nn.Module, args: argpar
     start = time.perf_counter()
     found = measure_crossovers(first.hidden_dim, first.intermediate_dim, first.num_experts, top_k,
                                first.dtype, device, cpu_threads=args.cpu_threads,
-                               scheme=scheme_of(first.host_weights()[0]))
+                               scheme=scheme_of(first.host_weights()[0]), weights=first.host_weights())
     shown = {k: "never" if v == NEVER else str(v) for k, v in (("inference", found.inference),
                                                                 ("training", found.training))}
     log(f"crossovers: inference {shown['inference']} / training {shown['training']} tokens "
         f"(copy {found.copy_s * 1e3:.1f} ms, measured in {time.perf_counter() - start:.2f} s)")
+    log(measurement_note([found]) or "crossovers not measured")
     split = SplitModel.from_crossovers(found, first.num_experts, top_k, first.hidden_dim * first.dtype.itemsize)
     line = split.describe(args.long_prompt or 2048) if split is not None else None
     if line:
         log(line)
     return {"split_line": line, "inference": found.inference, "training": found.training, "copy_ms": found.copy_s * 1e3,
             "samples": found.samples, "copy_gb_per_s": found.copy_bandwidth / 1e9,
-            "cpu_expert_samples": found.expert_samples, "split": split}
+            "cpu_expert_samples": found.expert_samples, "phases": found.phases, "split": split}
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -31,15 +31,18 @@ the gate/up outputs and the routing-weight product; the two paths agree to ~1e-2
 only and skips nothing else: expert LoRA runs inside it.
 
 The extension is built on first use with torch's C++ extension tools (ninja, the host's C++ compiler) into torch's
-extensions cache and reused from there (one line on stderr while it builds); each instruction-set path is checked
-against torch on a small problem per weight dtype when loaded, and each dtype runs the best path that agrees (one line
-when a path is dropped). Without a compiler, ninja or an x86-64 CPU, or if the build fails, one line says why and the
-torch path runs.
+extensions cache and imported from there by later processes without running the build tools again (its name hashes the
+source text and build settings, so a touched or moved copy of the source reuses it); one line on stderr while it
+builds. Each instruction-set path is checked against torch on a small problem per weight dtype when loaded, and each
+dtype runs the best path that agrees (one line when a path is dropped). Without a compiler, ninja or an x86-64 CPU, or
+if the build fails, one line says why and the torch path runs.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
+import os
 import platform
 import re
 import shutil
@@ -97,15 +100,45 @@ def _openmp_link_flags() -> list[str]:
     return [f"-L{lib.parent}", f"-l:{lib.name}", f"-Wl,-rpath,{lib.parent}"]
 
 
-def _build() -> ModuleType:
-    from torch.utils.cpp_extension import get_default_build_root, load  # imported on demand: slow to import
+def _library() -> tuple[str, Path, list[str]]:
+    """The extension's name, build directory and link flags: the name carries a hash of everything the library is
+    built from (source text, torch and Python versions, flags), so a library of that name is this source's build."""
+    from torch.utils.cpp_extension import get_default_build_root  # imported on demand: slow to import
 
     ldflags = _openmp_link_flags()
     key = "\n".join([SOURCE.read_text(), torch.__version__, sys.version, *_CFLAGS, *ldflags])
     name = f"kllama_expert_pass_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    build_dir = Path(get_default_build_root()) / name
-    if not (build_dir / f"{name}.so").exists():
-        _say(f"building the CPU expert kernel (once, up to a minute; cached in {build_dir})")
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # torch's own variable, as it reads it
+    return name, Path(root) / name, ldflags
+
+
+def _load_built(name: str, build_dir: Path) -> ModuleType | None:
+    """The library already built under `build_dir`, imported without torch's `load` (None when there is none, a
+    build holds the directory's lock, or it does not import). `load` runs ninja, which rebuilds when the source's
+    modification time or path is newer or other than the last build's: a fresh checkout or a copied tree (a GPU box's
+    working copy, a second worktree sharing the cache) then spent 14-16 s rebuilding an identical library, silently,
+    inside the start-up crossover measurement (benchmarks/NOTES.md, eighth session)."""
+    library = build_dir / f"{name}.so"
+    if name in sys.modules:
+        return sys.modules[name]
+    if not library.exists() or (build_dir / "lock").exists():
+        return None
+    spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError:  # a truncated or foreign file: build it again
+        return None
+    sys.modules[name] = module
+    return module
+
+
+def _build(name: str, build_dir: Path, ldflags: list[str]) -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    _say(f"building the CPU expert kernel (once, up to a minute; cached in {build_dir})")
     build_dir.mkdir(parents=True, exist_ok=True)
     return load(name, [str(SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=ldflags, build_directory=str(build_dir),
                 verbose=False)
@@ -129,11 +162,12 @@ def kernel_status() -> KernelStatus:
     """Build or load the extension once per process and pick, for each weight dtype, the best instruction-set tier
     that agrees with torch on a small problem (printing one line when a tier is dropped, or when the kernel is
     unavailable)."""
-    reason = _why_not_buildable()
-    module = None
-    if reason is None:
+    name, build_dir, ldflags = _library()
+    module = _load_built(name, build_dir) if platform.machine().lower() in ("x86_64", "amd64") else None
+    reason = None if module is not None else _why_not_buildable()
+    if module is None and reason is None:
         try:
-            module = _build()
+            module = _build(name, build_dir, ldflags)
         except Exception as error:  # noqa: BLE001 - any build failure means: run the torch path
             lines = [line for line in str(error).splitlines() if line.strip()]
             reason = f"the build failed: {lines[-1] if lines else type(error).__name__}"

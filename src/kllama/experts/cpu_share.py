@@ -54,6 +54,14 @@ HOST_GAP_S = 4.5e-3
 CPU_SLOWDOWN = 1.5
 
 
+def useful_expert_seconds(copy_s: float, num_experts: int) -> float:
+    """The CPU seconds per expert (as sampled at start-up) above which `SplitModel.plan` gives the CPU no expert at
+    any pass length: a split must save `MIN_GAIN` of the streamed layer, so the CPU takes k >= MIN_GAIN * E experts,
+    and their side, k * CPU_SLOWDOWN * seconds per expert (+ the gap), must fit in the (1 - MIN_GAIN) of the copy
+    left. The start-up sampling stops at the first row count above it (more rows never cost less per expert)."""
+    return (1 - MIN_GAIN) * copy_s / (MIN_GAIN * num_experts * CPU_SLOWDOWN)
+
+
 @dataclass(frozen=True)
 class SplitPlan:
     """The split of one pass: the CPU takes `cpu_experts` of `num_experts`; estimated seconds a layer."""

@@ -11,28 +11,37 @@ Physics bounds the answer. A streamed pass costs at least the layer's bytes over
 where a CPU path exists: it reads K of E experts from host RAM instead of all E over PCIe, so every crossover is
 >= 2. The CPU side is timed with the engine's own pass at doubling token counts (warm-up, median of repeats) until it
 costs more than the stream floor, and the crossover is interpolated between the last two counts, on the running
-maximum of the timings (a pass over more tokens never costs less). Both kinds together take well under 2 s on a
-16-core host with a V2-Lite layer. Quantized experts (`scheme` int8 / fp8) are measured as they run: the copy moves
-their bytes, the CPU no-grad pass reads them, a CPU training pass dequantizes the layer first.
+maximum of the timings (a pass over more tokens never costs less). Quantized experts (`scheme` int8 / fp8) are
+measured as they run: the copy moves their bytes, the CPU no-grad pass reads them, a CPU training pass dequantizes
+the layer first.
 
 Next to the inference crossover, the CPU's seconds per expert are sampled at a few row counts (`expert_samples`),
 in the split pass's worker thread with its thread count: the cost model of long no-grad passes that leave some
-experts to the CPU (`kllama.experts.cpu_share`) reads them.
+experts to the CPU (`kllama.experts.cpu_share`) reads them. The sampling stops at the first row count where that
+model could no longer give the CPU any expert (more samples could not change a plan).
+
+Start-up cost: the passes run on the layer's own host weights and the copy is probed from their pinned bytes, so
+nothing full-size is built or pinned for the measurement; each piece is timed (`Crossovers.phases`) and the load
+prints one line (`measurement_note`). The CPU kernel's load is its own piece: its one-time build (~14 s on the H200
+box) used to land unseen in the first sample. On that box a V2-Lite layer's samples sum to ~0.2 s; each is timed
+four times (warm-up, three repeats) and the split's over 8 experts a call, ~1.2 s of passes in all.
 """
 from __future__ import annotations
 
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
-from kllama.experts.cpu_compute import cpu_infer_forward, intra_op_threads, worker_threads
+from kllama.experts.cpu_compute import cpu_infer_forward, intra_op_threads, kernel_operands, worker_threads
+from kllama.experts.cpu_kernels import KERNEL_DTYPES, kernel_status
 from kllama.experts.split_pass import cpu_share_rows, run_on_worker
 from kllama.experts.pinned import host_empty
-from kllama.experts.quant import ExpertWeight, constant_quantized, dequantize, weight_nbytes
+from kllama.experts.quant import ExpertWeight, QuantizedWeight, constant_quantized, dequantize, weight_nbytes
 from kllama.experts.routed import experts_backward, experts_forward, route
 
 NEVER = 1 << 62  # "always use the CPU" (no CUDA device, or the CPU is faster at any size)
@@ -55,6 +64,7 @@ class Crossovers:
     samples: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # kind -> [(tokens, CPU seconds)]
     copy_bandwidth: float = 0.0  # bytes/s of the pinned host -> GPU copy
     expert_samples: tuple[tuple[int, float], ...] = ()  # (rows per expert, CPU no-grad seconds per expert)
+    phases: tuple[tuple[str, float], ...] = ()  # (piece of the measurement, wall seconds), in the order they ran
 
     def stream_seconds(self, kind: str) -> float:
         """Lower bound of one streamed pass of `kind` (its copies)."""
@@ -172,10 +182,27 @@ def cpu_expert_seconds(rows: int, gate_up: ExpertWeight, down: ExpertWeight, rep
     return median_seconds(one, repeats) / group
 
 
-def copy_bandwidth(device: torch.device, probe_bytes: int = _COPY_PROBE_BYTES, repeats: int = 5) -> float:
-    """Pinned host -> `device` copy bandwidth in bytes/s: median of `repeats` timed copies after a warm-up."""
-    host = host_empty(probe_bytes, torch.uint8, pin=True)  # not torch's pin_memory(): its cache would keep it pinned
-    dev = torch.empty(probe_bytes, dtype=torch.uint8, device=device)
+def sample_rows_until(seconds_per_expert: Callable[[int], float], ceiling: float,
+                      rows: Sequence[int] = EXPERT_ROWS) -> tuple[tuple[int, float], ...]:
+    """`(rows, seconds_per_expert(rows))` at each of `rows` (ascending) up to and including the first above `ceiling`:
+    past it the split model never gives the CPU an expert (`cpu_share.useful_expert_seconds`), so more samples could
+    not change a plan. On a CPU without fast bf16 GEMMs this skips most of the sampling (a 2-core AVX2 host took
+    80 s for the six row counts, 1.1 s for the first)."""
+    samples: list[tuple[int, float]] = []
+    for count in rows:
+        samples.append((count, seconds_per_expert(count)))
+        if samples[-1][1] > ceiling:
+            break
+    return tuple(samples)
+
+
+def copy_bandwidth(device: torch.device, probe_bytes: int = _COPY_PROBE_BYTES, repeats: int = 5,
+                   source: torch.Tensor | None = None) -> float:
+    """Pinned host -> `device` copy bandwidth in bytes/s: median of `repeats` timed copies after a warm-up, from
+    `source` (pinned host bytes, e.g. `pinned_bytes` of the layer being measured) or a `probe_bytes` buffer pinned for
+    the probe (pinning and releasing 256 MiB costs more than the copies)."""
+    host = source if source is not None else host_empty(probe_bytes, torch.uint8, pin=True)  # exact-size pinning
+    dev = torch.empty(host.numel(), dtype=torch.uint8, device=device)
     dev.copy_(host, non_blocking=True)  # warm-up
     times = []
     for _ in range(repeats):
@@ -185,7 +212,59 @@ def copy_bandwidth(device: torch.device, probe_bytes: int = _COPY_PROBE_BYTES, r
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1000)
-    return probe_bytes / statistics.median(times)
+    return host.numel() / statistics.median(times)
+
+
+def pinned_bytes(weight: ExpertWeight, nbytes: int = _COPY_PROBE_BYTES) -> torch.Tensor | None:
+    """The first `nbytes` of `weight`'s stored values as a flat uint8 view when they are contiguous page-locked host
+    memory that large (the engine's host weights on a CUDA machine), else None."""
+    values = weight.data if isinstance(weight, QuantizedWeight) else weight
+    if values.device.type != "cpu" or not values.is_contiguous() or values.numel() * values.itemsize < nbytes:
+        return None
+    if not values.is_pinned():
+        return None
+    return values.reshape(-1).view(torch.uint8)[:nbytes]
+
+
+def probe_layer(hidden: int, inter: int, num_experts: int, dtype: torch.dtype, scheme: str | None = None,
+                ) -> tuple[ExpertWeight, ExpertWeight]:
+    """A layer's `(gate_up [E, 2I, H], down [E, H, I])` of constant values, held in `dtype` or quantized with `scheme`
+    (values do not change a pass's time; a constant fill is much cheaper than random init at full size): for a
+    measurement without the layer's own weights."""
+    shapes = ((num_experts, 2 * inter, hidden), (num_experts, hidden, inter))
+    if scheme is None:
+        gate_up, down = (torch.full(shape, 0.01, dtype=dtype) for shape in shapes)
+        return gate_up, down
+    gate_up, down = (constant_quantized(shape, scheme, dtype, p) for shape, p in zip(shapes, (2, 1)))
+    return gate_up, down
+
+
+class PhaseClock:
+    """Wall seconds of the named pieces of one measurement, in the order they ran (`Crossovers.phases`)."""
+
+    def __init__(self) -> None:
+        self.phases: list[tuple[str, float]] = []
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases.append((name, time.perf_counter() - start))
+
+
+def measurement_note(measured: Sequence[Crossovers]) -> str | None:
+    """One line for the start-up report: how long the crossover measurements took, piece by piece (summed over
+    `measured`, one per distinct layer shape), or None when nothing was measured (no CUDA device)."""
+    totals: dict[str, float] = {}
+    for found in measured:
+        for name, seconds in found.phases:
+            totals[name] = totals.get(name, 0.0) + seconds
+    if not totals:
+        return None
+    pieces = ", ".join(f"{name} {seconds:.2f}" for name, seconds in totals.items())
+    return f"crossovers measured in {sum(totals.values()):.2f} s ({pieces})"
 
 
 def sample_cpu_until(pass_seconds: Callable[[int], float], stream_s: float, *, max_tokens: int = 4096,
@@ -223,39 +302,78 @@ def measure_crossovers(
     repeats: int = 3,
     scheme: str | None = None,
     split: bool = True,
+    weights: tuple[ExpertWeight, ExpertWeight] | None = None,
 ) -> Crossovers:
     """Crossovers of one layer shape on this machine for each pass kind in `kinds` (NEVER for both when `device`
     is not CUDA: streaming is impossible there), for weights held in `dtype` or quantized with `scheme`; with
-    `split`, also the CPU's seconds per expert at `EXPERT_ROWS` (the split model of long no-grad passes)."""
+    `split`, also the CPU's seconds per expert at `EXPERT_ROWS` (the split model of long no-grad passes).
+
+    `weights` are the layer's own host weights `(gate_up [E, 2I, H], down [E, H, I])` (what the engine loads): the
+    passes run on them and the copy is probed from their pinned bytes, so nothing full-size is built for the
+    measurement; without them a constant layer of the shape is built (`probe_layer`). `Crossovers.phases` says
+    where the time went."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return Crossovers(NEVER, NEVER)
-    # weight values do not change GEMM time; a constant fill is much faster than random init at full size
-    shapes = ((num_experts, 2 * inter, hidden), (num_experts, hidden, inter))
-    gate_up: ExpertWeight
-    down: ExpertWeight
-    if scheme is None:
-        gate_up, down = (torch.full(shape, 0.01, dtype=dtype) for shape in shapes)
-    else:
-        gate_up, down = (constant_quantized(shape, scheme, dtype, p) for shape, p in zip(shapes, (2, 1)))
-    bandwidth = copy_bandwidth(device)
+    clock = PhaseClock()
+    if weights is None:
+        with clock.phase("probe layer"):
+            weights = probe_layer(hidden, inter, num_experts, dtype, scheme)
+    gate_up, down = weights
+    if tuple(gate_up.shape) != (num_experts, 2 * inter, hidden) or tuple(down.shape) != (num_experts, hidden, inter):
+        raise ValueError(f"weights {tuple(gate_up.shape)} / {tuple(down.shape)} are not the layer shape "
+                         f"E={num_experts}, I={inter}, H={hidden}")
+    with clock.phase("copy probe"):
+        bandwidth = copy_bandwidth(device, source=pinned_bytes(gate_up))
+    return sample_crossovers(gate_up, down, top_k, bandwidth, cpu_threads=cpu_threads, kinds=kinds, repeats=repeats,
+                             split=split, clock=clock)
+
+
+def sample_crossovers(
+    gate_up: ExpertWeight,
+    down: ExpertWeight,
+    top_k: int,
+    bandwidth: float,
+    *,
+    cpu_threads: int | None = None,
+    kinds: Sequence[str] = PASS_KINDS,
+    repeats: int = 3,
+    split: bool = True,
+    clock: PhaseClock | None = None,
+) -> Crossovers:
+    """The CPU side of `measure_crossovers` for host weights `gate_up [E, 2I, H]`, `down [E, H, I]` whose copy to
+    the GPU runs at `bandwidth` bytes/s: the CPU kernel loaded (its one-time cost timed on its own), each pass kind
+    in `kinds` sampled until it costs more than its stream floor, and with `split` the per-expert samples (up to the
+    first row count where the split model could no longer give the CPU an expert)."""
+    clock = clock or PhaseClock()
     copy_s = (weight_nbytes(gate_up) + weight_nbytes(down)) / bandwidth
+    operands = kernel_operands(gate_up, down)
+    if operands is not None and operands[0].dtype in KERNEL_DTYPES:
+        with clock.phase("cpu kernel"):  # built or loaded once per process, by the first pass otherwise
+            kernel_status()
     expert_samples: tuple[tuple[int, float], ...] = ()
     samples: dict[str, list[tuple[int, float]]] = {}
     result = {kind: NEVER for kind in PASS_KINDS}
     with intra_op_threads(cpu_threads):
         for kind in kinds:
             stream_s = COPIES_PER_PASS[kind] * copy_s
-            samples[kind] = sample_cpu_until(
-                lambda t: cpu_pass_seconds(t, gate_up, down, top_k, kind, repeats), stream_s)
+            with clock.phase(kind):
+                samples[kind] = sample_cpu_until(
+                    lambda t: cpu_pass_seconds(t, gate_up, down, top_k, kind, repeats), stream_s)
             result[kind] = crossover_from_samples(samples[kind], stream_s)
     if split:  # in the split pass's worker thread with its thread count, as its CPU side runs
+        from kllama.experts.cpu_share import useful_expert_seconds  # cpu_share reads Crossovers: imported here
+
+        ceiling = useful_expert_seconds(copy_s, gate_up.shape[0])
+
         def sample() -> tuple[tuple[int, float], ...]:
             with intra_op_threads(worker_threads(cpu_threads)):
-                return tuple((rows, cpu_expert_seconds(rows, gate_up, down, repeats)) for rows in EXPERT_ROWS)
+                return sample_rows_until(lambda rows: cpu_expert_seconds(rows, gate_up, down, repeats), ceiling)
 
-        expert_samples = run_on_worker(sample)
-    return Crossovers(result["inference"], result["training"], copy_s, samples, bandwidth, expert_samples)
+        with clock.phase("split"):
+            expert_samples = run_on_worker(sample)
+    return Crossovers(result["inference"], result["training"], copy_s, samples, bandwidth, expert_samples,
+                      tuple(clock.phases))
 
 
 def measure_crossover(

@@ -10,7 +10,7 @@ from torch import nn
 
 from kllama.errors import KllamaError
 from kllama.experts.cpu_share import SplitModel
-from kllama.experts.crossover import PASS_KINDS, Crossovers, measure_crossovers
+from kllama.experts.crossover import PASS_KINDS, Crossovers, measure_crossovers, measurement_note
 from kllama.experts.families import family_of, find_expert_modules, layer_index
 from kllama.experts.module import HostExperts
 from kllama.experts.placement import TARGETS, ExpertPlacement, Target
@@ -26,6 +26,7 @@ class ExpertEngine:
     streamer: ExpertStreamer | None
     # qualified name -> the start-up crossover measurement of its layer shape (timings behind the estimates)
     measurements: dict[str, Crossovers] = field(default_factory=dict)
+    measured: tuple[Crossovers, ...] = ()  # every start-up measurement, one per distinct layer shape (its cost)
 
     @property
     def placements(self) -> dict[str, ExpertPlacement]:
@@ -37,6 +38,10 @@ class ExpertEngine:
         split model; every MoE layer of a model has the same shape), or None when none was measured."""
         model = next((m.cpu_share for m in self.modules.values() if m.cpu_share is not None), None)
         return model.describe(num_tokens) if model is not None else None
+
+    def measurement_note(self) -> str | None:
+        """How long the start-up crossover measurement took, piece by piece (None when nothing was measured)."""
+        return measurement_note(self.measured)
 
     def host_bytes(self) -> int:
         """Host memory held by all routed weights."""
@@ -62,11 +67,13 @@ class ExpertEngine:
                 module.forced_target = before[name]
 
 
-def _resolve_crossovers(model: nn.Module, modules: list[HostExperts]) -> dict[str, Crossovers]:
+def _resolve_crossovers(model: nn.Module, modules: list[HostExperts],
+                        ) -> tuple[dict[str, Crossovers], tuple[Crossovers, ...]]:
     # CUDA layers whose long passes stream get the split model of long no-grad passes (`cpu_share`), measured once per
     # distinct layer shape (on CPU the stream target falls back to cpu anyway). `auto` placements without a crossover
     # also get both crossovers (inference, training) from the same measurement; a no-grad crossover a rule already
-    # fixed (a KTransformers CPU entry) is kept. Returns each module's measurement where crossovers were measured.
+    # fixed (a KTransformers CPU entry) is kept. The first layer of a shape is measured on its own host weights.
+    # Returns each module's measurement where crossovers were measured, and every measurement made.
     top_k = getattr(model.config, family_of(model).top_k_attr)
     measured: dict[tuple, Crossovers] = {}
     by_module: dict[str, Crossovers] = {}
@@ -80,7 +87,7 @@ def _resolve_crossovers(model: nn.Module, modules: list[HostExperts]) -> dict[st
         if key not in measured:
             measured[key] = measure_crossovers(
                 m.hidden_dim, m.intermediate_dim, m.num_experts, top_k, m.dtype, m.compute_device,
-                cpu_threads=p.cpu_threads, scheme=scheme, kinds=kinds,
+                cpu_threads=p.cpu_threads, scheme=scheme, kinds=kinds, weights=m.host_weights(),
             )
         found = measured[key]
         m.cpu_share = SplitModel.from_crossovers(found, m.num_experts, top_k, m.hidden_dim * m.dtype.itemsize)
@@ -88,7 +95,7 @@ def _resolve_crossovers(model: nn.Module, modules: list[HostExperts]) -> dict[st
             inference = p.infer_crossover_tokens if p.infer_crossover_tokens is not None else found.inference
             m.placement = p.with_crossovers(inference, found.training)
             by_module[m.name] = found
-    return by_module
+    return by_module, tuple(measured.values())
 
 
 def wire_engine(
@@ -100,12 +107,12 @@ def wire_engine(
     spec = family_of(model)
     ordered = dict(sorted(modules.items(), key=lambda item: layer_index(item[0], spec)))
     layers = list(ordered.values())
-    measurements = _resolve_crossovers(model, layers) if measure else {}
+    measurements, measured = _resolve_crossovers(model, layers) if measure else ({}, ())
     cuda = [m for m in layers if m.compute_device.type == "cuda"]
     streamer = ExpertStreamer(cuda, cuda[0].compute_device, trace=trace) if cuda else None
     for m in layers:
         m.streamer = streamer if m.compute_device.type == "cuda" else None
-    return ExpertEngine(modules=ordered, streamer=streamer, measurements=measurements)
+    return ExpertEngine(modules=ordered, streamer=streamer, measurements=measurements, measured=measured)
 
 
 def install_expert_engine(

@@ -149,6 +149,7 @@ def load_on_engine(source: ModelSource, config: KllamaConfig, *, device: torch.d
         promote_resident_layers(engine, budget, device, inference_reserve_bytes(engine) if inference else None,
                                 spread=not inference)
     print(placement_table(engine, notes=notes), flush=True)
-    if note := engine.split_note():
-        print(note, flush=True)
+    for note in (engine.measurement_note(), engine.split_note()):
+        if note:
+            print(note, flush=True)
     return model, engine
