@@ -187,7 +187,7 @@ def sample_rows_until(seconds_per_expert: Callable[[int], float], ceiling: float
     """`(rows, seconds_per_expert(rows))` at each of `rows` (ascending) up to and including the first above `ceiling`:
     past it the split model never gives the CPU an expert (`cpu_share.useful_expert_seconds`), so more samples could
     not change a plan. On a CPU without fast bf16 GEMMs this skips most of the sampling (a 2-core AVX2 host took
-    80 s for the six row counts, 1.1 s for the first)."""
+    81 s for the six row counts, 2.2 s for the first)."""
     samples: list[tuple[int, float]] = []
     for count in rows:
         samples.append((count, seconds_per_expert(count)))
