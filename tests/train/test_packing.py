@@ -274,7 +274,8 @@ def test_per_sequence_sdpa_on_the_gpu_matches_the_masked_row_at_v2_lite_shapes()
                     torch.autograd.grad((want * weights).sum(), (q, k, v))):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], acc_events=True) as prof:  # no "clears events" warning
+    # acc_events: torch warns that a profiler used again "clears events at the end of each cycle"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], acc_events=True) as prof:
         per_sequence_sdpa(module, q, k, v, None, scaling=192 ** -0.5, **{SEQUENCE_BOUNDS: bounds})
     assert not [e.key for e in prof.key_averages() if "cudnn" in e.key.lower()]  # no per-shape cuDNN plans
 
