@@ -223,6 +223,42 @@ def test_per_sequence_sdpa_equals_the_masked_packed_attention(kv_heads):
     torch.testing.assert_close(plain, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("query_dim,value_dim,device,want", [
+    (192, 128, "cuda", 192),  # MLA (DeepSeek-V2/V3): v padded so flash takes the calls
+    (128, 128, "cuda", 128),  # equal heads (Qwen3-MoE, Mixtral): nothing to pad
+    (192, 128, "cpu", 128),   # no flash kernel to win on the CPU
+    (320, 128, "cuda", 128),  # wider than flash takes
+    (100, 64, "cuda", 64),    # not a multiple of 8
+])
+def test_a_narrower_value_is_padded_only_where_flash_then_runs(query_dim, value_dim, device, want):
+    from kllama.train.packing import flash_value_width
+
+    assert flash_value_width(query_dim, value_dim, device) == want
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_a_zero_padded_value_gives_the_same_attention_and_gradients(kv_heads):
+    """What the padding for flash does to the numbers: nothing (zero columns of v add zero output columns, cut off
+    again), forward and backward, MLA-like widths (q/k wider than v), on the tensors' own device."""
+    from kllama.train.packing import sequence_attention
+
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=4 // kv_heads)
+    bounds = (0, 5, 6, 13)
+    generator = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 13, 24, generator=generator, requires_grad=True)
+    k = torch.randn(1, kv_heads, 13, 24, generator=generator, requires_grad=True)
+    v = torch.randn(1, kv_heads, 13, 16, generator=generator, requires_grad=True)
+    plain = sequence_attention(module, q, k, v, bounds, 16, scaling=24 ** -0.5)
+    padded = sequence_attention(module, q, k, v, bounds, 24, scaling=24 ** -0.5)
+    assert plain.shape == padded.shape == (1, 13, 4, 16)
+    torch.testing.assert_close(padded, plain)
+    weights = torch.randn(plain.shape, generator=generator)
+    for a, b in zip(torch.autograd.grad((padded * weights).sum(), (q, k, v)),
+                    torch.autograd.grad((plain * weights).sum(), (q, k, v))):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b)
+
+
 def test_per_sequence_calls_keep_cudnn_attention_off_and_other_calls_as_they_were(monkeypatch):
     """The per-sequence calls of a packed row run with cuDNN's sdpa backend disabled (a new plan per slice shape
     made packed steps 14x slower on the H200 box), restored after; a call without bounds keeps torch's setting."""
@@ -251,7 +287,7 @@ def test_per_sequence_calls_keep_cudnn_attention_off_and_other_calls_as_they_wer
 def test_per_sequence_sdpa_on_the_gpu_matches_the_masked_row_at_v2_lite_shapes():
     """bf16 on CUDA, V2-Lite's attention shapes (16 heads, MLA q/k 192, v 128) and a 6,200-token row of 16
     sequences (the seed YAML's step): the per-sequence kernels agree with the dense block-diagonal mask, forward and
-    backward."""
+    backward, and they are flash's (v padded to 192), not cuDNN's or the memory-efficient kernel's."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from kllama.train.packing import SEQUENCE_BOUNDS, per_sequence_sdpa
@@ -277,7 +313,9 @@ def test_per_sequence_sdpa_on_the_gpu_matches_the_masked_row_at_v2_lite_shapes()
     # acc_events: torch warns that a profiler used again "clears events at the end of each cycle"
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], acc_events=True) as prof:
         per_sequence_sdpa(module, q, k, v, None, scaling=192 ** -0.5, **{SEQUENCE_BOUNDS: bounds})
-    assert not [e.key for e in prof.key_averages() if "cudnn" in e.key.lower()]  # no per-shape cuDNN plans
+    ops = [e.key.lower() for e in prof.key_averages()]
+    assert not [op for op in ops if "cudnn" in op]  # no per-shape cuDNN plans
+    assert [op for op in ops if "flash" in op] and not [op for op in ops if "efficient" in op]  # v padded for flash
 
 
 def test_packed_steps_are_not_grouped_by_length_and_the_largest_runs_first():

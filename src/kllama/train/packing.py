@@ -56,6 +56,24 @@ SEQUENCE_BOUNDS = "kllama_sequence_bounds"
 PACKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+# The widest head torch's flash kernel takes (q, k and v alike, a multiple of 8)
+FLASH_MAX_HEAD_DIM = 256
+
+
+def flash_value_width(query_dim: int, value_dim: int, device_type: str) -> int:
+    """The head width a packed row's `value` is zero-padded to: query's where only v's narrower head keeps torch's
+    flash kernel out (CUDA; MLA's v is 128 wide, its q and k 192), else v's own.
+
+    Flash needs q, k and v equally wide; without it a 192-wide head falls to the memory-efficient kernel, whose
+    backward for heads over 128 is its slow generic variant: on the H200 box (`benchmarks/packed_pass.py --layers 4`,
+    packed, 13,105 real tokens, 2026-11-30) `_efficient_attention_backward` took 50.3 ms of the 0.320 s step, 12.6 ms a
+    layer, ~11 TFLOP/s, while cuDNN's fused kernel on the same shapes did not show among the top ops. Zero columns of v
+    add zero columns to the output, which are cut off again; the scores (q, k, `scaling`) are unchanged."""
+    if device_type == "cuda" and value_dim < query_dim <= FLASH_MAX_HEAD_DIM and query_dim % 8 == 0:
+        return query_dim
+    return value_dim
+
+
 def per_sequence_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' sdpa attention, run sequence by sequence (causal, no mask) for a packed row.
@@ -65,15 +83,28 @@ def per_sequence_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     ~1.2M; more than the padded batch's B x T^2 too). Here each sequence (`SEQUENCE_BOUNDS` in the keywords) runs
     causal on its own slice, which is exactly the masked computation. Any other call (no bounds: padded batches,
     inference) goes to transformers' function unchanged. The per-sequence calls never use cuDNN's kernel
-    (`PACKED_BACKENDS`). `query` `[1, H, N, D]`; returns `[1, N, H, Dv]`."""
+    (`PACKED_BACKENDS`), and on CUDA a narrower v is padded so flash can run them (`flash_value_width`). `query`
+    `[1, H, N, D]`; returns `[1, N, H, Dv]`."""
     bounds = kwargs.pop(SEQUENCE_BOUNDS, None)
     if bounds is None or query.shape[0] != 1 or query.shape[2] != bounds[-1] or key.shape[2] != bounds[-1]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+    width = flash_value_width(query.shape[-1], value.shape[-1], query.device.type)
+    return sequence_attention(module, query, key, value, bounds, width, *args, **kwargs), None
+
+
+def sequence_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       bounds: tuple[int, ...], width: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """`per_sequence_sdpa`'s computation with `value` zero-padded to `width` for the kernels (`flash_value_width`) and
+    the output cut back to v's own width: `[1, N, H, Dv]`."""
+    value_dim = value.shape[-1]
+    if width > value_dim:
+        value = nn.functional.pad(value, (0, width - value_dim))
     with sdpa_kernel(PACKED_BACKENDS):
         pieces = [sdpa_attention_forward(module, query[:, :, start:stop], key[:, :, start:stop],
                                          value[:, :, start:stop], None, *args, **kwargs)[0]
                   for start, stop in zip(bounds, bounds[1:]) if stop > start]
-    return torch.cat(pieces, dim=1), None
+    out = torch.cat(pieces, dim=1)
+    return out[..., :value_dim] if width > value_dim else out
 
 
 def use_per_sequence_sdpa() -> None:
