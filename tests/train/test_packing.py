@@ -195,6 +195,15 @@ def test_packed_precompute_passes_stay_at_16k_tokens(tiny_model_dir):
     assert reference_pass_budget(config, _engine("stream"), packed=False) == 4 * 16384
 
 
+def _packed_row(kv_heads: int, qk_dim: int, v_dim: int, seed: int):
+    """A 13-token packed row of sequences 5, 1 and 7 long, 4 query heads: (module, bounds, generator, (q, k, v))."""
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=4 // kv_heads)
+    generator = torch.Generator().manual_seed(seed)
+    shapes = ((1, 4, 13, qk_dim), (1, kv_heads, 13, qk_dim), (1, kv_heads, 13, v_dim))
+    tensors = tuple(torch.randn(shape, generator=generator, requires_grad=True) for shape in shapes)
+    return module, (0, 5, 6, 13), generator, tensors
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2])  # MHA, and GQA (two query heads per key/value head)
 def test_per_sequence_sdpa_equals_the_masked_packed_attention(kv_heads):
     """Each sequence causal on its own slice = the block-diagonal masked row, forward and backward (a 1-token
@@ -203,12 +212,7 @@ def test_per_sequence_sdpa_equals_the_masked_packed_attention(kv_heads):
 
     from kllama.train.packing import SEQUENCE_BOUNDS, per_sequence_sdpa
 
-    module = SimpleNamespace(is_causal=True, num_key_value_groups=4 // kv_heads)
-    bounds = (0, 5, 6, 13)
-    generator = torch.Generator().manual_seed(2)
-    q = torch.randn(1, 4, 13, 8, generator=generator, requires_grad=True)
-    k = torch.randn(1, kv_heads, 13, 8, generator=generator, requires_grad=True)
-    v = torch.randn(1, kv_heads, 13, 6, generator=generator, requires_grad=True)
+    module, bounds, generator, (q, k, v) = _packed_row(kv_heads, 8, 6, seed=2)
     segment = torch.repeat_interleave(torch.arange(3), torch.tensor([5, 1, 7]))
     mask = (segment[:, None] == segment[None, :]) & torch.ones(13, 13, dtype=torch.bool).tril()  # [13, 13]
     want = sdpa_attention_forward(module, q, k, v, mask[None, None], scaling=0.3)[0]  # [1, 13, 4, 6]
@@ -242,12 +246,7 @@ def test_a_zero_padded_value_gives_the_same_attention_and_gradients(kv_heads):
     again), forward and backward, MLA-like widths (q/k wider than v), on the tensors' own device."""
     from kllama.train.packing import sequence_attention
 
-    module = SimpleNamespace(is_causal=True, num_key_value_groups=4 // kv_heads)
-    bounds = (0, 5, 6, 13)
-    generator = torch.Generator().manual_seed(4)
-    q = torch.randn(1, 4, 13, 24, generator=generator, requires_grad=True)
-    k = torch.randn(1, kv_heads, 13, 24, generator=generator, requires_grad=True)
-    v = torch.randn(1, kv_heads, 13, 16, generator=generator, requires_grad=True)
+    module, bounds, generator, (q, k, v) = _packed_row(kv_heads, 24, 16, seed=4)
     plain = sequence_attention(module, q, k, v, bounds, 16, scaling=24 ** -0.5)
     padded = sequence_attention(module, q, k, v, bounds, 24, scaling=24 ** -0.5)
     assert plain.shape == padded.shape == (1, 13, 4, 16)
