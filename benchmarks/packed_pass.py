@@ -18,13 +18,21 @@ Modes (`--modes`, a comma list of `MODES`) separate the suspects:
   on the H200 box, 4 layers. Since that fix `packed` and `packed-efficient` run the same kernels;
 * `packed-dense`: transformers' own masked SDPA over the packed row (its N x N block-diagonal mask), no split.
 
-For each mode: seconds a step (median of `--repeats` after `--warmup`), peak GPU GB, host syncs of one step (CUDA:
-`torch.cuda.set_sync_debug_mode("warn")`, with the source lines that caused them), host reads seen from Python
-(`.item()`, `.tolist()`, `nonzero`, ... on any device) and the cuDNN plan cache's lookups in that step (its
-`TORCH_CUDNN_SDPA_CACHE_DEBUG` lines, where this torch has them), then torch.profiler's top 20 ops by self CUDA
+For each mode and layer count: seconds a step (median of `--repeats` after `--warmup`), peak GPU GB, host syncs of
+one step (CUDA: `torch.cuda.set_sync_debug_mode("warn")`, with the source lines that caused them), host reads seen
+from Python (`.item()`, `.tolist()`, `nonzero`, ... on any device) and the cuDNN plan cache's lookups in that step
+(its `TORCH_CUDNN_SDPA_CACHE_DEBUG` lines, where this torch has them), then torch.profiler's top 20 ops by self CUDA
 time and by self CPU time over one step (`--trace` also exports a Chrome trace). Prints the tables, writes JSON.
 
+`--layers 4,8` (two or more counts, smallest first, each model freed before the next is built) adds, per mode, the
+split of `layer_split.py`: for every op of the profiled step (self CUDA time on a GPU, self CPU time on the CPU) and
+for the step's seconds, per layer = the slope of a least-squares line through (layers, ms) and fixed = its
+intercept, by op, by op class (attention fwd/bwd, GEMM, elementwise, norms, host->device copies, other) and the
+projected full-depth step `fixed + per_layer * num_hidden_layers`. Every count runs the same pairs and warms up on
+them (so shape-keyed caches are warm at every count alike; see `run_mode`).
+
     PYTHONPATH=src python benchmarks/packed_pass.py --layers 4 --placements stream --gpu-cap-gb 24     # ~1 min
+    PYTHONPATH=src python benchmarks/packed_pass.py --layers 4,8 --modes packed,padded --budget-s 150  # per layer
     PYTHONPATH=src python benchmarks/packed_pass.py --layers 4 --cudnn-avoid-recompile      # torch's opt-in flag
     PYTHONPATH=src python benchmarks/packed_pass.py --tiny                                  # CPU smoke test
 """
@@ -53,10 +61,12 @@ from torch.overrides import TorchFunctionMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    FULL_SHAPES, RESULTS_DIR, build_model, compute_device, environment, format_table, gpu_peak_gb, log, model_config,
-    placement_list, release, reset_gpu_peak, set_gpu_cap, shape_summary, synchronize, write_results,
+    FULL_SHAPES, RESULTS_DIR, build_model, comma_list, compute_device, current_host_gb, environment, format_table,
+    gpu_peak_gb, log, model_config, placement_list, release, reset_gpu_peak, set_gpu_cap, shape_summary, synchronize,
+    write_results,
 )
 from dpo_throughput import LORA_RANK, place_experts, prepare_training  # noqa: E402
+from layer_split import format_split, layer_splits, op_times  # noqa: E402
 from kllama.data.collate import PairwiseCollator, real_tokens  # noqa: E402
 from kllama.data.templates import IGNORE_INDEX  # noqa: E402
 from kllama.train.lockstep import lockstep_for_run  # noqa: E402
@@ -97,17 +107,31 @@ HOST_READS = frozenset({
 })
 PROFILE_COLUMNS = (("name", "op", "{}"), ("self_ms", "self ms", "{:.1f}"), ("calls", "calls", "{}"))
 STEP_COLUMNS = (
-    ("name", "mode", "{}"), ("placement", "placement", "{}"), ("real_tokens", "real tok", "{:,}"),
+    ("name", "mode", "{}"), ("placement", "placement", "{}"), ("layers", "layers", "{}"),
+    ("real_tokens", "real tok", "{:,}"),
     ("pass_tokens", "pass tok", "{:,}"), ("s_per_step", "s/step (median)", "{:.3f}"), ("s_min", "min", "{:.3f}"),
     ("s_max", "max", "{:.3f}"), ("peak_gpu_gb", "peak GPU GB", "{:.1f}"), ("cuda_syncs", "CUDA syncs", "{}"),
     ("host_reads", "host reads", "{}"), ("cudnn_cache_lookups", "cuDNN lookups", "{}"), ("note", "note", "{}"),
 )
 
 
+def layer_counts(text: str) -> list[int]:
+    """A `--layers` value (`4` or `4,8`) as sorted distinct positive counts."""
+    try:
+        counts = sorted({int(item) for item in comma_list(text)})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: want positive layer counts, e.g. 4 or 4,8")
+    return counts
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=tuple(FULL_SHAPES), default="v2lite")
-    p.add_argument("--layers", type=int, default=4, help="first N decoder layers of the full-size config")
+    p.add_argument("--layers", type=layer_counts, default=[4],
+                   help="comma list of layer counts (first N decoder layers of the full-size config); two or more "
+                        "add the per layer / fixed split of every mode (smallest count first)")
     p.add_argument("--placements", default="stream", help="comma list of stream|gpu")
     p.add_argument("--gpu-cap-gb", type=float, default=24.0, help="GPU memory cap of `stream` (max_gpu_memory)")
     p.add_argument("--modes", default=DEFAULT_MODES, help=f"comma list of {', '.join(MODES)}")
@@ -276,7 +300,8 @@ def run_step(trainer: KllamaTrainer, model: nn.Module, batch: dict[str, Any], de
 
 def profile_step(trainer: KllamaTrainer, model: nn.Module, batch: dict[str, Any], device: torch.device,
                  trace_path: Path | None) -> dict[str, Any]:
-    """torch.profiler over one step: the top 20 ops by self CUDA time and by self CPU time (ms, calls)."""
+    """torch.profiler over one step: the top 20 ops by self CUDA time and by self CPU time (ms, calls), and every
+    op's self time in the split's metric (`layer_split.op_times`: self CUDA on a GPU, self CPU on the CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -297,7 +322,9 @@ def profile_step(trainer: KllamaTrainer, model: nn.Module, batch: dict[str, Any]
         return [{"name": e.key, "self_ms": key(e) / 1e3, "calls": e.count} for e in ranked if key(e) > 0]
 
     return {"self_cuda": top(device_us) if device.type == "cuda" else [],
-            "self_cpu": top(lambda e: float(e.self_cpu_time_total))}
+            "self_cpu": top(lambda e: float(e.self_cpu_time_total)),
+            "ops_metric": "self CUDA" if device.type == "cuda" else "self CPU",
+            "ops": op_times(list(prof.events()), device)}
 
 
 def counted_step(trainer: KllamaTrainer, model: nn.Module, batch: dict[str, Any], device: torch.device,
@@ -327,7 +354,12 @@ def run_mode(name: str, mode: Mode, placement: str, model: nn.Module, trainer: K
     Every mode sees the same pairs: step i's are drawn from `seed + 1 + i`, the warm-up's from `seed`. A padded
     call's shapes never equal a packed one's, so no mode warms another's cuDNN graphs beyond the shared warm-up
     batch; only `packed-same-lengths` repeats a shape step after step. A packed row's per-sequence slices have
-    strides that depend on the row's total length, part of cuDNN's cache key with each sequence's length."""
+    strides that depend on the row's total length, part of cuDNN's cache key with each sequence's length.
+
+    With several layer counts (`args.warm_step_shapes`), every count's step i sees the same pairs, so the counts do
+    the same work; shape-keyed caches (cuDNN's plans) would then be cold at the first count and warm after it. So
+    each count's warm-up also runs every batch its counted steps will see: the counts compare like with like, and
+    the plan builds that new lengths cost (a single-count run measures them) are left out of these rows."""
     config = causal_lm_of(model).config
     pad = config.pad_token_id if config.pad_token_id is not None else 0
     warm_rows = preference_rows(config.vocab_size, args.pairs, args.min_len, args.max_len, seed)
@@ -337,20 +369,24 @@ def run_mode(name: str, mode: Mode, placement: str, model: nn.Module, trainer: K
             if mode.fresh_lengths else warm_rows
         return step_batch(rows, mode.packed, pad)
 
-    row: dict[str, Any] = {"name": name, "placement": placement, "about": mode.about}
+    row: dict[str, Any] = {"name": name, "placement": placement, "about": mode.about,
+                           "warmed_step_shapes": args.warm_step_shapes}
     if mode.backend and device.type != "cuda":
         row["note"] = f"{mode.backend} backend forced on CUDA only"
     with mode_context(mode, device):
         for i in range(args.warmup):
             seconds = run_step(trainer, model, step_batch(warm_rows, mode.packed, pad), device)
             log(f"{name} [{placement}]: warm-up {i + 1}/{args.warmup} {seconds:.2f}s")
+        if args.warm_step_shapes:
+            warm_s = [run_step(trainer, model, batch_for(i), device) for i in range(args.repeats + 2)]
+            log(f"{name} [{placement}]: warm-up on the steps' own batches {sum(warm_s):.2f}s")
         reset_gpu_peak(device)
         step_s = []
         for i in range(args.repeats):
             batch = batch_for(i)
             step_s.append(run_step(trainer, model, batch, device))
-            log(f"{name} [{placement}]: step {i + 1}/{args.repeats} {step_s[-1]:.3f}s "
-                f"({real_tokens(batch['chunks'][0]):,} real tokens)")
+            log(f"{name} [{placement}, {config.num_hidden_layers} layers]: step {i + 1}/{args.repeats} "
+                f"{step_s[-1]:.3f}s ({real_tokens(batch['chunks'][0]):,} real tokens)")
         chunk = batch["chunks"][0]
         row.update(s_per_step=statistics.median(step_s), s_min=min(step_s), s_max=max(step_s), step_s=step_s,
                    peak_gpu_gb=gpu_peak_gb(device), real_tokens=real_tokens(chunk),
@@ -361,7 +397,8 @@ def run_mode(name: str, mode: Mode, placement: str, model: nn.Module, trainer: K
         row.update(counted_step(trainer, model, batch_for(args.repeats), device))
         if not args.no_profile:
             folder = Path(os.environ.get("OUT") or args.out_dir or RESULTS_DIR)
-            trace = folder / f"packed_pass_{name}_{placement}.trace.json" if args.trace else None
+            trace = folder / f"packed_pass_{name}_{placement}_{config.num_hidden_layers}layers.trace.json" \
+                if args.trace else None
             row["profile"] = profile_step(trainer, model, batch_for(args.repeats + 1), device, trace)
     return row
 
@@ -380,12 +417,11 @@ def run_placement(placement: str, lm: nn.Module, modules: dict, model: nn.Module
         causal_lm_of(model), stage="dpo", reference_free=False, precomputed=False, starting_adapter=False,
         streamed_layers=streamed)
     trainer = make_trainer(model, lockstep, device, work)
+    layers = causal_lm_of(model).config.num_hidden_layers
     log(f"{placement}: {streamed} streamed MoE layers, lock-step reference {'on' if lockstep else 'off'}, {info}")
     for name in modes:
         if time.perf_counter() - args.started > args.budget_s:
-            log(f"{name} [{placement}]: skipped, past the {args.budget_s:.0f}s budget")
-            rows.append({"name": name, "placement": placement, "note": "skipped: time budget"})
-            save()
+            skip_rows([name], [placement], layers, args, rows, save)
             continue
         try:
             row = run_mode(name, MODES[name], placement, model, trainer, args, device, seed)
@@ -394,7 +430,7 @@ def run_placement(placement: str, lm: nn.Module, modules: dict, model: nn.Module
             log(f"{name} [{placement}]: failed: {type(exc).__name__}: {exc}")
             row = {"name": name, "placement": placement, "note": f"failed: {type(exc).__name__}",
                    "error": f"{type(exc).__name__}: {exc}"}
-        row.update(lockstep=lockstep is not None, streamed_layers=streamed)
+        row.update(layers=layers, lockstep=lockstep is not None, streamed_layers=streamed)
         rows.append(row)
         save()
         model.zero_grad(set_to_none=True)
@@ -403,20 +439,61 @@ def run_placement(placement: str, lm: nn.Module, modules: dict, model: nn.Module
     set_gpu_cap(None, device)
 
 
+def skip_rows(modes: list[str], placements: list[str], layers: int, args: argparse.Namespace,
+              rows: list[dict[str, Any]], save: Callable[[], Any]) -> None:
+    """Rows for modes the time budget left out (the table and JSON still say what was asked)."""
+    for placement in placements:
+        for name in modes:
+            log(f"{name} [{placement}, {layers} layers]: skipped, past the {args.budget_s:.0f}s budget")
+            rows.append({"name": name, "placement": placement, "layers": layers, "note": "skipped: time budget"})
+    save()
+
+
+def run_layer_count(layers: int, modes: list[str], placements: list[str], args: argparse.Namespace,
+                    device: torch.device, work: str, rows: list[dict[str, Any]], save: Callable[[], Any]) -> None:
+    """Build the model cut to `layers` decoder layers, run every placement and mode on it (placement i's pairs from
+    `seed + 1000 i`: the same pairs at every layer count), then free it before the next count is built (full-size
+    MoE layers hold ~1.1 GB of experts each in host memory)."""
+    config = model_config(args.model, tiny=args.tiny, layers=layers)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    lm, modules = build_model(config, device, host_experts=True)
+    model = prepare_training(lm)
+    log(f"{layers} layers built in {time.perf_counter() - start:.1f}s: {len(modules)} MoE layers, attention "
+        f"{causal_lm_of(model).config._attn_implementation}, host {current_host_gb():.1f} GB")
+    for index, placement in enumerate(placements):
+        run_placement(placement, lm, modules, model, modes, args, device, work, args.seed + 1000 * index, rows, save)
+    del model, lm, modules
+    release()
+    log(f"{layers} layers freed: host {current_host_gb():.1f} GB")
+
+
+def projected_rows(splits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Step-table rows of each split's projected full-depth step (`fixed + per_layer * full_layers`)."""
+    return [{"name": split["name"], "placement": split["placement"], "layers": f"{split['full_layers']} (projected)",
+             "s_per_step": split["step"]["projected_ms"] / 1e3,
+             "note": f"fixed {split['step']['fixed_ms'] / 1e3:.3f} s + {split['step']['per_layer_ms'] / 1e3:.4f} s "
+                     f"a layer, fit on layers {', '.join(map(str, split['layers']))}"} for split in splits]
+
+
+def label(row: dict[str, Any]) -> str:
+    return f"{row['name']} [{row['placement']}, {row.get('layers', '?')} layers]"
+
+
 def print_profiles(rows: list[dict[str, Any]]) -> None:
     """Each row's profiler tables and its syncs / host reads by source line."""
     for row in rows:
         for key, title in (("self_cuda", "self CUDA time"), ("self_cpu", "self CPU time")):
             top = row.get("profile", {}).get(key)
             if top:
-                print(f"\n== {row['name']} [{row['placement']}]: top {len(top)} ops by {title} (one step) ==")
+                print(f"\n== {label(row)}: top {len(top)} ops by {title} (one step) ==")
                 print(format_table(top, PROFILE_COLUMNS), flush=True)
         if row.get("cudnn_cache_last"):
-            print(f"-- {row['name']} [{row['placement']}]: {row['cudnn_cache_lookups']} cuDNN plan-cache lookups in "
+            print(f"-- {label(row)}: {row['cudnn_cache_lookups']} cuDNN plan-cache lookups in "
                   f"the counted step, last: {row['cudnn_cache_last'][-1]}", flush=True)
         for key, title in (("cuda_sync_sites", "CUDA syncs"), ("host_read_sites", "host reads from Python")):
             if row.get(key):
-                print(f"-- {row['name']} [{row['placement']}]: {title} by source line: "
+                print(f"-- {label(row)}: {title} by source line: "
                       + "; ".join(f"{site} x{n}" for site, n in row[key].items()), flush=True)
 
 
@@ -439,19 +516,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         warnings.filterwarnings("ignore", message=".*needs a CUDA compute device.*")
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*deprecated.*")
     args.cpu_threads = min(16, os.cpu_count() or 1)  # for place_experts (unused by stream/gpu)
-    torch.manual_seed(args.seed)
-    config = model_config(args.model, tiny=args.tiny, layers=args.layers)
-    log(f"model {args.model}{' (tiny)' if args.tiny else ''}: {config.num_hidden_layers} layers, {args.pairs} pairs "
-        f"of {args.min_len}-{args.max_len} tokens a sequence, device {device}, modes {modes}")
+    full = model_config(args.model, tiny=args.tiny, layers=None)
+    counts = sorted({min(n, full.num_hidden_layers) for n in args.layers})
+    args.warm_step_shapes = len(counts) > 1
+    dense = getattr(full, "first_k_dense_replace", 0) or 0
+    if counts[0] <= dense:
+        raise SystemExit(f"--layers {counts[0]}: {args.model}'s first {dense} layer(s) have no routed experts; "
+                         f"count at least {dense + 1} layers")
+    log(f"model {args.model}{' (tiny)' if args.tiny else ''}: layers {counts} of {full.num_hidden_layers}, "
+        f"{args.pairs} pairs of {args.min_len}-{args.max_len} tokens a sequence, device {device}, modes {modes}")
     start = time.perf_counter()
-    lm, modules = build_model(config, device, host_experts=True)
-    model = prepare_training(lm)
-    log(f"built in {time.perf_counter() - start:.1f}s: {len(modules)} MoE layers, attention "
-        f"{causal_lm_of(model).config._attn_implementation}")
     results: dict[str, Any] = {
-        "benchmark": "packed_pass", "model": args.model, "tiny": args.tiny, "layers": config.num_hidden_layers,
-        "config": shape_summary(config), "pairs": args.pairs, "lengths": [args.min_len, args.max_len],
-        "warmup": args.warmup, "repeats": args.repeats, "gpu_cap_gb": args.gpu_cap_gb, "modes": modes,
+        "benchmark": "packed_pass", "model": args.model, "tiny": args.tiny, "layers": counts,
+        "full_layers": full.num_hidden_layers, "config": shape_summary(full), "pairs": args.pairs,
+        "lengths": [args.min_len, args.max_len], "warmup": args.warmup, "repeats": args.repeats,
+        "warmed_step_shapes": args.warm_step_shapes, "gpu_cap_gb": args.gpu_cap_gb, "modes": modes,
         "mode_about": {m: MODES[m].about for m in modes}, "lora": {"rank": LORA_RANK, "target": "all"},
         "cudnn_avoid_recompile": args.cudnn_avoid_recompile, "environment": environment(), "rows": [],
     }
@@ -466,12 +545,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return write_results(results, stem, args.out_dir)
 
     with tempfile.TemporaryDirectory() as work:
-        for index, placement in enumerate(placements):
-            run_placement(placement, lm, modules, model, modes, args, device, work, args.seed + 1000 * index,
-                          results["rows"], save)
+        for layers in counts:  # smallest first: what the time budget cuts is the larger counts
+            if time.perf_counter() - args.started > args.budget_s:
+                skip_rows(modes, placements, layers, args, results["rows"], save)
+                continue
+            run_layer_count(layers, modes, placements, args, device, work, results["rows"], save)
     results["total_s"] = time.perf_counter() - start
+    results["split"] = layer_splits(results["rows"], full.num_hidden_layers)
     print_profiles(results["rows"])
-    print("\n" + format_table(results["rows"], STEP_COLUMNS), flush=True)
+    metric = "self CUDA" if device.type == "cuda" else "self CPU"
+    for split in results["split"]:
+        print("\n" + format_split(split, metric), flush=True)
+    print("\n" + format_table(results["rows"] + projected_rows(results["split"]), STEP_COLUMNS), flush=True)
     path = save()
     log(f"wrote {path}")
     return results

@@ -1,0 +1,127 @@
+"""benchmarks/layer_split.py: the per layer / fixed split of packed_pass.py's profiled steps across layer counts."""
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+FOLDER = str(Path(__file__).resolve().parents[2] / "benchmarks")
+
+
+@pytest.fixture(scope="module")
+def split() -> Iterator[ModuleType]:
+    sys.path.insert(0, FOLDER)
+    try:
+        import layer_split
+    finally:
+        sys.path.remove(FOLDER)
+    yield layer_split
+
+
+def test_line_fit_by_hand(split: ModuleType) -> None:
+    # two points: the line through them
+    assert split.line_fit([4.0, 8.0], [10.0, 18.0]) == pytest.approx((2.0, 2.0))
+    # three points (2,1) (4,3) (6,2): mean (4, 2), Sxx = 8, Sxy = (-2)(-1) + 0 + (2)(0) = 2 -> slope 1/4, intercept 1
+    assert split.line_fit([2.0, 4.0, 6.0], [1.0, 3.0, 2.0]) == pytest.approx((0.25, 1.0))
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    # names as the H200 box's profile of packed_pass.py printed them (results/packed_pass_v2lite_4layers_h200_s7_*)
+    ("Memcpy HtoD (Pinned -> Device)", "host->device copies"),
+    ("aten::_efficient_attention_backward", "attention bwd"),
+    ("aten::_flash_attention_backward", "attention bwd"),
+    ("aten::_cudnn_attention_forward", "attention fwd"),
+    ("aten::_efficient_attention_forward", "attention fwd"),
+    ("aten::_scaled_dot_product_attention_math", "attention fwd"),
+    ("aten::mm", "GEMM"), ("aten::addmm", "GEMM"), ("aten::_grouped_mm", "GEMM"),
+    ("aten::mul", "elementwise"), ("aten::add_", "elementwise"), ("aten::sub_", "elementwise"),
+    ("aten::copy_", "elementwise"), ("aten::_to_copy", "elementwise"), ("aten::exp_", "elementwise"),
+    ("aten::rsqrt", "norms"), ("aten::_fused_rms_norm", "norms"),
+    ("aten::topk", "other"), ("Memcpy DtoD (Device -> Device)", "other"), ("MmBackward0", "other"),
+    ("aten::mean", "norms"), ("aten::mm_backward_like", "other"),
+])
+def test_op_classes_by_name(split: ModuleType, name: str, expected: str) -> None:
+    assert split.op_class(name) == expected
+
+
+def _row(name: str, layers: int, s_per_step: float | None, ops: dict[str, float] | None) -> dict:
+    row = {"name": name, "placement": "stream", "layers": layers}
+    if s_per_step is not None:
+        row["s_per_step"] = s_per_step
+    if ops is not None:
+        row["profile"] = {"ops": [{"name": k, "ms": v, "calls": 1} for k, v in ops.items()]}
+    return row
+
+
+def test_split_fits_each_op_class_and_step(split: ModuleType) -> None:
+    rows = [
+        _row("packed", 4, 0.30, {"aten::mm": 60.0, "aten::mul": 9.0, "aten::_flash_attention_backward": 20.0}),
+        _row("packed", 8, 0.50, {"aten::mm": 100.0, "aten::mul": 13.0, "aten::_flash_attention_backward": 40.0,
+                                 "aten::topk": 2.0}),
+        _row("padded", 4, 0.40, {"aten::mm": 70.0}),
+        _row("padded", 8, None, None),  # skipped by the time budget: no fit from one count
+    ]
+    splits = split.layer_splits(rows, 26)
+    assert [s["name"] for s in splits] == ["packed"]
+    packed = splits[0]
+    # step: 300 ms at 4, 500 at 8 -> 50 ms a layer, 100 fixed, 100 + 26 * 50 = 1,400 at full depth
+    assert packed["step"]["per_layer_ms"] == pytest.approx(50.0) and packed["step"]["fixed_ms"] == pytest.approx(100.0)
+    assert packed["step"]["projected_ms"] == pytest.approx(1400.0)
+    ops = {op["name"]: op for op in packed["ops"]}
+    assert ops["aten::mm"]["per_layer_ms"] == pytest.approx(10.0) and ops["aten::mm"]["fixed_ms"] == pytest.approx(20.0)
+    assert ops["aten::topk"]["measured_ms"] == [0.0, 2.0]  # absent at 4 layers: 0 ms there
+    assert [op["name"] for op in packed["ops"]] == ["aten::mm", "aten::_flash_attention_backward", "aten::mul",
+                                                    "aten::topk"]  # by per-layer cost: 10, 5, 1, 0.5
+    classes = {c["name"]: c for c in packed["classes"]}
+    assert set(classes) == {"GEMM", "attention bwd", "elementwise", "other"}
+    assert classes["attention bwd"]["projected_ms"] == pytest.approx(0.0 + 5.0 * 26)
+    assert packed["total"]["measured_ms"] == [89.0, 155.0]
+    text = split.format_split(packed, "self CUDA")
+    assert "projected at 26" in text and "aten::_flash_attention_backward" in text and "attention bwd" in text
+
+
+def test_op_times_of_a_real_cpu_profile(split: ModuleType) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    a = torch.randn(256, 256)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            (a @ a).mul_(2.0)
+    rows = {row["name"]: row for row in split.op_times(list(prof.events()), torch.device("cpu"))}
+    averages = {e.key: e for e in prof.key_averages()}
+    assert rows["aten::mm"]["calls"] == 3 and rows["aten::mul_"]["calls"] == 3
+    for name in ("aten::mm", "aten::mul_"):
+        assert math.isclose(rows[name]["ms"], averages[name].self_cpu_time_total / 1e3, rel_tol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_op_times_on_cuda_count_each_kernel_once_with_transfers_apart(split: ModuleType) -> None:
+    """Each kernel counts once, for the op that launched it; the pinned host->device copy is a row of its own (its
+    op `aten::copy_` also casts on the device, a different cost); the rows add up to the device's kernel time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device("cuda")
+    host = torch.randn(4096, 4096).pin_memory()
+    a = torch.randn(1024, 1024, device=device)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        on_device = host.to(device, non_blocking=True)
+        for _ in range(3):
+            (a @ a).add_(on_device[:1024, :1024])
+        torch.cuda.synchronize()
+    events = list(prof.events())
+    rows = {row["name"]: row for row in split.op_times(events, device)}
+    copies = [name for name in rows if name.startswith("Memcpy HtoD")]
+    assert len(copies) == 1 and rows[copies[0]]["calls"] == 1, rows
+    assert split.op_class(copies[0]) == "host->device copies"
+    assert rows["aten::mm"]["calls"] == 3 and rows["aten::mm"]["ms"] > 0 and rows["aten::add_"]["calls"] == 3
+    kernels_ms = sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA
+                     and not getattr(e, "is_user_annotation", False)) / 1e3
+    assert math.isclose(sum(row["ms"] for row in rows.values()), kernels_ms, rel_tol=1e-6), (rows, kernels_ms)
