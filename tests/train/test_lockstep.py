@@ -73,7 +73,8 @@ def _first_step(model_dir: Path, tmp: Path, lockstep: bool, budget: int | None, 
     bundle = build_dataset(config.data, loaded.tokenizer, get_template(config.data.template, loaded.tokenizer),
                            stage="dpo", seed=3)
     packed = bool(config.training.padding_free)
-    collate = PairwiseCollator(loaded.tokenizer.pad_token_id, packed=packed)
+    collate = PairwiseCollator(loaded.tokenizer.pad_token_id, packed=packed,
+                               share_prompts=config.finetuning.prefix_sharing)
     rows = LengthGroupedRows(bundle.train, row_lengths(bundle.train, "dpo"), 4, seed=3)
     plan = None
     if budget is not None:
@@ -99,7 +100,9 @@ def _first_step(model_dir: Path, tmp: Path, lockstep: bool, budget: int | None, 
     ("qwen3_moe", 300, {"template": "qwen"}),                         # router aux loss from the policy's logits only
     ("deepseek_v2", 300, {"padding_free": True, "ld_alpha": 0.5}),    # packed passes: the reference's too
     ("qwen3_moe", 300, {"template": "qwen", "padding_free": True}),   # packed, router aux loss
-], ids=["accumulated", "passes", "no-checkpointing", "ld-dpo", "router-aux", "packed", "packed-router-aux"])
+    ("deepseek_v2", 300, {"padding_free": True, "prefix_sharing": True}),  # packed, each pair's prompt once
+], ids=["accumulated", "passes", "no-checkpointing", "ld-dpo", "router-aux", "packed", "packed-router-aux",
+        "prefix-sharing"])
 def test_a_dpo_step_with_the_lockstep_reference_equals_the_separate_pass(arch, budget, settings, tiny_model_dir,
                                                                           tmp_path):
     model_dir = tiny_model_dir(arch)

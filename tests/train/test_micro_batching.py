@@ -151,7 +151,8 @@ def first_step(model_dir: Path, tmp: Path, settings: dict, budget: int | None) -
     """Loss and gradients of the first optimizer step, with the rows of a 4-row step in the grouped order: as 1 x 4
     accumulated micro-steps (`budget` None) or as one step batch run in passes of `budget` tokens; with
     `padding_free: true` in `settings` every batch (the precompute's too) is packed and `budget` counts real tokens
-    (the step's rows are the same either way: grouped by their padded lengths)."""
+    (the step's rows are the same either way: grouped by their padded lengths); with `prefix_sharing: true` too
+    every packed pair computes its prompt once."""
     from kllama.config import build_config
     from kllama.data import PairwiseCollator, SFTCollator, build_dataset, get_template
     from kllama.model.adapters import attach_lora, resolve_lora_spec
@@ -171,15 +172,18 @@ def first_step(model_dir: Path, tmp: Path, settings: dict, budget: int | None) -
     packed = bool(config.training.padding_free)
     set_seed(3)
     loaded = load_model(config, "train")
-    bundle = build_dataset(config.data, loaded.tokenizer, get_template("deepseek", loaded.tokenizer), stage=stage,
-                           seed=3)
+    bundle = build_dataset(config.data, loaded.tokenizer, get_template(config.data.template, loaded.tokenizer),
+                           stage=stage, seed=3)
     f = config.finetuning
     model = attach_lora(loaded.model, resolve_lora_spec(loaded.model, f.lora_target, f.lora_rank, None, 0.0), seed=3)
     with torch.no_grad():  # non-zero B so every LoRA tensor gets a gradient and the reference differs
         for name, p in model.named_parameters():
             if p.requires_grad and "lora_B" in name:
                 p.normal_(0, 0.05, generator=torch.Generator(device=p.device).manual_seed(len(name)))
-    collate = (PairwiseCollator if stage == "dpo" else SFTCollator)(loaded.tokenizer.pad_token_id, packed=packed)
+    if stage == "dpo":
+        collate = PairwiseCollator(loaded.tokenizer.pad_token_id, packed=packed, share_prompts=f.prefix_sharing)
+    else:
+        collate = SFTCollator(loaded.tokenizer.pad_token_id, packed=packed)
     rows = bundle.train
     if f.precompute_ref_log_probs:
         rows = attach_reference_logps(model, rows, collate, preference_settings(config), None, tmp / "cache",

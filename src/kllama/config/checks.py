@@ -25,7 +25,7 @@ _REPORTERS: dict[str, str | None] = {
 
 # keys that only mean something for the preference stage
 _DPO_ONLY = ("pref_loss", "pref_beta", "pref_ftx", "dpo_label_smoothing", "simpo_gamma", "discopop_tau", "ld_alpha",
-             "precompute_ref_log_probs", "precompute_ref_batch_size")
+             "precompute_ref_log_probs", "precompute_ref_batch_size", "prefix_sharing")
 
 
 def resolve_config_path(path: str, config: "KllamaConfig") -> Path | None:
@@ -70,6 +70,9 @@ def _train_checks(c: "KllamaConfig", check_paths: bool) -> list[str]:
         out.append(f"simpo_gamma: only used with pref_loss: simpo (pref_loss is {f.pref_loss!r})")
     if f.precompute_ref_log_probs and f.pref_loss in ("orpo", "simpo"):
         out.append(f"precompute_ref_log_probs: pref_loss {f.pref_loss!r} uses no reference model; remove it")
+    if f.prefix_sharing and t.padding_free is False:
+        out.append("prefix_sharing: needs packed passes, and padding_free is false; remove padding_free: false or "
+                   "prefix_sharing: true")
     if f.precompute_ref_batch_size is not None:
         if f.precompute_ref_batch_size < 1:
             out.append(f"precompute_ref_batch_size: must be >= 1, got {f.precompute_ref_batch_size}")

@@ -45,8 +45,28 @@ def padding_free_for(config: Any, engine: Any, attn_implementation: str | None) 
     return supported and bool(targets.get("stream") or targets.get("cpu"))
 
 
+def prefix_sharing_for(config: Any, packed: bool, attn_implementation: str | None) -> bool:
+    """Whether a DPO-family run computes each pair's prompt once (`prefix_sharing`,
+    `kllama.data.collate.pack_pairs_sharing_prompts`): only in packed passes run by `per_sequence_sdpa` (the one
+    attention that reads `SEQUENCE_PREFIXES`); asked for anywhere else it is a clear error naming the fix."""
+    if not config.finetuning.prefix_sharing:
+        return False
+    if not packed:
+        raise KllamaError("prefix_sharing: true needs packed passes, and this run pads them (padding_free: false, "
+                          "or every expert resident without padding_free): set padding_free: true, or remove "
+                          "prefix_sharing")
+    if attn_implementation != "sdpa":
+        raise KllamaError(f"prefix_sharing: true needs the sdpa attention (kllama runs packed sdpa per sequence and "
+                          f"gives it the shared prompt); this model runs {attn_implementation!r}: set flash_attn: "
+                          f"sdpa, or remove prefix_sharing")
+    return True
+
+
 # The keyword a packed forward passes down to the attention functions (`pack_batch`'s `sequence_bounds`)
 SEQUENCE_BOUNDS = "kllama_sequence_bounds"
+# The keyword for `pack_batch`'s `sequence_prefixes`: per sequence, a (start, stop) of earlier rows it attends to
+# before its own (a rejected answer's shared prompt, held by its chosen sequence's rows)
+SEQUENCE_PREFIXES = "kllama_sequence_prefixes"
 
 # The kernels a packed row's per-sequence calls may use: every sdpa backend but cuDNN's. torch builds (on the host)
 # and caches one cuDNN plan per exact q/k/v shape and strides; the slices of a packed row differ in length and their
@@ -83,26 +103,45 @@ def per_sequence_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     ~1.2M; more than the padded batch's B x T^2 too). Here each sequence (`SEQUENCE_BOUNDS` in the keywords) runs
     causal on its own slice, which is exactly the masked computation. Any other call (no bounds: padded batches,
     inference) goes to transformers' function unchanged. The per-sequence calls never use cuDNN's kernel
-    (`PACKED_BACKENDS`), and on CUDA a narrower v is padded so flash can run them (`flash_value_width`). `query`
-    `[1, H, N, D]`; returns `[1, N, H, Dv]`."""
+    (`PACKED_BACKENDS`), and on CUDA a narrower v is padded so flash can run them (`flash_value_width`). A sequence
+    with a prefix (`SEQUENCE_PREFIXES`: prefix sharing) also attends to those rows first (`sequence_attention`).
+    `query` `[1, H, N, D]`; returns `[1, N, H, Dv]`."""
     bounds = kwargs.pop(SEQUENCE_BOUNDS, None)
+    prefixes = kwargs.pop(SEQUENCE_PREFIXES, None)
     if bounds is None or query.shape[0] != 1 or query.shape[2] != bounds[-1] or key.shape[2] != bounds[-1]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
     width = flash_value_width(query.shape[-1], value.shape[-1], query.device.type)
-    return sequence_attention(module, query, key, value, bounds, width, *args, **kwargs), None
+    return sequence_attention(module, query, key, value, bounds, width, *args, prefixes=prefixes, **kwargs), None
+
+
+def _with_prefix(rows: torch.Tensor, start: int, stop: int, prefix: tuple[int, int]) -> torch.Tensor:
+    """A sequence's rows `[1, H, stop - start, D]` of a packed tensor, after its prefix's rows when it has one."""
+    own = rows[:, :, start:stop]
+    return torch.cat([rows[:, :, prefix[0]:prefix[1]], own], dim=2) if prefix[1] > prefix[0] else own
 
 
 def sequence_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       bounds: tuple[int, ...], width: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+                       bounds: tuple[int, ...], width: int, *args: Any,
+                       prefixes: tuple[tuple[int, int], ...] | None = None, **kwargs: Any) -> torch.Tensor:
     """`per_sequence_sdpa`'s computation with `value` zero-padded to `width` for the kernels (`flash_value_width`) and
-    the output cut back to v's own width: `[1, N, H, Dv]`."""
+    the output cut back to v's own width: `[1, N, H, Dv]`.
+
+    A sequence with a prefix `(a, b)` in `prefixes` runs causal on its prefix's rows followed by its own (q, k and v
+    alike: a square causal call, the kernels' own masking) and keeps its own rows' outputs: each of its tokens sees
+    the prefix and its own earlier tokens, as if the prefix were the start of the sequence. The prefix's query rows
+    are computed and dropped (a small part of a step: attention against the experts and projections)."""
     value_dim = value.shape[-1]
     if width > value_dim:
         value = nn.functional.pad(value, (0, width - value_dim))
+    prefixes = prefixes or ((0, 0),) * (len(bounds) - 1)
+    pieces = []
     with sdpa_kernel(PACKED_BACKENDS):
-        pieces = [sdpa_attention_forward(module, query[:, :, start:stop], key[:, :, start:stop],
-                                         value[:, :, start:stop], None, *args, **kwargs)[0]
-                  for start, stop in zip(bounds, bounds[1:]) if stop > start]
+        for start, stop, prefix in zip(bounds, bounds[1:], prefixes):
+            if stop == start:
+                continue
+            q, k, v = (_with_prefix(rows, start, stop, prefix) for rows in (query, key, value))
+            out = sdpa_attention_forward(module, q, k, v, None, *args, **kwargs)[0]  # [1, prefix + own, H, width]
+            pieces.append(out[:, out.shape[1] - (stop - start):])
     out = torch.cat(pieces, dim=1)
     return out[..., :value_dim] if width > value_dim else out
 

@@ -49,7 +49,7 @@ from kllama.train.lockstep import LOCKSTEP_LINE, lockstep_for_run
 from kllama.train.losses import REFERENCE_FREE
 from kllama.train.micro_batching import BatchPlan, apply_micro_batching, expert_passes, reference_pass_budget
 from kllama.train.preflight import prepare_inputs
-from kllama.train.packing import padding_free_for
+from kllama.train.packing import padding_free_for, prefix_sharing_for
 from kllama.train.promotion import build_promotion
 from kllama.train.trainer import (
     KllamaTrainer,
@@ -205,9 +205,16 @@ def run_training(config: KllamaConfig) -> int:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"trainable LoRA parameters: {trainable:,}", flush=True)
 
-    collator_cls = PairwiseCollator if f.stage == "dpo" else SFTCollator
-    packed = padding_free_for(config, loaded.engine, getattr(loaded.model.config, "_attn_implementation", None))
-    collate = collator_cls(tokenizer.pad_token_id, pad_to_multiple_of=8, packed=packed)
+    attention = getattr(loaded.model.config, "_attn_implementation", None)
+    packed = padding_free_for(config, loaded.engine, attention)
+    if f.stage == "dpo":
+        share = prefix_sharing_for(config, packed, attention)
+        collate = PairwiseCollator(tokenizer.pad_token_id, pad_to_multiple_of=8, packed=packed, share_prompts=share)
+        if share:
+            print("prefix sharing: each packed pair's prompt runs once (its rejected answer attends to the chosen "
+                  "sequence's prompt rows)", flush=True)
+    else:
+        collate = SFTCollator(tokenizer.pad_token_id, pad_to_multiple_of=8, packed=packed)
     settings = preference_settings(config, loaded.model.config)
     reference_context = (lambda: starting_adapter_reference(model, start_snapshot)) if start_snapshot else None
     train_set, eval_set = bundle.train, bundle.eval

@@ -18,7 +18,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import Trainer
 
-from kllama.data.collate import batch_sequences, is_packed, real_tokens
+from kllama.data.collate import batch_sequences, data_tokens, is_packed
 from kllama.model.adapters import adapter_weights_swapped, adapters_disabled, save_adapter
 from kllama.train.checkpoints import SaveTracker
 from kllama.train.distributed import combine_rank_metrics, decoder_outputs, unwrap
@@ -33,7 +33,7 @@ from kllama.train.losses import (
     preference_loss,
     sft_term,
 )
-from kllama.train.packing import SEQUENCE_BOUNDS, use_per_sequence_sdpa
+from kllama.train.packing import SEQUENCE_BOUNDS, SEQUENCE_PREFIXES, use_per_sequence_sdpa
 from kllama.train.oom_rerun import StepStart, can_rerun, out_of_memory_error, rerun_line
 from kllama.train.promotion import ResidentPromotion
 
@@ -64,13 +64,17 @@ def policy_logps(model: nn.Module, batch: dict[str, torch.Tensor], settings: Pre
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Summed label log-probs `[N]`, label counts `[N]` (one per sequence) and the router aux loss (or None) of a
     padded or packed batch, computed from the decoder's last hidden states in chunks (no [tokens x vocab] fp32
-    logits). A packed batch runs with its `position_ids` and no attention mask (`kllama.data.collate.pack_batch`)."""
+    logits). A packed batch runs with its `position_ids` and no attention mask (`kllama.data.collate.pack_batch`),
+    and with its `sequence_prefixes` when it shares prompts (`prefix_sharing`). With shared prompts the router aux
+    loss counts each pair's prompt tokens once, not twice (the DPO log-probs are those of the unshared batch)."""
     lm = causal_lm_of(model)
     want_router = bool(settings.router_aux_loss_coef)
     kwargs = {"output_router_logits": True} if want_router else {}
     if is_packed(batch):
         use_per_sequence_sdpa()
         kwargs |= {"position_ids": batch["position_ids"], SEQUENCE_BOUNDS: batch["sequence_bounds"]}
+        if "sequence_prefixes" in batch:
+            kwargs[SEQUENCE_PREFIXES] = batch["sequence_prefixes"]
     else:
         kwargs["attention_mask"] = batch["attention_mask"]
     out = decoder_outputs(model, lm, input_ids=batch["input_ids"], use_cache=False, **kwargs)
@@ -290,7 +294,8 @@ class KllamaTrainer(Trainer):
         """Store a batch's metrics once per row (so means over passes of different sizes are means over rows)."""
         rows = self._rows(batch)
         if split == "train":
-            self._tokens_since_log += real_tokens(batch)
+            # the tokens the data holds: a prefix-shared pass's prompts count for both answers, as unshared
+            self._tokens_since_log += data_tokens(batch)
             if self.promotion is not None:
                 self.promotion.observe_pass(batch["input_ids"].numel())
         for key, value in metrics.items():
