@@ -67,7 +67,7 @@ from common import (  # noqa: E402
 )
 from dpo_throughput import LORA_RANK, place_experts, prepare_training  # noqa: E402
 from layer_split import format_split, layer_splits, op_times  # noqa: E402
-from kllama.data.collate import PairwiseCollator, real_tokens  # noqa: E402
+from kllama.data.collate import PairwiseCollator, data_tokens, real_tokens  # noqa: E402
 from kllama.data.templates import IGNORE_INDEX  # noqa: E402
 from kllama.train.lockstep import lockstep_for_run  # noqa: E402
 from kllama.train.trainer import KllamaTrainer, PreferenceSettings, causal_lm_of  # noqa: E402
@@ -83,6 +83,7 @@ class Mode:
     fresh_lengths: bool = True
     backend: str | None = None
     dense_mask: bool = False  # packed row through transformers' masked sdpa, not kllama's per-sequence split
+    shared: bool = False  # packed, each pair's prompt computed once (`prefix_sharing`)
     about: str = ""
 
 
@@ -94,6 +95,7 @@ MODES: dict[str, Mode] = {
     "padded-efficient": Mode(packed=False, backend="efficient", about="padded, sdpa held to the efficient kernel"),
     "packed-cudnn": Mode(packed=True, backend="cudnn", about="packed, per-sequence calls allowed cuDNN (pre-fix)"),
     "packed-dense": Mode(packed=True, dense_mask=True, about="packed, transformers' N x N masked sdpa, no split"),
+    "packed-shared": Mode(packed=True, shared=True, about="packed, each pair's prompt computed once (prefix_sharing)"),
 }
 # the fixed paths first, the pre-fix `packed-cudnn` (seconds a step) last under the time budget
 DEFAULT_MODES = "padded,packed,padded-efficient,packed-same-lengths,packed-cudnn"
@@ -176,9 +178,10 @@ def preference_rows(vocab: int, pairs: int, min_len: int, max_len: int, seed: in
     return rows
 
 
-def step_batch(rows: list[dict[str, list[int]]], packed: bool, pad_token_id: int) -> dict[str, Any]:
+def step_batch(rows: list[dict[str, list[int]]], mode: Mode, pad_token_id: int) -> dict[str, Any]:
     """One step's input as a micro-batched run hands it to the trainer: one pass (`chunks`) of kllama's collator."""
-    return {"chunks": [PairwiseCollator(pad_token_id, pad_to_multiple_of=8, packed=packed)(rows)]}
+    collate = PairwiseCollator(pad_token_id, pad_to_multiple_of=8, packed=mode.packed, share_prompts=mode.shared)
+    return {"chunks": [collate(rows)]}
 
 
 # ----------------------------------------------------------------------------- counting syncs
@@ -367,7 +370,7 @@ def run_mode(name: str, mode: Mode, placement: str, model: nn.Module, trainer: K
     def batch_for(step: int) -> dict[str, Any]:
         rows = preference_rows(config.vocab_size, args.pairs, args.min_len, args.max_len, seed + 1 + step) \
             if mode.fresh_lengths else warm_rows
-        return step_batch(rows, mode.packed, pad)
+        return step_batch(rows, mode, pad)
 
     row: dict[str, Any] = {"name": name, "placement": placement, "about": mode.about,
                            "warmed_step_shapes": args.warm_step_shapes}
@@ -375,7 +378,7 @@ def run_mode(name: str, mode: Mode, placement: str, model: nn.Module, trainer: K
         row["note"] = f"{mode.backend} backend forced on CUDA only"
     with mode_context(mode, device):
         for i in range(args.warmup):
-            seconds = run_step(trainer, model, step_batch(warm_rows, mode.packed, pad), device)
+            seconds = run_step(trainer, model, step_batch(warm_rows, mode, pad), device)
             log(f"{name} [{placement}]: warm-up {i + 1}/{args.warmup} {seconds:.2f}s")
         if args.warm_step_shapes:
             warm_s = [run_step(trainer, model, batch_for(i), device) for i in range(args.repeats + 2)]
@@ -389,7 +392,7 @@ def run_mode(name: str, mode: Mode, placement: str, model: nn.Module, trainer: K
                 f"{step_s[-1]:.3f}s ({real_tokens(batch['chunks'][0]):,} real tokens)")
         chunk = batch["chunks"][0]
         row.update(s_per_step=statistics.median(step_s), s_min=min(step_s), s_max=max(step_s), step_s=step_s,
-                   peak_gpu_gb=gpu_peak_gb(device), real_tokens=real_tokens(chunk),
+                   peak_gpu_gb=gpu_peak_gb(device), real_tokens=real_tokens(chunk), data_tokens=data_tokens(chunk),
                    pass_tokens=chunk["input_ids"].numel(), pass_shape=list(chunk["input_ids"].shape))
         if time.perf_counter() - args.started > args.budget_s:
             row["note"] = "past the time budget: no sync count, no profile"

@@ -13,12 +13,13 @@ def _close(a: float, b: float) -> bool:
 
 
 def test_packed_pass_probe_runs_tiny_on_cpu_at_two_layer_counts(tmp_path: Path) -> None:
-    log = _finish(_start("packed_pass.py", "--tiny", "--layers", "3,2", "--modes", "padded,packed", "--warmup", "0",
+    log = _finish(_start("packed_pass.py", "--tiny", "--layers", "3,2", "--modes", "padded,packed,packed-shared", "--warmup", "0",
                          "--repeats", "1", "--out-dir", str(tmp_path)))
     result = _only_json(tmp_path)
     assert result["layers"] == [2, 3] and result["full_layers"] == 3 and result["warmed_step_shapes"], result["layers"]
     rows = {(row["name"], row["layers"]): row for row in result["rows"]}
-    assert list(rows) == [("padded", 2), ("packed", 2), ("padded", 3), ("packed", 3)], list(rows)  # smallest first
+    assert list(rows) == [(name, layers) for layers in (2, 3) for name in ("padded", "packed", "packed-shared")], \
+        list(rows)  # smallest count first
     for row in rows.values():
         assert "error" not in row, row
         assert row["s_per_step"] > 0 and row["placement"] == "stream" and row["lockstep"], row
@@ -36,11 +37,17 @@ def test_packed_pass_probe_runs_tiny_on_cpu_at_two_layer_counts(tmp_path: Path) 
             assert abs(padded[key] - packed[key]) <= 0.02 * abs(padded[key]), (key, padded[key], packed[key])
         # the packed path's own host read: the sequence count of the packed row in the log-prob reduction
         assert any("kllama/train/logprobs.py" in site for site in packed["host_read_sites"]), packed["host_read_sites"]
+        # prefix sharing: the same pairs in fewer computed tokens (each prompt once), the same log-probs, and the
+        # tokens the data holds counted as before
+        shared = rows[("packed-shared", layers)]
+        assert shared["real_tokens"] < packed["real_tokens"] == shared["data_tokens"] == packed["data_tokens"]
+        for key in ("logps_chosen", "logps_rejected"):
+            assert abs(shared[key] - packed[key]) <= 0.02 * abs(packed[key]), (key, shared[key], packed[key])
     # every layer count ran the same pairs: the same tokens
     assert rows[("packed", 2)]["real_tokens"] == rows[("packed", 3)]["real_tokens"]
 
     splits = {split["name"]: split for split in result["split"]}
-    assert list(splits) == ["padded", "packed"], list(splits)
+    assert list(splits) == ["padded", "packed", "packed-shared"], list(splits)
     for name, split in splits.items():
         assert split["layers"] == split["profiled_layers"] == [2, 3] and split["full_layers"] == 3
         assert split["step"]["measured_ms"] == [1e3 * rows[(name, n)]["s_per_step"] for n in (2, 3)]
@@ -62,7 +69,7 @@ def test_packed_pass_probe_runs_tiny_on_cpu_at_two_layer_counts(tmp_path: Path) 
         per_layer = [op["per_layer_ms"] for op in split["ops"]]
         assert per_layer == sorted(per_layer, reverse=True)
     assert "s/step (median)" in log and "self CPU time" in log and "per layer / fixed" in log
-    assert log.count("3 (projected)") == 2 and "-- by class (self CPU" in log
+    assert log.count("3 (projected)") == 3 and "-- by class (self CPU" in log
 
 
 def test_packed_cudnn_mode_puts_cudnn_first_and_restores_the_packed_backends() -> None:
