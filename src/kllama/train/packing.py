@@ -114,10 +114,25 @@ def per_sequence_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     return sequence_attention(module, query, key, value, bounds, width, *args, prefixes=prefixes, **kwargs), None
 
 
-def _with_prefix(rows: torch.Tensor, start: int, stop: int, prefix: tuple[int, int]) -> torch.Tensor:
-    """A sequence's rows `[1, H, stop - start, D]` of a packed tensor, after its prefix's rows when it has one."""
-    own = rows[:, :, start:stop]
-    return torch.cat([rows[:, :, prefix[0]:prefix[1]], own], dim=2) if prefix[1] > prefix[0] else own
+def _sequence_rows(rows: torch.Tensor, bounds: tuple[int, ...]) -> list[torch.Tensor]:
+    """Each sequence's rows `[1, H, stop - start, D]` of a packed tensor, as the pieces of one `split`.
+
+    One split's backward writes every piece's gradient into one full-size tensor once. A slice per sequence would
+    cost a zero-filled full-size gradient per sequence and an add of each into the next: on the H200 box
+    (`benchmarks/packed_pass.py --layers 4`, a 13,215-token packed row of 16 sequences, 2026-11-30) those fills and
+    adds of `[1, 16, N, 192]` took ~6 ms of a 51 ms layer, more than flash's forward and backward together."""
+    return list(rows.split([stop - start for start, stop in zip(bounds, bounds[1:])], dim=2))
+
+
+def _prefix_rows(pieces: list[torch.Tensor], rows: torch.Tensor, bounds: tuple[int, ...],
+                 prefix: tuple[int, int]) -> torch.Tensor:
+    """The rows `[a, b)` of a sequence's prefix: a view of the one sequence piece that holds them (a chosen
+    sequence's prompt), else (a prefix across sequences) a slice of the whole tensor."""
+    a, b = prefix
+    for index, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+        if start <= a and b <= stop:
+            return pieces[index][:, :, a - start:b - start]
+    return rows[:, :, a:b]
 
 
 def sequence_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -134,12 +149,18 @@ def sequence_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     if width > value_dim:
         value = nn.functional.pad(value, (0, width - value_dim))
     prefixes = prefixes or ((0, 0),) * (len(bounds) - 1)
+    tensors = (query, key, value)
+    own = [_sequence_rows(rows, bounds) for rows in tensors]  # per tensor, per sequence
     pieces = []
     with sdpa_kernel(PACKED_BACKENDS):
-        for start, stop, prefix in zip(bounds, bounds[1:], prefixes):
+        for index, (start, stop, prefix) in enumerate(zip(bounds, bounds[1:], prefixes)):
             if stop == start:
                 continue
-            q, k, v = (_with_prefix(rows, start, stop, prefix) for rows in (query, key, value))
+            q, k, v = (
+                torch.cat([_prefix_rows(parts, rows, bounds, prefix), parts[index]], dim=2)
+                if prefix[1] > prefix[0] else parts[index]
+                for rows, parts in zip(tensors, own)
+            )
             out = sdpa_attention_forward(module, q, k, v, None, *args, **kwargs)[0]  # [1, prefix + own, H, width]
             pieces.append(out[:, out.shape[1] - (stop - start):])
     out = torch.cat(pieces, dim=1)
