@@ -49,6 +49,7 @@ from probes import bandwidth_probe, kt_kernel_probe  # noqa: E402
 from kllama.experts.placement import ExpertPlacement  # noqa: E402
 from kllama.model.adapters import adapters_disabled, attach_lora, lora_parameters, resolve_lora_spec  # noqa: E402
 from kllama.train.losses import preference_loss  # noqa: E402
+from kllama.train.mixed_precision import autocast_lora_branches  # noqa: E402
 from kllama.train.trainer import PreferenceSettings, causal_lm_of, policy_logps  # noqa: E402
 
 SETTINGS = PreferenceSettings()  # sigmoid DPO, beta 0.1, 4096-token log-prob chunks
@@ -133,6 +134,9 @@ def prepare_training(model: nn.Module) -> nn.Module:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     peft_model = attach_lora(model, resolve_lora_spec(model, ["all"], LORA_RANK, None, 0.0))
+    dtype = next(model.parameters()).dtype
+    if dtype in (torch.bfloat16, torch.float16):  # what `kllama train` does under bf16/fp16 (mixed precision)
+        autocast_lora_branches(peft_model, next(model.parameters()).device.type, dtype)
     peft_model.train()
     return peft_model
 

@@ -48,6 +48,7 @@ from kllama.train.health import TrainingHealth
 from kllama.train.lockstep import LOCKSTEP_LINE, lockstep_for_run
 from kllama.train.losses import REFERENCE_FREE
 from kllama.train.micro_batching import BatchPlan, apply_micro_batching, expert_passes, reference_pass_budget
+from kllama.train.mixed_precision import autocast_lora_branches, mixed_precision_dtype
 from kllama.train.preflight import prepare_inputs
 from kllama.train.packing import padding_free_for, prefix_sharing_for
 from kllama.train.promotion import build_promotion
@@ -202,6 +203,8 @@ def run_training(config: KllamaConfig) -> int:
         print(note, flush=True)
 
     model, start_snapshot = _apply_adapters(config, loaded)
+    if (dtype := mixed_precision_dtype(t.bf16, t.fp16)) is not None:
+        autocast_lora_branches(model, loaded.device.type, dtype)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"trainable LoRA parameters: {trainable:,}", flush=True)
 

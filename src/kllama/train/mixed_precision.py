@@ -1,0 +1,58 @@
+"""Mixed precision (`bf16: true` / `fp16: true`) for the LoRA branches of a training run.
+
+kllama computes log-probs from the decoder's hidden states (`trainer.policy_logps` calls the decoder itself), so
+the autocast that accelerate wraps around the whole model's `forward` never runs in a single-process run. Without
+it PEFT runs every LoRA branch in the adapters' fp32: the activation cast to fp32, fp32 matmuls, and a branch output
+the full width of the layer in fp32 that is scaled, added to the bf16 result and cast back. That is the precision a
+LLaMA-Factory or TRL run (HF Trainer's autocast) does not pay for: there the branch's matmuls run in bf16 with the
+fp32 adapter weights cast on the fly, as here. Only the branches are autocast; the frozen layers (a router's fp32
+logits included) compute exactly as before.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+class _BranchAutocast:
+    """Forward pre-hook and hook of one LoRA matrix (`lora_A` / `lora_B` Linear): its call runs under autocast."""
+
+    def __init__(self, device_type: str, dtype: torch.dtype) -> None:
+        self.device_type, self.dtype = device_type, dtype
+        self.open: list[torch.autocast] = []
+
+    def enter(self, module: nn.Module, args: Any) -> None:
+        context = torch.autocast(self.device_type, dtype=self.dtype)
+        context.__enter__()
+        self.open.append(context)
+
+    def leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.open.pop().__exit__(None, None, None)
+
+
+def autocast_lora_branches(model: nn.Module, device_type: str, dtype: torch.dtype) -> list[RemovableHandle]:
+    """Run every LoRA Linear branch of `model` under `torch.autocast(device_type, dtype)`, with PEFT's cast of the
+    input to the adapter dtype off (autocast casts it straight back; the input stays in the activations' dtype).
+    Returns the hooks' handles (`remove()` each, and set `cast_input_dtype_enabled` back, to undo)."""
+    hook = _BranchAutocast(device_type, dtype)
+    handles: list[RemovableHandle] = []
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or getattr(module, "lora_variant", None):
+            continue  # a variant (DoRA, ...) reads the adapter weights itself: PEFT's cast stays
+        branches = [m for part in (module.lora_A, module.lora_B) for m in part.values() if isinstance(m, nn.Linear)]
+        if not branches:
+            continue
+        module.cast_input_dtype_enabled = False
+        for branch in branches:
+            handles.append(branch.register_forward_pre_hook(hook.enter))
+            handles.append(branch.register_forward_hook(hook.leave, always_call=True))
+    return handles
+
+
+def mixed_precision_dtype(bf16: bool, fp16: bool) -> torch.dtype | None:
+    """The autocast dtype a run's `bf16` / `fp16` setting asks for, or None (full precision)."""
+    return torch.bfloat16 if bf16 else torch.float16 if fp16 else None
