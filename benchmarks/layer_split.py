@@ -62,14 +62,20 @@ def op_times(events: list[Any], device: torch.device) -> list[dict[str, Any]]:
             if event.device_type != torch.autograd.DeviceType.CPU:
                 if not getattr(event, "is_user_annotation", False):  # a GPU-side range, not a kernel
                     device_us += event.time_range.elapsed_us()
+                    if event.name.startswith(TRANSFER_PREFIXES):
+                        # counted from the device's own record: a copy is also listed under each host op on
+                        # its launch chain (on the H200 box one pinned copy showed under two)
+                        entry = table[event.name]
+                        entry[0] += event.time_range.elapsed_us() / 1e3
+                        entry[1] += 1
+                        attributed_us += event.time_range.elapsed_us()
                 continue
             own = False
             for kernel in event.kernels:
-                transfer = kernel.name.startswith(TRANSFER_PREFIXES)
-                entry = table[kernel.name if transfer else event.name]
-                entry[0] += kernel.duration / 1e3
-                entry[1] += 1 if transfer else 0
-                own = own or not transfer
+                if kernel.name.startswith(TRANSFER_PREFIXES):
+                    continue
+                table[event.name][0] += kernel.duration / 1e3
+                own = True
                 attributed_us += kernel.duration
             if own:
                 table[event.name][1] += 1

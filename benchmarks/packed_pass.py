@@ -308,7 +308,7 @@ def profile_step(trainer: KllamaTrainer, model: nn.Module, batch: dict[str, Any]
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, record_shapes=False, with_stack=False) as prof:
+    with profile(activities=activities, record_shapes=False, with_stack=False, acc_events=True) as prof:
         run_step(trainer, model, batch, device)
     if trace_path is not None:
         prof.export_chrome_trace(str(trace_path))

@@ -111,7 +111,7 @@ def test_op_times_on_cuda_count_each_kernel_once_with_transfers_apart(split: Mod
     host = torch.randn(4096, 4096).pin_memory()
     a = torch.randn(1024, 1024, device=device)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], acc_events=True) as prof:
         on_device = host.to(device, non_blocking=True)
         for _ in range(3):
             (a @ a).add_(on_device[:1024, :1024])
