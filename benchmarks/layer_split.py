@@ -11,7 +11,7 @@ model (a `mul` in a norm and in the router) lands in one class.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 import torch
@@ -58,22 +58,29 @@ def op_times(events: list[Any], device: torch.device) -> list[dict[str, Any]]:
                 entry[1] += 1
     else:
         device_us = attributed_us = 0.0
+        # each device record counts once: a kernel listed under several host ops (nested ops, or an op and the
+        # runtime call that launched it) goes to the innermost (latest-starting) op that lists it
+        unclaimed: Counter[tuple[str, float]] = Counter()
         for event in events:
-            if event.device_type != torch.autograd.DeviceType.CPU:
-                if not getattr(event, "is_user_annotation", False):  # a GPU-side range, not a kernel
-                    device_us += event.time_range.elapsed_us()
-                    if event.name.startswith(TRANSFER_PREFIXES):
-                        # counted from the device's own record: a copy is also listed under each host op on
-                        # its launch chain (on the H200 box one pinned copy showed under two)
-                        entry = table[event.name]
-                        entry[0] += event.time_range.elapsed_us() / 1e3
-                        entry[1] += 1
-                        attributed_us += event.time_range.elapsed_us()
-                continue
+            if event.device_type == torch.autograd.DeviceType.CPU or getattr(event, "is_user_annotation", False):
+                continue  # a host op, or a GPU-side range rather than a kernel
+            elapsed = event.time_range.elapsed_us()
+            device_us += elapsed
+            if event.name.startswith(TRANSFER_PREFIXES):  # a row of its own, from the device's record
+                entry = table[event.name]
+                entry[0] += elapsed / 1e3
+                entry[1] += 1
+                attributed_us += elapsed
+            else:
+                unclaimed[(event.name, round(elapsed, 3))] += 1
+        host_ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.kernels]
+        for event in sorted(host_ops, key=lambda e: e.time_range.start, reverse=True):
             own = False
             for kernel in event.kernels:
-                if kernel.name.startswith(TRANSFER_PREFIXES):
+                key = (kernel.name, round(kernel.duration, 3))
+                if kernel.name.startswith(TRANSFER_PREFIXES) or unclaimed[key] <= 0:
                     continue
+                unclaimed[key] -= 1
                 table[event.name][0] += kernel.duration / 1e3
                 own = True
                 attributed_us += kernel.duration
