@@ -59,7 +59,8 @@ def op_times(events: list[Any], device: torch.device) -> list[dict[str, Any]]:
     else:
         device_us = attributed_us = 0.0
         # each device record counts once: a kernel listed under several host ops (nested ops, or an op and the
-        # runtime call that launched it) goes to the innermost (latest-starting) op that lists it
+        # runtime call that launched it) goes to the innermost (latest-starting) PyTorch op that lists it, a CUDA
+        # runtime call (`cudaLaunchKernel`, `cudaMemcpyAsync`, ...) only when no op does
         unclaimed: Counter[tuple[str, float]] = Counter()
         for event in events:
             if event.device_type == torch.autograd.DeviceType.CPU or getattr(event, "is_user_annotation", False):
@@ -74,7 +75,7 @@ def op_times(events: list[Any], device: torch.device) -> list[dict[str, Any]]:
             else:
                 unclaimed[(event.name, round(elapsed, 3))] += 1
         host_ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.kernels]
-        for event in sorted(host_ops, key=lambda e: e.time_range.start, reverse=True):
+        for event in sorted(host_ops, key=lambda e: (e.name.startswith("cuda"), -e.time_range.start)):
             own = False
             for kernel in event.kernels:
                 key = (kernel.name, round(kernel.duration, 3))
