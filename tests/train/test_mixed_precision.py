@@ -9,25 +9,15 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from train_helpers import GradCapture
+from train_helpers import GradCapture, OpCounter
 
 from kllama.model.load import compute_device
 from kllama.train.mixed_precision import autocast_lora_branches, mixed_precision_dtype
 
 
-class ActivationCasts(TorchDispatchMode):
+def activation_casts(numel: int) -> OpCounter:
     """Counts dtype casts (`aten._to_copy`) whose output has at least `numel` elements."""
-
-    def __init__(self, numel: int) -> None:
-        super().__init__()
-        self.numel, self.count = numel, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor) and out.numel() >= self.numel:
-            self.count += 1
-        return out
+    return OpCounter(lambda func, out: func is torch.ops.aten._to_copy.default and out.numel() >= numel)
 
 
 class Block(nn.Module):
@@ -85,7 +75,7 @@ def test_no_activation_sized_cast_is_left():
         model = _adapted(device)
         if hooked:
             autocast_lora_branches(model, device.type, torch.bfloat16)
-        counter = ActivationCasts(numel=x.numel())
+        counter = activation_casts(x.numel())
         with counter:
             proj, _ = model(x)
             proj.float().sum().backward()
@@ -132,7 +122,7 @@ def _step(model_dir: Path, tmp: Path, branches_autocast: bool) -> tuple[float, d
                             data_collator=PairwiseCollator(loaded.tokenizer.pad_token_id),
                             processing_class=loaded.tokenizer, callbacks=[capture],
                             settings=preference_settings(config, base.config))
-    counter = ActivationCasts(numel=2 * 16 * base.config.hidden_size)  # two rows of >= 16 tokens, full width
+    counter = activation_casts(2 * 16 * base.config.hidden_size)  # two rows of >= 16 tokens, full width
     with counter:
         trainer.train()
     loss = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from train_helpers import OpCounter
 
 from kllama.data.collate import IGNORE_INDEX, batch_sequences, pack_batch, pad_batch, real_tokens
 from kllama.train.logprobs import sequence_logps
@@ -264,20 +265,7 @@ def test_the_backward_writes_a_full_row_gradient_a_constant_number_of_times(shar
     number of sequences (a slice per sequence cost a zero-filled full-row gradient and a full-row add per sequence:
     ~6 ms of a 51 ms V2-Lite layer on the H200 box). Counted on 2 and 12 sequences of the same row, with prefixes
     (prefix sharing: every second sequence attends to the previous one's first rows) and without."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from kllama.train.packing import sequence_attention
-
-    class FullRowOps(TorchDispatchMode):
-        def __init__(self, numel: int) -> None:
-            super().__init__()
-            self.numel, self.count = numel, 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-            out = func(*args, **(kwargs or {}))
-            first = out[0] if isinstance(out, (tuple, list)) else out
-            self.count += isinstance(first, torch.Tensor) and first.numel() >= self.numel
-            return out
 
     def full_row_ops(sequences: int) -> int:
         n, heads, dim = 96, 2, 8
@@ -287,7 +275,7 @@ def test_the_backward_writes_a_full_row_gradient_a_constant_number_of_times(shar
         module = SimpleNamespace(is_causal=True, num_key_value_groups=1)
         q, k, v = (torch.randn(1, heads, n, dim, requires_grad=True) for _ in range(3))
         out = sequence_attention(module, q, k, v, bounds, dim, scaling=0.3, prefixes=prefixes)
-        counter = FullRowOps(q.numel())
+        counter = OpCounter(lambda func, out: out.numel() >= q.numel())
         with counter:
             out.sum().backward()
         assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainerCallback
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,6 +22,21 @@ class GradCapture(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
         if self.grads is None:
             self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops run inside it (the autograd backward included) whose first output passes `counts(func,
+    output)`."""
+
+    def __init__(self, counts) -> None:  # noqa: ANN001
+        super().__init__()
+        self.counts, self.count = counts, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        self.count += bool(isinstance(first, torch.Tensor) and self.counts(func, first))
+        return out
 
 
 def train_tiny_dpo(out: Path, model_dir: Path, *extra: str) -> str:
