@@ -25,7 +25,9 @@ Writes `results/user_path_<model>_<date>.json` (and a copy under `$OUT`) and pri
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -38,6 +40,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +71,7 @@ COLUMNS = (
     ("peak_gpu_gb", "peak GPU GB", "{}"),
     ("streamed_layers", "streamed layers", "{}"),
     ("peak_host_gb", "peak host GB (tree PSS)", "{:.1f}"),
+    ("exit_s", "exit s", "{:.1f}"),
     ("note", "note", "{}"),
 )
 
@@ -157,27 +161,73 @@ def kllama_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "kllama", *args]
 
 
+class Cut(Exception):
+    """A SIGTERM (a `timeout` around this script, a job limit) arrived: stop, keeping what was measured."""
+
+
+@contextlib.contextmanager
+def cut_on_sigterm() -> Iterator[None]:
+    """Inside the block a SIGTERM raises `Cut` (in the main thread) instead of ending the process, so the phase in
+    progress reports what it had and the JSON is still written; the previous handler is restored after. Only the
+    first SIGTERM raises: `timeout` signals the command and then its whole process group, so a second one follows
+    while the first is being handled."""
+    raised = []
+
+    def cut(signum: int, frame: Any) -> None:
+        if not raised:
+            raised.append(signum)
+            raise Cut(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, cut)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_cli(args: list[str], log_path: Path, *, stdin: str | None = None, env: dict[str, str] | None = None,
             ) -> dict[str, Any]:
-    """Run one kllama command, echoing its output to ours and to `log_path`; returns exit code, wall, memory."""
+    """Run one kllama command, echoing its output to ours and to `log_path`; returns exit code, wall, memory and
+    `exit_s`, the seconds from its last line of output to its exit (freeing tens of GB of pinned memory, ...).
+
+    A `Cut` while it runs ends the command (SIGTERM, then SIGKILL after 5 s) and returns what was seen, with a
+    note and `cut: true`."""
     log(f"$ {' '.join(args)}")
     start = time.perf_counter()
+    cut = False
     with open(log_path, "w") as sink:
         proc = subprocess.Popen(args, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                                 env={**os.environ, **(env or {})})
         memory = TreeMemory(proc.pid)
-        if stdin is not None:
-            proc.stdin.write(stdin)
-            proc.stdin.close()
-        for line in proc.stdout:
-            sink.write(line)
-            if "\r" not in line:  # progress bars are in the log file, not on our screen
-                print("  | " + line.rstrip(), flush=True)
-        code = proc.wait()
-    result = {"exit_code": code, "wall_s": time.perf_counter() - start, **memory.stop(), "log": log_path.name}
-    if code < 0:
-        result["note"] = f"killed by signal {signal.Signals(-code).name}"
+        last_line = start
+        try:
+            if stdin is not None:
+                proc.stdin.write(stdin)
+                proc.stdin.close()
+            for line in proc.stdout:
+                last_line = time.perf_counter()
+                sink.write(line)
+                if "\r" not in line:  # progress bars are in the log file, not on our screen
+                    print("  | " + line.rstrip(), flush=True)
+            code = proc.wait()
+        except Cut:
+            cut = True
+            proc.terminate()
+            try:
+                code = proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+    end = time.perf_counter()
+    result = {"exit_code": code, "wall_s": end - start, **memory.stop(), "log": log_path.name}
+    if cut:
+        result.update(cut=True, note=f"cut by SIGTERM after {end - start:.0f} s: the command was ended; "
+                                     "what it logged until then is kept")
+    else:
+        result["exit_s"] = end - last_line
+        if code < 0:
+            result["note"] = f"killed by signal {signal.Signals(-code).name}"
     return result
 
 
@@ -242,8 +292,9 @@ def train(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, Any]:
     for line in result["promotions"]:
         log(line)
     state_path = out / "trainer_state.json"
-    if state_path.exists():
-        history = json.loads(state_path.read_text())["log_history"]
+    history = json.loads(state_path.read_text())["log_history"] if state_path.exists() else \
+        logged_history(log_file(args, paths, "train").read_text(errors="replace"))
+    if history:
         steps = [h for h in history if "tokens_per_second" in h]
         result["steps"] = [{k: h.get(k) for k in ("step", "loss", "tokens_per_second", "peak_gpu_memory_gb",
                                                    "peak_host_memory_gb", "grad_norm")} for h in steps]
@@ -260,6 +311,30 @@ def train(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, Any]:
             result["train_runtime_s"] = final[-1]["train_runtime"]
     result["host_rss_over_checkpoint"] = result["peak_host_gb"] / max(checkpoint_gb(paths["model"]), 1e-9)
     return result
+
+
+def logged_history(log_text: str) -> list[dict[str, Any]]:
+    """The Trainer's logged dicts (`{'loss': '0.69', ..., 'tokens_per_second': '8961', ...}` lines) of a run that
+    left no `trainer_state.json` (cut before its end), in order, numbers as numbers (the lines carry no step)."""
+    history: list[dict[str, Any]] = []
+    for line in log_text.splitlines():
+        text = line.strip()
+        if not (text.startswith("{'") and text.endswith("}")):
+            continue
+        try:
+            entry = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            continue
+        if isinstance(entry, dict):
+            history.append({k: _number(v) for k, v in entry.items()})
+    return history
+
+
+def _number(value: Any) -> Any:
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
 
 
 _STREAMED_AT_START = (re.compile(r"each pass copies (\d+) layers"), re.compile(r"each pass has (\d+) streamed"))
@@ -414,15 +489,24 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"model": args.model, "tiny": args.tiny, "train_overrides": args.overrides,
                               "infer_overrides": args.infer_overrides, "environment": environment(), "phases": {}}
     stem = f"user_path_{args.model}{'_tiny' if args.tiny else ''}{'_' + args.tag if args.tag else ''}"
-    for phase in phases:
-        log(f"phase {phase}")
-        result["phases"][phase] = actions[phase]()
-        if paths["model"].exists():
-            result["checkpoint_gb"] = checkpoint_gb(paths["model"])
-        write_results(result, stem, args.out_dir)  # after every phase: a run cut short keeps what it measured
+    with cut_on_sigterm():
+        for phase in phases:
+            log(f"phase {phase}")
+            try:
+                result["phases"][phase] = actions[phase]()
+            except Cut as cut:  # outside a CLI run (writing the model, ...): the phase says where it stopped
+                result["phases"][phase] = {"cut": True, "note": f"cut by {cut} during the phase"}
+            if paths["model"].exists():
+                result["checkpoint_gb"] = checkpoint_gb(paths["model"])
+            write_results(result, stem, args.out_dir)  # after every phase: a run cut short keeps what it measured
+            if result["phases"][phase].get("cut"):
+                log(f"cut by SIGTERM during {phase}: later phases skipped")
+                break
     rows = [{"phase": name, **{k: v for k, v in data.items() if k != "steps"}}
             for name, data in result["phases"].items()]
     print(format_table(rows, COLUMNS), flush=True)
+    if any(data.get("cut") for data in result["phases"].values()):
+        return 124  # as `timeout` reports a command it ended
     failed = [name for name, data in result["phases"].items() if data.get("exit_code") not in (None, 0)]
     return 1 if failed else 0
 
