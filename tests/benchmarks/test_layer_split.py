@@ -89,7 +89,7 @@ def test_op_times_of_a_real_cpu_profile(split: ModuleType) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     a = torch.randn(256, 256)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], acc_events=True) as prof:
         for _ in range(3):
             (a @ a).mul_(2.0)
     rows = {row["name"]: row for row in split.op_times(list(prof.events()), torch.device("cpu"))}
@@ -97,6 +97,49 @@ def test_op_times_of_a_real_cpu_profile(split: ModuleType) -> None:
     assert rows["aten::mm"]["calls"] == 3 and rows["aten::mul_"]["calls"] == 3
     for name in ("aten::mm", "aten::mul_"):
         assert math.isclose(rows[name]["ms"], averages[name].self_cpu_time_total / 1e3, rel_tol=1e-6)
+
+
+def test_op_times_count_each_device_record_once_whoever_lists_it(split: ModuleType) -> None:
+    """Profiler events as torch builds them (`FunctionEvent`), with the listings the H200 box's profiles showed: a
+    GEMM kernel under `aten::matmul`, `aten::mm` and the `cudaLaunchKernel` that launched it, and a pinned copy
+    under `aten::copy_` and `cudaMemcpyAsync`. Each device record counts once: the kernel for `aten::mm` (the
+    innermost op), the copy as its own row; device time no op lists is `OUTSIDE_OPS`; the rows sum to the device
+    time."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    ids = iter(range(100))
+
+    def host(name: str, start: float, end: float, kernels: list[tuple[str, float]]) -> FunctionEvent:
+        event = FunctionEvent(next(ids), name, thread=0, start_us=start, end_us=end)
+        for kernel, duration in kernels:
+            event.append_kernel(kernel, 0, duration)
+        return event
+
+    def device(name: str, start: float, duration: float) -> FunctionEvent:
+        return FunctionEvent(next(ids), name, thread=7, start_us=start, end_us=start + duration,
+                             device_type=DeviceType.CUDA)
+
+    gemm, copy = "nvjet_sm90_tst_256x128", "Memcpy HtoD (Pinned -> Device)"
+    events = [
+        host("aten::copy_", 0.0, 20.0, [(copy, 1229.792)]),
+        host("cudaMemcpyAsync", 5.0, 15.0, [(copy, 1229.792)]),
+        host("aten::matmul", 30.0, 60.0, [(gemm, 170.5)]),
+        host("aten::mm", 31.0, 59.0, [(gemm, 170.5)]),
+        host("cudaLaunchKernel", 40.0, 45.0, [(gemm, 170.5)]),
+        host("aten::add_", 70.0, 80.0, [("elementwise_add", 4.5)]),
+        device(copy, 100.0, 1229.792),
+        device(gemm, 1400.0, 170.5),
+        device("elementwise_add", 1600.0, 4.5),
+        device("nccl_or_other_unlisted", 1700.0, 12.0),
+    ]
+    rows = {row["name"]: row for row in split.op_times(events, torch.device("cuda"))}
+    assert rows[copy]["calls"] == 1 and rows[copy]["ms"] == pytest.approx(1.229792)
+    assert rows["aten::mm"]["calls"] == 1 and rows["aten::mm"]["ms"] == pytest.approx(0.1705)
+    assert "aten::matmul" not in rows and "cudaLaunchKernel" not in rows and "cudaMemcpyAsync" not in rows
+    assert rows["aten::add_"]["ms"] == pytest.approx(0.0045)
+    assert rows[split.OUTSIDE_OPS]["ms"] == pytest.approx(0.012)
+    assert sum(row["ms"] for row in rows.values()) == pytest.approx((1229.792 + 170.5 + 4.5 + 12.0) / 1e3)
 
 
 @pytest.mark.gpu
