@@ -206,7 +206,7 @@ def eager_split(model: nn.Module, prompt: list[int], steps: int, device: torch.d
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, expert_pass_hook(timed):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], acc_events=True) as prof, expert_pass_hook(timed):
             for _ in range(steps):
                 cache = out["cache"] if "cache" in out.keys() else out["past_key_values"]
                 out = model(input_ids=token, use_cache=True, logits_to_keep=1, **{key: cache})
@@ -331,7 +331,7 @@ def profile_decode(model: nn.Module, prompt: list[int], steps: int, device: torc
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, acc_events=True) as prof:
         eager_decode(model, prompt, steps + 1, device)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50)
 

@@ -84,7 +84,7 @@ def default_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     """Names of the CUDA kernels the default SDPA dispatch launches for these inputs."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
         attend(q, k, v, mask, None)
         torch.cuda.synchronize()
     names = {e.key for e in prof.key_averages() if "attention" in e.key.lower() or "fmha" in e.key.lower()
