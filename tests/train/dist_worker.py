@@ -17,7 +17,7 @@ import torch
 from transformers import TrainerCallback
 
 _ROWS = 8
-CASES = ("dpo", "sft", "dpo_passes", "sft_passes")
+CASES = ("dpo", "sft", "dpo_passes", "sft_passes", "dpo_bf16")
 
 
 def _case_settings(case: str, world: int) -> dict[str, Any]:
@@ -32,6 +32,8 @@ def _case_settings(case: str, world: int) -> dict[str, Any]:
         # SFT in passes (4 vs 3 per rank): the step's token mean needs every rank's label-token count
         "sft_passes": {"stage": "sft", "dataset": "alpaca_en_demo", "cutoff_len": 128, "per_device_train_batch_size": 1,
                        "gradient_accumulation_steps": per_rank, "micro_batch_tokens": 150},
+        # mixed precision: bf16 weights, LoRA branches under autocast, the frozen layers as loaded in every rank
+        "dpo_bf16": {"stage": "dpo", "dataset": "dpo_en_demo", "per_device_train_batch_size": per_rank, "bf16": True},
     }[case]
 
 
@@ -61,8 +63,10 @@ def load_for_training(config: Any):  # noqa: ANN201
         return load_model(config, "train", device="cpu")
 
 
-def first_step(model_dir: Path, output_dir: Path, case: str, world: int) -> tuple[float, dict[str, torch.Tensor]]:
-    """Loss and LoRA gradients of the first step of `case` run by `world` processes (fp32, CPU experts)."""
+def first_step(model_dir: Path, output_dir: Path, case: str, world: int, autocast_seen: list[bool] | None = None,
+               ) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and LoRA gradients of the first step of `case` run by `world` processes (CPU experts; fp32 unless the
+    case sets bf16). `autocast_seen` gets, for each call of a frozen layer (the routers), whether autocast was on."""
     from transformers import set_seed
 
     from kllama.config import build_config
@@ -79,7 +83,7 @@ def first_step(model_dir: Path, output_dir: Path, case: str, world: int) -> tupl
     })
     stage = config.finetuning.stage
     set_seed(3)
-    loaded = load_for_training(config)  # fp32: neither bf16 nor fp16 is set
+    loaded = load_for_training(config)  # fp32 unless the case sets bf16
     template = get_template("deepseek", loaded.tokenizer)
     bundle = build_dataset(config.data, loaded.tokenizer, template, stage=stage, seed=3, cache_dir=None)
     f = config.finetuning
@@ -88,6 +92,10 @@ def first_step(model_dir: Path, output_dir: Path, case: str, world: int) -> tupl
         for name, p in model.named_parameters():
             if p.requires_grad and "lora_B" in name:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    if autocast_seen is not None:
+        for name, module in model.named_modules():
+            if name.endswith("mlp.gate"):
+                module.register_forward_hook(lambda *_: autocast_seen.append(torch.is_autocast_enabled("cpu")))
     collate = (PairwiseCollator if stage == "dpo" else SFTCollator)(loaded.tokenizer.pad_token_id)
     train_set, collate, plan = apply_micro_batching(config, loaded.engine, bundle.train, collate)
     capture = FirstStep()
@@ -156,7 +164,10 @@ def main() -> None:
     model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     rank = init_distributed(120)
     result: dict[str, Any] = {"memory": memory_report(model_dir)}
-    result.update({case: first_step(model_dir, out / case, case, rank.world_size) for case in CASES})
+    seen: list[bool] = []
+    result.update({case: first_step(model_dir, out / case, case, rank.world_size,
+                                    seen if case == "dpo_bf16" else None) for case in CASES})
+    result["autocast_in_frozen_layers"] = seen
     torch.save(result, out / f"rank{rank.rank}.pt")
     shutdown_distributed()
 

@@ -52,6 +52,7 @@ def test_a_branch_runs_in_the_activation_dtype_and_frozen_layers_as_before():
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # PEFT's fp32 adapters
     handles = autocast_lora_branches(model, device.type, torch.bfloat16)
     assert len(handles) == 4  # a pre-hook and a hook on lora_A and on lora_B of the one adapted layer
+    assert autocast_lora_branches(model, device.type, torch.bfloat16) == []  # once is enough (trainer + benchmark)
     proj, router = model(x)
     layer = model.base_model.model.proj
     a, b = (m.weight.to(torch.bfloat16) for m in (layer.lora_A["default"], layer.lora_B["default"]))
@@ -89,15 +90,15 @@ def test_the_run_setting_picks_the_dtype(bf16, fp16, want):
     assert mixed_precision_dtype(bf16, fp16) == want
 
 
-def _step(model_dir: Path, tmp: Path, branches_autocast: bool) -> tuple[float, dict, int]:
-    """One DPO step of the bf16 tiny model with LoRA on every linear layer through kllama's trainer: its loss, LoRA
-    gradients and number of activation-sized casts."""
+def _step(model_dir: Path, tmp: Path, branches_autocast: bool, monkeypatch: pytest.MonkeyPatch,
+          ) -> tuple[float, dict, int]:
+    """One DPO step of the bf16 tiny model with LoRA on every linear layer through kllama's trainer (which autocasts
+    the branches under bf16; `branches_autocast=False` leaves PEFT's fp32 branches, as before that change): its
+    loss, LoRA gradients and number of activation-sized casts."""
     from kllama.config import build_config
-    from kllama.data import PairwiseCollator, build_dataset, get_template
     from kllama.model.adapters import attach_lora, resolve_lora_spec
     from kllama.model.load import load_model
-    from kllama.train.run import build_training_arguments, preference_settings
-    from kllama.train.trainer import KllamaTrainer
+    from kllama.train import trainer as trainer_module
 
     config = build_config({"model_name_or_path": str(model_dir), "output_dir": str(tmp), "stage": "dpo",
                            "dataset": "dpo_en_demo", "template": "deepseek", "cutoff_len": 64, "max_samples": 4,
@@ -111,8 +112,17 @@ def _step(model_dir: Path, tmp: Path, branches_autocast: bool) -> tuple[float, d
         for name, p in model.named_parameters():
             if p.requires_grad and "lora_B" in name:
                 p.normal_(0, 0.05, generator=torch.Generator(device=p.device).manual_seed(len(name)))
-    if branches_autocast:
-        autocast_lora_branches(model, loaded.device.type, torch.bfloat16)
+    with monkeypatch.context() as patch:
+        if not branches_autocast:
+            patch.setattr(trainer_module, "autocast_lora_branches", lambda *args, **kwargs: [])
+        return _train_one_step(config, loaded, base, model, tmp)
+
+
+def _train_one_step(config, loaded, base, model, tmp: Path) -> tuple[float, dict, int]:  # noqa: ANN001
+    from kllama.data import PairwiseCollator, build_dataset, get_template
+    from kllama.train.run import build_training_arguments, preference_settings
+    from kllama.train.trainer import KllamaTrainer
+
     bundle = build_dataset(config.data, loaded.tokenizer, get_template("deepseek", loaded.tokenizer), stage="dpo",
                            seed=3)
     args = build_training_arguments(config, has_eval=False, use_cpu=loaded.device.type == "cpu", plan=None)
@@ -129,11 +139,12 @@ def _step(model_dir: Path, tmp: Path, branches_autocast: bool) -> tuple[float, d
     return loss, capture.grads, counter.count
 
 
-def test_a_bf16_dpo_step_with_autocast_branches(tiny_model_dir, tmp_path):
-    """The same step to bf16 rounding (the branch matmuls now round to bf16), with fewer activation casts."""
+def test_a_bf16_dpo_step_with_autocast_branches(tiny_model_dir, tmp_path, monkeypatch):
+    """kllama's trainer under bf16: the same step as with PEFT's fp32 branches to bf16 rounding (the branch matmuls
+    now round to bf16), with fewer activation casts."""
     model_dir = tiny_model_dir("deepseek_v2")
-    loss_fp32, grads_fp32, casts_fp32 = _step(model_dir, tmp_path / "fp32", branches_autocast=False)
-    loss_bf16, grads_bf16, casts_bf16 = _step(model_dir, tmp_path / "bf16", branches_autocast=True)
+    loss_fp32, grads_fp32, casts_fp32 = _step(model_dir, tmp_path / "fp32", False, monkeypatch)
+    loss_bf16, grads_bf16, casts_bf16 = _step(model_dir, tmp_path / "bf16", True, monkeypatch)
     assert abs(loss_bf16 - loss_fp32) < 0.02 * abs(loss_fp32)
     assert grads_fp32 is not None and grads_bf16 is not None and grads_fp32.keys() == grads_bf16.keys()
     total_fp32 = torch.cat([g.flatten() for g in grads_fp32.values()])

@@ -6,7 +6,9 @@ it PEFT runs every LoRA branch in the adapters' fp32: the activation cast to fp3
 the full width of the layer in fp32 that is scaled, added to the bf16 result and cast back. That is the precision a
 LLaMA-Factory or TRL run (HF Trainer's autocast) does not pay for: there the branch's matmuls run in bf16 with the
 fp32 adapter weights cast on the fly, as here. Only the branches are autocast; the frozen layers (a router's fp32
-logits included) compute exactly as before.
+logits included) compute exactly as before. A data-parallel run does go through the model's `forward` (DDP's), so
+`WholeModelAutocastOff` takes accelerate's autocast off there: one GPU and many compute the same model.
+`KllamaTrainer` applies both under `bf16`/`fp16`.
 """
 from __future__ import annotations
 
@@ -16,6 +18,10 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+from transformers import TrainerCallback
+
+
+_MARK = "_kllama_branch_autocast"  # on a LoRA layer whose branches are autocast: the dtype
 
 
 class _BranchAutocast:
@@ -43,6 +49,9 @@ def autocast_lora_branches(model: nn.Module, device_type: str, dtype: torch.dtyp
     for module in model.modules():
         if not isinstance(module, LoraLayer) or getattr(module, "lora_variant", None):
             continue  # a variant (DoRA, ...) reads the adapter weights itself: PEFT's cast stays
+        if getattr(module, _MARK, None) is not None:
+            continue  # already done (by the trainer and by a benchmark's setup, say)
+        setattr(module, _MARK, dtype)
         branches = [m for part in (module.lora_A, module.lora_B) for m in part.values() if isinstance(m, nn.Linear)]
         if not branches:
             continue
@@ -56,3 +65,17 @@ def autocast_lora_branches(model: nn.Module, device_type: str, dtype: torch.dtyp
 def mixed_precision_dtype(bf16: bool, fp16: bool) -> torch.dtype | None:
     """The autocast dtype a run's `bf16` / `fp16` setting asks for, or None (full precision)."""
     return torch.bfloat16 if bf16 else torch.float16 if fp16 else None
+
+
+class WholeModelAutocastOff(TrainerCallback):
+    """At the start of training, takes off the autocast accelerate wraps around the model's `forward` under
+    mixed precision (`Accelerator.unwrap_model(..., keep_fp32_wrapper=False)`). A single-process run never went
+    through it (kllama calls the decoder itself); a data-parallel run does (DDP's forward calls the model's), so
+    without this its frozen layers would compute in bf16 where a single process computes them as loaded: one GPU
+    and many would train a different model. With it, both autocast only the LoRA branches."""
+
+    def __init__(self, accelerator: Any, wrapped: Any) -> None:
+        self.accelerator, self.wrapped = accelerator, wrapped
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.accelerator.unwrap_model(self.wrapped(), keep_fp32_wrapper=False)

@@ -204,6 +204,8 @@ def run_training(config: KllamaConfig) -> int:
 
     model, start_snapshot = _apply_adapters(config, loaded)
     if (dtype := mixed_precision_dtype(t.bf16, t.fp16)) is not None:
+        # before the reference log-probs are precomputed (a starting adapter's branches run there); the trainer
+        # would do it too (KllamaTrainer), once
         autocast_lora_branches(model, loaded.device.type, dtype)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"trainable LoRA parameters: {trainable:,}", flush=True)

@@ -34,6 +34,7 @@ from kllama.train.losses import (
     sft_term,
 )
 from kllama.train.packing import SEQUENCE_BOUNDS, SEQUENCE_PREFIXES, use_per_sequence_sdpa
+from kllama.train.mixed_precision import WholeModelAutocastOff, autocast_lora_branches, mixed_precision_dtype
 from kllama.train.oom_rerun import StepStart, can_rerun, out_of_memory_error, rerun_line
 from kllama.train.promotion import ResidentPromotion
 
@@ -143,6 +144,10 @@ class KllamaTrainer(Trainer):
             self.add_callback(promotion)
         self.saves = SaveTracker()
         self.add_callback(self.saves)
+        # mixed precision: the LoRA branches autocast, the frozen layers compute as loaded (train.mixed_precision)
+        if (dtype := mixed_precision_dtype(self.args.bf16, self.args.fp16)) is not None:
+            autocast_lora_branches(self.model, self.args.device.type, dtype)
+            self.add_callback(WholeModelAutocastOff(self.accelerator, lambda: self.model_wrapped))
         # DPO-family losses are per-pair means of a micro-batch: with this False the Trainer divides each one by the
         # accumulation steps, so equal micro-batches give the step's per-pair mean however its rows are split.
         # SFT's loss is a token mean over the whole optimizer step: with this True the Trainer counts the step's
