@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from peft.tuners.lora import LoraLayer
+from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import TrainerCallback
@@ -47,8 +47,10 @@ def autocast_lora_branches(model: nn.Module, device_type: str, dtype: torch.dtyp
     hook = _BranchAutocast(device_type, dtype)
     handles: list[RemovableHandle] = []
     for module in model.modules():
-        if not isinstance(module, LoraLayer) or getattr(module, "lora_variant", None):
-            continue  # a variant (DoRA, ...) reads the adapter weights itself: PEFT's cast stays
+        if not isinstance(module, LoraLinear) or getattr(module, "lora_variant", None):
+            # only PEFT's Linear calls its branches on the input; a variant (DoRA, ...) reads the adapter weights
+            # itself, and a `target_parameters` wrapper (experts) adds a delta weight cast to the weight's dtype
+            continue
         if getattr(module, _MARK, None) is not None:
             continue  # already done (by the trainer and by a benchmark's setup, say)
         setattr(module, _MARK, dtype)
