@@ -24,7 +24,9 @@ from kllama.train.micro_batching import (
     largest_pass_tokens,
     padded,
     padding_fraction,
+    pass_size,
     passes_per_step,
+    planned_pass_tokens,
     row_lengths,
     why_not_merged,
 )
@@ -60,6 +62,28 @@ def test_chunked_collator_pads_each_pass_to_its_own_longest_row():
     batch = collate([row(10), row(60), row(12), row(58)])
     shapes = [tuple(c["input_ids"].shape) for c in batch["chunks"]]
     assert shapes == [(4, 64), (4, 16)]  # [60, 58] then [12, 10], chosen + rejected halves
+
+
+@pytest.mark.parametrize("packed,shared", [(False, False), (True, False), (True, True)])
+def test_a_collated_pass_counts_its_tokens_as_the_plan_does(packed, shared):
+    """What the trainer reports of each pass to the layer promotion (`planned_pass_tokens`) is what the plan counted
+    for those rows (`pass_size` of their row lengths), padded, packed, and packed with each pair's prompt computed
+    once (the plan's unshared lengths: the promotion's worst pass is in those units)."""
+    from kllama.data import PairwiseCollator
+
+    def row(prompt: int, chosen: int, rejected: int) -> dict:
+        ids = list(range(3, 3 + prompt))
+        return {"chosen_input_ids": ids + [7] * chosen, "chosen_labels": [-100] * prompt + [7] * chosen,
+                "rejected_input_ids": ids + [9] * rejected, "rejected_labels": [-100] * prompt + [9] * rejected}
+
+    rows = [row(30, 12, 40), row(5, 60, 3), row(17, 17, 17)]
+    collate = PairwiseCollator(0, pad_to_multiple_of=8, packed=packed, share_prompts=shared)
+    chunked = ChunkedCollator(collate, "dpo", budget=10**6, packed=packed)
+    batch = collate(rows)
+    want = pass_size([chunked.row_length(r) for r in rows], 2, packed)
+    assert planned_pass_tokens(batch) == want
+    if shared:  # the pass computes fewer tokens than it holds
+        assert batch["input_ids"].numel() < want
 
 
 def test_merging_is_off_where_nothing_is_amortised_or_the_loss_needs_the_whole_batch():

@@ -38,6 +38,7 @@ from typing import Any, Mapping
 
 from torch.utils.data import Dataset
 
+from kllama.data.collate import data_tokens, is_packed
 from kllama.train.distributed import world_size
 
 PAD_MULTIPLE = 8  # the collators pad every batch to a multiple of 8 tokens
@@ -104,6 +105,14 @@ def pass_size(lengths: list[int], sequences_per_row: int, packed: bool = False) 
     """Tokens of one pass of rows of `lengths` (`row_lengths`): packed, their sum; padded, every sequence padded to
     the longest row."""
     return sum(lengths) if packed else len(lengths) * sequences_per_row * padded(max(lengths))
+
+
+def planned_pass_tokens(batch: Mapping[str, Any]) -> int:
+    """A collated pass's tokens in the units a plan counts them (`pass_size` of its rows' `row_lengths`): padded,
+    the batch's tokens padding included; packed, the data's real tokens, so a prefix-shared pass counts each pair's
+    prompt for both answers, as the unshared row lengths a plan reads do (what GPU memory per planned token is
+    measured in: `ResidentPromotion.observe_pass`)."""
+    return data_tokens(batch) if is_packed(batch) else int(batch["input_ids"].numel())
 
 
 def chunk_rows(lengths: list[int], sequences_per_row: int, budget: int, packed: bool = False) -> list[list[int]]:

@@ -167,7 +167,7 @@ def estimate_promotion(steps: list[StepMemory], *, worst_tokens: int, budget: in
 class ResidentPromotion(TrainerCallback):
     """Measures each training step's GPU memory and makes more streamed expert layers resident when the measured
     worst case leaves room under `max_gpu_memory` (see the module docstring). The trainer reports each training
-    pass's padded tokens through `observe_pass`; one line is printed per promotion. `demote_all` undoes every
+    pass's tokens through `observe_pass` (`planned_pass_tokens`); one line is printed per promotion. `demote_all` undoes every
     promotion and stops further ones (the trainer's answer to a step that ran out of GPU memory)."""
 
     def __init__(self, engine: Any, device: torch.device, budget: int, worst_tokens: int,
@@ -187,7 +187,8 @@ class ResidentPromotion(TrainerCallback):
         return self.device.type == "cuda"
 
     def observe_pass(self, tokens: int) -> None:
-        """A training pass of `tokens` padded tokens ran in the current step."""
+        """A training pass of `tokens` tokens (`planned_pass_tokens`: the units of `worst_tokens`) ran in the
+        current step."""
         self._tokens = max(self._tokens, tokens)
 
     def run_peak_allocated(self) -> int:

@@ -34,6 +34,7 @@ from kllama.train.losses import (
     sft_term,
 )
 from kllama.train.packing import SEQUENCE_BOUNDS, SEQUENCE_PREFIXES, use_per_sequence_sdpa
+from kllama.train.micro_batching import planned_pass_tokens
 from kllama.train.mixed_precision import WholeModelAutocastOff, autocast_lora_branches, mixed_precision_dtype
 from kllama.train.oom_rerun import StepStart, can_rerun, out_of_memory_error, rerun_line
 from kllama.train.promotion import ResidentPromotion
@@ -302,7 +303,7 @@ class KllamaTrainer(Trainer):
             # the tokens the data holds: a prefix-shared pass's prompts count for both answers, as unshared
             self._tokens_since_log += data_tokens(batch)
             if self.promotion is not None:
-                self.promotion.observe_pass(batch["input_ids"].numel())
+                self.promotion.observe_pass(planned_pass_tokens(batch))
         for key, value in metrics.items():
             self._stored[split][key].extend([value] * rows)
 
