@@ -68,7 +68,7 @@ def test_chunked_collator_pads_each_pass_to_its_own_longest_row():
 def test_a_collated_pass_counts_its_tokens_as_the_plan_does(packed, shared):
     """What the trainer reports of each pass to the layer promotion (`planned_pass_tokens`) is what the plan counted
     for those rows (`pass_size` of their row lengths), padded, packed, and packed with each pair's prompt computed
-    once (the plan's unshared lengths: the promotion's worst pass is in those units)."""
+    once (the plan counts the tokens computed: fewer than the rows hold)."""
     from kllama.data import PairwiseCollator
 
     def row(prompt: int, chosen: int, rejected: int) -> dict:
@@ -82,8 +82,9 @@ def test_a_collated_pass_counts_its_tokens_as_the_plan_does(packed, shared):
     batch = collate(rows)
     want = pass_size([chunked.row_length(r) for r in rows], 2, packed)
     assert planned_pass_tokens(batch) == want
-    if shared:  # the pass computes fewer tokens than it holds
-        assert batch["input_ids"].numel() < want
+    if shared:  # the prompts (30, 5 and 17 tokens) once each: 3 pairs x (P - 1) fewer tokens than the rows hold
+        held = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
+        assert want == held - (29 + 4 + 16)
 
 
 def test_merging_is_off_where_nothing_is_amortised_or_the_loss_needs_the_whole_batch():
@@ -169,6 +170,29 @@ def test_padding_stays_under_ten_percent_on_the_bundled_demo_with_the_seed_batch
         assert passes_per_step(lengths, order, 8, 2, budget) == {1: -(-len(lengths) // 8)}  # short rows: one pass
     # the same merge on random steps would pad far more: the grouping is what keeps it small
     assert padding_fraction(lengths, list(range(len(lengths))), 8, 2, budget) > 0.2
+
+
+def test_shared_row_lengths_from_arrow_are_the_collated_shared_passes(tiny_model_dir):
+    """Prefix sharing's plan reads each row's tokens computed (chosen + rejected less the P - 1 prompt tokens shared)
+    from the Arrow columns: the same as one row at a time (`shared_row_length`) and as the packed shared pass of
+    those rows computes, on the bundled demo pairs (real prompts); every pair shares its prompt."""
+    from transformers import AutoTokenizer
+
+    from kllama.config import build_config
+    from kllama.data import PairwiseCollator, build_dataset, get_template
+    from kllama.train.micro_batching import shared_row_length
+
+    config = build_config({"model_name_or_path": str(tiny_model_dir("deepseek_v2")), "output_dir": "/nonexistent/o",
+                           "stage": "dpo", "dataset": "dpo_en_demo", "template": "llama3", "cutoff_len": 512,
+                           "max_samples": 64})
+    tokenizer = AutoTokenizer.from_pretrained(config.model.model_name_or_path)
+    train = build_dataset(config.data, tokenizer, get_template("llama3", tokenizer), stage="dpo", seed=42).train
+    shared = row_lengths(train, "dpo", packed=True, shared=True)
+    rows = list(train)
+    assert shared == [shared_row_length(r) for r in rows]
+    assert all(s < p for s, p in zip(shared, row_lengths(train, "dpo", packed=True)))
+    collate = PairwiseCollator(tokenizer.pad_token_id, packed=True, share_prompts=True)
+    assert collate(rows[:8])["input_ids"].numel() == sum(shared[:8])
 
 
 def first_step(model_dir: Path, tmp: Path, settings: dict, budget: int | None) -> tuple[float, dict[str, torch.Tensor]]:

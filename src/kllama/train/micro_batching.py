@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 from torch.utils.data import Dataset
 
-from kllama.data.collate import data_tokens, is_packed
+from kllama.data.collate import IGNORE_INDEX, shared_prompt_length
 from kllama.train.distributed import world_size
 
 PAD_MULTIPLE = 8  # the collators pad every batch to a multiple of 8 tokens
@@ -55,17 +55,51 @@ _WHOLE_BATCH_LOSSES: dict[str, str] = {
 }
 
 
-def row_lengths(dataset: Any, stage: str, packed: bool = False) -> list[int]:
+def row_lengths(dataset: Any, stage: str, packed: bool = False, shared: bool = False) -> list[int]:
     """Tokens each row puts in a pass, read from Arrow columns: padded, its longest sequence's length (the longer of
     chosen/rejected for pairs; every sequence of the pass is padded to the longest row's); packed, all its
-    sequences' tokens (chosen + rejected)."""
+    sequences' tokens (chosen + rejected); `shared` (packed pairs, prefix sharing), less the prompt tokens the
+    rejected sequence does not repeat (`shared_row_length`)."""
     import pyarrow.compute as pc
 
     columns = _STAGE_ROWS[stage][0]
     table = dataset.with_format("arrow")
     per_column = [pc.list_value_length(table[c]).to_pylist() for c in columns]
     combine = sum if packed else max
-    return [combine(values) for values in zip(*per_column)]
+    lengths = [combine(values) for values in zip(*per_column)]
+    if shared and packed and stage == "dpo":
+        saved = _prompt_tokens_saved(table)
+        lengths = [n - s for n, s in zip(lengths, saved)]
+    return lengths
+
+
+def shared_row_length(row: Mapping[str, Any]) -> int:
+    """A preference row's tokens in a prefix-shared packed pass: chosen + rejected, less the P - 1 prompt tokens the
+    rejected sequence leaves to the chosen one (`shared_prompt_length`: P, or 0 when nothing is shared)."""
+    prompt = shared_prompt_length(row["chosen_input_ids"], row["chosen_labels"], row["rejected_input_ids"],
+                                  row["rejected_labels"])
+    return len(row["chosen_input_ids"]) + len(row["rejected_input_ids"]) - max(prompt - 1, 0)
+
+
+def _prompt_tokens_saved(table: Any) -> list[int]:
+    """Per row of an Arrow table of preference rows, the prompt tokens prefix sharing saves (`shared_row_length`),
+    from the flat id and label buffers (numpy views; no Python list per row)."""
+    import numpy as np
+
+    def flat(name: str) -> tuple[np.ndarray, np.ndarray]:
+        column = table[name].combine_chunks()
+        return column.values.to_numpy(zero_copy_only=False), column.offsets.to_numpy()
+
+    (c_ids, c_off), (c_lab, _), (r_ids, r_off), (r_lab, _) = (
+        flat(n) for n in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"))
+    saved = []
+    for i in range(len(c_off) - 1):
+        m = min(c_off[i + 1] - c_off[i], r_off[i + 1] - r_off[i])
+        a, b = slice(c_off[i], c_off[i] + m), slice(r_off[i], r_off[i] + m)
+        differs = (c_ids[a] != r_ids[b]) | (c_lab[a] != IGNORE_INDEX) | (r_lab[b] != IGNORE_INDEX)
+        prompt = int(differs.argmax()) if differs.any() else int(m)
+        saved.append(prompt - 1 if prompt >= 2 else 0)
+    return saved
 
 
 def padded(length: int) -> int:
@@ -84,6 +118,7 @@ class BatchPlan:
     sequences_per_row: int = 1
     unit: str = "rows"
     packed: bool = False  # padding-free passes: `budget` counts real tokens (`kllama.train.packing`)
+    shared: bool = False  # packed pairs with each prompt computed once: `budget` counts the tokens computed
 
     @property
     def step_rows(self) -> int:
@@ -108,11 +143,11 @@ def pass_size(lengths: list[int], sequences_per_row: int, packed: bool = False) 
 
 
 def planned_pass_tokens(batch: Mapping[str, Any]) -> int:
-    """A collated pass's tokens in the units a plan counts them (`pass_size` of its rows' `row_lengths`): padded,
-    the batch's tokens padding included; packed, the data's real tokens, so a prefix-shared pass counts each pair's
-    prompt for both answers, as the unshared row lengths a plan reads do (what GPU memory per planned token is
-    measured in: `ResidentPromotion.observe_pass`)."""
-    return data_tokens(batch) if is_packed(batch) else int(batch["input_ids"].numel())
+    """A collated pass's tokens in the units a plan counts them (`pass_size` of its rows' `row_lengths`): the
+    tokens it computes, padding included where it pads (a prefix-shared pass: each pair's prompt once, as the
+    plan's shared row lengths count it). What GPU memory per planned token is measured in
+    (`ResidentPromotion.observe_pass`)."""
+    return int(batch["input_ids"].numel())
 
 
 def chunk_rows(lengths: list[int], sequences_per_row: int, budget: int, packed: bool = False) -> list[list[int]]:
@@ -162,9 +197,13 @@ class ChunkedCollator:
     def __init__(self, collate: Any, stage: str, budget: int, packed: bool = False) -> None:
         self.collate, self.budget, self.packed = collate, budget, packed
         self.columns, self.sequences_per_row, _ = _STAGE_ROWS[stage]
+        self.shared = packed and stage == "dpo" and bool(getattr(collate, "share_prompts", False))
 
     def row_length(self, row: Mapping[str, Any]) -> int:
-        """A row's `row_lengths` value: its longest sequence's tokens, or packed all its sequences' tokens."""
+        """A row's `row_lengths` value: its longest sequence's tokens, packed all its sequences' tokens, or with
+        prefix sharing those less the prompt tokens shared (`shared_row_length`)."""
+        if self.shared:
+            return shared_row_length(row)
         return (sum if self.packed else max)(len(row[c]) for c in self.columns)
 
     def __call__(self, rows: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -215,8 +254,13 @@ def largest_pass_tokens(lengths: list[int], sequences_per_row: int, rows_per_ste
     return best
 
 
+def sharing(collate: Any) -> bool:
+    """Whether `collate` computes each pair's prompt once (a `PairwiseCollator(share_prompts=True)`, packed)."""
+    return bool(getattr(collate, "share_prompts", False))
+
+
 def worst_pass_tokens(train_rows: Any, stage: str, plan: BatchPlan | None, per_device_batch: int,
-                      epochs: int | None = None) -> int:
+                      epochs: int | None = None, shared: bool = False) -> int:
     """The largest pass a run's training rows make: the real one of the `epochs` the run sees when the rows are a
     `LengthGroupedRows` that knows its steps' shape, else `largest_pass_tokens` (a bound over every order) under a
     micro-batching `plan`, or for the user's own per-device micro-batches when `plan` is None."""
@@ -224,7 +268,7 @@ def worst_pass_tokens(train_rows: Any, stage: str, plan: BatchPlan | None, per_d
         return train_rows.largest_pass(epochs)
     packed = plan is not None and plan.packed
     lengths = (train_rows.lengths if isinstance(train_rows, LengthGroupedRows)
-               else row_lengths(train_rows, stage, packed))
+               else row_lengths(train_rows, stage, packed, shared))
     sequences = _STAGE_ROWS[stage][1]
     if plan is None:
         return largest_pass_tokens(lengths, sequences, per_device_batch, 0)
@@ -271,7 +315,8 @@ def layout_phrase(plan: BatchPlan, lengths: list[int], order: list[int], passes:
     holds on average."""
     if plan.packed:
         per_pass = sum(lengths[i] for i in order) / max(1, sum(n * count for n, count in passes.items()))
-        return (f"packed (padding-free), {per_pass:,.0f} real tokens per pass on average, steps not grouped by "
+        what = "tokens computed (each pair's prompt once)" if plan.shared else "real tokens"
+        return (f"packed (padding-free), {per_pass:,.0f} {what} per pass on average, steps not grouped by "
                 "length (no padding to save; fewer steps over the budget)")
     pad = padding_fraction(lengths, order, plan.step_rows, plan.sequences_per_row, plan.budget)
     return f"grouped by length, {pad:.1%} padding"
@@ -281,7 +326,7 @@ def describe(plan: BatchPlan, targets: Counter, passes: Counter, layout: str, fi
     """The one line printed at start: what was merged and why, how (`layout_phrase`), and the first step's largest
     pass."""
     spread = ", ".join(f"{count} in {n} pass{'es' if n > 1 else ''}" for n, count in sorted(passes.items()))
-    kind = "real" if plan.packed else "padded"
+    kind = "computed" if plan.shared else "real" if plan.packed else "padded"
     return (f"micro-batching: {plan.user_batch} x {plan.user_accumulation} accumulation -> each step's "
             f"{plan.step_rows} {plan.unit} in as few passes of up to {plan.budget:,} tokens as fit "
             f"(micro_batch_tokens; {_experts_phrase(targets)}); first epoch: {sum(passes.values())} steps, "
@@ -419,8 +464,9 @@ def apply_micro_batching(config: Any, engine: Any, train_set: Any, collate: Any,
         print(f"micro-batching: kept {user} ({reason}){layout}", flush=True)
         return train_set, collate, None
     _, sequences, unit = _STAGE_ROWS[f.stage]
-    plan = BatchPlan(t.per_device_train_batch_size, t.gradient_accumulation_steps, budget, sequences, unit, packed)
-    lengths = row_lengths(train_set, f.stage, packed)
+    plan = BatchPlan(t.per_device_train_batch_size, t.gradient_accumulation_steps, budget, sequences, unit, packed,
+                     shared=packed and f.stage == "dpo" and sharing(collate))
+    lengths = row_lengths(train_set, f.stage, packed, shared=plan.shared)
     # A data-parallel step gives each rank `step_rows` consecutive rows: group all ranks' rows of a step together,
     # so every step holds the same rows whatever the rank count (a resume on another count continues exactly).
     # The step of the epoch's largest pass runs first, so promotion measures the worst pass at step 1.

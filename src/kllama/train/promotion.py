@@ -269,7 +269,7 @@ def promotion_line(count: int, step: int, estimate: PromotionEstimate, layer_byt
 
 
 def build_promotion(config: Any, engine: Any, device: torch.device, train_rows: Any, plan: Any,
-                    announce: bool) -> ResidentPromotion | None:
+                    announce: bool, shared: bool = False) -> ResidentPromotion | None:
     """The run's `ResidentPromotion`, or None where it has nothing to do: no expert engine, no CUDA device, no
     `max_gpu_memory`, or no layer streaming its training passes."""
     if engine is None or device.type != "cuda" or not config.engine.max_gpu_memory or train_rows is None:
@@ -277,7 +277,8 @@ def build_promotion(config: Any, engine: Any, device: torch.device, train_rows: 
     t = config.training
     epochs = None if plan is None else run_epochs(len(train_rows), plan.step_rows * world_size(), t.max_steps,
                                                   t.num_train_epochs)
-    worst = worst_pass_tokens(train_rows, config.finetuning.stage, plan, t.per_device_train_batch_size, epochs)
+    worst = worst_pass_tokens(train_rows, config.finetuning.stage, plan, t.per_device_train_batch_size, epochs,
+                              shared)
     budget = min(parse_bytes(config.engine.max_gpu_memory), torch.cuda.get_device_properties(device).total_memory)
     promotion = ResidentPromotion(engine, device, budget, worst, announce=announce,
                                   expandable=allocator_expandable())

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from kllama.errors import KllamaError
 from kllama.model.adapters import adapter_state_dict, adapters_disabled
 from kllama.train.distributed import gather_objects, is_main_process, my_share
-from kllama.train.micro_batching import chunk_rows, row_lengths
+from kllama.train.micro_batching import chunk_rows, row_lengths, sharing
 from kllama.train.trainer import PreferenceSettings, policy_logps
 
 
@@ -131,7 +131,7 @@ def attach_reference_logps(model: nn.Module, dataset: Dataset, collate: Callable
     else:
         n = len(dataset)
         if token_budget:
-            groups = chunk_rows(row_lengths(dataset, "dpo", packed), 2, token_budget, packed)
+            groups = chunk_rows(row_lengths(dataset, "dpo", packed, sharing(collate)), 2, token_budget, packed)
             kind = " real (packed)" if packed else ""
             print(f"reference log-probs: {n} pairs in {len(groups)} passes of up to {token_budget:,}{kind} tokens",
                   flush=True)
@@ -173,4 +173,5 @@ def with_reference_columns(collate: Callable[[list[dict]], dict[str, Any]]) -> C
         batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=torch.float64)
         return batch
 
+    collate_with_reference.share_prompts = sharing(collate)  # type: ignore[attr-defined]  # plans read it
     return collate_with_reference

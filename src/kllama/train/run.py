@@ -212,6 +212,7 @@ def run_training(config: KllamaConfig) -> int:
 
     attention = getattr(loaded.model.config, "_attn_implementation", None)
     packed = padding_free_for(config, loaded.engine, attention)
+    share = False
     if f.stage == "dpo":
         share = prefix_sharing_for(config, packed, attention)
         collate = PairwiseCollator(tokenizer.pad_token_id, pad_to_multiple_of=8, packed=packed, share_prompts=share)
@@ -260,7 +261,7 @@ def run_training(config: KllamaConfig) -> int:
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collate,
         processing_class=tokenizer, callbacks=callbacks, settings=settings, reference_context=reference_context,
         health=TrainingHealth(output_dir),
-        promotion=build_promotion(config, loaded.engine, loaded.device, train_set, plan, is_main_process()),
+        promotion=build_promotion(config, loaded.engine, loaded.device, train_set, plan, is_main_process(), share),
         lockstep=lockstep,
     )
     if resume is not None:
