@@ -2,25 +2,15 @@
 from __future__ import annotations
 
 import math
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
-FOLDER = str(Path(__file__).resolve().parents[2] / "benchmarks")
-
 
 @pytest.fixture(scope="module")
-def split() -> Iterator[ModuleType]:
-    sys.path.insert(0, FOLDER)
-    try:
-        import layer_split
-    finally:
-        sys.path.remove(FOLDER)
-    yield layer_split
+def split(benchmark_script) -> ModuleType:  # noqa: ANN001
+    return benchmark_script("layer_split")
 
 
 def test_line_fit_by_hand(split: ModuleType) -> None:

@@ -8,23 +8,15 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-FOLDER = str(Path(__file__).resolve().parents[2] / "benchmarks")
-
 
 @pytest.fixture(scope="module")
-def user_path() -> Iterator[ModuleType]:
-    sys.path.insert(0, FOLDER)
-    try:
-        import user_path
-    finally:
-        sys.path.remove(FOLDER)
-    yield user_path
+def user_path(benchmark_script) -> ModuleType:  # noqa: ANN001
+    return benchmark_script("user_path")
 
 
 def _child(code: str) -> list[str]:
