@@ -155,7 +155,10 @@ def test_when_a_run_shares_prompts(tiny_model_dir):
 
     model_dir = tiny_model_dir("deepseek_v2")
     assert prefix_sharing_for(_config(model_dir, prefix_sharing=True), True, "sdpa") is True
-    assert prefix_sharing_for(_config(model_dir), True, "sdpa") is False  # opt-in
+    assert prefix_sharing_for(_config(model_dir), True, "sdpa") is True  # unset: on where it can run
+    assert prefix_sharing_for(_config(model_dir), False, "sdpa") is False  # padded passes
+    assert prefix_sharing_for(_config(model_dir), True, "eager") is False  # another attention
+    assert prefix_sharing_for(_config(model_dir, prefix_sharing=False), True, "sdpa") is False  # turned off
     with pytest.raises(KllamaError, match="prefix_sharing: true needs packed passes.*set padding_free: true"):
         prefix_sharing_for(_config(model_dir, prefix_sharing=True), False, "sdpa")
     with pytest.raises(KllamaError, match="needs the sdpa attention.*runs 'eager': set flash_attn: sdpa"):

@@ -48,9 +48,16 @@ def padding_free_for(config: Any, engine: Any, attn_implementation: str | None) 
 def prefix_sharing_for(config: Any, packed: bool, attn_implementation: str | None) -> bool:
     """Whether a DPO-family run computes each pair's prompt once (`prefix_sharing`,
     `kllama.data.collate.pack_pairs_sharing_prompts`): only in packed passes run by `per_sequence_sdpa` (the one
-    attention that reads `SEQUENCE_PREFIXES`); asked for anywhere else it is a clear error naming the fix."""
-    if not config.finetuning.prefix_sharing:
-        return False
+    attention that reads `SEQUENCE_PREFIXES`). Unset, wherever that holds; asked for anywhere else, a clear error
+    naming the fix.
+
+    Measured on the H200 box (2026-11-30, seed DPO YAML, V2-Lite shape, `max_gpu_memory: 24GB`, one call each):
+    8,558 tok/s shared against 8,108 unshared, then 9,229 against 8,961 after the split and bf16-branch changes;
+    shared with `precompute_ref_log_probs` 11,007 (`benchmarks/NOTES.md`, ninth session)."""
+    choice = config.finetuning.prefix_sharing
+    runs = packed and attn_implementation == "sdpa"
+    if choice is None or not choice:
+        return bool(choice is None and runs)
     if not packed:
         raise KllamaError("prefix_sharing: true needs packed passes, and this run pads them (padding_free: false, "
                           "or every expert resident without padding_free): set padding_free: true, or remove "
