@@ -79,7 +79,7 @@ def _first_step(model_dir: Path, tmp: Path, lockstep: bool, budget: int | None, 
     plan = None
     if budget is not None:
         plan = BatchPlan(1, 4, budget, 2, "pairs", packed)
-        collate = ChunkedCollator(collate, "dpo", budget, packed)
+        collate = ChunkedCollator(collate, "dpo", budget, packed, bool(config.finetuning.prefix_sharing))
     args = build_training_arguments(config, has_eval=False, use_cpu=True, plan=plan)
     args.train_sampling_strategy = "sequential"
     capture = GradCapture()

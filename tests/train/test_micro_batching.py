@@ -78,7 +78,7 @@ def test_a_collated_pass_counts_its_tokens_as_the_plan_does(packed, shared):
 
     rows = [row(30, 12, 40), row(5, 60, 3), row(17, 17, 17)]
     collate = PairwiseCollator(0, pad_to_multiple_of=8, packed=packed, share_prompts=shared)
-    chunked = ChunkedCollator(collate, "dpo", budget=10**6, packed=packed)
+    chunked = ChunkedCollator(collate, "dpo", budget=10**6, packed=packed, shared=shared)
     batch = collate(rows)
     want = pass_size([chunked.row_length(r) for r in rows], 2, packed)
     assert planned_pass_tokens(batch) == want
@@ -241,7 +241,7 @@ def first_step(model_dir: Path, tmp: Path, settings: dict, budget: int | None) -
     plan = None
     if budget is not None:
         plan = BatchPlan(1, 4, budget, 2 if stage == "dpo" else 1, packed=packed)
-        collate = ChunkedCollator(collate, stage, budget, packed)
+        collate = ChunkedCollator(collate, stage, budget, packed, bool(f.prefix_sharing))
     args = build_training_arguments(config, has_eval=False, use_cpu=loaded.device.type == "cpu", plan=plan)
     args.train_sampling_strategy = "sequential"  # both runs see the grouped order's first step
     capture = GradCapture()

@@ -194,10 +194,10 @@ class ChunkedCollator:
     `KllamaTrainer.compute_loss` runs the passes one after the other and weights each pass's loss by its share of
     the step, so the gradient is that of the step's rows in one batch."""
 
-    def __init__(self, collate: Any, stage: str, budget: int, packed: bool = False) -> None:
+    def __init__(self, collate: Any, stage: str, budget: int, packed: bool = False, shared: bool = False) -> None:
         self.collate, self.budget, self.packed = collate, budget, packed
         self.columns, self.sequences_per_row, _ = _STAGE_ROWS[stage]
-        self.shared = packed and stage == "dpo" and bool(getattr(collate, "share_prompts", False))
+        self.shared = packed and stage == "dpo" and shared  # `collate` computes each pair's prompt once
 
     def row_length(self, row: Mapping[str, Any]) -> int:
         """A row's `row_lengths` value: its longest sequence's tokens, packed all its sequences' tokens, or with
@@ -252,11 +252,6 @@ def largest_pass_tokens(lengths: list[int], sequences_per_row: int, rows_per_ste
         fit = max(1, budget // per_row) if budget > 0 else rows_per_step
         best = max(best, min(rows_per_step, fit, count) * per_row)
     return best
-
-
-def sharing(collate: Any) -> bool:
-    """Whether `collate` computes each pair's prompt once (a `PairwiseCollator(share_prompts=True)`, packed)."""
-    return bool(getattr(collate, "share_prompts", False))
 
 
 def worst_pass_tokens(train_rows: Any, stage: str, plan: BatchPlan | None, per_device_batch: int,
@@ -442,13 +437,14 @@ def reference_pass_budget(config: Any, engine: Any, packed: bool = False) -> int
 
 
 def apply_micro_batching(config: Any, engine: Any, train_set: Any, collate: Any, packed: bool = False,
-                         ) -> tuple[Any, Any, BatchPlan | None]:
+                         shared: bool = False) -> tuple[Any, Any, BatchPlan | None]:
     """Plan the step's passes for this run and print the line saying what was merged (or why not).
 
     Returns the training rows (in a `LengthGroupedRows` order when merged), the collator (a `ChunkedCollator`
     around `collate` when merged) and the plan, or the rows and collator unchanged and None when the user's batching
     stands (said in one line when the engine is on and B x G > 1). `packed`: `collate` packs its rows
-    (`kllama.train.packing`), so a pass's budget counts real tokens.
+    (`kllama.train.packing`), so a pass's budget counts real tokens; `shared`: it also computes each pair's prompt
+    once (prefix sharing), so the budget counts the tokens computed.
     """
     t, f = config.training, config.finetuning
     rows_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
@@ -465,7 +461,7 @@ def apply_micro_batching(config: Any, engine: Any, train_set: Any, collate: Any,
         return train_set, collate, None
     _, sequences, unit = _STAGE_ROWS[f.stage]
     plan = BatchPlan(t.per_device_train_batch_size, t.gradient_accumulation_steps, budget, sequences, unit, packed,
-                     shared=packed and f.stage == "dpo" and sharing(collate))
+                     shared=packed and f.stage == "dpo" and shared)
     lengths = row_lengths(train_set, f.stage, packed, shared=plan.shared)
     # A data-parallel step gives each rank `step_rows` consecutive rows: group all ranks' rows of a step together,
     # so every step holds the same rows whatever the rank count (a resume on another count continues exactly).
@@ -476,4 +472,4 @@ def apply_micro_batching(config: Any, engine: Any, train_set: Any, collate: Any,
     first_pass = shape.largest_pass([lengths[i] for i in train_set.order[:train_set.step_rows]])
     layout = layout_phrase(plan, lengths, train_set.order, passes)
     print(describe(plan, targets, passes, layout, first_pass), flush=True)
-    return train_set, ChunkedCollator(collate, f.stage, budget, packed), plan
+    return train_set, ChunkedCollator(collate, f.stage, budget, packed, plan.shared), plan

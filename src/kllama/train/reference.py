@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from kllama.errors import KllamaError
 from kllama.model.adapters import adapter_state_dict, adapters_disabled
 from kllama.train.distributed import gather_objects, is_main_process, my_share
-from kllama.train.micro_batching import chunk_rows, row_lengths, sharing
+from kllama.train.micro_batching import chunk_rows, row_lengths
 from kllama.train.trainer import PreferenceSettings, policy_logps
 
 
@@ -106,13 +106,14 @@ def attach_reference_logps(model: nn.Module, dataset: Dataset, collate: Callable
                            settings: PreferenceSettings,
                            reference_context: Callable[[], contextlib.AbstractContextManager] | None,
                            cache_dir: str | Path, *, batch_size: int, device: torch.device,
-                           token_budget: int | None = None, split: str = "train", packed: bool = False) -> Dataset:
+                           token_budget: int | None = None, split: str = "train", packed: bool = False,
+                           shared: bool = False) -> Dataset:
     """Return `dataset` with `ref_chosen_logps` / `ref_rejected_logps` columns (summed log-probs of the reference),
     loading them from `cache_dir` when this dataset + model + reference were computed before.
 
     Rows run `batch_size` at a time in dataset order, or -- with a `token_budget` (experts held in host RAM, where
     every pass pays the weights' copy) -- longest first in passes of at most that many tokens (real ones with
-    `packed`: `collate` packs). In a data-parallel run each rank computes every world_size-th pass and the ranks exchange their results; rank 0's
+    `packed`: `collate` packs; the ones computed with `shared`: it computes each pair's prompt once). In a data-parallel run each rank computes every world_size-th pass and the ranks exchange their results; rank 0's
     cache decides for all (other nodes may not share its filesystem) and rank 0 writes it.
 
     Every value is finite: a pass that returns a non-finite value runs again in smaller passes
@@ -131,7 +132,7 @@ def attach_reference_logps(model: nn.Module, dataset: Dataset, collate: Callable
     else:
         n = len(dataset)
         if token_budget:
-            groups = chunk_rows(row_lengths(dataset, "dpo", packed, sharing(collate)), 2, token_budget, packed)
+            groups = chunk_rows(row_lengths(dataset, "dpo", packed, shared), 2, token_budget, packed)
             kind = " real (packed)" if packed else ""
             print(f"reference log-probs: {n} pairs in {len(groups)} passes of up to {token_budget:,}{kind} tokens",
                   flush=True)
@@ -173,5 +174,4 @@ def with_reference_columns(collate: Callable[[list[dict]], dict[str, Any]]) -> C
         batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=torch.float64)
         return batch
 
-    collate_with_reference.share_prompts = sharing(collate)  # type: ignore[attr-defined]  # plans read it
     return collate_with_reference

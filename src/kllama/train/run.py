@@ -229,14 +229,14 @@ def run_training(config: KllamaConfig) -> int:
         ref_budget = reference_pass_budget(config, loaded.engine, packed)
         train_set = attach_reference_logps(model, train_set, collate, settings, reference_context, cache_dir,
                                            batch_size=ref_batch, device=loaded.device, token_budget=ref_budget,
-                                           packed=packed)
+                                           packed=packed, shared=share)
         if eval_set is not None:
             eval_set = attach_reference_logps(model, eval_set, collate, settings, reference_context, cache_dir,
                                               batch_size=ref_batch, device=loaded.device, token_budget=ref_budget,
-                                              split="eval", packed=packed)
+                                              split="eval", packed=packed, shared=share)
         collate = with_reference_columns(collate)
 
-    train_set, collate, plan = apply_micro_batching(config, loaded.engine, train_set, collate, packed)
+    train_set, collate, plan = apply_micro_batching(config, loaded.engine, train_set, collate, packed, share)
     if rank.is_main:
         prepare_output_dir(output_dir, overwrite=t.overwrite_output_dir, resuming=resume is not None)
     barrier()
