@@ -168,6 +168,9 @@ def test_cli_streamed_run_uses_the_lockstep_reference_and_trains_as_a_resident_r
     resident = train_tiny_dpo(tmp_path / "resident", model_dir, "max_samples=4", "expert_placement=gpu")  # 1 x 4
     assert LOCKSTEP_LINE in streamed and LOCKSTEP_LINE not in resident
     assert "each step's 4 pairs in as few passes" in streamed and "kept 1 x 4 accumulation" in resident
+    # streamed passes are packed and share each pair's prompt by default; resident ones are padded and do not
+    sharing = "prefix sharing: each packed pair's prompt runs once"
+    assert sharing in streamed and sharing not in resident
 
     def losses(out: Path) -> list[float]:
         return [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]

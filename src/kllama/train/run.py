@@ -218,7 +218,7 @@ def run_training(config: KllamaConfig) -> int:
         collate = PairwiseCollator(tokenizer.pad_token_id, pad_to_multiple_of=8, packed=packed, share_prompts=share)
         if share:
             print("prefix sharing: each packed pair's prompt runs once (its rejected answer attends to the chosen "
-                  "sequence's prompt rows)", flush=True)
+                  "sequence's prompt rows; prefix_sharing: false runs it twice)", flush=True)
     else:
         collate = SFTCollator(tokenizer.pad_token_id, pad_to_multiple_of=8, packed=packed)
     settings = preference_settings(config, loaded.model.config)
