@@ -58,7 +58,8 @@ def test_a_branch_runs_in_the_activation_dtype_and_frozen_layers_as_before():
     a, b = (m.weight.to(torch.bfloat16) for m in (layer.lora_A["default"], layer.lora_B["default"]))
     want = layer.base_layer(x) + (x @ a.T @ b.T) * layer.scaling["default"]
     assert proj.dtype == torch.bfloat16
-    torch.testing.assert_close(proj, want, rtol=0, atol=0)
+    exact = {"rtol": 0, "atol": 0} if device.type == "cpu" else {}  # a GPU may pick another GEMM algorithm per call
+    torch.testing.assert_close(proj, want, **exact)
     torch.testing.assert_close(proj, before_proj, rtol=2e-2, atol=2e-2)  # the fp32 branch, to bf16 rounding
     # the router's fp32 matmul outside the branches is untouched (only the adapter branch is autocast)
     assert router.dtype == torch.float32 and torch.equal(router, before_router)
