@@ -12,6 +12,7 @@ logits included) compute exactly as before. A data-parallel run does go through 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,8 +77,9 @@ class WholeModelAutocastOff(TrainerCallback):
     without this its frozen layers would compute in bf16 where a single process computes them as loaded: one GPU
     and many would train a different model. With it, both autocast only the LoRA branches."""
 
-    def __init__(self, accelerator: Any, wrapped: Any) -> None:
-        self.accelerator, self.wrapped = accelerator, wrapped
+    def __init__(self, prepared: Callable[[], tuple[Any, nn.Module]]) -> None:
+        self.prepared = prepared  # -> (the trainer's accelerator, its wrapped model), read when training starts
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.accelerator.unwrap_model(self.wrapped(), keep_fp32_wrapper=False)
+        accelerator, wrapped = self.prepared()
+        accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)

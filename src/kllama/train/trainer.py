@@ -148,7 +148,7 @@ class KllamaTrainer(Trainer):
         # mixed precision: the LoRA branches autocast, the frozen layers compute as loaded (train.mixed_precision)
         if (dtype := mixed_precision_dtype(self.args.bf16, self.args.fp16)) is not None:
             autocast_lora_branches(self.model, self.args.device.type, dtype)
-            self.add_callback(WholeModelAutocastOff(self.accelerator, lambda: self.model_wrapped))
+            self.add_callback(WholeModelAutocastOff(lambda: (self.accelerator, self.model_wrapped)))
         # DPO-family losses are per-pair means of a micro-batch: with this False the Trainer divides each one by the
         # accumulation steps, so equal micro-batches give the step's per-pair mean however its rows are split.
         # SFT's loss is a token mean over the whole optimizer step: with this True the Trainer counts the step's
