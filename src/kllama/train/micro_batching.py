@@ -197,7 +197,7 @@ class ChunkedCollator:
     def __init__(self, collate: Any, stage: str, budget: int, packed: bool = False, shared: bool = False) -> None:
         self.collate, self.budget, self.packed = collate, budget, packed
         self.columns, self.sequences_per_row, _ = _STAGE_ROWS[stage]
-        self.shared = packed and stage == "dpo" and shared  # `collate` computes each pair's prompt once
+        self.shared = shared  # `collate` computes each pair's prompt once (packed pairs only)
 
     def row_length(self, row: Mapping[str, Any]) -> int:
         """A row's `row_lengths` value: its longest sequence's tokens, packed all its sequences' tokens, or with
@@ -461,7 +461,7 @@ def apply_micro_batching(config: Any, engine: Any, train_set: Any, collate: Any,
         return train_set, collate, None
     _, sequences, unit = _STAGE_ROWS[f.stage]
     plan = BatchPlan(t.per_device_train_batch_size, t.gradient_accumulation_steps, budget, sequences, unit, packed,
-                     shared=packed and f.stage == "dpo" and shared)
+                     shared)
     lengths = row_lengths(train_set, f.stage, packed, shared=plan.shared)
     # A data-parallel step gives each rank `step_rows` consecutive rows: group all ranks' rows of a step together,
     # so every step holds the same rows whatever the rank count (a resume on another count continues exactly).

@@ -55,9 +55,10 @@ def prefix_sharing_for(config: Any, packed: bool, attn_implementation: str | Non
     8,558 tok/s shared against 8,108 unshared, then 9,229 against 8,961 after the split and bf16-branch changes;
     shared with `precompute_ref_log_probs` 11,007 (`benchmarks/NOTES.md`, ninth session)."""
     choice = config.finetuning.prefix_sharing
-    runs = packed and attn_implementation == "sdpa"
-    if choice is None or not choice:
-        return bool(choice is None and runs)
+    if choice is None:
+        return packed and attn_implementation == "sdpa"
+    if not choice:
+        return False
     if not packed:
         raise KllamaError("prefix_sharing: true needs packed passes, and this run pads them (padding_free: false, "
                           "or every expert resident without padding_free): set padding_free: true, or remove "
