@@ -41,6 +41,14 @@ def op_class(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- one profiled step
+def op_depth(event: Any) -> int:
+    """How many host ops enclose profiler event `event` (torch links them through `cpu_parent`)."""
+    depth, parent = 0, getattr(event, "cpu_parent", None)
+    while parent is not None:
+        depth, parent = depth + 1, getattr(parent, "cpu_parent", None)
+    return depth
+
+
 def op_times(events: list[Any], device: torch.device) -> list[dict[str, Any]]:
     """Every op of one profiled step (`prof.events()`) with its self time in ms and its calls, largest first.
 
@@ -75,7 +83,8 @@ def op_times(events: list[Any], device: torch.device) -> list[dict[str, Any]]:
             else:
                 unclaimed[(event.name, round(elapsed, 3))] += 1
         host_ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.kernels]
-        for event in sorted(host_ops, key=lambda e: (e.name.startswith("cuda"), -e.time_range.start)):
+        # innermost first: deepest in the op tree (a child can start in its parent's microsecond), then latest
+        for event in sorted(host_ops, key=lambda e: (e.name.startswith("cuda"), -op_depth(e), -e.time_range.start)):
             own = False
             for kernel in event.kernels:
                 key = (kernel.name, round(kernel.duration, 3))

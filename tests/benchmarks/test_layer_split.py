@@ -93,7 +93,7 @@ def test_op_times_count_each_device_record_once_whoever_lists_it(split: ModuleTy
     """Profiler events as torch builds them (`FunctionEvent`), with the listings the H200 box's profiles showed: a
     GEMM kernel under `aten::matmul`, `aten::mm` and the `cudaLaunchKernel` that launched it, and a pinned copy
     under `aten::copy_` and `cudaMemcpyAsync`. Each device record counts once: the kernel for `aten::mm` (the
-    innermost op), the copy as its own row; device time no op lists is `OUTSIDE_OPS`; the rows sum to the device
+    innermost op, though it starts in its parent's microsecond), the copy as its own row; device time no op lists is `OUTSIDE_OPS`; the rows sum to the device
     time."""
     from torch.autograd import DeviceType
     from torch.autograd.profiler_util import FunctionEvent
@@ -110,13 +110,20 @@ def test_op_times_count_each_device_record_once_whoever_lists_it(split: ModuleTy
         return FunctionEvent(next(ids), name, thread=7, start_us=start, end_us=start + duration,
                              device_type=DeviceType.CUDA)
 
+    def nest(parent: FunctionEvent, child: FunctionEvent) -> FunctionEvent:
+        child.set_cpu_parent(parent)
+        parent.append_cpu_child(child)
+        return child
+
     gemm, copy = "nvjet_sm90_tst_256x128", "Memcpy HtoD (Pinned -> Device)"
+    copy_op, matmul = host("aten::copy_", 0.0, 20.0, [(copy, 1229.792)]), host("aten::matmul", 30.0, 60.0, [(gemm, 170.5)])
+    mm = nest(matmul, host("aten::mm", 30.0, 59.0, [(gemm, 170.5)]))  # starts in its parent's microsecond
     events = [
-        host("aten::copy_", 0.0, 20.0, [(copy, 1229.792)]),
-        host("cudaMemcpyAsync", 5.0, 15.0, [(copy, 1229.792)]),
-        host("aten::matmul", 30.0, 60.0, [(gemm, 170.5)]),
-        host("aten::mm", 31.0, 59.0, [(gemm, 170.5)]),
-        host("cudaLaunchKernel", 40.0, 45.0, [(gemm, 170.5)]),
+        copy_op,
+        nest(copy_op, host("cudaMemcpyAsync", 5.0, 15.0, [(copy, 1229.792)])),
+        matmul,
+        mm,
+        nest(mm, host("cudaLaunchKernel", 40.0, 45.0, [(gemm, 170.5)])),
         host("aten::add_", 70.0, 80.0, [("elementwise_add", 4.5)]),
         device(copy, 100.0, 1229.792),
         device(gemm, 1400.0, 170.5),
@@ -154,7 +161,7 @@ def test_op_times_on_cuda_count_each_kernel_once_with_transfers_apart(split: Mod
     copies = [name for name in rows if name.startswith("Memcpy HtoD")]
     assert len(copies) == 1 and rows[copies[0]]["calls"] == 1, rows
     assert split.op_class(copies[0]) == "host->device copies"
-    assert rows["aten::mm"]["calls"] == 3 and rows["aten::mm"]["ms"] > 0 and rows["aten::add_"]["calls"] == 3
+    assert rows["aten::mm"]["calls"] == 3 and rows["aten::mm"]["ms"] > 0 and rows["aten::add_"]["calls"] == 3, rows
     kernels_ms = sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA
                      and not getattr(e, "is_user_annotation", False)) / 1e3
     assert math.isclose(sum(row["ms"] for row in rows.values()), kernels_ms, rel_tol=1e-6), (rows, kernels_ms)
