@@ -166,3 +166,35 @@ def test_a_cache_holding_non_finite_values_is_computed_again(tiny_model_dir, tmp
     assert "holds non-finite values (pair 2); computing them again" in capsys.readouterr().out
     torch.testing.assert_close(_columns(again), _columns(first))
     assert torch.isfinite(torch.tensor(torch.load(cache_file, weights_only=True)["rejected"])).all()
+
+
+def test_the_cache_is_per_weights_expert_dtype_and_checkpoint_files(tiny_model_dir, tmp_path, capsys):
+    """The H200 box's fp8 run loaded the reference log-probs its int8 run had cached (the key named the model
+    path only). The key now holds `weights_identity`: another `expert_dtype` or a rewritten checkpoint file at the
+    same path computes them again; the same weights load them."""
+    import os
+
+    from kllama.train.reference import attach_reference_logps, weights_identity
+
+    model, rows, collate, settings, device = _tiny_dpo(tiny_model_dir, tmp_path, rows=3)
+    model_dir = tiny_model_dir("deepseek_v2")
+    bf16, int8 = weights_identity(model_dir, "bf16"), weights_identity(model_dir, "int8")
+    assert any(name.endswith(".safetensors") for name, _, _ in bf16["files"])
+
+    def attach(weights: dict) -> str:
+        capsys.readouterr()
+        attach_reference_logps(model, rows, collate, settings, None, tmp_path, batch_size=3, device=device,
+                               weights=weights)
+        return capsys.readouterr().out
+
+    assert "loaded from cache" not in attach(bf16)
+    assert "loaded from cache" in attach(weights_identity(model_dir, "bf16"))
+    assert "loaded from cache" not in attach(int8)
+    assert len(list((tmp_path / "reference_logps").glob("*.pt"))) == 2
+    weights_file = next(model_dir.glob("*.safetensors"))
+    stat = weights_file.stat()
+    os.utime(weights_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # rewritten in place
+    try:
+        assert "loaded from cache" not in attach(weights_identity(model_dir, "bf16"))
+    finally:
+        os.utime(weights_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))

@@ -24,12 +24,22 @@ from kllama.train.micro_batching import chunk_rows, row_lengths
 from kllama.train.trainer import PreferenceSettings, policy_logps
 
 
-def _cache_key(model: nn.Module, dataset: Dataset, settings: PreferenceSettings, with_start_adapter: bool) -> str:
+def weights_identity(model_dir: str | Path, expert_dtype: str) -> dict[str, Any]:
+    """What makes the reference model's numbers besides the adapter: the checkpoint's files (name, size,
+    modification time: a checkpoint rewritten at the same path is another model) and the routed experts' dtype
+    (`expert_dtype: int8` and `fp8` are other weights than the checkpoint's bf16)."""
+    files = sorted(f for f in Path(model_dir).iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin", ".json"))
+    return {"expert_dtype": expert_dtype,
+            "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+def _cache_key(model: nn.Module, dataset: Dataset, with_start_adapter: bool, weights: dict[str, Any] | None) -> str:
     lm_config = getattr(model, "config", None)
     parts = {
         "dataset": getattr(dataset, "_fingerprint", None) or str(len(dataset)),
         "model": getattr(lm_config, "_name_or_path", None),
         "rows": len(dataset),
+        "weights": weights,
     }
     if with_start_adapter:
         digest = hashlib.sha256()
@@ -107,9 +117,10 @@ def attach_reference_logps(model: nn.Module, dataset: Dataset, collate: Callable
                            reference_context: Callable[[], contextlib.AbstractContextManager] | None,
                            cache_dir: str | Path, *, batch_size: int, device: torch.device,
                            token_budget: int | None = None, split: str = "train", packed: bool = False,
-                           shared: bool = False) -> Dataset:
+                           shared: bool = False, weights: dict[str, Any] | None = None) -> Dataset:
     """Return `dataset` with `ref_chosen_logps` / `ref_rejected_logps` columns (summed log-probs of the reference),
-    loading them from `cache_dir` when this dataset + model + reference were computed before.
+    loading them from `cache_dir` when this dataset + model + reference were computed before (`weights`:
+    `weights_identity` of the model the run loaded).
 
     Rows run `batch_size` at a time in dataset order, or -- with a `token_budget` (experts held in host RAM, where
     every pass pays the weights' copy) -- longest first in passes of at most that many tokens (real ones with
@@ -119,7 +130,7 @@ def attach_reference_logps(model: nn.Module, dataset: Dataset, collate: Callable
     Every value is finite: a pass that returns a non-finite value runs again in smaller passes
     (`_finite_pass_logps`), a pair still non-finite alone raises `KllamaError` naming it (`split` says which
     dataset) before anything is cached, and a cache holding non-finite values is computed again."""
-    key = _cache_key(model, dataset, settings, reference_context is not None)
+    key = _cache_key(model, dataset, reference_context is not None, weights)
     cache = Path(cache_dir) / "reference_logps" / f"{key}.pt"
     saved = torch.load(cache, weights_only=True) if is_main_process() and cache.is_file() else None
     saved = gather_objects(saved)[0]

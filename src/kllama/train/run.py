@@ -179,7 +179,7 @@ def run_training(config: KllamaConfig) -> int:
     load; only then is the previous run in `output_dir` replaced (with `overwrite_output_dir`) and training starts.
     """
     from kllama.data import PairwiseCollator, SFTCollator, describe_example, format_summary
-    from kllama.train.reference import attach_reference_logps, with_reference_columns
+    from kllama.train.reference import attach_reference_logps, weights_identity, with_reference_columns
 
     t, f = config.training, config.finetuning
     rank = init_distributed(t.ddp_timeout)
@@ -227,13 +227,14 @@ def run_training(config: KllamaConfig) -> int:
     if f.stage == "dpo" and f.precompute_ref_log_probs:
         ref_batch = f.precompute_ref_batch_size or t.per_device_eval_batch_size
         ref_budget = reference_pass_budget(config, loaded.engine, packed)
+        weights = weights_identity(loaded.source.path, config.engine.expert_dtype)
         train_set = attach_reference_logps(model, train_set, collate, settings, reference_context, cache_dir,
                                            batch_size=ref_batch, device=loaded.device, token_budget=ref_budget,
-                                           packed=packed, shared=share)
+                                           packed=packed, shared=share, weights=weights)
         if eval_set is not None:
             eval_set = attach_reference_logps(model, eval_set, collate, settings, reference_context, cache_dir,
                                               batch_size=ref_batch, device=loaded.device, token_budget=ref_budget,
-                                              split="eval", packed=packed, shared=share)
+                                              split="eval", packed=packed, shared=share, weights=weights)
         collate = with_reference_columns(collate)
 
     train_set, collate, plan = apply_micro_batching(config, loaded.engine, train_set, collate, packed, share)
