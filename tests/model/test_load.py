@@ -119,3 +119,34 @@ def test_corrupt_adapter_file_is_one_clear_error(backend: dict, tiny_model_dir, 
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(KllamaError, match=r"adapter_model.safetensors is incomplete or corrupt"):
         load_model(_config(model_dir, adapter_name_or_path=str(adapter), **backend), "infer")
+
+
+@pytest.mark.parametrize("backend", [{}, ENGINE], ids=["stock", "engine"])
+def test_a_config_without_a_pad_id_takes_the_tokenizers_and_the_trainer_leaves_it_quiet(
+        backend: dict, tmp_path: Path) -> None:
+    """Most MoE checkpoints name no pad id (kllama pads with the tokenizer's, the EOS where it has none). The
+    loaded config and generation config carry it, so transformers' Trainer has nothing to rewrite at the start of
+    training: before, the full-size user path printed "[transformers] The tokenizer has new PAD/BOS/EOS tokens
+    that differ from the model config" in every run."""
+    import logging
+
+    from transformers.trainer_utils import align_special_tokens
+
+    from kllama.model.tiny import write_tiny_model
+
+    model_dir = write_tiny_model(tmp_path / "nopad", "deepseek_v2", pad_token_id=None)
+    loaded = load_model(_config(model_dir, "train", **TRAIN, **backend), "train")
+    pad = loaded.tokenizer.pad_token_id
+    assert pad is not None and loaded.model.config.pad_token_id == pad
+    assert loaded.model.generation_config.pad_token_id == pad
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        align_special_tokens(loaded.model, loaded.tokenizer)  # what the Trainer runs as training starts
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "special" in r.getMessage() or "PAD/BOS/EOS" in r.getMessage()], records

@@ -164,6 +164,15 @@ def load_tokenizer(source: ModelSource, config: KllamaConfig) -> PreTrainedToken
     return tokenizer
 
 
+def fill_pad_token_id(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The model's config and generation config take the tokenizer's pad id where they name none (most MoE
+    checkpoints; kllama pads with the EOS then): otherwise transformers' Trainer rewrites them itself at the start
+    of training and warns that the tokenizer's special tokens differ."""
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is not None and getattr(cfg, "pad_token_id", None) is None:
+            cfg.pad_token_id = tokenizer.pad_token_id
+
+
 def _scan_weights(path: Path) -> CheckpointIndex | None:
     """Index the safetensors (headers only): a truncated, empty or missing file fails here, before any load.
     None for a directory holding only PyTorch .bin weights, which stock transformers reads itself."""
@@ -216,6 +225,7 @@ def load_model(config: KllamaConfig, purpose: Purpose, *, device: str | torch.de
                                        inference=purpose == "infer")
     else:
         model = _load_stock(source, device=target, dtype=dtype, attn_implementation=attn, index=index)
+    fill_pad_token_id(model, tokenizer)
     if purpose == "train" and config.model.router_aux_loss_coef is not None and hasattr(model.config,
                                                                                          "router_aux_loss_coef"):
         model.config.router_aux_loss_coef = config.model.router_aux_loss_coef
