@@ -17,6 +17,7 @@ from kllama.train.promotion import (
     activation_bytes,
     build_promotion,
     estimate_promotion,
+    no_promotion_line,
     run_epochs,
     safety_margin,
 )
@@ -125,6 +126,12 @@ def test_the_seed_yaml_oom_case_would_not_have_promoted_three_layers():
                         peak_reserved=int(22.40 * GiB), end=int(15.1 * GiB))
     over = estimate_promotion([failed], worst_tokens=16384, budget=budget, layer_bytes=layer, candidates=17)
     assert over.layers == 0 and over.worst_bytes + over.margin > budget
+    # said once in the run, with the numbers that decided it (the H200 box's fp8 run promoted nothing silently)
+    line = no_promotion_line(8, over, layer, budget, 16384, streamed=17, layers=26)
+    assert line == (f"no layer promoted after step 8: a 16,384-token pass is predicted to allocate "
+                    f"{over.worst_bytes / 1e9:.1f} GB, +{over.margin / 1e9:.1f} GB kept free for fragmentation "
+                    f"({over.fragmentation / 1e9:.1f} GB) and safety, leaving 0.0 GB of the 24.0 GB budget; a "
+                    f"resident layer needs 1.1 GB; 17 of 26 MoE layers stream")
 
 
 def test_seed_yaml_measured_at_its_largest_pass_promotes_two_layers_with_expandable_segments():

@@ -181,6 +181,7 @@ class ResidentPromotion(TrainerCallback):
         self._tokens = 0
         self._start = 0
         self._run_peak = 0
+        self._said_none = False
 
     @property
     def _cuda(self) -> bool:
@@ -249,6 +250,10 @@ class ResidentPromotion(TrainerCallback):
         estimate = estimate_promotion(self.steps, worst_tokens=self.worst_tokens, budget=self.budget,
                                       layer_bytes=layer_bytes, candidates=len(streamed), expandable=self.expandable)
         if estimate.layers == 0:
+            if self.announce and not self._said_none:  # once: why the layers stay streamed
+                self._said_none = True
+                tqdm.write(no_promotion_line(state.global_step, estimate, layer_bytes, self.budget,
+                                             self.worst_tokens, len(streamed), len(self.engine.modules)))
             return
         torch.cuda.empty_cache()  # the new resident blocks get fresh segments, not holes between cached activations
         names = self.promote(estimate.layers, f"resident after step {state.global_step}'s measured peak")
@@ -266,6 +271,17 @@ def promotion_line(count: int, step: int, estimate: PromotionEstimate, layer_byt
             f"allocated of {budget / 1e9:.1f} GB budget (predicted for a {worst_tokens:,}-token pass from the "
             f"measured steps, +{estimate.margin / 1e9:.1f} GB kept free for fragmentation "
             f"({estimate.fragmentation / 1e9:.1f} GB) and safety); {streamed} of {layers} MoE layers stream")
+
+
+def no_promotion_line(step: int, estimate: PromotionEstimate, layer_bytes: int, budget: int, worst_tokens: int,
+                      streamed: int, layers: int) -> str:
+    """The line printed (once a run) when a measured step leaves no room for another resident layer."""
+    room = max(0, budget - estimate.worst_bytes - estimate.margin)
+    return (f"no layer promoted after step {step}: a {worst_tokens:,}-token pass is predicted to allocate "
+            f"{estimate.worst_bytes / 1e9:.1f} GB, +{estimate.margin / 1e9:.1f} GB kept free for fragmentation "
+            f"({estimate.fragmentation / 1e9:.1f} GB) and safety, leaving {room / 1e9:.1f} GB of the "
+            f"{budget / 1e9:.1f} GB budget; a resident layer needs {layer_bytes / 1e9:.1f} GB; {streamed} of "
+            f"{layers} MoE layers stream")
 
 
 def build_promotion(config: Any, engine: Any, device: torch.device, train_rows: Any, plan: Any,
