@@ -93,8 +93,8 @@ def test_op_times_count_each_device_record_once_whoever_lists_it(split: ModuleTy
     """Profiler events as torch builds them (`FunctionEvent`), with the listings the H200 box's profiles showed: a
     GEMM kernel under `aten::matmul`, `aten::mm` and the `cudaLaunchKernel` that launched it, and a pinned copy
     under `aten::copy_` and `cudaMemcpyAsync`. Each device record counts once: the kernel for `aten::mm` (the
-    innermost op, though it starts in its parent's microsecond), the copy as its own row; device time no op lists is `OUTSIDE_OPS`; the rows sum to the device
-    time."""
+    innermost op, though it starts in its parent's microsecond), the copy as its own row; device time no op lists
+    is `OUTSIDE_OPS`; the rows sum to the device time."""
     from torch.autograd import DeviceType
     from torch.autograd.profiler_util import FunctionEvent
 
@@ -116,7 +116,8 @@ def test_op_times_count_each_device_record_once_whoever_lists_it(split: ModuleTy
         return child
 
     gemm, copy = "nvjet_sm90_tst_256x128", "Memcpy HtoD (Pinned -> Device)"
-    copy_op, matmul = host("aten::copy_", 0.0, 20.0, [(copy, 1229.792)]), host("aten::matmul", 30.0, 60.0, [(gemm, 170.5)])
+    copy_op = host("aten::copy_", 0.0, 20.0, [(copy, 1229.792)])
+    matmul = host("aten::matmul", 30.0, 60.0, [(gemm, 170.5)])
     mm = nest(matmul, host("aten::mm", 30.0, 59.0, [(gemm, 170.5)]))  # starts in its parent's microsecond
     events = [
         copy_op,

@@ -28,7 +28,8 @@ def weights_identity(model_dir: str | Path, expert_dtype: str) -> dict[str, Any]
     """What makes the reference model's numbers besides the adapter: the checkpoint's files (name, size,
     modification time: a checkpoint rewritten at the same path is another model) and the routed experts' dtype
     (`expert_dtype: int8` and `fp8` are other weights than the checkpoint's bf16)."""
-    files = sorted(f for f in Path(model_dir).iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin", ".json"))
+    files = sorted(f for f in Path(model_dir).iterdir()
+                   if f.is_file() and f.suffix in (".safetensors", ".bin", ".json"))
     return {"expert_dtype": expert_dtype,
             "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
@@ -124,7 +125,8 @@ def attach_reference_logps(model: nn.Module, dataset: Dataset, collate: Callable
 
     Rows run `batch_size` at a time in dataset order, or -- with a `token_budget` (experts held in host RAM, where
     every pass pays the weights' copy) -- longest first in passes of at most that many tokens (real ones with
-    `packed`: `collate` packs; the ones computed with `shared`: it computes each pair's prompt once). In a data-parallel run each rank computes every world_size-th pass and the ranks exchange their results; rank 0's
+    `packed`: `collate` packs; the ones computed with `shared`: it computes each pair's prompt once). In a
+    data-parallel run each rank computes every world_size-th pass and the ranks exchange their results; rank 0's
     cache decides for all (other nodes may not share its filesystem) and rank 0 writes it.
 
     Every value is finite: a pass that returns a non-finite value runs again in smaller passes
