@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PIECES = ("probe layer", "copy probe", "cpu kernel", "inference", "training", "split")
 
 
-def test_startup_probe_times_each_piece_on_a_tiny_layer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_startup_probe_times_each_piece_on_a_tiny_layer(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OUT", raising=False)  # the scripts copy their JSON to $OUT (the GPU box's result folder)
     main = runpy.run_path(str(ROOT / "benchmarks" / "startup.py"))["main"]
     result = main(["--tiny", "--cpu-threads", "1", "--out-dir", str(tmp_path)])
     assert [path.name.split("_2")[0] for path in tmp_path.glob("*.json")] == ["startup_v2lite_tiny_bf16"]
