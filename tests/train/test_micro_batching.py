@@ -234,7 +234,7 @@ def first_step(model_dir: Path, tmp: Path, settings: dict, budget: int | None) -
         collate = SFTCollator(loaded.tokenizer.pad_token_id, packed=packed)
     rows = bundle.train
     if f.precompute_ref_log_probs:
-        rows = attach_reference_logps(model, rows, collate, preference_settings(config), None, tmp / "cache",
+        rows = attach_reference_logps(model, rows, collate, None, tmp / "cache",
                                       batch_size=5, device=loaded.device)
         collate = with_reference_columns(collate)
     ordered = LengthGroupedRows(rows, row_lengths(rows, stage), 4, seed=3)

@@ -14,7 +14,6 @@ def test_precomputed_reference_matches_in_step_reference_for_any_batch_size(tiny
     from kllama.model.adapters import adapters_disabled, attach_lora, resolve_lora_spec
     from kllama.model.load import load_model
     from kllama.train.reference import attach_reference_logps
-    from kllama.train.run import preference_settings
     from kllama.train.trainer import PreferenceSettings, policy_logps
 
     config = build_config({
@@ -33,24 +32,23 @@ def test_precomputed_reference_matches_in_step_reference_for_any_batch_size(tiny
             if "lora_B" in name:
                 p.normal_(0, 0.2, generator=torch.Generator(device=p.device).manual_seed(len(name)))
     collate = PairwiseCollator(loaded.tokenizer.pad_token_id, pad_to_multiple_of=8)
-    settings = preference_settings(config)
     device = loaded.device  # where the run put the model (the GPU when there is one)
-    one = attach_reference_logps(model, bundle.train, collate, settings, None, tmp_path / "a", batch_size=1,
+    one = attach_reference_logps(model, bundle.train, collate, None, tmp_path / "a", batch_size=1,
                                  device=device)
-    five = attach_reference_logps(model, bundle.train, collate, settings, None, tmp_path / "b", batch_size=5,
+    five = attach_reference_logps(model, bundle.train, collate, None, tmp_path / "b", batch_size=5,
                                   device=device)
     # token-budget passes (host-held experts): rows longest first, 2-3 pairs a pass at cutoff 48, results in row order
-    budgeted = attach_reference_logps(model, bundle.train, collate, settings, None, tmp_path / "c", batch_size=1,
+    budgeted = attach_reference_logps(model, bundle.train, collate, None, tmp_path / "c", batch_size=1,
                                       device=device, token_budget=2 * 2 * 56)
     assert "7 pairs in" in capsys.readouterr().out
     # packed (padding-free) passes, budget in real tokens, and packed fixed batches
     packed_collate = PairwiseCollator(loaded.tokenizer.pad_token_id, packed=True)
-    packed = attach_reference_logps(model, bundle.train, packed_collate, settings, None, tmp_path / "d",
+    packed = attach_reference_logps(model, bundle.train, packed_collate, None, tmp_path / "d",
                                     batch_size=1, device=device, token_budget=200, packed=True)
     out = capsys.readouterr().out
     passes = int(out.split("7 pairs in ")[1].split(" passes of up to 200 real (packed) tokens")[0])
     assert 2 < passes < 7  # several pairs share a pass, none over 200 tokens (a pair is 60-100 at cutoff 48)
-    packed_five = attach_reference_logps(model, bundle.train, packed_collate, settings, None, tmp_path / "e",
+    packed_five = attach_reference_logps(model, bundle.train, packed_collate, None, tmp_path / "e",
                                          batch_size=5, device=device)
 
     rows = [bundle.train[i] for i in range(len(bundle.train))]
@@ -69,7 +67,7 @@ def test_precomputed_reference_matches_in_step_reference_for_any_batch_size(tiny
     cache_file = next((tmp_path / "a" / "reference_logps").glob("*.pt"))
     written = cache_file.stat().st_mtime_ns
     capsys.readouterr()
-    again = attach_reference_logps(model, bundle.train, collate, settings, None, tmp_path / "a", batch_size=3,
+    again = attach_reference_logps(model, bundle.train, collate, None, tmp_path / "a", batch_size=3,
                                    device=device)
     assert "loaded from cache" in capsys.readouterr().out
     assert cache_file.stat().st_mtime_ns == written
@@ -77,12 +75,11 @@ def test_precomputed_reference_matches_in_step_reference_for_any_batch_size(tiny
 
 
 def _tiny_dpo(tiny_model_dir, tmp_path, rows: int = 7):
-    """A tiny deepseek_v2 with a non-zero LoRA, its dpo_en_demo pairs (cutoff 48), their collator and settings."""
+    """A tiny deepseek_v2 with a non-zero LoRA, its dpo_en_demo pairs (cutoff 48), and their collator."""
     from kllama.config import build_config
     from kllama.data import PairwiseCollator, build_dataset, get_template
     from kllama.model.adapters import attach_lora, resolve_lora_spec
     from kllama.model.load import load_model
-    from kllama.train.run import preference_settings
 
     config = build_config({
         "model_name_or_path": str(tiny_model_dir("deepseek_v2")), "output_dir": str(tmp_path / "out"),
@@ -95,7 +92,7 @@ def _tiny_dpo(tiny_model_dir, tmp_path, rows: int = 7):
     f = config.finetuning
     model = attach_lora(loaded.model, resolve_lora_spec(loaded.model, f.lora_target, f.lora_rank, None, 0.0), seed=0)
     collate = PairwiseCollator(loaded.tokenizer.pad_token_id, pad_to_multiple_of=8)
-    return model, bundle.train, collate, preference_settings(config), loaded.device
+    return model, bundle.train, collate, loaded.device
 
 
 def _columns(dataset) -> torch.Tensor:
@@ -109,8 +106,8 @@ def test_a_pass_whose_size_fails_runs_again_in_smaller_passes(tiny_model_dir, tm
     still be finite and equal to one pair a pass."""
     from kllama.train.reference import attach_reference_logps
 
-    model, rows, collate, settings, device = _tiny_dpo(tiny_model_dir, tmp_path)
-    one = attach_reference_logps(model, rows, collate, settings, None, tmp_path / "one", batch_size=1, device=device)
+    model, rows, collate, device = _tiny_dpo(tiny_model_dir, tmp_path)
+    one = attach_reference_logps(model, rows, collate, None, tmp_path / "one", batch_size=1, device=device)
 
     def fails_above_one_pair(module, args, output):  # noqa: ANN001, ANN202
         out = output[0]  # [B, T, H]
@@ -122,7 +119,7 @@ def test_a_pass_whose_size_fails_runs_again_in_smaller_passes(tiny_model_dir, tm
     handle = attention.register_forward_hook(fails_above_one_pair)
     try:
         capsys.readouterr()
-        packed = attach_reference_logps(model, rows, collate, settings, None, tmp_path / "packed", batch_size=1,
+        packed = attach_reference_logps(model, rows, collate, None, tmp_path / "packed", batch_size=1,
                                         device=device, token_budget=4 * 56)
     finally:
         handle.remove()
@@ -137,7 +134,7 @@ def test_a_pair_non_finite_alone_is_refused_naming_it_and_nothing_is_cached(tiny
     from kllama.errors import KllamaError
     from kllama.train.reference import attach_reference_logps
 
-    model, rows, collate, settings, device = _tiny_dpo(tiny_model_dir, tmp_path)
+    model, rows, collate, device = _tiny_dpo(tiny_model_dir, tmp_path)
     # a token only pair 3's chosen response has, with a NaN embedding: that pair is NaN in any pass, alone too
     others = {t for i in range(len(rows)) for key in ("chosen_input_ids", "rejected_input_ids")
               for t in rows[i][key] if (i, key) != (3, "chosen_input_ids")}
@@ -146,7 +143,7 @@ def test_a_pair_non_finite_alone_is_refused_naming_it_and_nothing_is_cached(tiny
         model.get_input_embeddings().weight[token] = float("nan")
     for batching in ({"batch_size": 3}, {"batch_size": 1, "token_budget": 4 * 56}):
         with pytest.raises(KllamaError) as error:
-            attach_reference_logps(model, rows, collate, settings, None, tmp_path / "c", device=device, **batching)
+            attach_reference_logps(model, rows, collate, None, tmp_path / "c", device=device, **batching)
         message = str(error.value)
         assert "train pair 3 " in message and "not finite" in message and "NaN/inf values in the model" in message
         assert not (tmp_path / "c" / "reference_logps").exists()
@@ -155,14 +152,14 @@ def test_a_pair_non_finite_alone_is_refused_naming_it_and_nothing_is_cached(tiny
 def test_a_cache_holding_non_finite_values_is_computed_again(tiny_model_dir, tmp_path, capsys):
     from kllama.train.reference import attach_reference_logps
 
-    model, rows, collate, settings, device = _tiny_dpo(tiny_model_dir, tmp_path, rows=4)
-    first = attach_reference_logps(model, rows, collate, settings, None, tmp_path, batch_size=2, device=device)
+    model, rows, collate, device = _tiny_dpo(tiny_model_dir, tmp_path, rows=4)
+    first = attach_reference_logps(model, rows, collate, None, tmp_path, batch_size=2, device=device)
     cache_file = next((tmp_path / "reference_logps").glob("*.pt"))
     saved = torch.load(cache_file, weights_only=True)
     saved["rejected"][2] = float("nan")  # as a run before kllama checked the values could have written it
     torch.save(saved, cache_file)
     capsys.readouterr()
-    again = attach_reference_logps(model, rows, collate, settings, None, tmp_path, batch_size=2, device=device)
+    again = attach_reference_logps(model, rows, collate, None, tmp_path, batch_size=2, device=device)
     assert "holds non-finite values (pair 2); computing them again" in capsys.readouterr().out
     torch.testing.assert_close(_columns(again), _columns(first))
     assert torch.isfinite(torch.tensor(torch.load(cache_file, weights_only=True)["rejected"])).all()
@@ -176,14 +173,14 @@ def test_the_cache_is_per_weights_expert_dtype_and_checkpoint_files(tiny_model_d
 
     from kllama.train.reference import attach_reference_logps, weights_identity
 
-    model, rows, collate, settings, device = _tiny_dpo(tiny_model_dir, tmp_path, rows=3)
+    model, rows, collate, device = _tiny_dpo(tiny_model_dir, tmp_path, rows=3)
     model_dir = tiny_model_dir("deepseek_v2")
     bf16, int8 = weights_identity(model_dir, "bf16"), weights_identity(model_dir, "int8")
     assert any(name.endswith(".safetensors") for name, _, _ in bf16["files"])
 
     def attach(weights: dict) -> str:
         capsys.readouterr()
-        attach_reference_logps(model, rows, collate, settings, None, tmp_path, batch_size=3, device=device,
+        attach_reference_logps(model, rows, collate, None, tmp_path, batch_size=3, device=device,
                                weights=weights)
         return capsys.readouterr().out
 

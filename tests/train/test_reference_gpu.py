@@ -48,7 +48,6 @@ def test_the_largest_precompute_pass_equals_one_pair_a_pass(tmp_path, capsys):
     from kllama.model.load import load_model
     from kllama.model.tiny import write_tiny_model
     from kllama.train.reference import attach_reference_logps
-    from kllama.train.run import preference_settings
 
     model_dir = write_tiny_model(tmp_path / "model", "deepseek_v2", dtype=torch.bfloat16, **V2LITE_ATTENTION)
     config = build_config({
@@ -61,11 +60,10 @@ def test_the_largest_precompute_pass_equals_one_pair_a_pass(tmp_path, capsys):
     model = attach_lora(loaded.model, resolve_lora_spec(loaded.model, f.lora_target, f.lora_rank, None, 0.0), seed=0)
     pairs = _pairs(loaded.model.config.vocab_size)
     collate = PairwiseCollator(loaded.tokenizer.pad_token_id, pad_to_multiple_of=8)
-    settings = preference_settings(config)
-    packed = attach_reference_logps(model, pairs, collate, settings, None, tmp_path / "packed", batch_size=1,
+    packed = attach_reference_logps(model, pairs, collate, None, tmp_path / "packed", batch_size=1,
                                     device=loaded.device, token_budget=65536)
     assert "16 pairs in 1 passes of up to 65,536 tokens" in capsys.readouterr().out
-    alone = attach_reference_logps(model, pairs, collate, settings, None, tmp_path / "alone", batch_size=1,
+    alone = attach_reference_logps(model, pairs, collate, None, tmp_path / "alone", batch_size=1,
                                    device=loaded.device)
     for column in ("ref_chosen_logps", "ref_rejected_logps"):
         got = torch.tensor(list(packed[column]), dtype=torch.float64)

@@ -114,7 +114,6 @@ def _refuse_non_finite(saved: dict[str, list[float]], bad: list[int], split: str
 
 
 def attach_reference_logps(model: nn.Module, dataset: Dataset, collate: Callable[[list[dict]], dict[str, Any]],
-                           settings: PreferenceSettings,
                            reference_context: Callable[[], contextlib.AbstractContextManager] | None,
                            cache_dir: str | Path, *, batch_size: int, device: torch.device,
                            token_budget: int | None = None, split: str = "train", packed: bool = False,

@@ -228,11 +228,11 @@ def run_training(config: KllamaConfig) -> int:
         ref_batch = f.precompute_ref_batch_size or t.per_device_eval_batch_size
         ref_budget = reference_pass_budget(config, loaded.engine, packed)
         weights = weights_identity(loaded.source.path, config.engine.expert_dtype)
-        train_set = attach_reference_logps(model, train_set, collate, settings, reference_context, cache_dir,
+        train_set = attach_reference_logps(model, train_set, collate, reference_context, cache_dir,
                                            batch_size=ref_batch, device=loaded.device, token_budget=ref_budget,
                                            packed=packed, shared=share, weights=weights)
         if eval_set is not None:
-            eval_set = attach_reference_logps(model, eval_set, collate, settings, reference_context, cache_dir,
+            eval_set = attach_reference_logps(model, eval_set, collate, reference_context, cache_dir,
                                               batch_size=ref_batch, device=loaded.device, token_budget=ref_budget,
                                               split="eval", packed=packed, shared=share, weights=weights)
         collate = with_reference_columns(collate)
