@@ -250,7 +250,8 @@ class ResidentPromotion(TrainerCallback):
         estimate = estimate_promotion(self.steps, worst_tokens=self.worst_tokens, budget=self.budget,
                                       layer_bytes=layer_bytes, candidates=len(streamed), expandable=self.expandable)
         if estimate.layers == 0:
-            if self.announce and not self._said_none:  # once: why the layers stay streamed
+            # once, and only while none was promoted (after a promotion, a full budget is the expected state)
+            if self.announce and not self._said_none and not self.promoted:
                 self._said_none = True
                 tqdm.write(no_promotion_line(state.global_step, estimate, layer_bytes, self.budget,
                                              self.worst_tokens, len(streamed), len(self.engine.modules)))
