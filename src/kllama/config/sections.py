@@ -101,7 +101,7 @@ class FinetuningArguments:
         None, "Packed DPO-family passes (padding_free) compute each pair's prompt once: the rejected answer attends "
         "to the chosen sequence's prompt rows instead of repeating them (same log-probs, loss and gradients; the "
         "router aux loss counts the prompt once). Unset: on wherever passes are packed and the attention is sdpa "
-        "(the seed DPO YAML on the H200 box: 1.03-1.055x unshared); true there, false to compute prompts twice."
+        "(the seed DPO YAML on the H200 box: 1.03-1.055x unshared, 1.17x with precompute_ref_log_probs); true there, false to compute prompts twice."
     )
     plot_loss: bool = arg(False, "Write training_loss.png, training_rewards_*.png (and training_eval_loss.png) to output_dir.")
 

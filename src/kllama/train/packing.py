@@ -53,7 +53,8 @@ def prefix_sharing_for(config: Any, packed: bool, attn_implementation: str | Non
 
     Measured on the H200 box (2026-11-30, seed DPO YAML, V2-Lite shape, `max_gpu_memory: 24GB`, one call each):
     8,558 tok/s shared against 8,108 unshared, then 9,229 against 8,961 after the split and bf16-branch changes;
-    shared with `precompute_ref_log_probs` 11,007 (`benchmarks/NOTES.md`, ninth session)."""
+    shared with `precompute_ref_log_probs` 11,007 (`benchmarks/NOTES.md`, ninth session); tenth session, as the
+    default with `precompute_ref_log_probs`, 12,070 shared against 10,283 with `prefix_sharing: false`."""
     choice = config.finetuning.prefix_sharing
     if choice is None:
         return packed and attn_implementation == "sdpa"
