@@ -8,8 +8,9 @@ would need per-output-channel weight scales (the fp8 values re-scaled per row on
 quantized per row at every pass (a second rounding, of x), and only the forward could use it: the backward multiplies
 by W^T, whose row-wise scales are per input channel. This probe measures what the forward would gain and lose on one
 layer: for each variant the time of `gate_up` and `down` over `--tokens` routed rows, and the norm-relative error of
-the layer's `gate_up` output against bf16 weights. Every failure is recorded, never raised. Prints a table, writes
-JSON.
+the layer's `gate_up` output against bf16 weights. A second table times the dequantization alone, fp8 and int8, in
+torch's ops and in the engine's Triton kernel (`kllama.experts.gpu_dequant`). Every failure is recorded, never
+raised. Prints the tables, writes JSON.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ from kllama.experts.routed import grouped_linear, route  # noqa: E402
 
 COLUMNS = (("name", "variant", "{}"), ("ms", "ms (gate_up + down)", "{:.2f}"), ("rel_err", "gate_up rel err", "{:.2e}"),
            ("note", "note", "{}"))
+
+DEQUANT_COLUMNS = (("scheme", "scheme", "{}"), ("form", "dequantize form", "{}"),
+                   ("ms", "ms (gate_up + down)", "{:.3f}"), ("gb_s", "GB/s (read + written)", "{:.0f}"), ("note", "note", "{}"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,6 +61,24 @@ def rowwise_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`weight [E, N, K]` -> fp8 values `[E, N, K]` and fp32 per-row scales `[E, N]` (what a row-wise GEMM takes)."""
     scale = weight.float().abs().amax(-1).clamp_min(1e-12) / FP8_MAX
     return (weight.float() / scale[..., None]).to(torch.float8_e4m3fn), scale
+
+
+def dequantize_only(gate_up: torch.Tensor, down: torch.Tensor, slots: list[torch.Tensor], repeats: int,
+                    ) -> list[dict[str, Any]]:
+    """One layer's dequantization into the bf16 slots, per scheme: torch's ops against the Triton kernel (what a
+    streamed quantized layer pays on every pass), with the memory traffic it implies."""
+    rows: list[dict[str, Any]] = []
+    for scheme in ("fp8", "int8"):
+        weights = [quantize(gate_up, scheme, projections=2), quantize(down, scheme)]
+        moved = sum(w.nbytes + s.numel() * s.element_size() for w, s in zip(weights, slots))
+        for form, kernel in (("torch ops", False), ("Triton kernel", True)):
+            try:
+                ms, _ = timed(lambda: [dequantize(w, out=s, kernel=kernel) for w, s in zip(weights, slots)], repeats)
+                rows.append({"scheme": scheme, "form": form, "ms": ms, "gb_s": moved / ms / 1e6, "note": ""})
+            except Exception as exc:  # noqa: BLE001 - record, never raise (the GPU call must finish)
+                rows.append({"scheme": scheme, "form": form, "note": f"failed: {type(exc).__name__}: {exc}"[:200]})
+            log(f"{rows[-1]}")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -97,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return grouped_linear(xs, w1, routing), grouped_linear(act, w2, routing)
 
     add("fp8 blocks, dequantize + bf16 grouped GEMM", engine_path, "what the engine does (dequantization included)")
+    dequant_rows = dequantize_only(gate_up, down, slots, args.repeats)
     scaled = getattr(torch, "_scaled_grouped_mm", None)
     if scaled is None:
         rows.append({"name": "fp8 row-wise, torch._scaled_grouped_mm", "note": "not in this torch"})
@@ -117,8 +140,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "x quantized per row each pass (included); forward only: the backward needs W^T")
     results = {"benchmark": "fp8_gemm", "model": args.model, "tokens": args.tokens, "routed_rows": int(xs.shape[0]),
                "shape": {"experts": experts, "hidden": hidden, "inter": inter, "top_k": top_k},
-               "environment": environment(), "rows": rows}
+               "environment": environment(), "rows": rows, "dequantize_only": dequant_rows}
     print(format_table(rows, COLUMNS), flush=True)
+    print(format_table(dequant_rows, DEQUANT_COLUMNS), flush=True)
     path = write_results(results, f"fp8_gemm_{args.model}", args.out_dir)
     log(f"wrote {path}")
     return results

@@ -11,7 +11,8 @@ import torch
 
 from kllama.experts import (ExpertEngine, ExpertLoraSet, ExpertPlacement, HostExperts, find_expert_modules,
                             install_expert_engine)
-from kllama.experts.quant import QuantizedWeight, dequantize, quantize
+from kllama.experts.gpu_dequant import fused_dequantize
+from kllama.experts.quant import BLOCK, QuantizedWeight, dequantize, quantize
 from kllama.model.tiny import build_tiny_model
 
 from expert_helpers import rel, run
@@ -31,6 +32,41 @@ def test_gpu_dequantization_gives_the_cpu_bytes(scheme: str, shape: dict) -> Non
         out = torch.empty(weight.shape, dtype=torch.bfloat16, device="cuda")
         assert torch.equal(dequantize(on_gpu, out=out).cpu(), dequantize(q))
         assert torch.equal(dequantize(on_gpu).cpu(), dequantize(q))
+
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+@pytest.mark.parametrize(("experts", "rows", "cols", "projections"), [
+    (64, 2816, 2048, 2),  # V2-Lite gate_up (2 x 1408 rows: 11 blocks each)
+    (4, 2048, 1408, 1),  # V2-Lite down
+    (3, 192, 200, 2),  # projections of 96 rows (a partial block row each), a partial block column
+    (2, 40, 136, 1),  # int8: rows not a multiple of the kernel's 32-row tile
+])
+def test_the_triton_kernel_gives_the_torch_bits(scheme: str, experts: int, rows: int, cols: int,
+                                                projections: int) -> None:
+    # the fused kernel against torch's forms of the same arithmetic (fp32 product, one rounding), computed on the CPU
+    gen = torch.Generator().manual_seed(rows + cols)
+    weight = torch.randn(experts, rows, cols, generator=gen).mul_(0.02).bfloat16()
+    q = quantize(weight, scheme, projections=projections)
+    on_gpu = q.to("cuda")
+    out = torch.full(weight.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+    applies = scheme == "int8" or (rows // projections) % 32 == 0
+    assert fused_dequantize(on_gpu.data, on_gpu.scale, projections, BLOCK, out) is applies
+    expected = dequantize(q)
+    if applies:
+        assert torch.equal(out.cpu(), expected)
+    assert torch.equal(dequantize(on_gpu, out=torch.empty_like(out)).cpu(), expected)  # fused or torch's fallback
+
+
+def test_the_kernel_declines_what_it_does_not_cover() -> None:
+    # the torch path takes these: CPU tensors, a non-contiguous output, fp8 projections of 40 rows
+    weight = torch.randn(2, 80, 128).bfloat16()
+    q = quantize(weight, "fp8", projections=2)
+    assert not fused_dequantize(q.data, q.scale, 2, BLOCK, torch.empty_like(weight))  # on the CPU
+    on_gpu = q.to("cuda")
+    assert not fused_dequantize(on_gpu.data, on_gpu.scale, 2, BLOCK, torch.empty(2, 128, 80).cuda().bfloat16().mT)
+    assert not fused_dequantize(on_gpu.data, on_gpu.scale, 2, BLOCK, torch.empty_like(weight, device="cuda"))
+    assert torch.equal(dequantize(on_gpu).cpu(), dequantize(q))
 
 
 def device_weights(engine: ExpertEngine, module: HostExperts, mode: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from kllama.errors import KllamaError
+from kllama.experts.gpu_dequant import fused_dequantize
 
 # Config values of `expert_dtype`: auto keeps the checkpoint's own format (fp8 for fp8 checkpoints, else unquantized).
 EXPERT_DTYPES: tuple[str, ...] = ("auto", "bf16", "fp8", "int8")
@@ -248,11 +249,16 @@ def _scale_blocks_(out: Tensor, scale: Tensor, projections: int) -> None:
     out.view(*lead, projections, part, cols).mul_(full)
 
 
-def dequantize(weight: "ExpertWeight", out: Tensor | None = None) -> Tensor:
+def dequantize(weight: "ExpertWeight", out: Tensor | None = None, *, kernel: bool = True) -> Tensor:
     """The weight in its compute dtype on its device (a plain tensor is returned as it is); written into `out`
-    (contiguous, same shape) when given. One rounding: values times scales are formed in fp32."""
+    (contiguous, same shape) when given. One rounding: values times scales are formed in fp32. On a CUDA device one
+    Triton kernel does it (`gpu_dequant`) unless `kernel` is False (torch's ops: the benchmarks' baseline)."""
     if not isinstance(weight, QuantizedWeight):
         return weight if out is None else out.copy_(weight)
+    if out is None and weight.device.type == "cuda":
+        out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    if kernel and out is not None and fused_dequantize(weight.data, weight.scale, weight.projections, BLOCK, out):
+        return out  # one Triton kernel on a GPU (the same bits as the torch forms below, in a quarter of the time)
     if weight.scheme == "int8":
         if out is None:
             out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)

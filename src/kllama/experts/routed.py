@@ -298,7 +298,8 @@ class PassExecutor:
     """The structure of a routed-experts pass, shared by every target; subclasses say where it runs (`device`), in
     which token chunks, with which copy of the weights, and what to do once its kernels are queued (`done`).
 
-    Forward: route every chunk first (before any wait for streamed weights), then get the weights and run. Backward: get the weights again and differentiate each chunk from its saved `hidden`."""
+    Forward: route every chunk first (before any wait for streamed weights), then get the weights and run.
+    Backward: get the weights again and differentiate each chunk from its saved `hidden`."""
 
     def device(self, module: "HostExperts") -> torch.device:
         return module.compute_device
