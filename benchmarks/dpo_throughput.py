@@ -9,8 +9,10 @@ One invocation per model (fits one 10-minute call on the GPU box):
     PYTHONPATH=src python benchmarks/dpo_throughput.py --model qwen3-235b --layers 8 --placements stream \
         --gpu-cap-gb 24 --expert-dtype bf16,fp8 --no-kt --no-probe   # tok/s per layer, projected to 94 layers
 
-Each micro-step is what the trainer does for `stage: dpo`, `lora_target: all`, r=8: a reference pass (adapters off,
-no grad), the policy pass, backward (gradient checkpointing, non-reentrant) and an AdamW step on the LoRA parameters,
+Each micro-step is what the trainer does for `stage: dpo`, `lora_target: all`, r=8: the reference (adapters off, no
+grad; its own pass, or inside the policy's forward layer by layer where layers stream, as `kllama train` does since
+the eighth session: the `reference` column), the policy pass, backward (gradient checkpointing, non-reentrant) and
+an AdamW step on the LoRA parameters,
 over `2 * pairs * seq` synthetic policy tokens. Rows: one per expert placement (`stream` and `auto` under the GPU
 cap; `gpu` uncapped, it needs all experts resident; `cpu` extrapolated from one layer, a real step at 16k tokens
 takes minutes), the stock baselines (all weights on the GPU, separate reference forward; full logits as
@@ -50,7 +52,9 @@ from kllama.experts.placement import ExpertPlacement  # noqa: E402
 from kllama.model.adapters import adapters_disabled, attach_lora, lora_parameters, resolve_lora_spec  # noqa: E402
 from kllama.train.losses import preference_loss  # noqa: E402
 from kllama.train.mixed_precision import autocast_lora_branches  # noqa: E402
-from kllama.train.trainer import PreferenceSettings, causal_lm_of, policy_logps  # noqa: E402
+from kllama.train.lockstep import LockstepReference, lockstep_for_run  # noqa: E402
+from kllama.train.micro_batching import expert_passes  # noqa: E402
+from kllama.train.trainer import PreferenceSettings, causal_lm_of, hidden_logps, policy_logps  # noqa: E402
 
 SETTINGS = PreferenceSettings()  # sigmoid DPO, beta 0.1, 4096-token log-prob chunks
 LORA_RANK = 8
@@ -112,13 +116,20 @@ def full_logits_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch
 
 def dpo_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
              logps_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor],
-             ref: torch.Tensor | None = None) -> float:
-    """Reference pass (unless `ref [2P]` was precomputed), policy pass, sigmoid-DPO loss, backward, optimizer step;
-    returns the loss."""
-    if ref is None:
-        with torch.no_grad(), adapters_disabled(model):
-            ref = logps_fn(model, batch)  # [2P]
-    policy = logps_fn(model, batch)  # [2P]
+             ref: torch.Tensor | None = None, lockstep: LockstepReference | None = None) -> float:
+    """Reference pass (unless `ref [2P]` was precomputed; inside the policy's forward, layer by layer, with
+    `lockstep`, as `kllama train` runs it when layers stream), policy pass, sigmoid-DPO loss, backward, optimizer
+    step; returns the loss."""
+    if ref is None and lockstep is not None:
+        with lockstep.following() as reference_hidden:
+            policy = logps_fn(model, batch)  # [2P]
+        with torch.no_grad():
+            ref = hidden_logps(reference_hidden(), causal_lm_of(model), batch, SETTINGS)[0]  # [2P]
+    else:
+        if ref is None:
+            with torch.no_grad(), adapters_disabled(model):
+                ref = logps_fn(model, batch)  # [2P]
+        policy = logps_fn(model, batch)  # [2P]
     half = policy.shape[0] // 2
     losses, _, _ = preference_loss("sigmoid", policy[:half], policy[half:], ref[:half], ref[half:],
                                    beta=SETTINGS.beta)
@@ -143,13 +154,13 @@ def prepare_training(model: nn.Module) -> nn.Module:
 
 def time_steps(name: str, model: nn.Module, batch: dict[str, torch.Tensor], logps_fn: Callable,
                args: argparse.Namespace, device: torch.device, times: ExpertTimes | None, tokens: int,
-               ref: torch.Tensor | None = None) -> dict[str, Any]:
+               ref: torch.Tensor | None = None, lockstep: LockstepReference | None = None) -> dict[str, Any]:
     """Warm-up then timed DPO steps of `model`; one table/JSON row."""
     optimizer = torch.optim.AdamW(list(lora_parameters(model).values()), lr=LEARNING_RATE)
     reset_gpu_peak(device)
     for i in range(args.warmup):
         start = time.perf_counter()
-        loss = dpo_step(model, batch, optimizer, logps_fn, ref)
+        loss = dpo_step(model, batch, optimizer, logps_fn, ref, lockstep)
         synchronize(device)
         log(f"{name}: warm-up {i + 1}/{args.warmup} {time.perf_counter() - start:.2f}s loss {loss:.4f}")
     step_s: list[float] = []
@@ -160,7 +171,7 @@ def time_steps(name: str, model: nn.Module, batch: dict[str, torch.Tensor], logp
         for i in range(args.steps):
             synchronize(device)
             start = time.perf_counter()
-            loss = dpo_step(model, batch, optimizer, logps_fn, ref)
+            loss = dpo_step(model, batch, optimizer, logps_fn, ref, lockstep)
             synchronize(device)
             step_s.append(time.perf_counter() - start)
             if times is not None:
@@ -313,11 +324,18 @@ def run_engine(args: argparse.Namespace, config: Any, device: torch.device, toke
             log(f"{name}: placement ready {info}")
             times = ExpertTimes()
             probe_copy_waits(engine.streamer, times)
+            # the reference as `kllama train` computes it: inside the policy's forward when layers stream
+            streamed = expert_passes(engine.placements)["stream"]
+            lockstep = lockstep_for_run(lm, stage="dpo", reference_free=False, precomputed=False,
+                                        starting_adapter=False, streamed_layers=streamed)
             with expert_timing(times):
-                row = time_steps(name, model, batch, chunked_logps, args, device, times, tokens)
-            row.update(info, expert_dtype=expert_dtype)
+                row = time_steps(name, model, batch, chunked_logps, args, device, times, tokens, lockstep=lockstep)
+            row.update(info, expert_dtype=expert_dtype, streamed_layers=streamed,
+                       reference="lock-step" if lockstep is not None else "own pass")
             if mode == "gpu":
                 row["note"] = "all experts resident, no cap"
+            elif lockstep is not None:
+                row["note"] = "reference in lock-step with the policy (as kllama train)"
             project_layers(row, config, args)
             return row
 

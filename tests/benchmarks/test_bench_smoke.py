@@ -80,6 +80,9 @@ def test_benchmarks_run_tiny_on_cpu(tmp_path: Path) -> None:
     assert cpu["tokens_per_s"] > 0 and "extrapolated" in cpu["note"]
     # every engine row splits its step time; expert passes were seen (ref + policy + recompute + backward)
     assert rows["kllama stream"]["expert_passes"] >= 4 * 2 and rows["kllama stream"]["expert_s"] > 0
+    # the reference as `kllama train` computes it: in lock-step where layers stream, its own pass where none does
+    assert rows["kllama stream"]["reference"] == "lock-step" and rows["kllama stream"]["streamed_layers"] > 0
+    assert rows["kllama gpu"]["reference"] == "own pass" and rows["kllama gpu"]["streamed_layers"] == 0
     assert result["tokens_per_step"] == 2 * result["pairs"] * result["seq"]
     assert result["kt_kernel"]["status"]  # recorded whether or not kt_kernel imports
     assert "run" in dpo_log and "tokens/s" in dpo_log  # the printed table
