@@ -208,3 +208,30 @@ def test_measured_step_promotes_streamed_layers_and_training_is_unchanged(tiny_m
     promoted_losses = [h["loss"] for h in history(tmp_path / "promoted")]
     assert promoted_losses == pytest.approx([h["loss"] for h in history(tmp_path / "streamed")], abs=1e-5)
     assert len(promoted_losses) == 3 and abs(promoted_losses[-1] - promoted_losses[0]) > 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stream_slots_made_in_a_step_are_held_memory_not_its_activations(tiny_model_dir, tmp_path):
+    # A run whose first pass is step 1 (reference log-probs from the cache) allocates the streamer's slots there;
+    # they stay, so they belong to the memory between steps. Counted as activations too, the estimate held them twice.
+    from kllama.config import build_config
+    from kllama.model.load import load_model
+    from kllama.train.promotion import ResidentPromotion
+
+    config = build_config({"model_name_or_path": str(tiny_model_dir("deepseek_v2")), "output_dir": str(tmp_path),
+                           "stage": "dpo", "dataset": "dpo_en_demo", "use_kt": True, "expert_placement": "stream"})
+    loaded = load_model(config, "train", device="cuda")
+    engine = loaded.engine
+    assert engine.streamer is not None and engine.streamer.gpu_bytes() == 0  # no pass has run
+    promotion = ResidentPromotion(engine, loaded.device, budget=0, worst_tokens=64, announce=False)
+    promotion.on_step_begin(None, None, None)
+    before = torch.cuda.memory_allocated(loaded.device)
+    with torch.no_grad():
+        loaded.model(input_ids=torch.arange(64, device=loaded.device)[None] % loaded.model.config.vocab_size)
+    promotion.observe_pass(64)
+    promotion.on_step_end(None, None, None)
+    slots = engine.streamer.gpu_bytes()
+    step = promotion.steps[0]
+    assert slots > 0 and step.start == before + slots
+    assert step.end >= step.start  # nothing else the step kept is counted as held twice
