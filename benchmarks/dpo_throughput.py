@@ -142,7 +142,10 @@ def dpo_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.
 
 def prepare_training(model: nn.Module) -> nn.Module:
     """LoRA r=8 on `all` (PEFT linears + routed experts), gradient checkpointing (non-reentrant), train mode."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     peft_model = attach_lora(model, resolve_lora_spec(model, ["all"], LORA_RANK, None, 0.0))
     dtype = next(model.parameters()).dtype
