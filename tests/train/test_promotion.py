@@ -227,8 +227,9 @@ def test_stream_slots_made_in_a_step_are_held_memory_not_its_activations(tiny_mo
     promotion = ResidentPromotion(engine, loaded.device, budget=0, worst_tokens=64, announce=False)
     promotion.on_step_begin(None, None, None)
     before = torch.cuda.memory_allocated(loaded.device)
-    with torch.no_grad():
-        loaded.model(input_ids=torch.arange(64, device=loaded.device)[None] % loaded.model.config.vocab_size)
+    ids = torch.arange(64, device=loaded.device)[None] % loaded.model.config.vocab_size
+    embeds = loaded.model.get_input_embeddings()(ids).detach().requires_grad_()  # a training pass (never split)
+    loaded.model(inputs_embeds=embeds).logits.float().sum().backward()
     promotion.observe_pass(64)
     promotion.on_step_end(None, None, None)
     slots = engine.streamer.gpu_bytes()
