@@ -32,6 +32,7 @@ from kllama.experts.module import HostExperts
 from kllama.experts.shared_host import expert_host_buffer
 from kllama.experts.placement import ExpertPlacement
 from kllama.experts.quant import QUANT_DTYPES, ExpertWeight, QuantizedWeight, quantize, scale_shape
+from kllama.model.fused_norm import fuse_rms_norms
 from kllama.model.load import compute_device  # noqa: F401 - the one device choice, re-exported for the scripts
 
 INIT_STD = 0.02
@@ -180,11 +181,12 @@ def _random_host_experts(stock: nn.Module, name: str, placement: ExpertPlacement
 
 def build_model(config: PretrainedConfig, device: torch.device, *, host_experts: bool,
                 placement: ExpertPlacement | None = None, expert_dtype: str = "bf16",
-                ) -> tuple[nn.Module, dict[str, HostExperts]]:
+                fused_norms: bool | None = None) -> tuple[nn.Module, dict[str, HostExperts]]:
     """A random bf16 causal LM for `config`: non-expert weights on `device`; routed experts as HostExperts in host
     memory (`host_experts=True`, with `placement`, held as `expert_dtype`: bf16 | int8 | fp8) or as stock
-    parameters on `device` (the stock baseline). Returns the model (train mode off) and the HostExperts by
-    qualified name (empty for stock)."""
+    parameters on `device` (the stock baseline). RMSNorms fused as `kllama.model.load` fuses them when
+    `fused_norms` (default: for the kllama build, not the stock one). Returns the model (train mode off) and the
+    HostExperts by qualified name (empty for stock)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     modules: dict[str, HostExperts] = {}
@@ -201,6 +203,8 @@ def build_model(config: PretrainedConfig, device: torch.device, *, host_experts:
         _fill_(param, name)
     for owner in owners:  # rotary inv_freq & co: let the model class compute them, as from_pretrained does
         model._init_weights(owner)
+    if host_experts if fused_norms is None else fused_norms:
+        fuse_rms_norms(model)
     model.eval()
     if device.type == "cuda":
         torch.cuda.synchronize()

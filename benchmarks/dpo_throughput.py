@@ -32,6 +32,7 @@ import sys
 import time
 import traceback
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,6 +48,8 @@ from common import (  # noqa: E402
     set_gpu_cap, shape_summary, split_expert_time, synchronize, write_results,
 )
 from kllama.experts.install import wire_engine  # noqa: E402
+from kllama.experts.swiglu import eager_gated  # noqa: E402
+from kllama.model.fused_norm import fuse_rms_norms  # noqa: E402
 from probes import bandwidth_probe, kt_kernel_probe  # noqa: E402
 from kllama.experts.placement import ExpertPlacement  # noqa: E402
 from kllama.model.adapters import adapters_disabled, attach_lora, lora_parameters, resolve_lora_spec  # noqa: E402
@@ -84,6 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kt-tokens", type=int, default=4096, help="tokens per kt-kernel layer call")
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test)")
     p.add_argument("--out-dir", type=Path, default=None, help="JSON directory (default benchmarks/results)")
+    p.add_argument("--ops", default="fused",
+                   help="comma list of fused|eager: the engine rows with kllama's fused kernels (the RMSNorms "
+                        "through torch's rms_norm, the experts' gated activation in one Triton pass each way; what "
+                        "`kllama train` runs) and/or with the eager ops they replace (eager rows run first)")
+    p.add_argument("--profile", action="store_true",
+                   help="after each engine row's timed steps, profile one more step (torch.profiler, CUDA) and write "
+                        "its op table next to the JSON")
     p.add_argument("--budget-s", type=float, default=500.0,
                    help="skip rows not started after this many seconds (the GPU call is killed at 600)")
     return p.parse_args(argv)
@@ -184,6 +194,8 @@ def time_steps(name: str, model: nn.Module, batch: dict[str, torch.Tensor], logp
     finally:
         if times is not None:
             times.recording = False
+    if getattr(args, "profile", False) and device.type == "cuda":
+        profile_step(name, lambda: dpo_step(model, batch, optimizer, logps_fn, ref, lockstep), args, device)
     mean = sum(step_s) / len(step_s)
     row: dict[str, Any] = {
         "name": name, "tokens_per_s": tokens / mean, "s_per_step": mean, "step_s": step_s,
@@ -195,6 +207,33 @@ def time_steps(name: str, model: nn.Module, batch: dict[str, torch.Tensor], logp
                    rest_s=mean - (expert + wait) / len(step_s))
     del optimizer
     return row
+
+
+def profile_step(name: str, step: Callable[[], float], args: argparse.Namespace, device: torch.device) -> Path:
+    """One more step under torch.profiler: the ops and kernels by GPU time, and the same grouped by input shape,
+    written as text to the JSON's directory (and `$OUT`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True, acc_events=True) as prof:
+        step()
+        synchronize(device)
+    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    text = "\n\n".join([
+        f"{name}: one profiled step, ops and kernels by self GPU time",
+        prof.key_averages().table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=70),
+        "grouped by input shape",
+        prof.key_averages(group_by_input_shape=True).table(sort_by="self_device_time_total", row_limit=60,
+                                                           max_name_column_width=50, max_shapes_column_width=70),
+    ])
+    target = Path(args.out_dir) if args.out_dir is not None else Path(__file__).resolve().parent / "results"
+    target.mkdir(parents=True, exist_ok=True)
+    path = target / f"profile_dpo_{args.model}_{slug}.txt"
+    path.write_text(text + "\n")
+    if os.environ.get("OUT") and Path(os.environ["OUT"]).resolve() != target.resolve():
+        (Path(os.environ["OUT"]) / path.name).write_text(text + "\n")
+    log(f"{name}: profile written to {path}")
+    return path
 
 
 class Report:
@@ -301,7 +340,8 @@ def run_engine(args: argparse.Namespace, config: Any, device: torch.device, toke
     rss_before = current_host_gb()
     torch.manual_seed(0)  # every dtype draws the same weights: a quantized build holds the bf16 build quantized
     start = time.perf_counter()
-    lm, modules = build_model(config, device, host_experts=True, expert_dtype=expert_dtype)
+    lm, modules = build_model(config, device, host_experts=True, expert_dtype=expert_dtype,
+                              fused_norms="eager" not in args.ops)
     results = report.results
     build = {"build_s": time.perf_counter() - start, "expert_host_gb": sum(m.host_bytes() for m in
                                                                             modules.values()) / 1e9,
@@ -316,7 +356,22 @@ def run_engine(args: argparse.Namespace, config: Any, device: torch.device, toke
         f"host RSS {build['host_rss_after_build_gb']:.1f} GB (before the build {rss_before:.1f} GB)")
     model = prepare_training(lm)
     batch = synthetic_batch(config.vocab_size, args.pairs, args.seq, device)
-    suffix = f", {expert_dtype}" if len(args.expert_dtypes) > 1 or expert_dtype != "bf16" else ""
+    dtype_suffix = f", {expert_dtype}" if len(args.expert_dtypes) > 1 or expert_dtype != "bf16" else ""
+    for ops in sorted(args.ops, key=lambda o: o != "eager"):  # eager first: fusing the norms is one-way
+        if ops == "fused":
+            fuse_rms_norms(model)
+        suffix = dtype_suffix + (", eager ops" if ops == "eager" else "")
+        with eager_gated() if ops == "eager" else nullcontext():
+            run_placements(args, config, lm, model, modules, batch, device, tokens, report, expert_dtype, ops, suffix)
+    for module in modules.values():
+        module.drop_resident()
+    return model, modules
+
+
+def run_placements(args: argparse.Namespace, config: Any, lm: nn.Module, model: nn.Module, modules: dict,
+                   batch: dict[str, torch.Tensor], device: torch.device, tokens: int, report: Report,
+                   expert_dtype: str, ops: str, suffix: str) -> None:
+    """The engine rows of one build: each requested placement (and its precomputed-reference row)."""
     for mode in [m for m in args.placements if m != "cpu"]:
         capped = mode in ("stream", "auto") and args.gpu_cap_gb is not None
         name = f"kllama {mode}" + (f" (cap {args.gpu_cap_gb:g} GB)" if capped else "") + suffix
@@ -333,7 +388,7 @@ def run_engine(args: argparse.Namespace, config: Any, device: torch.device, toke
                                         starting_adapter=False, streamed_layers=streamed)
             with expert_timing(times):
                 row = time_steps(name, model, batch, chunked_logps, args, device, times, tokens, lockstep=lockstep)
-            row.update(info, expert_dtype=expert_dtype, streamed_layers=streamed,
+            row.update(info, expert_dtype=expert_dtype, ops=ops, streamed_layers=streamed,
                        reference="lock-step" if lockstep is not None else "own pass")
             if mode == "gpu":
                 row["note"] = "all experts resident, no cap"
@@ -348,9 +403,6 @@ def run_engine(args: argparse.Namespace, config: Any, device: torch.device, toke
                            lambda mode=mode, name=name, capped=capped: precomputed_ref_row(
                                model, lm, modules, mode, name, capped, batch, args, device, tokens), device)
         set_gpu_cap(None, device)
-    for module in modules.values():
-        module.drop_resident()
-    return model, modules
 
 
 def project_layers(row: dict[str, Any], config: Any, args: argparse.Namespace) -> None:
@@ -454,6 +506,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     args.placements = placement_list(args.placements)
     args.expert_dtypes = comma_list(args.expert_dtype)
+    args.ops = comma_list(args.ops)
+    if not args.ops or any(o not in ("fused", "eager") for o in args.ops):
+        raise SystemExit(f"--ops {args.ops!r}: a comma list of fused, eager")
     if not args.expert_dtypes or any(d not in ("bf16", "fp8", "int8") for d in args.expert_dtypes):
         raise SystemExit(f"--expert-dtype {args.expert_dtype!r}: a comma list of bf16, fp8, int8")
     device = compute_device()
@@ -472,7 +527,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "layers_limited": args.layers is not None, "config": shape_summary(config), "tokens_per_step": tokens,
         "pairs": args.pairs, "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
         "gpu_cap_gb": args.gpu_cap_gb, "lora": {"rank": LORA_RANK, "target": "all"},
-        "expert_dtypes": args.expert_dtypes,
+        "expert_dtypes": args.expert_dtypes, "ops": args.ops,
         "gradient_checkpointing": "non-reentrant", "environment": environment(),
         "time_split": "expert s = routed-expert executor time (CUDA events on the compute stream; wall time for the "
                       "CPU path) minus copy wait; copy wait = GPU time the compute stream waited for streamed "

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
+from kllama.experts.swiglu import fused_gated, fused_gated_backward
+
 if TYPE_CHECKING:
     from kllama.experts.module import HostExperts
 
@@ -177,7 +179,10 @@ def experts_forward(
     hidden = grouped_linear(xs, gate_up, routing)  # [S, 2I]
     if "gate_up_proj" in lora:
         hidden = hidden + _lora_delta(xs, lora["gate_up_proj"], routing, dtype)
-    scaled = _gated(act_fn, hidden) * _row_weights(top_k_weights, routing, dtype)  # [S, I]
+    ws = _row_weights(top_k_weights, routing, dtype)  # [S, 1]
+    scaled = fused_gated(hidden, ws, act_fn)  # [S, I], one kernel on CUDA
+    if scaled is None:
+        scaled = _gated(act_fn, hidden) * ws
     out = grouped_linear(scaled, down, routing)  # [S, H]
     if "down_proj" in lora:
         out = out + _lora_delta(scaled, lora["down_proj"], routing, dtype)
@@ -225,26 +230,35 @@ def experts_backward(
     grad_lora: list[Tensor | None] = [None] * len(lora_params)
     gs = grad_out[routing.tokens].to(dtype)  # [S, H]
     ws = _row_weights(top_k_weights, routing, dtype)  # [S, 1]
-    with torch.enable_grad():
-        h = hidden.detach().requires_grad_(True)
-        act = _gated(act_fn, h)  # [S, I]
     ga = grouped_linear(gs, down.transpose(-2, -1), routing)  # [S, I]
+    down_lora = None
     if "down_proj" in lora:
         i = position["down_proj"]
         a, b = expert_factors(lora["down_proj"], num_experts, dtype)  # [E, r, I], [E, H, r]
         low_g = grouped_linear(gs, b.transpose(-2, -1), routing)  # [S, r]
         ga = ga + grouped_linear(low_g, a.transpose(-2, -1), routing)
         if want_lora[2 * i] or want_lora[2 * i + 1]:
-            low_act = grouped_linear(act.detach(), a, routing) * ws  # [S, r]: scaled rows times A_e^T
-            grad_a = grouped_outer(low_g * ws, act.detach(), routing)  # [E, r, I]
-            grad_b = grouped_outer(gs, low_act, routing)  # [E, H, r]
-            pair = _as_param_grads(grad_a, grad_b, lora["down_proj"])
-            grad_lora[2 * i : 2 * i + 2] = [g if want_lora[2 * i + j] else None for j, g in enumerate(pair)]
+            down_lora = (i, a, low_g)
+    fused = fused_gated_backward(hidden, ga, ws, act_fn, want_act=down_lora is not None, want_weight_grad=want_w)
+    if fused is not None:  # one kernel on CUDA
+        d_hidden, act, dw_rows = fused
+    else:
+        with torch.enable_grad():
+            h = hidden.detach().requires_grad_(True)
+            act_graph = _gated(act_fn, h)  # [S, I]
+        act = act_graph.detach()
+        dw_rows = (ga * act).sum(-1, dtype=torch.float32) if want_w else None  # [S]
+        d_hidden = torch.autograd.grad(act_graph, h, (ga * ws).to(act.dtype))[0].to(dtype)  # [S, 2I]
+    if down_lora is not None:
+        i, a, low_g = down_lora
+        low_act = grouped_linear(act, a, routing) * ws  # [S, r]: scaled rows times A_e^T
+        grad_a = grouped_outer(low_g * ws, act, routing)  # [E, r, I]
+        grad_b = grouped_outer(gs, low_act, routing)  # [E, H, r]
+        pair = _as_param_grads(grad_a, grad_b, lora["down_proj"])
+        grad_lora[2 * i : 2 * i + 2] = [g if want_lora[2 * i + j] else None for j, g in enumerate(pair)]
     grad_w = None
     if want_w:
-        dw_rows = (ga * act.detach()).sum(-1, dtype=torch.float32)  # [S]
         grad_w = dw_rows[routing.inverse].view(num_tokens, -1).to(top_k_weights.dtype)  # [T, K]
-    d_hidden = torch.autograd.grad(act, h, (ga * ws).to(act.dtype))[0].to(dtype)  # [S, 2I]
     dxs = grouped_linear(d_hidden, gate_up.transpose(-2, -1), routing) if want_x else None  # [S, H]
     if "gate_up_proj" in lora:
         i = position["gate_up_proj"]

@@ -27,6 +27,7 @@ from kllama.experts.install import ExpertEngine
 from kllama.model.adapters import adapter_dirs, attach_saved_adapter, check_adapter_templates, merge_adapters
 from kllama.model.checkpoint import CheckpointIndex, scan_checkpoint
 from kllama.model.engine_setup import load_on_engine
+from kllama.model.fused_norm import fuse_rms_norms
 from kllama.model.source import ModelSource, read_model_source
 
 Purpose = Literal["train", "infer", "export"]
@@ -226,6 +227,7 @@ def load_model(config: KllamaConfig, purpose: Purpose, *, device: str | torch.de
     else:
         model = _load_stock(source, device=target, dtype=dtype, attn_implementation=attn, index=index)
     fill_pad_token_id(model, tokenizer)
+    fuse_rms_norms(model)
     if purpose == "train" and config.model.router_aux_loss_coef is not None and hasattr(model.config,
                                                                                          "router_aux_loss_coef"):
         model.config.router_aux_loss_coef = config.model.router_aux_loss_coef
