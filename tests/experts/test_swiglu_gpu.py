@@ -39,7 +39,9 @@ def test_kernels_give_eager_bits(dtype: torch.dtype, rows: int, inter: int) -> N
     got_dh, got_act, got_dw = fused_gated_backward(hidden, grad, ws, SILU, want_act=True, want_weight_grad=True)
     assert torch.equal(got_act, act)
     assert torch.equal(got_dh, d_hidden)
-    assert torch.allclose(got_dw, dw, rtol=1e-5, atol=1e-5)  # a sum: only its order differs
+    # a sum of `inter` fp32 terms: only its order differs, so within a few roundings of the terms' magnitude
+    bound = 1e-5 * (grad.float() * act.float()).abs().sum(-1) + 1e-6
+    assert ((got_dw - dw).abs() <= bound).all()
     only_dh, no_act, no_dw = fused_gated_backward(hidden, grad, ws, SILU, want_act=False, want_weight_grad=False)
     assert torch.equal(only_dh, d_hidden) and no_act is None and no_dw is None
 
