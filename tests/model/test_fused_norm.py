@@ -78,3 +78,13 @@ def test_models_without_listed_norms_are_left_alone() -> None:
     assert isinstance(model[1], torch.nn.LayerNorm)
     x = torch.randn(2, 4)
     assert torch.equal(model(x), F.layer_norm(model[0](x), (4,), model[1].weight, model[1].bias))
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_llamafactory_liger_key_is_accepted(value: bool) -> None:
+    # LLaMA-Factory YAMLs may carry enable_liger_kernel; kllama fuses the same ops itself, whatever it says
+    from kllama.config import build_config
+
+    config = build_config({"model_name_or_path": "m", "enable_liger_kernel": value}, command="chat",
+                          check_paths=False)
+    assert config.model.enable_liger_kernel is value

@@ -40,6 +40,10 @@ class ModelArguments:
         choices=("auto", "float16", "bfloat16", "float32"),
     )
     use_fast_tokenizer: bool = arg(True, "Use the fast (Rust) tokenizer.")
+    enable_liger_kernel: bool = arg(
+        False, "LLaMA-Factory: Liger's fused kernels (accepted, no effect: kllama always runs its own fused RMSNorm and, "
+        "on a GPU, the routed experts' fused gated activation; Liger is not used).",
+    )
     router_aux_loss_coef: float | None = arg(
         None, "MoE router load-balancing loss coefficient added to the training loss (None = the model config's router_aux_loss_coef, as TRL, for families that return router logits: Qwen-MoE, Mixtral, OLMoE; 0 = off)."
     )

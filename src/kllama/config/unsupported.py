@@ -12,7 +12,6 @@ UNSUPPORTED: dict[str, str] = {
     "rope_scaling": "context extension is not implemented",
     "use_unsloth": "unsloth kernels are not used by kllama",
     "use_unsloth_gc": "unsloth kernels are not used by kllama",
-    "enable_liger_kernel": "liger kernels are not used by kllama",
     "deepspeed": "kllama runs one process with its expert engine instead of DeepSpeed",
     "fsdp": "kllama runs one process with its expert engine instead of FSDP",
     "fsdp_config": "kllama runs one process with its expert engine instead of FSDP",
