@@ -16,6 +16,9 @@ Rows (one model build, random weights, a `--prompt`-token prompt, then `--new` g
 * `gpu`: every layer resident, once eagerly with transformers' own loop (dynamic cache) and once as one CUDA graph.
 * `gpu under <cap>` (one row per `--caps` entry): `auto` plus as many layers resident as the cap allows with an
   inference reserve (`max_gpu_memory`), the rest on the CPU in the same step.
+* `auto, GPU filled` (one row per `--fill` fraction): what `kllama chat` / `api` do without `max_gpu_memory`:
+  `auto` layers made resident while `gpu_memory_utilization` x the card allows (`fill_gpu_memory`), with the
+  `--long-prompt` prefill timed as in the `auto` row.
 Each row splits its ms/token into expert passes, other GPU work and host overhead: graphed rows from timed replays
 with expert passes in graphs of their own (`split_experts`), the eager row from torch.profiler kernel times.
 `--expert-dtype bf16,int8,fp8` repeats every row with the routed experts held in each dtype (one model build each,
@@ -52,7 +55,7 @@ from kllama.experts.quant import scheme_of  # noqa: E402
 from kllama.experts.split_trace import summarize, traced_split  # noqa: E402
 from kllama.infer.batching import cache_argument, transformers_model  # noqa: E402
 from kllama.infer.graphs import GraphedDecoder  # noqa: E402
-from kllama.model.engine_setup import inference_reserve_bytes, promote_resident_layers  # noqa: E402
+from kllama.model.engine_setup import fill_gpu_memory, inference_reserve_bytes, promote_resident_layers  # noqa: E402
 
 DECODE_COLUMNS = (
     ("name", "run", "{}"),
@@ -75,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", choices=("v2lite", "qwen3-30b", "qwen3-235b"), default="v2lite")
     p.add_argument("--placements", default="auto,cpu,gpu", help="comma list of auto|cpu|gpu|stream")
     p.add_argument("--caps", default="24GB", help="comma list of GPU memory caps, one mixed row each ('' = none)")
+    p.add_argument("--fill", default="", help="comma list of gpu_memory_utilization fractions, one `auto, GPU filled` "
+                                              "row each ('' = none)")
     p.add_argument("--no-eager", action="store_true", help="skip the eager gpu row")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="greedy tokens to generate")
@@ -352,6 +357,19 @@ def cap_row(model: nn.Module, modules: dict[str, HostExperts], cap: str, args: a
         set_gpu_cap(None, device)
 
 
+def fill_row(model: nn.Module, modules: dict[str, HostExperts], fraction: float, args: argparse.Namespace,
+             device: torch.device, prompt: list[int], crossovers: dict[str, Any]) -> dict[str, Any]:
+    """`auto` with the GPU filled as inference fills it without a cap (`gpu_memory_utilization`)."""
+    engine = place(model, modules, "auto", args, crossovers)
+    filled = fill_gpu_memory(engine, device, fraction)
+    log(f"gpu_memory_utilization {fraction:g}: {len(filled)} of {len(modules)} layers resident")
+    row = run_row(f"kllama auto, GPU filled ({fraction:g}, graphs)", model, engine, args, device, prompt, graphs=True)
+    row.update(fill=fraction, resident_layers=len(filled))
+    if args.long_prompt:
+        row.update(long_prefill(model, modules, args, device))
+    return row
+
+
 def dtype_rows(config: Any, device: torch.device, args: argparse.Namespace, placements: list[str], caps: list[str],
                prompt: list[int], expert_dtype: str, suffix: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Build the model with experts held as `expert_dtype`, append its rows (names end with `suffix`) to `rows`,
@@ -365,7 +383,7 @@ def dtype_rows(config: Any, device: torch.device, args: argparse.Namespace, plac
     log(f"built ({expert_dtype}) in {build_s:.1f}s: {host_gb:.1f} GB of experts, host RSS {current_host_gb():.1f} GB")
     build = {"build_s": build_s, "expert_host_gb": host_gb, "host_rss_before_build_gb": rss_before,
              "host_rss_after_build_gb": current_host_gb()}
-    auto = measure_auto(modules, model, args, device) if "auto" in placements or caps else {}
+    auto = measure_auto(modules, model, args, device) if "auto" in placements or caps or args.fill else {}
     split = auto.pop("split", None)  # the model object; the JSON keeps its samples and the start-up line
     build["crossovers"] = auto
     crossovers = {"inference": auto["inference"], "training": auto["training"], "split": split} if auto else {}
@@ -385,6 +403,17 @@ def dtype_rows(config: Any, device: torch.device, args: argparse.Namespace, plac
             rows.append(row)
         except torch.cuda.OutOfMemoryError as exc:
             rows.append({"name": name, "note": "OOM", "error": str(exc).splitlines()[0]})
+        finally:
+            for module in modules.values():
+                module.drop_resident()
+            release()
+    for fraction in (float(f) for f in comma_list(args.fill)):
+        try:
+            row = fill_row(model, modules, fraction, args, device, prompt, crossovers)
+            rows.append({**row, "name": row["name"] + suffix, "expert_dtype": expert_dtype})
+        except torch.cuda.OutOfMemoryError as exc:
+            rows.append({"name": f"kllama auto, GPU filled ({fraction:g}){suffix}", "note": "OOM",
+                         "error": str(exc).splitlines()[0]})
         finally:
             for module in modules.values():
                 module.drop_resident()
@@ -415,7 +444,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.cpu_threads = min(args.cpu_threads, os.cpu_count() or 1)
         warnings.filterwarnings("ignore", message=".*needs a CUDA compute device.*")
     if device.type != "cuda":
-        caps = []  # a GPU memory cap means nothing without a GPU
+        caps, args.fill = [], ""  # a GPU memory cap (or fraction) means nothing without a GPU
     dtypes = comma_list(args.expert_dtype)
     if not dtypes or any(d not in ("bf16", "int8", "fp8") for d in dtypes):
         raise SystemExit(f"--expert-dtype {args.expert_dtype!r}: a comma list of bf16, int8, fp8")

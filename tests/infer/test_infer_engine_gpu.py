@@ -24,7 +24,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 BACKENDS = {  # name -> config keys; `graphed`: whether every step must be a replayed graph
     "kt-gpu": ({"infer_backend": "ktransformers", "use_kt": True, "expert_placement": "gpu"}, True),
     "kt-cpu": ({"infer_backend": "ktransformers", "use_kt": True, "expert_placement": "cpu"}, True),
-    "kt-auto": ({"infer_backend": "ktransformers", "use_kt": True, "expert_placement": "auto"}, True),
+    # auto with the GPU left to the KV cache: CPU decode steps, streamed prefills
+    "kt-auto": ({"infer_backend": "ktransformers", "use_kt": True, "expert_placement": "auto",
+                 "gpu_memory_utilization": 0}, True),
+    # auto as a user gets it: the layers fill the GPU memory the KV cache leaves
+    "kt-auto-filled": ({"infer_backend": "ktransformers", "use_kt": True, "expert_placement": "auto"}, True),
     "huggingface": ({}, False),  # stock MoE blocks may sync with the host: a failed capture falls back to eager
 }
 QUESTIONS = [f"Question {i}: what do experts of a mixture {'do ' * i}compute?" for i in range(8)]
@@ -91,3 +95,29 @@ def test_graphed_batch_steps_equal_eager_batch_steps(moe_model: Path, moe_adapte
     assert graphed.stats["decode_steps"] == eager.stats["decode_steps"] > 0
     alone = [graphed.complete(ids, p).text for ids, p in zip(prompts, params)]
     assert got == alone
+
+
+def test_auto_layers_fill_the_gpu_after_the_kv_cache(moe_model: Path, moe_adapter_rank_r: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # gpu_memory_utilization (default 0.9): every auto layer of the tiny model fits, bottom first; explicit
+    # placements, 0 and a utilization below the reserve keep the placement table's targets
+    base = {"model_name_or_path": str(moe_model), "adapter_name_or_path": str(moe_adapter_rank_r),
+            "template": "deepseek", "infer_dtype": "float32", "infer_backend": "ktransformers", "use_kt": True}
+
+    def engine(**keys: object) -> GenerationEngine:
+        return build_engine(build_config({**base, **keys}, command="chat"), device="cuda")
+
+    def modes(e: GenerationEngine) -> list[str]:
+        return [m.placement.mode for m in e.loaded.engine.modules.values()]
+
+    filled = engine()
+    assert modes(filled) == ["gpu"] * len(modes(filled)) and filled.filled_layers == list(filled.loaded.engine.modules)
+    assert "keep their experts resident" in capsys.readouterr().out
+    kept = engine(gpu_memory_utilization=0)
+    assert set(modes(kept)) == {"auto"} and kept.filled_layers == []
+    assert set(modes(engine(gpu_memory_utilization=0.001))) == {"auto"}  # less than the reserve: none
+    assert set(modes(engine(expert_placement="cpu"))) == {"cpu"}
+    prompt = filled.encode([{"role": "user", "content": "Say something about GPUs."}])
+    params = SamplingParams(max_new_tokens=16, do_sample=False, ignore_eos=True)
+    assert filled.complete(prompt, params).text == kept.complete(prompt, params).text
+    assert filled.decoder.graphed, filled.decoder.reason

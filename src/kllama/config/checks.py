@@ -138,6 +138,9 @@ def _common_checks(c: "KllamaConfig", check_paths: bool) -> list[str]:
             parse_bytes(e.max_gpu_memory)
         except ValueError as exc:
             out.append(f"max_gpu_memory: {exc}")
+    if not 0.0 <= e.gpu_memory_utilization <= 1.0:
+        out.append(f"gpu_memory_utilization: a fraction of the GPU's memory in [0, 1], got {e.gpu_memory_utilization} "
+                   "(0 keeps every layer's experts in host RAM at inference)")
     return out
 
 

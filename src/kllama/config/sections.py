@@ -180,6 +180,13 @@ class EngineArguments:
         choices=("cpu", "stream", "gpu", "auto"),
     )
     max_gpu_memory: str | None = arg(None, "GPU memory budget, e.g. 24GB: routed experts stay resident while it allows.")
+    gpu_memory_utilization: float = arg(
+        0.9, "Inference (chat, api) without max_gpu_memory (vLLM's key and default): once the KV cache is allocated, "
+        "layers placed auto keep their routed experts resident on the GPU, bottom layers first, while this fraction "
+        "of the GPU's total memory allows (less what other processes hold and a reserve for a long prefill); the "
+        "rest run as placed (CPU decode, streamed prefill). 0 = none resident. Training ignores it (max_gpu_memory "
+        "sets its budget).",
+    )
     expert_dtype: str = arg(
         "auto", "How routed experts are held in host RAM: bf16 (not quantized: the model's weights dtype), int8 "
         "(per output channel; fast CPU decode and prefill), fp8 (e4m3, 128x128 block scales; streamed passes copy "

@@ -32,6 +32,7 @@ from kllama.infer.kv_cache import BOOL_MASK_ATTENTION, transformers_model
 from kllama.infer.prompt import Messages, PromptRenderer
 from kllama.infer.sampling import SamplingParams
 from kllama.infer.sequence import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Emit, Sequence, StreamChunk
+from kllama.model.engine_setup import fill_gpu_memory
 from kllama.model.load import LoadedModel, load_model
 
 __all__ = ["FINISH_CANCELLED", "FINISH_LENGTH", "FINISH_STOP", "Completion", "GenerationEngine", "StreamChunk",
@@ -57,7 +58,7 @@ class GenerationEngine:
 
     def __init__(self, loaded: LoadedModel, renderer: PromptRenderer, defaults: SamplingParams,
                  prefill_tokens: int = DEFAULT_PREFILL_TOKENS, *, max_batch: int = 1, max_len: int | None = None,
-                 use_graphs: bool = True) -> None:
+                 use_graphs: bool = True, gpu_memory_utilization: float = 0.0) -> None:
         self.loaded = loaded
         self.renderer = renderer
         self.defaults = defaults
@@ -70,6 +71,7 @@ class GenerationEngine:
         positions = min(max_len or loaded.context_length, loaded.context_length)
         self.decoder = GraphedDecoder(loaded.model, max_batch, positions, use_graphs=use_graphs)
         self.kv_cache_bytes = allocate_kv_cache(self.decoder)
+        self.filled_layers = fill_gpu(loaded, gpu_memory_utilization)  # before the graphs capture the layers' targets
         self.capture_s = self.decoder.capture_buckets()
         self.batch = SlotBatch(self.decoder, self.stats)
 
@@ -167,6 +169,22 @@ def use_mask_attention(model: torch.nn.Module) -> None:
         hf.set_attn_implementation("sdpa")
 
 
+def fill_gpu(loaded: LoadedModel, utilization: float) -> list[str]:
+    """Keep `auto` layers' experts resident in the GPU memory the KV cache left (`gpu_memory_utilization`), with one
+    line saying how many; the names of the layers made resident."""
+    if loaded.engine is None or utilization <= 0:
+        return []
+    filled = fill_gpu_memory(loaded.engine, loaded.device, utilization)
+    if filled:
+        total = len(loaded.engine.modules)
+        resident = sum(m.placement.mode == "gpu" for m in loaded.engine.modules.values())
+        gb = torch.cuda.get_device_properties(loaded.device).total_memory / 1e9
+        print(f"GPU memory: {len(filled)} more MoE layers keep their experts resident ({resident} of {total} now; "
+              f"gpu_memory_utilization {utilization:g} of {gb:.0f} GB, after the KV cache); "
+              f"gpu_memory_utilization: 0 keeps them in host RAM", flush=True)
+    return filled
+
+
 def allocate_kv_cache(decoder: GraphedDecoder) -> int:
     """Allocate the decoder's cache now (not at the first request) and return its bytes; running out of GPU memory
     is one error naming the settings that size it."""
@@ -191,4 +209,11 @@ def build_engine(config: KllamaConfig, device: str = "auto", max_batch: int = 1)
         positions = fitted_positions(loaded, max_batch, positions, gpu_room_bytes(loaded.device, cap))
     renderer = build_renderer(config.data.template, loaded.tokenizer, getattr(loaded.model, "generation_config", None),
                               enable_thinking=config.data.enable_thinking, default_system=config.data.default_system)
-    return GenerationEngine(loaded, renderer, sampling_defaults(config), max_batch=max_batch, max_len=positions)
+    return GenerationEngine(loaded, renderer, sampling_defaults(config), max_batch=max_batch, max_len=positions,
+                            gpu_memory_utilization=fill_fraction(config))
+
+
+def fill_fraction(config: KllamaConfig) -> float:
+    """The `gpu_memory_utilization` an inference engine fills with resident experts: none under `max_gpu_memory`
+    (its layers were promoted within the cap at load)."""
+    return 0.0 if config.engine.max_gpu_memory else config.engine.gpu_memory_utilization

@@ -130,6 +130,24 @@ def promote_resident_layers(engine: ExpertEngine, budget_bytes: int, device: tor
     return len(promote_layers(engine, count, spread=spread, why="resident within max_gpu_memory"))
 
 
+def fill_gpu_memory(engine: ExpertEngine, device: torch.device, utilization: float) -> list[str]:
+    """Inference without `max_gpu_memory`: make layers placed `auto` resident, bottom layers first, while
+    `utilization` x the GPU's total memory allows, less what other processes hold and `inference_reserve_bytes`
+    (vLLM's `gpu_memory_utilization`); called once the KV cache is allocated, so the cache is sized first. Returns
+    the promoted layers' names (none on a CPU device or with `utilization` 0)."""
+    modules = engine.modules
+    candidates = [name for name, m in modules.items() if m.placement.mode == "auto"]
+    if device.type != "cuda" or utilization <= 0 or not candidates:
+        return []
+    total = torch.cuda.get_device_properties(device).total_memory
+    free, _ = torch.cuda.mem_get_info(device)
+    others = total - free - torch.cuda.memory_reserved(device)  # other processes (and the CUDA context)
+    room = int(utilization * total) - others - torch.cuda.memory_allocated(device) - inference_reserve_bytes(engine)
+    count = max(0, room // max(m.dense_bytes() for m in modules.values()))
+    return promote_layers(engine, count, spread=False, candidates=candidates,
+                          why=f"resident within gpu_memory_utilization {utilization:g}")
+
+
 def load_on_engine(source: ModelSource, config: KllamaConfig, *, device: torch.device, dtype: torch.dtype,
                    attn_implementation: str | None, inference: bool = False) -> tuple[PreTrainedModel, ExpertEngine]:
     """The checkpoint of `source` with routed experts in (pinned) host RAM placed per the config, non-expert
