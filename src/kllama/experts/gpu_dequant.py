@@ -14,26 +14,23 @@ Triton ships with torch's CUDA builds; where it is missing (CPU builds) or a wei
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from kllama.experts.kernel_import import triton_kernels
+
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TILE_ROWS = 32  # rows of one program; divides the fp8 block edge, so a program's rows share one block row
 _TILE_COLS = 128  # columns of one program (the fp8 block edge: one block column)
 
 
-@functools.cache
 def _kernels() -> tuple[Any, Any] | None:
     """The Triton kernels (int8 rows, fp8 blocks), imported at first use, or None where Triton is missing."""
-    try:
-        from kllama.experts import dequant_kernels
-    except ImportError:  # CPU builds of torch
-        return None
-    return dequant_kernels.int8_rows, dequant_kernels.fp8_blocks
+    module = triton_kernels("dequant_kernels")
+    return None if module is None else (module.int8_rows, module.fp8_blocks)
 
 
 def fused_dequantize(data: Tensor, scale: Tensor, projections: int, block: int, out: Tensor) -> bool:

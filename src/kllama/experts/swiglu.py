@@ -15,7 +15,6 @@ with torch's CUDA builds); elsewhere the functions return None and `kllama.exper
 """
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,20 +23,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kllama.experts.kernel_import import triton_kernels
+
 _FORWARD_TILE = (8, 256)  # rows x columns of one forward program
 _BACKWARD_TILE = (4, 512)  # rows of one backward program, columns per loop step (it sums each row)
 _SILU_CLASSES = ("SiLU", "SiLUActivation")  # torch.nn.SiLU, transformers.activations.SiLUActivation
 _eager_depth = 0  # > 0 inside `eager_gated()`
 
 
-@functools.cache
 def _kernels() -> tuple[Any, Any] | None:
     """The Triton kernels (forward, backward), imported at first use, or None where Triton is missing."""
-    try:
-        from kllama.experts import swiglu_kernels
-    except ImportError:  # CPU builds of torch
-        return None
-    return swiglu_kernels.gated_forward, swiglu_kernels.gated_backward
+    module = triton_kernels("swiglu_kernels")
+    return None if module is None else (module.gated_forward, module.gated_backward)
 
 
 @contextmanager
