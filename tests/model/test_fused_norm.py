@@ -72,6 +72,22 @@ def test_fused_model_gives_the_same_logits_and_gradients(arch: str) -> None:
     assert all(torch.equal(g_fused[n], g_stock[n]) for n in g_stock)
 
 
+def test_a_look_alike_class_outside_transformers_is_left_alone() -> None:
+    # remote code may name its norm like transformers' and compute it otherwise (here: Gemma's 1 + weight)
+    class DeepseekV2RMSNorm(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(4))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (1 + self.weight) * F.rms_norm(x, (4,), eps=self.variance_epsilon)
+
+    model = torch.nn.Sequential(DeepseekV2RMSNorm())
+    assert fuse_rms_norms(model) == 0
+    assert type(model[0]) is DeepseekV2RMSNorm
+
+
 def test_models_without_listed_norms_are_left_alone() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     assert fuse_rms_norms(model) == 0

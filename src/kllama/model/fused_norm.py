@@ -43,12 +43,19 @@ class FusedRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, fused"
 
 
+def _is_transformers_rms_norm(module: nn.Module) -> bool:
+    # transformers' own class (a checkpoint's remote code may name a norm alike and compute it otherwise)
+    cls = type(module)
+    return (cls.__name__ in RMS_NORM_CLASSES and cls.__module__.startswith("transformers.models.")
+            and isinstance(getattr(module, "weight", None), nn.Parameter) and module.weight.dim() == 1
+            and hasattr(module, "variance_epsilon"))
+
+
 def fuse_rms_norms(model: nn.Module) -> int:
     """Replace every transformers RMSNorm of a supported family in `model` by a `FusedRMSNorm` over the same weight
-    and epsilon; returns how many were replaced (0 for other models, which keep their own norms)."""
-    names = [name for name, module in model.named_modules()
-             if type(module).__name__ in RMS_NORM_CLASSES and isinstance(getattr(module, "weight", None), nn.Parameter)
-             and module.weight.dim() == 1 and hasattr(module, "variance_epsilon")]
+    and epsilon; returns how many were replaced (0 for other models, and remote-code models, which keep their own
+    norms)."""
+    names = [name for name, module in model.named_modules() if _is_transformers_rms_norm(module)]
     for name in names:
         module = model.get_submodule(name)
         model.set_submodule(name, FusedRMSNorm(module.weight, float(module.variance_epsilon)))
