@@ -3,7 +3,9 @@
     PYTHONPATH=src python benchmarks/serve.py /path/to/model_dir --placements auto,gpu --concurrency 1,8,32
 
 For each placement a `kllama api` subprocess serves the model directory on 127.0.0.1 (expert engine,
-`expert_placement=<placement>`, plus any `--set key=value`); after one warm-up request, each concurrency level runs
+`expert_placement=<placement>`, plus any `--set key=value`; `auto` fills the GPU memory the KV cache leaves with
+resident experts, as `kllama api` does by default: `--set gpu_memory_utilization=0` serves it with every layer's
+experts in host RAM); after one warm-up request, each concurrency level runs
 that many streaming requests of `--new` tokens at once (`ignore_eos`, greedy). Per level: aggregate tokens/s
 (completion tokens of all streams / wall time), time to first token p50/p95 (to a stream's first event: the server
 sends it with the first answer token, whose text may be empty), time per output token p50/p95 (a stream's time after
