@@ -9,7 +9,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from kllama.experts.routed import LoraFactors, experts_backward, experts_forward, route
+from kllama.experts.routed import LoraFactors, experts_backward, experts_forward, route, routed_experts_math
 from kllama.experts.swiglu import eager_gated, fused_gated, fused_gated_backward
 from kllama.model.fused_norm import FusedRMSNorm
 from kllama.model.tiny import build_tiny_model
@@ -54,6 +54,22 @@ def test_kernels_decline_what_they_do_not_compute() -> None:
     assert fused_gated(torch.randn(64, 8, dtype=torch.bfloat16, device="cuda").t(), ws, SILU) is None  # strided
     with eager_gated():
         assert fused_gated(hidden, ws, SILU) is None
+    assert fused_gated(hidden.clone().requires_grad_(True), ws, SILU) is None  # autograd records: eager ops
+    with torch.no_grad():
+        assert fused_gated(hidden.clone().requires_grad_(True), ws, SILU) is not None
+
+
+def test_a_graph_recorded_through_the_layer_still_differentiates() -> None:
+    # routed_experts_math is differentiable in x and the routing weights: under autograd it must not take the kernel
+    gen = torch.Generator().manual_seed(4)
+    gate_up = (torch.randn(4, 64, 32, generator=gen) * 0.1).bfloat16().cuda()
+    down = (torch.randn(4, 32, 32, generator=gen) * 0.1).bfloat16().cuda()
+    x = torch.randn(10, 32, generator=gen).bfloat16().cuda().requires_grad_(True)
+    index = torch.rand(10, 4, generator=gen).topk(2, dim=-1).indices.cuda()
+    weights = torch.rand(10, 2, generator=gen).cuda().requires_grad_(True)
+    routed_experts_math(x, index, weights, gate_up, down, SILU).float().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert weights.grad is not None and weights.grad.abs().sum() > 0
 
 
 def test_layer_forward_and_backward_match_the_eager_ops() -> None:

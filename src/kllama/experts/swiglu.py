@@ -61,7 +61,11 @@ def _applies(hidden: Tensor, row_weights: Tensor, act_fn: Callable[[Tensor], Ten
 
 def fused_gated(hidden: Tensor, row_weights: Tensor, act_fn: Callable[[Tensor], Tensor]) -> Tensor | None:
     """`silu(gate) * up * row_weights` of `hidden [S, 2I] = [gate | up]` and `row_weights [S, 1]` (hidden's dtype)
-    -> `[S, I]`, in one kernel; None where it does not apply (the caller runs the eager ops)."""
+    -> `[S, I]`, in one kernel; None where it does not apply (the caller runs the eager ops), and where autograd
+    records a graph through the inputs (the kernel has no autograd formula: the engine's passes run without one and
+    differentiate by hand, `routed.experts_backward`)."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or row_weights.requires_grad):
+        return None
     if not _applies(hidden, row_weights, act_fn):
         return None
     rows, inter = hidden.shape[0], hidden.shape[1] // 2
