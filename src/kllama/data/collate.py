@@ -3,8 +3,10 @@ pack a batch's sequences into one row without padding (`packed=True`, see `pack_
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from kllama.data.templates import IGNORE_INDEX
@@ -65,16 +67,16 @@ def pack_batch(ids: list[list[int]], labels: list[list[int]], first_positions: l
     return batch
 
 
-def shared_prompt_length(chosen_ids: list[int], chosen_labels: list[int], rejected_ids: list[int],
-                         rejected_labels: list[int]) -> int:
+def shared_prompt_length(chosen_ids: Sequence[int], chosen_labels: Sequence[int], rejected_ids: Sequence[int],
+                         rejected_labels: Sequence[int]) -> int:
     """P, the prompt tokens a pair's two sequences share: their common leading ids, limited to the leading
     IGNORE_INDEX labels of both (a token that is a target in either stays in both); 0 when P < 2 (nothing to
-    save: the rejected sequence keeps the last prompt token either way)."""
-    shared = 0
-    for a, b, label_a, label_b in zip(chosen_ids, rejected_ids, chosen_labels, rejected_labels):
-        if a != b or label_a != IGNORE_INDEX or label_b != IGNORE_INDEX:
-            break
-        shared += 1
+    save: the rejected sequence keeps the last prompt token either way). Lists or numpy arrays (the planner reads
+    Arrow buffers)."""
+    n = min(len(chosen_ids), len(rejected_ids), len(chosen_labels), len(rejected_labels))
+    differs = ((np.asarray(chosen_ids[:n]) != np.asarray(rejected_ids[:n]))
+               | (np.asarray(chosen_labels[:n]) != IGNORE_INDEX) | (np.asarray(rejected_labels[:n]) != IGNORE_INDEX))
+    shared = int(differs.argmax()) if differs.any() else n
     return shared if shared >= 2 else 0
 
 

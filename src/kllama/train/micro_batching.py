@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 from torch.utils.data import Dataset
 
-from kllama.data.collate import IGNORE_INDEX, shared_prompt_length
+from kllama.data.collate import shared_prompt_length
 from kllama.train.distributed import world_size
 
 PAD_MULTIPLE = 8  # the collators pad every batch to a multiple of 8 tokens
@@ -94,11 +94,8 @@ def _prompt_tokens_saved(table: Any) -> list[int]:
         flat(n) for n in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"))
     saved = []
     for i in range(len(c_off) - 1):
-        m = min(c_off[i + 1] - c_off[i], r_off[i + 1] - r_off[i])
-        a, b = slice(c_off[i], c_off[i] + m), slice(r_off[i], r_off[i] + m)
-        differs = (c_ids[a] != r_ids[b]) | (c_lab[a] != IGNORE_INDEX) | (r_lab[b] != IGNORE_INDEX)
-        prompt = int(differs.argmax()) if differs.any() else int(m)
-        saved.append(prompt - 1 if prompt >= 2 else 0)
+        a, b = slice(c_off[i], c_off[i + 1]), slice(r_off[i], r_off[i + 1])
+        saved.append(max(shared_prompt_length(c_ids[a], c_lab[a], r_ids[b], r_lab[b]) - 1, 0))
     return saved
 
 
