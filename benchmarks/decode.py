@@ -33,7 +33,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -342,7 +342,7 @@ def profile_decode(model: nn.Module, prompt: list[int], steps: int, device: torc
 
 
 def cap_row(model: nn.Module, modules: dict[str, HostExperts], cap: str, args: argparse.Namespace,
-            device: torch.device, prompt: list[int], crossovers: dict[str, int]) -> dict[str, Any]:
+            device: torch.device, prompt: list[int], crossovers: dict[str, int], suffix: str = "") -> dict[str, Any]:
     """`auto` under a GPU memory cap: layers resident while the cap (minus an inference reserve) allows."""
     engine = place(model, modules, "auto", args, crossovers)
     budget = parse_bytes(cap)
@@ -350,7 +350,7 @@ def cap_row(model: nn.Module, modules: dict[str, HostExperts], cap: str, args: a
     try:
         promoted = promote_resident_layers(engine, budget, device, inference_reserve_bytes(engine))
         log(f"under {cap}: {promoted} of {len(modules)} layers resident")
-        row = run_row(f"kllama gpu under {cap} (graphs)", model, engine, args, device, prompt, graphs=True)
+        row = run_row(f"kllama gpu under {cap} (graphs){suffix}", model, engine, args, device, prompt, graphs=True)
         row["cap"] = cap
         return row
     finally:
@@ -358,16 +358,31 @@ def cap_row(model: nn.Module, modules: dict[str, HostExperts], cap: str, args: a
 
 
 def fill_row(model: nn.Module, modules: dict[str, HostExperts], fraction: float, args: argparse.Namespace,
-             device: torch.device, prompt: list[int], crossovers: dict[str, Any]) -> dict[str, Any]:
+             device: torch.device, prompt: list[int], crossovers: dict[str, Any], suffix: str = "") -> dict[str, Any]:
     """`auto` with the GPU filled as inference fills it without a cap (`gpu_memory_utilization`)."""
     engine = place(model, modules, "auto", args, crossovers)
     filled = fill_gpu_memory(engine, device, fraction)
     log(f"gpu_memory_utilization {fraction:g}: {len(filled)} of {len(modules)} layers resident")
-    row = run_row(f"kllama auto, GPU filled ({fraction:g}, graphs)", model, engine, args, device, prompt, graphs=True)
+    row = run_row(f"kllama auto, GPU filled ({fraction:g}, graphs){suffix}", model, engine, args, device, prompt,
+                  graphs=True)
     row.update(fill=fraction, resident_layers=len(filled))
     if args.long_prompt:
         row.update(long_prefill(model, modules, args, device))
     return row
+
+
+def guarded_row(rows: list[dict[str, Any]], name: str, modules: dict[str, HostExperts],
+                run: Callable[[], dict[str, Any]]) -> None:
+    """Append `run()`'s row to `rows`, or a row `name` saying it ran out of GPU memory; every layer is made
+    non-resident and GPU memory released after it either way."""
+    try:
+        rows.append(run())
+    except torch.cuda.OutOfMemoryError as exc:
+        rows.append({"name": name, "note": "OOM", "error": str(exc).splitlines()[0]})
+    finally:
+        for module in modules.values():
+            module.drop_resident()
+        release()
 
 
 def dtype_rows(config: Any, device: torch.device, args: argparse.Namespace, placements: list[str], caps: list[str],
@@ -392,7 +407,8 @@ def dtype_rows(config: Any, device: torch.device, args: argparse.Namespace, plac
     for mode, graphs in plan:
         threads = f"{args.cpu_threads} threads, " if mode in ("cpu", "auto") else ""
         name = f"kllama {mode} ({threads}{'graphs' if graphs else 'eager'}){suffix}"
-        try:
+
+        def placement_row(mode: str = mode, graphs: bool = graphs, name: str = name) -> dict[str, Any]:
             engine = place(model, modules, mode, args, crossovers)
             row = run_row(name, model, engine, args, device, prompt, graphs=graphs)
             row["expert_dtype"] = expert_dtype
@@ -400,34 +416,15 @@ def dtype_rows(config: Any, device: torch.device, args: argparse.Namespace, plac
                 row["crossovers"] = {k: crossovers[k] for k in ("inference", "training")} if crossovers else {}
                 if args.long_prompt:
                     row.update(long_prefill(model, modules, args, device))
-            rows.append(row)
-        except torch.cuda.OutOfMemoryError as exc:
-            rows.append({"name": name, "note": "OOM", "error": str(exc).splitlines()[0]})
-        finally:
-            for module in modules.values():
-                module.drop_resident()
-            release()
+            return row
+
+        guarded_row(rows, name, modules, placement_row)
     for fraction in (float(f) for f in comma_list(args.fill)):
-        try:
-            row = fill_row(model, modules, fraction, args, device, prompt, crossovers)
-            rows.append({**row, "name": row["name"] + suffix, "expert_dtype": expert_dtype})
-        except torch.cuda.OutOfMemoryError as exc:
-            rows.append({"name": f"kllama auto, GPU filled ({fraction:g}){suffix}", "note": "OOM",
-                         "error": str(exc).splitlines()[0]})
-        finally:
-            for module in modules.values():
-                module.drop_resident()
-            release()
+        guarded_row(rows, f"kllama auto, GPU filled ({fraction:g}){suffix}", modules, lambda fraction=fraction: {
+            **fill_row(model, modules, fraction, args, device, prompt, crossovers, suffix), "expert_dtype": expert_dtype})
     for cap in caps:
-        try:
-            row = cap_row(model, modules, cap, args, device, prompt, crossovers)
-            rows.append({**row, "name": row["name"] + suffix, "expert_dtype": expert_dtype})
-        except torch.cuda.OutOfMemoryError as exc:
-            rows.append({"name": f"kllama gpu under {cap}{suffix}", "note": "OOM", "error": str(exc).splitlines()[0]})
-        finally:
-            for module in modules.values():
-                module.drop_resident()
-            release()
+        guarded_row(rows, f"kllama gpu under {cap}{suffix}", modules, lambda cap=cap: {
+            **cap_row(model, modules, cap, args, device, prompt, crossovers, suffix), "expert_dtype": expert_dtype})
     del model, modules
     release()
     return build
