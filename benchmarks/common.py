@@ -419,10 +419,16 @@ def environment() -> dict[str, Any]:
 def write_results(result: dict[str, Any], stem: str, out_dir: Path | None = None) -> Path:
     """Write `result` as `<out_dir>/<stem>_<date>.json` (default benchmarks/results/) and copy it to `$OUT` when set
     (the GPU box sends back what is there)."""
+    return write_result_file(f"{stem}_{_dt.date.today().isoformat()}.json",
+                             json.dumps(result, indent=2, default=str) + "\n", out_dir)
+
+
+def write_result_file(name: str, text: str, out_dir: Path | None = None) -> Path:
+    """Write `text` as `<out_dir>/<name>` (default benchmarks/results/) and copy it to `$OUT` when set."""
     target = Path(out_dir) if out_dir is not None else RESULTS_DIR
     target.mkdir(parents=True, exist_ok=True)
-    path = target / f"{stem}_{_dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    path = target / name
+    path.write_text(text)
     copy = Path(os.environ["OUT"]) / path.name if os.environ.get("OUT") else None
     if copy is not None and copy.resolve() != path.resolve():
         shutil.copy(path, copy)

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     ExpertTimes, build_model, comma_list, compute_device, current_host_gb, environment, expert_timing, format_table,
     gpu_peak_gb, log, model_config, peak_host_gb, placement_list, probe_copy_waits, release, reset_gpu_peak,
-    set_gpu_cap, shape_summary, split_expert_time, synchronize, write_results,
+    set_gpu_cap, shape_summary, split_expert_time, synchronize, write_result_file, write_results,
 )
 from kllama.experts.install import wire_engine  # noqa: E402
 from kllama.experts.swiglu import eager_gated  # noqa: E402
@@ -226,12 +226,7 @@ def profile_step(name: str, step: Callable[[], float], args: argparse.Namespace,
         prof.key_averages(group_by_input_shape=True).table(sort_by="self_device_time_total", row_limit=60,
                                                            max_name_column_width=50, max_shapes_column_width=70),
     ])
-    target = Path(args.out_dir) if args.out_dir is not None else Path(__file__).resolve().parent / "results"
-    target.mkdir(parents=True, exist_ok=True)
-    path = target / f"profile_dpo_{args.model}_{slug}.txt"
-    path.write_text(text + "\n")
-    if os.environ.get("OUT") and Path(os.environ["OUT"]).resolve() != target.resolve():
-        (Path(os.environ["OUT"]) / path.name).write_text(text + "\n")
+    path = write_result_file(f"profile_dpo_{args.model}_{slug}.txt", text + "\n", args.out_dir)
     log(f"{name}: profile written to {path}")
     return path
 
