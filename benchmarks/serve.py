@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import environment, format_table, log, placement_list, write_results  # noqa: E402
+
+from kllama.train.launch import free_port  # noqa: E402
 
 SERVE_COLUMNS = (
     ("name", "run", "{}"),
@@ -74,18 +75,12 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(args: argparse.Namespace, placement: str, max_batch: int, log_path: Path) -> tuple[subprocess.Popen,
                                                                                                       str, str]:
     """`kllama api` on a free loopback port; returns (process, base URL, API key) once /health answers."""
     import httpx
 
-    port, key = _free_port(), secrets.token_hex(8)
+    port, key = free_port(), secrets.token_hex(8)
     overrides = [f"model_name_or_path={args.model_dir}", f"template={args.template}", "use_kt=true",
                  "infer_backend=ktransformers", f"expert_placement={placement}", *args.set]
     env = {**os.environ, "API_HOST": "127.0.0.1", "API_PORT": str(port), "API_KEY": key,

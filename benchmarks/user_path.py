@@ -14,9 +14,11 @@ line (recorded in the JSON). Phases (`--phases`, default all):
   real preference set) in a fresh `dataset_dir`;
 * `train`  -- the example train YAML; host RSS of the whole process tree (parent + data-loader and tokenizer workers)
   sampled every 0.25 s (PSS, shared pages counted once); tokens/s, peak GPU and host per logged step from `trainer_state.json`;
-* `chat`   -- the example inference YAML, one prompt piped on stdin: load time + answer time;
-* `api`    -- the same YAML served by `kllama api` on 127.0.0.1; the official `openai` client sends one warm-up and
-  then `--concurrency` concurrent streaming requests of `--max-tokens` tokens: time to first token, decode tok/s;
+* `chat`   -- the example inference YAML, one prompt piped on stdin: load time, and the answer's speed from the line
+  chat writes after it (first-token time, decode tok/s);
+* `api`    -- the same YAML served by `kllama api` on 127.0.0.1; the official `openai` client sends one warm-up, one
+  stream alone, then `--concurrency` concurrent streaming requests of `--max-tokens` tokens (`ignore_eos`), measured
+  as `serve.py` measures a level: time to first token, decode tok/s of one stream, aggregate tok/s;
 * `export` -- the example merge YAML: merge the adapter into the base and write it (skipped when the disk lacks the
   space for a second copy of the model).
 
@@ -34,7 +36,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -47,6 +48,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import FULL_SHAPES, environment, format_table, log, write_results  # noqa: E402
+from serve import run_level  # noqa: E402
+
+from kllama.train.launch import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES: dict[str, dict[str, str]] = {
@@ -361,16 +365,23 @@ def infer_overrides(args: argparse.Namespace, paths: dict[str, Path]) -> list[st
             *args.infer_overrides]
 
 
+# the line `kllama chat` writes to stderr after each answer (kllama.infer.chat.AnswerTiming.line)
+CHAT_TIMING = re.compile(r"\[prompt (\d+) tokens, first token ([\d.]+) s; answer (\d+) tokens, ([\d.]+) tok/s\]")
+
+
 def chat(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, Any]:
+    """One prompt piped to `kllama chat`, its answer up to `--max-tokens` long; the speed from chat's own
+    line (tokens counted by the engine, so a random model's text-less ids count too)."""
     cmd = kllama_cmd("chat", EXAMPLES[args.model]["infer"], *infer_overrides(args, paths),
                      f"max_new_tokens={args.max_tokens}")
-    return run_cli(cmd, log_file(args, paths, "chat"), stdin=PROMPT + "\n")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    result = run_cli(cmd, log_file(args, paths, "chat"), stdin=PROMPT + "\n")
+    timing = CHAT_TIMING.search(log_file(args, paths, "chat").read_text(errors="replace"))
+    if timing:
+        prompt, first_s, tokens, rate = timing.groups()
+        result.update(prompt_tokens=int(prompt), first_token_s=float(first_s), answer_tokens=int(tokens),
+                      decode_tok_s=float(rate), tokens_per_s=f"{float(rate):.1f}",
+                      note=f"first token {float(first_s):.3f} s after a {prompt}-token prompt")
+    return result
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> float:
@@ -388,43 +399,19 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> float:
     raise RuntimeError(f"kllama api not ready after {timeout:.0f} s")
 
 
-async def _one_stream(client: Any, model: str, max_tokens: int) -> dict[str, float]:
-    start = time.perf_counter()
-    first = None
-    chunks = 0
-    stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=max_tokens, temperature=0,
-        stream=True, extra_body={"ignore_eos": True})
-    async for event in stream:
-        if event.choices and event.choices[0].delta.content:
-            chunks += 1
-            if first is None:
-                first = time.perf_counter()
-    end = time.perf_counter()
-    ttft = (first or end) - start
-    return {"ttft_s": ttft, "chunks": chunks, "total_s": end - start,
-            "decode_tok_s": (chunks - 1) / max(end - (first or end), 1e-9) if chunks > 1 else 0.0}
-
-
-async def _drive(base_url: str, n: int, max_tokens: int) -> dict[str, Any]:
-    from openai import AsyncOpenAI
-
-    client = AsyncOpenAI(base_url=base_url + "/v1", api_key="user-path", timeout=600, max_retries=0)
-    model = (await client.models.list()).data[0].id
-    warm = await _one_stream(client, model, max_tokens)
-    start = time.perf_counter()
-    results = await asyncio.gather(*[_one_stream(client, model, max_tokens) for _ in range(n)])
-    wall = time.perf_counter() - start
-    ttfts = sorted(r["ttft_s"] for r in results)
-    await client.close()
-    return {"single_stream": warm, "concurrent": n, "concurrent_wall_s": wall,
-            "aggregate_tok_s": sum(r["chunks"] for r in results) / wall,
-            "ttft_p50_s": ttfts[len(ttfts) // 2], "ttft_max_s": ttfts[-1],
-            "per_stream_decode_tok_s": sorted(r["decode_tok_s"] for r in results)}
+def _drive(base_url: str, key: str, n: int, max_tokens: int) -> dict[str, Any]:
+    """One warm-up stream, then one stream alone and `n` at once, measured as `serve.py` measures a level: tokens
+    from the server's usage count, not from content chunks (a random full-size model picks mostly ids its small test
+    tokenizer has no text for, so its chunks are sparse)."""
+    asyncio.run(run_level(base_url, key, 1, max_tokens))
+    single = asyncio.run(run_level(base_url, key, 1, max_tokens))
+    many = asyncio.run(run_level(base_url, key, n, max_tokens))
+    return {"single_stream": single, "concurrent": many,
+            "single_decode_tok_s": 1e3 / single["tpot_p50_ms"] if single["tpot_p50_ms"] else 0.0}
 
 
 def api(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = kllama_cmd("api", EXAMPLES[args.model]["infer"], *infer_overrides(args, paths))
     log(f"$ API_PORT={port} API_KEY=user-path {' '.join(cmd)}")
@@ -438,7 +425,7 @@ def api(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, Any]:
         try:
             ready_s = _wait_healthy(base, proc, timeout=480)
             result: dict[str, Any] = {"ready_s": ready_s}
-            result.update(asyncio.run(_drive(base, args.concurrency, args.max_tokens)))
+            result.update(_drive(base, "user-path", args.concurrency, args.max_tokens))
         except Exception as exc:  # noqa: BLE001 - recorded in the JSON, the run goes on
             result = {"note": f"failed: {exc}"}
         finally:
@@ -448,12 +435,12 @@ def api(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 proc.kill()
     result.update(memory.stop(), wall_s=time.perf_counter() - start, exit_code=proc.returncode, log=log_path.name)
-    if "aggregate_tok_s" in result:
-        single = result["single_stream"]
-        result["tokens_per_s"] = (f"{single['decode_tok_s']:.1f} x1, {result['aggregate_tok_s']:.1f} "
+    if "concurrent" in result:
+        single, many = result["single_stream"], result["concurrent"]
+        result["tokens_per_s"] = (f"{result['single_decode_tok_s']:.1f} x1, {many['aggregate_tok_s']:.1f} "
                                   f"x{args.concurrency}")
-        result.setdefault("note", f"TTFT 1 stream {single['ttft_s']:.2f} s; p50 x{args.concurrency} "
-                                  f"{result['ttft_p50_s']:.2f} s")
+        result.setdefault("note", f"TTFT 1 stream {single['ttft_p50_s']:.3f} s; p50 x{args.concurrency} "
+                                  f"{many['ttft_p50_s']:.3f} s")
     return result
 
 

@@ -120,7 +120,8 @@ def one_core_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir) -> I
     # user_path.py drives the real CLI (`kllama train` in its own subprocess) and is run as a user runs it
     (work / "user_path").mkdir()
     user_path = [sys.executable, str(ROOT / "benchmarks" / "user_path.py"), "--tiny", "--work",
-                 str(work / "user_path" / "work"), "--phases", "write,data,train", "--pairs", "8",
+                 str(work / "user_path" / "work"), "--phases", "write,data,train,chat,api", "--pairs", "8",
+                 "--max-tokens", "6", "--concurrency", "2",
                  "--pair-tokens", "60", "--set", "max_steps=2", "--set", "logging_steps=1",
                  "--set", "dataloader_num_workers=0", "--set", "per_device_train_batch_size=2",
                  "--set", "gradient_accumulation_steps=2", "--out-dir", str(work / "user_path" / "results")]
@@ -165,9 +166,9 @@ def test_cpu_gemv_kernel_only_rows_per_dtype_and_path(one_core_runs: dict) -> No
 
 
 def test_user_path_runs_the_cli_on_a_tiny_model(one_core_runs: dict) -> None:
-    """benchmarks/user_path.py drives the real CLI (`kllama train` on the example YAML in a subprocess) and records
-    per-step tokens/s and the whole process tree's peak memory (the API phase's client is covered by serve.py's
-    smoke test)."""
+    """benchmarks/user_path.py drives the real CLI (`kllama train` on the example YAML in a subprocess, then `kllama
+    chat` and `kllama api` with the adapter it wrote) and records per-step tokens/s, the whole process tree's peak
+    memory, chat's own speed line and the API's streams counted by the server's usage."""
     proc, log_file, work = one_core_runs["user_path"]
     _finish(proc, timeout=300, log=log_file)
     result = _only_json(work / "results")
@@ -176,6 +177,13 @@ def test_user_path_runs_the_cli_on_a_tiny_model(one_core_runs: dict) -> None:
     assert [s["step"] for s in train["steps"]] == [1, 2] and all(s["tokens_per_second"] > 0 for s in train["steps"])
     # CPU: the experts run there, none stream, and the reference keeps its own pass
     assert train["promotions"] == [] and train["streamed_layers"] is None and train["lockstep_reference"] is False
+    chat = result["phases"]["chat"]
+    assert chat["exit_code"] == 0 and 1 <= chat["answer_tokens"] <= 6 and chat["prompt_tokens"] > 0
+    assert chat["first_token_s"] > 0 and (chat["decode_tok_s"] > 0 or chat["answer_tokens"] == 1)
+    api = result["phases"]["api"]
+    assert api["exit_code"] is not None and "failed" not in api.get("note", ""), api
+    assert api["single_stream"]["completion_tokens"] == 6 and api["concurrent"]["completion_tokens"] == 12
+    assert api["single_decode_tok_s"] > 0 and api["concurrent"]["aggregate_tok_s"] > 0
 
 
 def test_serve_benchmark_drives_a_real_server(one_core_runs: dict) -> None:

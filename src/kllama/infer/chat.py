@@ -2,11 +2,15 @@
 
 Interactive use prints a prompt and reads lines; piped stdin is read one prompt per line (for scripts and tests).
 `clear` forgets the history, `exit` quits; Ctrl-C stops the answer being written and keeps the program running.
+After each answer one line on stderr gives its speed, as KTransformers' `local_chat` does: the prompt's tokens and
+the time to the first answer token (prefill), the answer's tokens and their rate after the first (decode). On stderr,
+so a piped stdout holds the answers only.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import IO, Callable
 
@@ -19,6 +23,23 @@ from kllama.infer.sampling import SamplingParams
 WELCOME = "kllama chat: type a message; `clear` forgets the history, `exit` quits, Ctrl-C stops an answer."
 
 
+@dataclass(frozen=True)
+class AnswerTiming:
+    """How long one answer took: the prompt fed (prefill, up to the first answer token) and the tokens after it."""
+
+    prompt_tokens: int
+    first_token_s: float  # from the request to the first answer token: the prefill and one sampled token
+    answer_tokens: int
+    after_first_s: float  # from the first answer token to the last
+
+    def line(self) -> str:
+        """`[prompt 23 tokens, first token 0.044 s; answer 128 tokens, 157.2 tok/s]`"""
+        rate = (self.answer_tokens - 1) / self.after_first_s if self.answer_tokens > 1 and self.after_first_s > 0 \
+            else 0.0
+        return (f"[prompt {self.prompt_tokens} tokens, first token {self.first_token_s:.3f} s; "
+                f"answer {self.answer_tokens} tokens, {rate:.1f} tok/s]")
+
+
 @dataclass
 class ChatSession:
     """A conversation with the engine: the history, the system prompt, and the answer streaming."""
@@ -27,6 +48,7 @@ class ChatSession:
     system: str | None = None
     history: Messages = field(default_factory=list)
     params: SamplingParams | None = None  # None: the engine's defaults (the config's generation section)
+    timing: AnswerTiming | None = None  # of the last answer
 
     def clear(self) -> None:
         """Forget every turn (the system prompt stays)."""
@@ -38,16 +60,24 @@ class ChatSession:
         messages = [*self.history, {"role": "user", "content": text}]
         prompt_ids = self.engine.encode(messages, self.system)
         parts: list[str] = []
+        start, first, tokens = time.perf_counter(), None, 0
         # closing(): an interrupt between two chunks must end the generator now, which frees the engine's lock.
         try:
             with contextlib.closing(self.engine.stream(prompt_ids, self.params or self.engine.defaults)) as chunks:
                 for chunk in chunks:
+                    tokens = chunk.completion_tokens or tokens  # the last chunk counts the answer's tokens
                     if chunk.finish_reason == FINISH_CANCELLED:
                         break
+                    if first is None:  # the first answer token always comes as a chunk of its own
+                        first = time.perf_counter()
                     write(chunk.text)
                     parts.append(chunk.text)  # after write: the history holds what the user saw
         except KeyboardInterrupt:
             write(" [stopped]")
+        end = time.perf_counter()
+        # an answer stopped by Ctrl-C has no count: no timing rather than a wrong one
+        self.timing = AnswerTiming(len(prompt_ids), first - start, tokens, end - first) \
+            if first is not None and tokens else None
         answer = "".join(parts)
         self.history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": answer}])
         return answer
@@ -77,8 +107,9 @@ def _read_line(interactive: bool, stdin: IO[str], out: IO[str]) -> str | None:
     return None if line == "" else line.rstrip("\n")
 
 
-def repl(session: ChatSession, stdin: IO[str], out: IO[str], interactive: bool) -> None:
-    """Read prompts until `exit` or end of input, streaming each answer to `out`."""
+def repl(session: ChatSession, stdin: IO[str], out: IO[str], interactive: bool, err: IO[str] | None = None) -> None:
+    """Read prompts until `exit` or end of input, streaming each answer to `out`; each answer's speed goes to `err`
+    (one line) when given."""
     def write(text: str) -> None:
         out.write(text)
         out.flush()
@@ -104,7 +135,11 @@ def repl(session: ChatSession, stdin: IO[str], out: IO[str], interactive: bool) 
             session.answer(text, write)
         except KllamaError as exc:  # e.g. the history outgrew the context: tell the user, keep the session
             write(f"[error] {exc}")
+            session.timing = None
         write("\n")
+        if err is not None and session.timing is not None:
+            err.write(session.timing.line() + "\n")
+            err.flush()
 
 
 def run_chat(config: KllamaConfig) -> int:
@@ -114,5 +149,5 @@ def run_chat(config: KllamaConfig) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print(WELCOME)
-    repl(ChatSession(engine, system), sys.stdin, sys.stdout, interactive)
+    repl(ChatSession(engine, system), sys.stdin, sys.stdout, interactive, err=sys.stderr)
     return 0
