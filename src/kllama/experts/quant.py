@@ -253,7 +253,8 @@ def constant_quantized(shape: tuple[int, ...], scheme: str, dtype: torch.dtype, 
     ones = {"int8": lambda: torch.ones(shape, dtype=torch.int8),
             "int4": lambda: torch.full(values_shape("int4", shape), 0x99, dtype=torch.uint8),  # nibbles 1 + 8
             "fp8": lambda: torch.full(shape, 0x38, dtype=torch.uint8).view(torch.float8_e4m3fn)}  # 0x38 = 1.0
-    return QuantizedWeight(ones[scheme](), torch.full(scale_shape(scheme, shape, projections), 0.01), dtype, projections)
+    scale = torch.full(scale_shape(scheme, shape, projections), 0.01)
+    return QuantizedWeight(ones[scheme](), scale, dtype, projections)
 
 
 # ---- dequantize ----------------------------------------------------------------------------------------------
