@@ -273,6 +273,13 @@ def test_int4_round_trip_within_half_a_step_per_group(shape: tuple[int, ...]) ->
     assert unpack_int4(q.data).abs().max() == 7  # each group's largest value maps to 7; -8 is never written
 
 
+def test_the_gpu_kernel_uses_the_format_group() -> None:
+    # gpu_dequant cannot import quant (quant imports it): its copy of the group size must follow the format's
+    from kllama.experts import gpu_dequant
+
+    assert gpu_dequant._INT4_GROUP == INT4_GROUP
+
+
 def test_int4_zero_group_gets_scale_one_and_stays_zero() -> None:
     w = torch.randn(4, 192, generator=gen(3))
     w[1, 64:128] = 0.0  # one all-zero group in a non-zero row

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,7 +45,7 @@ def _logical_shape(data: Tensor) -> torch.Size:
     return data.shape
 
 
-def _launch_int8(kernels: Any, data: Tensor, scale: Tensor, projections: int, block: int, out: Tensor) -> bool:
+def _launch_int8(kernels: ModuleType, data: Tensor, scale: Tensor, projections: int, block: int, out: Tensor) -> bool:
     cols = data.shape[-1]
     total_rows = data.numel() // cols
     grid = (math.ceil(total_rows / _TILE_ROWS), math.ceil(cols / _TILE_COLS))
@@ -54,7 +53,7 @@ def _launch_int8(kernels: Any, data: Tensor, scale: Tensor, projections: int, bl
     return True
 
 
-def _launch_int4(kernels: Any, data: Tensor, scale: Tensor, projections: int, block: int, out: Tensor) -> bool:
+def _launch_int4(kernels: ModuleType, data: Tensor, scale: Tensor, projections: int, block: int, out: Tensor) -> bool:
     half_cols = data.shape[-1]  # bytes of a row: K / 2
     total_rows = data.numel() // half_cols
     grid = (math.ceil(total_rows / _TILE_ROWS), math.ceil(half_cols / _TILE_BYTES))
@@ -63,7 +62,7 @@ def _launch_int4(kernels: Any, data: Tensor, scale: Tensor, projections: int, bl
     return True
 
 
-def _launch_fp8(kernels: Any, data: Tensor, scale: Tensor, projections: int, block: int, out: Tensor) -> bool:
+def _launch_fp8(kernels: ModuleType, data: Tensor, scale: Tensor, projections: int, block: int, out: Tensor) -> bool:
     *_, rows_per_expert, cols = data.shape
     part = rows_per_expert // projections
     if block != _TILE_COLS or part % _TILE_ROWS or rows_per_expert % projections:
@@ -76,7 +75,7 @@ def _launch_fp8(kernels: Any, data: Tensor, scale: Tensor, projections: int, blo
 
 
 # stored values' dtype -> the launch of its kernel (False: the kernel does not cover this weight)
-_LAUNCHES: dict[torch.dtype, Callable[[Any, Tensor, Tensor, int, int, Tensor], bool]] = {
+_LAUNCHES: dict[torch.dtype, Callable[[ModuleType, Tensor, Tensor, int, int, Tensor], bool]] = {
     torch.int8: _launch_int8, torch.uint8: _launch_int4, torch.float8_e4m3fn: _launch_fp8}
 
 
