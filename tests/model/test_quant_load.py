@@ -77,13 +77,16 @@ def test_fp8_checkpoint_experts_are_kept_as_stored(fp8_model: Path) -> None:
                                                     raw[f"{EXPERT}.up_proj.weight_scale_inv"]]))
     assert torch.equal(down.data[5].view(torch.uint8), raw[f"{EXPERT}.down_proj.weight"].view(torch.uint8))
     assert torch.equal(down.scale[5], raw[f"{EXPERT}.down_proj.weight_scale_inv"])
-    # bf16 / int8: dequantized from the blocks, then held as asked
+    # bf16 / int8 / int4: dequantized from the blocks, then held as asked
     wanted = dequantize_blocks(raw[f"{EXPERT}.down_proj.weight"], raw[f"{EXPERT}.down_proj.weight_scale_inv"],
                                torch.float32)
     dense = load_expert_layer(index, 1, dtype=torch.float32, pin=True, expert_dtype="bf16")[1]
     assert torch.equal(dense[5], wanted)
     int8 = load_expert_layer(index, 1, dtype=torch.float32, pin=True, expert_dtype="int8")[1]
     assert torch.equal(int8.data[5], quantize(wanted, "int8").data)
+    int4 = load_expert_layer(index, 1, dtype=torch.float32, pin=True, expert_dtype="int4")[1]
+    want4 = quantize(wanted, "int4")
+    assert torch.equal(int4.data[5], want4.data) and torch.equal(int4.scale[5], want4.scale)
 
 
 def test_fp8_checkpoint_loads_dequantized_outside_the_experts(fp8_model: Path) -> None:
