@@ -31,7 +31,7 @@ from kllama.experts.families import find_expert_modules
 from kllama.experts.module import HostExperts
 from kllama.experts.shared_host import expert_host_buffer
 from kllama.experts.placement import ExpertPlacement
-from kllama.experts.quant import QUANT_DTYPES, ExpertWeight, QuantizedWeight, quantize, scale_shape
+from kllama.experts.quant import QUANT_DTYPES, ExpertWeight, QuantizedWeight, quantize, scale_shape, values_shape
 from kllama.model.fused_norm import fuse_rms_norms
 from kllama.model.load import compute_device  # noqa: F401 - the one device choice, re-exported for the scripts
 
@@ -81,6 +81,19 @@ PLACEMENTS = ("stream", "auto", "gpu", "cpu")
 def comma_list(text: str) -> list[str]:
     """The non-empty items of a comma-separated option value, stripped."""
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+# `--expert-dtype` values: bf16 (not quantized) and every quantized scheme
+BENCH_EXPERT_DTYPES: tuple[str, ...] = ("bf16", *QUANT_DTYPES)
+
+
+def expert_dtype_list(text: str) -> list[str]:
+    """An `--expert-dtype` value as a list; an empty list or an unknown name ends the script with one line naming the
+    choices."""
+    dtypes = comma_list(text)
+    if not dtypes or any(d not in BENCH_EXPERT_DTYPES for d in dtypes):
+        raise SystemExit(f"--expert-dtype {text!r}: a comma list of {', '.join(BENCH_EXPERT_DTYPES)}")
+    return dtypes
 
 
 def placement_list(text: str) -> list[str]:
@@ -152,7 +165,7 @@ def _host_buffer(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> tuple
 @torch.no_grad()
 def _random_host_experts(stock: nn.Module, name: str, placement: ExpertPlacement, device: torch.device,
                          scratch: dict[tuple, torch.Tensor], expert_dtype: str = "bf16") -> HostExperts:
-    """A HostExperts of `stock`'s shape with random bf16 weights, held as `expert_dtype` (bf16 | int8 | fp8): drawn
+    """A HostExperts of `stock`'s shape with random bf16 weights, held as `expert_dtype` (bf16 | int8 | int4 | fp8): drawn
     (and quantized) on the GPU and copied into pinned host memory, or drawn on the CPU without CUDA. A quantized
     layer never exists in bf16 on the host, as with the loader."""
     shapes = (tuple(stock.gate_up_proj.shape), tuple(stock.down_proj.shape))  # meta shapes
@@ -168,7 +181,7 @@ def _random_host_experts(stock: nn.Module, name: str, placement: ExpertPlacement
                 tensor.copy_(scratch[shape].normal_(0.0, INIT_STD))
             host.append(tensor)
             continue
-        data, filled = _host_buffer(shape, QUANT_DTYPES[expert_dtype], pin)
+        data, filled = _host_buffer(values_shape(expert_dtype, shape), QUANT_DTYPES[expert_dtype], pin)
         scale, _ = _host_buffer(scale_shape(expert_dtype, shape, projections), torch.float32, pin)
         if not filled:
             drawn = quantize(scratch[shape].normal_(0.0, INIT_STD), expert_dtype, projections=projections)
@@ -183,7 +196,7 @@ def build_model(config: PretrainedConfig, device: torch.device, *, host_experts:
                 placement: ExpertPlacement | None = None, expert_dtype: str = "bf16",
                 fused_norms: bool | None = None) -> tuple[nn.Module, dict[str, HostExperts]]:
     """A random bf16 causal LM for `config`: non-expert weights on `device`; routed experts as HostExperts in host
-    memory (`host_experts=True`, with `placement`, held as `expert_dtype`: bf16 | int8 | fp8) or as stock
+    memory (`host_experts=True`, with `placement`, held as `expert_dtype`: bf16 | int8 | int4 | fp8) or as stock
     parameters on `device` (the stock baseline). RMSNorms fused as `kllama.model.load` fuses them when
     `fused_norms` (default: for the kllama build, not the stock one). Returns the model (train mode off) and the
     HostExperts by qualified name (empty for stock)."""

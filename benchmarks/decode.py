@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/decode.py                       # auto, cpu, gpu (eager + graphs), gpu under 24GB
     PYTHONPATH=src python benchmarks/decode.py --placements auto --caps 24GB,40GB
-    PYTHONPATH=src python benchmarks/decode.py --placements cpu --caps '' --expert-dtype bf16,int8,fp8
+    PYTHONPATH=src python benchmarks/decode.py --placements cpu --caps '' --expert-dtype bf16,int8,fp8,int4
 
 Rows (one model build, random weights, a `--prompt`-token prompt, then `--new` greedy tokens):
 * `auto`: the default placement (CPU below the measured inference crossover, streamed above), decode steps through
@@ -21,7 +21,7 @@ Rows (one model build, random weights, a `--prompt`-token prompt, then `--new` g
   `--long-prompt` prefill timed as in the `auto` row.
 Each row splits its ms/token into expert passes, other GPU work and host overhead: graphed rows from timed replays
 with expert passes in graphs of their own (`split_experts`), the eager row from torch.profiler kernel times.
-`--expert-dtype bf16,int8,fp8` repeats every row with the routed experts held in each dtype (one model build each,
+`--expert-dtype bf16,int8,fp8,int4` repeats every row with the routed experts held in each dtype (one model build each,
 bf16 = not quantized; crossovers measured per dtype). Prints a table and writes JSON.
 """
 from __future__ import annotations
@@ -41,9 +41,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    build_model, comma_list, compute_device, current_host_gb, environment, format_table, gpu_peak_gb, log,
-    model_config, peak_host_gb, placement_list, release, reset_gpu_peak, set_gpu_cap, shape_summary, synchronize,
-    write_results,
+    build_model, comma_list, compute_device, current_host_gb, environment, expert_dtype_list, format_table,
+    gpu_peak_gb, log, model_config, peak_host_gb, placement_list, release, reset_gpu_peak, set_gpu_cap, shape_summary,
+    synchronize, write_results,
 )
 from kllama.config.units import parse_bytes  # noqa: E402
 from kllama.experts.cpu_share import SplitModel  # noqa: E402
@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-threads", type=int, default=16)
     p.add_argument("--layers", type=int, default=None, help="only the first N decoder layers")
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test)")
-    p.add_argument("--expert-dtype", default="bf16", help="comma list of bf16|int8|fp8: rows per expert dtype")
+    p.add_argument("--expert-dtype", default="bf16", help="comma list of bf16|int8|fp8|int4: rows per expert dtype")
     p.add_argument("--profile", type=int, default=0,
                    help="also print torch.profiler's table over this many eager decode steps per placement")
     p.add_argument("--out-dir", type=Path, default=None, help="JSON directory (default benchmarks/results)")
@@ -442,9 +442,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         warnings.filterwarnings("ignore", message=".*needs a CUDA compute device.*")
     if device.type != "cuda":
         caps, args.fill = [], ""  # a GPU memory cap (or fraction) means nothing without a GPU
-    dtypes = comma_list(args.expert_dtype)
-    if not dtypes or any(d not in ("bf16", "int8", "fp8") for d in dtypes):
-        raise SystemExit(f"--expert-dtype {args.expert_dtype!r}: a comma list of bf16, int8, fp8")
+    dtypes = expert_dtype_list(args.expert_dtype)
     torch.manual_seed(0)
     config = model_config(args.model, tiny=args.tiny, layers=args.layers)
     log(f"decode {args.model}{' (tiny)' if args.tiny else ''}: {config.num_hidden_layers} layers, prompt "

@@ -18,7 +18,7 @@ cap; `gpu` uncapped, it needs all experts resident; `cpu` extrapolated from one 
 takes minutes), the stock baselines (all weights on the GPU, separate reference forward; full logits as
 LLaMA-Factory/TRL compute them, and with kllama's chunked log-probs), kt-kernel's AMX SFT MoE layer when importable,
 and a bandwidth probe (one layer's pinned copy and grouped_mm forward+backward). With `--expert-dtype` the engine
-model is built once per listed dtype (int8 / fp8: routed experts quantized, `expert_dtype`) and its placement rows
+model is built once per listed dtype (int8 / int4 / fp8: routed experts quantized, `expert_dtype`) and its placement rows
 repeated, with the host memory each build holds; the probe, `cpu` and kt-kernel rows run on the first dtype's model.
 With `--layers N` each engine row also reports seconds per layer and projects the full model's tok/s (the step
 time scaled by layers / N: conservative, the embedding, LM head and loss are counted once per N layers).
@@ -43,9 +43,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    ExpertTimes, build_model, comma_list, compute_device, current_host_gb, environment, expert_timing, format_table,
-    gpu_peak_gb, log, model_config, peak_host_gb, placement_list, probe_copy_waits, release, reset_gpu_peak,
-    set_gpu_cap, shape_summary, split_expert_time, synchronize, write_result_file, write_results,
+    ExpertTimes, build_model, comma_list, compute_device, current_host_gb, environment, expert_dtype_list,
+    expert_timing, format_table, gpu_peak_gb, log, model_config, peak_host_gb, placement_list, probe_copy_waits,
+    release, reset_gpu_peak, set_gpu_cap, shape_summary, split_expert_time, synchronize, write_result_file, write_results,
 )
 from kllama.experts.install import wire_engine  # noqa: E402
 from kllama.experts.swiglu import eager_gated  # noqa: E402
@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "pass + one no-grad reference pass over F x the batch (precompute_ref_batch_size), / F")
     p.add_argument("--layers", type=int, default=None, help="benchmark only the first N decoder layers")
     p.add_argument("--expert-dtype", default="bf16",
-                   help="comma list of bf16|fp8|int8: engine rows per expert dtype (bf16 = not quantized)")
+                   help="comma list of bf16|fp8|int8|int4: engine rows per expert dtype (bf16 = not quantized)")
     p.add_argument("--cpu-threads", type=int, default=16, help="threads of the CPU expert path (cpu_infer)")
     p.add_argument("--kt-tokens", type=int, default=4096, help="tokens per kt-kernel layer call")
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test)")
@@ -500,12 +500,10 @@ def run_stock(args: argparse.Namespace, config: Any, device: torch.device, token
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     args.placements = placement_list(args.placements)
-    args.expert_dtypes = comma_list(args.expert_dtype)
+    args.expert_dtypes = expert_dtype_list(args.expert_dtype)
     args.ops = comma_list(args.ops)
     if not args.ops or any(o not in ("fused", "eager") for o in args.ops):
         raise SystemExit(f"--ops {args.ops!r}: a comma list of fused, eager")
-    if not args.expert_dtypes or any(d not in ("bf16", "fp8", "int8") for d in args.expert_dtypes):
-        raise SystemExit(f"--expert-dtype {args.expert_dtype!r}: a comma list of bf16, fp8, int8")
     device = compute_device()
     if args.tiny:
         args.pairs, args.seq, args.warmup, args.steps = min(args.pairs, 1), min(args.seq, 32), 0, 1

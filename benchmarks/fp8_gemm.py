@@ -8,7 +8,7 @@ would need per-output-channel weight scales (the fp8 values re-scaled per row on
 quantized per row at every pass (a second rounding, of x), and only the forward could use it: the backward multiplies
 by W^T, whose row-wise scales are per input channel. This probe measures what the forward would gain and lose on one
 layer: for each variant the time of `gate_up` and `down` over `--tokens` routed rows, and the norm-relative error of
-the layer's `gate_up` output against bf16 weights. A second table times the dequantization alone, fp8 and int8, in
+the layer's `gate_up` output against bf16 weights. A second table times the dequantization alone, fp8, int8 and int4, in
 torch's ops and in the engine's Triton kernel (`kllama.experts.gpu_dequant`). Every failure is recorded, never
 raised. Prints the tables, writes JSON.
 """
@@ -68,7 +68,7 @@ def dequantize_only(gate_up: torch.Tensor, down: torch.Tensor, slots: list[torch
     """One layer's dequantization into the bf16 slots, per scheme: torch's ops against the Triton kernel (what a
     streamed quantized layer pays on every pass), with the memory traffic it implies."""
     rows: list[dict[str, Any]] = []
-    for scheme in ("fp8", "int8"):
+    for scheme in ("fp8", "int8", "int4"):
         weights = [quantize(gate_up, scheme, projections=2), quantize(down, scheme)]
         moved = sum(w.nbytes + s.numel() * s.element_size() for w, s in zip(weights, slots))
         for form, kernel in (("torch ops", False), ("Triton kernel", True)):

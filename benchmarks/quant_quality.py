@@ -1,4 +1,4 @@
-"""Quality of quantized routed experts (`expert_dtype`), reported rather than assumed: bf16 vs fp8 vs int8.
+"""Quality of quantized routed experts (`expert_dtype`), reported rather than assumed: bf16 vs fp8 vs int8 vs int4.
 
     PYTHONPATH=src python benchmarks/quant_quality.py --demo                 # CPU: the demo's trained tiny model
     PYTHONPATH=src python benchmarks/quant_quality.py --model v2lite         # GPU box: full-size random V2-Lite shape
@@ -41,7 +41,7 @@ from kllama.experts.module import HostExperts  # noqa: E402
 from kllama.experts.quant import QuantizedWeight, quantize  # noqa: E402
 from kllama.train.logprobs import token_logps  # noqa: E402
 
-SCHEMES = ("fp8", "int8")
+SCHEMES = ("fp8", "int8", "int4")
 COLUMNS = (
     ("name", "experts", "{}"),
     ("host_mb", "expert host MB", "{:,.2f}"),

@@ -14,7 +14,7 @@ Each measurement prints its pieces (`Crossovers.phases`): `probe layer`, `copy p
 `training`, `split`. Without CUDA the copy cannot be probed: the CPU side (`sample_crossovers`) runs against
 `--bandwidth-gbps` (the H200 box's measured pinned copy by default). Writes JSON (benchmarks/results/startup_*.json).
 
-Usage: python benchmarks/startup.py [--model v2lite] [--cpu-threads 16] [--expert-dtype bf16|int8|fp8]
+Usage: python benchmarks/startup.py [--model v2lite] [--cpu-threads 16] [--expert-dtype bf16|int8|fp8|int4]
                                     [--torch-load] [--bandwidth-gbps 55] [--tiny]
 """
 from __future__ import annotations

@@ -84,7 +84,7 @@ def test_kt_config_override_on_the_command_line_is_a_mapping():
 
 @pytest.mark.parametrize("settings,expected", [
     ({"use_kt": True, "kt_config": {"kt_num_thread": 4}}, "kt_config: unknown key(s) kt_num_thread"),
-    ({"use_kt": True, "kt_config": {"kt_expert_weight_format": "int4"}}, "kt_expert_weight_format: 'int4' is not one"),
+    ({"use_kt": True, "kt_config": {"kt_expert_weight_format": "int2"}}, "kt_expert_weight_format: 'int2' is not one"),
     ({"use_kt": True, "kt_config": {"kt_num_threads": 0}}, "kt_config.kt_num_threads: must be an integer >= 1"),
     ({"use_kt": True, "kt_config": "kt.yaml"}, "kt_config: expected mapping or null"),
     ({"kt_cpu_activation": "retain"}, "kt_cpu_activation: only used with use_kt: true"),

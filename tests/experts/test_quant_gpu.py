@@ -20,7 +20,7 @@ from expert_helpers import rel, run
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
 @pytest.mark.parametrize("shape", [{}, {"hidden_size": 256, "moe_intermediate_size": 128}])
 def test_gpu_dequantization_gives_the_cpu_bytes(scheme: str, shape: dict) -> None:
     # the blocked fast path (dims multiples of 128) and the general one, on the device, bit for bit
@@ -35,12 +35,13 @@ def test_gpu_dequantization_gives_the_cpu_bytes(scheme: str, shape: dict) -> Non
 
 
 
-@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
 @pytest.mark.parametrize(("experts", "rows", "cols", "projections"), [
     (64, 2816, 2048, 2),  # V2-Lite gate_up (2 x 1408 rows: 11 blocks each)
     (4, 2048, 1408, 1),  # V2-Lite down
     (3, 192, 200, 2),  # projections of 96 rows (a partial block row each), a partial block column
-    (2, 40, 136, 1),  # int8: rows not a multiple of the kernel's 32-row tile
+    (2, 40, 136, 1),  # int8 / int4: rows not a multiple of the kernel's 32-row tile
+    (3, 40, 96, 1),  # int4: a short last group (32 columns), a partial 64-byte tile
 ])
 def test_the_triton_kernel_gives_the_torch_bits(scheme: str, experts: int, rows: int, cols: int,
                                                 projections: int) -> None:
@@ -50,7 +51,7 @@ def test_the_triton_kernel_gives_the_torch_bits(scheme: str, experts: int, rows:
     q = quantize(weight, scheme, projections=projections)
     on_gpu = q.to("cuda")
     out = torch.full(weight.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
-    applies = scheme == "int8" or (rows // projections) % 32 == 0
+    applies = scheme in ("int8", "int4") or (rows // projections) % 32 == 0
     assert fused_dequantize(on_gpu.data, on_gpu.scale, projections, BLOCK, out) is applies
     expected = dequantize(q)
     if applies:
@@ -59,7 +60,8 @@ def test_the_triton_kernel_gives_the_torch_bits(scheme: str, experts: int, rows:
 
 
 def test_the_kernel_declines_what_it_does_not_cover() -> None:
-    # the torch path takes these: CPU tensors, a non-contiguous output, fp8 projections of 40 rows
+    # the torch path takes these: CPU tensors, a non-contiguous output, fp8 projections of 40 rows, an int4 output
+    # of the packed shape
     weight = torch.randn(2, 80, 128).bfloat16()
     q = quantize(weight, "fp8", projections=2)
     assert not fused_dequantize(q.data, q.scale, 2, BLOCK, torch.empty_like(weight))  # on the CPU
@@ -67,6 +69,10 @@ def test_the_kernel_declines_what_it_does_not_cover() -> None:
     assert not fused_dequantize(on_gpu.data, on_gpu.scale, 2, BLOCK, torch.empty(2, 128, 80).cuda().bfloat16().mT)
     assert not fused_dequantize(on_gpu.data, on_gpu.scale, 2, BLOCK, torch.empty_like(weight, device="cuda"))
     assert torch.equal(dequantize(on_gpu).cpu(), dequantize(q))
+    # int4: an output of the packed values' shape is not the weight's (`out` has the logical shape [..., N, K])
+    packed = quantize(weight, "int4").to("cuda")
+    assert not fused_dequantize(packed.data, packed.scale, 1, BLOCK, torch.empty(packed.data.shape).cuda().bfloat16())
+    assert fused_dequantize(packed.data, packed.scale, 1, BLOCK, torch.empty_like(weight, device="cuda"))
 
 
 def device_weights(engine: ExpertEngine, module: HostExperts, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +85,7 @@ def device_weights(engine: ExpertEngine, module: HostExperts, mode: str) -> tupl
     return weights
 
 
-@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
 @pytest.mark.parametrize("mode", ["stream", "gpu"])
 def test_gpu_pass_on_quantized_experts_equals_the_dequantized_layer(scheme: str, mode: str) -> None:
     # a streamed / resident pass on quantized host weights (forward, backward, expert LoRA grads) equals the same
@@ -121,7 +127,7 @@ def test_gpu_pass_on_quantized_experts_equals_the_dequantized_layer(scheme: str,
         assert all(torch.equal(g, w) for g, w in zip(got, dense_module.host_weights())), held_module.name
     # the same pass again on the dense model measures the GPU's own run-to-run noise (0 where every kernel is
     # deterministic); the passes may differ by that and no more, far below what a wrong dequantization or a slot read
-    # before its copy landed moves (int8 ~1e-2, fp8 ~5e-2, a stale slot ~1)
+    # before its copy landed moves (int8 ~1e-2, fp8 ~5e-2, int4 ~2e-1, a stale slot ~1)
     dense.zero_grad(set_to_none=True)
     again = run(dense, embeds)
     (l1, g1, p1), (l2, g2, p2) = results

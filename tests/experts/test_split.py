@@ -39,7 +39,7 @@ def routing(tokens: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.rand(tokens, E, generator=gen).topk(K, dim=-1).indices, torch.rand(tokens, K, generator=gen))
 
 
-@pytest.mark.parametrize("scheme", [None, "int8"])
+@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_lora", [False, True])
 def test_split_pass_equals_the_unsplit_pass(scheme: str | None, dtype: torch.dtype, with_lora: bool) -> None:

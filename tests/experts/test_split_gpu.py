@@ -29,7 +29,7 @@ def add_lora(layers: list[HostExperts]) -> None:
         layer.lora["gate_up_proj"] = lora
 
 
-@pytest.mark.parametrize("scheme", [None, "int8"])
+@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
 @pytest.mark.parametrize("with_lora", [False, True])
 def test_forced_split_equals_streaming_everything_with_the_same_prefetch_order(scheme: str | None,
                                                                                 with_lora: bool) -> None:

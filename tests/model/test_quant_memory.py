@@ -12,9 +12,9 @@ import torch
 
 from kllama.model.tiny import write_tiny_model
 
-# One process loads the same checkpoint in bf16 and int8 (a warm-up pair, then two measured pairs), resetting the
-# peak resident size (Linux clear_refs) before each load; the expert buffers are private mappings, unmapped when a
-# model dies. glibc's malloc raises its mmap threshold (up to 32 MB) each time a large block is freed, after which
+# One process loads the same checkpoint in bf16, int8 and int4 (a warm-up round, then two measured rounds), resetting
+# the peak resident size (Linux clear_refs) before each load; the expert buffers are private mappings, unmapped when
+# a model dies. glibc's malloc raises its mmap threshold (up to 32 MB) each time a large block is freed, after which
 # the loads' temporaries come from the heap and stay resident when freed, so what a load adds on top of the resident
 # size before it swung by 1-45 MB from load to load (a bf16 load of 1 MB next to an int8 load of 44 MB failed a full
 # suite run). `MALLOC_MMAP_THRESHOLD_` pins the threshold: every large block is mapped and unmapped, the resident size
@@ -29,8 +29,8 @@ _MEASURE = textwrap.dedent("""
         return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
 
     source = read_model_source(sys.argv[1], trust_remote_code=False)
-    out = {"bf16": [], "int8": []}
-    for expert_dtype in ("bf16", "int8") * 3:  # the first pair warms up lazy imports and caches
+    out = {"bf16": [], "int8": [], "int4": []}
+    for expert_dtype in ("bf16", "int8", "int4") * 3:  # the first round warms up lazy imports and caches
         gc.collect()
         open("/proc/self/clear_refs", "w").write("5")
         before = status("VmRSS")
@@ -65,3 +65,7 @@ def test_int8_load_peaks_at_the_quantized_size(tmp_path: Path) -> None:
     overhead_int8 = int8["peak"] - int8["experts"]
     assert overhead_int8 < overhead_bf16 + 24e6, got
     assert int8["peak"] < 0.65 * bf16["peak"], got
+    # int4 the same way: packed values + group scales (0.5625 bytes a weight), no full-precision layer held
+    int4 = min(got["int4"][1:], key=lambda load: load["peak"])
+    assert int4["experts"] == bf16["experts"] * 9 // 32  # 512 columns: whole groups of 64
+    assert int4["peak"] - int4["experts"] < overhead_bf16 + 24e6, got

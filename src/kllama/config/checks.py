@@ -123,7 +123,7 @@ def _common_checks(c: "KllamaConfig", check_paths: bool) -> list[str]:
     if e.cpu_infer is not None and e.cpu_infer <= 0:
         out.append(f"cpu_infer: must be > 0 threads, got {e.cpu_infer}")
     out.extend(kt_problems(c))
-    if e.expert_dtype in ("int8", "fp8") and not e.use_kt:
+    if e.expert_dtype in ("int8", "int4", "fp8") and not e.use_kt:
         out.append(f"expert_dtype: {e.expert_dtype} quantizes the routed experts the expert engine holds; set use_kt: "
                    "true or remove expert_dtype")
     if e.kt_optimize_rule and not e.use_kt:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from kllama.config.loader import KllamaConfig
 
 _FROM_MODEL_DIR = ("kllama reads the routed experts from model_name_or_path and quantizes them at load "
-                   "(expert_dtype: int8 | fp8)")
+                   "(expert_dtype: int8 | int4 | fp8)")
 _LORA_EXPERTS = ("extra GPU-side LoRA experts are not implemented; kllama puts LoRA on the routed experts "
                  "themselves (lora_target)")
 
@@ -31,7 +31,8 @@ TOP_LEVEL_NO_EFFECT: dict[str, str] = {
 # kt_config key -> why it has no effect in kllama (None: mapped, see `cpu_threads`)
 KT_CONFIG_KEYS: dict[str, str | None] = {
     "kt_num_threads": None,
-    "kt_expert_weight_format": "kllama computes routed experts in the checkpoint's dtype (no int8/fp8 kernels)",
+    "kt_expert_weight_format": "kllama holds routed experts as expert_dtype says (bf16 | int8 | int4 | fp8); set "
+                               "the format there",
     "kt_backend": "KTransformers' AMX/AVX-512 kernels; kllama computes experts in bf16 torch (oneDNN uses AMX "
                   "where the CPU has it)",
     "kt_tp_enabled": "KTransformers' tensor parallelism across NUMA nodes; kllama runs one CPU thread pool",
@@ -43,7 +44,7 @@ KT_CONFIG_KEYS: dict[str, str | None] = {
     "kt_force_fused_expert_lora": "kllama's expert LoRA is always one fused set per layer (PEFT's layout)",
     "kt_model_max_length": "a KTransformers kernel capacity; kllama sizes each pass from its batch",
 }
-WEIGHT_FORMATS: tuple[str, ...] = ("bf16", "int8", "fp8")
+WEIGHT_FORMATS: tuple[str, ...] = ("bf16", "int8", "int4", "fp8")  # accepted values of kt_expert_weight_format
 
 
 def usable_cpus() -> int:

@@ -190,10 +190,12 @@ class EngineArguments:
     expert_dtype: str = arg(
         "auto", "How routed experts are held in host RAM: bf16 (not quantized: the model's weights dtype), int8 "
         "(per output channel; fast CPU decode and prefill), fp8 (e4m3, 128x128 block scales; streamed passes copy "
-        "half the bytes of bf16, CPU decode as fast as int8), or auto (an fp8 checkpoint's experts stay fp8 as "
-        "stored, others are not quantized). "
+        "half the bytes of bf16, CPU decode as fast as int8), int4 (symmetric, round-to-nearest, one scale per row "
+        "and group of 64 inputs: a quarter of bf16's bytes in RAM and over PCIe, for models that do not fit "
+        "otherwise; it costs more quality than int8/fp8: check yours, benchmarks/NOTES.md has measurements), or "
+        "auto (an fp8 checkpoint's experts stay fp8 as stored, others are not quantized; never int4). "
         "Quantized weights are dequantized on the GPU for streamed/resident passes; LoRA stays in full precision.",
-        choices=("auto", "bf16", "fp8", "int8"),
+        choices=("auto", "bf16", "fp8", "int8", "int4"),
     )
     # LLaMA-Factory's KTransformersArguments (kllama.config.kt_keys says what each does here)
     kt_cpu_activation: str | None = arg(

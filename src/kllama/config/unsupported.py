@@ -6,7 +6,7 @@ from typing import Any, Callable
 # key -> why / what to do instead. These get "not supported yet", never "unknown key".
 UNSUPPORTED: dict[str, str] = {
     "quantization_bit": "quantised non-expert base weights (QLoRA) are not implemented; routed experts can be held "
-                        "in int8 or fp8 with expert_dtype",
+                        "in int8, int4 or fp8 with expert_dtype",
     "quantization_method": "quantised base weights are not implemented",
     "double_quantization": "quantised base weights are not implemented",
     "rope_scaling": "context extension is not implemented",

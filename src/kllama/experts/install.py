@@ -127,7 +127,7 @@ def install_expert_engine(
     """Replace every stock routed-experts module of a transformers model (e.g. from stock `from_pretrained`) by a
     HostExperts whose weights move to (pinned) host memory, then `wire_engine`. `placements` maps each qualified
     module name to its placement (a mapping must cover every layer) or is a function of the name; `expert_dtype`
-    `int8` / `fp8` holds the weights quantized (`kllama.experts.quant`)."""
+    `int8` / `int4` / `fp8` holds the weights quantized (`kllama.experts.quant`)."""
     stock = find_expert_modules(model)
     if isinstance(placements, Mapping):
         missing = [name for name in stock if name not in placements]

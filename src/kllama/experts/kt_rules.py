@@ -42,7 +42,8 @@ _BACKENDS: dict[str, str] = {
     "llamafile": "llamafile (GGML-quantised) kernel runs as bf16 torch",
     "AMXBF16": "AMX bf16 kernel runs as bf16 torch (oneDNN uses AMX where the CPU has it)",
     "AMXInt8": "AMX int8 quantised kernel runs as bf16 torch (no int8 quantisation is applied)",
-    "AMXInt4": "AMX int4 quantised kernel runs as bf16 torch (no int4 quantisation is applied)",
+    "AMXInt4": "AMX int4 quantised kernel runs as bf16 torch (no int4 quantisation is applied; expert_dtype: int4 "
+               "holds the experts in int4)",
 }
 # What the stock transformers module covers for the non-expert replacements (matched on the class name).
 # What the stock transformers module covers for the non-expert replacements, by (lower-case) class-name suffix.

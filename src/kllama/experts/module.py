@@ -6,9 +6,10 @@ Same forward signature as the stock module (`hidden_states [T, H], top_k_index [
 Each pass picks a target from its `ExpertPlacement` (or a forced one): `cpu` computes next to the weights,
 `stream` copies them to the GPU through the shared `ExpertStreamer`, `gpu` keeps a resident GPU copy.
 
-The weights may be held quantized (`kllama.experts.quant`: int8 per channel, fp8 in 128x128 blocks): streamed passes
-copy the quantized bytes and dequantize them on the GPU, a resident copy is dequantized once, CPU passes read the
-quantized bytes (`kllama.experts.quant_compute`) and a CPU training pass dequantizes the layer for its duration.
+The weights may be held quantized (`kllama.experts.quant`: int8 per channel, int4 in groups of 64 columns per row,
+fp8 in 128x128 blocks; shapes are always the logical `[E, N, K]`): streamed passes copy the quantized bytes and
+dequantize them on the GPU, a resident copy is dequantized once, CPU passes read the quantized bytes
+(`kllama.experts.quant_compute`) and a CPU training pass dequantizes the layer for its duration.
 
 A long no-grad pass that streams may leave the layer's first experts to the CPU (`split_for`, from the start-up
 measurement `cpu_share`, `kllama.experts.cpu_share`), run by `split_pass.SplitExecutor`; training passes never split
@@ -151,7 +152,8 @@ class HostExperts(nn.Module):
         expert_dtype: str | None = None,
     ) -> "HostExperts":
         """Take the weights out of a stock transformers experts module (its parameters are dropped, so no second
-        copy stays alive once the stock module is replaced), quantized when `expert_dtype` is `int8` or `fp8`."""
+        copy stays alive once the stock module is replaced), quantized when `expert_dtype` is `int8`, `int4` or
+        `fp8`."""
         gate_up, down = module.gate_up_proj.detach(), module.down_proj.detach()
         if expert_dtype in QUANT_DTYPES:
             gate_up, down = quantize(gate_up, expert_dtype, projections=2), quantize(down, expert_dtype)

@@ -1,8 +1,8 @@
-"""CPU products with quantized routed experts: `x [n, K] @ W_e^T` reading expert e's int8 or fp8 bytes.
+"""CPU products with quantized routed experts: `x [n, K] @ W_e^T` reading expert e's int8, int4 or fp8 bytes.
 
-No-grad CPU passes read one expert's weights per product, so their cost is the bytes read: int8 and fp8 halve them.
-Passes of up to 64 tokens run in the C++ expert kernel (`cpu_kernels.py`, int8 and fp8 alike); the rest (larger
-prefills, or where the kernel is unavailable) come here. How to turn those bytes into a product is a kernel choice
+No-grad CPU passes read one expert's weights per product, so their cost is the bytes read: int8 and fp8 halve them,
+int4 quarters them. Passes of up to 64 tokens run in the C++ expert kernel (`cpu_kernels.py`, int8 and fp8 alike;
+int4 once the kernel reads it); the rest (larger prefills, or where the kernel is unavailable) come here. How to turn those bytes into a product is a kernel choice
 made here, measured per shape:
 
 * int8: torch's weight-only int8 kernel `torch._weight_int8pack_mm(x, w_int8 [N, K], scales [N])` (private API; its
@@ -12,6 +12,9 @@ made here, measured per shape:
 * fp8: the expert dequantized (exact fp8 decode, block scales in fp32, one rounding) and multiplied by `linear`.
   torch has no fp8 CPU GEMM and decoding costs more than reading bf16 on CPUs whose torch build does not vectorise
   the fp8 cast, so on this path int8 is the faster CPU format (benchmarks/NOTES.md has the numbers).
+* int4: the expert dequantized (nibbles unpacked, group scales in fp32, one rounding) and multiplied by `linear`;
+  torch has no CPU kernel for this layout (its int4 weight-only kernels want their own packing and asymmetric
+  scales), so only this form.
 
 Every form computes the same dot products with fp32 accumulation; the choice is measured once per (scheme, row
 bucket, shape, dtype, thread count) against every expert of the layer in turn, so the weights come from memory as
@@ -59,6 +62,7 @@ def dequant_mm(x: Tensor, weight: QuantizedWeight) -> Tensor:
 QUANT_GEMMS: dict[str, dict[str, Callable[[Tensor, QuantizedWeight], Tensor]]] = {
     "int8": {"int8-pack": int8_pack_mm, "dequant": dequant_mm},
     "fp8": {"dequant": dequant_mm},
+    "int4": {"dequant": dequant_mm},
 }
 _CHOSEN: dict[tuple, str] = {}
 

@@ -78,13 +78,13 @@ def _copy_side_files(source_dir: Path, out_dir: Path) -> None:
 
 def print_dequantized_note(config: KllamaConfig, model_dir: Path) -> None:
     """One line when the merge does not use quantized weights as they are: an fp8 checkpoint is dequantized (the
-    export is written in the merge dtype), and `expert_dtype: int8/fp8` (how the engine held experts for training
+    export is written in the merge dtype), and `expert_dtype: int8/int4/fp8` (how the engine held experts for training
     or serving) does not apply to the merge, which uses the checkpoint's own weights."""
     if scan_checkpoint(model_dir).scales:
         print(f"kllama export: {model_dir.name} stores fp8 weights with 128x128 block scales; they are dequantized "
               f"for the merge and the export is written unquantized ({config.model.infer_dtype} dtype, "
               f"auto = the config's)", flush=True)
-    elif config.engine.expert_dtype in ("fp8", "int8"):
+    elif config.engine.expert_dtype in ("fp8", "int8", "int4"):
         print(f"kllama export: expert_dtype {config.engine.expert_dtype} applies to the expert engine only; the "
               f"merge uses the checkpoint's unquantized weights", flush=True)
 

@@ -25,7 +25,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -33,7 +33,7 @@ from torch import Tensor
 
 from kllama.errors import KllamaError
 from kllama.experts.quant import (BLOCK, QUANT_DTYPES, ExpertWeight, QuantizedWeight, dequantize,
-                                  quantize_projection, scale_shape)
+                                  quantize_projection, scale_shape, values_shape)
 from kllama.experts.shared_host import expert_host_buffer
 
 SINGLE_FILE = "model.safetensors"
@@ -322,30 +322,43 @@ def allocate_layer_buffer(keys: ExpertLayerKeys, dtype: torch.dtype, pin: bool) 
     `pin=True` page-locks it (host->GPU copies run ~3x faster) when CUDA is available; without CUDA there is
     nothing to pin for and plain memory is used.
     """
+    gate_up, down = _layer_shapes(keys)
+    (gate_up_buf, down_buf), filled = _one_allocation((gate_up, down), dtype, pin)
+    return gate_up_buf, down_buf, filled
+
+
+def _layer_shapes(keys: ExpertLayerKeys) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    # the logical weight shapes: gate_up [E, 2I, H], down [E, H, I]
     e, h, i = keys.num_experts, keys.hidden, keys.intermediate
-    n_gate_up = e * 2 * i * h
-    flat, filled = expert_host_buffer(n_gate_up + e * h * i, dtype, pin=pin)
-    return flat[:n_gate_up].view(e, 2 * i, h), flat[n_gate_up:].view(e, h, i), filled
+    return (e, 2 * i, h), (e, h, i)
+
+
+def _one_allocation(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, pin: bool,
+                    ) -> tuple[list[Tensor], bool]:
+    # one host buffer (`expert_host_buffer`) viewed as consecutive tensors of `shapes`, and whether it is filled
+    sizes = [math.prod(shape) for shape in shapes]
+    flat, filled = expert_host_buffer(sum(sizes), dtype, pin=pin)
+    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)], filled
 
 
 def allocate_quantized_layer(keys: ExpertLayerKeys, scheme: str, dtype: torch.dtype, pin: bool,
                              ) -> tuple[QuantizedWeight, QuantizedWeight, bool]:
-    """Host buffers of a layer quantized with `scheme` (int8 | fp8): one allocation for the values, one for the
-    scales (see `kllama.experts.quant`), as `gate_up` (two projections: gate, up) and `down` QuantizedWeights that
-    dequantize to `dtype`, and whether they already hold the weights (as `allocate_layer_buffer`)."""
-    e, h, i = keys.num_experts, keys.hidden, keys.intermediate
-    gate_up_values, values, filled = allocate_layer_buffer(keys, QUANT_DTYPES[scheme], pin)
-    shapes = (scale_shape(scheme, (e, 2 * i, h), projections=2), scale_shape(scheme, (e, h, i)))
-    sizes = [math.prod(shape) for shape in shapes]
-    flat, _ = expert_host_buffer(sum(sizes), torch.float32, pin=pin)
-    gate_up_scale, down_scale = flat[: sizes[0]].view(shapes[0]), flat[sizes[0]:].view(shapes[1])
-    return (QuantizedWeight(gate_up_values, gate_up_scale, dtype, projections=2),
-            QuantizedWeight(values, down_scale, dtype), filled)
+    """Host buffers of a layer quantized with `scheme` (int8 | int4 | fp8): one allocation for the values (as
+    stored: int4's packed `[..., K / 2]`), one for the scales (see `kllama.experts.quant`), as `gate_up` (two
+    projections: gate, up) and `down` QuantizedWeights that dequantize to `dtype`, and whether they already hold
+    the weights (as `allocate_layer_buffer`)."""
+    shapes = _layer_shapes(keys)
+    values, filled = _one_allocation([values_shape(scheme, s) for s in shapes], QUANT_DTYPES[scheme], pin)
+    scales, _ = _one_allocation([scale_shape(scheme, s, projections=p) for s, p in zip(shapes, (2, 1))],
+                                torch.float32, pin)
+    return (QuantizedWeight(values[0], scales[0], dtype, projections=2),
+            QuantizedWeight(values[1], scales[1], dtype), filled)
 
 
 def expert_scheme(expert_dtype: str, keys: ExpertLayerKeys) -> str | None:
-    """How a layer's routed experts are held for `expert_dtype` (auto | bf16 | fp8 | int8): None = not quantized
-    (the model's weights dtype), else `int8` / `fp8`. `auto` keeps an fp8 checkpoint's experts fp8."""
+    """How a layer's routed experts are held for `expert_dtype` (auto | bf16 | fp8 | int8 | int4): None = not
+    quantized (the model's weights dtype), else the scheme. `auto` keeps an fp8 checkpoint's experts fp8 (and never
+    picks int4)."""
     if expert_dtype == "auto":
         return "fp8" if keys.scaled else None
     return None if expert_dtype == "bf16" else expert_dtype

@@ -6,10 +6,10 @@ and re-initialised non-persistent buffers such as rotary `inv_freq`), and each M
 into one host buffer that becomes a `HostExperts` module. Peak host memory stays close to the model size: nothing
 is read twice and file mappings are dropped as the reader goes (see `kllama.model.checkpoint`).
 
-Routed experts may be held quantized (`expert_dtype`: int8 / fp8, quantized expert by expert as they are read) and
-fp8 checkpoints (DeepSeek-V3's layout: float8_e4m3fn weights with 128x128 `weight_scale_inv` blocks) load too: their
-non-expert weights are dequantized to the model's dtype, their routed experts stay fp8 unless `expert_dtype` says
-otherwise. The built model then holds no fp8 Linear, so its config drops `quantization_config` (a saved or exported
+Routed experts may be held quantized (`expert_dtype`: int8 / int4 / fp8, quantized expert by expert as they are
+read) and fp8 checkpoints (DeepSeek-V3's layout: float8_e4m3fn weights with 128x128 `weight_scale_inv` blocks) load
+too: their non-expert weights are dequantized to the model's dtype, their routed experts stay fp8 unless
+`expert_dtype` says otherwise. The built model then holds no fp8 Linear, so its config drops `quantization_config` (a saved or exported
 model must not claim to be fp8).
 """
 from __future__ import annotations
@@ -199,8 +199,8 @@ def load_checkpoint(
     Non-expert weights go to `compute_device` in `dtype` (fp32-kept modules stay fp32, as in transformers). Routed
     experts are read layer by layer into one host buffer each (pinned when `compute_device` is CUDA) and become
     `HostExperts` modules placed by `placements_fn(expert_module_names) -> {name: ExpertPlacement}`; the engine is
-    `kllama.experts.install.wire_engine`'s handle; `expert_dtype` (auto | bf16 | fp8 | int8) says how they are held
-    (`kllama.model.checkpoint.expert_scheme`). With `placements_fn=None` the stock experts modules are kept and
+    `kllama.experts.install.wire_engine`'s handle; `expert_dtype` (auto | bf16 | fp8 | int8 | int4) says how they
+    are held (`kllama.model.checkpoint.expert_scheme`). With `placements_fn=None` the stock experts modules are kept and
     filled on `compute_device` in `dtype` (engine None): what `from_pretrained` would give, via the low-memory path
     (an fp8 checkpoint comes out dequantized). Every
     user-fixable problem (missing file, shard or tensor; config/weights mismatch) is a KllamaError naming it.
