@@ -24,7 +24,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, 
 from kllama.config import KllamaConfig
 from kllama.errors import KllamaError
 from kllama.experts.install import ExpertEngine
-from kllama.model.adapters import adapter_dirs, attach_saved_adapter, check_adapter_templates, merge_adapters
+from kllama.model.adapters import (adapter_dirs, attach_saved_adapter, check_adapter_templates, merge_adapters,
+                                   merge_linear_lora)
 from kllama.model.checkpoint import CheckpointIndex, scan_checkpoint
 from kllama.model.engine_setup import load_on_engine
 from kllama.model.fused_norm import fuse_rms_norms
@@ -119,8 +120,13 @@ def _keep_for_training(model: nn.Module, adapters: list[Path], engine: ExpertEng
 def _merge_or_attach(model: nn.Module, adapters: list[Path], engine: ExpertEngine | None) -> nn.Module:
     if engine is None:
         return merge_adapters(model, adapters)  # decoding then pays nothing for the adapters
-    # host-resident experts are not merged in place: the adapter runs unmerged, expert LoRA on the engine
-    return attach_saved_adapter(model, adapters[0]) if adapters else model
+    if not adapters:
+        return model
+    # On the engine the linear layers' LoRA is merged into their weights, as LLaMA-Factory merges for inference:
+    # unmerged, PEFT runs ~6 small kernels per adapted linear per step (fp32 casts, two GEMVs, scale, add), which
+    # more than halved V2-Lite's GPU decode (benchmarks/NOTES.md, thirteenth session). The routed experts' LoRA
+    # stays on the engine (host-resident experts are not rewritten): `merge_and_unload` only touches PEFT's layers.
+    return merge_linear_lora(attach_saved_adapter(model, adapters[0]))
 
 
 def _check_one_adapter_on_engine(adapters: list[Path], engine: bool) -> None:
