@@ -46,7 +46,7 @@ from torch import Tensor
 from torch.nn.functional import linear, silu
 
 from kllama.experts.cpu_compute import cpu_infer_forward, kernel_operands
-from kllama.experts.cpu_kernels import expert_layer, kernel_isas, kernel_status
+from kllama.experts.cpu_kernels import INT4_GROUP, expert_layer, kernel_isas, kernel_status
 from kllama.experts.crossover import median_seconds
 from kllama.experts.module import HostExperts
 from kllama.experts.placement import ExpertPlacement
@@ -107,6 +107,12 @@ def kernel_weights(dtype: str, experts: int, hidden: int, inter: int) -> tuple[t
         return (torch.ones(experts, 2 * inter, hidden, dtype=torch.int8),
                 torch.ones(experts, hidden, inter, dtype=torch.int8)), {
             "gate_up_scale": torch.full((experts, 2 * inter), 0.01), "down_scale": torch.full((experts, hidden), 0.01)}
+    if dtype == "int4":  # byte 0x89: columns of q = 1 and 0; one fp32 scale per row and 64-column group
+        groups = -(-hidden // INT4_GROUP), -(-inter // INT4_GROUP)
+        return (torch.full((experts, 2 * inter, hidden // 2), 0x89, dtype=torch.uint8),
+                torch.full((experts, hidden, inter // 2), 0x89, dtype=torch.uint8)), {
+            "gate_up_scale": torch.full((experts, 2 * inter, groups[0]), 0.01),
+            "down_scale": torch.full((experts, hidden, groups[1]), 0.01)}
     fp8 = torch.float8_e4m3fn
     blocks = -(-inter // BLOCK), -(-hidden // BLOCK)  # quant.py's 128x128 grid: gate and up rows on their own
     return (torch.full((experts, 2 * inter, hidden), 0.5).to(fp8), torch.full((experts, hidden, inter), 0.5).to(fp8)), {
