@@ -400,16 +400,19 @@ def test_decode_passes_from_the_gpu_reuse_their_pinned_buffers_and_equal_the_hos
     assert len(cpu_compute._STAGING[experts]) == 2
 
 
-# int8 on the avx512-vnni tier and above reads activations as 24-bit integers times one scale per row: an outlier
-# (massive activations are common in LLM hidden states) coarsens every other element's step, within the bound that
-# csrc/expert_pass.cpp documents (~2.4e-7 x max|a| x sum|w| a dot product), far below int8's own rounding
+# int8 and int4 on the avx512-vnni tier and above read activations as 24-bit integers times one scale per row: an
+# outlier (massive activations are common in LLM hidden states) coarsens every other element's step, within the
+# bound that csrc/expert_pass.cpp documents (~2.4e-7 x max|a| x sum|w| a dot product), far below int8's own rounding
 @needs_kernel
 @pytest.mark.parametrize("isa", list(ISAS))
 @pytest.mark.parametrize("outlier", [1e2, 1e4])
-def test_int8_with_an_outlier_activation_stays_at_fp32_accuracy(isa: str, outlier: float) -> None:
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+def test_int8_and_int4_with_an_outlier_activation_stay_at_fp32_accuracy(isa: str, outlier: float,
+                                                                         dtype: torch.dtype) -> None:
+    # int4 on those tiers: the same 24-bit digits, split into even and odd columns (csrc/expert_pass.cpp)
     if isa not in kernel_isas():
         pytest.skip(f"this CPU does not run the {isa} path")
-    gate_up, down, scales, lora = layer(torch.int8, 8, 2048, 150, 4)
+    gate_up, down, scales, lora = layer(dtype, 8, 2048, 150, 4)
     index, weights = routing(4, 8, 6)
     x = torch.randn(4, 2048, generator=torch.Generator().manual_seed(9))
     x[:, 7] = outlier

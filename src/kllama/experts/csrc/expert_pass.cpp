@@ -691,6 +691,58 @@ struct Avx512Int8Vnni {  // the activation rows are `QuantRow`s; 3 planes are 3 
   }
 };
 
+// ---- AVX512-VNNI, int4 weights: nibbles times activations as 24-bit integers, exact per 8 columns ----
+// The fp32 int4 path costs ~14 vector instructions per 64 weights at one token (widening, two permutes, four FMAs),
+// which held it to the int8 path's time on the dev box's 2 AVX-512 cores (measured: compute-bound, as fast from the L3
+// cache as from DRAM). Here 64 weight bytes become 128 unsigned nibbles in two instructions (an AND; a shift and an
+// AND), and `vpdpbusd` multiplies them by the activation row's digit bytes (`QuantRow`'s three planes, each 128-column
+// chunk as its 64 even columns, then its 64 odd ones: `SplitDigits`). A 32-bit lane l of a 64-byte step sums the
+// columns 8l..8l+7 of one 64-column group (lanes 0-7: the step's first group, 8-15: its second), so per step and token
+// the three planes' lanes are combined exactly in int32 (sum nibble * q <= 8 x 15 x kDigitMax < 2^31), the nibbles'
+// offset of 8 is taken off (8 x the lane's sum of q, precomputed per row), and the lane is converted to fp32 and
+// multiplied by its group's scale. The only errors are q's rounding (as for int8 on this tier: ~2.4e-7 x max|a| x
+// sum|w| a dot product) and fp32's rounding of each lane's sum.
+constexpr int64_t kSplitDigits = 128;  // columns of a `SplitDigits` chunk (64 weight bytes)
+
+struct SplitDigits {  // an activation row as value = scale * q, q = d[0] + 256 d[1] + 65536 d[2]
+  const int8_t* d[3];   // planes, each chunk as 64 even columns, then 64 odd ones, zeros past len
+  const int32_t* corr;  // per chunk, 16 lanes: 8 x the sum of q over the chunk's columns 8l..8l+7
+  float scale;
+};
+
+template <int N>
+struct Avx512Int4Vnni {
+  KL_AVX512VNNI static void run(const void* w_, const float* groups, const void* const* a_, int64_t len, float* res) {
+    const uint8_t* w = static_cast<const uint8_t*>(w_);
+    const int64_t bytes = len / 2, num_groups = (len + kGroup - 1) / kGroup;
+    const SplitDigits* a[N];
+    __m512 acc[N];
+    for (int i = 0; i < N; ++i) a[i] = static_cast<const SplitDigits*>(a_[i]), acc[i] = _mm512_setzero_ps();
+    const __m512i low = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+    _mm_prefetch(reinterpret_cast<const char*>(groups + num_groups), _MM_HINT_T0);  // the next row's scales
+    for (int64_t b = 0, c = 0; b < bytes; b += kSplitDigits / 2, ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + bytes + b), _MM_HINT_T0);
+      const __m512i raw = bytes - b >= 64 ? _mm512_loadu_si512(w + b)
+                                          : _mm512_maskz_loadu_epi8(__mmask64((1ull << (bytes - b)) - 1ull), w + b);
+      const __m512i lo = _mm512_and_si512(raw, low), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+      const float second = 2 * c + 1 < num_groups ? groups[2 * c + 1] : 0.0f;  // none: its lanes are all zero
+      const __m512 s = _mm512_mask_blend_ps(__mmask16(0xff00), _mm512_set1_ps(groups[2 * c]), _mm512_set1_ps(second));
+      const int64_t col = c * kSplitDigits;
+      for (int i = 0; i < N; ++i) {  // t = ((plane 2) * 256 + plane 1) * 256 + plane 0, Horner's way
+        __m512i t = zero;
+        for (int q = 2; q >= 0; --q) {
+          const int8_t* d = a[i]->d[q] + col;
+          if (q < 2) t = _mm512_slli_epi32(t, 8);
+          t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(t, lo, _mm512_loadu_si512(d)), hi, _mm512_loadu_si512(d + 64));
+        }
+        t = _mm512_sub_epi32(t, _mm512_loadu_si512(a[i]->corr + 16 * c));
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), s, acc[i]);
+      }
+    }
+    for (int i = 0; i < N; ++i) res[i] = _mm512_reduce_add_ps(acc[i]) * a[i]->scale;
+  }
+};
+
 template <template <int> class Op, int... Ns>
 DotTable make_table(std::integer_sequence<int, Ns...>) {
   return DotTable{nullptr, &Op<Ns + 1>::run...};
@@ -723,19 +775,21 @@ int64_t row_bytes(Weights kind, int64_t cols) {  // bytes of one weight row of `
 
 // How the dot products read activation rows: bf16 where the instruction takes bf16 (bf16 weights, AVX512-BF16),
 // 24-bit integer digits where it takes bytes (int8 weights, AVX512-VNNI, rows short enough to sum exactly), fp32
-// split into even and odd columns per 32 (int4 weights, every tier: the order of a chunk's nibbles), else fp32.
-enum class ActForm { kF32, kBf16, kDigits, kF32Split };
+// split into even and odd columns per 32 (int4 weights below AVX512-VNNI: the order of a chunk's nibbles), digits
+// split per 128 columns (int4 weights, AVX512-VNNI), else fp32.
+enum class ActForm { kF32, kBf16, kDigits, kF32Split, kDigitsSplit };
 
 ActForm act_form(Weights kind, int64_t isa, int64_t len) {
-  if (kind == Weights::kInt4) return ActForm::kF32Split;
+  if (kind == Weights::kInt4) return isa >= kAvx512Vnni ? ActForm::kDigitsSplit : ActForm::kF32Split;
   if (kind == Weights::kBf16 && isa >= kAvx512Bf16) return ActForm::kBf16;
   if (kind == Weights::kInt8 && isa >= kAvx512Vnni && len <= kMaxDigitLen) return ActForm::kDigits;
   return ActForm::kF32;
 }
 
 const DotTable& dot_table(Weights kind, int64_t isa, ActForm form) {
-  static const DotTable avx512_vnni = table<Avx512Int8Vnni>();
+  static const DotTable avx512_vnni = table<Avx512Int8Vnni>(), avx512_vnni_int4 = table<Avx512Int4Vnni>();
   if (form == ActForm::kDigits) return avx512_vnni;
+  if (form == ActForm::kDigitsSplit) return avx512_vnni_int4;
   static const DotTable scalar_bf16 = table<ScalarBf16>(), scalar_int8 = table<ScalarInt8>();
   static const DotTable avx2_bf16 = table<Avx2Bf16>(), avx2_int8 = table<Avx2Int8>();
   static const DotTable avx512_bf16 = table<Avx512Bf16W>(), avx512_int8 = table<Avx512Int8>();
@@ -761,6 +815,8 @@ struct Acts {
   std::vector<int8_t> digits;  // kDigits: per row, 3 planes of `padded` bytes
   std::vector<QuantRow> quant;
   std::vector<float> split;  // kF32Split: per row, `split_cols` floats, each 32 columns as 16 even, then 16 odd
+  std::vector<int32_t> corr;  // kDigitsSplit: per row, 16 lanes a 128-column chunk (`SplitDigits`)
+  std::vector<SplitDigits> split_quant;
 
   Acts(ActForm form_, int64_t rows_, int64_t cols_)
       : form(form_), rows(rows_), cols(cols_), padded((cols_ + 63) / 64 * 64),
@@ -768,10 +824,15 @@ struct Acts {
     (form == ActForm::kBf16 ? h.resize(rows * cols) : f.resize(rows * cols));
     if (form == ActForm::kDigits) digits.resize(3 * rows * padded), quant.resize(rows);
     if (form == ActForm::kF32Split) split.assign(rows * split_cols, 0.0f);  // zeros past cols: int4's tail reads them
+    if (form == ActForm::kDigitsSplit) {  // planes padded to whole chunks, zeros past cols
+      digits.assign(3 * rows * chunked(), 0), corr.assign(rows * chunked() / 8, 0), split_quant.resize(rows);
+    }
   }
+  int64_t chunked() const { return (cols + kSplitDigits - 1) / kSplitDigits * kSplitDigits; }
   const void* row(int64_t r) const {  // what the weights' dot products read
     if (form == ActForm::kDigits) return &quant[r];
     if (form == ActForm::kF32Split) return split.data() + r * split_cols;
+    if (form == ActForm::kDigitsSplit) return &split_quant[r];
     return lora_row(r);
   }
   const void* lora_row(int64_t r) const {  // what LoRA's (bf16-weight) dot products read
@@ -786,6 +847,7 @@ struct Acts {
       f[r * cols + c] = round ? bf16_to_f32(f32_to_bf16(v)) : v;
     }
   }
+  void split_digits(int64_t r, std::vector<int8_t>& plain);
   void finish() {  // once every value is set
     if (form == ActForm::kF32Split) {
       for (int64_t r = 0; r < rows; ++r) {
@@ -793,6 +855,12 @@ struct Acts {
         float* dst = split.data() + r * split_cols;
         for (int64_t c = 0; c < cols; ++c) dst[c / kSplit * kSplit + (c % 2) * (kSplit / 2) + c % kSplit / 2] = src[c];
       }
+    }
+    if (form == ActForm::kDigitsSplit) {
+      at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+        std::vector<int8_t> plain(3 * padded);  // the row's planes in column order
+        for (int64_t r = r0; r < r1; ++r) split_digits(r, plain);
+      });
     }
     if (form != ActForm::kDigits) return;
     at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
@@ -803,6 +871,21 @@ struct Acts {
     });
   }
 };
+
+// Digitizes row r (`quantize_row`, into `plain`) and writes its planes in `SplitDigits` order with their lane sums.
+void Acts::split_digits(int64_t r, std::vector<int8_t>& plain) {
+  QuantRow q;
+  quantize_row(f.data() + r * cols, cols, padded, plain.data(), plain.data() + padded, plain.data() + 2 * padded, q);
+  const int64_t chunk_cols = chunked();
+  int8_t* planes = digits.data() + 3 * r * chunk_cols;
+  int32_t* sums = corr.data() + r * chunk_cols / 8;
+  for (int64_t c = 0; c < cols; ++c) {
+    const int64_t at = c / kSplitDigits * kSplitDigits + (c % 2) * (kSplitDigits / 2) + c % kSplitDigits / 2;
+    for (int p = 0; p < 3; ++p) planes[p * chunk_cols + at] = plain[p * padded + c];
+    sums[c / 8] += 8 * (int32_t(plain[c]) + 256 * int32_t(plain[padded + c]) + 65536 * int32_t(plain[2 * padded + c]));
+  }
+  split_quant[r] = SplitDigits{{planes, planes + chunk_cols, planes + 2 * chunk_cols}, sums, q.scale};
+}
 
 // One projection's expert LoRA: a [E, r, in], b [E, out, r] (bf16, scaling folded into b).
 struct Lora {
