@@ -5,8 +5,8 @@ from DRAM, and torch's best form (`linear`, oneDNN) reached 61 % of the host's r
 H200 box, before the per-expert Python and small ops of a layer. `csrc/expert_pass.cpp` does the whole layer in
 one call without the GIL: two stages (gate/up with the activation and routing weight fused, then down with the
 weighted sum over a token's experts), each one fork/join over output rows of all selected experts at once, with
-fp32 accumulation (AVX512-BF16 dot products for bf16 weights and AVX512-VNNI integer ones for int8 weights where
-the CPU has them; AVX-512F, AVX2+FMA+F16C or scalar code otherwise, and for fp8 and int4 weights everywhere).
+fp32 accumulation (AVX512-BF16 dot products for bf16 weights and AVX512-VNNI integer ones for int8 and int4 weights
+where the CPU has them; AVX-512F, AVX2+FMA+F16C or scalar code otherwise, and for fp8 weights everywhere).
 
 The call (`expert_layer`), for `T <= KERNEL_MAX_TOKENS` tokens:
 
@@ -28,9 +28,10 @@ The call (`expert_layer`), for `T <= KERNEL_MAX_TOKENS` tokens:
 
 Numerics: every product accumulates in fp32 (int8, fp8 and int4: fp32 activations, equal to the fp32 reference of
 the dequantized weights to ~1e-6; int4 multiplies each activation by `(nibble - 8) * scale` rounded to fp32 once,
-the reference's own dequantized weight; int8 on the `avx512-vnni` tier and above: each activation row as 24-bit integers
-times a per-row scale, exact integer sums, within ~2.4e-7 x max|a| x sum|w| of the fp32 dot product, ~1e-7
-relative on random rows: `csrc/expert_pass.cpp`, "AVX512-VNNI"); with bf16 weights the activations the products
+the reference's own dequantized weight; int8 and int4 on the `avx512-vnni` tier and above: each activation row as
+24-bit integers times a per-row scale, exact integer sums (int4: per 8 columns, then times the group's scale in
+fp32), within ~2.4e-7 x max|a| x sum|w| of the fp32 dot product, ~1e-7 relative on random rows:
+`csrc/expert_pass.cpp`, "AVX512-VNNI"); with bf16 weights the activations the products
 read (`x` and `silu(gate) * up * w`) are rounded to bf16 once, as the torch path rounds them (which also rounds
 the gate/up outputs and the routing-weight product; the two paths agree to ~1e-2 relative). The kernel runs SiLU
 only and skips nothing else: expert LoRA runs inside it.

@@ -15,7 +15,9 @@
 // int8 weights carry one fp32 scale per output row. fp8 (e4m3fn) weights carry one fp32 scale per 128x128 block
 // (kllama/experts/quant.py's layout, a grid per fused projection): a byte becomes fp16 bits by a shift (exactly
 // value * 2^-8), F16C widens those to fp32, and each 128-column block's partial dot product is multiplied by its
-// scale (times 2^8) before it is added. The instruction set is a runtime argument checked against the CPU, so one
+// scale (times 2^8) before it is added. int4 weights (two a byte, one fp32 scale per row and 64 columns) meet
+// activation rows split into even and odd columns, so their nibbles need no interleaving ("int4" below; on
+// AVX512-VNNI, integer dot products). The instruction set is a runtime argument checked against the CPU, so one
 // build runs anywhere.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -173,8 +175,9 @@ struct ScalarFp8 {
 // int4: byte b of a row holds column 2b in its low nibble and 2b + 1 in its high one, each as q + 8, q in [-7, 7],
 // with one fp32 scale per 64 columns (32 bytes). The activation rows come split (`ActForm::kF32Split`): each chunk of
 // 32 columns as its 16 even columns, then its 16 odd ones (zeros past len), so the low nibbles of a chunk's 16 bytes
-// meet 16 consecutive floats and the high nibbles the next 16, with no shuffle of the weights. Every path turns a
-// nibble into (q) * scale rounded once to fp32, the value the fp32 reference dequantizes to.
+// meet 16 consecutive floats and the high nibbles the next 16, with no shuffle of the weights (the split copy is made
+// once per activation row and stage, and read by every weight row). Every fp32 path turns a nibble into q * scale
+// rounded once to fp32, the weight the fp32 reference dequantizes to (AVX512-VNNI: integers, see there).
 template <int N>
 struct ScalarInt4 {
   static void run(const void* w_, const float* groups, const void* const* a_, int64_t len, float* res) {
@@ -328,7 +331,7 @@ struct Avx2Fp8 {
 
 // 16 int4 bytes (32 columns from `col`, a multiple of 32) into the chains of N split activation rows: per 8 bytes one
 // widening to 32-bit lanes, the low nibbles masked and the high ones shifted down, each converted and turned into
-// (q - 8) * scale by one FMA (q * s - 8 s, exact before its one rounding).
+// q * scale = (nibble - 8) * scale by one FMA (nibble * s - 8 s, exact before its one rounding).
 template <int N, int U>
 KL_AVX2 inline void int4_chunk_avx2(const uint8_t* w, __m256 s, __m256 minus8s, const float* const* a, int64_t col,
                                     __m256 (*acc)[U]) {
@@ -510,8 +513,8 @@ struct Avx512Fp8 {  // 32 bytes per conversion into two chains; U chains per act
 };
 
 // 16 int4 bytes (32 columns from `col`) into the chains of N split activation rows: one widening of the bytes to
-// 32-bit lanes; `vpermps` reads only an index's low 4 bits, so the lanes index a 16-entry table of (q - 8) * scale
-// as they are (low nibbles) and shifted down by 4 (high nibbles): two permutes give 32 scaled weights.
+// 32-bit lanes; `vpermps` reads only an index's low 4 bits, so the lanes index a 16-entry table of
+// (nibble - 8) * scale as they are (low nibbles) and shifted down by 4 (high nibbles): two permutes give 32 weights.
 template <int N, int U>
 KL_AVX512 inline void int4_chunk_avx512(__m128i raw, __m512 table, const float* const* a, int64_t col,
                                         __m512 (*acc)[U], int u0) {
