@@ -492,3 +492,22 @@ def test_int4_weights_reject_an_odd_intermediate_size_and_wrong_scales() -> None
                      down_scale=scales["down_scale"])
     with pytest.raises(RuntimeError, match="even intermediate size"):
         expert_layer(x, index, weights, gate_up[:, :62], down, **scales)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", list(ISAS))
+def test_int4_reads_every_nibble_value_as_the_reference_does(isa: str) -> None:
+    # random bytes: all 16 nibble values, including 0 (never quantized to; read as -8), on both projections
+    if isa not in kernel_isas():
+        pytest.skip(f"this CPU does not run the {isa} path")
+    gen = torch.Generator().manual_seed(11)
+    experts, hidden, inter = 4, 160, 96
+    gate_up = torch.randint(0, 256, (experts, 2 * inter, hidden // 2), generator=gen, dtype=torch.uint8)
+    down = torch.randint(0, 256, (experts, hidden, inter // 2), generator=gen, dtype=torch.uint8)
+    assert set(torch.cat([(gate_up & 15).flatten(), (gate_up >> 4).flatten()]).tolist()) == set(range(16))
+    scales = {"gate_up_scale": torch.rand(experts, 2 * inter, 3, generator=gen) * 0.01,
+              "down_scale": torch.rand(experts, hidden, 2, generator=gen) * 0.01}
+    index, weights = routing(5, experts, 2)
+    x = torch.randn(5, hidden, generator=gen)
+    got = expert_layer(x, index, weights, gate_up, down, isa=isa, **scales)
+    assert rel(got, reference_layer(x, index, weights, gate_up, down, **scales)) < 1e-5
