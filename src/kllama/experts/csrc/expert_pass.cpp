@@ -851,25 +851,21 @@ struct Acts {
     }
   }
   void split_digits(int64_t r, std::vector<int8_t>& plain);
-  void finish() {  // once every value is set
-    if (form == ActForm::kF32Split) {
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* src = f.data() + r * cols;
-        float* dst = split.data() + r * split_cols;
-        for (int64_t c = 0; c < cols; ++c) dst[c / kSplit * kSplit + (c % 2) * (kSplit / 2) + c % kSplit / 2] = src[c];
-      }
-    }
-    if (form == ActForm::kDigitsSplit) {
-      at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
-        std::vector<int8_t> plain(3 * padded);  // the row's planes in column order
-        for (int64_t r = r0; r < r1; ++r) split_digits(r, plain);
-      });
-    }
-    if (form != ActForm::kDigits) return;
+  void finish() {  // once every value is set: the digit or split rows, one fork/join
+    if (form == ActForm::kF32 || form == ActForm::kBf16) return;
     at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+      std::vector<int8_t> plain(form == ActForm::kDigitsSplit ? 3 * padded : 0);  // a row's planes, column order
       for (int64_t r = r0; r < r1; ++r) {
-        int8_t* d = digits.data() + 3 * r * padded;
-        quantize_row(f.data() + r * cols, cols, padded, d, d + padded, d + 2 * padded, quant[r]);
+        if (form == ActForm::kDigits) {
+          int8_t* d = digits.data() + 3 * r * padded;
+          quantize_row(f.data() + r * cols, cols, padded, d, d + padded, d + 2 * padded, quant[r]);
+        } else if (form == ActForm::kDigitsSplit) {
+          split_digits(r, plain);
+        } else {  // kF32Split
+          const float* src = f.data() + r * cols;
+          float* dst = split.data() + r * split_cols;
+          for (int64_t c = 0; c < cols; ++c) dst[c / kSplit * kSplit + c % 2 * (kSplit / 2) + c % kSplit / 2] = src[c];
+        }
       }
     });
   }
