@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.nn.functional import linear, silu
 
 from kllama.experts.cpu_compute import cpu_infer_forward, kernel_operands
-from kllama.experts.cpu_kernels import INT4_GROUP, expert_layer, kernel_isas, kernel_status
+from kllama.experts.cpu_kernels import INT4_GROUP, KERNEL_LABELS, expert_layer, kernel_isas, kernel_status
 from kllama.experts.crossover import median_seconds
 from kllama.experts.module import HostExperts
 from kllama.experts.placement import ExpertPlacement
@@ -158,7 +158,7 @@ def kernel_only(args: argparse.Namespace) -> dict:
                     rows.append({"variant": f"kernel {isa} {dtype}", "threads": threads, "tokens": tokens,
                                  "ms": seconds * 1e3, "GB_per_s": gbs, "pct_of_read": 100 * gbs * 1e9 / read_bw})
     print(f"CPU expert kernel alone, top-{K} experts, H={H} I={I}; tiers in use: "
-          f"{ {_label(d): t for d, t in kernel_status().tiers.items()} }")
+          f"{ {KERNEL_LABELS[d]: t for d, t in kernel_status().tiers.items()} }")
     print_rows(rows, 32)
     return {"args": vars(args), "rows": rows, "cpu_count": torch.get_num_threads(), "kernel_isa": kernel_status().isa}
 
@@ -230,10 +230,6 @@ def layer_pass(args: argparse.Namespace) -> dict:
     for row in rows:
         print(f"{row['variant']:34s} {row['threads']:7d} {row['tokens']:6d} {row['ms']:8.3f}")
     return {"args": vars(args), "rows": rows, "device": str(device), "kernel_isa": kernel_status().isa}
-
-
-def _label(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def main(argv: list[str] | None = None) -> dict:

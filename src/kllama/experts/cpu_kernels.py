@@ -71,7 +71,7 @@ ISAS: dict[str, int] = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512-vnni": 3, "
 KERNEL_MAX_TOKENS = 64  # memory-bound up to here on a 16-core AVX-512 host; torch's GEMMs take larger passes
 # weight dtypes the kernel reads; uint8 means int4 (two values a byte, per-64-column group scales)
 KERNEL_DTYPES = (torch.bfloat16, torch.int8, torch.float8_e4m3fn, torch.uint8)
-_LABELS = {torch.bfloat16: "bf16", torch.int8: "int8", torch.float8_e4m3fn: "fp8", torch.uint8: "int4"}
+KERNEL_LABELS = {torch.bfloat16: "bf16", torch.int8: "int8", torch.float8_e4m3fn: "fp8", torch.uint8: "int4"}
 INT4_GROUP = 64  # columns of a row that share one int4 scale
 _CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 
@@ -185,7 +185,7 @@ def kernel_status() -> KernelStatus:
     names = [name for name, code in ISAS.items() if code <= module.best_isa()]
     tiers: dict[torch.dtype, str] = {}
     for dtype in KERNEL_DTYPES:  # each weight format on its own, so one format's faulty path costs no other its tier
-        label = _LABELS[dtype]
+        label = KERNEL_LABELS[dtype]
         for name in reversed(names):
             if _self_check(module, name, dtype):
                 tiers[dtype] = name
