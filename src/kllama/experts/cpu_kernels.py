@@ -31,10 +31,10 @@ the dequantized weights to ~1e-6; int4 multiplies each activation by `(nibble - 
 the reference's own dequantized weight; int8 and int4 on the `avx512-vnni` tier and above: each activation row as
 24-bit integers times a per-row scale, exact integer sums (int4: per 8 columns, then times the group's scale in
 fp32), within ~2.4e-7 x max|a| x sum|w| of the fp32 dot product, ~1e-7 relative on random rows:
-`csrc/expert_pass.cpp`, "AVX512-VNNI"); with bf16 weights the activations the products
-read (`x` and `silu(gate) * up * w`) are rounded to bf16 once, as the torch path rounds them (which also rounds
-the gate/up outputs and the routing-weight product; the two paths agree to ~1e-2 relative). The kernel runs SiLU
-only and skips nothing else: expert LoRA runs inside it.
+`csrc/expert_pass.cpp`, "AVX512-VNNI"); with bf16 weights the activations the products read (`x` and
+`silu(gate) * up * w`) are rounded to bf16 once, as the torch path rounds them (which also rounds the gate/up
+outputs and the routing-weight product; the two paths agree to ~1e-2 relative). The kernel runs SiLU only and skips
+nothing else: expert LoRA runs inside it.
 
 The extension is built on first use with torch's C++ extension tools (ninja, the host's C++ compiler) into torch's
 extensions cache and imported from there by later processes without running the build tools again (its name hashes the
