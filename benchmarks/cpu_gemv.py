@@ -8,15 +8,16 @@ For a few thread counts this measures:
 * the host's read bandwidth (a float32 sum over one layer's gate_up weights, ~740 MB);
 * the raw GEMVs of one token's top-k experts (`x @ W.T`, `F.linear`, `torch.mv`, `W @ x`);
 * the engine's no-grad CPU layer pass at each `--tokens` count: the C++ kernel (`experts/cpu_kernels.py`) on each
-  instruction-set path above scalar this CPU runs, with bf16 weights and with int8 weights + per-row scales; the
-  torch path (`cpu_infer_forward(use_kernel=False)`); and the shared training math (`routed_experts_math`);
-  each as GB/s of the distinct experts' weights it must read and as a share of the read bandwidth (the issue's bar:
-  >= 80 %). With one token, torch's int8 weight-only kernel per expert (`torch._weight_int8pack_mm`) is a row too.
+  instruction-set path above scalar this CPU runs, with bf16 weights, int8 weights + per-row scales and int4 weights
+  (two a byte) + per-row 64-column group scales; the torch path (`cpu_infer_forward(use_kernel=False)`); and the
+  shared training math (`routed_experts_math`); each as GB/s of the distinct experts' weights (and scales) it must
+  read and as a share of the read bandwidth (the issue's bar: >= 80 %). With one token, torch's int8 weight-only
+  kernel per expert (`torch._weight_int8pack_mm`) is a row too.
 Writes JSON (default benchmarks/results/cpu_gemv.json). CPU only (runs anywhere; compare rows of one run).
 
-`--kernel-only` measures the C++ kernel alone, per weight dtype (bf16, int8, fp8) and instruction-set path: each call
-runs one layer's `--top-k` experts for `--tokens` tokens, and consecutive calls read disjoint expert sets of one
-`--top-k x --layers`-expert tensor per dtype (so no memory is spent on unselected experts; make the cycled bytes,
+`--kernel-only` measures the C++ kernel alone, per weight dtype (bf16, int8, fp8, int4) and instruction-set path:
+each call runs one layer's `--top-k` experts for `--tokens` tokens, and consecutive calls read disjoint expert sets of
+one `--top-k x --layers`-expert tensor per dtype (so no memory is spent on unselected experts; make the cycled bytes,
 printed, several times the L3 cache). GB/s counts the weight and scale bytes a call must read.
 
 `--layer-pass` measures the hop around the kernel: per weight dtype, one decode layer's pass through `HostExperts`
@@ -29,7 +30,7 @@ decode, where the kernel's threads wait while the GPU runs the rest of a layer (
 Usage: python benchmarks/cpu_gemv.py [--threads 16,8] [--tokens 1,4,16] [--layers 8] [--experts 64]
                                      [--hidden 2048] [--inter 1408] [--top-k 6]
        python benchmarks/cpu_gemv.py --kernel-only [--threads 16,8] [--tokens 1] [--layers 24] [--isas avx2,...]
-                                     [--dtypes bf16,int8,fp8]
+                                     [--dtypes bf16,int8,fp8,int4]
        python benchmarks/cpu_gemv.py --layer-pass [--threads 16] [--tokens 1] [--layers 24] [--dtypes ...]
 """
 from __future__ import annotations
@@ -46,7 +47,7 @@ from torch import Tensor
 from torch.nn.functional import linear, silu
 
 from kllama.experts.cpu_compute import cpu_infer_forward, kernel_operands
-from kllama.experts.cpu_kernels import expert_layer, kernel_isas, kernel_status
+from kllama.experts.cpu_kernels import INT4_GROUP, KERNEL_LABELS, expert_layer, kernel_isas, kernel_status
 from kllama.experts.crossover import median_seconds
 from kllama.experts.module import HostExperts
 from kllama.experts.placement import ExpertPlacement
@@ -82,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="--layer-pass: sleep before each call of its 'after idle' row")
     parser.add_argument("--isas", default="", help="kernel paths to time with --kernel-only (default: all above "
                         "scalar this CPU runs)")
-    parser.add_argument("--dtypes", default="bf16,int8,fp8", help="weight dtypes to time with --kernel-only")
+    parser.add_argument("--dtypes", default="bf16,int8,fp8", help="weight dtypes to time with --kernel-only or "
+                        "--layer-pass (int4 too: --layer-pass quantizes it with quant.py's scheme of that name)")
     return parser.parse_args(argv)
 
 
@@ -107,6 +109,12 @@ def kernel_weights(dtype: str, experts: int, hidden: int, inter: int) -> tuple[t
         return (torch.ones(experts, 2 * inter, hidden, dtype=torch.int8),
                 torch.ones(experts, hidden, inter, dtype=torch.int8)), {
             "gate_up_scale": torch.full((experts, 2 * inter), 0.01), "down_scale": torch.full((experts, hidden), 0.01)}
+    if dtype == "int4":  # byte 0x89: columns of q = 1 and 0; one fp32 scale per row and 64-column group
+        groups = -(-hidden // INT4_GROUP), -(-inter // INT4_GROUP)
+        return (torch.full((experts, 2 * inter, hidden // 2), 0x89, dtype=torch.uint8),
+                torch.full((experts, hidden, inter // 2), 0x89, dtype=torch.uint8)), {
+            "gate_up_scale": torch.full((experts, 2 * inter, groups[0]), 0.01),
+            "down_scale": torch.full((experts, hidden, groups[1]), 0.01)}
     fp8 = torch.float8_e4m3fn
     blocks = -(-inter // BLOCK), -(-hidden // BLOCK)  # quant.py's 128x128 grid: gate and up rows on their own
     return (torch.full((experts, 2 * inter, hidden), 0.5).to(fp8), torch.full((experts, hidden, inter), 0.5).to(fp8)), {
@@ -150,7 +158,7 @@ def kernel_only(args: argparse.Namespace) -> dict:
                     rows.append({"variant": f"kernel {isa} {dtype}", "threads": threads, "tokens": tokens,
                                  "ms": seconds * 1e3, "GB_per_s": gbs, "pct_of_read": 100 * gbs * 1e9 / read_bw})
     print(f"CPU expert kernel alone, top-{K} experts, H={H} I={I}; tiers in use: "
-          f"{ {_label(d): t for d, t in kernel_status().tiers.items()} }")
+          f"{ {KERNEL_LABELS[d]: t for d, t in kernel_status().tiers.items()} }")
     print_rows(rows, 32)
     return {"args": vars(args), "rows": rows, "cpu_count": torch.get_num_threads(), "kernel_isa": kernel_status().isa}
 
@@ -224,10 +232,6 @@ def layer_pass(args: argparse.Namespace) -> dict:
     return {"args": vars(args), "rows": rows, "device": str(device), "kernel_isa": kernel_status().isa}
 
 
-def _label(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.kernel_only or args.layer_pass:
@@ -245,11 +249,12 @@ def main(argv: list[str] | None = None) -> dict:
     down = [torch.full((E, H, I), 0.01, dtype=torch.bfloat16) for _ in range(L)]  # [E, H, I]
     expert_bytes = (gate_up[0][0].numel() + down[0][0].numel()) * gate_up[0].element_size()
     isas = [isa for isa in kernel_isas() if isa != "scalar"]
-    int8: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # (gate_up, down, their per-row scales) per layer
-    if isas:
-        int8 = [(torch.ones(E, 2 * I, H, dtype=torch.int8), torch.ones(E, H, I, dtype=torch.int8),
-                 torch.full((E, 2 * I), 0.01), torch.full((E, H), 0.01)) for _ in range(L)]
-    int8_bytes = (2 * I * H + H * I) + 4 * (2 * I + H)  # one expert's int8 values and fp32 scales
+    # int8 (per-row scales) and int4 (per-row 64-column group scales): ((gate_up, down), scale keywords) per layer
+    quantized = {dtype: [kernel_weights(dtype, E, H, I) for _ in range(L)] if isas else []
+                 for dtype in ("int8", "int4")}
+    quant_bytes = {dtype: sum(t[0].numel() * t.element_size() for t in (*layers[0][0], *layers[0][1].values()))
+                   for dtype, layers in quantized.items() if layers}  # one expert's values and fp32 scales
+    int8_bytes = quant_bytes.get("int8", 0)
     experts = torch.randperm(E)[:K].tolist()
     x, act = torch.randn(1, H, dtype=torch.bfloat16), torch.randn(1, I, dtype=torch.bfloat16)
     gemvs = {
@@ -259,9 +264,10 @@ def main(argv: list[str] | None = None) -> dict:
         "W @ x (bf16)": lambda j: [(gate_up[j][e] @ x.T, down[j][e] @ act.T) for e in experts],
     }
     int8_gemv = getattr(torch, "_weight_int8pack_mm", None)
-    if int8 and int8_gemv is not None:
+    if quantized["int8"] and int8_gemv is not None:
         def int8_pack(j: int) -> list:
-            gu, dn, gus, dns = int8[j]
+            (gu, dn), scales = quantized["int8"][j]
+            gus, dns = scales["gate_up_scale"], scales["down_scale"]
             return [(int8_gemv(x, gu[e], gus[e].bfloat16()), int8_gemv(act, dn[e], dns[e].bfloat16()))
                     for e in experts]
         gemvs["torch._weight_int8pack_mm (int8)"] = int8_pack
@@ -275,10 +281,10 @@ def main(argv: list[str] | None = None) -> dict:
         for isa in isas:
             passes[f"kernel {isa} bf16, {tokens} token{plural}"] = (tokens, touched, expert_bytes, lambda j, xt=xt,
                 index=index, weights=weights, isa=isa: expert_layer(xt, index, weights, gate_up[j], down[j], isa=isa))
-            passes[f"kernel {isa} int8, {tokens} token{plural}"] = (tokens, touched, int8_bytes, lambda j, xt=xt,
-                index=index, weights=weights, isa=isa: expert_layer(xt, index, weights, int8[j][0], int8[j][1],
-                                                                    gate_up_scale=int8[j][2], down_scale=int8[j][3],
-                                                                    isa=isa))
+            for dtype, layers in quantized.items():
+                passes[f"kernel {isa} {dtype}, {tokens} token{plural}"] = (
+                    tokens, touched, quant_bytes[dtype], lambda j, xt=xt, index=index, weights=weights, isa=isa,
+                    layers=layers: expert_layer(xt, index, weights, *layers[j][0], isa=isa, **layers[j][1]))
         passes[f"torch layer pass, {tokens} token{plural}"] = (tokens, touched, expert_bytes, lambda j, xt=xt,
             index=index, weights=weights: cpu_infer_forward(xt, index, weights, gate_up[j], down[j], silu,
                                                             use_kernel=False))

@@ -1,6 +1,6 @@
 """The C++ CPU expert kernel computes what the torch expert math computes, on every instruction-set path this CPU
-runs (a machine with AVX512-BF16 checks five tiers, an AVX2 machine two), for bf16, int8 and fp8 weights, and the
-engine's no-grad pass uses it."""
+runs (a machine with AVX512-BF16 checks five tiers, an AVX2 machine two), for bf16, int8, fp8 and int4 weights, and
+the engine's no-grad pass uses it."""
 from __future__ import annotations
 
 import os
@@ -20,9 +20,11 @@ from kllama.experts.cpu_kernels import (
     ISAS,
     KERNEL_DTYPES,
     KERNEL_MAX_TOKENS,
+    _int4_groups,
     _int8_rows,
     _why_not_buildable,
     expert_layer,
+    int4_values,
     is_silu,
     kernel_isas,
     kernel_runs,
@@ -43,14 +45,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def layer(dtype: torch.dtype, experts: int, hidden: int, inter: int, rank: int, seed: int = 0) -> tuple:
-    """Weights (bf16, int8 + per-row scales, or fp8 + 128x128 block scales, gate_up on two grids) and bf16 LoRA
-    factors of one random layer."""
+    """Weights (bf16, int8 + per-row scales, fp8 + 128x128 block scales, gate_up on two grids, or int4 as uint8 +
+    per-row 64-column group scales) and bf16 LoRA factors of one random layer."""
     gen = torch.Generator().manual_seed(seed)
     gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen) * 0.1
     down = torch.randn(experts, hidden, inter, generator=gen) * 0.1
     scales: dict = {}
-    if dtype == torch.int8:
-        (gate_up, scales["gate_up_scale"]), (down, scales["down_scale"]) = _int8_rows(gate_up), _int8_rows(down)
+    if dtype in (torch.int8, torch.uint8):
+        quantizer = _int8_rows if dtype == torch.int8 else _int4_groups
+        (gate_up, scales["gate_up_scale"]), (down, scales["down_scale"]) = quantizer(gate_up), quantizer(down)
     elif dtype == torch.float8_e4m3fn:
         gate_up, down = quantize(gate_up, "fp8", projections=2), quantize(down, "fp8")
         scales = {"gate_up_scale": gate_up.scale, "down_scale": down.scale}
@@ -142,6 +145,8 @@ def test_kernel_takes_only_what_it_computes() -> None:
     assert not kernel_runs(gate_up, down, silu, KERNEL_MAX_TOKENS + 1)  # larger passes: torch's GEMMs
     assert not kernel_runs(gate_up, down, torch.nn.GELU(), 1)  # the kernel's activation is SiLU
     assert not kernel_runs(gate_up.float(), down.float(), silu, 1)
+    int4 = [_int4_groups(w.float())[0] for w in (gate_up, down)]
+    assert kernel_runs(*int4, silu, 1, lora) and not kernel_runs(int4[0], down, silu, 1)
     fp32_lora = {k: (a.float(), b.float()) for k, (a, b) in lora.items()}
     assert not kernel_runs(gate_up, down, silu, 1, fp32_lora)
     assert is_silu(torch.nn.SiLU()) and not is_silu(torch.nn.functional.gelu)
@@ -325,20 +330,21 @@ def test_a_path_that_disagrees_for_one_weight_dtype_drops_only_that_dtypes_tier(
     capsys.readouterr()
     status = kernel_status.__wrapped__()  # a fresh load-time check (the cached status stays)
     assert status.isa == best
-    assert status.tiers == {torch.bfloat16: best, torch.int8: best, torch.float8_e4m3fn: below}
+    assert status.tiers == {torch.bfloat16: best, torch.int8: best, torch.float8_e4m3fn: below, torch.uint8: best}
     assert capsys.readouterr().err.splitlines() == [
         f"kllama: CPU expert kernel: its {best} path disagrees with torch for fp8 weights on this CPU; trying the "
         "next one"]
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, torch.float8_e4m3fn, torch.uint8])
 def test_a_bf16_out_is_the_fp32_out_rounded_once(dtype: torch.dtype) -> None:
-    gate_up, down, scales, lora = layer(dtype, 8, 301, 150, 4)
+    hidden = 302 if dtype == torch.uint8 else 301  # int4: an even width (151 bytes a row)
+    gate_up, down, scales, lora = layer(dtype, 8, hidden, 150, 4)
     index, weights = routing(5, 8, 6)
-    x = torch.randn(5, 301, generator=torch.Generator().manual_seed(5)).bfloat16()
+    x = torch.randn(5, hidden, generator=torch.Generator().manual_seed(5)).bfloat16()
     fp32 = expert_layer(x, index, weights, gate_up, down, lora=lora, **scales)
-    out = torch.full((5, 301), float("nan"), dtype=torch.bfloat16)
+    out = torch.full((5, hidden), float("nan"), dtype=torch.bfloat16)
     got = expert_layer(x, index, weights, gate_up, down, lora=lora, out=out, **scales)
     assert got is out
     assert torch.equal(out, fp32.bfloat16())
@@ -394,19 +400,114 @@ def test_decode_passes_from_the_gpu_reuse_their_pinned_buffers_and_equal_the_hos
     assert len(cpu_compute._STAGING[experts]) == 2
 
 
-# int8 on the avx512-vnni tier and above reads activations as 24-bit integers times one scale per row: an outlier
-# (massive activations are common in LLM hidden states) coarsens every other element's step, within the bound that
-# csrc/expert_pass.cpp documents (~2.4e-7 x max|a| x sum|w| a dot product), far below int8's own rounding
+# int8 and int4 on the avx512-vnni tier and above read activations as 24-bit integers times one scale per row: an
+# outlier (massive activations are common in LLM hidden states) coarsens every other element's step, within the
+# bound that csrc/expert_pass.cpp documents (~2.4e-7 x max|a| x sum|w| a dot product), far below int8's own rounding
 @needs_kernel
 @pytest.mark.parametrize("isa", list(ISAS))
 @pytest.mark.parametrize("outlier", [1e2, 1e4])
-def test_int8_with_an_outlier_activation_stays_at_fp32_accuracy(isa: str, outlier: float) -> None:
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+def test_int8_and_int4_with_an_outlier_activation_stay_at_fp32_accuracy(isa: str, outlier: float,
+                                                                         dtype: torch.dtype) -> None:
+    # int4 on those tiers: the same 24-bit digits, split into even and odd columns (csrc/expert_pass.cpp)
     if isa not in kernel_isas():
         pytest.skip(f"this CPU does not run the {isa} path")
-    gate_up, down, scales, lora = layer(torch.int8, 8, 2048, 150, 4)
+    gate_up, down, scales, lora = layer(dtype, 8, 2048, 150, 4)
     index, weights = routing(4, 8, 6)
     x = torch.randn(4, 2048, generator=torch.Generator().manual_seed(9))
     x[:, 7] = outlier
     got = expert_layer(x, index, weights, gate_up, down, isa=isa, lora=lora, **scales)
     expected = reference_layer(x, index, weights, gate_up, down, lora=lora, **scales)
     assert rel(got, expected) < 1e-5
+
+
+# int4: widths 32, 64 and 96 (a half group, one group, a group and a half), 46 and 150 (a last group of 23 and 11
+# bytes: an odd byte count in a 16-byte step), 200 (three groups and 4 bytes); 64 tokens: 8-pair register blocks
+@needs_kernel
+@pytest.mark.parametrize("isa", list(ISAS))
+@pytest.mark.parametrize("tokens", [1, 3, 64])
+@pytest.mark.parametrize(("hidden", "inter"), [(64, 32), (96, 46), (32, 96), (200, 150)])
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_int4_matches_the_fp32_reference_of_its_dequantized_weights(isa: str, tokens: int, hidden: int, inter: int,
+                                                                    with_lora: bool) -> None:
+    if isa not in kernel_isas():
+        pytest.skip(f"this CPU does not run the {isa} path")
+    gate_up, down, scales, lora = layer(torch.uint8, 8, hidden, inter, 4)
+    index, weights = routing(tokens, 8, 6)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(2)).bfloat16()
+    kwargs = {**scales, "lora": lora if with_lora else None}
+    got = expert_layer(x, index, weights, gate_up, down, isa=isa, **kwargs)
+    expected = reference_layer(x, index, weights, gate_up, down, **kwargs)
+    assert got.dtype == torch.float32 and got.shape == (tokens, hidden)
+    assert rel(got, expected) < 1e-5
+    if isa != "scalar":
+        assert rel(got, expert_layer(x, index, weights, gate_up, down, isa="scalar", **kwargs)) < 1e-5
+
+
+def test_int4_self_check_quantizer_packs_even_columns_in_the_low_nibble() -> None:
+    # a row of 66 columns: one group of 64 with amax 7 (scale 1), and a last group of 2 (amax 3.5, scale 0.5)
+    row = torch.zeros(1, 66)
+    row[0, 0], row[0, 1], row[0, 63], row[0, 64], row[0, 65] = 7.0, -3.0, 1.4, -3.5, 1.0
+    packed, scale = _int4_groups(row)
+    assert packed.dtype == torch.uint8 and packed.shape == (1, 33) and scale.shape == (1, 2)
+    assert scale.tolist() == [[1.0, 0.5]]
+    assert packed[0, 0].item() == (8 + 7) | (8 - 3) << 4  # column 0 low, column 1 high
+    assert packed[0, 31].item() == 8 | (8 + 1) << 4  # columns 62 (0) and 63 (1.4 -> 1)
+    assert packed[0, 32].item() == (8 - 7) | (8 + 2) << 4  # -3.5 / 0.5 = -7; 1.0 / 0.5 = 2
+    assert packed[0, 1:31].eq(0x88).all()  # zeros are nibble 8
+    assert _int4_groups(torch.zeros(2, 64))[1].eq(1).all()  # an all-zero group: scale 1
+    assert torch.equal(int4_values(packed)[0, :2], torch.tensor([7.0, -3.0]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", list(ISAS))
+def test_int4_nibble_order_by_hand(isa: str) -> None:
+    # H = I = 2: one byte a row. Rows (gate 0, gate 1, up 0, up 1) = ([3, -1], [0, 1], [1, 0], [1, 1]) with scales
+    # (0.5, 1, 1, 2), down rows ([1, -2], [0, 4]) with scales (1, 0.25); x = [1, 2], one expert, routing weight 1:
+    # gate = (0.5 * (3 - 2), 2) = (0.5, 2), up = (1, 2 * 3) = (1, 6), act = (silu(0.5), 6 silu(2)),
+    # out = (act0 - 2 act1, 0.25 * 4 act1). With the nibbles swapped gate would be (0.5 * 5, 1): another result.
+    if isa not in kernel_isas():
+        pytest.skip(f"this CPU does not run the {isa} path")
+
+    def byte(even: int, odd: int) -> int:
+        return (even + 8) | (odd + 8) << 4
+
+    gate_up = torch.tensor([[[byte(3, -1)], [byte(0, 1)], [byte(1, 0)], [byte(1, 1)]]], dtype=torch.uint8)
+    down = torch.tensor([[[byte(1, -2)], [byte(0, 4)]]], dtype=torch.uint8)
+    scales = {"gate_up_scale": torch.tensor([[[0.5], [1.0], [1.0], [2.0]]]),
+              "down_scale": torch.tensor([[[1.0], [0.25]]])}
+    x = torch.tensor([[1.0, 2.0]])
+    got = expert_layer(x, torch.tensor([[0]]), torch.tensor([[1.0]]), gate_up, down, isa=isa, **scales)
+    act = torch.tensor([silu(torch.tensor(0.5)).item(), 6 * silu(torch.tensor(2.0)).item()])
+    expected = torch.tensor([[act[0] - 2 * act[1], act[1]]])
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_int4_weights_reject_an_odd_intermediate_size_and_wrong_scales() -> None:
+    gate_up, down, scales, _ = layer(torch.uint8, 2, 64, 32, 2)
+    x, index, weights = torch.randn(1, 64), torch.tensor([[0]]), torch.tensor([[1.0]])
+    with pytest.raises(RuntimeError, match=r"gate_up_scale has shape .* \(64-column groups\)"):
+        expert_layer(x, index, weights, gate_up, down, gate_up_scale=scales["gate_up_scale"][..., :0],
+                     down_scale=scales["down_scale"])
+    with pytest.raises(RuntimeError, match="even intermediate size"):
+        expert_layer(x, index, weights, gate_up[:, :62], down, **scales)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", list(ISAS))
+def test_int4_reads_every_nibble_value_as_the_reference_does(isa: str) -> None:
+    # random bytes: all 16 nibble values, including 0 (never quantized to; read as -8), on both projections
+    if isa not in kernel_isas():
+        pytest.skip(f"this CPU does not run the {isa} path")
+    gen = torch.Generator().manual_seed(11)
+    experts, hidden, inter = 4, 160, 96
+    gate_up = torch.randint(0, 256, (experts, 2 * inter, hidden // 2), generator=gen, dtype=torch.uint8)
+    down = torch.randint(0, 256, (experts, hidden, inter // 2), generator=gen, dtype=torch.uint8)
+    assert set(torch.cat([(gate_up & 15).flatten(), (gate_up >> 4).flatten()]).tolist()) == set(range(16))
+    scales = {"gate_up_scale": torch.rand(experts, 2 * inter, 3, generator=gen) * 0.01,
+              "down_scale": torch.rand(experts, hidden, 2, generator=gen) * 0.01}
+    index, weights = routing(5, experts, 2)
+    x = torch.randn(5, hidden, generator=gen)
+    got = expert_layer(x, index, weights, gate_up, down, isa=isa, **scales)
+    assert rel(got, reference_layer(x, index, weights, gate_up, down, **scales)) < 1e-5

@@ -5,8 +5,8 @@ from DRAM, and torch's best form (`linear`, oneDNN) reached 61 % of the host's r
 H200 box, before the per-expert Python and small ops of a layer. `csrc/expert_pass.cpp` does the whole layer in
 one call without the GIL: two stages (gate/up with the activation and routing weight fused, then down with the
 weighted sum over a token's experts), each one fork/join over output rows of all selected experts at once, with
-fp32 accumulation (AVX512-BF16 dot products for bf16 weights and AVX512-VNNI integer ones for int8 weights where
-the CPU has them; AVX-512F, AVX2+FMA+F16C or scalar code otherwise).
+fp32 accumulation (AVX512-BF16 dot products for bf16 weights and AVX512-VNNI integer ones for int8 and int4 weights
+where the CPU has them; AVX-512F, AVX2+FMA+F16C or scalar code otherwise, and for fp8 weights everywhere).
 
 The call (`expert_layer`), for `T <= KERNEL_MAX_TOKENS` tokens:
 
@@ -16,19 +16,25 @@ The call (`expert_layer`), for `T <= KERNEL_MAX_TOKENS` tokens:
   both float8_e4m3fn with fp32 scales per 128x128 block (`quant.py`'s layout): `gate_up_scale
   [E, 2 * ceil(I/128), ceil(H/128)]` (gate rows and up rows each on their own grid, `projections=2`), `down_scale
   [E, ceil(H/128), ceil(I/128)]`. fp8 bytes are read as they are (shifted into fp16 bit patterns and widened with
-  F16C, exactly), each 128-column block's partial dot product times its scale;
+  F16C, exactly), each 128-column block's partial dot product times its scale; or both int4 as uint8
+  `gate_up [E, 2I, H/2]`, `down [E, H, I/2]` (H and I even; byte `j` of a row holds column `2j` in its low nibble and
+  `2j + 1` in its high one, each as `q + 8`, `q` in [-7, 7]) with fp32 scales per output row and 64-column group
+  (the last one shorter where the width is not a multiple of 64), `gate_up_scale [E, 2I, ceil(H/64)]`, `down_scale
+  [E, H, ceil(I/64)]`, `weight[n, k] = (nibble - 8) * scale[n, k // 64]`;
 * `lora`: optional `{"gate_up_proj" | "down_proj": (a [E, r, in], b [E, out, r])}` in bf16, the scaling folded into
   b (`HostExperts.host_lora_factors`' layout); the delta `b_e @ (a_e @ input)` is added to that projection;
 * returns `out [T, H]` fp32: `sum_k w[t, k] * down_e(silu(gate_e x) * up_e x)`, the activation SiLU; or writes
   it into a given `out` (fp32, or bf16: each fp32 sum rounded once, as `.to(torch.bfloat16)` rounds it).
 
-Numerics: every product accumulates in fp32 (int8 and fp8: fp32 activations, equal to the fp32 reference of the
-dequantized weights to ~1e-6; int8 on the `avx512-vnni` tier and above: each activation row as 24-bit integers
-times a per-row scale, exact integer sums, within ~2.4e-7 x max|a| x sum|w| of the fp32 dot product, ~1e-7
-relative on random rows: `csrc/expert_pass.cpp`, "AVX512-VNNI"); with bf16 weights the activations the products
-read (`x` and `silu(gate) * up * w`) are rounded to bf16 once, as the torch path rounds them (which also rounds
-the gate/up outputs and the routing-weight product; the two paths agree to ~1e-2 relative). The kernel runs SiLU
-only and skips nothing else: expert LoRA runs inside it.
+Numerics: every product accumulates in fp32 (int8, fp8 and int4: fp32 activations, equal to the fp32 reference of
+the dequantized weights to ~1e-6; int4 multiplies each activation by `(nibble - 8) * scale` rounded to fp32 once,
+the reference's own dequantized weight; int8 and int4 on the `avx512-vnni` tier and above: each activation row as
+24-bit integers times a per-row scale, exact integer sums (int4: per 8 columns, then times the group's scale in
+fp32), within ~2.4e-7 x max|a| x sum|w| of the fp32 dot product, ~1e-7 relative on random rows:
+`csrc/expert_pass.cpp`, "AVX512-VNNI"); with bf16 weights the activations the products read (`x` and
+`silu(gate) * up * w`) are rounded to bf16 once, as the torch path rounds them (which also rounds the gate/up
+outputs and the routing-weight product; the two paths agree to ~1e-2 relative). The kernel runs SiLU only and skips
+nothing else: expert LoRA runs inside it.
 
 The extension is built on first use with torch's C++ extension tools (ninja, the host's C++ compiler) into torch's
 extensions cache and imported from there by later processes without running the build tools again (its name hashes the
@@ -63,8 +69,10 @@ SOURCE = Path(__file__).parent / "csrc" / "expert_pass.cpp"
 # tiers, best last, each including those below (bf16 weights read avx512-vnni's as avx512's)
 ISAS: dict[str, int] = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512-vnni": 3, "avx512-bf16": 4}
 KERNEL_MAX_TOKENS = 64  # memory-bound up to here on a 16-core AVX-512 host; torch's GEMMs take larger passes
-KERNEL_DTYPES = (torch.bfloat16, torch.int8, torch.float8_e4m3fn)
-_LABELS = {torch.bfloat16: "bf16", torch.int8: "int8", torch.float8_e4m3fn: "fp8"}
+# weight dtypes the kernel reads; uint8 means int4 (two values a byte, per-64-column group scales)
+KERNEL_DTYPES = (torch.bfloat16, torch.int8, torch.float8_e4m3fn, torch.uint8)
+KERNEL_LABELS = {torch.bfloat16: "bf16", torch.int8: "int8", torch.float8_e4m3fn: "fp8", torch.uint8: "int4"}
+INT4_GROUP = 64  # columns of a row that share one int4 scale
 _CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 
 
@@ -177,7 +185,7 @@ def kernel_status() -> KernelStatus:
     names = [name for name, code in ISAS.items() if code <= module.best_isa()]
     tiers: dict[torch.dtype, str] = {}
     for dtype in KERNEL_DTYPES:  # each weight format on its own, so one format's faulty path costs no other its tier
-        label = _LABELS[dtype]
+        label = KERNEL_LABELS[dtype]
         for name in reversed(names):
             if _self_check(module, name, dtype):
                 tiers[dtype] = name
@@ -223,8 +231,8 @@ def is_silu(act_fn: Callable[[Tensor], Tensor]) -> bool:
 
 def kernel_runs(gate_up: Tensor, down: Tensor, act_fn: Callable[[Tensor], Tensor], num_tokens: int,
                 lora: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> bool:
-    """Whether `expert_layer` computes this pass: a few tokens, bf16, int8 or fp8 contiguous weights, SiLU, bf16 LoRA
-    factors, and the kernel built on this machine (the first eligible call builds or loads it)."""
+    """Whether `expert_layer` computes this pass: a few tokens, bf16, int8, fp8 or int4 (uint8) contiguous weights,
+    SiLU, bf16 LoRA factors, and the kernel built on this machine (the first eligible call builds or loads it)."""
     if not 0 < num_tokens <= KERNEL_MAX_TOKENS or gate_up.dtype not in KERNEL_DTYPES or down.dtype != gate_up.dtype:
         return False
     if not (gate_up.is_contiguous() and down.is_contiguous() and gate_up.device.type == "cpu"):
@@ -311,8 +319,11 @@ def reference_layer(
 
 
 def _fp32_weight(values: Tensor, scale: Tensor | None, projections: int) -> Tensor:
-    """`values [E, N, K]` times their scales in fp32: none (bf16), per row (int8) or per 128x128 block of each of
-    `projections` row groups (fp8; torch's cast, independent of the kernel's bit trick)."""
+    """`values [E, N, K]` times their scales in fp32: none (bf16), per row (int8), per 128x128 block of each of
+    `projections` row groups (fp8; torch's cast, independent of the kernel's bit trick), or per row and 64-column
+    group (int4: `values [E, N, K/2]` uint8, two nibbles a byte)."""
+    if values.dtype == torch.uint8:
+        return int4_values(values) * scale.repeat_interleave(INT4_GROUP, dim=-1)[..., : 2 * values.shape[-1]]
     weight = values.float()
     if scale is None:
         return weight
@@ -330,12 +341,32 @@ def _int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(weight / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8), scale.float()
 
 
+def int4_values(packed: Tensor) -> Tensor:
+    """`packed [..., K/2]` uint8 -> the int4 values `[..., K]` as fp32 (`nibble - 8`; column 2j is byte j's low nibble,
+    2j + 1 its high one)."""
+    nibbles = torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)  # [..., K]
+    return nibbles.float() - 8
+
+
+def _int4_groups(weight: Tensor) -> tuple[Tensor, Tensor]:
+    # symmetric int4 per row and 64-column group, packed two a byte (the kernel's layout), for the self-check only
+    # (the engine's int4 storage is quantized in quant.py)
+    *lead, cols = weight.shape
+    groups = -(-cols // INT4_GROUP)
+    padded = torch.nn.functional.pad(weight.float(), (0, groups * INT4_GROUP - cols)).view(*lead, groups, INT4_GROUP)
+    amax = padded.abs().amax(dim=-1)  # [..., G]
+    scale = torch.where(amax > 0, amax / 7, torch.ones_like(amax))
+    q = (torch.round(padded / scale.unsqueeze(-1)).clamp(-7, 7) + 8).flatten(-2)[..., :cols].to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4), scale
+
+
 def _check_problem(kind: torch.dtype, seed: int = 0) -> tuple[tuple, dict]:
     """A small layer with odd sizes (vector tails), repeated experts across tokens and LoRA on both projections
-    (fp8: wider than a 128-column block, with a partial one, and two block grids on gate_up)."""
+    (fp8: wider than a 128-column block, with a partial one, and two block grids on gate_up; int4: even widths, one
+    full 64-column group and a half one, and a group of 23 bytes)."""
     gen = torch.Generator().manual_seed(seed)
     experts, rank, tokens, top_k = 5, 3, 11, 3
-    hidden, inter = (201, 150) if kind == torch.float8_e4m3fn else (83, 45)
+    hidden, inter = {torch.float8_e4m3fn: (201, 150), torch.uint8: (96, 46)}.get(kind, (83, 45))
     gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen) * 0.2
     down = torch.randn(experts, hidden, inter, generator=gen) * 0.2
     kwargs: dict = {"lora": {
@@ -343,8 +374,9 @@ def _check_problem(kind: torch.dtype, seed: int = 0) -> tuple[tuple, dict]:
                          (torch.randn(experts, 2 * inter, rank, generator=gen) * 0.2).bfloat16()),
         "down_proj": ((torch.randn(experts, rank, inter, generator=gen) * 0.2).bfloat16(),
                       (torch.randn(experts, hidden, rank, generator=gen) * 0.2).bfloat16())}}
-    if kind == torch.int8:
-        (gate_up, kwargs["gate_up_scale"]), (down, kwargs["down_scale"]) = _int8_rows(gate_up), _int8_rows(down)
+    if kind in _CHECK_QUANTIZERS:
+        quantizer = _CHECK_QUANTIZERS[kind]
+        (gate_up, kwargs["gate_up_scale"]), (down, kwargs["down_scale"]) = quantizer(gate_up), quantizer(down)
     elif kind == torch.float8_e4m3fn:
         gate_up, down = quantize(gate_up, "fp8", projections=2), quantize(down, "fp8")
         kwargs.update(gate_up_scale=gate_up.scale, down_scale=down.scale)
@@ -355,6 +387,9 @@ def _check_problem(kind: torch.dtype, seed: int = 0) -> tuple[tuple, dict]:
     index = torch.rand(tokens, experts, generator=gen).topk(top_k, dim=-1).indices
     weights = torch.rand(tokens, top_k, generator=gen)
     return (x, index, weights, gate_up, down), kwargs
+
+
+_CHECK_QUANTIZERS = {torch.int8: _int8_rows, torch.uint8: _int4_groups}  # per-row(-group) scales: values, scales
 
 
 def _self_check(module: ModuleType, isa: str, kind: torch.dtype) -> bool:

@@ -15,7 +15,9 @@
 // int8 weights carry one fp32 scale per output row. fp8 (e4m3fn) weights carry one fp32 scale per 128x128 block
 // (kllama/experts/quant.py's layout, a grid per fused projection): a byte becomes fp16 bits by a shift (exactly
 // value * 2^-8), F16C widens those to fp32, and each 128-column block's partial dot product is multiplied by its
-// scale (times 2^8) before it is added. The instruction set is a runtime argument checked against the CPU, so one
+// scale (times 2^8) before it is added. int4 weights (two a byte, one fp32 scale per row and 64 columns) meet
+// activation rows split into even and odd columns, so their nibbles need no interleaving ("int4" below; on
+// AVX512-VNNI, integer dot products). The instruction set is a runtime argument checked against the CPU, so one
 // build runs anywhere.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -39,6 +41,8 @@ constexpr int kMaxPairs = 8;        // activation rows one weight-row read serve
 constexpr int64_t kGrainRows = 16;  // fewest output rows per thread
 constexpr int64_t kBlock = 128;     // fp8 scale block edge (rows and columns), quant.py's BLOCK
 constexpr float kFp8Unscale = 256.0f;  // fp8 bytes read as fp16 are value * 2^-8
+constexpr int64_t kGroup = 64;      // int4 scale group (columns of a row: 32 bytes)
+constexpr int64_t kSplit = 32;      // int4 activation chunk (columns): 16 bytes' low nibbles, then their high ones
 
 // Independent accumulator chains per activation row. Each chain takes one FMA per 4-5 cycles (its latency), so a
 // weight row advances by chains(n) vector steps per FMA latency whatever the number of rows n: one chain per row
@@ -105,8 +109,9 @@ inline float half_to_f32(uint16_t h) {  // exact, without F16C
 inline float fp8_scaled(uint8_t b) { return half_to_f32(fp8_half_bits(b)); }  // value * 2^-8
 
 // res[i] = sum_k w[k] * a_i[k] for n = N activation rows `a` (N <= kMaxPairs) of length `len`; `w` is one weight
-// row, the next row (prefetched) follows it in memory. `blocks` (fp8 only, else unused) holds the scales of the
-// row's 128-column blocks: each block's partial sum is multiplied by its scale.
+// row, the next row (prefetched) follows it in memory. `blocks` (fp8 and int4, else unused) holds the scales of the
+// row's column blocks (fp8: 128 columns, each block's partial sum is multiplied by its scale; int4: 64-column
+// groups, each weight is multiplied by its group's scale, as the fp32 reference dequantizes it).
 using RowDot = void (*)(const void* w, const float* blocks, const void* const* a, int64_t len, float* res);
 using DotTable = std::array<RowDot, kMaxPairs + 1>;  // index: number of activation rows
 
@@ -161,6 +166,30 @@ struct ScalarFp8 {
         float part = 0;
         for (int64_t k = k0; k < k1; ++k) part += fp8_scaled(w[k]) * a[k];
         sum += part * (blocks[b] * kFp8Unscale);
+      }
+      res[i] = sum;
+    }
+  }
+};
+
+// int4: byte b of a row holds column 2b in its low nibble and 2b + 1 in its high one, each as q + 8, q in [-7, 7],
+// with one fp32 scale per 64 columns (32 bytes). The activation rows come split (`ActForm::kF32Split`): each chunk of
+// 32 columns as its 16 even columns, then its 16 odd ones (zeros past len), so the low nibbles of a chunk's 16 bytes
+// meet 16 consecutive floats and the high nibbles the next 16, with no shuffle of the weights (the split copy is made
+// once per activation row and stage, and read by every weight row). Every fp32 path turns a nibble into q * scale
+// rounded once to fp32, the weight the fp32 reference dequantizes to (AVX512-VNNI: integers, see there).
+template <int N>
+struct ScalarInt4 {
+  static void run(const void* w_, const float* groups, const void* const* a_, int64_t len, float* res) {
+    const uint8_t* w = static_cast<const uint8_t*>(w_);
+    for (int i = 0; i < N; ++i) {
+      const float* a = static_cast<const float*>(a_[i]);
+      float sum = 0;
+      for (int64_t b = 0; b < len / 2; ++b) {
+        const float s = groups[b / (kGroup / 2)];
+        const float* even = a + b / (kSplit / 2) * kSplit + b % (kSplit / 2);  // the byte's odd column: 16 on
+        sum += float(int(w[b] & 15u) - 8) * s * even[0];
+        sum += float(int(w[b] >> 4) - 8) * s * even[kSplit / 2];
       }
       res[i] = sum;
     }
@@ -300,6 +329,54 @@ struct Avx2Fp8 {
   }
 };
 
+// 16 int4 bytes (32 columns from `col`, a multiple of 32) into the chains of N split activation rows: per 8 bytes one
+// widening to 32-bit lanes, the low nibbles masked and the high ones shifted down, each converted and turned into
+// q * scale = (nibble - 8) * scale by one FMA (nibble * s - 8 s, exact before its one rounding).
+template <int N, int U>
+KL_AVX2 inline void int4_chunk_avx2(const uint8_t* w, __m256 s, __m256 minus8s, const float* const* a, int64_t col,
+                                    __m256 (*acc)[U]) {
+  const __m256i low = _mm256_set1_epi32(15);
+  for (int q = 0; q < 2; ++q) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + 8 * q)));
+    const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), s, minus8s);
+    const __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), s, minus8s);
+    for (int i = 0; i < N; ++i) {
+      acc[i][(2 * q) % U] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(a[i] + col + 8 * q), acc[i][(2 * q) % U]);
+      acc[i][(2 * q + 1) % U] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(a[i] + col + 16 + 8 * q), acc[i][(2 * q + 1) % U]);
+    }
+  }
+}
+
+template <int N>
+struct Avx2Int4 {
+  static constexpr int U = chains(N);
+  KL_AVX2 static void run(const void* w_, const float* groups, const void* const* a_, int64_t len, float* res) {
+    const uint8_t* w = static_cast<const uint8_t*>(w_);
+    const int64_t bytes = len / 2, num_groups = (len + kGroup - 1) / kGroup;
+    const float* a[N];
+    __m256 acc[N][U];
+    for (int i = 0; i < N; ++i) {
+      a[i] = static_cast<const float*>(a_[i]);
+      for (int u = 0; u < U; ++u) acc[i][u] = _mm256_setzero_ps();
+    }
+    _mm_prefetch(reinterpret_cast<const char*>(groups + num_groups), _MM_HINT_T0);  // the next row's scales
+    for (int64_t b = 0, g = 0; b < bytes; b += kGroup / 2, ++g) {
+      if ((b & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + bytes + b), _MM_HINT_T0);
+      const __m256 s = _mm256_set1_ps(groups[g]), minus8s = _mm256_set1_ps(-8.0f * groups[g]);
+      for (int64_t c = b; c < std::min(bytes, b + kGroup / 2); c += kSplit / 2) {
+        if (bytes - c >= kSplit / 2) {
+          int4_chunk_avx2<N, U>(w + c, s, minus8s, a, 2 * c, acc);
+        } else {  // the row's last bytes: zero bytes (q = -8) meet the split rows' zero padding
+          uint8_t tail[kSplit / 2] = {};
+          std::memcpy(tail, w + c, size_t(bytes - c));
+          int4_chunk_avx2<N, U>(tail, s, minus8s, a, 2 * c, acc);
+        }
+      }
+    }
+    for (int i = 0; i < N; ++i) res[i] = hsum256(sum_chains<U>(acc[i]));
+  }
+};
+
 // ---- AVX-512F (+BW/VL for masked tails) ----
 template <int U>
 KL_AVX512 inline __m512 sum_chains512(const __m512* c) {  // c[0] + ... + c[U - 1], pairwise
@@ -432,6 +509,54 @@ struct Avx512Fp8 {  // 32 bytes per conversion into two chains; U chains per act
       for (int i = 0; i < N; ++i) acc[i] = _mm512_fmadd_ps(sum_chains512<U>(part[i]), s, acc[i]);
     }
     for (int i = 0; i < N; ++i) res[i] = _mm512_reduce_add_ps(acc[i]);
+  }
+};
+
+// 16 int4 bytes (32 columns from `col`) into the chains of N split activation rows: one widening of the bytes to
+// 32-bit lanes; `vpermps` reads only an index's low 4 bits, so the lanes index a 16-entry table of
+// (nibble - 8) * scale as they are (low nibbles) and shifted down by 4 (high nibbles): two permutes give 32 weights.
+template <int N, int U>
+KL_AVX512 inline void int4_chunk_avx512(__m128i raw, __m512 table, const float* const* a, int64_t col,
+                                        __m512 (*acc)[U], int u0) {
+  const __m512i v = _mm512_cvtepu8_epi32(raw);
+  const __m512 lo = _mm512_permutexvar_ps(v, table), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+  for (int i = 0; i < N; ++i) {
+    acc[i][u0 % U] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(a[i] + col), acc[i][u0 % U]);
+    acc[i][(u0 + 1) % U] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(a[i] + col + 16), acc[i][(u0 + 1) % U]);
+  }
+}
+
+template <int N>
+struct Avx512Int4 {
+  static constexpr int U = chains(N);
+  KL_AVX512 static void run(const void* w_, const float* groups, const void* const* a_, int64_t len, float* res) {
+    const uint8_t* w = static_cast<const uint8_t*>(w_);
+    const int64_t bytes = len / 2, num_groups = (len + kGroup - 1) / kGroup;
+    const float* a[N];
+    __m512 acc[N][U];
+    for (int i = 0; i < N; ++i) {
+      a[i] = static_cast<const float*>(a_[i]);
+      for (int u = 0; u < U; ++u) acc[i][u] = _mm512_setzero_ps();
+    }
+    const __m512 q = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);  // nibble - 8
+    _mm_prefetch(reinterpret_cast<const char*>(groups + num_groups), _MM_HINT_T0);  // the next row's scales
+    int64_t b = 0, g = 0;
+    for (; b + kGroup / 2 <= bytes; b += kGroup / 2, ++g) {
+      if ((b & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + bytes + b), _MM_HINT_T0);
+      const __m512 table = _mm512_mul_ps(q, _mm512_set1_ps(groups[g]));
+      int4_chunk_avx512<N, U>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b)), table, a, 2 * b, acc, 0);
+      int4_chunk_avx512<N, U>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b + 16)), table, a, 2 * b + 32,
+                              acc, 2);
+    }
+    if (b < bytes) {  // a shorter last group: masked bytes load as 0 (q = -8) and meet the split rows' zero padding
+      const __m512 table = _mm512_mul_ps(q, _mm512_set1_ps(groups[g]));
+      for (int u0 = 0; b < bytes; b += kSplit / 2, u0 += 2) {
+        const int64_t n = std::min<int64_t>(kSplit / 2, bytes - b);
+        const __m128i raw = _mm_maskz_loadu_epi8(__mmask16((1u << n) - 1u), w + b);
+        int4_chunk_avx512<N, U>(raw, table, a, 2 * b, acc, u0);
+      }
+    }
+    for (int i = 0; i < N; ++i) res[i] = _mm512_reduce_add_ps(sum_chains512<U>(acc[i]));
   }
 };
 
@@ -569,6 +694,58 @@ struct Avx512Int8Vnni {  // the activation rows are `QuantRow`s; 3 planes are 3 
   }
 };
 
+// ---- AVX512-VNNI, int4 weights: nibbles times activations as 24-bit integers, exact per 8 columns ----
+// The fp32 int4 path costs ~14 vector instructions per 64 weights at one token (widening, two permutes, four FMAs),
+// which held it to the int8 path's time on the dev box's 2 AVX-512 cores (measured: compute-bound, as fast from the L3
+// cache as from DRAM). Here 64 weight bytes become 128 unsigned nibbles in two instructions (an AND; a shift and an
+// AND), and `vpdpbusd` multiplies them by the activation row's digit bytes (`QuantRow`'s three planes, each 128-column
+// chunk as its 64 even columns, then its 64 odd ones: `SplitDigits`). A 32-bit lane l of a 64-byte step sums the
+// columns 8l..8l+7 of one 64-column group (lanes 0-7: the step's first group, 8-15: its second), so per step and token
+// the three planes' lanes are combined exactly in int32 (sum nibble * q <= 8 x 15 x kDigitMax < 2^31), the nibbles'
+// offset of 8 is taken off (8 x the lane's sum of q, precomputed per row), and the lane is converted to fp32 and
+// multiplied by its group's scale. The only errors are q's rounding (as for int8 on this tier: ~2.4e-7 x max|a| x
+// sum|w| a dot product) and fp32's rounding of each lane's sum.
+constexpr int64_t kSplitDigits = 128;  // columns of a `SplitDigits` chunk (64 weight bytes)
+
+struct SplitDigits {  // an activation row as value = scale * q, q = d[0] + 256 d[1] + 65536 d[2]
+  const int8_t* d[3];   // planes, each chunk as 64 even columns, then 64 odd ones, zeros past len
+  const int32_t* corr;  // per chunk, 16 lanes: 8 x the sum of q over the chunk's columns 8l..8l+7
+  float scale;
+};
+
+template <int N>
+struct Avx512Int4Vnni {
+  KL_AVX512VNNI static void run(const void* w_, const float* groups, const void* const* a_, int64_t len, float* res) {
+    const uint8_t* w = static_cast<const uint8_t*>(w_);
+    const int64_t bytes = len / 2, num_groups = (len + kGroup - 1) / kGroup;
+    const SplitDigits* a[N];
+    __m512 acc[N];
+    for (int i = 0; i < N; ++i) a[i] = static_cast<const SplitDigits*>(a_[i]), acc[i] = _mm512_setzero_ps();
+    const __m512i low = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+    _mm_prefetch(reinterpret_cast<const char*>(groups + num_groups), _MM_HINT_T0);  // the next row's scales
+    for (int64_t b = 0, c = 0; b < bytes; b += kSplitDigits / 2, ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + bytes + b), _MM_HINT_T0);
+      const __m512i raw = bytes - b >= 64 ? _mm512_loadu_si512(w + b)
+                                          : _mm512_maskz_loadu_epi8(__mmask64((1ull << (bytes - b)) - 1ull), w + b);
+      const __m512i lo = _mm512_and_si512(raw, low), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+      const float second = 2 * c + 1 < num_groups ? groups[2 * c + 1] : 0.0f;  // none: its lanes are all zero
+      const __m512 s = _mm512_mask_blend_ps(__mmask16(0xff00), _mm512_set1_ps(groups[2 * c]), _mm512_set1_ps(second));
+      const int64_t col = c * kSplitDigits;
+      for (int i = 0; i < N; ++i) {  // t = ((plane 2) * 256 + plane 1) * 256 + plane 0, Horner's way
+        __m512i t = zero;
+        for (int q = 2; q >= 0; --q) {
+          const int8_t* d = a[i]->d[q] + col;
+          if (q < 2) t = _mm512_slli_epi32(t, 8);
+          t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(t, lo, _mm512_loadu_si512(d)), hi, _mm512_loadu_si512(d + 64));
+        }
+        t = _mm512_sub_epi32(t, _mm512_loadu_si512(a[i]->corr + 16 * c));
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), s, acc[i]);
+      }
+    }
+    for (int i = 0; i < N; ++i) res[i] = _mm512_reduce_add_ps(acc[i]) * a[i]->scale;
+  }
+};
+
 template <template <int> class Op, int... Ns>
 DotTable make_table(std::integer_sequence<int, Ns...>) {
   return DotTable{nullptr, &Op<Ns + 1>::run...};
@@ -579,36 +756,51 @@ DotTable table() {
   return make_table<Op>(std::make_integer_sequence<int, kMaxPairs>{});
 }
 
-enum class Weights { kBf16, kInt8, kFp8 };
+enum class Weights { kBf16, kInt8, kFp8, kInt4 };  // int4: two per uint8 byte
 
 Weights weights_of(at::ScalarType dtype) {
-  return dtype == at::kChar ? Weights::kInt8 : dtype == at::kFloat8_e4m3fn ? Weights::kFp8 : Weights::kBf16;
+  switch (dtype) {
+    case at::kChar: return Weights::kInt8;
+    case at::kFloat8_e4m3fn: return Weights::kFp8;
+    case at::kByte: return Weights::kInt4;
+    default: return Weights::kBf16;
+  }
 }
 
 at::ScalarType dtype_of(Weights kind) {
-  static const std::array<at::ScalarType, 3> dtypes{at::kBFloat16, at::kChar, at::kFloat8_e4m3fn};
+  static const std::array<at::ScalarType, 4> dtypes{at::kBFloat16, at::kChar, at::kFloat8_e4m3fn, at::kByte};
   return dtypes[static_cast<int>(kind)];
 }
 
+int64_t row_bytes(Weights kind, int64_t cols) {  // bytes of one weight row of `cols` columns
+  return kind == Weights::kBf16 ? 2 * cols : kind == Weights::kInt4 ? cols / 2 : cols;
+}
+
 // How the dot products read activation rows: bf16 where the instruction takes bf16 (bf16 weights, AVX512-BF16),
-// 24-bit integer digits where it takes bytes (int8 weights, AVX512-VNNI, rows short enough to sum exactly), else
-// fp32.
-enum class ActForm { kF32, kBf16, kDigits };
+// 24-bit integer digits where it takes bytes (int8 weights, AVX512-VNNI, rows short enough to sum exactly), fp32
+// split into even and odd columns per 32 (int4 weights below AVX512-VNNI: the order of a chunk's nibbles), digits
+// split per 128 columns (int4 weights, AVX512-VNNI), else fp32.
+enum class ActForm { kF32, kBf16, kDigits, kF32Split, kDigitsSplit };
 
 ActForm act_form(Weights kind, int64_t isa, int64_t len) {
+  if (kind == Weights::kInt4) return isa >= kAvx512Vnni ? ActForm::kDigitsSplit : ActForm::kF32Split;
   if (kind == Weights::kBf16 && isa >= kAvx512Bf16) return ActForm::kBf16;
   if (kind == Weights::kInt8 && isa >= kAvx512Vnni && len <= kMaxDigitLen) return ActForm::kDigits;
   return ActForm::kF32;
 }
 
 const DotTable& dot_table(Weights kind, int64_t isa, ActForm form) {
-  static const DotTable avx512_vnni = table<Avx512Int8Vnni>();
+  static const DotTable avx512_vnni = table<Avx512Int8Vnni>(), avx512_vnni_int4 = table<Avx512Int4Vnni>();
   if (form == ActForm::kDigits) return avx512_vnni;
+  if (form == ActForm::kDigitsSplit) return avx512_vnni_int4;
   static const DotTable scalar_bf16 = table<ScalarBf16>(), scalar_int8 = table<ScalarInt8>();
   static const DotTable avx2_bf16 = table<Avx2Bf16>(), avx2_int8 = table<Avx2Int8>();
   static const DotTable avx512_bf16 = table<Avx512Bf16W>(), avx512_int8 = table<Avx512Int8>();
   static const DotTable avx512_dp = table<Avx512Bf16Dp>();
   static const DotTable scalar_fp8 = table<ScalarFp8>(), avx2_fp8 = table<Avx2Fp8>(), avx512_fp8 = table<Avx512Fp8>();
+  static const DotTable scalar_int4 = table<ScalarInt4>(), avx2_int4 = table<Avx2Int4>();
+  static const DotTable avx512_int4 = table<Avx512Int4>();
+  if (kind == Weights::kInt4) return isa >= kAvx512 ? avx512_int4 : isa == kAvx2 ? avx2_int4 : scalar_int4;
   if (kind == Weights::kFp8) return isa >= kAvx512 ? avx512_fp8 : isa == kAvx2 ? avx2_fp8 : scalar_fp8;
   if (kind == Weights::kInt8) return isa >= kAvx512 ? avx512_int8 : isa == kAvx2 ? avx2_int8 : scalar_int8;
   if (form == ActForm::kBf16) return avx512_dp;
@@ -616,22 +808,34 @@ const DotTable& dot_table(Weights kind, int64_t isa, ActForm form) {
 }
 
 // Activation rows in the representation the dot products read (`ActForm`), `cols` wide. Values are `set` as fp32
-// (kept as fp32 for LoRA's first factor and the digits' source, or as bf16), then `digitize` makes the digit rows.
+// (kept as fp32 for LoRA's first factor and the digits' or split rows' source, or as bf16), then `finish` makes the
+// digit rows or the split rows.
 struct Acts {
   ActForm form;
-  int64_t rows, cols, padded;  // padded: cols rounded up to 64 (a digit plane's length)
+  int64_t rows, cols, padded, split_cols;  // padded: cols rounded up to 64 (a digit plane), split_cols: to 32
   std::vector<uint16_t> h;
   std::vector<float> f;
   std::vector<int8_t> digits;  // kDigits: per row, 3 planes of `padded` bytes
   std::vector<QuantRow> quant;
+  std::vector<float> split;  // kF32Split: per row, `split_cols` floats, each 32 columns as 16 even, then 16 odd
+  std::vector<int32_t> corr;  // kDigitsSplit: per row, 16 lanes a 128-column chunk (`SplitDigits`)
+  std::vector<SplitDigits> split_quant;
 
   Acts(ActForm form_, int64_t rows_, int64_t cols_)
-      : form(form_), rows(rows_), cols(cols_), padded((cols_ + 63) / 64 * 64) {
+      : form(form_), rows(rows_), cols(cols_), padded((cols_ + 63) / 64 * 64),
+        split_cols((cols_ + kSplit - 1) / kSplit * kSplit) {
     (form == ActForm::kBf16 ? h.resize(rows * cols) : f.resize(rows * cols));
     if (form == ActForm::kDigits) digits.resize(3 * rows * padded), quant.resize(rows);
+    if (form == ActForm::kF32Split) split.assign(rows * split_cols, 0.0f);  // zeros past cols: int4's tail reads them
+    if (form == ActForm::kDigitsSplit) {  // planes padded to whole chunks, zeros past cols
+      digits.assign(3 * rows * chunked(), 0), corr.assign(rows * chunked() / 8, 0), split_quant.resize(rows);
+    }
   }
+  int64_t chunked() const { return (cols + kSplitDigits - 1) / kSplitDigits * kSplitDigits; }
   const void* row(int64_t r) const {  // what the weights' dot products read
     if (form == ActForm::kDigits) return &quant[r];
+    if (form == ActForm::kF32Split) return split.data() + r * split_cols;
+    if (form == ActForm::kDigitsSplit) return &split_quant[r];
     return lora_row(r);
   }
   const void* lora_row(int64_t r) const {  // what LoRA's (bf16-weight) dot products read
@@ -646,16 +850,41 @@ struct Acts {
       f[r * cols + c] = round ? bf16_to_f32(f32_to_bf16(v)) : v;
     }
   }
-  void digitize() {  // once every value is set
-    if (form != ActForm::kDigits) return;
+  void split_digits(int64_t r, std::vector<int8_t>& plain);
+  void finish() {  // once every value is set: the digit or split rows, one fork/join
+    if (form == ActForm::kF32 || form == ActForm::kBf16) return;
     at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+      std::vector<int8_t> plain(form == ActForm::kDigitsSplit ? 3 * padded : 0);  // a row's planes, column order
       for (int64_t r = r0; r < r1; ++r) {
-        int8_t* d = digits.data() + 3 * r * padded;
-        quantize_row(f.data() + r * cols, cols, padded, d, d + padded, d + 2 * padded, quant[r]);
+        if (form == ActForm::kDigits) {
+          int8_t* d = digits.data() + 3 * r * padded;
+          quantize_row(f.data() + r * cols, cols, padded, d, d + padded, d + 2 * padded, quant[r]);
+        } else if (form == ActForm::kDigitsSplit) {
+          split_digits(r, plain);
+        } else {  // kF32Split
+          const float* src = f.data() + r * cols;
+          float* dst = split.data() + r * split_cols;
+          for (int64_t c = 0; c < cols; ++c) dst[c / kSplit * kSplit + c % 2 * (kSplit / 2) + c % kSplit / 2] = src[c];
+        }
       }
     });
   }
 };
+
+// Digitizes row r (`quantize_row`, into `plain`) and writes its planes in `SplitDigits` order with their lane sums.
+void Acts::split_digits(int64_t r, std::vector<int8_t>& plain) {
+  QuantRow q;
+  quantize_row(f.data() + r * cols, cols, padded, plain.data(), plain.data() + padded, plain.data() + 2 * padded, q);
+  const int64_t chunk_cols = chunked();
+  int8_t* planes = digits.data() + 3 * r * chunk_cols;
+  int32_t* sums = corr.data() + r * chunk_cols / 8;
+  for (int64_t c = 0; c < cols; ++c) {
+    const int64_t at = c / kSplitDigits * kSplitDigits + (c % 2) * (kSplitDigits / 2) + c % kSplitDigits / 2;
+    for (int p = 0; p < 3; ++p) planes[p * chunk_cols + at] = plain[p * padded + c];
+    sums[c / 8] += 8 * (int32_t(plain[c]) + 256 * int32_t(plain[padded + c]) + 65536 * int32_t(plain[2 * padded + c]));
+  }
+  split_quant[r] = SplitDigits{{planes, planes + chunk_cols, planes + 2 * chunk_cols}, sums, q.scale};
+}
 
 // One projection's expert LoRA: a [E, r, in], b [E, out, r] (bf16, scaling folded into b).
 struct Lora {
@@ -677,25 +906,27 @@ void check_weight(const at::Tensor& w, const char* name, int64_t experts, int64_
               " has shape ", w.sizes(), ", expected [", experts, ", ", rows, ", ", cols, "]");
 }
 
-// A weight's scales: none (bf16), one per output row (int8, [E, rows]), or one per 128x128 block (fp8,
-// [E, grids * ceil(rows / grids / 128), ceil(cols / 128)]: `grids` equal row groups, each on its own block grid).
+// A weight's scales: none (bf16), one per output row (int8, [E, rows]), one per 128x128 block (fp8,
+// [E, grids * ceil(rows / grids / 128), ceil(cols / 128)]: `grids` equal row groups, each on its own block grid), or
+// one per row and 64-column group (int4, [E, rows, ceil(cols / 64)]: blocks one row high).
 struct Scales {
   const float* data = nullptr;
   bool blocked = false;
-  int64_t rows = 0, grid_rows = 0, grids = 1, block_rows = 0, block_cols = 0;
+  int64_t rows = 0, grid_rows = 0, grids = 1, block_rows = 0, block_cols = 0, block_height = kBlock;
 
   bool per_row() const { return data != nullptr && !blocked; }
   float row(int64_t e, int64_t r) const { return data[e * rows + r]; }
-  const float* blocks(int64_t e, int64_t r) const {  // the scales of row r's column blocks (fp8), else nullptr
+  const float* blocks(int64_t e, int64_t r) const {  // the scales of row r's column blocks (fp8, int4), else nullptr
     if (!blocked) return nullptr;
-    return data + (e * grids * block_rows + (r / grid_rows) * block_rows + (r % grid_rows) / kBlock) * block_cols;
+    return data +
+           (e * grids * block_rows + (r / grid_rows) * block_rows + (r % grid_rows) / block_height) * block_cols;
   }
 };
 
 Scales scales_of(const std::optional<at::Tensor>& scale, const char* name, Weights kind, int64_t experts,
                  int64_t rows, int64_t cols, int64_t grids) {
   if (kind == Weights::kBf16) return {};
-  TORCH_CHECK(scale.has_value(), name, " is required for int8 and fp8 weights");
+  TORCH_CHECK(scale.has_value(), name, " is required for int8, fp8 and int4 weights");
   const at::Tensor& s = *scale;
   TORCH_CHECK(s.device().is_cpu() && s.is_contiguous() && s.scalar_type() == at::kFloat, name,
               " must be a contiguous float32 CPU tensor");
@@ -703,6 +934,12 @@ Scales scales_of(const std::optional<at::Tensor>& scale, const char* name, Weigh
     TORCH_CHECK(s.dim() == 2 && s.size(0) == experts && s.size(1) == rows, name, " has shape ", s.sizes(),
                 ", expected [", experts, ", ", rows, "]");
     return {s.data_ptr<float>(), false, rows, rows, 1, 0, 0};
+  }
+  if (kind == Weights::kInt4) {
+    const int64_t groups = (cols + kGroup - 1) / kGroup;
+    TORCH_CHECK(s.dim() == 3 && s.size(0) == experts && s.size(1) == rows && s.size(2) == groups, name,
+                " has shape ", s.sizes(), ", expected [", experts, ", ", rows, ", ", groups, "] (64-column groups)");
+    return {s.data_ptr<float>(), true, rows, rows, 1, rows, groups, 1};
   }
   const int64_t grid_rows = rows / grids, block_rows = (grid_rows + kBlock - 1) / kBlock;
   const int64_t block_cols = (cols + kBlock - 1) / kBlock;
@@ -756,11 +993,13 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
                  const std::optional<at::Tensor>& down_b, const at::Tensor& out, int64_t isa) {
   TORCH_CHECK(isa >= kScalar && isa <= best_isa(), "instruction set ", isa, " is not available on this CPU");
   TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3, "gate_up and down must be [E, out, in]");
-  const int64_t E = gate_up.size(0), two_inter = gate_up.size(1), H = gate_up.size(2), I = two_inter / 2;
   const Weights kind = weights_of(gate_up.scalar_type());
+  const int64_t per_byte = kind == Weights::kInt4 ? 2 : 1;  // columns a byte of the last dimension holds
+  const int64_t E = gate_up.size(0), two_inter = gate_up.size(1), H = per_byte * gate_up.size(2), I = two_inter / 2;
+  TORCH_CHECK(kind != Weights::kInt4 || I % 2 == 0, "int4 weights need an even intermediate size, got ", I);
   const at::ScalarType wtype = dtype_of(kind);
-  check_weight(gate_up, "gate_up", E, 2 * I, H, wtype);
-  check_weight(down, "down", E, H, I, wtype);
+  check_weight(gate_up, "gate_up", E, 2 * I, H / per_byte, wtype);
+  check_weight(down, "down", E, H, I / per_byte, wtype);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == H && x.is_contiguous() && x.device().is_cpu(),
               "x must be a contiguous CPU tensor [T, ", H, "]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x must be bfloat16 or float32");
@@ -817,7 +1056,7 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
     const float* src = x.data_ptr<float>();
     for (int64_t i = 0; i < T * H; ++i) xs.set(i / H, i % H, src[i], round_acts);
   }
-  xs.digitize();
+  xs.finish();
   std::vector<const void*> pair_x(S), pair_lora(S);
   for (int64_t p = 0; p < S; ++p) pair_x[p] = xs.row(pair_token[p]), pair_lora[p] = xs.lora_row(pair_token[p]);
   std::vector<float> gu_low;
@@ -825,17 +1064,17 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
 
   // stage 1: act[p, j] = silu(gate) * up * routing weight, threads own intermediate rows j
   Acts act(act_form_, S, I);
-  const size_t wbytes = kind == Weights::kBf16 ? 2 : 1;
+  const size_t gu_row = row_bytes(kind, H), dn_row = row_bytes(kind, I);
   const char* gu_ptr = static_cast<const char*>(gate_up.data_ptr());
   at::parallel_for(0, I, kGrainRows, [&](int64_t j0, int64_t j1) {
     float gate[kMaxPairs], up[kMaxPairs];
     for (const Group& g : groups) {
-      const char* base = gu_ptr + size_t(g.expert * 2 * I) * H * wbytes;
+      const char* base = gu_ptr + size_t(g.expert * 2 * I) * gu_row;
       for (int64_t j = j0; j < j1; ++j) {
         for (int64_t p0 = g.begin; p0 < g.end; p0 += kMaxPairs) {
           const int n = int(std::min<int64_t>(kMaxPairs, g.end - p0));
-          gu_dots[n](base + size_t(j) * H * wbytes, gu_scale.blocks(g.expert, j), &pair_x[p0], H, gate);
-          gu_dots[n](base + size_t(I + j) * H * wbytes, gu_scale.blocks(g.expert, I + j), &pair_x[p0], H, up);
+          gu_dots[n](base + size_t(j) * gu_row, gu_scale.blocks(g.expert, j), &pair_x[p0], H, gate);
+          gu_dots[n](base + size_t(I + j) * gu_row, gu_scale.blocks(g.expert, I + j), &pair_x[p0], H, up);
           for (int i = 0; i < n; ++i) {
             const int64_t p = p0 + i;
             float gv = gate[i], uv = up[i];
@@ -852,7 +1091,7 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
     }
   });
 
-  act.digitize();
+  act.finish();
   std::vector<const void*> pair_act(S), pair_act_lora(S);
   for (int64_t p = 0; p < S; ++p) pair_act[p] = act.row(p), pair_act_lora[p] = act.lora_row(p);
   std::vector<float> dn_low;
@@ -869,11 +1108,11 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
     for (int64_t t = 0; t < T; ++t) std::fill(o + t * H + h0, o + t * H + h1, 0.0f);
     float y[kMaxPairs];
     for (const Group& g : groups) {
-      const char* base = dn_ptr + size_t(g.expert * H) * I * wbytes;
+      const char* base = dn_ptr + size_t(g.expert * H) * dn_row;
       for (int64_t h = h0; h < h1; ++h) {
         for (int64_t p0 = g.begin; p0 < g.end; p0 += kMaxPairs) {
           const int n = int(std::min<int64_t>(kMaxPairs, g.end - p0));
-          dn_dots[n](base + size_t(h) * I * wbytes, dn_scale.blocks(g.expert, h), &pair_act[p0], I, y);
+          dn_dots[n](base + size_t(h) * dn_row, dn_scale.blocks(g.expert, h), &pair_act[p0], I, y);
           for (int i = 0; i < n; ++i) {
             const int64_t p = p0 + i;
             float v = dn_scale.per_row() ? y[i] * dn_scale.row(g.expert, h) : y[i];
