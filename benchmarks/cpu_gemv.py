@@ -47,11 +47,11 @@ from torch import Tensor
 from torch.nn.functional import linear, silu
 
 from kllama.experts.cpu_compute import cpu_infer_forward, kernel_operands
-from kllama.experts.cpu_kernels import INT4_GROUP, KERNEL_LABELS, expert_layer, kernel_isas, kernel_status
+from kllama.experts.cpu_kernels import KERNEL_LABELS, expert_layer, kernel_isas, kernel_status
 from kllama.experts.crossover import median_seconds
 from kllama.experts.module import HostExperts
 from kllama.experts.placement import ExpertPlacement
-from kllama.experts.quant import BLOCK, quantize
+from kllama.experts.quant import BLOCK, INT4_GROUP, quantize
 from kllama.experts.routed import routed_experts_math
 
 

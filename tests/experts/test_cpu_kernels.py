@@ -20,11 +20,9 @@ from kllama.experts.cpu_kernels import (
     ISAS,
     KERNEL_DTYPES,
     KERNEL_MAX_TOKENS,
-    _int4_groups,
     _int8_rows,
     _why_not_buildable,
     expert_layer,
-    int4_values,
     is_silu,
     kernel_isas,
     kernel_runs,
@@ -32,7 +30,7 @@ from kllama.experts.cpu_kernels import (
     reference_layer,
 )
 from kllama.experts.lora import ExpertLoRA
-from kllama.experts.quant import QuantizedWeight, dequantize, quantize, quantize_int8
+from kllama.experts.quant import QuantizedWeight, dequantize, quantize, quantize_int4, quantize_int8, unpack_int4
 from kllama.infer.kv_cache import cache_argument
 from kllama.model.tiny import build_tiny_model
 
@@ -52,7 +50,7 @@ def layer(dtype: torch.dtype, experts: int, hidden: int, inter: int, rank: int, 
     down = torch.randn(experts, hidden, inter, generator=gen) * 0.1
     scales: dict = {}
     if dtype in (torch.int8, torch.uint8):
-        quantizer = _int8_rows if dtype == torch.int8 else _int4_groups
+        quantizer = _int8_rows if dtype == torch.int8 else quantize_int4
         (gate_up, scales["gate_up_scale"]), (down, scales["down_scale"]) = quantizer(gate_up), quantizer(down)
     elif dtype == torch.float8_e4m3fn:
         gate_up, down = quantize(gate_up, "fp8", projections=2), quantize(down, "fp8")
@@ -145,7 +143,7 @@ def test_kernel_takes_only_what_it_computes() -> None:
     assert not kernel_runs(gate_up, down, silu, KERNEL_MAX_TOKENS + 1)  # larger passes: torch's GEMMs
     assert not kernel_runs(gate_up, down, torch.nn.GELU(), 1)  # the kernel's activation is SiLU
     assert not kernel_runs(gate_up.float(), down.float(), silu, 1)
-    int4 = [_int4_groups(w.float())[0] for w in (gate_up, down)]
+    int4 = [quantize_int4(w.float())[0] for w in (gate_up, down)]
     assert kernel_runs(*int4, silu, 1, lora) and not kernel_runs(int4[0], down, silu, 1)
     fp32_lora = {k: (a.float(), b.float()) for k, (a, b) in lora.items()}
     assert not kernel_runs(gate_up, down, silu, 1, fp32_lora)
@@ -448,15 +446,15 @@ def test_int4_self_check_quantizer_packs_even_columns_in_the_low_nibble() -> Non
     # a row of 66 columns: one group of 64 with amax 7 (scale 1), and a last group of 2 (amax 3.5, scale 0.5)
     row = torch.zeros(1, 66)
     row[0, 0], row[0, 1], row[0, 63], row[0, 64], row[0, 65] = 7.0, -3.0, 1.4, -3.5, 1.0
-    packed, scale = _int4_groups(row)
+    packed, scale = quantize_int4(row)
     assert packed.dtype == torch.uint8 and packed.shape == (1, 33) and scale.shape == (1, 2)
     assert scale.tolist() == [[1.0, 0.5]]
     assert packed[0, 0].item() == (8 + 7) | (8 - 3) << 4  # column 0 low, column 1 high
     assert packed[0, 31].item() == 8 | (8 + 1) << 4  # columns 62 (0) and 63 (1.4 -> 1)
     assert packed[0, 32].item() == (8 - 7) | (8 + 2) << 4  # -3.5 / 0.5 = -7; 1.0 / 0.5 = 2
     assert packed[0, 1:31].eq(0x88).all()  # zeros are nibble 8
-    assert _int4_groups(torch.zeros(2, 64))[1].eq(1).all()  # an all-zero group: scale 1
-    assert torch.equal(int4_values(packed)[0, :2], torch.tensor([7.0, -3.0]))
+    assert quantize_int4(torch.zeros(2, 64))[1].eq(1).all()  # an all-zero group: scale 1
+    assert torch.equal(unpack_int4(packed).float()[0, :2], torch.tensor([7.0, -3.0]))
 
 
 @needs_kernel

@@ -314,19 +314,23 @@ def test_int4_logical_shape_serves_slicing_and_landing_buffers() -> None:
     assert torch.equal(dequantize(q.expert(3)), dequantize(q)[3])
 
 
-def test_int4_cpu_decode_falls_back_to_torch_until_the_kernel_reads_it() -> None:
-    # the C++ kernel does not take uint8 weights yet: kernel_runs says no and the pass is torch's, equal to the
-    # dequantized layer's
-    from kllama.experts.cpu_kernels import kernel_runs
+def test_int4_cpu_decode_runs_the_kernel_and_matches_the_dequantized_layer() -> None:
+    # the layer as quant.quantize holds it goes to the C++ kernel (where an int4 tier passed its self-check) and agrees
+    # with the dequantized layer; without the kernel, torch's pass equals the dequantized layer's bit for bit
+    from kllama.experts.cpu_kernels import kernel_runs, kernel_status
 
     quantized, dense = layer("int4", torch.bfloat16)
     gate_up, down = quantized.host_weights()
-    assert not kernel_runs(gate_up.data, down.data, SILU, 1)
     index, w = routing(1)
     x = torch.randn(1, 64, generator=gen(7)).to(torch.bfloat16)
-    got = cpu_infer_forward(x, index, w, gate_up, down, SILU)
     ref = cpu_infer_forward(x, index, w, *dense.host_weights(), SILU, use_kernel=False)
-    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    torch.testing.assert_close(cpu_infer_forward(x, index, w, gate_up, down, SILU, use_kernel=False), ref,
+                               rtol=0, atol=0)
+    if torch.uint8 not in kernel_status().tiers:
+        pytest.skip("the C++ expert kernel has no int4 path on this machine")
+    assert kernel_runs(gate_up.data, down.data, SILU, 1)
+    got = cpu_infer_forward(x, index, w, gate_up, down, SILU)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.float().abs().max().item())
 
 
 def test_quantize_fp8_blocks_pads_partial_blocks_without_touching_values() -> None:

@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 from torch.nn.functional import silu
 
-from kllama.experts.quant import BLOCK, quantize
+from kllama.experts.quant import BLOCK, INT4_GROUP, quantize, quantize_int4, unpack_int4
 
 SOURCE = Path(__file__).parent / "csrc" / "expert_pass.cpp"
 # tiers, best last, each including those below (bf16 weights read avx512-vnni's as avx512's)
@@ -72,7 +72,6 @@ KERNEL_MAX_TOKENS = 64  # memory-bound up to here on a 16-core AVX-512 host; tor
 # weight dtypes the kernel reads; uint8 means int4 (two values a byte, per-64-column group scales)
 KERNEL_DTYPES = (torch.bfloat16, torch.int8, torch.float8_e4m3fn, torch.uint8)
 KERNEL_LABELS = {torch.bfloat16: "bf16", torch.int8: "int8", torch.float8_e4m3fn: "fp8", torch.uint8: "int4"}
-INT4_GROUP = 64  # columns of a row that share one int4 scale
 _CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 
 
@@ -323,7 +322,7 @@ def _fp32_weight(values: Tensor, scale: Tensor | None, projections: int) -> Tens
     `projections` row groups (fp8; torch's cast, independent of the kernel's bit trick), or per row and 64-column
     group (int4: `values [E, N, K/2]` uint8, two nibbles a byte)."""
     if values.dtype == torch.uint8:
-        return int4_values(values) * scale.repeat_interleave(INT4_GROUP, dim=-1)[..., : 2 * values.shape[-1]]
+        return unpack_int4(values).float() * scale.repeat_interleave(INT4_GROUP, dim=-1)[..., : 2 * values.shape[-1]]
     weight = values.float()
     if scale is None:
         return weight
@@ -339,25 +338,6 @@ def _int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
     # symmetric int8 per output row, for the self-check only (the engine's int8 storage is quantized elsewhere)
     scale = weight.abs().amax(dim=-1).clamp_min(1e-12) / 127  # [..., N]
     return torch.round(weight / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8), scale.float()
-
-
-def int4_values(packed: Tensor) -> Tensor:
-    """`packed [..., K/2]` uint8 -> the int4 values `[..., K]` as fp32 (`nibble - 8`; column 2j is byte j's low nibble,
-    2j + 1 its high one)."""
-    nibbles = torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)  # [..., K]
-    return nibbles.float() - 8
-
-
-def _int4_groups(weight: Tensor) -> tuple[Tensor, Tensor]:
-    # symmetric int4 per row and 64-column group, packed two a byte (the kernel's layout), for the self-check only
-    # (the engine's int4 storage is quantized in quant.py)
-    *lead, cols = weight.shape
-    groups = -(-cols // INT4_GROUP)
-    padded = torch.nn.functional.pad(weight.float(), (0, groups * INT4_GROUP - cols)).view(*lead, groups, INT4_GROUP)
-    amax = padded.abs().amax(dim=-1)  # [..., G]
-    scale = torch.where(amax > 0, amax / 7, torch.ones_like(amax))
-    q = (torch.round(padded / scale.unsqueeze(-1)).clamp(-7, 7) + 8).flatten(-2)[..., :cols].to(torch.uint8)
-    return q[..., 0::2] | (q[..., 1::2] << 4), scale
 
 
 def _check_problem(kind: torch.dtype, seed: int = 0) -> tuple[tuple, dict]:
@@ -389,7 +369,7 @@ def _check_problem(kind: torch.dtype, seed: int = 0) -> tuple[tuple, dict]:
     return (x, index, weights, gate_up, down), kwargs
 
 
-_CHECK_QUANTIZERS = {torch.int8: _int8_rows, torch.uint8: _int4_groups}  # per-row(-group) scales: values, scales
+_CHECK_QUANTIZERS = {torch.int8: _int8_rows, torch.uint8: quantize_int4}  # per-row(-group) scales: values, scales
 
 
 def _self_check(module: ModuleType, isa: str, kind: torch.dtype) -> bool:
