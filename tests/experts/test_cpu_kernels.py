@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,22 @@ def test_kernel_threads_are_torchs_intra_op_threads() -> None:
         torch.set_num_threads(previous)
 
 
+def kernel_and_reference(isa: str, dtype: torch.dtype, tokens: int, hidden: int, inter: int, with_lora: bool,
+                         ) -> tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]:
+    """The `isa` path's output on a random layer of `dtype` weights (8 experts, top-6 routing, LoRA rank 4 when
+    asked), the fp32 reference's, and a callable giving the scalar path's; skips where this CPU lacks `isa`."""
+    if isa not in kernel_isas():
+        pytest.skip(f"this CPU does not run the {isa} path")
+    gate_up, down, scales, lora = layer(dtype, 8, hidden, inter, 4)
+    index, weights = routing(tokens, 8, 6)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(2)).bfloat16()
+    kwargs = {**scales, "lora": lora if with_lora else None}
+    got = expert_layer(x, index, weights, gate_up, down, isa=isa, **kwargs)
+    assert got.dtype == torch.float32 and got.shape == (tokens, hidden)
+    return (got, reference_layer(x, index, weights, gate_up, down, **kwargs),
+            lambda: expert_layer(x, index, weights, gate_up, down, isa="scalar", **kwargs))
+
+
 # shapes with vector tails (83, 45) and without (128, 64); 20 tokens of top-6 over 8 experts put more than 8 rows on
 # one expert (the kernel's register block); 301 x 150 spans fp8 scale blocks, the last ones partial (a masked tail in
 # a block, and gate_up's two grids of 2 block rows each where one grid of 300 rows would have 3)
@@ -104,21 +121,11 @@ def test_kernel_threads_are_torchs_intra_op_threads() -> None:
 @pytest.mark.parametrize("with_lora", [False, True])
 def test_kernel_matches_the_fp32_reference(isa: str, dtype: torch.dtype, tokens: int, hidden: int, inter: int,
                                            with_lora: bool) -> None:
-    if isa not in kernel_isas():
-        pytest.skip(f"this CPU does not run the {isa} path")
-    gate_up, down, scales, lora = layer(dtype, 8, hidden, inter, 4)
-    index, weights = routing(tokens, 8, 6)
-    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(2)).bfloat16()
-    kwargs = {**scales, "lora": lora if with_lora else None}
-    got = expert_layer(x, index, weights, gate_up, down, isa=isa, **kwargs)
-    expected = reference_layer(x, index, weights, gate_up, down, **kwargs)
-    assert got.dtype == torch.float32 and got.shape == (tokens, hidden)
+    got, expected, scalar = kernel_and_reference(isa, dtype, tokens, hidden, inter, with_lora)
     # bf16 weights: the activation read by down is rounded to bf16 (~2^-9 relative per element); int8, fp8: fp32 all
-    # along
-    assert rel(got, expected) < (5e-3 if dtype == torch.bfloat16 else 1e-5)
-    if isa != "scalar":  # every path computes the same products; only the summation order differs
-        scalar = expert_layer(x, index, weights, gate_up, down, isa="scalar", **kwargs)
-        assert rel(got, scalar) < (5e-3 if dtype == torch.bfloat16 else 1e-5)
+    # along; every path computes the same products, only the summation order differs
+    bound = 5e-3 if dtype == torch.bfloat16 else 1e-5
+    assert rel(got, expected) < bound and rel(got, scalar()) < bound
 
 
 @needs_kernel
@@ -428,18 +435,9 @@ def test_int8_and_int4_with_an_outlier_activation_stay_at_fp32_accuracy(isa: str
 @pytest.mark.parametrize("with_lora", [False, True])
 def test_int4_matches_the_fp32_reference_of_its_dequantized_weights(isa: str, tokens: int, hidden: int, inter: int,
                                                                     with_lora: bool) -> None:
-    if isa not in kernel_isas():
-        pytest.skip(f"this CPU does not run the {isa} path")
-    gate_up, down, scales, lora = layer(torch.uint8, 8, hidden, inter, 4)
-    index, weights = routing(tokens, 8, 6)
-    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(2)).bfloat16()
-    kwargs = {**scales, "lora": lora if with_lora else None}
-    got = expert_layer(x, index, weights, gate_up, down, isa=isa, **kwargs)
-    expected = reference_layer(x, index, weights, gate_up, down, **kwargs)
-    assert got.dtype == torch.float32 and got.shape == (tokens, hidden)
+    got, expected, scalar = kernel_and_reference(isa, torch.uint8, tokens, hidden, inter, with_lora)
     assert rel(got, expected) < 1e-5
-    if isa != "scalar":
-        assert rel(got, expert_layer(x, index, weights, gate_up, down, isa="scalar", **kwargs)) < 1e-5
+    assert rel(got, scalar()) < 1e-5
 
 
 def test_int4_self_check_quantizer_packs_even_columns_in_the_low_nibble() -> None:
