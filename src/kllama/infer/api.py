@@ -251,7 +251,8 @@ def run_api(config: KllamaConfig) -> int:
     print(f"kllama api: KV cache {engine.kv_cache_bytes / 2**30:.2f} GiB on {engine.loaded.device}: "
           f"{engine.max_batch} sequences (API_MAX_BATCH) x {engine.context_length} tokens (kt_maxlen); decode steps "
           + (f"replayed as CUDA graphs ({engine.decoder.captures} captured in {engine.capture_s:.1f} s)"
-             if engine.decoder.graphed else f"eager: {engine.decoder.reason}"),
+             if engine.decoder.graphed else f"eager: {engine.decoder.reason}")
+          + (f"; warm-up prefill + decode step {engine.warmup_s:.1f} s" if engine.warmup_s is not None else ""),
           flush=True)
     print(f"kllama api: serving {model_id!r} on http://{settings.host}:{settings.port}/v1 (docs at /docs); batches of "
           f"up to {settings.max_batch}, queue {settings.max_queue}", flush=True)

@@ -10,12 +10,15 @@ There is one path: a `SlotBatch` (batching.py) over one `GraphedDecoder` (graphs
 `max_len` positions, made when the engine is built: its KV memory is allocated then (`kv_cache_bytes`) and, on a GPU,
 the decode step of every batch bucket is captured for answers of up to MIN_READ tokens (`capture_s`; longer reads
 are captured on first use). Decode steps are CUDA graphs on a GPU and eager elsewhere; prompts are read by packed
-eager steps. `kllama chat` uses one slot, `kllama api` `API_MAX_BATCH`.
+eager steps. On a GPU the build ends with a warm-up answer (warmup.py: one prompt read, one decode step; `warmup_s`)
+so the first request does not pay the process's first prefill. `kllama chat` uses one slot, `kllama api`
+`API_MAX_BATCH`.
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
@@ -32,6 +35,7 @@ from kllama.infer.kv_cache import BOOL_MASK_ATTENTION, transformers_model
 from kllama.infer.prompt import Messages, PromptRenderer
 from kllama.infer.sampling import SamplingParams
 from kllama.infer.sequence import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Emit, Sequence, StreamChunk
+from kllama.infer.warmup import warm_up as run_warm_up
 from kllama.model.engine_setup import fill_gpu_memory
 from kllama.model.load import LoadedModel, load_model
 
@@ -54,11 +58,13 @@ class Completion:
 class GenerationEngine:
     """Generates answers with one loaded model; a lock makes each decoding step exclusive (one model, one cache).
     `max_batch` sequences decode together (one cache slot each) and each may hold `max_len` tokens of prompt and
-    answer (None or more than the model's context: the model's context); `use_graphs=False` keeps steps eager."""
+    answer (None or more than the model's context: the model's context); `use_graphs=False` keeps steps eager;
+    `warm_up` runs one short answer at the end of the build (None: on a CUDA device only, where the first prefill's
+    one-time costs are large; CPU start-up stays fast)."""
 
     def __init__(self, loaded: LoadedModel, renderer: PromptRenderer, defaults: SamplingParams,
                  prefill_tokens: int = DEFAULT_PREFILL_TOKENS, *, max_batch: int = 1, max_len: int | None = None,
-                 use_graphs: bool = True, gpu_memory_utilization: float = 0.0) -> None:
+                 use_graphs: bool = True, gpu_memory_utilization: float = 0.0, warm_up: bool | None = None) -> None:
         self.loaded = loaded
         self.renderer = renderer
         self.defaults = defaults
@@ -74,6 +80,14 @@ class GenerationEngine:
         self.filled_layers = fill_gpu(loaded, gpu_memory_utilization)  # before the graphs capture the layers' targets
         self.capture_s = self.decoder.capture_buckets()
         self.batch = SlotBatch(self.decoder, self.stats)
+        self.warmup_s: float | None = None  # seconds of the warm-up answer; None when none ran
+        self.warmup_steps: Counter[str] = Counter()  # its steps, kept out of `stats`
+        if warm_up is None:
+            warm_up = loaded.device.type == "cuda"
+        if warm_up:
+            began = time.perf_counter()
+            self.warmup_steps = run_warm_up(self)
+            self.warmup_s = time.perf_counter() - began
 
     @property
     def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
@@ -196,10 +210,11 @@ def allocate_kv_cache(decoder: GraphedDecoder) -> int:
                           "(tokens per sequence) or API_MAX_BATCH (sequences decoded together)") from None
 
 
-def build_engine(config: KllamaConfig, device: str = "auto", max_batch: int = 1) -> GenerationEngine:
+def build_engine(config: KllamaConfig, device: str = "auto", max_batch: int = 1,
+                 warm_up: bool | None = None) -> GenerationEngine:
     """Load the model per the config and wrap it in a GenerationEngine with the config's template, sampling and
     `kt_maxlen` tokens per sequence (left at its default on a GPU: lowered to fit, see kv_budget.py), decoding up to
-    `max_batch` sequences together."""
+    `max_batch` sequences together; `warm_up` as GenerationEngine's (None: on a GPU)."""
     from kllama.infer.prompt import build_renderer
 
     loaded = load_model(config, "infer", device=device)
@@ -210,7 +225,7 @@ def build_engine(config: KllamaConfig, device: str = "auto", max_batch: int = 1)
     renderer = build_renderer(config.data.template, loaded.tokenizer, getattr(loaded.model, "generation_config", None),
                               enable_thinking=config.data.enable_thinking, default_system=config.data.default_system)
     return GenerationEngine(loaded, renderer, sampling_defaults(config), max_batch=max_batch, max_len=positions,
-                            gpu_memory_utilization=fill_fraction(config))
+                            gpu_memory_utilization=fill_fraction(config), warm_up=warm_up)
 
 
 def fill_fraction(config: KllamaConfig) -> float:
