@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -124,29 +123,17 @@ def test_auto_layers_fill_the_gpu_after_the_kv_cache(moe_model: Path, moe_adapte
     assert filled.decoder.graphed, filled.decoder.reason
 
 
-def test_the_first_prompt_read_costs_about_what_the_second_does(moe_model: Path) -> None:
-    # The build's warm-up (warmup.py) paid the process's first prefill (lazy CUDA modules, cuBLAS workspaces, the
-    # allocator's growth), so the first request does not. bf16 on resident experts, as a served model runs: the
-    # expert layers take the Triton activation kernel too. A bound, not a benchmark: the first read may be a few ms
-    # slower (another prompt length than the warm-up's), never the hundreds of ms of a cold first prefill.
+def test_a_gpu_engine_warms_up_at_build_without_counting_it(moe_model: Path) -> None:
+    # On CUDA the build ends with the warm-up answer (warmup.py: one packed prompt read, one decode step), which pays
+    # the process's first prefill before any request; its steps are not the engine's. Whether it removes the
+    # first-request delay is measured by benchmarks/user_path.py's chat phase (the first answer's first-token time),
+    # not here: a tiny model's cold prefill is too short for a bound that could fail.
     config = build_config({"model_name_or_path": str(moe_model), "template": "deepseek", "infer_dtype": "bfloat16",
                            **BACKENDS["kt-gpu"][0]}, command="chat")
     engine = build_engine(config, device="cuda")
-    assert engine.warmup_s is not None and (engine.warmup_steps["packed_steps"], engine.warmup_steps["decode_steps"]) \
-        == (1, 1)
+    assert engine.warmup_s is not None
+    assert (engine.warmup_steps["packed_steps"], engine.warmup_steps["decode_steps"]) == (1, 1)
+    assert not engine.stats["packed_steps"] and not engine.stats["requests"] and engine.batch.sequences == 0
     prompt = engine.encode([{"role": "user", "content": "Say something about GPUs."}])
-    params = SamplingParams(max_new_tokens=2, do_sample=False, ignore_eos=True)
-
-    def prompt_read_s() -> float:
-        seq = engine.new_sequence(prompt, params, lambda chunk: None)
-        torch.cuda.synchronize()
-        began = time.perf_counter()
-        engine.step([seq])  # the packed step reading the prompt; taking its token waits for the GPU
-        took = time.perf_counter() - began
-        while not seq.done:
-            engine.step([seq])
-        return took
-
-    first, second = prompt_read_s(), prompt_read_s()
-    assert first <= 3 * second + 0.05, f"first prompt read {first * 1e3:.1f} ms, second {second * 1e3:.1f} ms"
-    assert not engine.stats["cancelled"] and engine.stats["packed_steps"] == 2
+    engine.complete(prompt, SamplingParams(max_new_tokens=2, do_sample=False, ignore_eos=True))
+    assert engine.stats["packed_steps"] == 1 and engine.stats["requests"] == 1
