@@ -176,9 +176,10 @@ def write_streamed(plan: MergePlan, out_dir: Path, *, show_progress: bool = True
     index = plan.index
     weight_map: dict[str, str] = {}
     with tqdm(total=index.total_bytes(), unit="B", unit_scale=True, desc="merging weights",
-              disable=not show_progress) as bar, ShardReader(index) as reader:
+              disable=not show_progress) as bar:
         for source_file, tensors in plan.files.items():
-            writer = SafetensorsWriter(out_dir / source_file.name, tensors)
+            # a reader per shard: closing it unmaps what was read of this file (resident pages until then)
+            writer, reader = SafetensorsWriter(out_dir / source_file.name, tensors), ShardReader(index)
             try:
                 for t in tensors:
                     writer.write(_merged(t, plan, reader))
@@ -186,6 +187,7 @@ def write_streamed(plan: MergePlan, out_dir: Path, *, show_progress: bool = True
                     scale = index.scales.get(t.key)
                     bar.update(index.tensors[t.key].nbytes + (index.tensors[scale].nbytes if scale else 0))
             finally:
+                reader.close()
                 writer.close()
     if (index.model_dir / INDEX_FILE).is_file():
         everything = [t for tensors in plan.files.values() for t in tensors]
