@@ -165,6 +165,25 @@ def test_sharded_source_keeps_its_shards(tiny_model_dir, moe_adapter: Path, tmp_
     assert_same_export(out, export(source, [moe_adapter], tmp_path / "memory", "float32", streamed=False))
 
 
+def test_layers_the_model_does_not_load_are_copied(tiny_model_dir, tmp_path: Path) -> None:  # noqa: ANN001
+    # like DeepSeek-V3's multi-token-prediction layer 61: experts in the checkpoint beyond num_hidden_layers
+    source = tmp_path / "extra-layer"
+    shutil.copytree(tiny_model_dir("deepseek_v3"), source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    adapter = kllama_adapter(source, tmp_path / "adapter", seed=1)
+    out = export(source, [adapter], tmp_path / "streamed", "float32")
+    written, original = tensors(out), load_file(str(source / "model.safetensors"))
+    assert written.keys() == original.keys()
+    extra = [k for k in original if k.startswith("model.layers.2.")]
+    assert "model.layers.2.mlp.experts.3.up_proj.weight" in extra
+    assert all(torch.equal(written[k], original[k]) for k in extra)
+    base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    expected = logits(peft_wrapped(lambda: PeftModel.from_pretrained(base, adapter)))
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert (logits(merged) - expected).abs().max() < 1e-4
+
+
 def test_unsupported_adapter_falls_back_with_one_line(tiny_model_dir, tmp_path: Path,  # noqa: ANN001
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     source = tiny_model_dir("qwen3_moe")

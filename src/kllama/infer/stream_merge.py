@@ -28,12 +28,13 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from kllama.errors import KllamaError
+from kllama.experts.families import family_of, find_expert_modules, layer_index
 from kllama.experts.quant import dequantize_blocks
 from kllama.infer.adapter_deltas import AdapterFactors, CannotStream
 from kllama.model.checkpoint import (INDEX_FILE, SAFETENSORS_DTYPES, CheckpointIndex, ExpertLayerKeys, ShardReader,
                                      role_rows, scan_checkpoint)
 from kllama.model.load import fill_pad_token_id
-from kllama.model.meta_load import build_meta_model, checkpoint_renamer, expert_modules_by_layer, fp32_kept
+from kllama.model.meta_load import build_meta_model, checkpoint_renamer, fp32_kept
 from kllama.model.source import ModelSource
 
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -101,12 +102,17 @@ def plan_merge(source: ModelSource, adapters: list[Path], dtype: torch.dtype) ->
     index = scan_checkpoint(source.path)
     model = build_meta_model(source, dtype=dtype, attn_implementation=None)
     try:
-        experts = expert_modules_by_layer(model, index)
+        modules = _expert_modules(model, index)
         rename = checkpoint_renamer(model)
         model_keys = {key: rename(key) for key in index.non_expert_keys()}
     except KllamaError as exc:  # a family kllama's expert mapping lacks, a key transformers converts on load
         raise CannotStream(str(exc)) from None
     slots, kept = model.state_dict(), fp32_kept(model, dtype)
+    for key, name in model_keys.items():
+        slot = slots.get(name)
+        if slot is not None and tuple(slot.shape) != index.tensors[key].shape:
+            raise KllamaError(f"checkpoint tensor {key} has shape {index.tensors[key].shape} but the model expects "
+                              f"{tuple(slot.shape)} for {name}; config.json does not match the weights")
     expert_of: dict[str, tuple[ExpertLayerKeys, str, int | None]] = {}
     for keys in index.expert_layers.values():
         if keys.layout == "fused":
@@ -129,8 +135,29 @@ def plan_merge(source: ModelSource, adapters: list[Path], dtype: torch.dtype) ->
                                                   else dtype)
         files[info.file].append(OutTensor(key, out_dtype, info.shape, expert_of.get(key)))
     weights = {name: (key, index.tensors[key].shape) for key, name in model_keys.items()}
-    modules = {name: index.expert_layers[layer] for layer, (name, _) in experts.items()}
     return MergePlan(index, files, AdapterFactors(adapters, weights, modules), model)
+
+
+def _expert_modules(model: PreTrainedModel, index: CheckpointIndex) -> dict[str, ExpertLayerKeys]:
+    """Routed-experts module path -> the checkpoint's experts of its layer. Expert layers the model lacks (e.g.
+    DeepSeek-V3's multi-token-prediction layer 61) are copied as they are, as other tensors the model does not load."""
+    if not index.expert_layers:
+        return {}
+    spec = family_of(model)
+    out = {}
+    for name, module in find_expert_modules(model).items():
+        keys = index.expert_layers.get(layer_index(name, spec))
+        if keys is None:
+            raise KllamaError(f"{index.model_dir}: the checkpoint has no routed experts for {name}; the files are "
+                              f"incomplete or belong to another model")
+        got = ((keys.num_experts, 2 * keys.intermediate, keys.hidden), (keys.num_experts, keys.hidden,
+                                                                         keys.intermediate))
+        if got != (tuple(module.gate_up_proj.shape), tuple(module.down_proj.shape)):
+            raise KllamaError(f"{keys.prefix}: checkpoint experts are gate_up {got[0]} / down {got[1]} but the config "
+                              f"builds {tuple(module.gate_up_proj.shape)} / {tuple(module.down_proj.shape)}; "
+                              f"config.json does not match the weights")
+        out[name] = keys
+    return out
 
 
 def _merged(t: OutTensor, plan: MergePlan, reader: ShardReader) -> Tensor:
