@@ -16,7 +16,7 @@ from kllama.cli import main
 from kllama.compat import peft_wrapped
 from kllama.config.loader import build_config
 from kllama.infer.adapter_deltas import unsupported_features
-from kllama.infer.export import _copy_side_files, export_in_memory
+from kllama.infer.export import export_in_memory
 from kllama.model.adapters import attach_lora, resolve_lora_spec, save_adapter
 from kllama.model.tiny import TINY_ARCHS, write_fp8_checkpoint, write_tiny_model
 
@@ -45,7 +45,6 @@ def export(model_dir: Path, adapters: list[Path], out: Path, dtype: str, *, stre
     else:
         config = build_config({**args, "adapter_name_or_path": [str(a) for a in adapters]}, command="export")
         export_in_memory(config, model_dir, out)
-        _copy_side_files(model_dir, out)
     return out
 
 

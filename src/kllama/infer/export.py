@@ -77,7 +77,7 @@ def write_merged_checkpoint(
     return out
 
 
-def _copy_side_files(source_dir: Path, out_dir: Path) -> None:
+def copy_side_files(source_dir: Path, out_dir: Path) -> None:
     # The directory's own code (auto_map, which the written config keeps) travels with the weights, so tools that
     # load such checkpoints through it still can; kllama itself runs it only for model types transformers lacks.
     for path in source_dir.glob("*.py"):
@@ -116,6 +116,7 @@ def export_streamed(config: KllamaConfig, out_dir: Path) -> int:
         stale.unlink()
     write_streamed(plan, out_dir)
     write_side_files(plan, tokenizer, out_dir, dtype)
+    copy_side_files(source.path, out_dir)
     return len(adapters)
 
 
@@ -124,6 +125,7 @@ def export_in_memory(config: KllamaConfig, model_dir: Path, out_dir: Path) -> in
     loaded = load_model(config, "export")
     write_merged_checkpoint(loaded.model, loaded.tokenizer, out_dir,
                             max_shard_size=f"{config.export.export_size}GB", source_dir=model_dir)
+    copy_side_files(model_dir, out_dir)
     return len(loaded.adapters)
 
 
@@ -135,7 +137,7 @@ def run_export(config: KllamaConfig) -> int:
     if out_dir.resolve() == model_dir.resolve():
         raise KllamaError("export_dir: must differ from model_name_or_path (the source would be overwritten)")
     if not config.model.adapter_name_or_path:
-        logger.warning("no adapter_name_or_path given: the export is a re-sharded copy of the base model")
+        logger.warning("no adapter_name_or_path given: the export is a copy of the base model (in infer_dtype)")
     print_dequantized_note(config, model_dir)
     try:
         count = export_streamed(config, out_dir)
@@ -143,6 +145,5 @@ def run_export(config: KllamaConfig) -> int:
         print(f"kllama export: {exc}, which the streamed merge does not handle; merging in memory instead (the "
               f"whole model is loaded)", flush=True)
         count = export_in_memory(config, model_dir, out_dir)
-    _copy_side_files(model_dir, out_dir)
     print(f"kllama export: wrote the merged model ({count} adapter(s)) to {out_dir}")
     return 0

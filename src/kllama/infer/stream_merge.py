@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from kllama.errors import KllamaError
-from kllama.experts.families import family_of, find_expert_modules, layer_index
+from kllama.experts.families import FAMILIES, find_expert_modules, layer_index
 from kllama.experts.quant import dequantize_blocks
 from kllama.infer.adapter_deltas import AdapterFactors, CannotStream
 from kllama.model.checkpoint import (INDEX_FILE, SAFETENSORS_DTYPES, CheckpointIndex, ExpertLayerKeys, ShardReader,
@@ -101,12 +101,13 @@ def plan_merge(source: ModelSource, adapters: list[Path], dtype: torch.dtype) ->
     give what the in-memory merge gives (its message says why)."""
     index = scan_checkpoint(source.path)
     model = build_meta_model(source, dtype=dtype, attn_implementation=None)
+    modules = _expert_modules(model, index)
+    rename = checkpoint_renamer(model)
     try:
-        modules = _expert_modules(model, index)
-        rename = checkpoint_renamer(model)
         model_keys = {key: rename(key) for key in index.non_expert_keys()}
-    except KllamaError as exc:  # a family kllama's expert mapping lacks, a key transformers converts on load
-        raise CannotStream(str(exc)) from None
+    except KllamaError:
+        raise CannotStream(f"{source.path} has tensors transformers converts (not only renames) when it loads "
+                           f"them") from None
     slots, kept = model.state_dict(), fp32_kept(model, dtype)
     for key, name in model_keys.items():
         slot = slots.get(name)
@@ -143,7 +144,10 @@ def _expert_modules(model: PreTrainedModel, index: CheckpointIndex) -> dict[str,
     DeepSeek-V3's multi-token-prediction layer 61) are copied as they are, as other tensors the model does not load."""
     if not index.expert_layers:
         return {}
-    spec = family_of(model)
+    if model.config.model_type not in FAMILIES:
+        raise CannotStream(f"model_type {model.config.model_type!r} stores routed experts kllama does not map "
+                           f"(families: {', '.join(sorted(FAMILIES))})")
+    spec = FAMILIES[model.config.model_type]
     out = {}
     for name, module in find_expert_modules(model).items():
         keys = index.expert_layers.get(layer_index(name, spec))
