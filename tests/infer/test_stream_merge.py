@@ -202,6 +202,40 @@ def test_unsupported_adapter_falls_back_with_one_line(tiny_model_dir, tmp_path: 
     assert (logits(merged) - expected).abs().max() < 1e-4
 
 
+def test_remote_code_model_falls_back_with_one_line(tiny_model_dir, tmp_path: Path,  # noqa: ANN001
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # a model type transformers lacks, built by the directory's own (working) code: no class to map keys with
+    source = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir("deepseek_v2", expert_layout="fused"), source)
+    config = json.loads((source / "config.json").read_text())
+    config.update(model_type="kllama_custom", architectures=["CustomForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                            "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    (source / "config.json").write_text(json.dumps(config))
+    (source / "configuration_custom.py").write_text(
+        "from transformers import DeepseekV2Config\n\n\nclass CustomConfig(DeepseekV2Config):\n"
+        "    model_type = 'kllama_custom'\n")
+    (source / "modeling_custom.py").write_text(
+        "from transformers import DeepseekV2ForCausalLM\n\nfrom .configuration_custom import CustomConfig\n\n\n"
+        "class CustomForCausalLM(DeepseekV2ForCausalLM):\n    config_class = CustomConfig\n")
+    base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=True).eval()
+    peft_model = peft_wrapped(lambda: get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = logits(peft_model)
+    out = tmp_path / "merged"
+    assert main(["export", f"model_name_or_path={source}", f"adapter_name_or_path={tmp_path / 'adapter'}",
+                 f"export_dir={out}", "infer_dtype=float32", "trust_remote_code=true"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "merging in memory" in line]
+    assert len(lines) == 1 and "kllama_custom" in lines[0] and "own code" in lines[0]
+    assert (out / "modeling_custom.py").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True).eval()
+    assert (logits(merged) - expected).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("field,value", [("use_dora", True), ("bias", "all"), ("modules_to_save", ["lm_head"]),
                                          ("lora_bias", True), ("peft_type", "IA3"), ("init_lora_weights", "pissa"),
                                          ("fan_in_fan_out", True)])
