@@ -114,13 +114,7 @@ def plan_merge(source: ModelSource, adapters: list[Path], dtype: torch.dtype) ->
         if slot is not None and tuple(slot.shape) != index.tensors[key].shape:
             raise KllamaError(f"checkpoint tensor {key} has shape {index.tensors[key].shape} but the model expects "
                               f"{tuple(slot.shape)} for {name}; config.json does not match the weights")
-    expert_of: dict[str, tuple[ExpertLayerKeys, str, int | None]] = {}
-    for keys in index.expert_layers.values():
-        if keys.layout == "fused":
-            expert_of.update({keys.key(role): (keys, role, None) for role in ("gate_up", "down")})
-        else:
-            expert_of.update({keys.key(role, e): (keys, role, e) for e in range(keys.num_experts)
-                              for role in ("gate", "up", "down")})
+    expert_of = _expert_roles(index)
     files: dict[Path, list[OutTensor]] = {f: [] for f in index.files}
     dropped = set(index.scales.values())
     for key in sorted(index.tensors):
@@ -137,6 +131,19 @@ def plan_merge(source: ModelSource, adapters: list[Path], dtype: torch.dtype) ->
         files[info.file].append(OutTensor(key, out_dtype, info.shape, expert_of.get(key)))
     weights = {name: (key, index.tensors[key].shape) for key, name in model_keys.items()}
     return MergePlan(index, files, AdapterFactors(adapters, weights, modules), model)
+
+
+def _expert_roles(index: CheckpointIndex) -> dict[str, tuple[ExpertLayerKeys, str, int | None]]:
+    """Checkpoint key of each routed-expert tensor -> (its layer, role, expert): per expert gate / up / down of
+    expert e, fused gate_up / down of every expert (None)."""
+    out: dict[str, tuple[ExpertLayerKeys, str, int | None]] = {}
+    for keys in index.expert_layers.values():
+        if keys.layout == "fused":
+            out.update({keys.key(role): (keys, role, None) for role in ("gate_up", "down")})
+        else:
+            out.update({keys.key(role, e): (keys, role, e) for e in range(keys.num_experts)
+                        for role in ("gate", "up", "down")})
+    return out
 
 
 def _expert_modules(model: PreTrainedModel, index: CheckpointIndex) -> dict[str, ExpertLayerKeys]:

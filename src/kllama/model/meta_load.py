@@ -154,7 +154,7 @@ def _check_nothing_meta(model: nn.Module, index: CheckpointIndex) -> None:
                           f"{missing[:5]}; the files are incomplete or belong to another model")
 
 
-def expert_modules_by_layer(model: PreTrainedModel, index: CheckpointIndex) -> dict[int, tuple[str, nn.Module]]:
+def _expert_modules_by_layer(model: PreTrainedModel, index: CheckpointIndex) -> dict[int, tuple[str, nn.Module]]:
     """Layer index -> (qualified name, stock experts module), checked against the checkpoint's expert layers."""
     if not index.expert_layers:
         return {}
@@ -214,7 +214,7 @@ def load_checkpoint(
         if not index.expert_layers:
             raise KllamaError(f"{model_dir} has no routed experts (a dense model); set use_kt: false to load it with "
                               f"stock transformers")
-    experts = expert_modules_by_layer(model, index)
+    experts = _expert_modules_by_layer(model, index)
     plan, _ = _plan_non_expert(model, index, [name for name, _ in experts.values()])
     total = sum(index.tensors[key].nbytes for _, key in plan) + sum(index.expert_layers[i].nbytes() for i in experts)
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not show_progress) as bar:
