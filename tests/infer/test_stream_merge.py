@@ -164,6 +164,15 @@ def test_sharded_source_keeps_its_shards(tiny_model_dir, moe_adapter: Path, tmp_
     assert_same_export(out, export(source, [moe_adapter], tmp_path / "memory", "float32", streamed=False))
 
 
+def test_without_adapter_the_export_is_a_copy(bf16_model, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+    source = bf16_model("olmoe")
+    out = tmp_path / "copy"
+    assert main(["export", f"model_name_or_path={source}", f"export_dir={out}"]) == 0
+    assert "no adapter_name_or_path given" in caplog.text
+    original, written = load_file(str(source / "model.safetensors")), tensors(out)
+    assert written.keys() == original.keys() and all(torch.equal(written[k], v) for k, v in original.items())
+
+
 def test_layers_the_model_does_not_load_are_copied(tiny_model_dir, tmp_path: Path) -> None:  # noqa: ANN001
     # like DeepSeek-V3's multi-token-prediction layer 61: experts in the checkpoint beyond num_hidden_layers
     source = tmp_path / "extra-layer"
