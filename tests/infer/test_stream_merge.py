@@ -123,6 +123,28 @@ def test_peft_adapter_with_rank_2r_gate_up(arch: str, tiny_model_dir, adapter_ma
     assert_same_export(streamed, export(source, [adapter], tmp_path / "memory", "float32", streamed=False))
 
 
+def test_rank_and_alpha_patterns_and_rslora(tiny_model_dir, tmp_path: Path) -> None:  # noqa: ANN001
+    source = tiny_model_dir("qwen3_moe")
+    for name, extra in (("patterns", {"rank_pattern": {"q_proj": 8, ".*\\.down_proj": 2},
+                                      "alpha_pattern": {"o_proj": 32, ".*\\.gate_up_proj": 3}}),
+                        ("rslora", {"use_rslora": True})):
+        base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
+                            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], **extra)
+        peft_model = peft_wrapped(lambda: get_peft_model(base, config))  # noqa: B023
+        with torch.no_grad():
+            for key, param in peft_model.named_parameters():
+                if "lora_B" in key:
+                    param.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+        peft_model.save_pretrained(tmp_path / name)
+        streamed = export(source, [tmp_path / name], tmp_path / f"streamed-{name}", "float32")
+        assert_same_export(streamed, export(source, [tmp_path / name], tmp_path / f"memory-{name}", "float32",
+                                            streamed=False))
+    shapes = load_file(str(tmp_path / "patterns" / "adapter_model.safetensors"))
+    assert shapes["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape[0] == 8
+    assert shapes["base_model.model.model.layers.0.mlp.experts.lora_A.weight"].shape[0] == 8 * 2  # down: E * 2
+
+
 @pytest.mark.parametrize("arch", ["deepseek_v2", "qwen3_moe", "mixtral"])
 def test_fused_source_and_stacked_adapters(arch: str, bf16_model, tiny_model_dir, tmp_path: Path) -> None:  # noqa: ANN001
     adapters = [kllama_adapter(tiny_model_dir(arch), tmp_path / f"a{i}", seed=i) for i in (1, 2)]

@@ -42,7 +42,7 @@ _MERGE_NEUTRAL = frozenset({
     "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules", "target_parameters",
     "exclude_modules", "layers_to_transform", "layers_pattern", "lora_dropout", "base_model_name_or_path",
     "revision", "task_type", "inference_mode", "peft_version", "auto_mapping", "peft_type", "megatron_core",
-    "qalora_group_size", "ensure_weight_tying", "init_lora_weights",
+    "qalora_group_size", "ensure_weight_tying", "init_lora_weights", "runtime_config",
 })
 _PLAIN_INITS = (True, False, "gaussian")  # initialisations that leave the base weights alone
 _FACTOR_CACHE = 8  # (adapter, target) factor sets kept decoded: one expert layer's of a few stacked adapters
