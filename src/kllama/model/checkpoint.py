@@ -383,7 +383,8 @@ def _full_precision(values: Tensor, scales: Tensor | None) -> Tensor:
 
 
 def role_rows(keys: ExpertLayerKeys, role: str, per_block: bool) -> slice:
-    # rows of `role` in its fused projection (gate, up: gate_up; down: down), in values or in fp8 block scales
+    """Rows of `role` (gate, up, down) in its fused projection (gate_up: gate rows first, then up; down: all), in
+    values or, with `per_block`, in fp8 block scales."""
     inter = math.ceil(keys.intermediate / BLOCK) if per_block else keys.intermediate
     return {"gate": slice(0, inter), "up": slice(inter, 2 * inter), "down": slice(None)}[role]
 
