@@ -74,3 +74,9 @@ def engine(moe_model: Path, moe_adapter: Path):  # noqa: ANN201 - GenerationEngi
 def moe_adapter_rank_r(moe_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An adapter on attention + routed experts only (experts at rank r, the expert engine's LoRA layout)."""
     return make_adapter(moe_model, tmp_path_factory.mktemp("adapter_r"), seed=3, targets=("q_proj", "o_proj", "kv_b_proj"))
+
+
+@pytest.fixture(scope="session")
+def adapter_maker() -> Callable[..., Path]:
+    """`make_adapter`, for tests that need PEFT's own adapter on another tiny model."""
+    return make_adapter

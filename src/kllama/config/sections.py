@@ -244,8 +244,10 @@ class ExportArguments:
     """`kllama export`: merge the adapter into the base weights."""
 
     export_dir: str | None = arg(None, "Where the merged checkpoint is written.")
-    export_size: int = arg(5, "Max GB per safetensors shard.")
-    export_device: str = arg("cpu", "Device used for merging: cpu or auto.", choices=("cpu", "auto"))
+    export_size: int = arg(5, "Max GB per safetensors shard of an in-memory merge; the default streamed merge writes "
+                              "one shard per source shard, with the source's names.")
+    export_device: str = arg("cpu", "Device used for an in-memory merge: cpu or auto (the streamed merge runs on the "
+                                    "CPU).", choices=("cpu", "auto"))
     export_legacy_format: bool = arg(False, "Write .bin instead of safetensors (not supported: kept for compatibility).")
 
 

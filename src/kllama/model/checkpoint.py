@@ -41,7 +41,7 @@ INDEX_FILE = "model.safetensors.index.json"
 REFETCH = "download the model again (or re-export it with `kllama export` / save_pretrained)"
 MAP_BUDGET_BYTES = 16 * 2**20  # bytes read through one mapping before it is dropped and the file reopened
 
-_DTYPES: dict[str, torch.dtype] = {
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
@@ -222,7 +222,7 @@ def scan_checkpoint(model_dir: str | Path) -> CheckpointIndex:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
                     sl = f.get_slice(key)
-                    dtype = _DTYPES.get(sl.get_dtype())
+                    dtype = SAFETENSORS_DTYPES.get(sl.get_dtype())
                     if dtype is None:
                         raise KllamaError(f"{path.name}: tensor {key} has dtype {sl.get_dtype()} kllama cannot load")
                     tensors[key] = TensorInfo(path, dtype, tuple(sl.get_shape()))
@@ -382,8 +382,9 @@ def _full_precision(values: Tensor, scales: Tensor | None) -> Tensor:
     return values if scales is None else dequantize(QuantizedWeight(values, scales.float(), torch.float32))
 
 
-def _rows(keys: ExpertLayerKeys, role: str, per_block: bool) -> slice:
-    # rows of `role` in its fused projection (gate, up: gate_up; down: down), in values or in fp8 block scales
+def role_rows(keys: ExpertLayerKeys, role: str, per_block: bool) -> slice:
+    """Rows of `role` (gate, up, down) in its fused projection (gate_up: gate rows first, then up; down: all), in
+    values or, with `per_block`, in fp8 block scales."""
     inter = math.ceil(keys.intermediate / BLOCK) if per_block else keys.intermediate
     return {"gate": slice(0, inter), "up": slice(inter, 2 * inter), "down": slice(None)}[role]
 
@@ -391,7 +392,7 @@ def _rows(keys: ExpertLayerKeys, role: str, per_block: bool) -> slice:
 def _fill_dense(keys: ExpertLayerKeys, expert: int, reader: ShardReader, gate_up: Tensor, down: Tensor) -> None:
     for role, values, scales in _expert_parts(keys, expert, reader):
         target = down if role == "down" else gate_up
-        target[expert, _rows(keys, role, False)].copy_(_full_precision(values, scales))
+        target[expert, role_rows(keys, role, False)].copy_(_full_precision(values, scales))
 
 
 def _fill_quantized(keys: ExpertLayerKeys, expert: int, reader: ShardReader, gate_up: QuantizedWeight,
@@ -405,8 +406,8 @@ def _fill_quantized(keys: ExpertLayerKeys, expert: int, reader: ShardReader, gat
             quantized = (values, scales)
         else:
             quantized = quantize_projection(_full_precision(values, scales), scheme)
-        target.data[expert, _rows(keys, role, False)].copy_(quantized[0])
-        target.scale[expert, _rows(keys, role, scheme == "fp8")].copy_(quantized[1])
+        target.data[expert, role_rows(keys, role, False)].copy_(quantized[0])
+        target.scale[expert, role_rows(keys, role, scheme == "fp8")].copy_(quantized[1])
 
 
 def load_expert_layer(index: CheckpointIndex, layer_idx: int, *, dtype: torch.dtype, pin: bool,

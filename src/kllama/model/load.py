@@ -104,6 +104,12 @@ def _checkpoint_dtype(hf_config: PretrainedConfig, index: CheckpointIndex | None
     return floats[0] if floats else torch.float32
 
 
+def weights_dtype(config: KllamaConfig, purpose: Purpose, source: ModelSource, index: CheckpointIndex | None,
+                  ) -> torch.dtype:
+    """The dtype `load_model(config, purpose)` gives the weights: the purpose's choice, else the checkpoint's."""
+    return PURPOSES[purpose].dtype(config) or _checkpoint_dtype(source.hf_config, index)
+
+
 def served_model_id(config: KllamaConfig) -> str:
     """The model name clients see: the model directory's name (plus the last adapter's, when there is one)."""
     name = Path(config.model.model_name_or_path or "model").name
@@ -180,7 +186,7 @@ def fill_pad_token_id(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
             cfg.pad_token_id = tokenizer.pad_token_id
 
 
-def _scan_weights(path: Path) -> CheckpointIndex | None:
+def scan_weights(path: Path) -> CheckpointIndex | None:
     """Index the safetensors (headers only): a truncated, empty or missing file fails here, before any load.
     None for a directory holding only PyTorch .bin weights, which stock transformers reads itself."""
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")) and any(path.glob("*.bin")):
@@ -222,10 +228,10 @@ def load_model(config: KllamaConfig, purpose: Purpose, *, device: str | torch.de
     attn = ATTN_IMPLEMENTATIONS[config.model.flash_attn]
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise KllamaError("flash_attn: fa2 needs the flash-attn package; pip install flash-attn, or use flash_attn: sdpa")
-    index = _scan_weights(source.path)
+    index = scan_weights(source.path)
     tokenizer = load_tokenizer(source, config)
     target = resolve_device(device if device is not None else spec.device(config))
-    dtype = spec.dtype(config) or _checkpoint_dtype(source.hf_config, index)
+    dtype = weights_dtype(config, purpose, source, index)
     engine: ExpertEngine | None = None
     if on_engine:
         model, engine = load_on_engine(source, config, device=target, dtype=dtype, attn_implementation=attn,

@@ -35,7 +35,7 @@ from kllama.model.source import ModelSource
 PlacementsFn = Callable[[list[str]], Mapping[str, ExpertPlacement]]
 
 
-def _renamer(model: PreTrainedModel) -> Callable[[str], str]:
+def checkpoint_renamer(model: PreTrainedModel) -> Callable[[str], str]:
     """Checkpoint key -> model state-dict key, using the renames transformers registers for this family
     (e.g. Mixtral's `block_sparse_moe` -> `mlp`); key conversions that change tensors are refused."""
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -70,7 +70,7 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 def _plan_non_expert(model: PreTrainedModel, index: CheckpointIndex, expert_names: list[str]
                      ) -> tuple[list[tuple[str, str]], set[str]]:
     """`[(checkpoint key, model key)]` to load, and the model keys that must come from elsewhere (tied)."""
-    rename = _renamer(model)
+    rename = checkpoint_renamer(model)
     targets = model.state_dict()
     tied: dict[str, str] = dict(getattr(model, "all_tied_weights_keys", None) or {})  # target -> source
     plan: dict[str, str] = {}  # model key -> checkpoint key
@@ -91,7 +91,7 @@ def _plan_non_expert(model: PreTrainedModel, index: CheckpointIndex, expert_name
     return sorted(plan.items(), key=lambda kv: (index.tensors[kv[1]].file, kv[1])), set(tied)
 
 
-def _fp32_kept(model: PreTrainedModel, dtype: torch.dtype) -> Callable[[str], torch.dtype | None]:
+def fp32_kept(model: PreTrainedModel, dtype: torch.dtype) -> Callable[[str], torch.dtype | None]:
     """Model key -> float32 where the model class asks to keep that weight in fp32 at this `dtype` (e.g.
     DeepSeek-V3's `e_score_correction_bias` in bf16 runs), else None; transformers' own plan and matcher."""
     from transformers.core_model_loading import build_glob_alternation
@@ -113,7 +113,7 @@ def _load_non_expert(model: PreTrainedModel, index: CheckpointIndex, plan: list[
     """Copy each planned tensor from the mapped file into a fresh tensor on `device` (dtype of the model's slot,
     or fp32 where the model class keeps it so)."""
     targets = model.state_dict()
-    kept = _fp32_kept(model, dtype)
+    kept = fp32_kept(model, dtype)
     with ShardReader(index) as reader:
         for name, key in plan:
             slot = targets[name]
