@@ -230,3 +230,16 @@ def test_user_path_finds_promotion_lines_after_a_step_bar() -> None:
         facts = expert_layer_facts(log)
         assert facts["promotions"] == [line] and facts["streamed_layers"] == 19
         assert facts["streamed_layers_at_start"] == 20
+
+
+def test_export_memory_benchmark_runs_both_merges_tiny(tmp_path: Path) -> None:
+    """benchmarks/export_memory.py exports a tiny model + adapter streamed and in memory, in subprocesses, and the
+    two exports agree (same names, values within bf16 rounding)."""
+    out = _finish(_start("export_memory.py", "--tiny", "--work", str(tmp_path / "work"), "--out-dir",
+                         str(tmp_path / "results")), timeout=240)
+    rows = {row["mode"]: row for row in _only_json(tmp_path / "results")["rows"]}
+    assert set(rows) == {"streamed", "in-memory"} and all(r["exit_code"] == 0 and r["peak_host_gb"] > 0
+                                                         for r in rows.values())
+    difference = float(rows["streamed"]["note"].split("largest relative difference ")[1].split()[0])
+    assert rows["streamed"]["note"].startswith("same ") and difference < 1e-2, rows["streamed"]["note"]
+    assert "peak host GB" in out
