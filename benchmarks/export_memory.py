@@ -55,7 +55,7 @@ def build(args: argparse.Namespace) -> tuple[Path, Path]:
     """The checkpoint and the adapter, written once and reused while their directories are complete."""
     import torch
 
-    from kllama.model.tiny import write_tiny_model
+    from kllama.model.tiny import write_random_adapter, write_tiny_model
 
     size = "tiny" if args.tiny else f"{args.layers}l"
     model, adapter = args.work / f"model_{args.model}_{size}", args.work / f"adapter_{size}_r{args.rank}"
@@ -67,21 +67,11 @@ def build(args: argparse.Namespace) -> tuple[Path, Path]:
         (model / ".complete").write_text("ok\n")
         shutil.rmtree(adapter, ignore_errors=True)
     if not (adapter / ".complete").exists():
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
+        from peft import LoraConfig
 
-        from kllama.compat import peft_wrapped
-
-        base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
         config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear",
                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-        peft_model = peft_wrapped(lambda: get_peft_model(base, config))
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if "lora_B" in name:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
-        peft_model.save_pretrained(adapter)
+        write_random_adapter(model, adapter, config, std=0.01, dtype=torch.bfloat16)
         (adapter / ".complete").write_text("ok\n")
     return model, adapter
 

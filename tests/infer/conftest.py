@@ -20,23 +20,15 @@ def make_adapter(model_dir: Path, out_dir: Path, seed: int, targets: tuple[str, 
     With gate_proj/up_proj among the targets, PEFT 0.21 gives the fused `gate_up_proj` rank 2r (its v4 -> v5 MoE
     conversion); without them, routed experts get rank r.
     """
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from peft import LoraConfig
 
-    from kllama.compat import peft_wrapped
+    from kllama.model.tiny import write_random_adapter
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = LoraConfig(
         r=4, lora_alpha=8, target_modules=list(targets),
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
     )
-    peft_model = peft_wrapped(lambda: get_peft_model(model, config))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
-    peft_model.save_pretrained(out_dir)
+    write_random_adapter(model_dir, out_dir, config, seed=seed)
     (out_dir / "template.json").write_text(json.dumps({"template": ADAPTER_TEMPLATE}))
     return out_dir
 

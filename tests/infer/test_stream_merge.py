@@ -18,7 +18,7 @@ from kllama.config.loader import build_config
 from kllama.infer.adapter_deltas import unsupported_features
 from kllama.infer.export import export_in_memory
 from kllama.model.adapters import attach_lora, resolve_lora_spec, save_adapter
-from kllama.model.tiny import TINY_ARCHS, write_fp8_checkpoint, write_tiny_model
+from kllama.model.tiny import TINY_ARCHS, write_fp8_checkpoint, write_random_adapter, write_tiny_model
 
 IDS = torch.tensor([[6, 300, 41, 999, 77, 1500, 12, 640, 88, 2000, 5, 1234]])
 MOE_ARCHS = tuple(a for a in TINY_ARCHS if a not in ("llama", "qwen3"))
@@ -217,15 +217,10 @@ def test_layers_the_model_does_not_load_are_copied(tiny_model_dir, tmp_path: Pat
 def test_unsupported_adapter_falls_back_with_one_line(tiny_model_dir, tmp_path: Path,  # noqa: ANN001
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     source = tiny_model_dir("qwen3_moe")
-    base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], use_dora=True)
-    peft_model = peft_wrapped(lambda: get_peft_model(base, config))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
-    peft_model.save_pretrained(tmp_path / "dora")
-    expected = logits(peft_model.eval())
+    write_random_adapter(source, tmp_path / "dora", config)
+    base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    expected = logits(peft_wrapped(lambda: PeftModel.from_pretrained(base, tmp_path / "dora")))
     out = export(source, [tmp_path / "dora"], tmp_path / "merged", "float32")
     lines = [line for line in capsys.readouterr().out.splitlines() if "merging in memory" in line]
     assert len(lines) == 1 and "use_dora=True" in lines[0]

@@ -12,7 +12,7 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file
 
-from kllama.model.tiny import write_tiny_model
+from kllama.model.tiny import write_random_adapter, write_tiny_model
 
 SHARD_BYTES = 24 * 2**20
 
@@ -57,10 +57,7 @@ def _measure(tmp_path: Path, warm: Path, model: Path, adapter: Path, mode: str) 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_streamed_export_peaks_under_two_shards(tiny_model_dir, tmp_path: Path) -> None:  # noqa: ANN001
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from kllama.compat import peft_wrapped
+    from peft import LoraConfig
 
     single = write_tiny_model(tmp_path / "single", "qwen3_moe", dtype=torch.bfloat16, hidden_size=512,
                               num_hidden_layers=6, num_experts=16, moe_intermediate_size=512)
@@ -72,16 +69,9 @@ def test_streamed_export_peaks_under_two_shards(tiny_model_dir, tmp_path: Path) 
             (model / path.name).write_bytes(path.read_bytes())
     checkpoint = sum(p.stat().st_size for p in model.glob("*.safetensors"))
     assert checkpoint > 5 * SHARD_BYTES and len(list(model.glob("*.safetensors"))) >= 6
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"],
                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    peft_model = peft_wrapped(lambda: get_peft_model(base, config))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
-    peft_model.save_pretrained(tmp_path / "adapter")
-    del base, peft_model
+    write_random_adapter(model, tmp_path / "adapter", config)
     warm = tiny_model_dir("qwen3_moe")
     streamed = _measure(tmp_path, warm, model, tmp_path / "adapter", "streamed")
     in_memory = _measure(tmp_path, warm, model, tmp_path / "adapter", "memory")

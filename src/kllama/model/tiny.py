@@ -251,3 +251,24 @@ def write_fp8_checkpoint(src_dir: str | os.PathLike[str], out_dir: str | os.Path
     config["dtype"] = "bfloat16"
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def write_random_adapter(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], lora_config: Any, *,
+                         seed: int = 0, std: float = 0.05, dtype: torch.dtype = torch.float32) -> Path:
+    """A PEFT adapter for the checkpoint in `model_dir`, made by PEFT as `lora_config` (a `peft.LoraConfig`) says and
+    saved to `out_dir`, its lora_B drawn from N(0, std) with one generator seeded `seed` (PEFT starts B at zero,
+    which would make every delta zero): a trained-looking adapter for tests and benchmarks. The base is loaded in
+    `dtype`."""
+    from peft import get_peft_model
+
+    from kllama.compat import peft_wrapped
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = peft_wrapped(lambda: get_peft_model(base, lora_config))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
