@@ -174,36 +174,33 @@ def _expert_modules(model: PreTrainedModel, index: CheckpointIndex) -> dict[str,
 def _merged(t: OutTensor, plan: MergePlan, reader: ShardReader) -> Tensor:
     """The merged value of `t`: source (fp8 dequantized) + every adapter's delta, summed in fp32, rounded once."""
     src = reader.get(t.key)
-    scale = plan.index.scales.get(t.key)
     if t.expert is None:
         deltas = plan.factors.linear.get(t.key, [])
-        if scale is not None:
-            src = dequantize_blocks(src, reader.get(scale), torch.float32 if deltas else t.dtype)
-        if not deltas:
-            return src.to(t.dtype)
-        total = src.to(torch.float32, copy=True)
-        for f in deltas:
-            total += plan.factors.linear_delta(f)
-        return total.to(t.dtype)
-    keys, role, expert = t.expert
-    deltas = plan.factors.experts.get((keys.layer, "down_proj" if role == "down" else "gate_up_proj"), [])
+    else:
+        keys, role, expert = t.expert
+        deltas = plan.factors.experts.get((keys.layer, "down_proj" if role == "down" else "gate_up_proj"), [])
+    scale = plan.index.scales.get(t.key)
     if scale is not None:
         src = dequantize_blocks(src, reader.get(scale), torch.float32 if deltas else t.dtype)
     if not deltas:
         return src.to(t.dtype)
-    rows = slice(None) if role in ("down", "gate_up") else role_rows(keys, role, False)
+    if t.expert is None:
+        return _summed(src, [plan.factors.linear_delta(f) for f in deltas]).to(t.dtype)
     if expert is not None:  # one expert's projection [out, in]
-        total = src.to(torch.float32, copy=True)
-        for f in deltas:
-            total += plan.factors.expert_delta(f, expert, rows)
-        return total.to(t.dtype)
+        rows = slice(None) if role == "down" else role_rows(keys, role, False)
+        return _summed(src, [plan.factors.expert_delta(f, expert, rows) for f in deltas]).to(t.dtype)
     out = torch.empty(t.shape, dtype=t.dtype)  # fused [E, out, in], expert by expert
     for e in range(keys.num_experts):
-        total = src[e].to(torch.float32, copy=True)
-        for f in deltas:
-            total += plan.factors.expert_delta(f, e)
-        out[e] = total
+        out[e] = _summed(src[e], [plan.factors.expert_delta(f, e) for f in deltas])
     return out
+
+
+def _summed(src: Tensor, deltas: list[Tensor]) -> Tensor:
+    # the source in fp32 plus the fp32 deltas in adapter order
+    total = src.to(torch.float32, copy=True)
+    for delta in deltas:
+        total += delta
+    return total
 
 
 @torch.no_grad()
