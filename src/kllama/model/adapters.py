@@ -276,12 +276,6 @@ def attach_saved_adapter(model: nn.Module, adapter_dir: Path) -> PeftModel:
     return peft_model
 
 
-def merge_linear_lora(model: PeftModel) -> nn.Module:
-    """The base model of `model` with PEFT's LoRA merged into the adapted linear weights (`merge_and_unload`); an
-    expert LoRA on the engine's HostExperts is not a PEFT layer and stays attached, unmerged."""
-    return model.merge_and_unload()
-
-
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Trainable adapter parameters by name."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -24,8 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, 
 from kllama.config import KllamaConfig
 from kllama.errors import KllamaError
 from kllama.experts.install import ExpertEngine
-from kllama.model.adapters import (adapter_dirs, attach_saved_adapter, check_adapter_templates, merge_adapters,
-                                   merge_linear_lora)
+from kllama.model.adapters import adapter_dirs, attach_saved_adapter, check_adapter_templates, merge_adapters
 from kllama.model.checkpoint import CheckpointIndex, scan_checkpoint
 from kllama.model.engine_setup import load_on_engine
 from kllama.model.fused_norm import fuse_rms_norms
@@ -132,7 +131,7 @@ def _merge_or_attach(model: nn.Module, adapters: list[Path], engine: ExpertEngin
     # unmerged, PEFT runs ~6 small kernels per adapted linear per step (fp32 casts, two GEMVs, scale, add), which
     # more than halved V2-Lite's GPU decode (benchmarks/NOTES.md, thirteenth session). The routed experts' LoRA
     # stays on the engine (host-resident experts are not rewritten): `merge_and_unload` only touches PEFT's layers.
-    return merge_linear_lora(attach_saved_adapter(model, adapters[0]))
+    return attach_saved_adapter(model, adapters[0]).merge_and_unload()
 
 
 def _check_one_adapter_on_engine(adapters: list[Path], engine: bool) -> None:
