@@ -11,8 +11,8 @@ from kllama.experts.cpu_share import (CPU_OVERLAPS_COPY, CPU_SLOWDOWN, HOST_GAP_
 from kllama.experts.crossover import Crossovers, cpu_expert_seconds
 from kllama.experts.quant import dequantize, quantize
 from kllama.experts.routed import LoraFactors, expert_factors, routed_experts_math
-from kllama.experts.split_pass import (HostStaging, SplitExecutor, cpu_share_rows, lora_tail, run_on_worker,
-                                       split_forward, submit_cpu_side)
+from kllama.experts.split_pass import (HostStaging, SplitExecutor, cpu_share_rows, run_on_worker, split_forward,
+                                       submit_cpu_side)
 
 E, H, I, K = 8, 64, 48, 2  # noqa: E741
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -67,13 +67,16 @@ def test_split_pass_equals_the_unsplit_pass(scheme: str | None, dtype: torch.dty
         assert rel(partial, expected) > 1e-2
 
 
-def test_lora_tail_holds_the_factors_of_the_last_experts() -> None:
+def test_the_tail_of_the_factors_holds_the_last_experts_deltas_in_pefts_layout() -> None:
+    # PEFT's layout by hand: expert e owns A's rows e*r:(e+1)*r and B's columns e, e+E, e+2E, ... (rank 4 here)
     _, _, lora = layer(torch.float32, with_lora=True)
     for factors in lora.values():
-        a, b = expert_factors(factors, E, torch.float32)
         for first in (0, 3, E - 1):
-            ta, tb = expert_factors(lora_tail(factors, first, E), E - first, torch.float32)
-            assert torch.equal(ta, a[first:]) and torch.equal(tb, b[first:])
+            tail = expert_factors(factors, E, torch.float32).tail(first)
+            assert tail.a.shape[0] == tail.b.shape[0] == E - first
+            for j, e in enumerate(range(first, E)):
+                expect = factors.scaling * factors.lora_B[:, e::E] @ factors.lora_A[4 * e : 4 * (e + 1)]
+                torch.testing.assert_close(tail.b[j] @ tail.a[j], expect, rtol=1e-5, atol=1e-6)
 
 
 def model(per_expert_s: float, copy_s: float, num_experts: int = 64, overlapped: bool = True,

@@ -206,3 +206,27 @@ def test_failed_capture_falls_back_to_eager_steps() -> None:
     again = GraphedDecoder(model, 1, 48)
     assert decode(again, prompt)[0] == expected[0]
     assert again.graphed, again.reason
+
+
+def test_a_frozen_expert_lora_is_one_graph_that_makes_its_factors_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # what `kllama chat` decodes: the loaded adapter is frozen, so the passes keep its per-expert factors, made by
+    # the first eager pass before any capture; the captured step reads them and makes none (one graph, same tokens)
+    from kllama.experts import routed
+
+    model, engine = cuda_model("qwen3_moe", "gpu")
+    ExpertLoraSet(model).add(r=8, alpha=16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    model.requires_grad_(False)
+    made, inner = [], routed.expert_factors
+    monkeypatch.setattr(routed, "expert_factors", lambda *a: made.append(1) or inner(*a))
+    prompt = prompt_of(model)
+    eager = decode(GraphedDecoder(model, 1, 48, use_graphs=False), prompt)[0]
+    projections = sum(len(m.lora) for m in engine.modules.values())
+    assert len(made) == projections
+    graphed = GraphedDecoder(model, 1, 48)
+    got = decode(graphed, prompt)[0]
+    assert kinds(graphed) == ["graph"] and got == eager
+    assert len(made) == projections  # nothing made during the warm-up, the capture or the replays

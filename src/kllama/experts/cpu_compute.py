@@ -302,7 +302,7 @@ class CpuExecutor(PassExecutor):
     ) -> tuple[Tensor, SavedPass | None]:
         if keep:
             return super().forward(module, x, top_k_index, top_k_weights, lora_meta, lora_params, keep)
-        factors = module.host_lora_factors(lora_meta, lora_params)
+        factors = module.lora_factors(lora_meta, lora_params, torch.device("cpu"))
         with self.context(module):
             out = kernel_pass(module, x.detach(), top_k_index, top_k_weights.detach(), factors)
         if out is not None:

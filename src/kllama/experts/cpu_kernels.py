@@ -22,7 +22,7 @@ The call (`expert_layer`), for `T <= KERNEL_MAX_TOKENS` tokens:
   (the last one shorter where the width is not a multiple of 64), `gate_up_scale [E, 2I, ceil(H/64)]`, `down_scale
   [E, H, ceil(I/64)]`, `weight[n, k] = (nibble - 8) * scale[n, k // 64]`;
 * `lora`: optional `{"gate_up_proj" | "down_proj": (a [E, r, in], b [E, out, r])}` in bf16, the scaling folded into
-  b (`HostExperts.host_lora_factors`' layout); the delta `b_e @ (a_e @ input)` is added to that projection;
+  b (`HostExperts.lora_factors`' layout); the delta `b_e @ (a_e @ input)` is added to that projection;
 * returns `out [T, H]` fp32: `sum_k w[t, k] * down_e(silu(gate_e x) * up_e x)`, the activation SiLU; or writes
   it into a given `out` (fp32, or bf16: each fp32 sum rounded once, as `.to(torch.bfloat16)` rounds it).
 

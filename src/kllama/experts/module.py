@@ -41,7 +41,7 @@ from kllama.experts.cpu_share import SplitModel
 from kllama.experts.placement import TARGETS, ExpertPlacement, Target
 from kllama.experts.quant import (QUANT_DTYPES, ExpertWeight, QuantizedWeight, dequantize, quantize, scheme_of,
                                   weight_nbytes)
-from kllama.experts.routed import LoraFactors, SavedPass, expert_factors, sync_free
+from kllama.experts.routed import ExpertFactors, LoraFactors, SavedPass, sync_free
 from kllama.experts.split_pass import SplitExecutor
 from kllama.experts.stream import DeviceExecutor, ExpertStreamer
 
@@ -144,7 +144,8 @@ class HostExperts(nn.Module):
         self.lora = nn.ModuleDict()  # target name -> ExpertLoRA (kllama.experts.lora)
         self.lora_enabled = True
         self._warned_fallback = False
-        self._host_lora: tuple[tuple, dict[str, tuple[Tensor, Tensor]]] | None = None
+        # per device: (key of the LoRA they were made from, its per-expert factors); see lora_factors
+        self._lora_cache: dict[torch.device, tuple[tuple, dict[str, ExpertFactors]]] = {}
 
     @classmethod
     def from_stock(
@@ -201,10 +202,13 @@ class HostExperts(nn.Module):
         return 3 * self.num_experts * self.hidden_dim * self.intermediate_dim * self.dtype.itemsize
 
     def gpu_bytes(self) -> int:
-        """GPU memory held by this module alone (resident weights + LoRA), excluding the shared stream slots."""
+        """GPU memory held by this module alone (resident weights, LoRA and its cached per-expert factors:
+        `E*r*(in+out)` elements per projection in `dtype`), excluding the shared stream slots."""
         resident = sum(t.numel() * t.element_size() for t in self._resident) if self._resident else 0
         lora = sum(p.numel() * p.element_size() for p in self.lora.parameters() if p.is_cuda)
-        return resident + lora
+        cached = sum(t.numel() * t.element_size() for _, factors in self._lora_cache.values()
+                     for pair in factors.values() for t in pair if t.is_cuda)
+        return resident + lora + cached
 
     def target_for(self, num_tokens: int, training: bool = False) -> Target:
         """Target of a pass over `num_tokens` tokens (`training`: a backward follows): the forced one if set, else
@@ -238,29 +242,53 @@ class HostExperts(nn.Module):
         params = [p for lora in self.lora.values() for p in (lora.lora_A, lora.lora_B)]
         return meta, params
 
-    def host_lora_factors(self, meta: Sequence[tuple[str, float]], params: Sequence[Tensor],
-                          ) -> dict[str, tuple[Tensor, Tensor]]:
-        """Host copies of the active expert LoRA as per-expert factors `{target: (a [E, r, in], b [E, out, r])}` in
-        the weights' dtype (scaling folded into b), for no-grad CPU passes. Kept until a parameter changes (its
-        version counter moves), so decode does not copy the adapter from the GPU at every layer and token."""
+    @staticmethod
+    def _lora_key(meta: Sequence[tuple[str, float]], params: Sequence[Tensor]) -> tuple | None:
+        # what the cached factors were made from: the targets and scalings, and each parameter's identity and version
+        # counter (in-place writes under no_grad, load_state_dict's copy_, torch's foreach optimisers move it). A
+        # trainable LoRA gets no key: fused AdamW and `.data` writes do not move the counter, so its factors are
+        # made in each pass (training passes make them anyway, to differentiate them)
+        if any(p.requires_grad for p in params):
+            return None
+        return tuple(meta), tuple((id(p), p._version) for p in params)
+
+    def lora_factors(self, meta: Sequence[tuple[str, float]], params: Sequence[Tensor], device: torch.device,
+                     ) -> dict[str, ExpertFactors]:
+        """The active expert LoRA (`meta`, `params` as `_active_lora` gives them) as per-expert factors `{target:
+        ExpertFactors(a [E, r, in], b [E, out, r])}` in the weights' dtype on `device` (scaling folded into b), for
+        no-grad passes. A frozen LoRA's factors are made once per device and kept until a parameter changes (its
+        version counter moves), so decode neither copies the adapter to the host (CPU passes) nor rebuilds the
+        factors (GPU passes) at every layer and token.
+
+        A captured decode step (infer/graphs.py) reads the device factors at their addresses on every replay. That
+        is safe because they are never remade at inference: the parameters are frozen and never written, and the
+        warm-up forwards before a capture make them (`capturable` says no until they exist). Only a write into the
+        LoRA (an adapter loaded, training) remakes them, and nothing is captured there."""
         if not meta:
             return {}
-        key = (tuple(meta), tuple((id(p), p._version) for p in params))
-        if self._host_lora is None or self._host_lora[0] != key:
-            dtype = self.dtype
-            factors = {}
-            for i, (target, scaling) in enumerate(meta):
-                lora = LoraFactors(params[2 * i].detach().cpu(), params[2 * i + 1].detach().cpu(), scaling)
-                factors[target] = expert_factors(lora, self.num_experts, dtype)
-            self._host_lora = (key, factors)
-        return self._host_lora[1]
+        key = self._lora_key(meta, params)
+        held = self._lora_cache.get(device)
+        if key is not None and held is not None and held[0] == key:
+            return held[1]
+        factors = {target: LoraFactors(params[2 * i].detach().to(device), params[2 * i + 1].detach().to(device),
+                                       scaling).per_expert(self.num_experts, self.dtype)
+                   for i, (target, scaling) in enumerate(meta)}
+        if key is None:
+            self._lora_cache.pop(device, None)  # trainable now: what was kept is stale or soon will be
+        else:
+            self._lora_cache[device] = (key, factors)
+        return factors
 
     def capturable(self, num_tokens: int) -> bool:
         """Whether a no-grad pass over `num_tokens` tokens runs wholly on the GPU without a host sync or a host copy
-        (resident weights already made, torch's grouped GEMM for the weights and LoRA shapes): a CUDA graph can
-        capture it."""
+        (resident weights and LoRA factors already made, torch's grouped GEMM for the weights and LoRA shapes): a
+        CUDA graph can capture it."""
         if self.target_for(num_tokens) != "gpu" or self._resident is None:
             return False
+        meta, params = self._active_lora()
+        key, held = self._lora_key(meta, params) if meta else None, self._lora_cache.get(self.compute_device)
+        if key is not None and (held is None or held[0] != key):
+            return False  # made inside a capture, the cached factors' kernels would be replayed at every step
         ranks = [lora.r for lora in self.lora.values()] if self.lora_enabled else []
         return sync_free(self._resident[0], self.hidden_dim, 2 * self.intermediate_dim, self.intermediate_dim, *ranks)
 

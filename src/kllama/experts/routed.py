@@ -4,7 +4,10 @@
 construction with each other and with transformers' `grouped_mm` / eager experts: rows `(token, slot)` are grouped
 by expert, `gate_up` is split `[gate; up]`, `act(gate) * up` goes through `down`, each row is scaled by its routing
 weight, and the top-k rows of a token are summed. Expert LoRA adds `scaling * (x @ A_e^T) @ B_e^T` to each
-projection, with A/B in PEFT's `ParamWrapper` layout (see lora.py).
+projection, with A/B in PEFT's `ParamWrapper` layout (see lora.py). A pass takes each projection's LoRA either in
+that layout (`LoraFactors`: a training pass, whose factors follow the parameters it differentiates) or already as
+per-expert factors (`ExpertFactors`: a no-grad pass, from `HostExperts.lora_factors`' cache); both turn into the
+per-expert factors through `per_expert`.
 
 A training pass keeps the gate/up pre-activations `hidden [T*K, 2I]` (and the routing) for its backward, which
 `experts_backward` differentiates by hand: it needs the frozen weights once more (a streamed layer is usually still
@@ -13,7 +16,7 @@ through `save_for_backward`, so the first forward keeps nothing and the checkpoi
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -29,12 +32,38 @@ if TYPE_CHECKING:
 _GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+class ExpertFactors(NamedTuple):
+    """One projection's expert LoRA per expert in the compute dtype: `a [E, r, in]`, `b [E, out, r]` with the scaling
+    folded into b, delta_e = b_e @ a_e (what `expert_factors` makes from PEFT's layout)."""
+
+    a: Tensor  # [E, r, in]
+    b: Tensor  # [E, out, r]
+
+    def per_expert(self, num_experts: int, dtype: torch.dtype) -> "ExpertFactors":
+        """These factors, checked against the pass (a pass never converts or rebuilds factors made for it)."""
+        if self.a.shape[0] != num_experts or self.a.dtype != dtype:
+            raise ValueError(f"expert LoRA factors for {self.a.shape[0]} experts in {self.a.dtype} given to a pass "
+                             f"over {num_experts} experts in {dtype}")
+        return self
+
+    def tail(self, first: int) -> "ExpertFactors":
+        """The factors of experts `[first, E)` (views)."""
+        return ExpertFactors(self.a[first:], self.b[first:])
+
+
 class LoraFactors(NamedTuple):
     """One projection's expert LoRA in PEFT's layout: `A [E*r, in]`, `B [out, E*r]`, delta = scaling * B_e @ A_e."""
 
     lora_A: Tensor
     lora_B: Tensor
     scaling: float
+
+    def per_expert(self, num_experts: int, dtype: torch.dtype) -> ExpertFactors:
+        """The per-expert factors in `dtype` (`expert_factors`), made anew at each call."""
+        return expert_factors(self, num_experts, dtype)
+
+
+ProjectionLora = LoraFactors | ExpertFactors  # one projection's expert LoRA as a pass takes it
 
 
 @dataclass
@@ -120,18 +149,18 @@ def grouped_outer(p: Tensor, q: Tensor, routing: Routing) -> Tensor:
     return out
 
 
-def expert_factors(lora: LoraFactors, num_experts: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def expert_factors(lora: LoraFactors, num_experts: int, dtype: torch.dtype) -> ExpertFactors:
     """PEFT's flat factors as per-expert `a [E, r, in]` and `b [E, out, r]` in `dtype`, with the scaling folded
     into b."""
     a = lora.lora_A.to(dtype).view(num_experts, -1, lora.lora_A.shape[-1])  # rows e*r:(e+1)*r
     out_features = lora.lora_B.shape[0]
     # PEFT reads lora_B as [out, r, E]: expert e owns columns e, e+E, e+2E, ...
     b = (lora.lora_B * lora.scaling).to(dtype).view(out_features, -1, num_experts).permute(2, 0, 1).contiguous()
-    return a, b
+    return ExpertFactors(a, b)
 
 
-def _lora_delta(x: Tensor, lora: LoraFactors, routing: Routing, dtype: torch.dtype) -> Tensor:
-    a, b = expert_factors(lora, routing.offsets.numel(), dtype)
+def _lora_delta(x: Tensor, lora: ProjectionLora, routing: Routing, dtype: torch.dtype) -> Tensor:
+    a, b = lora.per_expert(routing.offsets.numel(), dtype)
     low = grouped_linear(x, a, routing)  # [S, r]
     return grouped_linear(low, b, routing)  # [S, out]
 
@@ -165,7 +194,7 @@ def experts_forward(
     gate_up: Tensor,
     down: Tensor,
     act_fn: Callable[[Tensor], Tensor],
-    lora: dict[str, LoraFactors] | None = None,
+    lora: Mapping[str, ProjectionLora] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One routed-experts layer: `x [T, H]`, routing of `top_k_index [T, K]`, `top_k_weights [T, K]`,
     `gate_up [E, 2I, H]`, `down [E, H, I]` (one device) -> (`out [T, H]` in x's dtype, `hidden [S, 2I]`, the gate/up
@@ -196,7 +225,7 @@ def routed_experts_math(
     gate_up: Tensor,
     down: Tensor,
     act_fn: Callable[[Tensor], Tensor],
-    lora: dict[str, LoraFactors] | None = None,
+    lora: Mapping[str, ProjectionLora] | None = None,
 ) -> Tensor:
     """`experts_forward` from `top_k_index [T, K]` directly -> `[T, H]` (inference, probes, reference math)."""
     return experts_forward(x, route(top_k_index, gate_up.shape[0]), top_k_weights, gate_up, down, act_fn, lora)[0]
@@ -347,7 +376,10 @@ class PassExecutor:
         """`out [T, H]` on x's device, and what the backward needs when `keep` (a gradient will be asked for)."""
         device = self.device(module)
         xd, idx, w = x.detach().to(device), top_k_index.to(device), top_k_weights.detach().to(device)
-        lora = lora_from_flat(lora_meta, [p.detach().to(device) for p in lora_params])
+        if keep:  # a training pass: the factors of the parameters it differentiates, made in each pass
+            lora: Mapping[str, ProjectionLora] = lora_from_flat(lora_meta, [p.detach().to(device) for p in lora_params])
+        else:  # a frozen LoRA's are made once and kept (HostExperts.lora_factors), not at every decode step
+            lora = module.lora_factors(lora_meta, lora_params, device)
         spans = self.chunks(module, xd.shape[0])
         outs, chunks = [], []
         with torch.no_grad(), self.context(module):

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from kllama.experts.cpu_compute import expert_output, intra_op_threads, worker_threads
 from kllama.experts.quant import ExpertWeight
-from kllama.experts.routed import LoraFactors, SavedPass, experts_forward, lora_from_flat, route
+from kllama.experts.routed import ExpertFactors, ProjectionLora, SavedPass, experts_forward, route
 from kllama.experts.split_trace import SplitTiming, record, tracing
 from kllama.experts.stream import DeviceExecutor
 
@@ -102,16 +102,16 @@ def cpu_share_rows(
     gate_up: ExpertWeight,
     down: ExpertWeight,
     act_fn: Callable[[Tensor], Tensor],
-    lora: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    lora: Mapping[str, ExpertFactors] | None = None,
     *,
     staging: HostStaging | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Host side: `(tokens [R], rows [R, H])`, the output of every `(token, slot)` row routed to an expert below
     `first` (routing weight applied, in x's dtype; written into `staging`'s buffers when given), rows grouped by
-    expert. Host tensors `x [T,
-    H]`, `top_k_index [T, K]`, `top_k_weights [T, K]`; the full host weights (only experts < first are read) and
-    per-expert LoRA factors as `HostExperts.host_lora_factors` gives them. Each row is its own output (no top-k sum
-    here), so every expert's rows are written straight into their slice of the result: no fp32 buffer, no scatter."""
+    expert. Host tensors `x [T, H]`, `top_k_index [T, K]`, `top_k_weights [T, K]`; the full host weights (only
+    experts < first are read) and per-expert LoRA factors as `HostExperts.lora_factors` gives them for the host. Each
+    row is its own output (no top-k sum here), so every expert's rows are written straight into their slice of the
+    result: no fp32 buffer, no scatter."""
     tokens, slots = (top_k_index < first).nonzero(as_tuple=True)  # [R] each
     shape = (tokens.numel(), x.shape[-1])
     rows = staging.take("rows", shape, x.dtype) if staging is not None else torch.empty(shape, dtype=x.dtype)
@@ -135,16 +135,6 @@ def cpu_share_rows(
     return tokens, rows
 
 
-def lora_tail(lora: LoraFactors, first: int, num_experts: int) -> LoraFactors:
-    """The factors of experts `[first, E)` in PEFT's layout for `E - first` experts: A's rows `e*r:(e+1)*r`, B's
-    columns `r_i*E + e` (see `routed.expert_factors`)."""
-    if first == 0:
-        return lora
-    rank = lora.lora_A.shape[0] // num_experts
-    lora_b = lora.lora_B.view(lora.lora_B.shape[0], rank, num_experts)[:, :, first:]
-    return LoraFactors(lora.lora_A[first * rank :], lora_b.reshape(lora.lora_B.shape[0], -1), lora.scaling)
-
-
 def device_share(
     x: Tensor,
     top_k_index: Tensor,
@@ -153,21 +143,21 @@ def device_share(
     gate_up: Tensor,
     down: Tensor,
     act_fn: Callable[[Tensor], Tensor],
-    lora: Mapping[str, LoraFactors] | None,
+    lora: Mapping[str, ProjectionLora] | None,
     num_experts: int,
     spans: Sequence[slice] | None = None,
 ) -> Tensor:
     """Device side: `[T, H]` in x's dtype, the sum over each token's rows routed to experts `>= first`, with
-    `gate_up [E - first, 2I, H]`, `down [E - first, H, I]` (what the stream slot holds) and the full LoRA factors
-    (sliced here). Rows of CPU experts go to the first held expert with weight 0 (no host sync to drop them);
-    `spans` cut the tokens into chunks (the placement's `chunk_size`)."""
+    `gate_up [E - first, 2I, H]`, `down [E - first, H, I]` (what the stream slot holds) and the LoRA of all `E`
+    experts (its experts `[first, E)` taken here). Rows of CPU experts go to the first held expert with weight 0 (no
+    host sync to drop them); `spans` cut the tokens into chunks (the placement's `chunk_size`)."""
     held = num_experts - first
     if held == 0:
         return torch.zeros_like(x)
     mine = top_k_index >= first
     index = torch.where(mine, top_k_index - first, torch.zeros_like(top_k_index))  # [T, K]
     weights = torch.where(mine, top_k_weights, torch.zeros_like(top_k_weights))  # [T, K]
-    tail = {target: lora_tail(f, first, num_experts) for target, f in (lora or {}).items()}
+    tail = {target: f.per_expert(num_experts, gate_up.dtype).tail(first) for target, f in (lora or {}).items()}
     outs = [experts_forward(x[s], route(index[s], held), weights[s], gate_up, down, act_fn, tail)[0]
             for s in (spans or [slice(0, x.shape[0])])]
     return torch.cat(outs) if outs else torch.zeros_like(x)
@@ -188,8 +178,8 @@ def split_forward(
     host_weights: tuple[ExpertWeight, ExpertWeight],
     device_weights: tuple[Tensor, Tensor],
     act_fn: Callable[[Tensor], Tensor],
-    lora: Mapping[str, LoraFactors] | None = None,
-    host_lora: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    lora: Mapping[str, ProjectionLora] | None = None,
+    host_lora: Mapping[str, ExpertFactors] | None = None,
 ) -> Tensor:
     """The split pass run in order on x's device (the reference the executor overlaps): experts `[0, first)`
     on the CPU from `host_weights`, `[first, E)` from `device_weights` (those experts only)."""
@@ -201,7 +191,7 @@ def split_forward(
 
 
 def cpu_side(ready: torch.cuda.Event | None, staged: Sequence[Tensor], first: int, module: "HostExperts",
-             host_lora: Mapping[str, tuple[Tensor, Tensor]], threads: int, inference: bool,
+             host_lora: Mapping[str, ExpertFactors], threads: int, inference: bool,
              staging: HostStaging | None = None, clock: list[float] | None = None) -> tuple[Tensor, Tensor]:
     """The CPU side of a split pass as the worker thread runs it: wait for the staged `(x, index, weights)` to land
     (`ready`), then `cpu_share_rows` with `threads` intra-op threads, without grad, in inference mode when the
@@ -222,7 +212,7 @@ def cpu_side(ready: torch.cuda.Event | None, staged: Sequence[Tensor], first: in
 
 
 def submit_cpu_side(ready: torch.cuda.Event | None, staged: Sequence[Tensor], first: int, module: "HostExperts",
-                    host_lora: Mapping[str, tuple[Tensor, Tensor]], staging: HostStaging | None = None,
+                    host_lora: Mapping[str, ExpertFactors], staging: HostStaging | None = None,
                     clock: list[float] | None = None) -> "Future[tuple[Tensor, Tensor]]":
     """`cpu_side` started in the worker thread with one intra-op thread fewer than the placement's."""
     return _worker().submit(cpu_side, ready, staged, first, module, host_lora,
@@ -273,8 +263,9 @@ class SplitExecutor(DeviceExecutor):
         streamer = module.streamer
         with torch.no_grad():
             xd, idx, w = x.detach().to(device), top_k_index.to(device), top_k_weights.detach().to(device)
-            host_lora = module.host_lora_factors(lora_meta, lora_params)  # cached; a first copy syncs, so before:
-            # the CPU side is on the layer's critical path: stage and submit it before anything else is launched
+            host_lora = module.lora_factors(lora_meta, lora_params, torch.device("cpu"))  # kept; a first copy
+            # syncs, so before anything is queued. The CPU side is on the layer's critical path: stage and submit
+            # it before anything else is launched
             first = streamer.held_from(module, module.split_for(num_tokens))
             job, staging, clock = None, self.staging(), [time.perf_counter()] if tracing() else None
             if first:
@@ -284,7 +275,7 @@ class SplitExecutor(DeviceExecutor):
                 gate_up, down, held = streamer.acquire_from(module, num_tokens, first)
                 if held != first:
                     raise RuntimeError(f"{module.name}: the slot holds experts [{held}, E), the CPU took [0, {first})")
-                lora = lora_from_flat(lora_meta, [p.detach().to(device) for p in lora_params])
+                lora = module.lora_factors(lora_meta, lora_params, device)
                 out = device_share(xd, idx, w, first, gate_up, down, module.act_fn, lora, module.num_experts,
                                    self.chunks(module, num_tokens))
             except BaseException:
