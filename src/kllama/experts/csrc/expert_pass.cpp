@@ -6,12 +6,7 @@
 //   1. gate/up: for intermediate rows j of a thread's block, for every selected expert and its tokens,
 //      act = silu(gate_j . x) * (up_j . x) * routing weight (LoRA added to gate/up before the activation);
 //   2. down: for hidden rows h of a thread's block, out[token, h] += down_h . act, summed over the token's experts.
-// In stage 1 each thread works through its own share in chunks of kChunkRows rows of one expert, then takes chunks
-// left in the other shares (`for_each_chunk`), so the stage ends when its last chunk is done, not when the thread
-// with the slowest share of the DRAM bandwidth finishes a fixed share. In stage 2 a thread owns its hidden rows for
-// all experts (chunks of them would switch between the experts' matrices every few rows), so no two threads add
-// into one output and nothing is reduced across threads. Each row's dot products are the same whichever thread
-// makes them. Rows are read
+// A thread owns its rows in both stages, so there are no atomics and no reduction across threads. Rows are read
 // as contiguous streams with a software prefetch of the next row (a 4 KiB bf16 row is a page, where the hardware
 // prefetcher stops). A dot product of few activation rows (decode: one) keeps several independent accumulator chains
 // per row (`chains`), else one FMA chain's latency, not memory, sets its speed (measured: benchmarks/NOTES.md, "The
@@ -36,7 +31,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -44,7 +38,7 @@
 namespace {
 
 constexpr int kMaxPairs = 8;        // activation rows one weight-row read serves at once (accumulators in registers)
-constexpr int64_t kChunkRows = 16;  // rows of one expert a stage-1 chunk holds; fewest rows a stage-2 thread owns
+constexpr int64_t kGrainRows = 16;  // fewest output rows per thread
 constexpr int64_t kBlock = 128;     // fp8 scale block edge (rows and columns), quant.py's BLOCK
 constexpr float kFp8Unscale = 256.0f;  // fp8 bytes read as fp16 are value * 2^-8
 constexpr int64_t kGroup = 64;      // int4 scale group (columns of a row: 32 bytes)
@@ -663,36 +657,63 @@ KL_AVX512VNNI void quantize_row(const float* a, int64_t len, int64_t padded, int
                {_mm512_reduce_add_epi32(s0), _mm512_reduce_add_epi32(s1), _mm512_reduce_add_epi32(s2)}};
 }
 
+// Accumulator chains per plane: a row's three planes are three chains, but `vpdpbusd`'s latency (~5 cycles) still
+// held a 1-token row to one 64-byte step per latency, a quarter of what the ports take (measured on the dev box: 52
+// GB/s from the cache on one core, against bf16's 73); 4 sets for one token, 2 for two, 1 from three on (each set
+// 3 registers a row).
+constexpr int vnni_chains(int n) { return n == 1 ? 4 : n == 2 ? 2 : 1; }
+
 template <int N>
-struct Avx512Int8Vnni {  // the activation rows are `QuantRow`s; 3 planes are 3 independent chains per row
+struct Avx512Int8Vnni {  // the activation rows are `QuantRow`s; U sets of 3 chains (one a plane) per row
+  static constexpr int U = vnni_chains(N);
   KL_AVX512VNNI static void run(const void* w_, const float*, const void* const* a_, int64_t len, float* res) {
     const int8_t* w = static_cast<const int8_t*>(w_);
     const QuantRow* a[N];
-    __m512i acc[N][3];
+    __m512i acc[N][3][U];
     for (int i = 0; i < N; ++i) {
       a[i] = static_cast<const QuantRow*>(a_[i]);
-      for (int p = 0; p < 3; ++p) acc[i][p] = _mm512_setzero_si512();
+      for (int p = 0; p < 3; ++p) {
+        for (int u = 0; u < U; ++u) acc[i][p][u] = _mm512_setzero_si512();
+      }
     }
     const __m512i flip = _mm512_set1_epi8(char(0x80));
     int64_t k = 0;
+    for (; k + 64 * U <= len; k += 64 * U) {
+      for (int u = 0; u < U; ++u) {
+        const int64_t ku = k + 64 * u;
+        _mm_prefetch(reinterpret_cast<const char*>(w + len + ku), _MM_HINT_T0);
+        const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + ku), flip);  // w + 128, unsigned
+        for (int i = 0; i < N; ++i) {
+          for (int p = 0; p < 3; ++p) {
+            acc[i][p][u] = _mm512_dpbusd_epi32(acc[i][p][u], wv, _mm512_loadu_si512(a[i]->d[p] + ku));
+          }
+        }
+      }
+    }
     for (; k + 64 <= len; k += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(w + len + k), _MM_HINT_T0);
-      const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + k), flip);  // w + 128, unsigned
+      const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + k), flip);
       for (int i = 0; i < N; ++i) {
-        for (int p = 0; p < 3; ++p) acc[i][p] = _mm512_dpbusd_epi32(acc[i][p], wv, _mm512_loadu_si512(a[i]->d[p] + k));
+        for (int p = 0; p < 3; ++p) {
+          acc[i][p][0] = _mm512_dpbusd_epi32(acc[i][p][0], wv, _mm512_loadu_si512(a[i]->d[p] + k));
+        }
       }
     }
     if (k < len) {  // masked weight bytes load as 0 (128 once flipped) and meet zero digits past len
       const __mmask64 m = __mmask64((1ull << (len - k)) - 1ull);
       const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + k), flip);
       for (int i = 0; i < N; ++i) {
-        for (int p = 0; p < 3; ++p) acc[i][p] = _mm512_dpbusd_epi32(acc[i][p], wv, _mm512_loadu_si512(a[i]->d[p] + k));
+        for (int p = 0; p < 3; ++p) {
+          acc[i][p][0] = _mm512_dpbusd_epi32(acc[i][p][0], wv, _mm512_loadu_si512(a[i]->d[p] + k));
+        }
       }
     }
     for (int i = 0; i < N; ++i) {
       int64_t dot = 0;
-      for (int p = 0; p < 3; ++p) {
-        const int64_t plane = int64_t(_mm512_reduce_add_epi32(acc[i][p])) - 128 * int64_t(a[i]->sum[p]);
+      for (int p = 0; p < 3; ++p) {  // the sets' lanes add up to the one-set lanes: the same exact int32 sums
+        __m512i lanes = acc[i][p][0];
+        for (int u = 1; u < U; ++u) lanes = _mm512_add_epi32(lanes, acc[i][p][u]);
+        const int64_t plane = int64_t(_mm512_reduce_add_epi32(lanes)) - 128 * int64_t(a[i]->sum[p]);
         dot += plane * (int64_t(1) << (8 * p));
       }
       res[i] = float(double(dot) * double(a[i]->scale));
@@ -892,36 +913,6 @@ void Acts::split_digits(int64_t r, std::vector<int8_t>& plain) {
   split_quant[r] = SplitDigits{{planes, planes + chunk_cols, planes + 2 * chunk_cols}, sums, q.scale};
 }
 
-// body(chunk) for chunk in [0, chunks), one fork/join. Each thread first takes the chunks of its own contiguous share
-// in order (long sequential streams: the hardware prefetchers and the next-row prefetch stay ahead; chunks dealt
-// round-robin cost the 2-core dev box ~40 % of the int8 pass), then helps with what is left of the other shares,
-// taking their next chunks from their cursors. With one thread, or inside another parallel region, the caller
-// takes them all in order.
-struct alignas(64) Cursor {  // one share's next chunk and end, on a cache line of its own
-  std::atomic<int64_t> next{0};
-  int64_t end = 0;
-};
-
-template <class Body>
-void for_each_chunk(int64_t chunks, const Body& body) {
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks));
-  std::unique_ptr<Cursor[]> shares(new Cursor[threads]);
-  for (int64_t t = 0; t < threads; ++t) {
-    shares[t].next.store(chunks * t / threads, std::memory_order_relaxed);
-    shares[t].end = chunks * (t + 1) / threads;
-  }
-  auto drain = [&](Cursor& share) {
-    for (int64_t c = share.next.fetch_add(1, std::memory_order_relaxed); c < share.end;
-         c = share.next.fetch_add(1, std::memory_order_relaxed)) {
-      body(c);
-    }
-  };
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) drain(shares[t]);
-    for (int64_t k = 1; k < threads; ++k) drain(shares[(t0 + k) % threads]);
-  });
-}
-
 // One projection's expert LoRA: a [E, r, in], b [E, out, r] (bf16, scaling folded into b).
 struct Lora {
   const uint16_t* a = nullptr;
@@ -1098,31 +1089,30 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
   std::vector<float> gu_low;
   if (gu_lora) lora_low(gu_lora, groups, S, H, pair_lora, lora_dots, gu_low);
 
-  // stage 1: act[p, j] = silu(gate) * up * routing weight, chunks of one expert's intermediate rows j
+  // stage 1: act[p, j] = silu(gate) * up * routing weight, threads own intermediate rows j
   Acts act(act_form_, S, I);
   const size_t gu_row = row_bytes(kind, H), dn_row = row_bytes(kind, I);
   const char* gu_ptr = static_cast<const char*>(gate_up.data_ptr());
-  const int64_t gu_chunks = (I + kChunkRows - 1) / kChunkRows;  // per expert; chunks taken expert by expert
-  for_each_chunk(int64_t(groups.size()) * gu_chunks, [&](int64_t chunk) {
+  at::parallel_for(0, I, kGrainRows, [&](int64_t j0, int64_t j1) {
     float gate[kMaxPairs], up[kMaxPairs];
-    const Group& g = groups[chunk / gu_chunks];
-    const int64_t j0 = chunk % gu_chunks * kChunkRows, j1 = std::min(I, j0 + kChunkRows);
-    const char* base = gu_ptr + size_t(g.expert * 2 * I) * gu_row;
-    for (int64_t j = j0; j < j1; ++j) {
-      for (int64_t p0 = g.begin; p0 < g.end; p0 += kMaxPairs) {
-        const int n = int(std::min<int64_t>(kMaxPairs, g.end - p0));
-        gu_dots[n](base + size_t(j) * gu_row, gu_scale.blocks(g.expert, j), &pair_x[p0], H, gate);
-        gu_dots[n](base + size_t(I + j) * gu_row, gu_scale.blocks(g.expert, I + j), &pair_x[p0], H, up);
-        for (int i = 0; i < n; ++i) {
-          const int64_t p = p0 + i;
-          float gv = gate[i], uv = up[i];
-          if (gu_scale.per_row()) gv *= gu_scale.row(g.expert, j), uv *= gu_scale.row(g.expert, I + j);
-          if (gu_lora) {
-            const uint16_t* b = gu_lora.b + (g.expert * 2 * I) * gu_lora.r;
-            gv += lora_b_dot(b + j * gu_lora.r, &gu_low[p * gu_lora.r], gu_lora.r);
-            uv += lora_b_dot(b + (I + j) * gu_lora.r, &gu_low[p * gu_lora.r], gu_lora.r);
+    for (const Group& g : groups) {
+      const char* base = gu_ptr + size_t(g.expert * 2 * I) * gu_row;
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t p0 = g.begin; p0 < g.end; p0 += kMaxPairs) {
+          const int n = int(std::min<int64_t>(kMaxPairs, g.end - p0));
+          gu_dots[n](base + size_t(j) * gu_row, gu_scale.blocks(g.expert, j), &pair_x[p0], H, gate);
+          gu_dots[n](base + size_t(I + j) * gu_row, gu_scale.blocks(g.expert, I + j), &pair_x[p0], H, up);
+          for (int i = 0; i < n; ++i) {
+            const int64_t p = p0 + i;
+            float gv = gate[i], uv = up[i];
+            if (gu_scale.per_row()) gv *= gu_scale.row(g.expert, j), uv *= gu_scale.row(g.expert, I + j);
+            if (gu_lora) {
+              const uint16_t* b = gu_lora.b + (g.expert * 2 * I) * gu_lora.r;
+              gv += lora_b_dot(b + j * gu_lora.r, &gu_low[p * gu_lora.r], gu_lora.r);
+              uv += lora_b_dot(b + (I + j) * gu_lora.r, &gu_low[p * gu_lora.r], gu_lora.r);
+            }
+            act.set(p, j, gv / (1.0f + std::exp(-gv)) * uv * pair_weight[p], round_acts);
           }
-          act.set(p, j, gv / (1.0f + std::exp(-gv)) * uv * pair_weight[p], round_acts);
         }
       }
     }
@@ -1141,7 +1131,7 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
   float* o = bf16_out ? sums.data() : out.data_ptr<float>();
   uint16_t* o16 = bf16_out ? reinterpret_cast<uint16_t*>(out.data_ptr()) : nullptr;
   const char* dn_ptr = static_cast<const char*>(down.data_ptr());
-  at::parallel_for(0, H, kChunkRows, [&](int64_t h0, int64_t h1) {
+  at::parallel_for(0, H, kGrainRows, [&](int64_t h0, int64_t h1) {
     for (int64_t t = 0; t < T; ++t) std::fill(o + t * H + h0, o + t * H + h1, 0.0f);
     float y[kMaxPairs];
     for (const Group& g : groups) {
