@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.nn.functional import linear
 
-from kllama.experts.cpu_kernels import KERNEL_MAX_TOKENS, bind_expert_layer, expert_layer, kernel_runs
+from kllama.experts.cpu_kernels import KERNEL_MAX_TOKENS, expert_layer, kernel_runs
 from kllama.experts.quant import BLOCK, ExpertWeight, QuantizedWeight
 from kllama.experts.quant_compute import quant_expert_gemm
 from kllama.experts.routed import PassExecutor, SavedPass, token_chunks
@@ -276,78 +276,6 @@ def kernel_pass(
     result.copy_(stage.out, non_blocking=True)
     stage.copied.record(stream)
     return result
-
-
-class GraphedKernelPass:
-    """A layer's host pass of a CUDA-graphed decode step (infer/graphs.py) bound once to the C++ kernel: pinned
-    buffers for up to `bucket` tokens that the step's graphs fill and read with captured copies, and the kernel call
-    with the module's weights, scales, frozen LoRA factors and tier settled (`bind_expert_layer`).
-
-    Eagerly (`kernel_pass`) a decode layer's hop is three copy launches, a stream sync, the pass's Python dispatch,
-    an output allocation and a copy launch back: on the H200 box ~0.19 ms a layer beside a 0.6 ms int8 kernel
-    (benchmarks/NOTES.md, fourteenth session). Here the graph before the pass ends with the copies in (`load`,
-    captured), the graph after it begins with the copy out (`unload`, captured), and a replay's pass is one stream
-    sync and one kernel call on the step's real rows. A replay whose real rows the placement sends elsewhere (the
-    `cpu` target is chosen by token count) runs the module's own pass and puts its output where the next graph
-    reads it. The buffers are rewritten only by this layer's next pass, which the host makes after the graph that
-    copies them out has been launched, in stream order."""
-
-    def __init__(self, module: "HostExperts", x: Tensor, top_k: int,
-                 run: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]) -> None:
-        bucket, hidden = x.shape
-        self.module, self.run, self.device = module, run, x.device
-        self.x = torch.empty(bucket, hidden, dtype=x.dtype, pin_memory=True)
-        self.index = torch.zeros(bucket, top_k, dtype=torch.long, pin_memory=True)
-        self.weights = torch.zeros(bucket, top_k, dtype=torch.float32, pin_memory=True)
-        self.out = torch.zeros(bucket, hidden, dtype=x.dtype, pin_memory=True)  # padding rows stay finite
-        self._rows: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
-
-    @classmethod
-    def bind(cls, module: "HostExperts", x: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
-             ) -> GraphedKernelPass | None:
-        """The bound pass for this layer at x's row count (the graph's bucket), or None when the kernel would not
-        take the pass on the host: x not on a CUDA device or not bf16/fp32, a pass the placement does not put on
-        the CPU, weights or a LoRA the kernel does not read, a LoRA being trained. Call it outside a capture (it
-        allocates pinned memory and may copy the LoRA factors to the host)."""
-        if x.device.type != "cuda" or x.dtype not in _KERNEL_OUT_DTYPES or torch.is_grad_enabled():
-            return None
-        if module.target_for(x.shape[0]) != "cpu":
-            return None
-        meta, params = module.active_lora()
-        if any(p.requires_grad for p in params):
-            return None
-        operands = kernel_operands(*module.host_weights())
-        factors = module.lora_factors(meta, params, torch.device("cpu"))
-        if operands is None or not kernel_runs(operands[0], operands[1], module.act_fn, x.shape[0], factors):
-            return None
-        gate_up, down, scales = operands
-        return cls(module, x, top_k_index.shape[1], bind_expert_layer(gate_up, down, lora=factors, **scales))
-
-    def load(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> None:
-        """Copies the pass's inputs (device tensors of the bucket's shape) into the pinned buffers: call it inside
-        the capture of the graph that computes them, as its last work."""
-        self.x.copy_(x, non_blocking=True)
-        self.index.copy_(top_k_index.long(), non_blocking=True)
-        self.weights.copy_(top_k_weights.float(), non_blocking=True)
-
-    def unload(self, out: Tensor) -> None:
-        """Copies the pinned output into `out` (device, the bucket's shape): call it inside the capture of the next
-        graph, as its first work."""
-        out.copy_(self.out, non_blocking=True)
-
-    def __call__(self, rows: int, inputs: tuple[Tensor, Tensor, Tensor]) -> None:
-        """The pass over the first `rows` rows, after the graph that loads them was launched; `inputs` are that
-        graph's device tensors the buffers were loaded from (for a pass the placement sends elsewhere)."""
-        if self.module.target_for(rows) != "cpu":
-            x, index, weights = (t[:rows] for t in inputs)
-            self.out[:rows].copy_(self.module.run_pass(x, index, weights))
-            return
-        views = self._rows.get(rows)
-        if views is None:
-            views = self._rows[rows] = (self.x[:rows], self.index[:rows], self.weights[:rows], self.out[:rows])
-        torch.cuda.current_stream(self.device).synchronize()
-        with intra_op_threads(self.module.placement.cpu_threads):
-            self.run(*views)
 
 
 class CpuExecutor(PassExecutor):

@@ -259,27 +259,6 @@ def expert_layer(
     instruction-set tier at most the best one in use (tests, probes); by default the weights' dtype runs its own tier
     (`KernelStatus.tiers`). Raises RuntimeError when the kernel is not available for these weights (check
     `kernel_runs` or `kernel_status` first)."""
-    run = bind_expert_layer(gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale, lora=lora, isa=isa)
-    xin = x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
-    if out is None:
-        out = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32)
-    return run(xin.contiguous(), _as(top_k_index, torch.long), _as(top_k_weights, torch.float32), out)
-
-
-def bind_expert_layer(
-    gate_up: Tensor,
-    down: Tensor,
-    *,
-    gate_up_scale: Tensor | None = None,
-    down_scale: Tensor | None = None,
-    lora: Mapping[str, tuple[Tensor, Tensor]] | None = None,
-    isa: str | None = None,
-) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
-    """`expert_layer` with everything but the tokens settled once: `run(x, top_k_index, top_k_weights, out) -> out`
-    calls the kernel and nothing else, for a caller that makes the same layer's pass at every step (a graphed decode
-    step's host pass: `cpu_compute.GraphedKernelPass`). Its arguments must be what the kernel reads as they are: `x`
-    contiguous bf16 or fp32, `top_k_index` int64, `top_k_weights` fp32, `out` as in `expert_layer` (the kernel checks
-    them and raises on anything else). Raises as `expert_layer` does."""
     status = kernel_status()
     if not status.available:
         raise RuntimeError(f"the CPU expert kernel is not available: {status.reason}")
@@ -291,14 +270,13 @@ def bind_expert_layer(
     lora = lora or {}
     gate_up_a, gate_up_b = lora.get("gate_up_proj", (None, None))
     down_a, down_b = lora.get("down_proj", (None, None))
-    expert_pass = status.module.expert_pass
-
-    def run(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, out: Tensor) -> Tensor:
-        expert_pass(x, top_k_index, top_k_weights, gate_up, down, gate_up_scale, down_scale, gate_up_a, gate_up_b,
-                    down_a, down_b, out, tier)
-        return out
-
-    return run
+    xin = x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
+    if out is None:
+        out = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32)
+    status.module.expert_pass(
+        xin.contiguous(), _as(top_k_index, torch.long), _as(top_k_weights, torch.float32),
+        gate_up, down, gate_up_scale, down_scale, gate_up_a, gate_up_b, down_a, down_b, out, tier)
+    return out
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -235,9 +235,7 @@ class HostExperts(nn.Module):
             return max(0, min(self.forced_split, self.num_experts))
         return self.cpu_share.plan(num_tokens).cpu_experts if self.cpu_share is not None else 0
 
-    def active_lora(self) -> tuple[tuple[tuple[str, float], ...], list[Tensor]]:
-        """The expert LoRA a pass applies now: `((target, scaling), ...)` and its parameters (A then B per target);
-        empty when none is attached or it is disabled."""
+    def _active_lora(self) -> tuple[tuple[tuple[str, float], ...], list[Tensor]]:
         if not self.lora_enabled or len(self.lora) == 0:
             return (), []
         meta = tuple((target, lora.scaling) for target, lora in self.lora.items())
@@ -256,7 +254,7 @@ class HostExperts(nn.Module):
 
     def lora_factors(self, meta: Sequence[tuple[str, float]], params: Sequence[Tensor], device: torch.device,
                      ) -> dict[str, ExpertFactors]:
-        """The active expert LoRA (`meta`, `params` as `active_lora` gives them) as per-expert factors `{target:
+        """The active expert LoRA (`meta`, `params` as `_active_lora` gives them) as per-expert factors `{target:
         ExpertFactors(a [E, r, in], b [E, out, r])}` in the weights' dtype on `device` (scaling folded into b), for
         no-grad passes. A frozen LoRA's factors are made once per device and kept until a parameter changes (its
         version counter moves), so decode neither copies the adapter to the host (CPU passes) nor rebuilds the
@@ -287,7 +285,7 @@ class HostExperts(nn.Module):
         CUDA graph can capture it."""
         if self.target_for(num_tokens) != "gpu" or self._resident is None:
             return False
-        meta, params = self.active_lora()
+        meta, params = self._active_lora()
         key, held = self._lora_key(meta, params) if meta else None, self._lora_cache.get(self.compute_device)
         if key is not None and (held is None or held[0] != key):
             return False  # made inside a capture, the cached factors' kernels would be replayed at every step
@@ -296,7 +294,7 @@ class HostExperts(nn.Module):
 
     def run_pass(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         """The pass itself (what `forward` does without a hook), on the target its size and kind choose."""
-        meta, params = self.active_lora()
+        meta, params = self._active_lora()
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, top_k_weights, *params))
         executor = _EXECUTORS[self.target_for(hidden_states.shape[0], training)]
         if executor is _EXECUTORS["stream"] and self.split_for(hidden_states.shape[0], training):

@@ -24,11 +24,7 @@ returns a `GraphedDecoder` over a `SlotCache` (kv_cache.py) of `max_batch` slots
   graph, is recorded as an eager call on the captured tensors writing into a static output, and a new graph begins.
   A step is then replayed as graph, pass, graph, pass, ... (one graph when every layer is resident). An eager pass
   gets only the step's real rows, not the bucket's padding, so CPU experts never compute (and the engine never
-  places by) padding tokens. A CPU pass the C++ kernel takes (decode's usual case) is bound at the warm-up forward
-  before a capture (`cpu_compute.GraphedKernelPass`): the graph before it ends with captured copies of its inputs
-  to pinned buffers, the graph after it begins with the captured copy of its output back, and the replayed pass is
-  one stream sync and one kernel call, without the eager pass's copy launches and Python (~0.19 ms a layer on the
-  H200 box). All graphs of a decoder share one memory pool: a replay only touches its own static
+  places by) padding tokens. All graphs of a decoder share one memory pool: a replay only touches its own static
   tensors and intermediates that die within it, and replays never overlap. With `split_experts=True` resident
   passes get graphs of their own, so `timed_step` can tell expert time from other GPU work (for benchmarks; the
   split costs a few launches per layer).
@@ -50,7 +46,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from kllama.experts.cpu_compute import GraphedKernelPass
 from kllama.experts.module import HostExperts, expert_pass_hook
 from kllama.infer.graph_capture import end_failed_capture, private_cuda_rng
 from kllama.infer.kv_cache import (
@@ -107,24 +102,11 @@ class _HostPass:
 
 
 @dataclass
-class _BoundHostPass:
-    """A host pass bound to the C++ kernel (`GraphedKernelPass`): the graph before it copied its inputs to pinned
-    buffers and the graph after it copies the output back, so a replay's pass is a sync and one kernel call."""
-
-    bound: GraphedKernelPass
-    inputs: tuple[Tensor, Tensor, Tensor]  # the device tensors (x, index, weights) the previous graph wrote
-
-    def __call__(self, rows: int) -> None:
-        self.bound(rows, self.inputs)
-
-
-@dataclass
 class _Recorder:
     """Captures one step as a chain of graphs, cutting it at expert passes that cannot be captured."""
 
     pool: tuple
     split_experts: bool
-    bound: dict[tuple[HostExperts, int], GraphedKernelPass | None]  # (module, rows): made by the warm-up forwards
     items: list[_Item] = field(default_factory=list)
     graph: torch.cuda.CUDAGraph | None = None
 
@@ -146,23 +128,15 @@ class _Recorder:
         capturable = module.capturable(x.shape[0])
         if capturable and not self.split_experts:
             return module.run_pass(x, index, weights)
+        self.end()
         if capturable:
-            self.end()
             self.begin()
             out = module.run_pass(x, index, weights)
             self.end("expert-graph")
-            self.begin()
-            return out
-        bound = self.bound.get((module, x.shape[0]))
-        if bound is not None:
-            bound.load(x, index, weights)  # this graph's last work: the inputs to the pinned buffers
-        self.end()
-        out = torch.zeros_like(x)  # outside any capture: a plain allocation that stays where it is
-        host = _BoundHostPass(bound, (x, index, weights)) if bound is not None else None
-        self.items.append(_Item(host or _HostPass(module, x, index, weights, out), "host"))
+        else:
+            out = torch.zeros_like(x)  # outside any capture: a plain allocation that stays where it is
+            self.items.append(_Item(_HostPass(module, x, index, weights, out), "host"))
         self.begin()
-        if bound is not None:
-            bound.unload(out)  # the next graph's first work: the output to the device
         return out
 
 
@@ -231,7 +205,6 @@ class GraphedDecoder:
         self._positions = torch.full((max_batch, 1), max_len, dtype=torch.long, device=self.device)
         self._arange = torch.arange(self.capacity, device=self.device)
         self._captured: dict[tuple[int, int], _Captured] = {}
-        self._bound: dict[tuple[HostExperts, int], GraphedKernelPass | None] = {}
         self._pool: tuple | None = None
         self.captures, self.capture_s = 0, 0.0
         self.reason: str | None = None  # why steps run eagerly; None while graphs are used
@@ -389,14 +362,6 @@ class GraphedDecoder:
             self.capture_s += time.perf_counter() - began
         return self._captured[key]
 
-    def _bind_host_pass(self, module: HostExperts, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
-        # a warm-up forward's expert pass: runs as usual, and first binds the kernel pass the capture will cut at
-        # (once per layer and row count, shared by the captures of every read length; None where none applies)
-        key = (module, x.shape[0])
-        if key not in self._bound:
-            self._bound[key] = GraphedKernelPass.bind(module, x, index, weights)
-        return module.run_pass(x, index, weights)
-
     def _capture(self, bucket: int, length: int) -> _Captured:
         ids, positions = self._ids[:bucket], self._positions[:bucket]
         saved = ids.clone(), positions.clone()
@@ -411,7 +376,7 @@ class GraphedDecoder:
         ids, positions, rows = self._ids[:bucket], self._positions[:bucket], slice(0, bucket)
         current, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
         side.wait_stream(current)
-        with torch.cuda.stream(side), expert_pass_hook(self._bind_host_pass):
+        with torch.cuda.stream(side):
             for _ in range(1 if self._captured else 2):  # lazy initialisations (cuBLAS workspaces...) happen here
                 self._forward_rows(ids, positions, rows, length)
         current.wait_stream(side)
@@ -419,7 +384,7 @@ class GraphedDecoder:
         gc.collect()  # nothing the collector frees may be returned to the allocator in the middle of a capture
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        recorder = _Recorder(self._pool, self.split_experts, self._bound)
+        recorder = _Recorder(self._pool, self.split_experts)
         with torch.cuda.stream(side), private_cuda_rng(side.device):  # a failed capture cannot strand the RNG
             try:
                 recorder.begin()

@@ -657,63 +657,36 @@ KL_AVX512VNNI void quantize_row(const float* a, int64_t len, int64_t padded, int
                {_mm512_reduce_add_epi32(s0), _mm512_reduce_add_epi32(s1), _mm512_reduce_add_epi32(s2)}};
 }
 
-// Accumulator chains per plane: a row's three planes are three chains, but `vpdpbusd`'s latency (~5 cycles) still
-// held a 1-token row to one 64-byte step per latency, a quarter of what the ports take (measured on the dev box: 52
-// GB/s from the cache on one core, against bf16's 73); 4 sets for one token, 2 for two, 1 from three on (each set
-// 3 registers a row).
-constexpr int vnni_chains(int n) { return n == 1 ? 4 : n == 2 ? 2 : 1; }
-
 template <int N>
-struct Avx512Int8Vnni {  // the activation rows are `QuantRow`s; U sets of 3 chains (one a plane) per row
-  static constexpr int U = vnni_chains(N);
+struct Avx512Int8Vnni {  // the activation rows are `QuantRow`s; 3 planes are 3 independent chains per row
   KL_AVX512VNNI static void run(const void* w_, const float*, const void* const* a_, int64_t len, float* res) {
     const int8_t* w = static_cast<const int8_t*>(w_);
     const QuantRow* a[N];
-    __m512i acc[N][3][U];
+    __m512i acc[N][3];
     for (int i = 0; i < N; ++i) {
       a[i] = static_cast<const QuantRow*>(a_[i]);
-      for (int p = 0; p < 3; ++p) {
-        for (int u = 0; u < U; ++u) acc[i][p][u] = _mm512_setzero_si512();
-      }
+      for (int p = 0; p < 3; ++p) acc[i][p] = _mm512_setzero_si512();
     }
     const __m512i flip = _mm512_set1_epi8(char(0x80));
     int64_t k = 0;
-    for (; k + 64 * U <= len; k += 64 * U) {
-      for (int u = 0; u < U; ++u) {
-        const int64_t ku = k + 64 * u;
-        _mm_prefetch(reinterpret_cast<const char*>(w + len + ku), _MM_HINT_T0);
-        const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + ku), flip);  // w + 128, unsigned
-        for (int i = 0; i < N; ++i) {
-          for (int p = 0; p < 3; ++p) {
-            acc[i][p][u] = _mm512_dpbusd_epi32(acc[i][p][u], wv, _mm512_loadu_si512(a[i]->d[p] + ku));
-          }
-        }
-      }
-    }
     for (; k + 64 <= len; k += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(w + len + k), _MM_HINT_T0);
-      const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + k), flip);
+      const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + k), flip);  // w + 128, unsigned
       for (int i = 0; i < N; ++i) {
-        for (int p = 0; p < 3; ++p) {
-          acc[i][p][0] = _mm512_dpbusd_epi32(acc[i][p][0], wv, _mm512_loadu_si512(a[i]->d[p] + k));
-        }
+        for (int p = 0; p < 3; ++p) acc[i][p] = _mm512_dpbusd_epi32(acc[i][p], wv, _mm512_loadu_si512(a[i]->d[p] + k));
       }
     }
     if (k < len) {  // masked weight bytes load as 0 (128 once flipped) and meet zero digits past len
       const __mmask64 m = __mmask64((1ull << (len - k)) - 1ull);
       const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + k), flip);
       for (int i = 0; i < N; ++i) {
-        for (int p = 0; p < 3; ++p) {
-          acc[i][p][0] = _mm512_dpbusd_epi32(acc[i][p][0], wv, _mm512_loadu_si512(a[i]->d[p] + k));
-        }
+        for (int p = 0; p < 3; ++p) acc[i][p] = _mm512_dpbusd_epi32(acc[i][p], wv, _mm512_loadu_si512(a[i]->d[p] + k));
       }
     }
     for (int i = 0; i < N; ++i) {
       int64_t dot = 0;
-      for (int p = 0; p < 3; ++p) {  // the sets' lanes add up to the one-set lanes: the same exact int32 sums
-        __m512i lanes = acc[i][p][0];
-        for (int u = 1; u < U; ++u) lanes = _mm512_add_epi32(lanes, acc[i][p][u]);
-        const int64_t plane = int64_t(_mm512_reduce_add_epi32(lanes)) - 128 * int64_t(a[i]->sum[p]);
+      for (int p = 0; p < 3; ++p) {
+        const int64_t plane = int64_t(_mm512_reduce_add_epi32(acc[i][p])) - 128 * int64_t(a[i]->sum[p]);
         dot += plane * (int64_t(1) << (8 * p));
       }
       res[i] = float(double(dot) * double(a[i]->scale));
