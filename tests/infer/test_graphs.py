@@ -102,3 +102,23 @@ def test_decoder_runs_a_peft_wrapped_model() -> None:
     for i in range(5):
         got.append(int(decoder.step([got[-1]], [len(prompt) + i])[0].argmax()))
     assert got == expected
+
+
+def test_decoder_forwards_never_use_cudnn_attention() -> None:
+    # cuDNN attention builds a graph per new shape (a new prompt length stalled a first answer for ~1-2 s on the
+    # H200 box); every forward of the decoder (prompt reads, packed steps, decode steps, captures) runs without it,
+    # and the process's own setting is back afterwards
+    model = engine_model("deepseek_v2")
+    seen: list[bool] = []
+    attention = transformers_model(model).model.layers[0].self_attn
+    handle = attention.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        decoder = GraphedDecoder(model, 2, 32)
+        logits = decoder.prefill([3, 1, 4, 1, 5], slot=0)
+        decoder.packed([(1, 0, [9, 2, 6])])
+        decoder.step([int(logits.argmax()), 7], [5, 3])
+    finally:
+        handle.remove()
+    assert len(seen) == 3 and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
