@@ -29,13 +29,9 @@ returns a `GraphedDecoder` over a `SlotCache` (kv_cache.py) of `max_batch` slots
   passes get graphs of their own, so `timed_step` can tell expert time from other GPU work (for benchmarks; the
   split costs a few launches per layer).
 * **No per-shape attention graphs.** Every forward here runs with torch's SDPA backends other than cuDNN's
-  (`ATTENTION_BACKENDS`). cuDNN attention builds a graph for each new shape, and prompts and packed steps come in
-  every length. On the H200 box, after a warm-up of 32 tokens, a chat answer to a 19-token prompt waited 0.93 s for
-  its first token on a tiny model; 0.92 s of that was in `scaled_dot_product_attention`. The next answer of the same
-  length took 0.007 s. V2-Lite's first answer waited 1.8 s (benchmarks/NOTES.md, fourteenth session). cuDNN's graphs
-  are the likely cause; the box has not yet confirmed it. Flash attention takes no mask. Memory-efficient attention
-  takes the mask and value heads narrower than the query's (DeepSeek's MLA: 192 and 128), and builds nothing per
-  shape.
+  (`ATTENTION_BACKENDS`, `kllama.model.attention`): cuDNN builds an attention graph for each new shape, and prompts
+  and packed steps come in every length. On the H200 box a 19-token prompt after a 32-token warm-up waited 0.93 s
+  for its first token on a tiny model, 0.92 s of it in `scaled_dot_product_attention`; V2-Lite's waited 1.8 s.
 * **Clean fallback.** Without CUDA, with `use_graphs=False`, or when a capture fails, steps run eagerly over the same
   cache (one log line says why), so results never depend on whether graphs were used. A failed capture leaves the
   process clean (`graph_capture`): the default CUDA RNG and the allocator work as before. Attention implementations
@@ -53,20 +49,21 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 from kllama.experts.module import HostExperts, expert_pass_hook
 from kllama.infer.graph_capture import end_failed_capture, private_cuda_rng
 from kllama.infer.kv_cache import (
     BOOL_MASK_ATTENTION, SlotCache, attention_mask, cache_argument, packed_layout, sliding_window, transformers_model,
 )
+from kllama.model.attention import SHAPE_STABLE_BACKENDS
 
 logger = logging.getLogger(__name__)
 
 MIN_READ = 256  # shortest read length a step is captured for: short answers share one graph per batch bucket
 # the attention backends the decoder's forwards may use: every one but cuDNN's (module docstring, "No per-shape
 # attention graphs")
-ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+ATTENTION_BACKENDS = SHAPE_STABLE_BACKENDS
 IDLE = -1  # the position `step` takes for a slot that sits this step out
 
 

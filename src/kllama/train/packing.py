@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kllama.errors import KllamaError
+from kllama.model.attention import SHAPE_STABLE_BACKENDS
 from kllama.train.micro_batching import expert_passes
 
 # transformers' attention implementations that take packed sequences from position_ids without an attention mask
@@ -77,12 +78,10 @@ SEQUENCE_BOUNDS = "kllama_sequence_bounds"
 # before its own (a rejected answer's shared prompt, held by its chosen sequence's rows)
 SEQUENCE_PREFIXES = "kllama_sequence_prefixes"
 
-# The kernels a packed row's per-sequence calls may use: every sdpa backend but cuDNN's. torch builds (on the host)
-# and caches one cuDNN plan per exact q/k/v shape and strides; the slices of a packed row differ in length and their
-# strides carry the row's total length, which changes every step, so every call of every step built a new plan. On
-# the H200 box (`benchmarks/packed_pass.py --layers 4 --placements stream`, 2026-11-30) a packed DPO micro-step of
-# 13,105 real tokens took 4.6 s with cuDNN against 0.32 s with the memory-efficient kernel (padded: 0.50 s).
-PACKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# The kernels a packed row's per-sequence calls may use: every sdpa backend but cuDNN's (`kllama.model.attention`:
+# the slices of a packed row differ in length and their strides carry the row's total length, which changes every
+# step, so cuDNN built a plan for every call of every step; 4.6 s a micro-step against 0.32 s on the H200 box).
+PACKED_BACKENDS = SHAPE_STABLE_BACKENDS
 
 
 # The widest head torch's flash kernel takes (q, k and v alike, a multiple of 8)
