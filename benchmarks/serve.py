@@ -6,7 +6,8 @@ For each placement a `kllama api` subprocess serves the model directory on 127.0
 `expert_placement=<placement>`, plus any `--set key=value`; `auto` fills the GPU memory the KV cache leaves with
 resident experts, as `kllama api` does by default: `--set gpu_memory_utilization=0` serves it with every layer's
 experts in host RAM); after one warm-up request, each concurrency level runs
-that many streaming requests of `--new` tokens at once (`ignore_eos`, greedy). Per level: aggregate tokens/s
+that many streaming requests of `--new` tokens at once (`ignore_eos`, greedy); then `--new-lengths` requests, one at
+a time, each prompt longer than any the server has read (a TTFT row: what a per-shape cost does to a new prompt). Per level: aggregate tokens/s
 (completion tokens of all streams / wall time), time to first token p50/p95 (to a stream's first event: the server
 sends it with the first answer token, whose text may be empty), time per output token p50/p95 (a stream's time after
 its first token / its other tokens), inter-token latency p50/p95 (gaps between a stream's content chunks), and the
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("model_dir", type=Path, help="Hugging Face model directory to serve")
     p.add_argument("--placements", default="auto,gpu", help="comma list of cpu|gpu|stream|auto")
     p.add_argument("--concurrency", default="1,8,32", help="comma list of concurrent streams per level")
+    p.add_argument("--new-lengths", type=int, default=4,
+                   help="requests after the levels, one at a time, each prompt longer than any before (TTFT row)")
     p.add_argument("--new", type=int, default=128, help="tokens generated per stream")
     p.add_argument("--template", default="auto", help="chat template passed to kllama api")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -112,15 +115,16 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
-async def one_stream(client: Any, model: str, index: int, new_tokens: int) -> dict[str, Any]:
-    """One streaming request: when its first event came, its content chunks' arrival times and the completion
-    tokens the server reports."""
+async def one_stream(client: Any, model: str, index: int, new_tokens: int, longer: int = 0) -> dict[str, Any]:
+    """One streaming request (its prompt `longer` sentences longer than the levels' own): when its first event came,
+    its content chunks' arrival times and the completion tokens the server reports."""
     start = time.perf_counter()
     first: float | None = None
     stamps: list[float] = []
     tokens = 0
+    content = f"Request {index}: tell a long story about routed experts." + " Then tell it again." * longer
     stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": f"Request {index}: tell a long story about routed experts."}],
+        model=model, messages=[{"role": "user", "content": content}],
         max_tokens=new_tokens, temperature=0, stream=True, stream_options={"include_usage": True},
         extra_body={"ignore_eos": True})
     async for event in stream:
@@ -164,6 +168,22 @@ async def run_level(base: str, key: str, streams: int, new_tokens: int) -> dict[
             "capture_s": after.get("capture_s", 0) - before.get("capture_s", 0)}
 
 
+async def run_new_lengths(base: str, key: str, count: int, new_tokens: int) -> dict[str, Any]:
+    """`count` requests one after another, each prompt longer than any before: the time to first token of a prompt
+    length the server has not read yet. A cost paid once per shape (such as an attention graph built per shape)
+    shows here and not in `run_level`, whose prompts repeat."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"{base}/v1", api_key=key, timeout=1800, max_retries=0)
+    try:
+        model = (await client.models.list()).data[0].id
+        results = [await one_stream(client, model, 0, new_tokens, longer=i + 1) for i in range(count)]
+    finally:
+        await client.close()
+    ttft = [r["first"] - r["start"] for r in results if r["first"] is not None]
+    return {"requests": count, "ttft_s": ttft, "ttft_p50_s": percentile(ttft, 50), "ttft_max_s": max(ttft, default=None)}
+
+
 def run_placement(args: argparse.Namespace, placement: str, levels: list[int], log_dir: Path) -> list[dict[str, Any]]:
     """Serve with `placement` and run every level; a failure becomes a row with its note."""
     log_path = log_dir / f"serve_{placement}.log"
@@ -186,6 +206,11 @@ def run_placement(args: argparse.Namespace, placement: str, levels: list[int], l
             log(f"{row['name']}: {row['aggregate_tok_s']:.1f} tok/s, TTFT p95 {row['ttft_p95_s'] or 0:.3f}s, "
                 f"largest batch {row['max_batch']}")
             rows.append(row)
+        fresh = asyncio.run(run_new_lengths(base, key, args.new_lengths, min(args.new, 8)))
+        rows.append({"name": f"{placement}, {args.new_lengths} new prompt lengths", "placement": placement,
+                     "streams": 1, "ttft_p50_s": fresh["ttft_p50_s"], "ttft_p95_s": fresh["ttft_max_s"],
+                     "ttft_s": fresh["ttft_s"], "note": "one at a time, each prompt longer than any before (p95: max)"})
+        log(f"{placement}: TTFT at new prompt lengths {', '.join(f'{t:.3f}' for t in fresh['ttft_s'])} s")
     except Exception as exc:  # noqa: BLE001 - recorded in the JSON, the next placement still runs
         rows.append({"name": f"{placement}", "placement": placement, "note": f"failed: {str(exc)[:200]}"})
     finally:

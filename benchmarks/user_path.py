@@ -14,11 +14,13 @@ line (recorded in the JSON). Phases (`--phases`, default all):
   real preference set) in a fresh `dataset_dir`;
 * `train`  -- the example train YAML; host RSS of the whole process tree (parent + data-loader and tokenizer workers)
   sampled every 0.25 s (PSS, shared pages counted once); tokens/s, peak GPU and host per logged step from `trainer_state.json`;
-* `chat`   -- the example inference YAML, one prompt piped on stdin: load time, and the answer's speed from the line
-  chat writes after it (first-token time, decode tok/s);
+* `chat`   -- the example inference YAML, two questions piped on stdin: load time, the first answer's speed from the
+  line chat writes after it (first-token time, decode tok/s), and the second answer's first-token time (a prompt
+  length the process has not read);
 * `api`    -- the same YAML served by `kllama api` on 127.0.0.1; the official `openai` client sends one warm-up, one
   stream alone, then `--concurrency` concurrent streaming requests of `--max-tokens` tokens (`ignore_eos`), measured
-  as `serve.py` measures a level: time to first token, decode tok/s of one stream, aggregate tok/s;
+  as `serve.py` measures a level: time to first token, decode tok/s of one stream, aggregate tok/s; then 4 requests
+  one at a time, each prompt longer than any before (time to first token of a new prompt length);
 * `export` -- the example merge YAML: merge the adapter into the base and write it (skipped when the disk lacks the
   space for a second copy of the model).
 
@@ -48,7 +50,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import FULL_SHAPES, environment, format_table, log, write_results  # noqa: E402
-from serve import run_level  # noqa: E402
+from serve import run_level, run_new_lengths  # noqa: E402
 
 from kllama.train.launch import free_port  # noqa: E402
 
@@ -67,6 +69,9 @@ EXAMPLES: dict[str, dict[str, str]] = {
 }
 PHASES = ("write", "data", "train", "chat", "api", "export")
 PROMPT = "Explain in two sentences why the sky is blue."
+# chat's second question: a prompt length the process has not read (chat's first-token time for a new length)
+SECOND_PROMPT = "Now explain, in three sentences and without formulas, why sunsets are red and orange instead."
+NEW_LENGTHS = 4  # api requests after the levels, one at a time, each prompt longer than any before
 
 COLUMNS = (
     ("phase", "phase", "{}"),
@@ -370,17 +375,22 @@ CHAT_TIMING = re.compile(r"\[prompt (\d+) tokens, first token ([\d.]+) s; answer
 
 
 def chat(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, Any]:
-    """One prompt piped to `kllama chat`, its answer up to `--max-tokens` long; the speed from chat's own
-    line (tokens counted by the engine, so a random model's text-less ids count too)."""
+    """Two questions piped to `kllama chat`, each answer up to `--max-tokens` long; the speed from chat's own
+    line after the first (tokens counted by the engine, so a random model's text-less ids count too) and the
+    first-token time of both (the second: a prompt length the process has not read)."""
     cmd = kllama_cmd("chat", EXAMPLES[args.model]["infer"], *infer_overrides(args, paths),
                      f"max_new_tokens={args.max_tokens}")
-    result = run_cli(cmd, log_file(args, paths, "chat"), stdin=PROMPT + "\n")
-    timing = CHAT_TIMING.search(log_file(args, paths, "chat").read_text(errors="replace"))
-    if timing:
-        prompt, first_s, tokens, rate = timing.groups()
+    result = run_cli(cmd, log_file(args, paths, "chat"), stdin=PROMPT + "\n" + SECOND_PROMPT + "\n")
+    timings = CHAT_TIMING.findall(log_file(args, paths, "chat").read_text(errors="replace"))
+    if timings:
+        prompt, first_s, tokens, rate = timings[0]
         result.update(prompt_tokens=int(prompt), first_token_s=float(first_s), answer_tokens=int(tokens),
                       decode_tok_s=float(rate), tokens_per_s=f"{float(rate):.1f}",
                       note=f"first token {float(first_s):.3f} s after a {prompt}-token prompt")
+    if len(timings) > 1:  # the second turn: the history plus a new question, a prompt length not read before
+        prompt, first_s, _, _ = timings[1]
+        result.update(second_prompt_tokens=int(prompt), second_first_token_s=float(first_s))
+        result["note"] += f"; 2nd answer {float(first_s):.3f} s after {prompt} tokens"
     return result
 
 
@@ -406,7 +416,8 @@ def _drive(base_url: str, key: str, n: int, max_tokens: int) -> dict[str, Any]:
     asyncio.run(run_level(base_url, key, 1, max_tokens))
     single = asyncio.run(run_level(base_url, key, 1, max_tokens))
     many = asyncio.run(run_level(base_url, key, n, max_tokens))
-    return {"single_stream": single, "concurrent": many,
+    fresh = asyncio.run(run_new_lengths(base_url, key, NEW_LENGTHS, min(max_tokens, 8)))
+    return {"single_stream": single, "concurrent": many, "new_lengths": fresh,
             "single_decode_tok_s": 1e3 / single["tpot_p50_ms"] if single["tpot_p50_ms"] else 0.0}
 
 
@@ -439,8 +450,10 @@ def api(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, Any]:
         single, many = result["single_stream"], result["concurrent"]
         result["tokens_per_s"] = (f"{result['single_decode_tok_s']:.1f} x1, {many['aggregate_tok_s']:.1f} "
                                   f"x{args.concurrency}")
+        fresh = result["new_lengths"]
         result.setdefault("note", f"TTFT 1 stream {single['ttft_p50_s']:.3f} s; p50 x{args.concurrency} "
-                                  f"{many['ttft_p50_s']:.3f} s")
+                                  f"{many['ttft_p50_s']:.3f} s; new prompt lengths p50 {fresh['ttft_p50_s']:.3f} s, "
+                                  f"max {fresh['ttft_max_s']:.3f} s")
     return result
 
 

@@ -180,10 +180,12 @@ def test_user_path_runs_the_cli_on_a_tiny_model(one_core_runs: dict) -> None:
     chat = result["phases"]["chat"]
     assert chat["exit_code"] == 0 and 1 <= chat["answer_tokens"] <= 6 and chat["prompt_tokens"] > 0
     assert chat["first_token_s"] > 0 and (chat["decode_tok_s"] > 0 or chat["answer_tokens"] == 1)
+    assert chat["second_first_token_s"] > 0 and chat["second_prompt_tokens"] > chat["prompt_tokens"]  # a new length
     api = result["phases"]["api"]
     assert api["exit_code"] is not None and "failed" not in api.get("note", ""), api
     assert api["single_stream"]["completion_tokens"] == 6 and api["concurrent"]["completion_tokens"] == 12
     assert api["single_decode_tok_s"] > 0 and api["concurrent"]["aggregate_tok_s"] > 0
+    assert len(api["new_lengths"]["ttft_s"]) == 4 and api["new_lengths"]["ttft_max_s"] > 0
 
 
 def test_serve_benchmark_drives_a_real_server(one_core_runs: dict) -> None:
@@ -192,7 +194,10 @@ def test_serve_benchmark_drives_a_real_server(one_core_runs: dict) -> None:
     out_dir = work / "serve"
     result = _only_json(out_dir)
     rows = {row["name"]: row for row in result["rows"]}
-    assert set(rows) == {"auto x1", "auto x4"}, rows
+    assert set(rows) == {"auto x1", "auto x4", "auto, 4 new prompt lengths"}, rows
+    fresh = rows.pop("auto, 4 new prompt lengths")  # one request at a time, each prompt longer than any before
+    assert len(fresh["ttft_s"]) == 4 and all(t > 0 for t in fresh["ttft_s"])
+    assert fresh["ttft_p50_s"] <= fresh["ttft_p95_s"] == max(fresh["ttft_s"])
     for row in rows.values():
         assert row["aggregate_tok_s"] > 0 and row["completion_tokens"] == 6 * row["streams"], row
         assert 0 < row["ttft_p50_s"] <= row["ttft_p95_s"] and row["itl_p50_ms"] > 0
