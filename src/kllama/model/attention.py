@@ -4,7 +4,7 @@ torch builds (on the host) and caches one cuDNN attention graph per exact q/k/v 
 of a second to seconds each time. kllama's shapes keep changing: a packed training row's slices have new lengths and
 strides every step, and every new prompt length or packed step of the inference engine is a new shape. Measured on
 the H200 box (benchmarks/NOTES.md):
-* training (`benchmarks/packed_pass.py --layers 4 --placements stream`, fifth session): a packed DPO micro-step of
+* training (`benchmarks/packed_pass.py --layers 4 --placements stream`, seventh session): a packed DPO micro-step of
   13,105 real tokens took 4.6 s with cuDNN against 0.32 s with the memory-efficient kernel;
 * inference (fourteenth session): after a 32-token warm-up, a chat answer to a 19-token prompt on a tiny model
   waited 0.93 s for its first token, 0.92 s of it in `scaled_dot_product_attention`; the next answer of the same
