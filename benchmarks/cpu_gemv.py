@@ -18,7 +18,13 @@ Writes JSON (default benchmarks/results/cpu_gemv.json). CPU only (runs anywhere;
 `--kernel-only` measures the C++ kernel alone, per weight dtype (bf16, int8, fp8, int4) and instruction-set path:
 each call runs one layer's `--top-k` experts for `--tokens` tokens, and consecutive calls read disjoint expert sets of
 one `--top-k x --layers`-expert tensor per dtype (so no memory is spent on unselected experts; make the cycled bytes,
-printed, several times the L3 cache). GB/s counts the weight and scale bytes a call must read.
+printed, several times the L3 cache). GB/s counts the weight and scale bytes a call must read. Calls go to the
+extension's function directly (since the fourteenth session; earlier rows went through `expert_layer`, whose Python
+added ~10-30 us a call). `--compare-source old.cpp,...` builds each file (another copy of
+`csrc/expert_pass.cpp`: a variant, or an older commit's) as its own extension and times it interleaved with this
+checkout's kernel, round by round (`--rounds`), and prints each variant's time as a multiple of the tree's (the median
+of the rounds' ratios): on the H200 boxes separate runs of one unchanged kernel differed by up to 30 %, more than the
+changes tried (benchmarks/NOTES.md, fourteenth session).
 
 `--layer-pass` measures the hop around the kernel: per weight dtype, one decode layer's pass through `HostExperts`
 (what the engine runs: x, routing and output on the GPU when there is one, else on the host) next to the kernel
@@ -30,7 +36,7 @@ decode, where the kernel's threads wait while the GPU runs the rest of a layer (
 Usage: python benchmarks/cpu_gemv.py [--threads 16,8] [--tokens 1,4,16] [--layers 8] [--experts 64]
                                      [--hidden 2048] [--inter 1408] [--top-k 6]
        python benchmarks/cpu_gemv.py --kernel-only [--threads 16,8] [--tokens 1] [--layers 24] [--isas avx2,...]
-                                     [--dtypes bf16,int8,fp8,int4]
+                                     [--dtypes bf16,int8,fp8,int4] [--compare-source old.cpp] [--rounds 8]
        python benchmarks/cpu_gemv.py --layer-pass [--threads 16] [--tokens 1] [--layers 24] [--dtypes ...]
 """
 from __future__ import annotations
@@ -41,13 +47,16 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor
 from torch.nn.functional import linear, silu
 
 from kllama.experts.cpu_compute import cpu_infer_forward, kernel_operands
-from kllama.experts.cpu_kernels import KERNEL_LABELS, expert_layer, kernel_isas, kernel_status
+from kllama.experts.cpu_kernels import (
+    ISAS, KERNEL_LABELS, expert_layer, kernel_isas, kernel_status, load_kernel_source,
+)
 from kllama.experts.crossover import median_seconds
 from kllama.experts.module import HostExperts
 from kllama.experts.placement import ExpertPlacement
@@ -81,6 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a layer's pass through HostExperts next to the kernel alone, and the difference")
     parser.add_argument("--idle-ms", type=float, default=0.5,
                         help="--layer-pass: sleep before each call of its 'after idle' row")
+    parser.add_argument("--compare-source", default="",
+                        help="with --kernel-only: comma list of other copies of csrc/expert_pass.cpp (variants, an "
+                             "older commit's: `git show REV:src/kllama/experts/csrc/expert_pass.cpp > old.cpp`), each "
+                             "built and timed interleaved with this checkout's kernel over --rounds rounds")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds with --compare-source")
     parser.add_argument("--isas", default="", help="kernel paths to time with --kernel-only (default: all above "
                         "scalar this CPU runs)")
     parser.add_argument("--dtypes", default="bf16,int8,fp8", help="weight dtypes to time with --kernel-only or "
@@ -129,6 +143,9 @@ def kernel_only(args: argparse.Namespace) -> dict:
     if not isas:
         print(f"no kernel path to time: {kernel_status().reason or 'this CPU runs the scalar path only'}")
     tokens_list = [int(t) for t in args.tokens.split(",")]
+    compare = bool(args.compare_source)
+    modules = kernel_variants(args.compare_source) if isas else {}
+    rounds = args.rounds if compare else 1
     rows, sets = [], {}
     for dtype in args.dtypes.split(","):
         (gate_up, down), scales = kernel_weights(dtype, K * L, H, I)
@@ -149,18 +166,60 @@ def kernel_only(args: argparse.Namespace) -> dict:
             weights = torch.rand(tokens, K, generator=gen)
             # each call's tokens choose among the next disjoint set of K experts (every token: all K of them)
             index = [torch.stack([torch.randperm(K, generator=gen) + j * K for _ in range(tokens)]) for j in range(L)]
+            out = torch.empty(tokens, H)
             for isa in isas:
                 for dtype, (gate_up, down, scales, per_expert) in sets.items():
-                    fn = Cycle(lambda j, gate_up=gate_up, down=down, scales=scales, isa=isa: expert_layer(
-                        x, index[j], weights, gate_up, down, isa=isa, **scales), L)
-                    seconds = median_seconds(fn, args.repeats)
-                    gbs = K * per_expert / seconds / 1e9
-                    rows.append({"variant": f"kernel {isa} {dtype}", "threads": threads, "tokens": tokens,
-                                 "ms": seconds * 1e3, "GB_per_s": gbs, "pct_of_read": 100 * gbs * 1e9 / read_bw})
+                    calls = {label: Cycle(lambda j, module=module, gate_up=gate_up, down=down, scales=scales,
+                                          isa=isa: module.expert_pass(
+                        x, index[j], weights, gate_up, down, scales.get("gate_up_scale"), scales.get("down_scale"),
+                        None, None, None, None, out, ISAS[isa]), L) for label, module in modules.items()}
+                    for label, (seconds, ratio) in interleaved_seconds(calls, args.repeats, rounds).items():
+                        gbs = K * per_expert / seconds / 1e9
+                        rows.append({"variant": f"kernel {isa} {dtype}" + (f" [{label}]" if compare else ""),
+                                     "threads": threads, "tokens": tokens, "ms": seconds * 1e3, "GB_per_s": gbs,
+                                     "pct_of_read": 100 * gbs * 1e9 / read_bw, "source": label,
+                                     "x_tree_time": ratio})
     print(f"CPU expert kernel alone, top-{K} experts, H={H} I={I}; tiers in use: "
           f"{ {KERNEL_LABELS[d]: t for d, t in kernel_status().tiers.items()} }")
-    print_rows(rows, 32)
+    print_rows(rows, 48 if compare else 32)
+    if compare:
+        print(f"variants interleaved over {rounds} rounds; time / the tree's time, median of the rounds' ratios:")
+        for row in rows:
+            if row.get("x_tree_time") is not None and row["source"] != TREE:
+                print(f"  {row['variant']:48s} {row['threads']:3d} threads {row['tokens']:3d} tokens "
+                      f"{row['x_tree_time']:.3f}x")
     return {"args": vars(args), "rows": rows, "cpu_count": torch.get_num_threads(), "kernel_isa": kernel_status().isa}
+
+
+TREE = "tree"  # the kernel of this checkout, in --compare-source rows
+
+
+def kernel_variants(compare: str) -> dict[str, ModuleType]:
+    """This checkout's kernel and each `--compare-source` file's build, by label (the file name; its path where two
+    names agree)."""
+    modules: dict[str, ModuleType] = {TREE: kernel_status().module}
+    paths = [Path(path) for path in compare.split(",") if path]
+    names = [path.name for path in paths]
+    for path in paths:
+        modules[path.name if names.count(path.name) == 1 else str(path)] = load_kernel_source(path)
+    return modules
+
+
+def interleaved_seconds(calls: dict[str, Callable[[], object]], repeats: int, rounds: int,
+                        ) -> dict[str, tuple[float, float | None]]:
+    """Per label: the median over `rounds` of each round's median call time (`repeats` calls), and the median of
+    its per-round ratio to the first label's time (None for the first). Each round times every label once, the
+    order rotated round to round, so a host whose speed drifts between runs (the H200 boxes moved the same kernel by
+    +-30 %) slows every variant of a round alike and the paired ratios keep what the variants change."""
+    labels = list(calls)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for r in range(rounds):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            times[label].append(median_seconds(calls[label], repeats))
+    base = times[labels[0]]
+    return {label: (statistics.median(values),
+                    statistics.median(t / b for t, b in zip(values, base)) if label != labels[0] else None)
+            for label, values in times.items()}
 
 
 def after_idle(fn: Callable[[], object], repeats: int, idle_s: float) -> float:

@@ -110,6 +110,11 @@ def one_core_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir) -> I
         "kernel": ["cpu_gemv.py", "--kernel-only", "--threads", "1", "--hidden", "256", "--inter", "192", "--top-k",
                    "2", "--layers", "2", "--tokens", "1", "--repeats", "2",
                    "--out", str(work / "kernel" / "kernel.json")],
+        # a variant source with the tree's text is the tree's library (no second build), timed interleaved with it
+        "compare": ["cpu_gemv.py", "--kernel-only", "--threads", "1", "--hidden", "256", "--inter", "192",
+                    "--top-k", "2", "--layers", "2", "--tokens", "1", "--repeats", "2", "--dtypes", "int8",
+                    "--compare-source", str(_copy_of_kernel_source(work)), "--rounds", "3",
+                    "--out", str(work / "compare" / "kernel.json")],
         "serve": ["serve.py", str(tiny_model_dir("deepseek_v2")), "--placements", "auto", "--concurrency", "1,4",
                   "--new", "6", "--out-dir", str(work / "serve" / "serve")],  # a server starts
     }
@@ -132,6 +137,29 @@ def one_core_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir) -> I
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _copy_of_kernel_source(work: Path) -> Path:
+    copy = work / "variant" / "same.cpp"
+    copy.parent.mkdir()
+    copy.write_text((ROOT / "src" / "kllama" / "experts" / "csrc" / "expert_pass.cpp").read_text())
+    return copy
+
+
+def test_cpu_gemv_kernel_only_compares_a_variant_source_interleaved(one_core_runs: dict) -> None:
+    """`--compare-source` times another copy of the kernel's source beside the tree's, round by round, and gives its
+    time as a multiple of the tree's (here the same library: near 1)."""
+    proc, log_file, work = one_core_runs["compare"]
+    log = _finish(proc, log=log_file)
+    results = json.loads((work / "kernel.json").read_text())
+    if results["kernel_isa"] in (None, "scalar"):
+        pytest.skip("no kernel path above scalar on this CPU")
+    isa = results["kernel_isa"]
+    rows = {row["variant"]: row for row in results["rows"] if row.get("source")}  # every path; the best one here
+    assert {f"kernel {isa} int8 [tree]", f"kernel {isa} int8 [same.cpp]"} <= set(rows), rows
+    assert rows[f"kernel {isa} int8 [tree]"]["x_tree_time"] is None
+    assert 0.2 < rows[f"kernel {isa} int8 [same.cpp]"]["x_tree_time"] < 5
+    assert "median of the rounds' ratios" in log
 
 
 def test_cpu_gemv_probe_runs_small(one_core_runs: dict) -> None:

@@ -107,13 +107,13 @@ def _openmp_link_flags() -> list[str]:
     return [f"-L{lib.parent}", f"-l:{lib.name}", f"-Wl,-rpath,{lib.parent}"]
 
 
-def _library() -> tuple[str, Path, list[str]]:
+def _library(source: Path = SOURCE) -> tuple[str, Path, list[str]]:
     """The extension's name, build directory and link flags: the name carries a hash of everything the library is
     built from (source text, torch and Python versions, flags), so a library of that name is this source's build."""
     from torch.utils.cpp_extension import get_default_build_root  # imported on demand: slow to import
 
     ldflags = _openmp_link_flags()
-    key = "\n".join([SOURCE.read_text(), torch.__version__, sys.version, *_CFLAGS, *ldflags])
+    key = "\n".join([source.read_text(), torch.__version__, sys.version, *_CFLAGS, *ldflags])
     name = f"kllama_expert_pass_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # torch's own variable, as it reads it
     return name, Path(root) / name, ldflags
@@ -142,13 +142,26 @@ def _load_built(name: str, build_dir: Path) -> ModuleType | None:
     return module
 
 
-def _build(name: str, build_dir: Path, ldflags: list[str]) -> ModuleType:
+def _build(name: str, build_dir: Path, ldflags: list[str], source: Path = SOURCE) -> ModuleType:
     from torch.utils.cpp_extension import load
 
     _say(f"building the CPU expert kernel (once, up to a minute; cached in {build_dir})")
     build_dir.mkdir(parents=True, exist_ok=True)
-    return load(name, [str(SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=ldflags, build_directory=str(build_dir),
+    return load(name, [str(source)], extra_cflags=_CFLAGS, extra_ldflags=ldflags, build_directory=str(build_dir),
                 verbose=False)
+
+
+def load_kernel_source(source: Path) -> ModuleType:
+    """The extension built from another copy of the kernel's source: a variant a benchmark times beside this one
+    (`benchmarks/cpu_gemv.py --compare-source`). Built or loaded from the same cache, with the same flags, as
+    `kernel_status` builds this one (the same text is the same library), but not self-checked: kllama never runs it.
+    Raises RuntimeError when it cannot be built."""
+    reason = _why_not_buildable()
+    if reason is not None:
+        raise RuntimeError(f"cannot build {source}: {reason}")
+    name, build_dir, ldflags = _library(source)
+    module = _load_built(name, build_dir)
+    return module if module is not None else _build(name, build_dir, ldflags, source)
 
 
 def _why_not_buildable() -> str | None:
