@@ -7,14 +7,15 @@ For each placement a `kllama api` subprocess serves the model directory on 127.0
 resident experts, as `kllama api` does by default: `--set gpu_memory_utilization=0` serves it with every layer's
 experts in host RAM); after one warm-up request, each concurrency level runs
 that many streaming requests of `--new` tokens at once (`ignore_eos`, greedy); then `--new-lengths` requests, one at
-a time, each prompt longer than any the server has read (a TTFT row: what a per-shape cost does to a new prompt). Per level: aggregate tokens/s
-(completion tokens of all streams / wall time), time to first token p50/p95 (to a stream's first event: the server
-sends it with the first answer token, whose text may be empty), time per output token p50/p95 (a stream's time after
-its first token / its other tokens), inter-token latency p50/p95 (gaps between a stream's content chunks), and the
-server's own counters from /health: the largest batch it decoded in one step and its mean batch over the level.
-A random full-size model picks mostly ids its small test tokenizer has no text for (vocab 102,400 against 2,048), so
-its content chunks are sparse: read TTFT and time per token, not the inter-chunk gaps, on such a model. Writes
-`results/serve_<model>_<date>.json` (and a copy under `$OUT`) and prints one table. On a machine without CUDA every placement runs on the CPU (a smoke test with a tiny model).
+a time, each prompt longer than any the server has read (a TTFT row: what a per-shape cost does to a new prompt).
+Per level: aggregate tokens/s (completion tokens of all streams / wall time), time to first token p50/p95 (to a
+stream's first event: the server sends it with the first answer token, whose text may be empty), time per output
+token p50/p95 (a stream's time after its first token / its other tokens), inter-token latency p50/p95 (gaps between
+a stream's content chunks), and the server's own counters from /health: the largest batch it decoded in one step and
+its mean batch over the level. A random full-size model picks mostly ids its small test tokenizer has no text for
+(vocab 102,400 against 2,048), so its content chunks are sparse: read TTFT and time per token, not the inter-chunk
+gaps, on such a model. Writes `results/serve_<model>_<date>.json` (and a copy under `$OUT`) and prints one table. On
+a machine without CUDA every placement runs on the CPU (a smoke test with a tiny model).
 
 The driver needs only `openai` (and httpx); the server process needs kllama's API extras (fastapi, uvicorn,
 sse-starlette).
@@ -23,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -138,21 +141,28 @@ async def one_stream(client: Any, model: str, index: int, new_tokens: int, longe
     return {"start": start, "first": first, "end": end, "stamps": stamps, "tokens": tokens}
 
 
-async def run_level(base: str, key: str, streams: int, new_tokens: int) -> dict[str, Any]:
-    """`streams` concurrent requests; the level's aggregate numbers and the server's batch counters."""
-    import httpx
+@contextlib.asynccontextmanager
+async def served_model(base: str, key: str) -> AsyncIterator[tuple[Any, str]]:
+    """The official openai client on the server at `base` and the id of the model it serves; closed on exit."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"{base}/v1", api_key=key, timeout=1800, max_retries=0)
     try:
-        model = (await client.models.list()).data[0].id
+        yield client, (await client.models.list()).data[0].id
+    finally:
+        await client.close()
+
+
+async def run_level(base: str, key: str, streams: int, new_tokens: int) -> dict[str, Any]:
+    """`streams` concurrent requests; the level's aggregate numbers and the server's batch counters."""
+    import httpx
+
+    async with served_model(base, key) as (client, model):
         before = httpx.get(f"{base}/health", timeout=30).json()
         start = time.perf_counter()
         results = await asyncio.gather(*[one_stream(client, model, i, new_tokens) for i in range(streams)])
         wall = time.perf_counter() - start
         after = httpx.get(f"{base}/health", timeout=30).json()
-    finally:
-        await client.close()
     ttft = [r["first"] - r["start"] for r in results if r["first"] is not None]
     tpot = [(r["end"] - r["first"]) / (r["tokens"] - 1) for r in results if r["first"] is not None and r["tokens"] > 1]
     gaps = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]
@@ -172,16 +182,11 @@ async def run_new_lengths(base: str, key: str, count: int, new_tokens: int) -> d
     """`count` requests one after another, each prompt longer than any before: the time to first token of a prompt
     length the server has not read yet. A cost paid once per shape (such as an attention graph built per shape)
     shows here and not in `run_level`, whose prompts repeat."""
-    from openai import AsyncOpenAI
-
-    client = AsyncOpenAI(base_url=f"{base}/v1", api_key=key, timeout=1800, max_retries=0)
-    try:
-        model = (await client.models.list()).data[0].id
+    async with served_model(base, key) as (client, model):
         results = [await one_stream(client, model, 0, new_tokens, longer=i + 1) for i in range(count)]
-    finally:
-        await client.close()
     ttft = [r["first"] - r["start"] for r in results if r["first"] is not None]
-    return {"requests": count, "ttft_s": ttft, "ttft_p50_s": percentile(ttft, 50), "ttft_max_s": max(ttft, default=None)}
+    return {"requests": count, "ttft_s": ttft, "ttft_p50_s": percentile(ttft, 50),
+            "ttft_max_s": max(ttft, default=None)}
 
 
 def run_placement(args: argparse.Namespace, placement: str, levels: list[int], log_dir: Path) -> list[dict[str, Any]]:

@@ -156,12 +156,14 @@ def load_kernel_source(source: Path) -> ModuleType:
     (`benchmarks/cpu_gemv.py --compare-source`). Built or loaded from the same cache, with the same flags, as
     `kernel_status` builds this one (the same text is the same library), but not self-checked: kllama never runs it.
     Raises RuntimeError when it cannot be built."""
+    name, build_dir, ldflags = _library(source)
+    module = _load_built(name, build_dir)
+    if module is not None:
+        return module
     reason = _why_not_buildable()
     if reason is not None:
         raise RuntimeError(f"cannot build {source}: {reason}")
-    name, build_dir, ldflags = _library(source)
-    module = _load_built(name, build_dir)
-    return module if module is not None else _build(name, build_dir, ldflags, source)
+    return _build(name, build_dir, ldflags, source)
 
 
 def _why_not_buildable() -> str | None:

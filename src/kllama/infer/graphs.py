@@ -29,7 +29,7 @@ returns a `GraphedDecoder` over a `SlotCache` (kv_cache.py) of `max_batch` slots
   passes get graphs of their own, so `timed_step` can tell expert time from other GPU work (for benchmarks; the
   split costs a few launches per layer).
 * **No per-shape attention graphs.** Every forward here runs with torch's SDPA backends other than cuDNN's
-  (`ATTENTION_BACKENDS`, `kllama.model.attention`): cuDNN builds an attention graph for each new shape, and prompts
+  (`kllama.model.attention.SHAPE_STABLE_BACKENDS`): cuDNN builds an attention graph for each new shape, and prompts
   and packed steps come in every length. On the H200 box a 19-token prompt after a 32-token warm-up waited 0.93 s
   for its first token on a tiny model, 0.92 s of it in `scaled_dot_product_attention`; V2-Lite's waited 1.8 s.
 * **Clean fallback.** Without CUDA, with `use_graphs=False`, or when a capture fails, steps run eagerly over the same
@@ -61,9 +61,6 @@ from kllama.model.attention import SHAPE_STABLE_BACKENDS
 logger = logging.getLogger(__name__)
 
 MIN_READ = 256  # shortest read length a step is captured for: short answers share one graph per batch bucket
-# the attention backends the decoder's forwards may use: every one but cuDNN's (module docstring, "No per-shape
-# attention graphs")
-ATTENTION_BACKENDS = SHAPE_STABLE_BACKENDS
 IDLE = -1  # the position `step` takes for a slot that sits this step out
 
 
@@ -254,7 +251,7 @@ class GraphedDecoder:
         return time.perf_counter() - began
 
     def _run(self, ids: Tensor, positions: Tensor, allowed: Tensor, keep: int | Tensor) -> Tensor:
-        with sdpa_kernel(ATTENTION_BACKENDS):
+        with sdpa_kernel(SHAPE_STABLE_BACKENDS):  # module docstring, "No per-shape attention graphs"
             out = self.model(input_ids=ids, position_ids=positions,
                              attention_mask=attention_mask(allowed, self._bool_mask, self.dtype),
                              use_cache=True, logits_to_keep=keep, **{self._cache_kw: self.cache})
