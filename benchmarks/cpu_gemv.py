@@ -31,7 +31,11 @@ changes tried (benchmarks/NOTES.md, fourteenth session).
 alone on host copies of the same inputs, over `--layers` modules of `--top-k` experts each, and prints both and their
 difference (the overhead a layer pays outside the kernel). With a small `--hidden`/`--inter` the kernel is cheap and
 the overhead stands out. A third row times the HostExperts pass after `--idle-ms` of sleep before each call, as in
-decode, where the kernel's threads wait while the GPU runs the rest of a layer (and may fall asleep).
+decode, where the kernel's threads wait while the GPU runs the rest of a layer (and may fall asleep). With a GPU,
+`hop: ...` rows time the device pieces of the hop alone (an idle stream sync, the copies to pinned host buffers and
+back, each with its sync), and three rows time the kernel on pinned inputs with a bf16 output, the kernel right after
+an idle stream sync, and the HostExperts pass with x on the host (its Python and allocation, no device work), to tell
+where a pass's time outside the kernel goes.
 
 Usage: python benchmarks/cpu_gemv.py [--threads 16,8] [--tokens 1,4,16] [--layers 8] [--experts 64]
                                      [--hidden 2048] [--inter 1408] [--top-k 6]
@@ -278,6 +282,29 @@ def layer_pass(args: argparse.Namespace) -> dict:
                     times["HostExperts pass"].append(median_seconds(Cycle(module_pass, L), args.repeats))
                     times["HostExperts pass after idle"].append(
                         after_idle(Cycle(module_pass, L), args.repeats, args.idle_ms / 1e3))
+                if device.type == "cuda":  # the hop's device pieces, each timed alone, and the kernel around them
+                    for name, fn in hop_pieces(xd, index_d, weights_d).items():
+                        times[name] = [median_seconds(fn, args.repeats) for _ in range(5)]
+                    pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+                              for t in (x, index, weights, x)]
+                    stream = torch.cuda.current_stream(device)
+
+                    def kernel_pinned(j: int, pinned=pinned) -> object:  # noqa: ANN001
+                        gate_up, down, scales = operands[j]
+                        return expert_layer(*pinned[:3], gate_up, down, out=pinned[3], **scales)
+
+                    def kernel_after_sync(j: int) -> object:
+                        stream.synchronize()
+                        return kernel(j)
+
+                    def host_module_pass(j: int) -> object:
+                        with torch.no_grad():
+                            return modules[j](x, index, weights)
+
+                    for name, fn in {"kernel on pinned inputs, bf16 out": kernel_pinned,
+                                     "kernel after an idle stream sync": kernel_after_sync,
+                                     "HostExperts pass, x on the host": host_module_pass}.items():
+                        times[name] = [median_seconds(Cycle(fn, L), args.repeats) for _ in range(5)]
                 best = {name: min(values) * 1e3 for name, values in times.items()}
                 for name, ms in best.items():
                     rows.append({"variant": f"{name} {dtype}", "threads": threads, "tokens": tokens, "ms": ms})
@@ -289,6 +316,27 @@ def layer_pass(args: argparse.Namespace) -> dict:
     for row in rows:
         print(f"{row['variant']:34s} {row['threads']:7d} {row['tokens']:6d} {row['ms']:8.3f}")
     return {"args": vars(args), "rows": rows, "device": str(device), "kernel_isa": kernel_status().isa}
+
+
+def hop_pieces(x: Tensor, index: Tensor, weights: Tensor) -> dict[str, Callable[[], object]]:
+    """What a CPU pass of decode asks of the device around the kernel (`cpu_compute.kernel_pass`), piece by piece:
+    an idle stream sync; x alone and all three inputs copied to pinned buffers, then a sync; the output copied
+    back from a pinned buffer, then a sync."""
+    stream = torch.cuda.current_stream(x.device)
+    staged = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (x, index, weights)]
+    result = torch.empty_like(x)
+
+    def copies_in(count: int) -> None:
+        for host, source in list(zip(staged, (x, index, weights)))[:count]:
+            host.copy_(source, non_blocking=True)
+        stream.synchronize()
+
+    def copy_out() -> None:
+        result.copy_(staged[0], non_blocking=True)
+        stream.synchronize()
+
+    return {"hop: idle stream sync": stream.synchronize, "hop: x to host + sync": lambda: copies_in(1),
+            "hop: x, index, weights to host + sync": lambda: copies_in(3), "hop: output to device + sync": copy_out}
 
 
 def main(argv: list[str] | None = None) -> dict:

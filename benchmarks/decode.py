@@ -332,13 +332,15 @@ def long_prefill(model: nn.Module, modules: dict[str, HostExperts], args: argpar
 
 
 def profile_decode(model: nn.Module, prompt: list[int], steps: int, device: torch.device) -> str:
-    """torch.profiler's table (top ops by self CPU time) over `steps` eager decode steps: where a token's time goes."""
+    """torch.profiler's table over `steps` eager decode steps, where a token's time goes: top ops by self device time
+    on a GPU (kernel counts and times: what a graphed step replays), else by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, acc_events=True) as prof:
         eager_decode(model, prompt, steps + 1, device)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60)
 
 
 def cap_row(model: nn.Module, modules: dict[str, HostExperts], cap: str, args: argparse.Namespace,

@@ -65,6 +65,21 @@ def test_host_buffer_is_marked_dontfork_and_absent_in_a_forked_child():
     assert float(buf[-1]) == 1.5 and buf.data_ptr() % 4096 == 0  # the parent keeps its data, page-aligned
 
 
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(),
+                    reason="this kernel has no transparent huge pages")
+def test_host_buffers_of_a_huge_page_or_more_are_advised_huge_pages():
+    big = host_empty(4 * MIB, torch.uint8, pin=True)
+    small = host_empty(MIB, torch.uint8, pin=True)  # below one huge page: left alone
+    opted_out = host_empty(4 * MIB, torch.uint8, pin=True, huge=False)
+    for buf in (big, small, opted_out):
+        buf.fill_(7)
+    # "hg" = MADV_HUGEPAGE given; the advice is what kllama controls (whether 2 MiB pages were free is the kernel's)
+    assert "hg" in mapping_flags(big.data_ptr()) and "dc" in mapping_flags(big.data_ptr())
+    assert "hg" not in mapping_flags(small.data_ptr())
+    assert "hg" not in mapping_flags(opted_out.data_ptr()) and "dc" in mapping_flags(opted_out.data_ptr())
+    assert int(big.sum()) == 7 * 4 * MIB
+
+
 def test_forked_child_rss_does_not_include_host_buffers():
     def rss_kib() -> int:
         status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())

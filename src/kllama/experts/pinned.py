@@ -11,9 +11,16 @@ Why not `numpy.empty` / `torch.empty(pin_memory=True)`:
   `mmap` marked `MADV_DONTFORK`: children simply do not get the mapping (they never touch experts), nothing is
   copied, and the parent's RSS is all there is. The same path is used with and without CUDA (only the registration
   is CUDA-only), so CPU runs and tests exercise exactly what GPU runs do.
+* Every buffer of at least one huge page is advised `MADV_HUGEPAGE` before it is touched. Many servers run
+  transparent huge pages in `madvise` mode (the H200 box does), where anonymous memory gets 4 KiB pages unless
+  asked. With 2 MiB pages, filling and page-locking a layer's experts faults and pins 512x fewer pages, and the CPU
+  expert kernel, which streams ~100 MB a token's layer, walks 512x fewer page-table entries
+  (benchmarks/host_pages.py measures both against 4 KiB pages). Where the kernel has no transparent huge pages the
+  advice is refused and the buffer keeps small pages.
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import weakref
 
@@ -25,6 +32,8 @@ from kllama.errors import KllamaError
 
 # Linux/Android have MADV_DONTFORK; elsewhere (macOS, Windows) fork() of a pinned process is not the problem above.
 _DONTFORK: int | None = getattr(mmap, "MADV_DONTFORK", None)
+_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
+HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
 
 
 def _unregister(ptr: int) -> None:
@@ -35,8 +44,9 @@ def _unregister(ptr: int) -> None:
         pass
 
 
-def dontfork_buffer(nbytes: int) -> mmap.mmap:
-    """A private anonymous, page-aligned, zero-filled mapping of `nbytes` that forked children do not inherit."""
+def dontfork_buffer(nbytes: int, *, huge: bool = True) -> mmap.mmap:
+    """A private anonymous, page-aligned, zero-filled mapping of `nbytes` that forked children do not inherit,
+    advised to use transparent huge pages when `huge` and it spans at least one (module docstring)."""
     if hasattr(mmap, "MAP_ANONYMOUS"):
         buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                         prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -44,19 +54,22 @@ def dontfork_buffer(nbytes: int) -> mmap.mmap:
         buf = mmap.mmap(-1, nbytes)
     if _DONTFORK is not None:
         buf.madvise(_DONTFORK)
+    if huge and _HUGEPAGE is not None and nbytes >= HUGE_PAGE:
+        with contextlib.suppress(OSError):  # EINVAL: a kernel built without transparent huge pages
+            buf.madvise(_HUGEPAGE)
     return buf
 
 
-def host_empty(numel: int, dtype: torch.dtype, *, pin: bool) -> Tensor:
-    """A 1-D host tensor of `numel` elements (zero-filled) in a `dontfork_buffer`, page-locked for fast
-    host->GPU copies when `pin` and CUDA is available.
+def host_empty(numel: int, dtype: torch.dtype, *, pin: bool, huge: bool = True) -> Tensor:
+    """A 1-D host tensor of `numel` elements (zero-filled) in a `dontfork_buffer` (huge pages unless `huge` is
+    False), page-locked for fast host->GPU copies when `pin` and CUDA is available.
 
     The tensor keeps the mapping alive; the registration is undone when the last tensor using it dies.
     """
     nbytes = numel * dtype.itemsize
     if nbytes == 0:
         return torch.empty(0, dtype=dtype)
-    return mapped_tensor(dontfork_buffer(nbytes), dtype, pin=pin)
+    return mapped_tensor(dontfork_buffer(nbytes, huge=huge), dtype, pin=pin)
 
 
 def mapped_tensor(buf: mmap.mmap, dtype: torch.dtype, *, pin: bool) -> Tensor:
