@@ -276,3 +276,21 @@ def test_export_memory_benchmark_runs_both_merges_tiny(tmp_path: Path) -> None:
     difference = float(rows["streamed"]["note"].split("largest relative difference ")[1].split()[0])
     assert rows["streamed"]["note"].startswith("same ") and difference < 1e-2, rows["streamed"]["note"]
     assert "peak host GB" in out
+
+
+def test_host_pages_benchmark_times_both_page_kinds_tiny(tmp_path: Path) -> None:
+    """benchmarks/host_pages.py fills buffers and runs the kernel over weights in 4 KiB pages and in huge pages,
+    interleaved, and reports each huge-page row as a multiple of its small-page row."""
+    out = _finish(_start("host_pages.py", "--gb", "0.024", "--chunk-gb", "0.004", "--rounds", "2", "--threads", "1",
+                         "--dtypes", "int8", "--layers", "2", "--top-k", "2", "--hidden", "256", "--inter", "192",
+                         "--repeats", "2", "--out-dir", str(tmp_path)))
+    result = _only_json(tmp_path)
+    rows = {(row["row"].split(",")[0], row["pages"]): row for row in result["rows"]}
+    fills = [key for key in rows if key[0].startswith("fill")]
+    assert sorted(page for _, page in fills) == ["2 MiB", "4 KiB"]
+    assert all(rows[key]["value"] > 0 for key in fills)
+    assert rows[(fills[0][0], "4 KiB")]["x_small_pages"] is None
+    assert rows[(fills[0][0], "2 MiB")]["x_small_pages"] > 0
+    if ("kernel int8", "2 MiB") in rows:  # the C++ kernel built on this machine
+        assert rows[("kernel int8", "4 KiB")]["value"] > 0 and rows[("kernel int8", "2 MiB")]["x_small_pages"] > 0
+    assert "x 4 KiB" in out and "huge pages GB" in out
