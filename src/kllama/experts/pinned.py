@@ -13,10 +13,10 @@ Why not `numpy.empty` / `torch.empty(pin_memory=True)`:
   is CUDA-only), so CPU runs and tests exercise exactly what GPU runs do.
 * Every buffer of at least one huge page is advised `MADV_HUGEPAGE` before it is touched. Many servers run
   transparent huge pages in `madvise` mode (the H200 box does), where anonymous memory gets 4 KiB pages unless
-  asked. With 2 MiB pages, filling and page-locking a layer's experts faults and pins 512x fewer pages, and the CPU
-  expert kernel, which streams ~100 MB a token's layer, walks 512x fewer page-table entries
-  (benchmarks/host_pages.py measures both against 4 KiB pages). Where the kernel has no transparent huge pages the
-  advice is refused and the buffer keeps small pages.
+  asked. With 2 MiB pages, filling and page-locking a layer's experts faults and pins 512x fewer pages: on the H200
+  box that ran 1.75x faster and V2-Lite's load took 20-22 s instead of 31 s (benchmarks/host_pages.py, which also
+  times the CPU expert kernel over each page kind: no faster there, within the spread). Where the kernel has no
+  transparent huge pages the advice is refused and the buffer keeps small pages.
 """
 from __future__ import annotations
 
