@@ -35,7 +35,8 @@ decode, where the kernel's threads wait while the GPU runs the rest of a layer (
 `hop: ...` rows time the device pieces of the hop alone (an idle stream sync, the copies to pinned host buffers and
 back, each with its sync), and three rows time the kernel on pinned inputs with a bf16 output, the kernel right after
 an idle stream sync, and the HostExperts pass with x on the host (its Python and allocation, no device work), to tell
-where a pass's time outside the kernel goes.
+where a pass's time outside the kernel goes. `--profile-pass N` prints cProfile's table over N passes with x on
+the host.
 
 Usage: python benchmarks/cpu_gemv.py [--threads 16,8] [--tokens 1,4,16] [--layers 8] [--experts 64]
                                      [--hidden 2048] [--inter 1408] [--top-k 6]
@@ -92,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="only the C++ kernel: GB/s per weight dtype and instruction-set path")
     parser.add_argument("--layer-pass", action="store_true",
                         help="a layer's pass through HostExperts next to the kernel alone, and the difference")
+    parser.add_argument("--profile-pass", type=int, default=0,
+                        help="--layer-pass: also print cProfile's top functions (by own time) over this many "
+                             "HostExperts passes with x on the host, the path's Python without device work")
     parser.add_argument("--idle-ms", type=float, default=0.5,
                         help="--layer-pass: sleep before each call of its 'after idle' row")
     parser.add_argument("--compare-source", default="",
@@ -305,6 +309,9 @@ def layer_pass(args: argparse.Namespace) -> dict:
                                      "kernel after an idle stream sync": kernel_after_sync,
                                      "HostExperts pass, x on the host": host_module_pass}.items():
                         times[name] = [median_seconds(Cycle(fn, L), args.repeats) for _ in range(5)]
+                if args.profile_pass:
+                    print(f"cProfile, {args.profile_pass} HostExperts passes ({dtype}, x on the host):")
+                    print(profile_passes(lambda j: modules[j](x, index, weights), L, args.profile_pass))
                 best = {name: min(values) * 1e3 for name, values in times.items()}
                 for name, ms in best.items():
                     rows.append({"variant": f"{name} {dtype}", "threads": threads, "tokens": tokens, "ms": ms})
@@ -316,6 +323,24 @@ def layer_pass(args: argparse.Namespace) -> dict:
     for row in rows:
         print(f"{row['variant']:34s} {row['threads']:7d} {row['tokens']:6d} {row['ms']:8.3f}")
     return {"args": vars(args), "rows": rows, "device": str(device), "kernel_isa": kernel_status().isa}
+
+
+def profile_passes(fn: Callable[[int], object], layers: int, count: int, rows: int = 15) -> str:
+    """cProfile's table (top `rows` functions by own time) over `count` no-grad calls of `fn(layer)`, layers
+    cycled: where a pass's time goes outside the kernel (whose call shows as one C function)."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    with torch.no_grad():
+        profiler.enable()
+        for j in range(count):
+            fn(j % layers)
+        profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(rows)
+    return text.getvalue()
 
 
 def hop_pieces(x: Tensor, index: Tensor, weights: Tensor) -> dict[str, Callable[[], object]]:
