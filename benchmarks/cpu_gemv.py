@@ -178,9 +178,8 @@ def kernel_only(args: argparse.Namespace) -> dict:
             for isa in isas:
                 for dtype, (gate_up, down, scales, per_expert) in sets.items():
                     calls = {label: Cycle(lambda j, module=module, gate_up=gate_up, down=down, scales=scales,
-                                          isa=isa: module.expert_pass(
-                        x, index[j], weights, gate_up, down, scales.get("gate_up_scale"), scales.get("down_scale"),
-                        None, None, None, None, out, ISAS[isa]), L) for label, module in modules.items()}
+                                          isa=isa: direct_pass(module, x, index[j], weights, gate_up, down, scales,
+                                                               out, ISAS[isa]), L) for label, module in modules.items()}
                     for label, (seconds, ratio) in interleaved_seconds(calls, args.repeats, rounds).items():
                         gbs = K * per_expert / seconds / 1e9
                         rows.append({"variant": f"kernel {isa} {dtype}" + (f" [{label}]" if compare else ""),
@@ -200,6 +199,14 @@ def kernel_only(args: argparse.Namespace) -> dict:
 
 
 TREE = "tree"  # the kernel of this checkout, in --compare-source rows
+
+
+def direct_pass(module: ModuleType, x: Tensor, index: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor,
+                scales: dict, out: Tensor, isa: int) -> Tensor:
+    """One call of a built kernel's `expert_pass` on host tensors, no LoRA, on instruction-set tier `isa`: the
+    kernel alone, without `expert_layer`'s checks (~10-30 us a call in Python)."""
+    return module.expert_pass(x, index, weights, gate_up, down, scales.get("gate_up_scale"),
+                              scales.get("down_scale"), None, None, None, None, out, isa)
 
 
 def kernel_variants(compare: str) -> dict[str, ModuleType]:
@@ -278,6 +285,10 @@ def layer_pass(args: argparse.Namespace) -> dict:
                         torch.cuda.synchronize(device)
                     return out
 
+                def host_module_pass(j: int, x=x, index=index, weights=weights) -> object:  # noqa: ANN001
+                    with torch.no_grad():
+                        return modules[j](x, index, weights)
+
                 # interleaved rounds, each variant's best round median: the dev box's other load comes and goes
                 times: dict[str, list[float]] = {"kernel alone": [], "HostExperts pass": [],
                                                  "HostExperts pass after idle": []}
@@ -301,17 +312,13 @@ def layer_pass(args: argparse.Namespace) -> dict:
                         stream.synchronize()
                         return kernel(j)
 
-                    def host_module_pass(j: int) -> object:
-                        with torch.no_grad():
-                            return modules[j](x, index, weights)
-
                     for name, fn in {"kernel on pinned inputs, bf16 out": kernel_pinned,
                                      "kernel after an idle stream sync": kernel_after_sync,
                                      "HostExperts pass, x on the host": host_module_pass}.items():
                         times[name] = [median_seconds(Cycle(fn, L), args.repeats) for _ in range(5)]
                 if args.profile_pass:
                     print(f"cProfile, {args.profile_pass} HostExperts passes ({dtype}, x on the host):")
-                    print(profile_passes(lambda j: modules[j](x, index, weights), L, args.profile_pass))
+                    print(profile_passes(host_module_pass, L, args.profile_pass))
                 best = {name: min(values) * 1e3 for name, values in times.items()}
                 for name, ms in best.items():
                     rows.append({"variant": f"{name} {dtype}", "threads": threads, "tokens": tokens, "ms": ms})
@@ -326,18 +333,17 @@ def layer_pass(args: argparse.Namespace) -> dict:
 
 
 def profile_passes(fn: Callable[[int], object], layers: int, count: int, rows: int = 15) -> str:
-    """cProfile's table (top `rows` functions by own time) over `count` no-grad calls of `fn(layer)`, layers
-    cycled: where a pass's time goes outside the kernel (whose call shows as one C function)."""
+    """cProfile's table (top `rows` functions by own time) over `count` calls of `fn(layer)`, layers cycled: where
+    a pass's time goes outside the kernel (whose call shows as one C function)."""
     import cProfile
     import io
     import pstats
 
     profiler = cProfile.Profile()
-    with torch.no_grad():
-        profiler.enable()
-        for j in range(count):
-            fn(j % layers)
-        profiler.disable()
+    profiler.enable()
+    for j in range(count):
+        fn(j % layers)
+    profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(rows)
     return text.getvalue()

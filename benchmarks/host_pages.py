@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import environment, format_table, log, write_results  # noqa: E402
-from cpu_gemv import Cycle, interleaved_seconds, kernel_weights  # noqa: E402
+from cpu_gemv import Cycle, direct_pass, interleaved_seconds, kernel_weights  # noqa: E402
 from kllama.experts.cpu_kernels import ISAS, kernel_status  # noqa: E402
 from kllama.experts.pinned import host_empty  # noqa: E402
 
@@ -122,9 +122,8 @@ def kernel_rows(args: argparse.Namespace) -> list[dict]:
             before = anon_huge_gb()
         del gate_up, down
         isa = ISAS[status.isa]
-        calls = {kind: Cycle(lambda j, w=pair: status.module.expert_pass(
-            x, index[j], weights, w[0], w[1], scales.get("gate_up_scale"), scales.get("down_scale"),
-            None, None, None, None, out, isa), L) for kind, (pair, _) in held.items()}
+        calls = {kind: Cycle(lambda j, w=pair: direct_pass(status.module, x, index[j], weights, w[0], w[1], scales,
+                                                          out, isa), L) for kind, (pair, _) in held.items()}
         for kind, (seconds, ratio) in interleaved_seconds(calls, args.repeats, args.rounds).items():
             rows.append({"row": f"kernel {dtype}, {K} experts, 1 token, {args.threads} threads", "pages": kind,
                          "value": seconds * 1e3, "unit": f"ms ({nbytes / L / seconds / 1e9:.0f} GB/s)",
