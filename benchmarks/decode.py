@@ -62,6 +62,7 @@ DECODE_COLUMNS = (
     ("decode_tokens_per_s", "decode tok/s", "{:.2f}"),
     ("ms_per_token", "ms/token", "{:.1f}"),
     ("expert_ms", "expert ms", "{:.1f}"),
+    ("host_node_kernel_ms", "of it kernel", "{:.1f}"),
     ("other_gpu_ms", "other GPU ms", "{:.1f}"),
     ("host_ms", "host ms", "{:.1f}"),
     ("prefill_s", "prefill s", "{:.3f}"),
@@ -81,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fill", default="", help="comma list of gpu_memory_utilization fractions, one `auto, GPU filled` "
                                               "row each ('' = none)")
     p.add_argument("--no-eager", action="store_true", help="skip the eager gpu row")
+    p.add_argument("--host-nodes", default="on", help="comma list of on|off: graphed cpu/auto rows with the CPU expert "
+                   "passes as host nodes of the step's graph (on) or as eager passes between graphs (off)")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="greedy tokens to generate")
     p.add_argument("--long-prompt", type=int, default=2048, help="prefill timed with auto (0 = skip)")
@@ -94,7 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", type=int, default=0,
                    help="also print torch.profiler's table over this many eager decode steps per placement")
     p.add_argument("--out-dir", type=Path, default=None, help="JSON directory (default benchmarks/results)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not comma_list(args.host_nodes) or set(comma_list(args.host_nodes)) - {"on", "off"}:
+        p.error(f"--host-nodes takes a comma list of on|off, got {args.host_nodes!r}")
+    return args
 
 
 # ----------------------------------------------------------------------------- placing the experts
@@ -180,22 +186,26 @@ def eager_decode(model: nn.Module, prompt: list[int], new_tokens: int, device: t
     return prefill, steps, generated
 
 
-def graphed_split(model: nn.Module, prompt: list[int], steps: int) -> dict[str, float] | None:
+def graphed_split(model: nn.Module, prompt: list[int], steps: int, host_nodes: bool = True,
+                  ) -> dict[str, float] | None:
     """Median ms of expert passes, other GPU work and host overhead over `steps` timed replays of a decoder whose
-    resident expert passes have graphs of their own (None when graphs are not used)."""
-    decoder = GraphedDecoder(model, 1, len(prompt) + steps + 2, split_experts=True)
+    resident expert passes and host nodes have graphs of their own (None when graphs are not used)."""
+    decoder = GraphedDecoder(model, 1, len(prompt) + steps + 2, split_experts=True, host_nodes=host_nodes)
     token = int(decoder.prefill(prompt).argmax())
     decoder.step([token], [len(prompt)])  # capture
     times = []
+    kernel_s = sum(job.seconds for job in decoder.host_jobs())
     for i in range(steps):
         logits, t = decoder.timed_step([token], [len(prompt) + 1 + i])
         if t is None:
             return None
         token = int(logits[0].argmax())
         times.append(t)
+    kernel_s = sum(job.seconds for job in decoder.host_jobs()) - kernel_s
     return {"expert_ms": statistics.median(t.expert_ms for t in times),
             "other_gpu_ms": statistics.median(t.other_gpu_ms for t in times),
-            "split_wall_ms": statistics.median(t.wall_ms for t in times)}
+            "split_wall_ms": statistics.median(t.wall_ms for t in times),
+            "host_node_kernel_ms": kernel_s * 1e3 / steps if decoder.host_jobs() else None}
 
 
 def eager_split(model: nn.Module, prompt: list[int], steps: int, device: torch.device) -> dict[str, float]:
@@ -237,11 +247,11 @@ def finish_row(row: dict[str, Any], split: dict[str, float] | None) -> dict[str,
 
 
 def run_row(name: str, model: nn.Module, engine: ExpertEngine, args: argparse.Namespace, device: torch.device,
-            prompt: list[int], *, graphs: bool) -> dict[str, Any]:
+            prompt: list[int], *, graphs: bool, host_nodes: bool = True) -> dict[str, Any]:
     """Warm up, then time prefill + decode of one row; then the time split."""
     log(f"{name}: warm-up")
     if graphs:
-        decoder = GraphedDecoder(model, 1, len(prompt) + args.new + 2)
+        decoder = GraphedDecoder(model, 1, len(prompt) + args.new + 2, host_nodes=host_nodes)
         graphed_decode(decoder, prompt[:16], 4, device)  # captures the step
         run = lambda: graphed_decode(decoder, prompt, args.new, device)  # noqa: E731
     else:
@@ -263,7 +273,7 @@ def run_row(name: str, model: nn.Module, engine: ExpertEngine, args: argparse.Na
     if device.type != "cuda":
         split = None  # no GPU work to tell apart
     elif graphs:
-        split = graphed_split(model, prompt, args.split_steps)
+        split = graphed_split(model, prompt, args.split_steps, host_nodes)
     else:
         split = eager_split(model, prompt, args.split_steps, device)
     if args.profile and not graphs:
@@ -404,16 +414,22 @@ def dtype_rows(config: Any, device: torch.device, args: argparse.Namespace, plac
     split = auto.pop("split", None)  # the model object; the JSON keeps its samples and the start-up line
     build["crossovers"] = auto
     crossovers = {"inference": auto["inference"], "training": auto["training"], "split": split} if auto else {}
-    plan = [(mode, graphs) for mode in placements
-            for graphs in ((False, True) if mode == "gpu" and not args.no_eager else (True,))]
-    for mode, graphs in plan:
+    node_modes = [{"on": True, "off": False}[value] for value in comma_list(args.host_nodes)]
+    plan = [(mode, graphs, nodes) for mode in placements
+            for graphs in ((False, True) if mode == "gpu" and not args.no_eager else (True,))
+            for nodes in (node_modes if graphs and mode in ("cpu", "auto") else (True,))]
+    for mode, graphs, nodes in plan:
         threads = f"{args.cpu_threads} threads, " if mode in ("cpu", "auto") else ""
-        name = f"kllama {mode} ({threads}{'graphs' if graphs else 'eager'}){suffix}"
+        kind = "graphs" if graphs else "eager"
+        if len(node_modes) > 1 and graphs and mode in ("cpu", "auto"):
+            kind += ", host nodes" if nodes else ", eager host passes"
+        name = f"kllama {mode} ({threads}{kind}){suffix}"
 
-        def placement_row(mode: str = mode, graphs: bool = graphs, name: str = name) -> dict[str, Any]:
+        def placement_row(mode: str = mode, graphs: bool = graphs, nodes: bool = nodes,
+                          name: str = name) -> dict[str, Any]:
             engine = place(model, modules, mode, args, crossovers)
-            row = run_row(name, model, engine, args, device, prompt, graphs=graphs)
-            row["expert_dtype"] = expert_dtype
+            row = run_row(name, model, engine, args, device, prompt, graphs=graphs, host_nodes=nodes)
+            row.update(expert_dtype=expert_dtype, host_nodes=nodes)
             if mode == "auto":
                 row["crossovers"] = {k: crossovers[k] for k in ("inference", "training")} if crossovers else {}
                 if args.long_prompt:

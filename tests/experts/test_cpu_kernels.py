@@ -507,3 +507,54 @@ def test_int4_reads_every_nibble_value_as_the_reference_does(isa: str) -> None:
     x = torch.randn(5, hidden, generator=gen)
     got = expert_layer(x, index, weights, gate_up, down, isa=isa, **scales)
     assert rel(got, reference_layer(x, index, weights, gate_up, down, **scales)) < 1e-5
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_a_host_job_reruns_its_buffers_contents_row_count_and_lora_as_expert_layer_computes_them(
+        dtype: torch.dtype) -> None:
+    import ctypes
+
+    gate_up, down, scales, lora = layer(dtype, 8, 128, 64, rank=4)
+    x, index, weights = torch.zeros(5, 128, dtype=torch.bfloat16), torch.zeros(5, 2, dtype=torch.long), torch.zeros(5, 2)
+    out = torch.full((5, 128), 7.0, dtype=torch.bfloat16)
+    job = cpu_kernels.host_job(x, index, weights, gate_up, down, out=out, threads=2, lora=lora, **scales)
+    callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(kernel_status().module.host_job_callback())
+    assert (job.rows, job.threads, job.runs, job.error) == (5, 2, 0, "")
+    for seed, rows in [(1, 5), (2, 3), (3, 0)]:  # new contents each run, as a replay's copies write them
+        gen = torch.Generator().manual_seed(seed)
+        x.copy_(torch.randn(5, 128, generator=gen).bfloat16())
+        index.copy_(routing(5, 8, 2, seed)[0])
+        weights.copy_(torch.rand(5, 2, generator=gen))
+        before = out.clone()
+        job.rows = rows
+        if seed == 2:
+            callback(job.address)  # the C entry point a CUDA host node calls, on this thread
+        else:
+            job.run()
+        expected = expert_layer(x[:rows], index[:rows], weights[:rows], gate_up, down, lora=lora, **scales)
+        assert torch.equal(out[:rows], expected.bfloat16())
+        assert torch.equal(out[rows:], before[rows:])  # rows past the count keep what they held
+    assert job.runs == 3 and job.error == ""
+
+
+@needs_kernel
+def test_a_host_job_keeps_a_runs_error_instead_of_raising_and_checks_its_arguments_when_made() -> None:
+    gate_up, down, scales, _ = layer(torch.int8, 8, 128, 64, rank=4)
+    x, weights, out = torch.randn(2, 128).bfloat16(), torch.rand(2, 2), torch.zeros(2, 128, dtype=torch.bfloat16)
+    index = torch.tensor([[0, 1], [2, 9]])  # expert 9 of 8
+    job = cpu_kernels.host_job(x, index, weights, gate_up, down, out=out, threads=1, **scales)
+    job.run()
+    assert "expert 9" in job.error and job.runs == 0
+    assert torch.equal(out, torch.zeros_like(out))
+    with pytest.raises(RuntimeError, match="top_k_weights"):
+        cpu_kernels.host_job(x, index, weights.double(), gate_up, down, out=out, threads=1, **scales)
+    with pytest.raises(RuntimeError, match="rows must be in"):
+        cpu_kernels.host_job(x, index.clamp(max=7), weights, gate_up, down, out=out, threads=1, **scales).rows = 3
+
+
+@needs_kernel
+def test_an_expert_id_out_of_range_is_one_clear_error_of_the_kernel_call() -> None:
+    gate_up, down, scales, _ = layer(torch.int8, 8, 128, 64, rank=4)
+    with pytest.raises(RuntimeError, match=r"top_k_index holds expert 9, outside \[0, 8\)"):
+        expert_layer(torch.randn(2, 128), torch.tensor([[0, 1], [2, 9]]), torch.rand(2, 2), gate_up, down, **scales)

@@ -81,18 +81,24 @@ def even_layers(model: torch.nn.Module, engine) -> list[str]:  # noqa: ANN001
     return [name for name in engine.modules if layer_index(name, family_of(model)) % 2 == 0]
 
 
+def captured_step(decoder: GraphedDecoder, bucket: int = 1):  # noqa: ANN201
+    """The (only) step captured for batch bucket `bucket`."""
+    (captured,) = [c for (b, _), c in decoder._captured.items() if b == bucket]
+    return captured
+
+
 def kinds(decoder: GraphedDecoder, bucket: int = 1) -> list[str]:
     """The pieces of the (only) step captured for batch bucket `bucket`."""
-    (captured,) = [c for (b, _), c in decoder._captured.items() if b == bucket]
-    return [item.kind for item in captured.items]
+    return [item.kind for item in captured_step(decoder, bucket).items]
 
 
+@pytest.mark.parametrize("host_nodes", [True, False])
 @pytest.mark.parametrize("placement", ["gpu", "cpu", "auto", None])
 @pytest.mark.parametrize("arch", ["deepseek_v2", "qwen3_moe"])
-def test_graphed_greedy_equals_eager(arch: str, placement: str | None) -> None:
+def test_graphed_greedy_equals_eager(arch: str, placement: str | None, host_nodes: bool) -> None:
     model, engine = cuda_model(arch, placement)
     prompt = prompt_of(model)
-    graphed = GraphedDecoder(model, 1, 48)
+    graphed = GraphedDecoder(model, 1, 48, host_nodes=host_nodes)
     eager = GraphedDecoder(model, 1, 48, use_graphs=False)
     got = decode(graphed, prompt)
     assert graphed.graphed, graphed.reason
@@ -102,8 +108,13 @@ def test_graphed_greedy_equals_eager(arch: str, placement: str | None) -> None:
     assert_same_greedy(got, plain_greedy(model, prompt))  # and what transformers' own loop decodes
     n, even = len(engine.modules), len(even_layers(model, engine))
     cpu_layers = {"gpu": 0, "cpu": n, "auto": n, None: even}[placement]  # mixed: odd MoE layers resident
-    assert kinds(graphed).count("host") == cpu_layers  # a decode token never streams under auto
-    assert kinds(graphed).count("graph") == cpu_layers + 1
+    jobs = captured_step(graphed).jobs
+    if host_nodes:  # every CPU pass is a host node of the step's one graph (the kernel takes every tiny layer)
+        assert kinds(graphed) == ["graph"] and len(jobs) == cpu_layers
+        assert all(job.runs == STEPS and job.error == "" for job in jobs)  # one run a replay
+    else:  # the graphs are cut at each CPU pass, run eagerly between them
+        assert kinds(graphed).count("host") == cpu_layers and not jobs  # a decode token never streams under auto
+        assert kinds(graphed).count("graph") == cpu_layers + 1
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v2", "qwen3_moe"])
@@ -116,7 +127,8 @@ def test_placements_decode_the_same_tokens(arch: str) -> None:
     assert_same_greedy(runs["auto"], runs["gpu"])
 
 
-def test_batched_slots_graphed_equal_eager() -> None:
+@pytest.mark.parametrize("host_nodes", [True, False])
+def test_batched_slots_graphed_equal_eager(host_nodes: bool) -> None:
     model, engine = cuda_model("deepseek_v2", None)
     prompts = [prompt_of(model, n, seed=n) for n in (5, 11, 8)]
     cpu_module = engine.modules[even_layers(model, engine)[0]]
@@ -130,7 +142,7 @@ def test_batched_slots_graphed_equal_eager() -> None:
     cpu_module.run_pass = counting  # the CPU layer's pass, as a replay calls it
     results = []
     for use_graphs in (True, False):
-        decoder = GraphedDecoder(model, 4, 32, use_graphs=use_graphs)
+        decoder = GraphedDecoder(model, 4, 32, use_graphs=use_graphs, host_nodes=host_nodes)
         last = [int(decoder.prefill(p, slot=s).argmax()) for s, p in enumerate(prompts)]
         tokens = [last]
         rows_seen.clear()
@@ -139,7 +151,12 @@ def test_batched_slots_graphed_equal_eager() -> None:
             tokens.append(last)
         results.append(tokens)
         assert decoder.graphed == use_graphs
-        assert rows_seen[-5:] == [3] * 5  # replays hand the CPU pass the 3 real rows, never the padding row
+        if use_graphs and host_nodes:  # the host nodes compute the 3 real rows, never the padding row
+            jobs = captured_step(decoder, 4).jobs
+            assert len(jobs) == len(even_layers(model, engine)) and {job.rows for job in jobs} == {3}
+            assert {job.runs for job in jobs} == {6} and rows_seen == [4, 4]  # only the warm-up ran it eagerly
+        else:
+            assert rows_seen[-5:] == [3] * 5  # replays hand the CPU pass the 3 real rows, never the padding row
     assert results[0] == results[1]
     logits = decoder.step([results[0][-1][0], 0, 7], [len(prompts[0]) + 6, -1, len(prompts[2]) + 6])  # slot 1 idles
     assert torch.isfinite(logits[[0, 2]]).all()
@@ -159,13 +176,15 @@ def test_resident_experts_with_lora_are_one_graph() -> None:
     assert got[0] == decode(GraphedDecoder(model, 1, 48, use_graphs=False), prompt)[0]
 
 
-def test_split_experts_times_each_part() -> None:
+@pytest.mark.parametrize("host_nodes", [True, False])
+def test_split_experts_times_each_part(host_nodes: bool) -> None:
     model, engine = cuda_model("deepseek_v2", None)
-    decoder = GraphedDecoder(model, 1, 48, split_experts=True)
+    decoder = GraphedDecoder(model, 1, 48, split_experts=True, host_nodes=host_nodes)
     logits = decoder.prefill(prompt_of(model))
     _, times = decoder.timed_step([int(logits.argmax())], [9])
     n, even = len(engine.modules), len(even_layers(model, engine))
-    assert kinds(decoder).count("expert-graph") == n - even and kinds(decoder).count("host") == even
+    graphs, hosts = (n, 0) if host_nodes else (n - even, even)  # host nodes get expert graphs of their own
+    assert kinds(decoder).count("expert-graph") == graphs and kinds(decoder).count("host") == hosts
     assert times is not None and times.expert_ms > 0 and times.other_gpu_ms > 0
     assert times.wall_ms >= times.other_gpu_ms and times.host_ms >= 0
 
@@ -230,3 +249,40 @@ def test_a_frozen_expert_lora_is_one_graph_that_makes_its_factors_once(monkeypat
     got = decode(graphed, prompt)[0]
     assert kinds(graphed) == ["graph"] and got == eager
     assert len(made) == projections  # nothing made during the warm-up, the capture or the replays
+
+
+@pytest.mark.parametrize("expert_dtype", ["int8", "fp8"])
+def test_quantized_cpu_experts_with_a_frozen_lora_decode_as_host_nodes_of_one_graph(expert_dtype: str) -> None:
+    # `kllama chat --expert_dtype int8` with an adapter on CPU experts: each layer's kernel pass (its LoRA's kept
+    # host factors included) is a host node; the tokens are those of eager steps over the same kernel
+    model = build_tiny_model("deepseek_v2", seed=0, dtype=torch.bfloat16).cuda()
+    engine = install_expert_engine(model, lambda name: ExpertPlacement.from_mode("cpu"), "cuda",
+                                   expert_dtype=expert_dtype)
+    ExpertLoraSet(model).add(r=4, alpha=8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    model.requires_grad_(False)
+    prompt = prompt_of(model)
+    expected = decode(GraphedDecoder(model, 1, 48, use_graphs=False), prompt)
+    graphed = GraphedDecoder(model, 1, 48)
+    got = decode(graphed, prompt)
+    assert kinds(graphed) == ["graph"] and len(captured_step(graphed).jobs) == len(engine.modules)
+    assert got[0] == expected[0]
+    assert all(torch.allclose(a, b, atol=1e-2, rtol=1e-2) for a, b in zip(got[1], expected[1]))
+
+
+def test_a_decoder_dropped_with_a_step_in_flight_waits_for_its_host_nodes() -> None:
+    # a caller that never reads its last step's logits: the replay's host nodes still run the decoder's kernel
+    # jobs over its pinned buffers after the decoder is gone, unless its end waits for them (it crashed once)
+    model, _ = cuda_model("deepseek_v2", "cpu")
+    prompt = prompt_of(model)
+    for _ in range(3):
+        decoder = GraphedDecoder(model, 1, 48)
+        decoder.prefill(prompt)
+        for i in range(4):
+            decoder.step([i + 1], [len(prompt) + i])
+        assert len(decoder.host_jobs()) == len(model.model.layers) - model.config.first_k_dense_replace
+        del decoder
+    torch.cuda.synchronize()

@@ -29,7 +29,9 @@ import torch
 from torch import Tensor
 from torch.nn.functional import linear
 
-from kllama.experts.cpu_kernels import KERNEL_MAX_TOKENS, expert_layer, kernel_runs
+from kllama.experts.cpu_kernels import KERNEL_MAX_TOKENS, expert_layer, host_job, kernel_runs, kernel_status
+from kllama.experts.host_func import launch_host_func
+from kllama.experts.pinned import host_empty
 from kllama.experts.quant import BLOCK, ExpertWeight, QuantizedWeight
 from kllama.experts.quant_compute import quant_expert_gemm
 from kllama.experts.routed import PassExecutor, SavedPass, token_chunks
@@ -255,10 +257,8 @@ def kernel_pass(
     shortest way to and from the device (module docstring): `x [T, H]`, `top_k_index [T, K]`, `top_k_weights
     [T, K]` on any device -> `[T, H]` on x's device in x's dtype, equal to `cpu_infer_forward`'s result. None (having
     done nothing) when the kernel does not take the pass. Run it with the placement's threads (`intra_op_threads`)."""
-    if x.dtype not in _KERNEL_OUT_DTYPES:
-        return None
-    operands = kernel_operands(*module.host_weights())
-    if operands is None or not kernel_runs(operands[0], operands[1], module.act_fn, x.shape[0], lora):
+    operands = kernel_takes(module, x, lora)
+    if operands is None:
         return None
     gate_up, down, scales = operands
     if x.device.type == "cpu":
@@ -276,6 +276,58 @@ def kernel_pass(
     result.copy_(stage.out, non_blocking=True)
     stage.copied.record(stream)
     return result
+
+
+def kernel_takes(module: "HostExperts", x: Tensor, lora: Mapping[str, tuple[Tensor, Tensor]],
+                 ) -> tuple[Tensor, Tensor, dict[str, Tensor]] | None:
+    """The kernel's operands (`kernel_operands`) when it takes a no-grad pass of `x`'s rows and dtype in one call,
+    else None."""
+    if x.dtype not in _KERNEL_OUT_DTYPES:
+        return None
+    operands = kernel_operands(*module.host_weights())
+    if operands is None or not kernel_runs(operands[0], operands[1], module.act_fn, x.shape[0], lora):
+        return None
+    return operands
+
+
+class HostNodePass:
+    """A module's kernel pass as a host node of a CUDA graph (`kllama.infer.graphs`): made outside the capture
+    (pinned buffers cannot be allocated inside one), then `capture` enqueues, on the capturing stream, copies of
+    x and the routing into those buffers, the kernel as a host function (`cpu_kernels.host_job`: no Python and no
+    GIL at replay), and the copy of its output back. Each replay then runs the pass in order with the graph's other
+    work, with no stream sync and no Python between layers; `job.rows` sets how many leading rows the next replays
+    compute (the rest keep what they held)."""
+
+    def __init__(self, module: "HostExperts", x: Tensor, top_k: int) -> None:
+        self.module = module
+        # this pass's own buffers, read by the job at every replay; page-locked by registration, not by torch's
+        # caching host allocator, which would record an event on its blocks at each copy inside the capture
+        num_tokens, hidden = x.shape
+        self.stage = _Staging(_locked((num_tokens, hidden), x.dtype), _locked((num_tokens, top_k), torch.long),
+                              _locked((num_tokens, top_k), torch.float32), _locked((num_tokens, hidden), x.dtype),
+                              torch.cuda.Event())
+        self.job: object | None = None
+
+    def capture(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+                lora: Mapping[str, tuple[Tensor, Tensor]], threads: int) -> Tensor:
+        """Enqueue the pass on x's current (capturing) stream; returns its output on x's device, in x's dtype."""
+        gate_up, down, scales = kernel_takes(self.module, x, lora)
+        stage = self.stage
+        self.job = host_job(stage.x, stage.index, stage.weights, gate_up, down, out=stage.out, threads=threads,
+                            lora=lora, **scales)
+        stage.x.copy_(x, non_blocking=True)
+        stage.index.copy_(top_k_index, non_blocking=True)
+        stage.weights.copy_(top_k_weights, non_blocking=True)
+        launch_host_func(torch.cuda.current_stream(x.device), kernel_status().module.host_job_callback(),
+                         self.job.address)
+        result = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        result.copy_(stage.out, non_blocking=True)
+        return result
+
+
+def _locked(shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """A zero-filled page-locked host tensor of `shape` (`pinned.host_empty`, small pages)."""
+    return host_empty(shape[0] * shape[1], dtype, pin=True, huge=False).view(shape)
 
 
 class CpuExecutor(PassExecutor):

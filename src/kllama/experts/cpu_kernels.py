@@ -274,24 +274,59 @@ def expert_layer(
     instruction-set tier at most the best one in use (tests, probes); by default the weights' dtype runs its own tier
     (`KernelStatus.tiers`). Raises RuntimeError when the kernel is not available for these weights (check
     `kernel_runs` or `kernel_status` first)."""
-    status = kernel_status()
-    if not status.available:
-        raise RuntimeError(f"the CPU expert kernel is not available: {status.reason}")
-    if isa is None and gate_up.dtype not in status.tiers:
-        raise RuntimeError(f"the CPU expert kernel is not available for {gate_up.dtype} weights on this CPU")
-    tier = ISAS[isa or status.tiers[gate_up.dtype]]
-    if tier > ISAS[status.isa]:
-        raise ValueError(f"instruction set {isa!r} is above the one this CPU runs ({status.isa})")
-    lora = lora or {}
-    gate_up_a, gate_up_b = lora.get("gate_up_proj", (None, None))
-    down_a, down_b = lora.get("down_proj", (None, None))
+    module, tier = _tier(gate_up.dtype, isa)
     xin = x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
     if out is None:
         out = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32)
-    status.module.expert_pass(
-        xin.contiguous(), _as(top_k_index, torch.long), _as(top_k_weights, torch.float32),
-        gate_up, down, gate_up_scale, down_scale, gate_up_a, gate_up_b, down_a, down_b, out, tier)
+    module.expert_pass(xin.contiguous(), _as(top_k_index, torch.long), _as(top_k_weights, torch.float32),
+                       gate_up, down, gate_up_scale, down_scale, *_lora_factors(lora), out, tier)
     return out
+
+
+def host_job(
+    x: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    *,
+    out: Tensor,
+    threads: int,
+    gate_up_scale: Tensor | None = None,
+    down_scale: Tensor | None = None,
+    lora: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+) -> object:
+    """`expert_layer`'s pass over fixed host buffers, checked now and run later as often as asked: the extension's
+    `HostJob`. `x [T, H]` (bf16 or fp32), `top_k_index [T, K]` int64, `top_k_weights [T, K]` fp32 and `out [T, H]`
+    are read and written in place at each run, so their contents may change between runs (a captured decode step's
+    copies write them); the job keeps every tensor alive. `job.rows` (default T) sets how many leading rows a run
+    computes; `threads` is its OpenMP team size, whatever thread runs it. `job.run()` runs it on the caller's thread
+    without the GIL; `module.host_job_callback()` is the address of `void host_job_callback(void* job)`, which runs
+    the job at `job.address` from any thread (a CUDA host node's: `kllama.experts.host_func`). A run cannot raise:
+    its first error is kept in `job.error` (an expert id out of range; nothing else is checked at run time);
+    `job.runs` counts the runs that finished and `job.seconds` sums their wall time."""
+    module, tier = _tier(gate_up.dtype, None)
+    return module.HostJob(x, top_k_index, top_k_weights, gate_up, down, gate_up_scale, down_scale,
+                          *_lora_factors(lora), out, tier, threads)
+
+
+def _tier(dtype: torch.dtype, isa: str | None) -> tuple[ModuleType, int]:
+    """The loaded extension and the tier number weights of `dtype` run (`isa` forces one at most the best in use)."""
+    status = kernel_status()
+    if not status.available:
+        raise RuntimeError(f"the CPU expert kernel is not available: {status.reason}")
+    if isa is None and dtype not in status.tiers:
+        raise RuntimeError(f"the CPU expert kernel is not available for {dtype} weights on this CPU")
+    tier = ISAS[isa or status.tiers[dtype]]
+    if tier > ISAS[status.isa]:
+        raise ValueError(f"instruction set {isa!r} is above the one this CPU runs ({status.isa})")
+    return status.module, tier
+
+
+def _lora_factors(lora: Mapping[str, tuple[Tensor, Tensor]] | None) -> tuple[Tensor | None, ...]:
+    # the kernel's four LoRA arguments: gate_up a, b, then down a, b (None where absent)
+    lora = lora or {}
+    return (*lora.get("gate_up_proj", (None, None)), *lora.get("down_proj", (None, None)))
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -41,16 +41,19 @@ A decoder is not thread-safe: one caller steps it (the engine serialises request
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import sdpa_kernel
 
+from kllama.experts.cpu_compute import HostNodePass, kernel_takes, worker_threads
+from kllama.experts.host_func import host_func_reason
 from kllama.experts.module import HostExperts, expert_pass_hook
 from kllama.infer.graph_capture import end_failed_capture, private_cuda_rng
 from kllama.infer.kv_cache import (
@@ -109,12 +112,16 @@ class _HostPass:
 
 @dataclass
 class _Recorder:
-    """Captures one step as a chain of graphs, cutting it at expert passes that cannot be captured."""
+    """Captures one step as a chain of graphs, cutting it at expert passes that can be neither captured on the GPU
+    nor run as host nodes. `prepare` is the hook of the warm-up forward before a capture: it makes the pinned
+    buffers of each pass that will be a host node (`host_nodes`), which a capture cannot allocate."""
 
     pool: tuple
     split_experts: bool
+    host_nodes: bool = True
     items: list[_Item] = field(default_factory=list)
     graph: torch.cuda.CUDAGraph | None = None
+    nodes: dict[HostExperts, HostNodePass] = field(default_factory=dict)  # prepared, then captured
 
     def begin(self) -> None:
         self.graph = torch.cuda.CUDAGraph()
@@ -130,10 +137,20 @@ class _Recorder:
             graph, self.graph = self.graph, None
             end_failed_capture(graph, self.pool)
 
+    def prepare(self, module: HostExperts, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+        if self.host_nodes and module not in self.nodes and host_node_lora(module, x) is not None:
+            self.nodes[module] = HostNodePass(module, x, index.shape[1])
+        return module.run_pass(x, index, weights)
+
     def hook(self, module: HostExperts, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
         capturable = module.capturable(x.shape[0])
         if capturable and not self.split_experts:
             return module.run_pass(x, index, weights)
+        node = self.nodes.get(module)
+        if node is not None and node.job is None:
+            lora = host_node_lora(module, x)
+            if lora is not None:
+                return self._host_node(node, x, index, weights, lora)
         self.end()
         if capturable:
             self.begin()
@@ -145,17 +162,66 @@ class _Recorder:
         self.begin()
         return out
 
+    def _host_node(self, node: HostNodePass, x: Tensor, index: Tensor, weights: Tensor,
+                   lora: Mapping[str, tuple[Tensor, Tensor]]) -> Tensor:
+        threads = worker_threads(node.module.placement.cpu_threads)  # the launching thread waits on a core
+        if not self.split_experts:
+            return node.capture(x, index, weights, lora, threads)
+        self.end()
+        self.begin()
+        out = node.capture(x, index, weights, lora, threads)
+        self.end("expert-graph")
+        self.begin()
+        return out
+
+
+def host_node_lora(module: HostExperts, x: Tensor) -> Mapping[str, tuple[Tensor, Tensor]] | None:
+    """The active expert LoRA's host factors when a no-grad pass of `x` can be a host node (its rows go to the CPU
+    kernel, and a frozen LoRA's factors are kept, so a replay reads the ones in use), else None."""
+    if x.device.type != "cuda" or module.target_for(x.shape[0]) != "cpu" or host_func_reason() is not None:
+        return None
+    meta, params = module._active_lora()
+    if meta and module._lora_key(meta, params) is None:
+        return None  # a trainable LoRA's factors are remade at every pass
+    lora = module.lora_factors(meta, params, torch.device("cpu"))
+    return lora if kernel_takes(module, x, lora) is not None else None
+
 
 @dataclass
 class _Captured:
     items: list[_Item]
     logits: Tensor  # [B, V], written by the last graph
+    jobs: list = field(default_factory=list)  # the host nodes' kernel jobs (cpu_kernels.host_job)
+    replayed: torch.cuda.Event | None = None  # recorded after each replay of a step with host nodes
 
     def replay(self, rows: int) -> None:
+        self.set_rows(rows)
         for item in self.items:
             item.run(rows)
+        if self.jobs:
+            self.replayed = self.replayed or torch.cuda.Event()
+            self.replayed.record()
+
+    def __del__(self) -> None:
+        # the host nodes of a replay still in flight run jobs and read buffers that die with this object (a caller
+        # may drop a decoder without reading its last step's logits)
+        if self.replayed is not None:
+            with contextlib.suppress(Exception):  # at interpreter exit CUDA may be gone
+                self.replayed.synchronize()
+
+    def set_rows(self, rows: int) -> None:
+        """Have the host nodes compute the first `rows` rows (after any replay in flight), and raise what a
+        previous replay's pass failed with."""
+        for job in self.jobs:
+            if job.error:
+                raise RuntimeError(f"a CPU expert pass of a decode step failed: {job.error}")
+        if any(job.rows != rows for job in self.jobs):
+            torch.cuda.synchronize(self.logits.device)  # a replay in flight reads the count when its node runs
+            for job in self.jobs:
+                job.rows = rows
 
     def timed_replay(self, device: torch.device, rows: int) -> StepTimes:
+        self.set_rows(rows)
         torch.cuda.synchronize(device)
         start = time.perf_counter()
         expert = other = 0.0
@@ -197,10 +263,10 @@ class GraphedDecoder:
     decode steps replayed as CUDA graphs where the device allows (see the module docstring)."""
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, *, use_graphs: bool = True,
-                 split_experts: bool = False) -> None:
+                 split_experts: bool = False, host_nodes: bool = True) -> None:
         hf = transformers_model(model)
         self.model, self.max_batch, self.max_len = model, max_batch, max_len
-        self.split_experts = split_experts
+        self.split_experts, self.host_nodes = split_experts, host_nodes
         self.device, self.dtype = hf.device, hf.dtype
         self.capacity = max_len + 1  # position max_len is the scratch slot of padding rows
         self.cache = SlotCache(hf.config.num_hidden_layers, max_batch, self.capacity)
@@ -225,6 +291,10 @@ class GraphedDecoder:
     def graphed(self) -> bool:
         """Whether steps are replayed as CUDA graphs."""
         return self.reason is None
+
+    def host_jobs(self) -> list:
+        """The kernel jobs of every captured step's host nodes (`cpu_kernels.host_job`: `runs`, `seconds`)."""
+        return [job for captured in self._captured.values() for job in captured.jobs]
 
     def buckets(self) -> list[int]:
         """The batch sizes a step is captured for (a batch runs in the smallest bucket that holds it)."""
@@ -383,15 +453,15 @@ class GraphedDecoder:
         ids, positions, rows = self._ids[:bucket], self._positions[:bucket], slice(0, bucket)
         current, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
         side.wait_stream(current)
-        with torch.cuda.stream(side):
+        recorder = _Recorder(self._pool, self.split_experts, self.host_nodes)
+        with torch.cuda.stream(side), expert_pass_hook(recorder.prepare):
             for _ in range(1 if self._captured else 2):  # lazy initialisations (cuBLAS workspaces...) happen here
                 self._forward_rows(ids, positions, rows, length)
         current.wait_stream(side)
         torch.cuda.synchronize(self.device)
         gc.collect()  # nothing the collector frees may be returned to the allocator in the middle of a capture
         if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        recorder = _Recorder(self._pool, self.split_experts)
+            self._pool = recorder.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.stream(side), private_cuda_rng(side.device):  # a failed capture cannot strand the RNG
             try:
                 recorder.begin()
@@ -403,9 +473,11 @@ class GraphedDecoder:
                 raise
         current.wait_stream(side)
         hosts = sum(item.kind == "host" for item in recorder.items)
+        jobs = [node.job for node in recorder.nodes.values() if node.job is not None]
         logger.info("decode step for %d rows reading %d positions captured as %d CUDA graphs around %d host expert "
-                    "passes", bucket, length, len(recorder.items) - hosts, hosts)
-        return _Captured(recorder.items, logits)
+                    "passes, with %d CPU expert passes as host nodes", bucket, length, len(recorder.items) - hosts,
+                    hosts, len(jobs))
+        return _Captured(recorder.items, logits, jobs)
 
 
 def graphed_decoder(model: nn.Module, max_batch: int = 1, max_len: int = 4096, **options: bool,

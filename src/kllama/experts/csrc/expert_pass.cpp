@@ -28,10 +28,13 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -985,12 +988,28 @@ void lora_low(const Lora& lora, const std::vector<Group>& groups, int64_t num_pa
   });
 }
 
-// out [T, H] (fp32) = the routed experts of one layer for x [T, H]; see the file comment.
-void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor& weights, const at::Tensor& gate_up,
-                 const at::Tensor& down, const std::optional<at::Tensor>& gate_up_scale,
-                 const std::optional<at::Tensor>& down_scale, const std::optional<at::Tensor>& gate_up_a,
-                 const std::optional<at::Tensor>& gate_up_b, const std::optional<at::Tensor>& down_a,
-                 const std::optional<at::Tensor>& down_b, const at::Tensor& out, int64_t isa) {
+// A checked pass: what `run_pass` reads, as pointers and sizes (the tensors stay with the caller).
+struct Pass {
+  Weights kind = Weights::kBf16;
+  int64_t isa = kScalar, E = 0, H = 0, I = 0, T = 0, K = 0;
+  const void* x = nullptr;
+  bool x_bf16 = false;
+  const int64_t* idx = nullptr;
+  const float* route_w = nullptr;
+  const char* gu_ptr = nullptr;
+  const char* dn_ptr = nullptr;
+  Scales gu_scale, dn_scale;
+  Lora gu_lora, dn_lora;
+  void* out = nullptr;
+  bool out_bf16 = false;
+};
+
+// Every check of a pass's arguments but the expert ids' range (read when it runs: they may not be written yet).
+Pass check_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor& weights, const at::Tensor& gate_up,
+                const at::Tensor& down, const std::optional<at::Tensor>& gate_up_scale,
+                const std::optional<at::Tensor>& down_scale, const std::optional<at::Tensor>& gate_up_a,
+                const std::optional<at::Tensor>& gate_up_b, const std::optional<at::Tensor>& down_a,
+                const std::optional<at::Tensor>& down_b, const at::Tensor& out, int64_t isa) {
   TORCH_CHECK(isa >= kScalar && isa <= best_isa(), "instruction set ", isa, " is not available on this CPU");
   TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3, "gate_up and down must be [E, out, in]");
   const Weights kind = weights_of(gate_up.scalar_type());
@@ -1013,17 +1032,39 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
   TORCH_CHECK((out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) && out.dim() == 2 &&
                   out.size(0) == T && out.size(1) == H && out.is_contiguous() && out.device().is_cpu(),
               "out must be a contiguous float32 or bfloat16 CPU tensor [T, H]");
-  const Scales gu_scale = scales_of(gate_up_scale, "gate_up_scale", kind, E, 2 * I, H, 2);  // fp8: gate, up grids
-  const Scales dn_scale = scales_of(down_scale, "down_scale", kind, E, H, I, 1);
-  const Lora gu_lora = lora_of(gate_up_a, gate_up_b, "gate_up", E, H, 2 * I);
-  const Lora dn_lora = lora_of(down_a, down_b, "down", E, I, H);
+  Pass pass;
+  pass.kind = kind, pass.isa = isa, pass.E = E, pass.H = H, pass.I = I, pass.T = T, pass.K = K;
+  pass.x = x.data_ptr(), pass.x_bf16 = x.scalar_type() == at::kBFloat16;
+  pass.idx = index.data_ptr<int64_t>(), pass.route_w = weights.data_ptr<float>();
+  pass.gu_ptr = static_cast<const char*>(gate_up.data_ptr()), pass.dn_ptr = static_cast<const char*>(down.data_ptr());
+  pass.gu_scale = scales_of(gate_up_scale, "gate_up_scale", kind, E, 2 * I, H, 2);  // fp8: gate, up grids
+  pass.dn_scale = scales_of(down_scale, "down_scale", kind, E, H, I, 1);
+  pass.gu_lora = lora_of(gate_up_a, gate_up_b, "gate_up", E, H, 2 * I);
+  pass.dn_lora = lora_of(down_a, down_b, "down", E, I, H);
+  pass.out = out.data_ptr(), pass.out_bf16 = out.scalar_type() == at::kBFloat16;
+  return pass;
+}
+
+// out[:T] = the routed experts of one layer for x[:T] (T <= pass.T; rows past T are left as they are); see the file
+// comment. Throws std::runtime_error on an expert id outside [0, E), the only check made here: a HostJob runs this
+// on threads that hold no GIL and catches what it throws.
+void run_pass(const Pass& pass, int64_t T) {
+  const Weights kind = pass.kind;
+  const int64_t isa = pass.isa, E = pass.E, H = pass.H, I = pass.I, K = pass.K;
+  const Scales& gu_scale = pass.gu_scale;
+  const Scales& dn_scale = pass.dn_scale;
+  const Lora& gu_lora = pass.gu_lora;
+  const Lora& dn_lora = pass.dn_lora;
 
   // pairs (token, slot) grouped by expert in ascending order, tokens ascending within a group
-  const int64_t* idx = index.data_ptr<int64_t>();
-  const float* route_w = weights.data_ptr<float>();
+  const int64_t* idx = pass.idx;
+  const float* route_w = pass.route_w;
   std::vector<int64_t> count(E + 1, 0);
   for (int64_t s = 0; s < T * K; ++s) {
-    TORCH_CHECK(idx[s] >= 0 && idx[s] < E, "top_k_index holds expert ", idx[s], ", outside [0, ", E, ")");
+    if (idx[s] < 0 || idx[s] >= E) {  // not TORCH_CHECK: a c10::Error's message may read Python frames (GIL)
+      throw std::runtime_error("top_k_index holds expert " + std::to_string(idx[s]) + ", outside [0, " +
+                               std::to_string(E) + ")");
+    }
     ++count[idx[s] + 1];
   }
   std::vector<Group> groups;
@@ -1049,11 +1090,11 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
   const DotTable& lora_dots = dot_table(Weights::kBf16, bf16_acts ? kAvx512Bf16 : std::min<int64_t>(isa, kAvx512),
                                         bf16_acts ? ActForm::kBf16 : ActForm::kF32);
   Acts xs(x_form, T, H);
-  if (x.scalar_type() == at::kBFloat16) {
-    const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  if (pass.x_bf16) {
+    const uint16_t* src = static_cast<const uint16_t*>(pass.x);
     for (int64_t i = 0; i < T * H; ++i) xs.set(i / H, i % H, bf16_to_f32(src[i]), false);
   } else {
-    const float* src = x.data_ptr<float>();
+    const float* src = static_cast<const float*>(pass.x);
     for (int64_t i = 0; i < T * H; ++i) xs.set(i / H, i % H, src[i], round_acts);
   }
   xs.finish();
@@ -1065,7 +1106,7 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
   // stage 1: act[p, j] = silu(gate) * up * routing weight, threads own intermediate rows j
   Acts act(act_form_, S, I);
   const size_t gu_row = row_bytes(kind, H), dn_row = row_bytes(kind, I);
-  const char* gu_ptr = static_cast<const char*>(gate_up.data_ptr());
+  const char* gu_ptr = pass.gu_ptr;
   at::parallel_for(0, I, kGrainRows, [&](int64_t j0, int64_t j1) {
     float gate[kMaxPairs], up[kMaxPairs];
     for (const Group& g : groups) {
@@ -1099,11 +1140,11 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
 
   // stage 2: out[t, h] = sum over the token's experts of down_h . act, threads own hidden rows h; a bf16 `out`
   // gets the fp32 sums rounded once at the end of a thread's rows (what `.to(torch.bfloat16)` of the fp32 out gives)
-  const bool bf16_out = out.scalar_type() == at::kBFloat16;
+  const bool bf16_out = pass.out_bf16;
   std::vector<float> sums(bf16_out ? T * H : 0);
-  float* o = bf16_out ? sums.data() : out.data_ptr<float>();
-  uint16_t* o16 = bf16_out ? reinterpret_cast<uint16_t*>(out.data_ptr()) : nullptr;
-  const char* dn_ptr = static_cast<const char*>(down.data_ptr());
+  float* o = bf16_out ? sums.data() : static_cast<float*>(pass.out);
+  uint16_t* o16 = bf16_out ? static_cast<uint16_t*>(pass.out) : nullptr;
+  const char* dn_ptr = pass.dn_ptr;
   at::parallel_for(0, H, kGrainRows, [&](int64_t h0, int64_t h1) {
     for (int64_t t = 0; t < T; ++t) std::fill(o + t * H + h0, o + t * H + h1, 0.0f);
     float y[kMaxPairs];
@@ -1131,6 +1172,67 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
     }
   });
 }
+
+// out [T, H] (fp32 or bf16) = the routed experts of one layer for x [T, H]; see the file comment.
+void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor& weights, const at::Tensor& gate_up,
+                 const at::Tensor& down, const std::optional<at::Tensor>& gate_up_scale,
+                 const std::optional<at::Tensor>& down_scale, const std::optional<at::Tensor>& gate_up_a,
+                 const std::optional<at::Tensor>& gate_up_b, const std::optional<at::Tensor>& down_a,
+                 const std::optional<at::Tensor>& down_b, const at::Tensor& out, int64_t isa) {
+  // the checks hold the GIL: a failed TORCH_CHECK's c10::Error may read Python's frames (torch 2.11 segfaulted
+  // on the H200 box when one was raised without it); the pass itself runs without
+  const Pass pass = check_pass(x, index, weights, gate_up, down, gate_up_scale, down_scale, gate_up_a, gate_up_b,
+                               down_a, down_b, out, isa);
+  py::gil_scoped_release no_gil;
+  run_pass(pass, x.size(0));
+}
+
+// One pass over fixed buffers, checked once and run many times: by `run` (tests), or by `host_job_callback` from a
+// thread that holds no GIL (the CUDA driver's, for a host node of a captured decode step; cpu_kernels.py). It keeps
+// its tensors alive. `rows` (at most the buffers' T) is how many leading rows the next run computes; a run's error
+// is kept in `error` (a callback cannot throw) and the run leaves `out` as it was.
+struct HostJob {
+  std::vector<at::Tensor> held;
+  std::vector<std::optional<at::Tensor>> held_optional;
+  Pass pass;
+  int64_t rows = 0, threads = 0, runs = 0;
+  double seconds = 0;  // wall time of the finished runs, on the running thread's clock
+  std::string error;
+
+  HostJob(const at::Tensor& x, const at::Tensor& index, const at::Tensor& weights, const at::Tensor& gate_up,
+          const at::Tensor& down, const std::optional<at::Tensor>& gate_up_scale,
+          const std::optional<at::Tensor>& down_scale, const std::optional<at::Tensor>& gate_up_a,
+          const std::optional<at::Tensor>& gate_up_b, const std::optional<at::Tensor>& down_a,
+          const std::optional<at::Tensor>& down_b, const at::Tensor& out, int64_t isa, int64_t threads_)
+      : held{x, index, weights, gate_up, down, out},
+        held_optional{gate_up_scale, down_scale, gate_up_a, gate_up_b, down_a, down_b},
+        pass(check_pass(x, index, weights, gate_up, down, gate_up_scale, down_scale, gate_up_a, gate_up_b, down_a,
+                        down_b, out, isa)),
+        rows(x.size(0)),
+        threads(threads_) {
+    TORCH_CHECK(threads > 0, "a host job needs at least one thread, got ", threads);
+  }
+
+  void set_rows(int64_t value) {
+    TORCH_CHECK(value >= 0 && value <= pass.T, "rows must be in [0, ", pass.T, "], got ", value);
+    rows = value;
+  }
+
+  void run() noexcept {
+    try {
+      // the calling thread's own OpenMP team size (a driver thread starts at the runtime's default)
+      const auto start = std::chrono::steady_clock::now();
+      if (at::get_num_threads() != threads) at::set_num_threads(static_cast<int>(threads));
+      if (rows > 0) run_pass(pass, rows);
+      seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      ++runs;
+    } catch (const std::exception& e) {
+      if (error.empty()) error = e.what();
+    }
+  }
+};
+
+extern "C" void host_job_callback(void* job) { static_cast<HostJob*>(job)->run(); }
 
 // out [n] = the fp8 -> fp32 conversion the `isa` path's dot products use, times 2^8 (the value), of `codes` [n]
 // uint8, n a multiple of 16 (a test checks it against torch's float8_e4m3fn cast for all 256 codes).
@@ -1181,8 +1283,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("expert_pass", &expert_pass, "one layer's selected experts for a few tokens (see cpu_kernels.py)",
         py::arg("x"), py::arg("top_k_index"), py::arg("top_k_weights"), py::arg("gate_up"), py::arg("down"),
         py::arg("gate_up_scale"), py::arg("down_scale"), py::arg("gate_up_a"), py::arg("gate_up_b"),
-        py::arg("down_a"), py::arg("down_b"), py::arg("out"), py::arg("isa"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("down_a"), py::arg("down_b"), py::arg("out"), py::arg("isa"));
+  py::class_<HostJob>(m, "HostJob", "one pass over fixed buffers, run by a host node (see cpu_kernels.py)")
+      .def(py::init<const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&, int64_t,
+                    int64_t>(),
+           py::arg("x"), py::arg("top_k_index"), py::arg("top_k_weights"), py::arg("gate_up"), py::arg("down"),
+           py::arg("gate_up_scale"), py::arg("down_scale"), py::arg("gate_up_a"), py::arg("gate_up_b"),
+           py::arg("down_a"), py::arg("down_b"), py::arg("out"), py::arg("isa"), py::arg("threads"))
+      .def_property("rows", [](const HostJob& j) { return j.rows; }, &HostJob::set_rows)
+      .def_property(
+          "threads", [](const HostJob& j) { return j.threads; },
+          [](HostJob& j, int64_t value) {
+            TORCH_CHECK(value > 0, "a host job needs at least one thread, got ", value);
+            j.threads = value;
+          })
+      .def_readonly("runs", &HostJob::runs)
+      .def_readonly("seconds", &HostJob::seconds)
+      .def_property_readonly("error", [](const HostJob& j) { return j.error; })
+      .def_property_readonly("address", [](HostJob& j) { return reinterpret_cast<uintptr_t>(&j); })
+      .def("run", &HostJob::run, py::call_guard<py::gil_scoped_release>());
+  m.def("host_job_callback", []() { return reinterpret_cast<uintptr_t>(&host_job_callback); },
+        "address of `void host_job_callback(void* job)`, a CUDA host function running a HostJob");
   m.def("fp8_values", &fp8_values, "the fp8 conversion of an instruction-set path (tests)", py::arg("codes"),
         py::arg("out"), py::arg("isa"));
   m.def("parallel_threads", &parallel_threads, "threads at::parallel_for uses in this extension");
