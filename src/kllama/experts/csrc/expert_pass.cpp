@@ -33,12 +33,28 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
 namespace {
+
+// A failed check throws std::runtime_error (Python: RuntimeError) with the message's parts streamed together. Not
+// TORCH_CHECK: on the H200 box (torch 2.11 CUDA wheel) raising a c10::Error from this extension crashed the process
+// (segfault), with or without the GIL, caught in C++ or not; a standard exception carries no captured backtrace.
+template <typename... Parts>
+[[noreturn]] void fail(const Parts&... parts) {
+  std::ostringstream message;
+  (message << ... << parts);
+  throw std::runtime_error(message.str());
+}
+
+#define KL_CHECK(cond, ...)   \
+  do {                        \
+    if (!(cond)) fail(__VA_ARGS__); \
+  } while (false)
 
 constexpr int kMaxPairs = 8;        // activation rows one weight-row read serves at once (accumulators in registers)
 constexpr int64_t kGrainRows = 16;  // fewest output rows per thread
@@ -903,9 +919,9 @@ struct Group {  // one selected expert and its (token, weight) pairs [begin, end
 
 void check_weight(const at::Tensor& w, const char* name, int64_t experts, int64_t rows, int64_t cols,
                   at::ScalarType dtype) {
-  TORCH_CHECK(w.device().is_cpu() && w.is_contiguous(), name, " must be a contiguous CPU tensor");
-  TORCH_CHECK(w.scalar_type() == dtype, name, " has dtype ", w.scalar_type(), ", expected ", dtype);
-  TORCH_CHECK(w.dim() == 3 && w.size(0) == experts && w.size(1) == rows && w.size(2) == cols, name,
+  KL_CHECK(w.device().is_cpu() && w.is_contiguous(), name, " must be a contiguous CPU tensor");
+  KL_CHECK(w.scalar_type() == dtype, name, " has dtype ", w.scalar_type(), ", expected ", dtype);
+  KL_CHECK(w.dim() == 3 && w.size(0) == experts && w.size(1) == rows && w.size(2) == cols, name,
               " has shape ", w.sizes(), ", expected [", experts, ", ", rows, ", ", cols, "]");
 }
 
@@ -929,24 +945,24 @@ struct Scales {
 Scales scales_of(const std::optional<at::Tensor>& scale, const char* name, Weights kind, int64_t experts,
                  int64_t rows, int64_t cols, int64_t grids) {
   if (kind == Weights::kBf16) return {};
-  TORCH_CHECK(scale.has_value(), name, " is required for int8, fp8 and int4 weights");
+  KL_CHECK(scale.has_value(), name, " is required for int8, fp8 and int4 weights");
   const at::Tensor& s = *scale;
-  TORCH_CHECK(s.device().is_cpu() && s.is_contiguous() && s.scalar_type() == at::kFloat, name,
+  KL_CHECK(s.device().is_cpu() && s.is_contiguous() && s.scalar_type() == at::kFloat, name,
               " must be a contiguous float32 CPU tensor");
   if (kind == Weights::kInt8) {
-    TORCH_CHECK(s.dim() == 2 && s.size(0) == experts && s.size(1) == rows, name, " has shape ", s.sizes(),
+    KL_CHECK(s.dim() == 2 && s.size(0) == experts && s.size(1) == rows, name, " has shape ", s.sizes(),
                 ", expected [", experts, ", ", rows, "]");
     return {s.data_ptr<float>(), false, rows, rows, 1, 0, 0};
   }
   if (kind == Weights::kInt4) {
     const int64_t groups = (cols + kGroup - 1) / kGroup;
-    TORCH_CHECK(s.dim() == 3 && s.size(0) == experts && s.size(1) == rows && s.size(2) == groups, name,
+    KL_CHECK(s.dim() == 3 && s.size(0) == experts && s.size(1) == rows && s.size(2) == groups, name,
                 " has shape ", s.sizes(), ", expected [", experts, ", ", rows, ", ", groups, "] (64-column groups)");
     return {s.data_ptr<float>(), true, rows, rows, 1, rows, groups, 1};
   }
   const int64_t grid_rows = rows / grids, block_rows = (grid_rows + kBlock - 1) / kBlock;
   const int64_t block_cols = (cols + kBlock - 1) / kBlock;
-  TORCH_CHECK(s.dim() == 3 && s.size(0) == experts && s.size(1) == grids * block_rows && s.size(2) == block_cols,
+  KL_CHECK(s.dim() == 3 && s.size(0) == experts && s.size(1) == grids * block_rows && s.size(2) == block_cols,
               name, " has shape ", s.sizes(), ", expected [", experts, ", ", grids * block_rows, ", ", block_cols,
               "] (128x128 blocks, ", grids, " grid(s))");
   return {s.data_ptr<float>(), true, rows, grid_rows, grids, block_rows, block_cols};
@@ -954,15 +970,15 @@ Scales scales_of(const std::optional<at::Tensor>& scale, const char* name, Weigh
 
 Lora lora_of(const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b, const char* name,
              int64_t experts, int64_t in, int64_t out) {
-  TORCH_CHECK(a.has_value() == b.has_value(), name, ": give both LoRA factors or neither");
+  KL_CHECK(a.has_value() == b.has_value(), name, ": give both LoRA factors or neither");
   if (!a.has_value()) return {};
-  TORCH_CHECK(a->scalar_type() == at::kBFloat16 && b->scalar_type() == at::kBFloat16, name,
+  KL_CHECK(a->scalar_type() == at::kBFloat16 && b->scalar_type() == at::kBFloat16, name,
               ": LoRA factors must be bfloat16");
-  TORCH_CHECK(a->is_contiguous() && b->is_contiguous() && a->device().is_cpu() && b->device().is_cpu(), name,
+  KL_CHECK(a->is_contiguous() && b->is_contiguous() && a->device().is_cpu() && b->device().is_cpu(), name,
               ": LoRA factors must be contiguous CPU tensors");
   const int64_t r = a->dim() == 3 ? a->size(1) : -1;
-  TORCH_CHECK(a->dim() == 3 && a->size(0) == experts && a->size(2) == in, name, ": LoRA a has shape ", a->sizes());
-  TORCH_CHECK(b->dim() == 3 && b->size(0) == experts && b->size(1) == out && b->size(2) == r, name,
+  KL_CHECK(a->dim() == 3 && a->size(0) == experts && a->size(2) == in, name, ": LoRA a has shape ", a->sizes());
+  KL_CHECK(b->dim() == 3 && b->size(0) == experts && b->size(1) == out && b->size(2) == r, name,
               ": LoRA b has shape ", b->sizes());
   return {reinterpret_cast<const uint16_t*>(a->data_ptr()), reinterpret_cast<const uint16_t*>(b->data_ptr()), r};
 }
@@ -1010,26 +1026,26 @@ Pass check_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor& 
                 const std::optional<at::Tensor>& down_scale, const std::optional<at::Tensor>& gate_up_a,
                 const std::optional<at::Tensor>& gate_up_b, const std::optional<at::Tensor>& down_a,
                 const std::optional<at::Tensor>& down_b, const at::Tensor& out, int64_t isa) {
-  TORCH_CHECK(isa >= kScalar && isa <= best_isa(), "instruction set ", isa, " is not available on this CPU");
-  TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3, "gate_up and down must be [E, out, in]");
+  KL_CHECK(isa >= kScalar && isa <= best_isa(), "instruction set ", isa, " is not available on this CPU");
+  KL_CHECK(gate_up.dim() == 3 && down.dim() == 3, "gate_up and down must be [E, out, in]");
   const Weights kind = weights_of(gate_up.scalar_type());
   const int64_t per_byte = kind == Weights::kInt4 ? 2 : 1;  // columns a byte of the last dimension holds
   const int64_t E = gate_up.size(0), two_inter = gate_up.size(1), H = per_byte * gate_up.size(2), I = two_inter / 2;
-  TORCH_CHECK(kind != Weights::kInt4 || I % 2 == 0, "int4 weights need an even intermediate size, got ", I);
+  KL_CHECK(kind != Weights::kInt4 || I % 2 == 0, "int4 weights need an even intermediate size, got ", I);
   const at::ScalarType wtype = dtype_of(kind);
   check_weight(gate_up, "gate_up", E, 2 * I, H / per_byte, wtype);
   check_weight(down, "down", E, H, I / per_byte, wtype);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == H && x.is_contiguous() && x.device().is_cpu(),
+  KL_CHECK(x.dim() == 2 && x.size(1) == H && x.is_contiguous() && x.device().is_cpu(),
               "x must be a contiguous CPU tensor [T, ", H, "]");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x must be bfloat16 or float32");
+  KL_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x must be bfloat16 or float32");
   const int64_t T = x.size(0);
-  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 2 && index.size(0) == T && index.is_contiguous() &&
+  KL_CHECK(index.scalar_type() == at::kLong && index.dim() == 2 && index.size(0) == T && index.is_contiguous() &&
                   index.device().is_cpu(), "top_k_index must be a contiguous int64 CPU tensor [T, K]");
   const int64_t K = index.size(1);
-  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.dim() == 2 && weights.size(0) == T &&
+  KL_CHECK(weights.scalar_type() == at::kFloat && weights.dim() == 2 && weights.size(0) == T &&
                   weights.size(1) == K && weights.is_contiguous() && weights.device().is_cpu(),
               "top_k_weights must be a contiguous float32 CPU tensor [T, K]");
-  TORCH_CHECK((out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) && out.dim() == 2 &&
+  KL_CHECK((out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) && out.dim() == 2 &&
                   out.size(0) == T && out.size(1) == H && out.is_contiguous() && out.device().is_cpu(),
               "out must be a contiguous float32 or bfloat16 CPU tensor [T, H]");
   Pass pass;
@@ -1046,8 +1062,8 @@ Pass check_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor& 
 }
 
 // out[:T] = the routed experts of one layer for x[:T] (T <= pass.T; rows past T are left as they are); see the file
-// comment. Throws std::runtime_error on an expert id outside [0, E), the only check made here: a HostJob runs this
-// on threads that hold no GIL and catches what it throws.
+// comment. Throws std::runtime_error on an expert id outside [0, E), the only check made here (a HostJob catches
+// it: its runs are on threads that hold no GIL, the CUDA driver's among them).
 void run_pass(const Pass& pass, int64_t T) {
   const Weights kind = pass.kind;
   const int64_t isa = pass.isa, E = pass.E, H = pass.H, I = pass.I, K = pass.K;
@@ -1061,10 +1077,7 @@ void run_pass(const Pass& pass, int64_t T) {
   const float* route_w = pass.route_w;
   std::vector<int64_t> count(E + 1, 0);
   for (int64_t s = 0; s < T * K; ++s) {
-    if (idx[s] < 0 || idx[s] >= E) {  // not TORCH_CHECK: a c10::Error's message may read Python frames (GIL)
-      throw std::runtime_error("top_k_index holds expert " + std::to_string(idx[s]) + ", outside [0, " +
-                               std::to_string(E) + ")");
-    }
+    KL_CHECK(idx[s] >= 0 && idx[s] < E, "top_k_index holds expert ", idx[s], ", outside [0, ", E, ")");
     ++count[idx[s] + 1];
   }
   std::vector<Group> groups;
@@ -1179,8 +1192,7 @@ void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor&
                  const std::optional<at::Tensor>& down_scale, const std::optional<at::Tensor>& gate_up_a,
                  const std::optional<at::Tensor>& gate_up_b, const std::optional<at::Tensor>& down_a,
                  const std::optional<at::Tensor>& down_b, const at::Tensor& out, int64_t isa) {
-  // the checks hold the GIL: a failed TORCH_CHECK's c10::Error may read Python's frames (torch 2.11 segfaulted
-  // on the H200 box when one was raised without it); the pass itself runs without
+  // the checks run with the GIL, the pass without it
   const Pass pass = check_pass(x, index, weights, gate_up, down, gate_up_scale, down_scale, gate_up_a, gate_up_b,
                                down_a, down_b, out, isa);
   py::gil_scoped_release no_gil;
@@ -1210,11 +1222,11 @@ struct HostJob {
                         down_b, out, isa)),
         rows(x.size(0)),
         threads(threads_) {
-    TORCH_CHECK(threads > 0, "a host job needs at least one thread, got ", threads);
+    KL_CHECK(threads > 0, "a host job needs at least one thread, got ", threads);
   }
 
   void set_rows(int64_t value) {
-    TORCH_CHECK(value >= 0 && value <= pass.T, "rows must be in [0, ", pass.T, "], got ", value);
+    KL_CHECK(value >= 0 && value <= pass.T, "rows must be in [0, ", pass.T, "], got ", value);
     rows = value;
   }
 
@@ -1250,12 +1262,12 @@ KL_AVX512 void fp8_values_avx512(const uint8_t* c, float* o, int64_t n) {
 }
 
 void fp8_values(const at::Tensor& codes, const at::Tensor& out, int64_t isa) {
-  TORCH_CHECK(isa >= kScalar && isa <= best_isa(), "instruction set ", isa, " is not available on this CPU");
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 1 && codes.is_contiguous() &&
+  KL_CHECK(isa >= kScalar && isa <= best_isa(), "instruction set ", isa, " is not available on this CPU");
+  KL_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 1 && codes.is_contiguous() &&
                   codes.device().is_cpu() && codes.size(0) % 16 == 0,
               "codes must be a contiguous uint8 CPU tensor [n], n a multiple of 16");
   const int64_t n = codes.size(0);
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 1 && out.size(0) == n && out.is_contiguous() &&
+  KL_CHECK(out.scalar_type() == at::kFloat && out.dim() == 1 && out.size(0) == n && out.is_contiguous() &&
                   out.device().is_cpu(), "out must be a contiguous float32 CPU tensor [", n, "]");
   const uint8_t* c = codes.data_ptr<uint8_t>();
   float* o = out.data_ptr<float>();
@@ -1297,7 +1309,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property(
           "threads", [](const HostJob& j) { return j.threads; },
           [](HostJob& j, int64_t value) {
-            TORCH_CHECK(value > 0, "a host job needs at least one thread, got ", value);
+            KL_CHECK(value > 0, "a host job needs at least one thread, got ", value);
             j.threads = value;
           })
       .def_readonly("runs", &HostJob::runs)
