@@ -205,8 +205,11 @@ def direct_pass(module: ModuleType, x: Tensor, index: Tensor, weights: Tensor, g
                 scales: dict, out: Tensor, isa: int) -> Tensor:
     """One call of a built kernel's `expert_pass` on host tensors, no LoRA, on instruction-set tier `isa`: the
     kernel alone, without `expert_layer`'s checks (~10-30 us a call in Python)."""
-    return module.expert_pass(x, index, weights, gate_up, down, scales.get("gate_up_scale"),
-                              scales.get("down_scale"), None, None, None, None, out, isa)
+    error = module.expert_pass(x, index, weights, gate_up, down, scales.get("gate_up_scale"),
+                               scales.get("down_scale"), None, None, None, None, out, isa)
+    if error:
+        raise RuntimeError(error)
+    return out
 
 
 def kernel_variants(compare: str) -> dict[str, ModuleType]:

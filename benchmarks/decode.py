@@ -20,7 +20,10 @@ Rows (one model build, random weights, a `--prompt`-token prompt, then `--new` g
   `auto` layers made resident while `gpu_memory_utilization` x the card allows (`fill_gpu_memory`), with the
   `--long-prompt` prefill timed as in the `auto` row.
 Each row splits its ms/token into expert passes, other GPU work and host overhead: graphed rows from timed replays
-with expert passes in graphs of their own (`split_experts`), the eager row from torch.profiler kernel times.
+with expert passes in graphs of their own (`split_experts`), the eager row from torch.profiler kernel times. For
+CPU passes run as host nodes of the step's graph, `of it kernel` is the kernel's own time inside them (the jobs'
+clocks). `--host-nodes on,off` repeats every graphed cpu/auto row with CPU passes as eager calls between graphs
+(the way before host nodes), the baseline of the same run.
 `--expert-dtype bf16,int8,fp8,int4` repeats every row with the routed experts held in each dtype (one model build each,
 bf16 = not quantized; crossovers measured per dtype). Prints a table and writes JSON.
 """

@@ -231,7 +231,7 @@ def test_fp8_conversion_of_every_path_equals_torchs_cast_for_every_code() -> Non
     expected = codes.view(torch.float8_e4m3fn).float()
     for isa in kernel_isas():
         got = torch.empty(256)
-        kernel_status().module.fp8_values(codes, got, ISAS[isa])
+        assert kernel_status().module.fp8_values(codes, got, ISAS[isa]) == ""
         assert torch.equal(got[finite], expected[finite]), isa
         assert torch.equal(got[finite].signbit(), expected[finite].signbit()), isa  # -0 stays -0
 
@@ -549,8 +549,11 @@ def test_a_host_job_keeps_a_runs_error_instead_of_raising_and_checks_its_argumen
     assert torch.equal(out, torch.zeros_like(out))
     with pytest.raises(RuntimeError, match="top_k_weights"):
         cpu_kernels.host_job(x, index, weights.double(), gate_up, down, out=out, threads=1, **scales)
-    with pytest.raises(RuntimeError, match="rows must be in"):
-        cpu_kernels.host_job(x, index.clamp(max=7), weights, gate_up, down, out=out, threads=1, **scales).rows = 3
+    job = cpu_kernels.host_job(x, index.clamp(max=7), weights, gate_up, down, out=out, threads=1, **scales)
+    job.rows, job.threads = 3, 0
+    assert (job.rows, job.threads) == (2, 1)  # clamped: nothing is raised from the extension (KL_CHECK)
+    with pytest.raises(RuntimeError, match="a host job needs at least one thread"):
+        cpu_kernels.host_job(x, index, weights, gate_up, down, out=out, threads=0, **scales)
 
 
 @needs_kernel

@@ -122,3 +122,15 @@ def test_decoder_forwards_never_use_cudnn_attention() -> None:
         handle.remove()
     assert len(seen) == 3 and not any(seen)
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_host_nodes_are_not_used_under_an_active_openmp_wait_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kllama.experts.host_func import host_func_reason
+    from kllama.infer.graphs import host_nodes_reason
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", " Active")
+    assert "OMP_WAIT_POLICY=active" in host_nodes_reason()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert host_nodes_reason() == host_func_reason()  # None with a CUDA driver, else why not
+    if not torch.cuda.is_available():
+        assert host_func_reason() == "no CUDA device"

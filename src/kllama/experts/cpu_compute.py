@@ -15,6 +15,9 @@ the kernel cost ~0.5 ms a layer next to the kernel's 0.6-0.95 ms: pinned buffers
 (x, routing, and the output the kernel writes in x's dtype), three copies in, one stream sync, one kernel call, one
 copy out, and no autograd Function (`HostExperts.run_pass` skips it when nothing needs a gradient). A pinned output
 buffer is rewritten only after its previous copy to the device is done (an event recorded after that copy).
+
+A captured decode step takes the same pass without Python at all: `HostNodePass` puts the copies and the kernel
+(run by the CUDA driver's thread as a host function) into the step's graph (`kllama.infer.graphs`).
 """
 from __future__ import annotations
 

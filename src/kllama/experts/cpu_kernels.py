@@ -36,6 +36,11 @@ fp32), within ~2.4e-7 x max|a| x sum|w| of the fp32 dot product, ~1e-7 relative 
 outputs and the routing-weight product; the two paths agree to ~1e-2 relative). The kernel runs SiLU only and skips
 nothing else: expert LoRA runs inside it.
 
+`host_job` makes the same pass over fixed buffers, checked once and run many times, also from a thread without the
+GIL: a captured decode step runs it as a CUDA host node (`kllama.infer.graphs`). No C++ exception leaves the
+extension: its functions return a failed check's message, raised here as RuntimeError (on the H200 box's torch 2.11
+CUDA build, any exception leaving the extension crashed the process).
+
 The extension is built on first use with torch's C++ extension tools (ninja, the host's C++ compiler) into torch's
 extensions cache and imported from there by later processes without running the build tools again (its name hashes the
 source text and build settings, so a touched or moved copy of the source reuses it); one line on stderr while it
@@ -278,8 +283,10 @@ def expert_layer(
     xin = x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
     if out is None:
         out = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32)
-    module.expert_pass(xin.contiguous(), _as(top_k_index, torch.long), _as(top_k_weights, torch.float32),
-                       gate_up, down, gate_up_scale, down_scale, *_lora_factors(lora), out, tier)
+    error = module.expert_pass(xin.contiguous(), _as(top_k_index, torch.long), _as(top_k_weights, torch.float32),
+                               gate_up, down, gate_up_scale, down_scale, *_lora_factors(lora), out, tier)
+    if error:  # the extension returns its errors: no exception may leave it (csrc/expert_pass.cpp, KL_CHECK)
+        raise RuntimeError(error)
     return out
 
 
@@ -299,15 +306,19 @@ def host_job(
     """`expert_layer`'s pass over fixed host buffers, checked now and run later as often as asked: the extension's
     `HostJob`. `x [T, H]` (bf16 or fp32), `top_k_index [T, K]` int64, `top_k_weights [T, K]` fp32 and `out [T, H]`
     are read and written in place at each run, so their contents may change between runs (a captured decode step's
-    copies write them); the job keeps every tensor alive. `job.rows` (default T) sets how many leading rows a run
-    computes; `threads` is its OpenMP team size, whatever thread runs it. `job.run()` runs it on the caller's thread
+    copies write them); the job keeps every tensor alive. `job.rows` (default T, clamped to [0, T]) sets how many
+    leading rows a run computes; `threads` is its OpenMP team size, whatever thread runs it. Raises RuntimeError
+    when the arguments fail the kernel's checks. `job.run()` runs it on the caller's thread
     without the GIL; `module.host_job_callback()` is the address of `void host_job_callback(void* job)`, which runs
     the job at `job.address` from any thread (a CUDA host node's: `kllama.experts.host_func`). A run cannot raise:
     its first error is kept in `job.error` (an expert id out of range; nothing else is checked at run time);
     `job.runs` counts the runs that finished and `job.seconds` sums their wall time."""
     module, tier = _tier(gate_up.dtype, None)
-    return module.HostJob(x, top_k_index, top_k_weights, gate_up, down, gate_up_scale, down_scale,
-                          *_lora_factors(lora), out, tier, threads)
+    job = module.HostJob(x, top_k_index, top_k_weights, gate_up, down, gate_up_scale, down_scale,
+                         *_lora_factors(lora), out, tier, threads)
+    if job.error:
+        raise RuntimeError(job.error)
+    return job
 
 
 def _tier(dtype: torch.dtype, isa: str | None) -> tuple[ModuleType, int]:
@@ -427,10 +438,8 @@ def _self_check(module: ModuleType, isa: str, kind: torch.dtype) -> bool:
     args, kwargs = _check_problem(kind)
     out = torch.empty(args[0].shape, dtype=torch.float32)
     lora = kwargs["lora"]
-    try:
-        module.expert_pass(*args, kwargs.get("gate_up_scale"), kwargs.get("down_scale"), *lora["gate_up_proj"],
-                           *lora["down_proj"], out, ISAS[isa])
-    except RuntimeError:
-        return False
+    if module.expert_pass(*args, kwargs.get("gate_up_scale"), kwargs.get("down_scale"), *lora["gate_up_proj"],
+                          *lora["down_proj"], out, ISAS[isa]):
+        return False  # a check failed (its message is returned, not raised)
     expected = reference_layer(*args, **kwargs)
     return torch.allclose(out, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())

@@ -18,15 +18,29 @@ returns a `GraphedDecoder` over a `SlotCache` (kv_cache.py) of `max_batch` slots
   up front (the engine does it when it is built, so requests never wait for those).
 * **Scratch position.** A slot holds `max_len + 1` positions; the last one is scratch: padding rows and slots a step
   leaves idle (position -1 in `step`) write there and see everything, and no real token ever sees it.
-* **Graphs cut at expert passes that cannot be captured.** While a step is captured, every no-grad expert pass goes
-  through `expert_pass_hook`: a pass that runs on the GPU without a host sync (`HostExperts.capturable`: resident
-  weights, torch's grouped GEMM) is captured in line; any other (CPU experts, streamed layers) ends the current
-  graph, is recorded as an eager call on the captured tensors writing into a static output, and a new graph begins.
-  A step is then replayed as graph, pass, graph, pass, ... (one graph when every layer is resident). An eager pass
-  gets only the step's real rows, not the bucket's padding, so CPU experts never compute (and the engine never
-  places by) padding tokens. All graphs of a decoder share one memory pool: a replay only touches its own static
-  tensors and intermediates that die within it, and replays never overlap. With `split_experts=True` resident
-  passes get graphs of their own, so `timed_step` can tell expert time from other GPU work (for benchmarks; the
+* **CPU expert passes are host nodes of the graph.** While a step is captured, every no-grad expert pass goes
+  through `expert_pass_hook`. A pass that runs on the GPU without a host sync (`HostExperts.capturable`: resident
+  weights, torch's grouped GEMM) is captured in line. A pass on the CPU that the C++ kernel takes (decode's, up to
+  64 rows) is captured too, as a host node (`cpu_compute.HostNodePass`): copies of x and the routing into pinned
+  buffers, the kernel run by the CUDA driver's thread (`cuLaunchHostFunc`, `kllama.experts.host_func`; no Python,
+  no GIL), and the copy of its output back, all in order with the graph's kernels. A step of CPU layers is then
+  one graph, with no stream sync and no Python between layers; a host node computes only the step's real rows
+  (`job.rows`, set before each replay), so padding rows cost the CPU nothing. The warm-up forward before a capture
+  makes each node's pinned buffers (a capture cannot allocate them). A decoder dropped with a replay in flight
+  waits for it first: its host nodes read jobs and buffers that die with it.
+* **Graphs cut at expert passes that cannot be captured.** Any other pass (streamed layers, a pass the kernel does
+  not take, or every CPU pass with `host_nodes=False`, or under `OMP_WAIT_POLICY=active`, below) ends the current
+  graph, is recorded as an eager call on the captured tensors writing into a static output, and a new graph begins:
+  graph, pass, graph, pass, ... An eager pass also gets only the step's real rows.
+* **What host nodes bought** (benchmarks/NOTES.md, sixteenth session; `decode.py --host-nodes on,off`, V2-Lite
+  shape, every layer on the CPU, one H200 box per pair): int8 experts 38.8-45.7 tok/s against 39.2-40.1 with eager
+  passes between graphs, bf16 25.2-27.3 against 23.1-27.4. The kernel's own time is now nearly all of the expert
+  time (int8 16.5-20.6 ms of 16.3-20.5 a token). `OMP_WAIT_POLICY=active` keeps the main thread's OpenMP team
+  spinning on every core while the driver thread's team runs the kernel: 146 ms a token instead of 25 on the box,
+  so host nodes are not used under it.
+* **One pool.** All graphs of a decoder share one memory pool: a replay only touches its own static tensors and
+  intermediates that die within it, and replays never overlap. With `split_experts=True` resident passes and host
+  nodes get graphs of their own, so `timed_step` can tell expert time from other GPU work (for benchmarks; the
   split costs a few launches per layer).
 * **No per-shape attention graphs.** Every forward here runs with torch's SDPA backends other than cuDNN's
   (`kllama.model.attention.SHAPE_STABLE_BACKENDS`): cuDNN builds an attention graph for each new shape, and prompts
@@ -44,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -175,10 +190,18 @@ class _Recorder:
         return out
 
 
+def host_nodes_reason() -> str | None:
+    """None when CPU expert passes can be host nodes of a captured step, else why not (module docstring)."""
+    if os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "active":
+        return ("OMP_WAIT_POLICY=active keeps the main thread's OpenMP threads spinning on the cores the host nodes' "
+                "kernel needs")
+    return host_func_reason()
+
+
 def host_node_lora(module: HostExperts, x: Tensor) -> Mapping[str, tuple[Tensor, Tensor]] | None:
     """The active expert LoRA's host factors when a no-grad pass of `x` can be a host node (its rows go to the CPU
     kernel, and a frozen LoRA's factors are kept, so a replay reads the ones in use), else None."""
-    if x.device.type != "cuda" or module.target_for(x.shape[0]) != "cpu" or host_func_reason() is not None:
+    if x.device.type != "cuda" or module.target_for(x.shape[0]) != "cpu" or host_nodes_reason() is not None:
         return None
     meta, params = module._active_lora()
     if meta and module._lora_key(meta, params) is None:
@@ -286,6 +309,9 @@ class GraphedDecoder:
             self.reason = "CUDA graphs turned off"
         if self.reason is not None:
             logger.info("decode steps run eagerly over a static cache: %s", self.reason)
+        elif host_nodes and host_nodes_reason() is not None:
+            logger.info("CPU expert passes of decode steps run between graphs, not as host nodes: %s",
+                        host_nodes_reason())
 
     @property
     def graphed(self) -> bool:

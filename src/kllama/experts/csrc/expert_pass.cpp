@@ -41,9 +41,10 @@
 
 namespace {
 
-// A failed check throws std::runtime_error (Python: RuntimeError) with the message's parts streamed together. Not
-// TORCH_CHECK: on the H200 box (torch 2.11 CUDA wheel) raising a c10::Error from this extension crashed the process
-// (segfault), with or without the GIL, caught in C++ or not; a standard exception carries no captured backtrace.
+// A failed check throws std::runtime_error with the message's parts streamed together, and no exception leaves this
+// extension: each function Python calls catches it and returns its message ("" when all went well), which
+// cpu_kernels.py raises as a RuntimeError. On the H200 box (torch 2.11 CUDA wheel) any C++ exception that left the
+// extension, or a c10::Error (TORCH_CHECK) thrown in it, crashed the process (segfault), GIL held or not.
 template <typename... Parts>
 [[noreturn]] void fail(const Parts&... parts) {
   std::ostringstream message;
@@ -1187,27 +1188,40 @@ void run_pass(const Pass& pass, int64_t T) {
 }
 
 // out [T, H] (fp32 or bf16) = the routed experts of one layer for x [T, H]; see the file comment.
-void expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor& weights, const at::Tensor& gate_up,
-                 const at::Tensor& down, const std::optional<at::Tensor>& gate_up_scale,
-                 const std::optional<at::Tensor>& down_scale, const std::optional<at::Tensor>& gate_up_a,
-                 const std::optional<at::Tensor>& gate_up_b, const std::optional<at::Tensor>& down_a,
-                 const std::optional<at::Tensor>& down_b, const at::Tensor& out, int64_t isa) {
-  // the checks run with the GIL, the pass without it
-  const Pass pass = check_pass(x, index, weights, gate_up, down, gate_up_scale, down_scale, gate_up_a, gate_up_b,
-                               down_a, down_b, out, isa);
+// Returns "" or the first failed check's message (see KL_CHECK).
+std::string expert_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor& weights,
+                        const at::Tensor& gate_up, const at::Tensor& down,
+                        const std::optional<at::Tensor>& gate_up_scale, const std::optional<at::Tensor>& down_scale,
+                        const std::optional<at::Tensor>& gate_up_a, const std::optional<at::Tensor>& gate_up_b,
+                        const std::optional<at::Tensor>& down_a, const std::optional<at::Tensor>& down_b,
+                        const at::Tensor& out, int64_t isa) {
+  Pass pass;
+  try {  // the checks run with the GIL, the pass without it
+    pass = check_pass(x, index, weights, gate_up, down, gate_up_scale, down_scale, gate_up_a, gate_up_b, down_a,
+                      down_b, out, isa);
+  } catch (const std::exception& e) {
+    return e.what();
+  }
   py::gil_scoped_release no_gil;
-  run_pass(pass, x.size(0));
+  try {
+    run_pass(pass, x.size(0));
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return {};
 }
 
 // One pass over fixed buffers, checked once and run many times: by `run` (tests), or by `host_job_callback` from a
 // thread that holds no GIL (the CUDA driver's, for a host node of a captured decode step; cpu_kernels.py). It keeps
-// its tensors alive. `rows` (at most the buffers' T) is how many leading rows the next run computes; a run's error
-// is kept in `error` (a callback cannot throw) and the run leaves `out` as it was.
+// its tensors alive. `rows` (clamped to [0, T]) is how many leading rows the next run computes. A failed check at
+// construction, or a run's error, is kept in `error` (nothing is thrown; see KL_CHECK); a job made with an error
+// never runs, and a failed run leaves `out` as it was.
 struct HostJob {
   std::vector<at::Tensor> held;
   std::vector<std::optional<at::Tensor>> held_optional;
   Pass pass;
-  int64_t rows = 0, threads = 0, runs = 0;
+  bool checked = false;
+  int64_t rows = 0, threads = 1, runs = 0;
   double seconds = 0;  // wall time of the finished runs, on the running thread's clock
   std::string error;
 
@@ -1217,20 +1231,21 @@ struct HostJob {
           const std::optional<at::Tensor>& gate_up_b, const std::optional<at::Tensor>& down_a,
           const std::optional<at::Tensor>& down_b, const at::Tensor& out, int64_t isa, int64_t threads_)
       : held{x, index, weights, gate_up, down, out},
-        held_optional{gate_up_scale, down_scale, gate_up_a, gate_up_b, down_a, down_b},
-        pass(check_pass(x, index, weights, gate_up, down, gate_up_scale, down_scale, gate_up_a, gate_up_b, down_a,
-                        down_b, out, isa)),
-        rows(x.size(0)),
-        threads(threads_) {
-    KL_CHECK(threads > 0, "a host job needs at least one thread, got ", threads);
+        held_optional{gate_up_scale, down_scale, gate_up_a, gate_up_b, down_a, down_b} {
+    try {
+      KL_CHECK(threads_ > 0, "a host job needs at least one thread, got ", threads_);
+      pass = check_pass(x, index, weights, gate_up, down, gate_up_scale, down_scale, gate_up_a, gate_up_b, down_a,
+                        down_b, out, isa);
+      checked = true, rows = pass.T, threads = threads_;
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
   }
 
-  void set_rows(int64_t value) {
-    KL_CHECK(value >= 0 && value <= pass.T, "rows must be in [0, ", pass.T, "], got ", value);
-    rows = value;
-  }
+  void set_rows(int64_t value) { rows = std::clamp<int64_t>(value, 0, pass.T); }
 
   void run() noexcept {
+    if (!checked) return;
     try {
       // the calling thread's own OpenMP team size (a driver thread starts at the runtime's default)
       const auto start = std::chrono::steady_clock::now();
@@ -1261,7 +1276,7 @@ KL_AVX512 void fp8_values_avx512(const uint8_t* c, float* o, int64_t n) {
   }
 }
 
-void fp8_values(const at::Tensor& codes, const at::Tensor& out, int64_t isa) {
+void check_fp8_values(const at::Tensor& codes, const at::Tensor& out, int64_t isa) {
   KL_CHECK(isa >= kScalar && isa <= best_isa(), "instruction set ", isa, " is not available on this CPU");
   KL_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 1 && codes.is_contiguous() &&
                   codes.device().is_cpu() && codes.size(0) % 16 == 0,
@@ -1269,6 +1284,16 @@ void fp8_values(const at::Tensor& codes, const at::Tensor& out, int64_t isa) {
   const int64_t n = codes.size(0);
   KL_CHECK(out.scalar_type() == at::kFloat && out.dim() == 1 && out.size(0) == n && out.is_contiguous() &&
                   out.device().is_cpu(), "out must be a contiguous float32 CPU tensor [", n, "]");
+}
+
+// Returns "" or the failed check's message (see KL_CHECK).
+std::string fp8_values(const at::Tensor& codes, const at::Tensor& out, int64_t isa) {
+  try {
+    check_fp8_values(codes, out, isa);
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  const int64_t n = codes.size(0);
   const uint8_t* c = codes.data_ptr<uint8_t>();
   float* o = out.data_ptr<float>();
   if (isa >= kAvx512) {
@@ -1278,6 +1303,7 @@ void fp8_values(const at::Tensor& codes, const at::Tensor& out, int64_t isa) {
   } else {
     for (int64_t k = 0; k < n; ++k) o[k] = fp8_scaled(c[k]) * kFp8Unscale;
   }
+  return {};
 }
 
 // How many threads at::parallel_for runs here (the extension must share torch's OpenMP runtime and settings).
@@ -1308,10 +1334,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property("rows", [](const HostJob& j) { return j.rows; }, &HostJob::set_rows)
       .def_property(
           "threads", [](const HostJob& j) { return j.threads; },
-          [](HostJob& j, int64_t value) {
-            KL_CHECK(value > 0, "a host job needs at least one thread, got ", value);
-            j.threads = value;
-          })
+          [](HostJob& j, int64_t value) { j.threads = std::max<int64_t>(value, 1); })
       .def_readonly("runs", &HostJob::runs)
       .def_readonly("seconds", &HostJob::seconds)
       .def_property_readonly("error", [](const HostJob& j) { return j.error; })
