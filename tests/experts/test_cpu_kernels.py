@@ -561,3 +561,14 @@ def test_an_expert_id_out_of_range_is_one_clear_error_of_the_kernel_call() -> No
     gate_up, down, scales, _ = layer(torch.int8, 8, 128, 64, rank=4)
     with pytest.raises(RuntimeError, match=r"top_k_index holds expert 9, outside \[0, 8\)"):
         expert_layer(torch.randn(2, 128), torch.tensor([[0, 1], [2, 9]]), torch.rand(2, 2), gate_up, down, **scales)
+
+
+@needs_kernel
+def test_a_host_job_run_on_this_thread_leaves_torchs_thread_count_as_it_was() -> None:
+    gate_up, down, scales, _ = layer(torch.int8, 8, 128, 64, rank=4)
+    x, index, weights = torch.randn(1, 128).bfloat16(), torch.tensor([[0, 3]]), torch.rand(1, 2)
+    before = torch.get_num_threads()
+    job = cpu_kernels.host_job(x, index, weights, gate_up, down, out=torch.zeros(1, 128, dtype=torch.bfloat16),
+                               threads=before + 1, **scales)
+    job.run()
+    assert job.runs == 1 and torch.get_num_threads() == before

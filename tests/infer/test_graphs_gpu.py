@@ -76,6 +76,18 @@ def assert_same_greedy(got: tuple[list[int], list[torch.Tensor]], ref: tuple[lis
             return
 
 
+def add_expert_lora(model: torch.nn.Module, r: int, frozen: bool = False) -> None:
+    """Expert LoRA of rank `r` (alpha 2r) with random B factors (a zero B would hide a wrong LoRA path), frozen like
+    a loaded adapter when `frozen`."""
+    ExpertLoraSet(model).add(r=r, alpha=2 * r, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    if frozen:
+        model.requires_grad_(False)
+
+
 def even_layers(model: torch.nn.Module, engine) -> list[str]:  # noqa: ANN001
     """The MoE layers a mixed placement keeps on the CPU."""
     return [name for name in engine.modules if layer_index(name, family_of(model)) % 2 == 0]
@@ -164,11 +176,7 @@ def test_batched_slots_graphed_equal_eager(host_nodes: bool) -> None:
 
 def test_resident_experts_with_lora_are_one_graph() -> None:
     model, _ = cuda_model("qwen3_moe", "gpu")
-    ExpertLoraSet(model).add(r=8, alpha=16, dtype=torch.bfloat16)  # r=8: the grouped GEMM (capturable) path
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.2)
+    add_expert_lora(model, r=8)  # r=8: the grouped GEMM (capturable) path
     prompt = prompt_of(model)
     graphed = GraphedDecoder(model, 1, 48)
     got = decode(graphed, prompt)
@@ -233,12 +241,7 @@ def test_a_frozen_expert_lora_is_one_graph_that_makes_its_factors_once(monkeypat
     from kllama.experts import routed
 
     model, engine = cuda_model("qwen3_moe", "gpu")
-    ExpertLoraSet(model).add(r=8, alpha=16, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.2)
-    model.requires_grad_(False)
+    add_expert_lora(model, r=8, frozen=True)
     made, inner = [], routed.expert_factors
     monkeypatch.setattr(routed, "expert_factors", lambda *a: made.append(1) or inner(*a))
     prompt = prompt_of(model)
@@ -258,12 +261,7 @@ def test_quantized_cpu_experts_with_a_frozen_lora_decode_as_host_nodes_of_one_gr
     model = build_tiny_model("deepseek_v2", seed=0, dtype=torch.bfloat16).cuda()
     engine = install_expert_engine(model, lambda name: ExpertPlacement.from_mode("cpu"), "cuda",
                                    expert_dtype=expert_dtype)
-    ExpertLoraSet(model).add(r=4, alpha=8, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.2)
-    model.requires_grad_(False)
+    add_expert_lora(model, r=4, frozen=True)
     prompt = prompt_of(model)
     expected = decode(GraphedDecoder(model, 1, 48, use_graphs=False), prompt)
     graphed = GraphedDecoder(model, 1, 48)

@@ -308,9 +308,9 @@ def host_job(
     are read and written in place at each run, so their contents may change between runs (a captured decode step's
     copies write them); the job keeps every tensor alive. `job.rows` (default T, clamped to [0, T]) sets how many
     leading rows a run computes; `threads` is its OpenMP team size, whatever thread runs it. Raises RuntimeError
-    when the arguments fail the kernel's checks. `job.run()` runs it on the caller's thread
-    without the GIL; `module.host_job_callback()` is the address of `void host_job_callback(void* job)`, which runs
-    the job at `job.address` from any thread (a CUDA host node's: `kllama.experts.host_func`). A run cannot raise:
+    when the arguments fail the kernel's checks. `job.run()` runs it on the caller's thread without the GIL;
+    `module.host_job_callback()` is the address of `void host_job_callback(void* job)`, which runs the job at
+    `job.address` from any thread (a CUDA host node's: `kllama.experts.host_func`). A run cannot raise:
     its first error is kept in `job.error` (an expert id out of range; nothing else is checked at run time);
     `job.runs` counts the runs that finished and `job.seconds` sums their wall time."""
     module, tier = _tier(gate_up.dtype, None)

@@ -24,6 +24,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <array>
@@ -1246,16 +1247,19 @@ struct HostJob {
 
   void run() noexcept {
     if (!checked) return;
+    // the team size of this run only: the calling thread's own OpenMP setting is restored after it (a driver
+    // thread starts at the runtime's default; a run on the main thread must not change torch's thread count)
+    const int before = omp_get_max_threads();
+    if (before != threads) omp_set_num_threads(static_cast<int>(threads));
     try {
-      // the calling thread's own OpenMP team size (a driver thread starts at the runtime's default)
       const auto start = std::chrono::steady_clock::now();
-      if (at::get_num_threads() != threads) at::set_num_threads(static_cast<int>(threads));
       if (rows > 0) run_pass(pass, rows);
       seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       ++runs;
     } catch (const std::exception& e) {
       if (error.empty()) error = e.what();
     }
+    if (before != threads) omp_set_num_threads(before);
   }
 };
 
