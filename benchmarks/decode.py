@@ -23,7 +23,8 @@ Each row splits its ms/token into expert passes, other GPU work and host overhea
 with expert passes in graphs of their own (`split_experts`), the eager row from torch.profiler kernel times. For
 CPU passes run as host nodes of the step's graph, `of it kernel` is the kernel's own time inside them (the jobs'
 clocks). `--host-nodes on,off` repeats every graphed cpu/auto row with CPU passes as eager calls between graphs
-(the way before host nodes), the baseline of the same run.
+(the way before host nodes), the baseline of the same run. `--kernel-loop N` then runs the step's kernel jobs back
+to back N rounds on the main thread: their ms a layer there next to inside decode (JSON).
 `--expert-dtype bf16,int8,fp8,int4` repeats every row with the routed experts held in each dtype (one model build each,
 bf16 = not quantized; crossovers measured per dtype). Prints a table and writes JSON.
 """
@@ -85,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fill", default="", help="comma list of gpu_memory_utilization fractions, one `auto, GPU filled` "
                                               "row each ('' = none)")
     p.add_argument("--no-eager", action="store_true", help="skip the eager gpu row")
+    p.add_argument("--kernel-loop", type=int, default=0, help="after each row with host nodes, run the step's kernel "
+                   "jobs back to back this many rounds on the main thread: ms a layer there vs inside decode")
     p.add_argument("--host-nodes", default="on", help="comma list of on|off: graphed cpu/auto rows with the CPU expert "
                    "passes as host nodes of the step's graph (on) or as eager passes between graphs (off)")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
@@ -242,6 +245,21 @@ def eager_split(model: nn.Module, prompt: list[int], steps: int, device: torch.d
             "expert_passes_per_step": sum(e.count for e in averages if e.key == "kllama.experts") / steps}
 
 
+def kernel_loop(decoder: GraphedDecoder, rounds: int) -> dict[str, float]:
+    """The host nodes' kernel ms a layer inside the decode replays so far (the jobs' clocks), and over `rounds` runs
+    of the same jobs back to back on this thread (same weights, the last step's routing): whether a layer's kernel
+    costs more in decode than alone over the same weights."""
+    jobs = decoder.host_jobs()
+    seconds, runs = sum(job.seconds for job in jobs), sum(job.runs for job in jobs)
+    for _ in range(rounds):
+        for job in jobs:
+            job.run()
+    loop_s = sum(job.seconds for job in jobs) - seconds
+    loop_runs = sum(job.runs for job in jobs) - runs
+    return {"kernel_in_decode_ms_per_layer": seconds / max(runs, 1) * 1e3,
+            "kernel_loop_ms_per_layer": loop_s / max(loop_runs, 1) * 1e3, "kernel_loop_rounds": rounds}
+
+
 def finish_row(row: dict[str, Any], split: dict[str, float] | None) -> dict[str, Any]:
     if split is not None:
         row.update(split)
@@ -271,6 +289,10 @@ def run_row(name: str, model: nn.Module, engine: ExpertEngine, args: argparse.Na
            "decode_step_s": steps, "peak_gpu_gb": gpu_peak_gb(device), "peak_host_gb": peak_host_gb(),
            "host_now_gb": current_host_gb(), "generated_head": generated[:8], "resident_layers": resident,
            "graphed": bool(decoder is not None and decoder.graphed), "note": note}
+    if decoder is not None and args.kernel_loop and decoder.host_jobs():
+        row.update(kernel_loop(decoder, args.kernel_loop))
+        log(f"{name}: kernel {row['kernel_in_decode_ms_per_layer']:.3f} ms a layer in decode, "
+            f"{row['kernel_loop_ms_per_layer']:.3f} back to back")
     del decoder
     release()
     if device.type != "cuda":
