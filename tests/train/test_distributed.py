@@ -90,13 +90,23 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process_with_the_combined_
     seen: list[bool] = []
     loss, grads = first_step(model_dir, tmp_path, case, world=1, autocast_seen=seen)
     assert any(".experts." in name for name in grads)  # expert LoRA (custom autograd backward) is all-reduced too
-    rtol, atol, loss_rel = (2e-2, 1e-4, 1e-3) if case.endswith("bf16") else (1e-4, 1e-6, 1e-5)
+    bf16 = case.endswith("bf16")
+    loss_rel = 1e-3 if bf16 else 1e-5
     for rank in ranks:
         rank_loss, rank_grads = rank[case]
         assert rank_grads.keys() == grads.keys()
         for name, grad in grads.items():
             assert grad.abs().sum() > 0, name
-            torch.testing.assert_close(rank_grads[name], grad, rtol=rtol, atol=atol, msg=name)
+            if bf16:
+                # bf16 rounding scales with a tensor's magnitudes, not each element's: every element within 2 % of
+                # the tensor's largest (measured: up to 0.6 %, bf16's step being 0.4 %; a missing all-reduce or
+                # average would be off by 50-100 %); a per-element tolerance failed on one tiny element when
+                # transformers 5.24 rounded the same sums differently
+                torch.testing.assert_close(rank_grads[name], grad, rtol=0, atol=2e-2 * float(grad.abs().max()),
+                                           msg=lambda text, name=name: f"{name}: {text}")
+            else:
+                torch.testing.assert_close(rank_grads[name], grad, rtol=1e-4, atol=1e-6,
+                                           msg=lambda text, name=name: f"{name}: {text}")
         assert rank_loss == pytest.approx(loss, rel=loss_rel)
 
 
