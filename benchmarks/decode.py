@@ -25,8 +25,20 @@ CPU passes run as host nodes of the step's graph, `of it kernel` is the kernel's
 clocks). `--host-nodes on,off` repeats every graphed cpu/auto row with CPU passes as eager calls between graphs
 (the way before host nodes), the baseline of the same run. `--kernel-loop N` then runs the step's kernel jobs back
 to back N rounds on the main thread: their ms a layer there next to inside decode (JSON).
+`--spare-core on,off` repeats every row with host nodes: `on` (the decoder's default) runs their kernel on the
+placement's threads minus one while the replaying thread spins on the core left over, `off` on all threads while it
+sleeps (`GraphedDecoder(spare_core=...)`).
 `--expert-dtype bf16,int8,fp8,int4` repeats every row with the routed experts held in each dtype (one model build each,
-bf16 = not quantized; crossovers measured per dtype). Prints a table and writes JSON.
+bf16 = not quantized; crossovers measured per dtype).
+`--interleave N` measures decode speed the way two kernels are compared in `cpu_gemv.py --compare-source`: every
+dtype's model is built and kept, one decoder is captured for each dtype x `--host-nodes` x `--spare-core` variant of
+the one `--placements` entry, and N rounds each decode `--new` tokens with every variant (in an order rotated each
+round). A row per variant gives the median of its rounds' tok/s, and `x base` the median (min-max) of its rounds'
+ratio to the base variant of the same round: the bf16 variant with the same host-node and spare-core settings (a bf16
+variant's base is the first bf16 variant; without bf16 in `--expert-dtype`, the first dtype). On the H200 boxes one
+row's tokens ran 30-45 % apart in speed over a few seconds (the box's memory bandwidth drifts), so a ratio of two
+rows timed one after the other, seconds apart, moved with the drift; rounds of a few seconds each, alternated, see
+the same drift. Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -74,6 +86,7 @@ DECODE_COLUMNS = (
     ("prefill_long_cpu_experts", "CPU experts", "{}"),
     ("resident_layers", "resident", "{}"),
     ("peak_gpu_gb", "peak GPU GB", "{:.1f}"),
+    ("x_base_text", "x base (min-max)", "{}"),
     ("note", "note", "{}"),
 )
 
@@ -90,6 +103,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "jobs back to back this many rounds on the main thread: ms a layer there vs inside decode")
     p.add_argument("--host-nodes", default="on", help="comma list of on|off: graphed cpu/auto rows with the CPU expert "
                    "passes as host nodes of the step's graph (on) or as eager passes between graphs (off)")
+    p.add_argument("--spare-core", default="on", help="comma list of on|off: host nodes' kernel on the placement's "
+                   "threads minus one, the replaying thread spinning on the spare core (on), or on all of them, the "
+                   "replaying thread asleep (off)")
+    p.add_argument("--interleave", type=int, default=0, help="build every dtype's model, then time this many rounds, "
+                   "each decoding with every dtype x host-node x spare-core variant of the one placement in turn "
+                   "(no --caps or --fill rows)")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="greedy tokens to generate")
     p.add_argument("--long-prompt", type=int, default=2048, help="prefill timed with auto (0 = skip)")
@@ -104,9 +123,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also print torch.profiler's table over this many eager decode steps per placement")
     p.add_argument("--out-dir", type=Path, default=None, help="JSON directory (default benchmarks/results)")
     args = p.parse_args(argv)
-    if not comma_list(args.host_nodes) or set(comma_list(args.host_nodes)) - {"on", "off"}:
-        p.error(f"--host-nodes takes a comma list of on|off, got {args.host_nodes!r}")
+    for option in ("host_nodes", "spare_core"):
+        value = getattr(args, option)
+        if not comma_list(value) or set(comma_list(value)) - {"on", "off"}:
+            p.error(f"--{option.replace('_', '-')} takes a comma list of on|off, got {value!r}")
+    if args.interleave < 0 or (args.interleave and len(comma_list(args.placements)) != 1):
+        p.error("--interleave takes a count of rounds and exactly one --placements entry")
     return args
+
+
+def switches(text: str) -> list[bool]:
+    """An on|off comma list (`--host-nodes`, `--spare-core`) as booleans."""
+    return [value == "on" for value in comma_list(text)]
 
 
 # ----------------------------------------------------------------------------- placing the experts
@@ -192,11 +220,12 @@ def eager_decode(model: nn.Module, prompt: list[int], new_tokens: int, device: t
     return prefill, steps, generated
 
 
-def graphed_split(model: nn.Module, prompt: list[int], steps: int, host_nodes: bool = True,
+def graphed_split(model: nn.Module, prompt: list[int], steps: int, host_nodes: bool = True, spare_core: bool = True,
                   ) -> dict[str, float] | None:
     """Median ms of expert passes, other GPU work and host overhead over `steps` timed replays of a decoder whose
     resident expert passes and host nodes have graphs of their own (None when graphs are not used)."""
-    decoder = GraphedDecoder(model, 1, len(prompt) + steps + 2, split_experts=True, host_nodes=host_nodes)
+    decoder = GraphedDecoder(model, 1, len(prompt) + steps + 2, split_experts=True, host_nodes=host_nodes,
+                             spare_core=spare_core)
     token = int(decoder.prefill(prompt).argmax())
     decoder.step([token], [len(prompt)])  # capture
     times = []
@@ -268,11 +297,11 @@ def finish_row(row: dict[str, Any], split: dict[str, float] | None) -> dict[str,
 
 
 def run_row(name: str, model: nn.Module, engine: ExpertEngine, args: argparse.Namespace, device: torch.device,
-            prompt: list[int], *, graphs: bool, host_nodes: bool = True) -> dict[str, Any]:
+            prompt: list[int], *, graphs: bool, host_nodes: bool = True, spare_core: bool = True) -> dict[str, Any]:
     """Warm up, then time prefill + decode of one row; then the time split."""
     log(f"{name}: warm-up")
     if graphs:
-        decoder = GraphedDecoder(model, 1, len(prompt) + args.new + 2, host_nodes=host_nodes)
+        decoder = GraphedDecoder(model, 1, len(prompt) + args.new + 2, host_nodes=host_nodes, spare_core=spare_core)
         graphed_decode(decoder, prompt[:16], 4, device)  # captures the step
         run = lambda: graphed_decode(decoder, prompt, args.new, device)  # noqa: E731
     else:
@@ -298,7 +327,7 @@ def run_row(name: str, model: nn.Module, engine: ExpertEngine, args: argparse.Na
     if device.type != "cuda":
         split = None  # no GPU work to tell apart
     elif graphs:
-        split = graphed_split(model, prompt, args.split_steps, host_nodes)
+        split = graphed_split(model, prompt, args.split_steps, host_nodes, spare_core)
     else:
         split = eager_split(model, prompt, args.split_steps, device)
     if args.profile and not graphs:
@@ -422,10 +451,32 @@ def guarded_row(rows: list[dict[str, Any]], name: str, modules: dict[str, HostEx
         release()
 
 
-def dtype_rows(config: Any, device: torch.device, args: argparse.Namespace, placements: list[str], caps: list[str],
-               prompt: list[int], expert_dtype: str, suffix: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Build the model with experts held as `expert_dtype`, append its rows (names end with `suffix`) to `rows`,
-    free it; returns what the build measured (time, host memory, crossovers)."""
+def host_variants(mode: str, graphs: bool, args: argparse.Namespace) -> list[tuple[bool, bool]]:
+    """The (host nodes, spare core) settings a `mode` row is run with: every `--host-nodes` x `--spare-core` value
+    for graphed cpu/auto rows (the spare core matters only with host nodes), else the defaults."""
+    if not graphs or mode not in ("cpu", "auto"):
+        return [(True, True)]
+    return [(nodes, spare) for nodes in switches(args.host_nodes)
+            for spare in (switches(args.spare_core) if nodes else [True])]
+
+
+def variant_kind(mode: str, graphs: bool, nodes: bool, spare: bool, args: argparse.Namespace) -> str:
+    """The parenthesised part of a row name: threads, graphs or eager, and the host-node settings where a run
+    compares them."""
+    threads = f"{args.cpu_threads} threads, " if mode in ("cpu", "auto") else ""
+    kind = "graphs" if graphs else "eager"
+    if graphs and mode in ("cpu", "auto"):
+        if len(switches(args.host_nodes)) > 1:
+            kind += ", host nodes" if nodes else ", eager host passes"
+        if len(switches(args.spare_core)) > 1 and nodes:
+            kind += ", spare core" if spare else ", all cores"
+    return f"{threads}{kind}"
+
+
+def build_dtype(config: Any, device: torch.device, args: argparse.Namespace, placements: list[str], caps: list[str],
+                expert_dtype: str) -> tuple[nn.Module, dict[str, HostExperts], dict[str, Any], dict[str, Any]]:
+    """The model with experts held as `expert_dtype` (the same random weights for every dtype), what its build
+    measured (time, host memory, crossovers) and the crossovers `place` takes (measured when a row needs them)."""
     rss_before = current_host_gb()
     torch.manual_seed(0)  # every dtype draws the same weights: a quantized build holds the bf16 build quantized
     start = time.perf_counter()
@@ -439,22 +490,75 @@ def dtype_rows(config: Any, device: torch.device, args: argparse.Namespace, plac
     split = auto.pop("split", None)  # the model object; the JSON keeps its samples and the start-up line
     build["crossovers"] = auto
     crossovers = {"inference": auto["inference"], "training": auto["training"], "split": split} if auto else {}
-    node_modes = [{"on": True, "off": False}[value] for value in comma_list(args.host_nodes)]
-    plan = [(mode, graphs, nodes) for mode in placements
-            for graphs in ((False, True) if mode == "gpu" and not args.no_eager else (True,))
-            for nodes in (node_modes if graphs and mode in ("cpu", "auto") else (True,))]
-    for mode, graphs, nodes in plan:
-        threads = f"{args.cpu_threads} threads, " if mode in ("cpu", "auto") else ""
-        kind = "graphs" if graphs else "eager"
-        if len(node_modes) > 1 and graphs and mode in ("cpu", "auto"):
-            kind += ", host nodes" if nodes else ", eager host passes"
-        name = f"kllama {mode} ({threads}{kind}){suffix}"
+    return model, modules, build, crossovers
 
-        def placement_row(mode: str = mode, graphs: bool = graphs, nodes: bool = nodes,
+
+def interleaved_rows(config: Any, device: torch.device, args: argparse.Namespace, mode: str, prompt: list[int],
+                     dtypes: list[str], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """`--interleave`: every dtype's model built and placed on `mode`, a decoder captured per dtype x host-node
+    x spare-core variant, then rounds of `--new` tokens with each variant in turn (the module docstring); appends
+    one row per variant to `rows` and returns the builds."""
+    builds, decoders, names, base_of = {}, {}, {}, {}
+    graphs = True  # decoders (graphed where CUDA is): transformers' eager loop is not a variant here
+    models = []
+    for dtype in dtypes:
+        model, modules, builds[dtype], crossovers = build_dtype(config, device, args, [mode], [], dtype)
+        models.append((model, modules))
+        place(model, modules, mode, args, crossovers)
+        for nodes, spare in host_variants(mode, graphs, args):
+            key = (dtype, nodes, spare)
+            names[key] = f"kllama {mode} ({variant_kind(mode, graphs, nodes, spare, args)}), {dtype}, interleaved"
+            decoders[key] = GraphedDecoder(model, 1, len(prompt) + args.new + 2, host_nodes=nodes, spare_core=spare)
+            graphed_decode(decoders[key], prompt[:16], 4, device)  # captures the step
+    keys = list(decoders)
+    base_dtype = "bf16" if "bf16" in dtypes else dtypes[0]
+    first_base = next(k for k in keys if k[0] == base_dtype)
+    for key in keys:
+        same = (base_dtype, key[1], key[2])
+        base_of[key] = first_base if key[0] == base_dtype or same not in decoders else same
+    speeds: dict[tuple, list[float]] = {key: [] for key in keys}
+    generated: dict[tuple, list[int]] = {}
+    for round_ in range(args.interleave):
+        for key in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:
+            _, steps, generated[key] = graphed_decode(decoders[key], prompt, args.new, device)
+            speeds[key].append(len(steps) / sum(steps))
+        log(f"round {round_ + 1}/{args.interleave}: " + ", ".join(
+            f"{key[0]}{'' if key[1] else ' eager passes'}{'' if key[2] else ' all cores'} {speeds[key][-1]:.2f}"
+            for key in keys) + " tok/s")
+    for key in keys:
+        ratios = [a / b for a, b in zip(speeds[key], speeds[base_of[key]])]
+        median = statistics.median(speeds[key])
+        row = {"name": names[key], "decode_tokens_per_s": median, "ms_per_token": 1e3 / median,
+               "rounds_tokens_per_s": speeds[key], "expert_dtype": key[0], "host_nodes": key[1], "spare_core": key[2],
+               "base": names[base_of[key]], "x_base": statistics.median(ratios), "x_base_rounds": ratios,
+               "x_base_text": f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
+               "generated_head": generated[key][:8], "graphed": decoders[key].graphed,
+               "resident_layers": sum(m.placement.target_for(1) == "gpu"
+                                      for m in models[dtypes.index(key[0])][1].values()),
+               "peak_host_gb": peak_host_gb(), "note": "" if decoders[key].graphed else f"eager: {decoders[key].reason}"}
+        rows.append(row)
+    del decoders, models
+    release()
+    return builds
+
+
+def dtype_rows(config: Any, device: torch.device, args: argparse.Namespace, placements: list[str], caps: list[str],
+               prompt: list[int], expert_dtype: str, suffix: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Build the model with experts held as `expert_dtype`, append its rows (names end with `suffix`) to `rows`,
+    free it; returns what the build measured (time, host memory, crossovers)."""
+    model, modules, build, crossovers = build_dtype(config, device, args, placements, caps, expert_dtype)
+    plan = [(mode, graphs, nodes, spare) for mode in placements
+            for graphs in ((False, True) if mode == "gpu" and not args.no_eager else (True,))
+            for nodes, spare in host_variants(mode, graphs, args)]
+    for mode, graphs, nodes, spare in plan:
+        name = f"kllama {mode} ({variant_kind(mode, graphs, nodes, spare, args)}){suffix}"
+
+        def placement_row(mode: str = mode, graphs: bool = graphs, nodes: bool = nodes, spare: bool = spare,
                           name: str = name) -> dict[str, Any]:
             engine = place(model, modules, mode, args, crossovers)
-            row = run_row(name, model, engine, args, device, prompt, graphs=graphs, host_nodes=nodes)
-            row.update(expert_dtype=expert_dtype, host_nodes=nodes)
+            row = run_row(name, model, engine, args, device, prompt, graphs=graphs, host_nodes=nodes,
+                          spare_core=spare)
+            row.update(expert_dtype=expert_dtype, host_nodes=nodes, spare_core=spare)
             if mode == "auto":
                 row["crossovers"] = {k: crossovers[k] for k in ("inference", "training")} if crossovers else {}
                 if args.long_prompt:
@@ -493,7 +597,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     rows: list[dict[str, Any]] = []
     builds: dict[str, Any] = {}
-    for expert_dtype in dtypes:
+    if args.interleave:
+        builds = interleaved_rows(config, device, args, placements[0], prompt, dtypes, rows)
+    for expert_dtype in dtypes if not args.interleave else []:
         suffix = f", {expert_dtype}" if len(dtypes) > 1 or expert_dtype != "bf16" else ""
         builds[expert_dtype] = dtype_rows(config, device, args, placements, caps, prompt, expert_dtype, suffix, rows)
     first = builds[dtypes[0]]
@@ -503,6 +609,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "layers_limited": args.layers is not None, "config": shape_summary(config), "prompt_tokens": args.prompt,
         "new_tokens": args.new, "batch": 1, "cpu_threads": args.cpu_threads, "build_s": build_s,
         "crossovers": auto, "environment": environment(), "rows": rows, "expert_dtypes": dtypes, "builds": builds,
+        "interleave_rounds": args.interleave,
     }
     print(format_table(rows, DECODE_COLUMNS), flush=True)
     path = write_results(results, f"decode_{args.model}{'_tiny' if args.tiny else ''}", args.out_dir)

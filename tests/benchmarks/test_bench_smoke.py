@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -117,6 +118,9 @@ def one_core_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir) -> I
                     "--out", str(work / "compare" / "kernel.json")],
         "serve": ["serve.py", str(tiny_model_dir("deepseek_v2")), "--placements", "auto", "--concurrency", "1,4",
                   "--new", "6", "--out-dir", str(work / "serve" / "serve")],  # a server starts
+        "interleave": ["decode.py", "--tiny", "--cpu-threads", "1", "--placements", "cpu", "--expert-dtype",
+                       "int8,bf16", "--spare-core", "on,off", "--interleave", "2", "--new", "4",
+                       "--out-dir", str(work / "interleave" / "results")],
     }
     runs = {}
     for name, (script, *args) in commands.items():
@@ -191,6 +195,23 @@ def test_cpu_gemv_kernel_only_rows_per_dtype_and_path(one_core_runs: dict) -> No
         assert {f"kernel {isa} {dtype}" for dtype in ("bf16", "int8", "fp8")} <= variants
     assert all(row["GB_per_s"] > 0 for row in results["rows"])
     assert "GB/s" in log and "disjoint sets cycled" in log
+
+
+def test_decode_interleaves_dtype_and_thread_variants_round_by_round(one_core_runs: dict) -> None:
+    """`decode.py --interleave` keeps every dtype's model, decodes with each dtype x spare-core variant in turn,
+    and gives each variant's speed as a multiple of the bf16 variant of the same settings, round by round."""
+    proc, log_file, work = one_core_runs["interleave"]
+    log = _finish(proc, log=log_file)
+    result = _only_json(work / "results")
+    rows = {(row["expert_dtype"], row["spare_core"]): row for row in result["rows"]}
+    assert set(rows) == {("int8", True), ("int8", False), ("bf16", True), ("bf16", False)}
+    assert result["interleave_rounds"] == 2 and all(len(row["rounds_tokens_per_s"]) == 2 for row in rows.values())
+    assert rows[("int8", False)]["base"] == rows[("bf16", False)]["name"]  # same settings, bf16 experts
+    assert rows[("bf16", False)]["base"] == rows[("bf16", True)]["name"] and rows[("bf16", True)]["x_base"] == 1
+    for row in rows.values():
+        assert row["decode_tokens_per_s"] > 0 and len(row["x_base_rounds"]) == 2
+        assert row["x_base"] == statistics.median(row["x_base_rounds"]) > 0
+    assert rows[("int8", True)]["generated_head"] and "round 2/2" in log and "x base" in log
 
 
 def test_user_path_runs_the_cli_on_a_tiny_model(one_core_runs: dict) -> None:

@@ -284,3 +284,21 @@ def test_a_decoder_dropped_with_a_step_in_flight_waits_for_its_host_nodes() -> N
         assert len(decoder.host_jobs()) == len(model.model.layers) - model.config.first_k_dense_replace
         del decoder
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("spare_core", [True, False])
+def test_host_nodes_take_every_core_when_the_replaying_thread_sleeps(spare_core: bool) -> None:
+    # spare_core=False: the kernel jobs get all of the placement's threads and `step` returns only once the step is
+    # done (it slept on a blocking event); the tokens are those of the eager decoder either way
+    model, engine = cuda_model("deepseek_v2", "cpu")
+    threads = next(iter(engine.modules.values())).placement.cpu_threads or torch.get_num_threads()
+    prompt = prompt_of(model)
+    graphed = GraphedDecoder(model, 1, 48, spare_core=spare_core)
+    got = decode(graphed, prompt)
+    assert graphed.graphed, graphed.reason
+    assert got[0] == decode(GraphedDecoder(model, 1, 48, use_graphs=False), prompt)[0]
+    jobs = graphed.host_jobs()
+    assert jobs and all(job.threads == (max(1, threads - 1) if spare_core else threads) for job in jobs)
+    graphed.step([1], [len(prompt) + STEPS])
+    if not spare_core:
+        assert captured_step(graphed).replayed.query()  # nothing left in flight when step() returned

@@ -28,6 +28,12 @@ returns a `GraphedDecoder` over a `SlotCache` (kv_cache.py) of `max_batch` slots
   (`job.rows`, set before each replay), so padding rows cost the CPU nothing. The warm-up forward before a capture
   makes each node's pinned buffers (a capture cannot allocate them). A decoder dropped with a replay in flight
   waits for it first: its host nodes read jobs and buffers that die with it.
+* **Threads of the host nodes.** The thread that replays a step then waits for its logits. By default
+  (`spare_core=True`) a host node's kernel runs with the placement's `cpu_threads` minus one, and the waiting
+  thread spins on the core left over (what the sixteenth session measured). With `spare_core=False` the kernel
+  takes all `cpu_threads` and the replaying thread sleeps until the step is done (a blocking CUDA event), so no
+  core is spent waiting: on the H200 box 16 threads ran the kernel 5-10 % faster than 15, back to back
+  (benchmarks/NOTES.md; `decode.py --spare-core on,off` measures the two in decode).
 * **Graphs cut at expert passes that cannot be captured.** Any other pass (streamed layers, a pass the kernel does
   not take, or every CPU pass with `host_nodes=False`, or under `OMP_WAIT_POLICY=active`, below) ends the current
   graph, is recorded as an eager call on the captured tensors writing into a static output, and a new graph begins:
@@ -134,6 +140,7 @@ class _Recorder:
     pool: tuple
     split_experts: bool
     host_nodes: bool = True
+    spare_core: bool = True
     items: list[_Item] = field(default_factory=list)
     graph: torch.cuda.CUDAGraph | None = None
     nodes: dict[HostExperts, HostNodePass] = field(default_factory=dict)  # prepared, then captured
@@ -179,7 +186,9 @@ class _Recorder:
 
     def _host_node(self, node: HostNodePass, x: Tensor, index: Tensor, weights: Tensor,
                    lora: Mapping[str, tuple[Tensor, Tensor]]) -> Tensor:
-        threads = worker_threads(node.module.placement.cpu_threads)  # the launching thread waits on a core
+        cpu_threads = node.module.placement.cpu_threads
+        # with a spare core the launching thread waits there, spinning; without, it sleeps (`_Captured.replay`)
+        threads = worker_threads(cpu_threads) if self.spare_core else max(1, cpu_threads or torch.get_num_threads())
         if not self.split_experts:
             return node.capture(x, index, weights, lora, threads)
         self.end()
@@ -216,14 +225,19 @@ class _Captured:
     logits: Tensor  # [B, V], written by the last graph
     jobs: list = field(default_factory=list)  # the host nodes' kernel jobs (cpu_kernels.host_job)
     replayed: torch.cuda.Event | None = None  # recorded after each replay of a step with host nodes
+    sleep: bool = False  # wait for each replay with host nodes asleep (their jobs took every core)
 
     def replay(self, rows: int) -> None:
         self.set_rows(rows)
         for item in self.items:
             item.run(rows)
         if self.jobs:
-            self.replayed = self.replayed or torch.cuda.Event()
+            # a blocking event: its synchronize() sleeps until the step is done, where a copy of the logits would
+            # spin on a core the host nodes' kernel uses
+            self.replayed = self.replayed or torch.cuda.Event(blocking=True)
             self.replayed.record()
+            if self.sleep:
+                self.replayed.synchronize()
 
     def __del__(self) -> None:
         # the host nodes of a replay still in flight run jobs and read buffers that die with this object (a caller
@@ -286,10 +300,10 @@ class GraphedDecoder:
     decode steps replayed as CUDA graphs where the device allows (see the module docstring)."""
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, *, use_graphs: bool = True,
-                 split_experts: bool = False, host_nodes: bool = True) -> None:
+                 split_experts: bool = False, host_nodes: bool = True, spare_core: bool = True) -> None:
         hf = transformers_model(model)
         self.model, self.max_batch, self.max_len = model, max_batch, max_len
-        self.split_experts, self.host_nodes = split_experts, host_nodes
+        self.split_experts, self.host_nodes, self.spare_core = split_experts, host_nodes, spare_core
         self.device, self.dtype = hf.device, hf.dtype
         self.capacity = max_len + 1  # position max_len is the scratch slot of padding rows
         self.cache = SlotCache(hf.config.num_hidden_layers, max_batch, self.capacity)
@@ -479,7 +493,7 @@ class GraphedDecoder:
         ids, positions, rows = self._ids[:bucket], self._positions[:bucket], slice(0, bucket)
         current, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
         side.wait_stream(current)
-        recorder = _Recorder(self._pool, self.split_experts, self.host_nodes)
+        recorder = _Recorder(self._pool, self.split_experts, self.host_nodes, self.spare_core)
         with torch.cuda.stream(side), expert_pass_hook(recorder.prepare):
             for _ in range(1 if self._captured else 2):  # lazy initialisations (cuBLAS workspaces...) happen here
                 self._forward_rows(ids, positions, rows, length)
@@ -503,14 +517,14 @@ class GraphedDecoder:
         logger.info("decode step for %d rows reading %d positions captured as %d CUDA graphs around %d host expert "
                     "passes, with %d CPU expert passes as host nodes", bucket, length, len(recorder.items) - hosts,
                     hosts, len(jobs))
-        return _Captured(recorder.items, logits, jobs)
+        return _Captured(recorder.items, logits, jobs, sleep=not self.spare_core)
 
 
 def graphed_decoder(model: nn.Module, max_batch: int = 1, max_len: int = 4096, **options: bool,
                     ) -> GraphedDecoder | None:
     """A `GraphedDecoder` for `model` (see the module docstring), or None when its attention implementation cannot
     take the decoder's explicit mask (then the caller keeps its own decoding loop). `options`: `use_graphs`,
-    `split_experts`."""
+    `split_experts`, `host_nodes`, `spare_core`."""
     implementation = transformers_model(model).config._attn_implementation
     if implementation not in BOOL_MASK_ATTENTION:
         logger.info("no static-cache decoder for attention %r (supported: %s)", implementation,
