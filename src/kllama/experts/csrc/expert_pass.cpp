@@ -35,27 +35,34 @@
 #include <cstring>
 #include <optional>
 #include <sstream>
-#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
 namespace {
 
-// A failed check throws std::runtime_error with the message's parts streamed together, and no exception leaves this
-// extension: each function Python calls catches it and returns its message ("" when all went well), which
-// cpu_kernels.py raises as a RuntimeError. On the H200 box (torch 2.11 CUDA wheel) any C++ exception that left the
-// extension, or a c10::Error (TORCH_CHECK) thrown in it, crashed the process (segfault), GIL held or not.
+// Checks throw nothing. A checking function returns its first failed check's message ("" when all went well) and
+// hands its result back through an argument; `KL_CHECK(cond, parts...)` returns the parts streamed together from the
+// function it is in, `KL_TRY(call)` returns a called check's message. The functions Python calls return the message,
+// and cpu_kernels.py raises it as a RuntimeError. On the H200 box (torch 2.11 CUDA wheel) a C++ exception leaving the
+// extension (a c10::Error from TORCH_CHECK, or a std::runtime_error that pybind11 translated) crashed the process
+// with a segfault, GIL held or not, so no error path here goes through C++ exception handling at all.
 template <typename... Parts>
-[[noreturn]] void fail(const Parts&... parts) {
-  std::ostringstream message;
-  (message << ... << parts);
-  throw std::runtime_error(message.str());
+std::string message(const Parts&... parts) {
+  std::ostringstream text;
+  (text << ... << parts);
+  return text.str();
 }
 
-#define KL_CHECK(cond, ...)   \
-  do {                        \
-    if (!(cond)) fail(__VA_ARGS__); \
+#define KL_CHECK(cond, ...)                  \
+  do {                                       \
+    if (!(cond)) return message(__VA_ARGS__); \
+  } while (false)
+
+#define KL_TRY(call)                            \
+  do {                                          \
+    std::string failed_ = (call);               \
+    if (!failed_.empty()) return failed_;       \
   } while (false)
 
 constexpr int kMaxPairs = 8;        // activation rows one weight-row read serves at once (accumulators in registers)
@@ -919,12 +926,13 @@ struct Group {  // one selected expert and its (token, weight) pairs [begin, end
   int64_t expert, begin, end;
 };
 
-void check_weight(const at::Tensor& w, const char* name, int64_t experts, int64_t rows, int64_t cols,
-                  at::ScalarType dtype) {
+std::string check_weight(const at::Tensor& w, const char* name, int64_t experts, int64_t rows, int64_t cols,
+                         at::ScalarType dtype) {
   KL_CHECK(w.device().is_cpu() && w.is_contiguous(), name, " must be a contiguous CPU tensor");
   KL_CHECK(w.scalar_type() == dtype, name, " has dtype ", w.scalar_type(), ", expected ", dtype);
   KL_CHECK(w.dim() == 3 && w.size(0) == experts && w.size(1) == rows && w.size(2) == cols, name,
               " has shape ", w.sizes(), ", expected [", experts, ", ", rows, ", ", cols, "]");
+  return {};
 }
 
 // A weight's scales: none (bf16), one per output row (int8, [E, rows]), one per 128x128 block (fp8,
@@ -944,8 +952,9 @@ struct Scales {
   }
 };
 
-Scales scales_of(const std::optional<at::Tensor>& scale, const char* name, Weights kind, int64_t experts,
-                 int64_t rows, int64_t cols, int64_t grids) {
+std::string scales_of(const std::optional<at::Tensor>& scale, const char* name, Weights kind, int64_t experts,
+                      int64_t rows, int64_t cols, int64_t grids, Scales& out) {
+  out = {};
   if (kind == Weights::kBf16) return {};
   KL_CHECK(scale.has_value(), name, " is required for int8, fp8 and int4 weights");
   const at::Tensor& s = *scale;
@@ -954,24 +963,28 @@ Scales scales_of(const std::optional<at::Tensor>& scale, const char* name, Weigh
   if (kind == Weights::kInt8) {
     KL_CHECK(s.dim() == 2 && s.size(0) == experts && s.size(1) == rows, name, " has shape ", s.sizes(),
                 ", expected [", experts, ", ", rows, "]");
-    return {s.data_ptr<float>(), false, rows, rows, 1, 0, 0};
+    out = {s.data_ptr<float>(), false, rows, rows, 1, 0, 0};
+    return {};
   }
   if (kind == Weights::kInt4) {
     const int64_t groups = (cols + kGroup - 1) / kGroup;
     KL_CHECK(s.dim() == 3 && s.size(0) == experts && s.size(1) == rows && s.size(2) == groups, name,
                 " has shape ", s.sizes(), ", expected [", experts, ", ", rows, ", ", groups, "] (64-column groups)");
-    return {s.data_ptr<float>(), true, rows, rows, 1, rows, groups, 1};
+    out = {s.data_ptr<float>(), true, rows, rows, 1, rows, groups, 1};
+    return {};
   }
   const int64_t grid_rows = rows / grids, block_rows = (grid_rows + kBlock - 1) / kBlock;
   const int64_t block_cols = (cols + kBlock - 1) / kBlock;
   KL_CHECK(s.dim() == 3 && s.size(0) == experts && s.size(1) == grids * block_rows && s.size(2) == block_cols,
               name, " has shape ", s.sizes(), ", expected [", experts, ", ", grids * block_rows, ", ", block_cols,
               "] (128x128 blocks, ", grids, " grid(s))");
-  return {s.data_ptr<float>(), true, rows, grid_rows, grids, block_rows, block_cols};
+  out = {s.data_ptr<float>(), true, rows, grid_rows, grids, block_rows, block_cols};
+  return {};
 }
 
-Lora lora_of(const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b, const char* name,
-             int64_t experts, int64_t in, int64_t out) {
+std::string lora_of(const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b, const char* name,
+                    int64_t experts, int64_t in, int64_t out, Lora& lora) {
+  lora = {};
   KL_CHECK(a.has_value() == b.has_value(), name, ": give both LoRA factors or neither");
   if (!a.has_value()) return {};
   KL_CHECK(a->scalar_type() == at::kBFloat16 && b->scalar_type() == at::kBFloat16, name,
@@ -982,7 +995,8 @@ Lora lora_of(const std::optional<at::Tensor>& a, const std::optional<at::Tensor>
   KL_CHECK(a->dim() == 3 && a->size(0) == experts && a->size(2) == in, name, ": LoRA a has shape ", a->sizes());
   KL_CHECK(b->dim() == 3 && b->size(0) == experts && b->size(1) == out && b->size(2) == r, name,
               ": LoRA b has shape ", b->sizes());
-  return {reinterpret_cast<const uint16_t*>(a->data_ptr()), reinterpret_cast<const uint16_t*>(b->data_ptr()), r};
+  lora = {reinterpret_cast<const uint16_t*>(a->data_ptr()), reinterpret_cast<const uint16_t*>(b->data_ptr()), r};
+  return {};
 }
 
 inline float lora_b_dot(const uint16_t* b_row, const float* low, int64_t r) {
@@ -1022,12 +1036,14 @@ struct Pass {
   bool out_bf16 = false;
 };
 
-// Every check of a pass's arguments but the expert ids' range (read when it runs: they may not be written yet).
-Pass check_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor& weights, const at::Tensor& gate_up,
-                const at::Tensor& down, const std::optional<at::Tensor>& gate_up_scale,
-                const std::optional<at::Tensor>& down_scale, const std::optional<at::Tensor>& gate_up_a,
-                const std::optional<at::Tensor>& gate_up_b, const std::optional<at::Tensor>& down_a,
-                const std::optional<at::Tensor>& down_b, const at::Tensor& out, int64_t isa) {
+// Every check of a pass's arguments but the expert ids' range (read when it runs: they may not be written yet);
+// fills `pass` when they hold.
+std::string check_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor& weights,
+                       const at::Tensor& gate_up, const at::Tensor& down,
+                       const std::optional<at::Tensor>& gate_up_scale, const std::optional<at::Tensor>& down_scale,
+                       const std::optional<at::Tensor>& gate_up_a, const std::optional<at::Tensor>& gate_up_b,
+                       const std::optional<at::Tensor>& down_a, const std::optional<at::Tensor>& down_b,
+                       const at::Tensor& out, int64_t isa, Pass& pass) {
   KL_CHECK(isa >= kScalar && isa <= best_isa(), "instruction set ", isa, " is not available on this CPU");
   KL_CHECK(gate_up.dim() == 3 && down.dim() == 3, "gate_up and down must be [E, out, in]");
   const Weights kind = weights_of(gate_up.scalar_type());
@@ -1035,8 +1051,8 @@ Pass check_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor& 
   const int64_t E = gate_up.size(0), two_inter = gate_up.size(1), H = per_byte * gate_up.size(2), I = two_inter / 2;
   KL_CHECK(kind != Weights::kInt4 || I % 2 == 0, "int4 weights need an even intermediate size, got ", I);
   const at::ScalarType wtype = dtype_of(kind);
-  check_weight(gate_up, "gate_up", E, 2 * I, H / per_byte, wtype);
-  check_weight(down, "down", E, H, I / per_byte, wtype);
+  KL_TRY(check_weight(gate_up, "gate_up", E, 2 * I, H / per_byte, wtype));
+  KL_TRY(check_weight(down, "down", E, H, I / per_byte, wtype));
   KL_CHECK(x.dim() == 2 && x.size(1) == H && x.is_contiguous() && x.device().is_cpu(),
               "x must be a contiguous CPU tensor [T, ", H, "]");
   KL_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x must be bfloat16 or float32");
@@ -1050,23 +1066,23 @@ Pass check_pass(const at::Tensor& x, const at::Tensor& index, const at::Tensor& 
   KL_CHECK((out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) && out.dim() == 2 &&
                   out.size(0) == T && out.size(1) == H && out.is_contiguous() && out.device().is_cpu(),
               "out must be a contiguous float32 or bfloat16 CPU tensor [T, H]");
-  Pass pass;
+  pass = Pass{};
   pass.kind = kind, pass.isa = isa, pass.E = E, pass.H = H, pass.I = I, pass.T = T, pass.K = K;
   pass.x = x.data_ptr(), pass.x_bf16 = x.scalar_type() == at::kBFloat16;
   pass.idx = index.data_ptr<int64_t>(), pass.route_w = weights.data_ptr<float>();
   pass.gu_ptr = static_cast<const char*>(gate_up.data_ptr()), pass.dn_ptr = static_cast<const char*>(down.data_ptr());
-  pass.gu_scale = scales_of(gate_up_scale, "gate_up_scale", kind, E, 2 * I, H, 2);  // fp8: gate, up grids
-  pass.dn_scale = scales_of(down_scale, "down_scale", kind, E, H, I, 1);
-  pass.gu_lora = lora_of(gate_up_a, gate_up_b, "gate_up", E, H, 2 * I);
-  pass.dn_lora = lora_of(down_a, down_b, "down", E, I, H);
+  KL_TRY(scales_of(gate_up_scale, "gate_up_scale", kind, E, 2 * I, H, 2, pass.gu_scale));  // fp8: gate, up grids
+  KL_TRY(scales_of(down_scale, "down_scale", kind, E, H, I, 1, pass.dn_scale));
+  KL_TRY(lora_of(gate_up_a, gate_up_b, "gate_up", E, H, 2 * I, pass.gu_lora));
+  KL_TRY(lora_of(down_a, down_b, "down", E, I, H, pass.dn_lora));
   pass.out = out.data_ptr(), pass.out_bf16 = out.scalar_type() == at::kBFloat16;
-  return pass;
+  return {};
 }
 
 // out[:T] = the routed experts of one layer for x[:T] (T <= pass.T; rows past T are left as they are); see the file
-// comment. Throws std::runtime_error on an expert id outside [0, E), the only check made here (a HostJob catches
-// it: its runs are on threads that hold no GIL, the CUDA driver's among them).
-void run_pass(const Pass& pass, int64_t T) {
+// comment. Returns "" or the message of an expert id outside [0, E), the only check made here (before any work: a
+// HostJob keeps it, its runs are on threads that hold no GIL, the CUDA driver's among them).
+std::string run_pass(const Pass& pass, int64_t T) {
   const Weights kind = pass.kind;
   const int64_t isa = pass.isa, E = pass.E, H = pass.H, I = pass.I, K = pass.K;
   const Scales& gu_scale = pass.gu_scale;
@@ -1186,6 +1202,7 @@ void run_pass(const Pass& pass, int64_t T) {
       }
     }
   });
+  return {};
 }
 
 // out [T, H] (fp32 or bf16) = the routed experts of one layer for x [T, H]; see the file comment.
@@ -1196,27 +1213,18 @@ std::string expert_pass(const at::Tensor& x, const at::Tensor& index, const at::
                         const std::optional<at::Tensor>& gate_up_a, const std::optional<at::Tensor>& gate_up_b,
                         const std::optional<at::Tensor>& down_a, const std::optional<at::Tensor>& down_b,
                         const at::Tensor& out, int64_t isa) {
-  Pass pass;
-  try {  // the checks run with the GIL, the pass without it
-    pass = check_pass(x, index, weights, gate_up, down, gate_up_scale, down_scale, gate_up_a, gate_up_b, down_a,
-                      down_b, out, isa);
-  } catch (const std::exception& e) {
-    return e.what();
-  }
+  Pass pass;  // the checks run with the GIL, the pass without it
+  KL_TRY(check_pass(x, index, weights, gate_up, down, gate_up_scale, down_scale, gate_up_a, gate_up_b, down_a, down_b,
+                    out, isa, pass));
   py::gil_scoped_release no_gil;
-  try {
-    run_pass(pass, x.size(0));
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return {};
+  return run_pass(pass, x.size(0));
 }
 
 // One pass over fixed buffers, checked once and run many times: by `run` (tests), or by `host_job_callback` from a
 // thread that holds no GIL (the CUDA driver's, for a host node of a captured decode step; cpu_kernels.py). It keeps
 // its tensors alive. `rows` (clamped to [0, T]) is how many leading rows the next run computes. A failed check at
-// construction, or a run's error, is kept in `error` (nothing is thrown; see KL_CHECK); a job made with an error
-// never runs, and a failed run leaves `out` as it was.
+// construction, or a run's error, is kept in `error` (see KL_CHECK); a job made with an error never runs, and a
+// failed run leaves `out` as it was.
 struct HostJob {
   std::vector<at::Tensor> held;
   std::vector<std::optional<at::Tensor>> held_optional;
@@ -1233,14 +1241,10 @@ struct HostJob {
           const std::optional<at::Tensor>& down_b, const at::Tensor& out, int64_t isa, int64_t threads_)
       : held{x, index, weights, gate_up, down, out},
         held_optional{gate_up_scale, down_scale, gate_up_a, gate_up_b, down_a, down_b} {
-    try {
-      KL_CHECK(threads_ > 0, "a host job needs at least one thread, got ", threads_);
-      pass = check_pass(x, index, weights, gate_up, down, gate_up_scale, down_scale, gate_up_a, gate_up_b, down_a,
-                        down_b, out, isa);
-      checked = true, rows = pass.T, threads = threads_;
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
+    error = threads_ > 0 ? check_pass(x, index, weights, gate_up, down, gate_up_scale, down_scale, gate_up_a,
+                                      gate_up_b, down_a, down_b, out, isa, pass)
+                         : message("a host job needs at least one thread, got ", threads_);
+    if (error.empty()) checked = true, rows = pass.T, threads = threads_;
   }
 
   void set_rows(int64_t value) { rows = std::clamp<int64_t>(value, 0, pass.T); }
@@ -1251,13 +1255,13 @@ struct HostJob {
     // thread starts at the runtime's default; a run on the main thread must not change torch's thread count)
     const int before = omp_get_max_threads();
     if (before != threads) omp_set_num_threads(static_cast<int>(threads));
-    try {
-      const auto start = std::chrono::steady_clock::now();
-      if (rows > 0) run_pass(pass, rows);
+    const auto start = std::chrono::steady_clock::now();
+    std::string failed = rows > 0 ? run_pass(pass, rows) : std::string();
+    if (failed.empty()) {
       seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       ++runs;
-    } catch (const std::exception& e) {
-      if (error.empty()) error = e.what();
+    } else if (error.empty()) {
+      error = std::move(failed);
     }
     if (before != threads) omp_set_num_threads(before);
   }
@@ -1280,7 +1284,7 @@ KL_AVX512 void fp8_values_avx512(const uint8_t* c, float* o, int64_t n) {
   }
 }
 
-void check_fp8_values(const at::Tensor& codes, const at::Tensor& out, int64_t isa) {
+std::string check_fp8_values(const at::Tensor& codes, const at::Tensor& out, int64_t isa) {
   KL_CHECK(isa >= kScalar && isa <= best_isa(), "instruction set ", isa, " is not available on this CPU");
   KL_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 1 && codes.is_contiguous() &&
                   codes.device().is_cpu() && codes.size(0) % 16 == 0,
@@ -1288,15 +1292,12 @@ void check_fp8_values(const at::Tensor& codes, const at::Tensor& out, int64_t is
   const int64_t n = codes.size(0);
   KL_CHECK(out.scalar_type() == at::kFloat && out.dim() == 1 && out.size(0) == n && out.is_contiguous() &&
                   out.device().is_cpu(), "out must be a contiguous float32 CPU tensor [", n, "]");
+  return {};
 }
 
 // Returns "" or the failed check's message (see KL_CHECK).
 std::string fp8_values(const at::Tensor& codes, const at::Tensor& out, int64_t isa) {
-  try {
-    check_fp8_values(codes, out, isa);
-  } catch (const std::exception& e) {
-    return e.what();
-  }
+  KL_TRY(check_fp8_values(codes, out, isa));
   const int64_t n = codes.size(0);
   const uint8_t* c = codes.data_ptr<uint8_t>();
   float* o = out.data_ptr<float>();
