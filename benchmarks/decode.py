@@ -36,9 +36,9 @@ the one `--placements` entry, and N rounds each decode `--new` tokens with every
 round). A row per variant gives the median of its rounds' tok/s, and `x base` the median (min-max) of its rounds'
 ratio to the base variant of the same round: the bf16 variant with the same host-node and spare-core settings (a bf16
 variant's base is the first bf16 variant; without bf16 in `--expert-dtype`, the first dtype). On the H200 boxes one
-row's tokens ran 30-45 % apart in speed over a few seconds (the box's memory bandwidth drifts), so a ratio of two
-rows timed one after the other, seconds apart, moved with the drift; rounds of a few seconds each, alternated, see
-the same drift. Prints a table and writes JSON.
+row's tokens ran 30-45 % apart in speed, in stretches of several tokens (the box's speed drifts), so a ratio of two
+rows timed one after the other, seconds apart, moved with the drift; neighbouring rounds of a second or two each see
+about the same drift. Prints a table and writes JSON.
 """
 from __future__ import annotations
 
