@@ -698,7 +698,10 @@ struct Avx512Int8Vnni {  // the activation rows are `QuantRow`s; 3 planes are 3 
     const __m512i flip = _mm512_set1_epi8(char(0x80));
     int64_t k = 0;
     for (; k + 64 <= len; k += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + len + k), _MM_HINT_T0);
+      // two rows ahead, where the other paths look one: an int8 row is half a bf16 row's bytes, and 2 rows ahead took
+      // 0.95-0.97x the time of 1 at one token on the dev box (three runs, 8-20 interleaved rounds) and 0.97x on an H200
+      // box; 3 or 4 rows gained nothing more (benchmarks/NOTES.md, seventeenth session)
+      _mm_prefetch(reinterpret_cast<const char*>(w + 2 * len + k), _MM_HINT_T0);
       const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + k), flip);  // w + 128, unsigned
       for (int i = 0; i < N; ++i) {
         for (int p = 0; p < 3; ++p) acc[i][p] = _mm512_dpbusd_epi32(acc[i][p], wv, _mm512_loadu_si512(a[i]->d[p] + k));
