@@ -97,12 +97,16 @@ def test_kernel_threads_are_torchs_intra_op_threads() -> None:
         torch.set_num_threads(previous)
 
 
+def skip_unless_this_cpu_runs(isa: str) -> None:
+    if isa not in kernel_isas():
+        pytest.skip(f"this CPU does not run the {isa} path")
+
+
 def kernel_and_reference(isa: str, dtype: torch.dtype, tokens: int, hidden: int, inter: int, with_lora: bool,
                          ) -> tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]:
     """The `isa` path's output on a random layer of `dtype` weights (8 experts, top-6 routing, LoRA rank 4 when
     asked), the fp32 reference's, and a callable giving the scalar path's; skips where this CPU lacks `isa`."""
-    if isa not in kernel_isas():
-        pytest.skip(f"this CPU does not run the {isa} path")
+    skip_unless_this_cpu_runs(isa)
     gate_up, down, scales, lora = layer(dtype, 8, hidden, inter, 4)
     index, weights = routing(tokens, 8, 6)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(2)).bfloat16()
@@ -243,8 +247,7 @@ def test_fp8_conversion_of_every_path_equals_torchs_cast_for_every_code() -> Non
 def test_fp8_kernel_reads_every_code_and_activations_of_any_magnitude(isa: str) -> None:
     # every finite e4m3 code, subnormals and both zeros included, at random places, and tokens whose activations are
     # 2^40, 1 and 2^-40 in size: every path stays as close to the fp32 reference as with quantized random weights
-    if isa not in kernel_isas():
-        pytest.skip(f"this CPU does not run the {isa} path")
+    skip_unless_this_cpu_runs(isa)
     gen = torch.Generator().manual_seed(5)
     experts, hidden, inter = 4, 300, 140
 
@@ -446,8 +449,7 @@ def test_decode_passes_from_the_gpu_reuse_their_pinned_buffers_and_equal_the_hos
 def test_int8_and_int4_with_an_outlier_activation_stay_at_fp32_accuracy(isa: str, outlier: float,
                                                                          dtype: torch.dtype) -> None:
     # int4 on those tiers: the same 24-bit digits, split into even and odd columns (csrc/expert_pass.cpp)
-    if isa not in kernel_isas():
-        pytest.skip(f"this CPU does not run the {isa} path")
+    skip_unless_this_cpu_runs(isa)
     gate_up, down, scales, lora = layer(dtype, 8, 2048, 150, 4)
     index, weights = routing(4, 8, 6)
     x = torch.randn(4, 2048, generator=torch.Generator().manual_seed(9))
@@ -493,8 +495,7 @@ def test_int4_nibble_order_by_hand(isa: str) -> None:
     # (0.5, 1, 1, 2), down rows ([1, -2], [0, 4]) with scales (1, 0.25); x = [1, 2], one expert, routing weight 1:
     # gate = (0.5 * (3 - 2), 2) = (0.5, 2), up = (1, 2 * 3) = (1, 6), act = (silu(0.5), 6 silu(2)),
     # out = (act0 - 2 act1, 0.25 * 4 act1). With the nibbles swapped gate would be (0.5 * 5, 1): another result.
-    if isa not in kernel_isas():
-        pytest.skip(f"this CPU does not run the {isa} path")
+    skip_unless_this_cpu_runs(isa)
 
     def byte(even: int, odd: int) -> int:
         return (even + 8) | (odd + 8) << 4
@@ -525,8 +526,7 @@ def test_int4_weights_reject_an_odd_intermediate_size_and_wrong_scales() -> None
 @pytest.mark.parametrize("isa", list(ISAS))
 def test_int4_reads_every_nibble_value_as_the_reference_does(isa: str) -> None:
     # random bytes: all 16 nibble values, including 0 (never quantized to; read as -8), on both projections
-    if isa not in kernel_isas():
-        pytest.skip(f"this CPU does not run the {isa} path")
+    skip_unless_this_cpu_runs(isa)
     gen = torch.Generator().manual_seed(11)
     experts, hidden, inter = 4, 160, 96
     gate_up = torch.randint(0, 256, (experts, 2 * inter, hidden // 2), generator=gen, dtype=torch.uint8)
