@@ -33,7 +33,8 @@ bf16 = not quantized; crossovers measured per dtype).
 `--interleave N` measures decode speed the way two kernels are compared in `cpu_gemv.py --compare-source`: every
 dtype's model is built and kept, one decoder is captured for each dtype x `--host-nodes` x `--spare-core` variant of
 the one `--placements` entry, and N rounds each decode `--new` tokens with every variant (in an order rotated each
-round). A row per variant gives the median of its rounds' tok/s, and `x base` the median (min-max) of its rounds'
+round). A row per variant gives the median of its rounds' tok/s (and, with host nodes, `of it kernel`: the kernel's
+own ms a token over all rounds, from the jobs' clocks), and `x base` the median (min-max) of its rounds'
 ratio to the base variant of the same round: the bf16 variant with the same host-node and spare-core settings (a bf16
 variant's base is the first bf16 variant; without bf16 in `--expert-dtype`, the first dtype). On the H200 boxes one
 row's tokens ran 30-45 % apart in speed, in stretches of several tokens (the box's speed drifts), so a ratio of two
@@ -517,11 +518,17 @@ def interleaved_rows(config: Any, device: torch.device, args: argparse.Namespace
         same = (base_dtype, key[1], key[2])
         base_of[key] = first_base if key[0] == base_dtype or same not in decoders else same
     speeds: dict[tuple, list[float]] = {key: [] for key in keys}
+    kernel = {key: [0.0, 0, 0] for key in keys}  # host nodes' kernel: seconds, runs, decode steps (prefills aside)
     generated: dict[tuple, list[int]] = {}
     for round_ in range(args.interleave):
         for key in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:
+            jobs = decoders[key].host_jobs()
+            before = sum(job.seconds for job in jobs), sum(job.runs for job in jobs)
             _, steps, generated[key] = graphed_decode(decoders[key], prompt, args.new, device)
             speeds[key].append(len(steps) / sum(steps))
+            kernel[key][0] += sum(job.seconds for job in jobs) - before[0]
+            kernel[key][1] += sum(job.runs for job in jobs) - before[1]
+            kernel[key][2] += len(steps)
         log(f"round {round_ + 1}/{args.interleave}: " + ", ".join(
             f"{key[0]}{'' if key[1] else ' eager passes'}{'' if key[2] else ' all cores'} {speeds[key][-1]:.2f}"
             for key in keys) + " tok/s")
@@ -536,6 +543,9 @@ def interleaved_rows(config: Any, device: torch.device, args: argparse.Namespace
                "resident_layers": sum(m.placement.target_for(1) == "gpu"
                                       for m in models[dtypes.index(key[0])][1].values()),
                "peak_host_gb": peak_host_gb(), "note": "" if decoders[key].graphed else f"eager: {decoders[key].reason}"}
+        seconds, runs, steps = kernel[key]
+        if runs:  # host nodes ran: the kernel's own time a decoded token and a layer, over every round
+            row.update(host_node_kernel_ms=seconds * 1e3 / steps, kernel_in_decode_ms_per_layer=seconds * 1e3 / runs)
         rows.append(row)
     del decoders, models
     release()
