@@ -725,6 +725,73 @@ struct Avx512Int8Vnni {  // the activation rows are `QuantRow`s; 3 planes are 3 
   }
 };
 
+// Gate row j and up row j against the same activation rows in one pass (stage 1 of a pass with few rows an expert):
+// each digit plane load serves both rows, and two weight streams are in flight in one loop. At one token on the dev
+// box this took 0.92-0.95x the time of two `Avx512Int8Vnni` calls; from 4 rows on it took 1.06x (24 accumulators
+// leave the registers short), so it serves up to `kMaxPairedRows` (benchmarks/NOTES.md, seventeenth session).
+constexpr int kMaxPairedRows = 2;
+
+template <int N>
+struct Avx512Int8VnniPair {
+  KL_AVX512VNNI static void run(const void* w0_, const void* w1_, const void* const* a_, int64_t len, float* res0,
+                                float* res1) {
+    const int8_t* w0 = static_cast<const int8_t*>(w0_);
+    const int8_t* w1 = static_cast<const int8_t*>(w1_);
+    const QuantRow* a[N];
+    __m512i acc0[N][3], acc1[N][3];
+    for (int i = 0; i < N; ++i) {
+      a[i] = static_cast<const QuantRow*>(a_[i]);
+      for (int p = 0; p < 3; ++p) acc0[i][p] = acc1[i][p] = _mm512_setzero_si512();
+    }
+    const __m512i flip = _mm512_set1_epi8(char(0x80));
+    int64_t k = 0;
+    for (; k + 64 <= len; k += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(w0 + 2 * len + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w1 + 2 * len + k), _MM_HINT_T0);
+      const __m512i v0 = _mm512_xor_si512(_mm512_loadu_si512(w0 + k), flip);
+      const __m512i v1 = _mm512_xor_si512(_mm512_loadu_si512(w1 + k), flip);
+      for (int i = 0; i < N; ++i) {
+        for (int p = 0; p < 3; ++p) {
+          const __m512i d = _mm512_loadu_si512(a[i]->d[p] + k);
+          acc0[i][p] = _mm512_dpbusd_epi32(acc0[i][p], v0, d);
+          acc1[i][p] = _mm512_dpbusd_epi32(acc1[i][p], v1, d);
+        }
+      }
+    }
+    if (k < len) {
+      const __mmask64 m = __mmask64((1ull << (len - k)) - 1ull);
+      const __m512i v0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w0 + k), flip);
+      const __m512i v1 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w1 + k), flip);
+      for (int i = 0; i < N; ++i) {
+        for (int p = 0; p < 3; ++p) {
+          const __m512i d = _mm512_loadu_si512(a[i]->d[p] + k);
+          acc0[i][p] = _mm512_dpbusd_epi32(acc0[i][p], v0, d);
+          acc1[i][p] = _mm512_dpbusd_epi32(acc1[i][p], v1, d);
+        }
+      }
+    }
+    for (int i = 0; i < N; ++i) {
+      int64_t dot0 = 0, dot1 = 0;
+      for (int p = 0; p < 3; ++p) {
+        const int64_t corr = 128 * int64_t(a[i]->sum[p]);
+        dot0 += (int64_t(_mm512_reduce_add_epi32(acc0[i][p])) - corr) * (int64_t(1) << (8 * p));
+        dot1 += (int64_t(_mm512_reduce_add_epi32(acc1[i][p])) - corr) * (int64_t(1) << (8 * p));
+      }
+      res0[i] = float(double(dot0) * double(a[i]->scale));
+      res1[i] = float(double(dot1) * double(a[i]->scale));
+    }
+  }
+};
+
+// gate[n], up[n] = the dot products of two weight rows with n activation rows
+using PairDot = void (*)(const void* w0, const void* w1, const void* const* a, int64_t len, float* res0, float* res1);
+using PairTable = std::array<PairDot, kMaxPairedRows + 1>;  // index: number of activation rows
+
+template <int... Ns>
+PairTable make_pairs(std::integer_sequence<int, Ns...>) {
+  return {nullptr, &Avx512Int8VnniPair<Ns + 1>::run...};
+}
+
 // ---- AVX512-VNNI, int4 weights: nibbles times activations as 24-bit integers, exact per 8 columns ----
 // The fp32 int4 path costs ~14 vector instructions per 64 weights at one token (widening, two permutes, four FMAs),
 // which held it to the int8 path's time on the dev box's 2 AVX-512 cores (measured: compute-bound, as fast from the L3
@@ -1141,6 +1208,8 @@ std::string run_pass(const Pass& pass, int64_t T) {
   Acts act(act_form_, S, I);
   const size_t gu_row = row_bytes(kind, H), dn_row = row_bytes(kind, I);
   const char* gu_ptr = pass.gu_ptr;
+  static const PairTable vnni_pairs = make_pairs(std::make_integer_sequence<int, kMaxPairedRows>{});
+  const PairDot* pairs = x_form == ActForm::kDigits ? vnni_pairs.data() : nullptr;  // int8 weights, VNNI
   at::parallel_for(0, I, kGrainRows, [&](int64_t j0, int64_t j1) {
     float gate[kMaxPairs], up[kMaxPairs];
     for (const Group& g : groups) {
@@ -1148,8 +1217,12 @@ std::string run_pass(const Pass& pass, int64_t T) {
       for (int64_t j = j0; j < j1; ++j) {
         for (int64_t p0 = g.begin; p0 < g.end; p0 += kMaxPairs) {
           const int n = int(std::min<int64_t>(kMaxPairs, g.end - p0));
-          gu_dots[n](base + size_t(j) * gu_row, gu_scale.blocks(g.expert, j), &pair_x[p0], H, gate);
-          gu_dots[n](base + size_t(I + j) * gu_row, gu_scale.blocks(g.expert, I + j), &pair_x[p0], H, up);
+          if (pairs && n <= kMaxPairedRows) {
+            pairs[n](base + size_t(j) * gu_row, base + size_t(I + j) * gu_row, &pair_x[p0], H, gate, up);
+          } else {
+            gu_dots[n](base + size_t(j) * gu_row, gu_scale.blocks(g.expert, j), &pair_x[p0], H, gate);
+            gu_dots[n](base + size_t(I + j) * gu_row, gu_scale.blocks(g.expert, I + j), &pair_x[p0], H, up);
+          }
           for (int i = 0; i < n; ++i) {
             const int64_t p = p0 + i;
             float gv = gate[i], uv = up[i];
