@@ -8,7 +8,7 @@
 //   2. down: for hidden rows h of a thread's block, out[token, h] += down_h . act, summed over the token's experts.
 // A thread owns its rows in both stages, so there are no atomics and no reduction across threads. Rows are read
 // as contiguous streams with a software prefetch of the next row (a 4 KiB bf16 row is a page, where the hardware
-// prefetcher stops). A dot product of few activation rows (decode: one) keeps several independent accumulator chains
+// prefetcher stops; int8 on VNNI: two rows ahead, and gate/up rows in one loop, `Avx512Int8VnniPair`). A dot product of few activation rows (decode: one) keeps several independent accumulator chains
 // per row (`chains`), else one FMA chain's latency, not memory, sets its speed (measured: benchmarks/NOTES.md, "The
 // CPU expert kernel at memory bandwidth"). Dot products accumulate in fp32: AVX512-BF16 `vdpbf16ps` on bf16 activations, else weights
 // widened to fp32 (AVX-512F, AVX2+FMA or scalar) and multiplied with fp32 activations holding the same values.
