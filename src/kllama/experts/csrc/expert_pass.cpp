@@ -8,7 +8,8 @@
 //   2. down: for hidden rows h of a thread's block, out[token, h] += down_h . act, summed over the token's experts.
 // A thread owns its rows in both stages, so there are no atomics and no reduction across threads. Rows are read
 // as contiguous streams with a software prefetch of the next row (a 4 KiB bf16 row is a page, where the hardware
-// prefetcher stops; int8 on VNNI: two rows ahead, and gate/up rows in one loop, `Avx512Int8VnniPair`). A dot product of few activation rows (decode: one) keeps several independent accumulator chains
+// prefetcher stops; int8 on VNNI: two rows ahead). For up to 2 tokens an expert, int8 (VNNI) and bf16 (AVX512-BF16)
+// run gate row j and up row j in one loop (`Avx512Int8VnniPair`, `Avx512Bf16DpPair`). A dot product of few activation rows (decode: one) keeps several independent accumulator chains
 // per row (`chains`), else one FMA chain's latency, not memory, sets its speed (measured: benchmarks/NOTES.md, "The
 // CPU expert kernel at memory bandwidth"). Dot products accumulate in fp32: AVX512-BF16 `vdpbf16ps` on bf16 activations, else weights
 // widened to fp32 (AVX-512F, AVX2+FMA or scalar) and multiplied with fp32 activations holding the same values.
@@ -783,13 +784,58 @@ struct Avx512Int8VnniPair {
   }
 };
 
+// The same for bf16 weights and activations (AVX512-BF16): 0.89-0.92x the time of two `Avx512Bf16Dp` calls at one
+// and two tokens on the dev box.
+template <int N>
+struct Avx512Bf16DpPair {
+  KL_AVX512BF16 static void run(const void* w0_, const void* w1_, const void* const* a_, int64_t len, float* res0,
+                                float* res1) {
+    const uint16_t* w0 = static_cast<const uint16_t*>(w0_);
+    const uint16_t* w1 = static_cast<const uint16_t*>(w1_);
+    const uint16_t* a[N];
+    __m512 acc0[N][2], acc1[N][2];
+    for (int i = 0; i < N; ++i) {
+      a[i] = static_cast<const uint16_t*>(a_[i]);
+      for (int u = 0; u < 2; ++u) acc0[i][u] = acc1[i][u] = _mm512_setzero_ps();
+    }
+    int64_t k = 0;
+    for (; k + 64 <= len; k += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(w0 + len + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w1 + len + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w0 + len + k + 32), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w1 + len + k + 32), _MM_HINT_T0);
+      for (int u = 0; u < 2; ++u) {
+        const __m512i v0 = _mm512_loadu_si512(w0 + k + 32 * u), v1 = _mm512_loadu_si512(w1 + k + 32 * u);
+        for (int i = 0; i < N; ++i) {
+          const __m512i av = _mm512_loadu_si512(a[i] + k + 32 * u);
+          acc0[i][u] = _mm512_dpbf16_ps(acc0[i][u], (__m512bh)av, (__m512bh)v0);
+          acc1[i][u] = _mm512_dpbf16_ps(acc1[i][u], (__m512bh)av, (__m512bh)v1);
+        }
+      }
+    }
+    for (; k < len; k += 32) {
+      const __mmask32 m = len - k >= 32 ? ~__mmask32(0) : __mmask32((1ull << (len - k)) - 1ull);
+      const __m512i v0 = _mm512_maskz_loadu_epi16(m, w0 + k), v1 = _mm512_maskz_loadu_epi16(m, w1 + k);
+      for (int i = 0; i < N; ++i) {
+        const __m512i av = _mm512_maskz_loadu_epi16(m, a[i] + k);
+        acc0[i][0] = _mm512_dpbf16_ps(acc0[i][0], (__m512bh)av, (__m512bh)v0);
+        acc1[i][0] = _mm512_dpbf16_ps(acc1[i][0], (__m512bh)av, (__m512bh)v1);
+      }
+    }
+    for (int i = 0; i < N; ++i) {
+      res0[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[i][0], acc0[i][1]));
+      res1[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc1[i][0], acc1[i][1]));
+    }
+  }
+};
+
 // gate[n], up[n] = the dot products of two weight rows with n activation rows
 using PairDot = void (*)(const void* w0, const void* w1, const void* const* a, int64_t len, float* res0, float* res1);
 using PairTable = std::array<PairDot, kMaxPairedRows + 1>;  // index: number of activation rows
 
-template <int... Ns>
+template <template <int> class Op, int... Ns>
 PairTable make_pairs(std::integer_sequence<int, Ns...>) {
-  return {nullptr, &Avx512Int8VnniPair<Ns + 1>::run...};
+  return {nullptr, &Op<Ns + 1>::run...};
 }
 
 // ---- AVX512-VNNI, int4 weights: nibbles times activations as 24-bit integers, exact per 8 columns ----
@@ -1208,8 +1254,11 @@ std::string run_pass(const Pass& pass, int64_t T) {
   Acts act(act_form_, S, I);
   const size_t gu_row = row_bytes(kind, H), dn_row = row_bytes(kind, I);
   const char* gu_ptr = pass.gu_ptr;
-  static const PairTable vnni_pairs = make_pairs(std::make_integer_sequence<int, kMaxPairedRows>{});
-  const PairDot* pairs = x_form == ActForm::kDigits ? vnni_pairs.data() : nullptr;  // int8 weights, VNNI
+  static const PairTable vnni_pairs = make_pairs<Avx512Int8VnniPair>(std::make_integer_sequence<int, kMaxPairedRows>{});
+  static const PairTable bf16_pairs = make_pairs<Avx512Bf16DpPair>(std::make_integer_sequence<int, kMaxPairedRows>{});
+  // int8 weights with VNNI, bf16 weights with AVX512-BF16: gate and up rows in one loop
+  const PairDot* pairs = x_form == ActForm::kDigits ? vnni_pairs.data()
+                         : x_form == ActForm::kBf16 ? bf16_pairs.data() : nullptr;
   at::parallel_for(0, I, kGrainRows, [&](int64_t j0, int64_t j1) {
     float gate[kMaxPairs], up[kMaxPairs];
     for (const Group& g : groups) {
