@@ -838,6 +838,11 @@ PairTable make_pairs(std::integer_sequence<int, Ns...>) {
   return {nullptr, &Op<Ns + 1>::run...};
 }
 
+template <template <int> class Op>
+PairTable pair_table() {
+  return make_pairs<Op>(std::make_integer_sequence<int, kMaxPairedRows>{});
+}
+
 // ---- AVX512-VNNI, int4 weights: nibbles times activations as 24-bit integers, exact per 8 columns ----
 // The fp32 int4 path costs ~14 vector instructions per 64 weights at one token (widening, two permutes, four FMAs),
 // which held it to the int8 path's time on the dev box's 2 AVX-512 cores (measured: compute-bound, as fast from the L3
@@ -949,6 +954,13 @@ const DotTable& dot_table(Weights kind, int64_t isa, ActForm form) {
   if (kind == Weights::kInt8) return isa >= kAvx512 ? avx512_int8 : isa == kAvx2 ? avx2_int8 : scalar_int8;
   if (form == ActForm::kBf16) return avx512_dp;
   return isa >= kAvx512 ? avx512_bf16 : isa == kAvx2 ? avx2_bf16 : scalar_bf16;
+}
+
+// The gate/up pair dot products that read activations in `form`, or nullptr: int8 weights with VNNI (digits) and
+// bf16 weights with AVX512-BF16 (bf16).
+const PairDot* pair_dots(ActForm form) {
+  static const PairTable vnni = pair_table<Avx512Int8VnniPair>(), bf16 = pair_table<Avx512Bf16DpPair>();
+  return form == ActForm::kDigits ? vnni.data() : form == ActForm::kBf16 ? bf16.data() : nullptr;
 }
 
 // Activation rows in the representation the dot products read (`ActForm`), `cols` wide. Values are `set` as fp32
@@ -1254,11 +1266,7 @@ std::string run_pass(const Pass& pass, int64_t T) {
   Acts act(act_form_, S, I);
   const size_t gu_row = row_bytes(kind, H), dn_row = row_bytes(kind, I);
   const char* gu_ptr = pass.gu_ptr;
-  static const PairTable vnni_pairs = make_pairs<Avx512Int8VnniPair>(std::make_integer_sequence<int, kMaxPairedRows>{});
-  static const PairTable bf16_pairs = make_pairs<Avx512Bf16DpPair>(std::make_integer_sequence<int, kMaxPairedRows>{});
-  // int8 weights with VNNI, bf16 weights with AVX512-BF16: gate and up rows in one loop
-  const PairDot* pairs = x_form == ActForm::kDigits ? vnni_pairs.data()
-                         : x_form == ActForm::kBf16 ? bf16_pairs.data() : nullptr;
+  const PairDot* pairs = pair_dots(x_form);
   at::parallel_for(0, I, kGrainRows, [&](int64_t j0, int64_t j1) {
     float gate[kMaxPairs], up[kMaxPairs];
     for (const Group& g : groups) {
