@@ -1,6 +1,7 @@
 """The DPO harness's reference in lock-step with the policy computes the loss its own reference pass computes."""
 from __future__ import annotations
 
+import math
 from types import ModuleType
 
 import pytest
@@ -32,5 +33,7 @@ def test_lockstep_reference_gives_the_separate_pass_loss(benchmark_script) -> No
     assert lockstep is not None
     together = harness.dpo_step(model, batch, optimizer, harness.chunked_logps, lockstep=lockstep)
     apart = harness.dpo_step(model, batch, optimizer, harness.chunked_logps)
-    assert abs(together - 0.6931) > 1e-2  # the reference is not the policy: a wrong reference would show
+    # the reference is not the policy: a reference that were the policy gives log-ratios of exactly 0 and a loss of
+    # ln 2 to float rounding (< 1e-6). Here the loss is 0.66 on the CPU (fp32) and 0.695 on the H200 (bf16)
+    assert abs(together - math.log(2)) > 1e-4
     assert together == pytest.approx(apart, abs=1e-4)  # (a GPU's expert combine may add in another order)

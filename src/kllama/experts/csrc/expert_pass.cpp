@@ -35,24 +35,41 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
-#include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 namespace {
 
 // Checks throw nothing. A checking function returns its first failed check's message ("" when all went well) and
-// hands its result back through an argument; `KL_CHECK(cond, parts...)` returns the parts streamed together from the
-// function it is in, `KL_TRY(call)` returns a called check's message. The functions Python calls return the message,
-// and cpu_kernels.py raises it as a RuntimeError. On the H200 box (torch 2.11 CUDA wheel) a C++ exception leaving the
-// extension (a c10::Error from TORCH_CHECK, or a std::runtime_error that pybind11 translated) crashed the process
-// with a segfault, GIL held or not, so no error path here goes through C++ exception handling at all.
+// hands its result back through an argument; `KL_CHECK(cond, parts...)` returns the parts joined into one string from
+// the function it is in, `KL_TRY(call)` returns a called check's message. The functions Python calls return the
+// message, and cpu_kernels.py raises it as a RuntimeError. On the H200 box (torch 2.11 CUDA wheel) every failed check
+// crashed the process with a segfault: as a c10::Error from TORCH_CHECK, as a std::runtime_error that pybind11
+// translated, and as a returned message built with std::ostringstream. What the three share is a C++ stream
+// formatting the message, so the parts are appended to a std::string by hand: no exception and no iostream.
+inline void append(std::string& text, const char* part) { text += part; }
+inline void append(std::string& text, const std::string& part) { text += part; }
+inline void append(std::string& text, c10::ScalarType part) { text += c10::toString(part); }
+inline void append(std::string& text, c10::IntArrayRef part) {
+  text += '[';
+  for (size_t i = 0; i < part.size(); ++i) {
+    if (i > 0) text += ", ";
+    text += std::to_string(part[i]);
+  }
+  text += ']';
+}
+template <typename Int, typename = std::enable_if_t<std::is_integral_v<Int> && !std::is_same_v<Int, bool>>>
+void append(std::string& text, Int part) {
+  text += std::to_string(part);
+}
+
 template <typename... Parts>
 std::string message(const Parts&... parts) {
-  std::ostringstream text;
-  (text << ... << parts);
-  return text.str();
+  std::string text;
+  (append(text, parts), ...);
+  return text;
 }
 
 #define KL_CHECK(cond, ...)                  \
