@@ -32,8 +32,10 @@ returns a `GraphedDecoder` over a `SlotCache` (kv_cache.py) of `max_batch` slots
   (`spare_core=True`) a host node's kernel runs with the placement's `cpu_threads` minus one, and the waiting
   thread spins on the core left over (what the sixteenth session measured). With `spare_core=False` the kernel
   takes all `cpu_threads` and the replaying thread sleeps until the step is done (a blocking CUDA event), so no
-  core is spent waiting: on the H200 box 16 threads ran the kernel 5-10 % faster than 15, back to back
-  (benchmarks/NOTES.md; `decode.py --spare-core on,off` measures the two in decode).
+  core is spent waiting. On the H200 box 16 threads ran the kernel 5-10 % faster than 15, back to back. In decode
+  (`decode.py --spare-core on,off --interleave 10`) every core moved tok/s by -2 to +3 %, within the rounds'
+  spread (benchmarks/NOTES.md, eighteenth session). The replaying thread's blocking wait and wake-up take back
+  part of the gain, so the default keeps the spare core.
 * **Graphs cut at expert passes that cannot be captured.** Any other pass (streamed layers, a pass the kernel does
   not take, or every CPU pass with `host_nodes=False`, or under `OMP_WAIT_POLICY=active`, below) ends the current
   graph, is recorded as an eager call on the captured tensors writing into a static output, and a new graph begins:
