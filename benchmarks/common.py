@@ -247,6 +247,47 @@ def current_host_gb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
 
 
+NODES_DIR = Path("/sys/devices/system/node")
+
+
+def numa_nodes() -> dict[str, dict[str, Any]]:
+    """The host's NUMA nodes (Linux sysfs): each node's CPUs and memory (GB); {} where sysfs has none. A CPU pass's
+    weights on another node than its threads are read across the socket link, slower than local memory."""
+    nodes: dict[str, dict[str, Any]] = {}
+    for node in sorted(NODES_DIR.glob("node[0-9]*")):
+        meminfo = {line.split()[2].rstrip(":"): int(line.split()[3]) for line in
+                   (node / "meminfo").read_text().splitlines() if len(line.split()) >= 4}
+        nodes[node.name] = {"cpus": (node / "cpulist").read_text().strip(),
+                            "total_gb": meminfo.get("MemTotal", 0) * 1024 / 1e9,
+                            "used_gb": meminfo.get("MemUsed", 0) * 1024 / 1e9}
+    return nodes
+
+
+def process_gb_by_node() -> dict[str, float]:
+    """GB of this process's memory on each NUMA node now (`/proc/self/numa_maps`: pages per node of every mapping,
+    in the mapping's page size, huge pages included); {} where the kernel does not report it."""
+    maps = Path("/proc/self/numa_maps")
+    try:
+        text = maps.read_text()
+    except OSError:
+        return {}
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        fields = dict(part.split("=", 1) for part in line.split()[2:] if "=" in part)
+        page_kb = int(fields.get("kernelpagesize_kB", "4"))
+        for key, value in fields.items():
+            if key[:1] == "N" and key[1:].isdigit():
+                totals[f"node{key[1:]}"] = totals.get(f"node{key[1:]}", 0.0) + int(value) * page_kb * 1024 / 1e9
+    return dict(sorted(totals.items()))
+
+
+def node_split_text(by_node: dict[str, float]) -> str:
+    """`by_node` as a log fragment (empty on a one-node host: nothing to tell)."""
+    if len(by_node) < 2:
+        return ""
+    return "; by NUMA node: " + ", ".join(f"{node} {gb:.1f} GB" for node, gb in by_node.items())
+
+
 def set_gpu_cap(cap_gb: float | None, device: torch.device) -> None:
     """Cap this process's GPU memory at `cap_gb` (None = the whole card), as `max_gpu_memory` does."""
     if device.type != "cuda":
@@ -422,6 +463,7 @@ def environment() -> dict[str, Any]:
     env: dict[str, Any] = {
         "python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
         "peft": peft.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "numa_nodes": numa_nodes(),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

@@ -26,6 +26,13 @@ checkout's kernel, round by round (`--rounds`), and prints each variant's time a
 of the rounds' ratios): on the H200 boxes separate runs of one unchanged kernel differed by up to 30 %, more than the
 changes tried (benchmarks/NOTES.md, fourteenth session).
 
+`--routed E` times each dtype's kernel a second way, interleaved with the cycled sets round by round (`--rounds`):
+over weights laid out as decode holds them, `--layers` layers of E experts each in the engine's host buffers
+(`pinned.host_empty`: huge pages, page-locked where CUDA is), each call reading a random top-k of the next layer's E
+experts. Its `x cycled` column is its time over the cycled sets' (the median of the rounds' ratios): above 1, decode's
+weights cost the kernel more than the benchmark's do. The JSON also records, after allocation, how many GB of the
+process sit on each NUMA node.
+
 `--layer-pass` measures the hop around the kernel: per weight dtype, one decode layer's pass through `HostExperts`
 (what the engine runs: x, routing and output on the GPU when there is one, else on the host) next to the kernel
 alone on host copies of the same inputs, over `--layers` modules of `--top-k` experts each, and prints both and their
@@ -42,6 +49,7 @@ Usage: python benchmarks/cpu_gemv.py [--threads 16,8] [--tokens 1,4,16] [--layer
                                      [--hidden 2048] [--inter 1408] [--top-k 6]
        python benchmarks/cpu_gemv.py --kernel-only [--threads 16,8] [--tokens 1] [--layers 24] [--isas avx2,...]
                                      [--dtypes bf16,int8,fp8,int4] [--compare-source old.cpp] [--rounds 8]
+                                     [--routed 64]
        python benchmarks/cpu_gemv.py --layer-pass [--threads 16] [--tokens 1] [--layers 24] [--dtypes ...]
 """
 from __future__ import annotations
@@ -49,6 +57,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,15 +67,19 @@ import torch
 from torch import Tensor
 from torch.nn.functional import linear, silu
 
-from kllama.experts.cpu_compute import cpu_infer_forward, kernel_operands
-from kllama.experts.cpu_kernels import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import node_split_text, numa_nodes, process_gb_by_node  # noqa: E402
+from kllama.experts.cpu_compute import cpu_infer_forward, kernel_operands  # noqa: E402
+from kllama.experts.cpu_kernels import (  # noqa: E402
     ISAS, KERNEL_LABELS, expert_layer, kernel_isas, kernel_status, load_kernel_source,
 )
-from kllama.experts.crossover import median_seconds
-from kllama.experts.module import HostExperts
-from kllama.experts.placement import ExpertPlacement
-from kllama.experts.quant import BLOCK, INT4_GROUP, quantize
-from kllama.experts.routed import routed_experts_math
+from kllama.experts.crossover import median_seconds  # noqa: E402
+from kllama.experts.module import HostExperts  # noqa: E402
+from kllama.experts.pinned import pinned_copy  # noqa: E402
+from kllama.experts.placement import ExpertPlacement  # noqa: E402
+from kllama.experts.quant import BLOCK, INT4_GROUP, quantize  # noqa: E402
+from kllama.experts.routed import routed_experts_math  # noqa: E402
 
 
 def print_rows(rows: list[dict], width: int) -> None:
@@ -102,12 +115,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --kernel-only: comma list of other copies of csrc/expert_pass.cpp (variants, an "
                              "older commit's: `git show REV:src/kllama/experts/csrc/expert_pass.cpp > old.cpp`), each "
                              "built and timed interleaved with this checkout's kernel over --rounds rounds")
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds with --compare-source")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds with --compare-source or --routed")
+    parser.add_argument("--routed", type=int, default=0, help="with --kernel-only: also time the kernel over --layers "
+                        "layers of this many experts in the engine's host buffers, a random top-k a call (decode's "
+                        "layout), interleaved with the cycled sets")
     parser.add_argument("--isas", default="", help="kernel paths to time with --kernel-only (default: all above "
                         "scalar this CPU runs)")
     parser.add_argument("--dtypes", default="bf16,int8,fp8", help="weight dtypes to time with --kernel-only or "
                         "--layer-pass (int4 too: --layer-pass quantizes it with quant.py's scheme of that name)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.routed and args.compare_source:
+        parser.error("--routed and --compare-source time different things: run them apart")
+    if args.routed and args.routed < args.top_k:
+        parser.error(f"--routed {args.routed} is fewer experts than --top-k {args.top_k}")
+    return args
 
 
 class Cycle:
@@ -144,23 +165,36 @@ def kernel_weights(dtype: str, experts: int, hidden: int, inter: int) -> tuple[t
         "down_scale": torch.full((experts, blocks[1], blocks[0]), 0.01)}
 
 
+def engine_layer(dtype: str, experts: int, hidden: int, inter: int) -> tuple[Tensor, Tensor, dict]:
+    """One layer's `experts` experts in `dtype`, each tensor copied into the engine's host buffers (`pinned_copy`:
+    huge pages, page-locked where CUDA is), as `HostExperts` holds them for decode."""
+    (gate_up, down), scales = kernel_weights(dtype, experts, hidden, inter)
+    return pinned_copy(gate_up), pinned_copy(down), {key: pinned_copy(value) for key, value in scales.items()}
+
+
 def kernel_only(args: argparse.Namespace) -> dict:
     """The C++ kernel's GB/s per dtype and instruction-set path (see the module docstring)."""
-    H, I, K, L = args.hidden, args.inter, args.top_k, args.layers  # noqa: N806
+    H, I, K, L, E = args.hidden, args.inter, args.top_k, args.layers, args.routed  # noqa: N806
     isas = args.isas.split(",") if args.isas else [isa for isa in kernel_isas() if isa != "scalar"]
     if not isas:
         print(f"no kernel path to time: {kernel_status().reason or 'this CPU runs the scalar path only'}")
     tokens_list = [int(t) for t in args.tokens.split(",")]
     compare = bool(args.compare_source)
     modules = kernel_variants(args.compare_source) if isas else {}
-    rounds = args.rounds if compare else 1
-    rows, sets = [], {}
+    rounds = args.rounds if compare or E else 1
+    rows, sets, routed = [], {}, {}
     for dtype in args.dtypes.split(","):
         (gate_up, down), scales = kernel_weights(dtype, K * L, H, I)
         per_expert = sum(t[0].numel() * t.element_size() for t in (gate_up, down, *scales.values()))
         sets[dtype] = (gate_up, down, scales, per_expert)
         print(f"{dtype}: {K} experts x {per_expert / 1e6:.2f} MB per call, {L} disjoint sets cycled "
               f"({K * L * per_expert / 2**20:.0f} MiB)")
+        if E:
+            routed[dtype] = [engine_layer(dtype, E, H, I) for _ in range(L)]
+            print(f"{dtype}: routed, a random {K} of {E} experts of the next of {L} layers in the engine's host "
+                  f"buffers ({E * L * per_expert / 2**20:.0f} MiB)")
+    by_node = process_gb_by_node()  # where the weights landed (threads reading another node's memory read slower)
+    print(f"host memory of this process: {sum(by_node.values()):.1f} GB" + node_split_text(by_node))
     gen = torch.Generator().manual_seed(0)
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
@@ -174,31 +208,42 @@ def kernel_only(args: argparse.Namespace) -> dict:
             weights = torch.rand(tokens, K, generator=gen)
             # each call's tokens choose among the next disjoint set of K experts (every token: all K of them)
             index = [torch.stack([torch.randperm(K, generator=gen) + j * K for _ in range(tokens)]) for j in range(L)]
+            # --routed: 8 random routings a layer (each token a random K of E), the next one each time round
+            routes = [[torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(tokens)]) for _ in range(8)]
+                      for _ in range(L)] if E else []
             out = torch.empty(tokens, H)
             for isa in isas:
                 for dtype, (gate_up, down, scales, per_expert) in sets.items():
                     calls = {label: Cycle(lambda j, module=module, gate_up=gate_up, down=down, scales=scales,
                                           isa=isa: direct_pass(module, x, index[j], weights, gate_up, down, scales,
                                                                out, ISAS[isa]), L) for label, module in modules.items()}
+                    if E:
+                        calls = {CYCLED: calls[TREE], f"routed over {E}": Cycle(
+                            lambda i, layers=routed[dtype], isa=isa: direct_pass(
+                                modules[TREE], x, routes[i % L][i // L], weights, *layers[i % L], out, ISAS[isa]),
+                            8 * L)}
                     for label, (seconds, ratio) in interleaved_seconds(calls, args.repeats, rounds).items():
                         gbs = K * per_expert / seconds / 1e9
-                        rows.append({"variant": f"kernel {isa} {dtype}" + (f" [{label}]" if compare else ""),
+                        rows.append({"variant": f"kernel {isa} {dtype}" + (f" [{label}]" if len(calls) > 1 else ""),
                                      "threads": threads, "tokens": tokens, "ms": seconds * 1e3, "GB_per_s": gbs,
                                      "pct_of_read": 100 * gbs * 1e9 / read_bw, "source": label,
-                                     "x_tree_time": ratio})
+                                     ("x_cycled_time" if E else "x_tree_time"): ratio})
     print(f"CPU expert kernel alone, top-{K} experts, H={H} I={I}; tiers in use: "
           f"{ {KERNEL_LABELS[d]: t for d, t in kernel_status().tiers.items()} }")
-    print_rows(rows, 48 if compare else 32)
-    if compare:
-        print(f"variants interleaved over {rounds} rounds; time / the tree's time, median of the rounds' ratios:")
+    print_rows(rows, 48 if compare or E else 32)
+    if compare or E:
+        key, first, what = ("x_tree_time", TREE, "the tree's") if compare else ("x_cycled_time", CYCLED,
+                                                                                 "over the cycled sets")
+        print(f"interleaved over {rounds} rounds; time / time {what}, median of the rounds' ratios:")
         for row in rows:
-            if row.get("x_tree_time") is not None and row["source"] != TREE:
-                print(f"  {row['variant']:48s} {row['threads']:3d} threads {row['tokens']:3d} tokens "
-                      f"{row['x_tree_time']:.3f}x")
-    return {"args": vars(args), "rows": rows, "cpu_count": torch.get_num_threads(), "kernel_isa": kernel_status().isa}
+            if row.get(key) is not None and row["source"] != first:
+                print(f"  {row['variant']:48s} {row['threads']:3d} threads {row['tokens']:3d} tokens {row[key]:.3f}x")
+    return {"args": vars(args), "rows": rows, "cpu_count": torch.get_num_threads(), "kernel_isa": kernel_status().isa,
+            "numa_nodes": numa_nodes(), "process_gb_by_node": by_node}
 
 
 TREE = "tree"  # the kernel of this checkout, in --compare-source rows
+CYCLED = "cycled sets"  # --routed rows' baseline: the disjoint sets cycled
 
 
 def direct_pass(module: ModuleType, x: Tensor, index: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor,

@@ -59,8 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     build_model, comma_list, compute_device, current_host_gb, environment, expert_dtype_list, format_table,
-    gpu_peak_gb, log, model_config, peak_host_gb, placement_list, release, reset_gpu_peak, set_gpu_cap, shape_summary,
-    synchronize, write_results,
+    gpu_peak_gb, log, model_config, node_split_text, peak_host_gb, placement_list, process_gb_by_node, release,
+    reset_gpu_peak, set_gpu_cap, shape_summary, synchronize, write_results,
 )
 from kllama.config.units import parse_bytes  # noqa: E402
 from kllama.experts.cpu_share import SplitModel  # noqa: E402
@@ -484,9 +484,11 @@ def build_dtype(config: Any, device: torch.device, args: argparse.Namespace, pla
     model, modules = build_model(config, device, host_experts=True, expert_dtype=expert_dtype)
     build_s = time.perf_counter() - start
     host_gb = sum(m.host_bytes() for m in modules.values()) / 1e9
-    log(f"built ({expert_dtype}) in {build_s:.1f}s: {host_gb:.1f} GB of experts, host RSS {current_host_gb():.1f} GB")
+    by_node = process_gb_by_node()  # where the weights landed: threads reading another node's memory read slower
+    log(f"built ({expert_dtype}) in {build_s:.1f}s: {host_gb:.1f} GB of experts, host RSS {current_host_gb():.1f} GB"
+        + node_split_text(by_node))
     build = {"build_s": build_s, "expert_host_gb": host_gb, "host_rss_before_build_gb": rss_before,
-             "host_rss_after_build_gb": current_host_gb()}
+             "host_rss_after_build_gb": current_host_gb(), "process_gb_by_node": by_node}
     auto = measure_auto(modules, model, args, device) if "auto" in placements or caps or args.fill else {}
     split = auto.pop("split", None)  # the model object; the JSON keeps its samples and the start-up line
     build["crossovers"] = auto

@@ -116,6 +116,10 @@ def one_core_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir) -> I
                     "--top-k", "2", "--layers", "2", "--tokens", "1", "--repeats", "2", "--dtypes", "int8",
                     "--compare-source", str(_copy_of_kernel_source(work)), "--rounds", "3",
                     "--out", str(work / "compare" / "kernel.json")],
+        # the kernel over decode's layout (a random top-k of a layer's experts, engine buffers) beside the cycled sets
+        "routed": ["cpu_gemv.py", "--kernel-only", "--threads", "1", "--hidden", "256", "--inter", "192",
+                   "--top-k", "2", "--layers", "2", "--tokens", "1", "--repeats", "2", "--dtypes", "int8",
+                   "--routed", "4", "--rounds", "3", "--out", str(work / "routed" / "kernel.json")],
         "serve": ["serve.py", str(tiny_model_dir("deepseek_v2")), "--placements", "auto", "--concurrency", "1,4",
                   "--new", "6", "--out-dir", str(work / "serve" / "serve")],  # a server starts
         "interleave": ["decode.py", "--tiny", "--cpu-threads", "1", "--placements", "cpu", "--expert-dtype",
@@ -164,6 +168,34 @@ def test_cpu_gemv_kernel_only_compares_a_variant_source_interleaved(one_core_run
     assert rows[f"kernel {isa} int8 [tree]"]["x_tree_time"] is None
     assert 0.2 < rows[f"kernel {isa} int8 [same.cpp]"]["x_tree_time"] < 5
     assert "median of the rounds' ratios" in log
+
+
+def test_cpu_gemv_kernel_only_times_decodes_layout_beside_the_cycled_sets(one_core_runs: dict) -> None:
+    """`--routed E` times the kernel over layers of E experts in the engine's host buffers, a random top-k a call,
+    interleaved with the cycled sets, as a multiple of their time; the JSON says where the process's memory sits."""
+    proc, log_file, work = one_core_runs["routed"]
+    log = _finish(proc, log=log_file)
+    results = json.loads((work / "kernel.json").read_text())
+    assert "routed, a random 2 of 4 experts of the next of 2 layers" in log and "host memory of this process" in log
+    if Path("/proc/self/numa_maps").exists():  # Linux with NUMA reporting: the GB the run holds, per node
+        assert sum(results["process_gb_by_node"].values()) > 0, results["process_gb_by_node"]
+    if Path("/sys/devices/system/node/node0").exists():
+        assert "node0" in results["numa_nodes"], results["numa_nodes"]
+    if results["kernel_isa"] in (None, "scalar"):
+        pytest.skip("no kernel path above scalar on this CPU")
+    isa = results["kernel_isa"]
+    rows = {row["variant"]: row for row in results["rows"] if row.get("source")}
+    assert rows[f"kernel {isa} int8 [cycled sets]"]["x_cycled_time"] is None
+    assert 0.2 < rows[f"kernel {isa} int8 [routed over 4]"]["x_cycled_time"] < 5
+    assert "time over the cycled sets, median of the rounds' ratios" in log
+
+
+def test_cpu_gemv_routed_needs_top_k_experts_and_no_variant_source() -> None:
+    for args, message in ((["--routed", "1"], "--routed 1 is fewer experts than --top-k 6"),
+                          (["--routed", "8", "--compare-source", "old.cpp"], "run them apart")):
+        proc = _start("cpu_gemv.py", "--kernel-only", *args)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and message in out and "Traceback" not in out, out
 
 
 def test_cpu_gemv_probe_runs_small(one_core_runs: dict) -> None:
