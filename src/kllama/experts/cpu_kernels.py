@@ -38,8 +38,9 @@ nothing else: expert LoRA runs inside it.
 
 `host_job` makes the same pass over fixed buffers, checked once and run many times, also from a thread without the
 GIL: a captured decode step runs it as a CUDA host node (`kllama.infer.graphs`). The extension throws no C++
-exception: its functions return a failed check's message, raised here as RuntimeError (on the H200 box's torch 2.11
-CUDA build, exceptions thrown in the extension crashed the process).
+exception and formats no message with iostreams: its functions return a failed check's message, joined by hand, and
+it is raised here as RuntimeError (on the H200 box's torch 2.11 CUDA build, a message formatted by a C++ stream inside
+the extension crashed the process; docs/design.md).
 
 The extension is built on first use with torch's C++ extension tools (ninja, the host's C++ compiler) into torch's
 extensions cache and imported from there by later processes without running the build tools again (its name hashes the

@@ -9,10 +9,11 @@
 // A thread owns its rows in both stages, so there are no atomics and no reduction across threads. Rows are read
 // as contiguous streams with a software prefetch of the next row (a 4 KiB bf16 row is a page, where the hardware
 // prefetcher stops; int8 on VNNI: two rows ahead). For up to 2 tokens an expert, int8 (VNNI) and bf16 (AVX512-BF16)
-// run gate row j and up row j in one loop (`Avx512Int8VnniPair`, `Avx512Bf16DpPair`). A dot product of few activation rows (decode: one) keeps several independent accumulator chains
-// per row (`chains`), else one FMA chain's latency, not memory, sets its speed (measured: benchmarks/NOTES.md, "The
-// CPU expert kernel at memory bandwidth"). Dot products accumulate in fp32: AVX512-BF16 `vdpbf16ps` on bf16 activations, else weights
-// widened to fp32 (AVX-512F, AVX2+FMA or scalar) and multiplied with fp32 activations holding the same values.
+// run gate row j and up row j in one loop (`Avx512Int8VnniPair`, `Avx512Bf16DpPair`). A dot product of few
+// activation rows (decode: one) keeps several independent accumulator chains per row (`chains`), else one FMA
+// chain's latency, not memory, sets its speed (measured: benchmarks/NOTES.md, "The CPU expert kernel at memory
+// bandwidth"). Dot products accumulate in fp32: AVX512-BF16 `vdpbf16ps` on bf16 activations, else weights widened
+// to fp32 (AVX-512F, AVX2+FMA or scalar) and multiplied with fp32 activations holding the same values.
 // int8 weights carry one fp32 scale per output row. fp8 (e4m3fn) weights carry one fp32 scale per 128x128 block
 // (kllama/experts/quant.py's layout, a grid per fused projection): a byte becomes fp16 bits by a shift (exactly
 // value * 2^-8), F16C widens those to fp32, and each 128-column block's partial dot product is multiplied by its
