@@ -86,6 +86,32 @@ std::string message(const Parts&... parts) {
 
 constexpr int kMaxPairs = 8;        // activation rows one weight-row read serves at once (accumulators in registers)
 constexpr int64_t kGrainRows = 16;  // fewest output rows per thread
+
+// Rows [begin, end) over the OpenMP team, handed out as they are asked for (guided: a thread takes the rows left
+// over the team's size, rounded up to `grain`, so ranges shrink toward the end): a thread that a host preempts or
+// that reads slower gets fewer rows instead of holding up the whole pass at the join.
+template <typename F>
+void guided_rows(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const int64_t n = end - begin;
+  const int64_t team = omp_in_parallel() ? 1 : std::min<int64_t>(omp_get_max_threads(), (n + grain - 1) / grain);
+  if (team <= 1) {
+    if (n > 0) f(begin, end);
+    return;
+  }
+  std::atomic<int64_t> next{begin};
+#pragma omp parallel num_threads(int(team))
+  {
+    for (;;) {
+      int64_t start = next.load(std::memory_order_relaxed), take = 0;
+      while (start < end) {
+        take = std::min(end - start, ((end - start + team - 1) / team + grain - 1) / grain * grain);
+        if (next.compare_exchange_weak(start, start + take, std::memory_order_relaxed)) break;
+      }
+      if (start >= end) break;
+      f(start, start + take);
+    }
+  }
+}
 constexpr int64_t kBlock = 128;     // fp8 scale block edge (rows and columns), quant.py's BLOCK
 constexpr float kFp8Unscale = 256.0f;  // fp8 bytes read as fp16 are value * 2^-8
 constexpr int64_t kGroup = 64;      // int4 scale group (columns of a row: 32 bytes)
@@ -1285,7 +1311,7 @@ std::string run_pass(const Pass& pass, int64_t T) {
   const size_t gu_row = row_bytes(kind, H), dn_row = row_bytes(kind, I);
   const char* gu_ptr = pass.gu_ptr;
   const PairDot* pairs = pair_dots(x_form);
-  at::parallel_for(0, I, kGrainRows, [&](int64_t j0, int64_t j1) {
+  guided_rows(0, I, kGrainRows, [&](int64_t j0, int64_t j1) {
     float gate[kMaxPairs], up[kMaxPairs];
     for (const Group& g : groups) {
       const char* base = gu_ptr + size_t(g.expert * 2 * I) * gu_row;
@@ -1327,7 +1353,7 @@ std::string run_pass(const Pass& pass, int64_t T) {
   float* o = bf16_out ? sums.data() : static_cast<float*>(pass.out);
   uint16_t* o16 = bf16_out ? static_cast<uint16_t*>(pass.out) : nullptr;
   const char* dn_ptr = pass.dn_ptr;
-  at::parallel_for(0, H, kGrainRows, [&](int64_t h0, int64_t h1) {
+  guided_rows(0, H, kGrainRows, [&](int64_t h0, int64_t h1) {
     for (int64_t t = 0; t < T; ++t) std::fill(o + t * H + h0, o + t * H + h1, 0.0f);
     float y[kMaxPairs];
     for (const Group& g : groups) {
