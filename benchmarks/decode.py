@@ -23,7 +23,9 @@ Each row splits its ms/token into expert passes, other GPU work and host overhea
 with expert passes in graphs of their own (`split_experts`), the eager row from torch.profiler kernel times. For
 CPU passes run as host nodes of the step's graph, `of it kernel` is the kernel's own time inside them (the jobs'
 clocks). `--host-nodes on,off` repeats every graphed cpu/auto row with CPU passes as eager calls between graphs
-(the way before host nodes), the baseline of the same run. `--kernel-loop N` then runs the step's kernel jobs back
+(the way before host nodes), the baseline of the same run; `flag` and `host-node` pick how a captured pass hands over
+to the CPU (`GraphedDecoder(handoff=...)`: a flag in page-locked memory answered by a spinning thread, or a CUDA host
+function; `on` takes the decoder's default, the flag where stream memory operations work). `--kernel-loop N` then runs the step's kernel jobs back
 to back N rounds on the main thread: their ms a layer there next to inside decode (JSON).
 `--spare-core on,off` repeats every row with host nodes: `on` (the decoder's default) runs their kernel on the
 placement's threads minus one while the replaying thread spins on the core left over, `off` on all threads while it
@@ -102,8 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-eager", action="store_true", help="skip the eager gpu row")
     p.add_argument("--kernel-loop", type=int, default=0, help="after each row with host nodes, run the step's kernel "
                    "jobs back to back this many rounds on the main thread: ms a layer there vs inside decode")
-    p.add_argument("--host-nodes", default="on", help="comma list of on|off: graphed cpu/auto rows with the CPU expert "
-                   "passes as host nodes of the step's graph (on) or as eager passes between graphs (off)")
+    p.add_argument("--host-nodes", default="on", help="comma list of on|off|flag|host-node: graphed cpu/auto rows "
+                   "with the CPU expert passes inside the step's graph (on: the decoder's default hand-off; flag or "
+                   "host-node: that hand-off) or as eager passes between graphs (off)")
     p.add_argument("--spare-core", default="on", help="comma list of on|off: host nodes' kernel on the placement's "
                    "threads minus one, the replaying thread spinning on the spare core (on), or on all of them, the "
                    "replaying thread asleep (off)")
@@ -124,18 +127,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also print torch.profiler's table over this many eager decode steps per placement")
     p.add_argument("--out-dir", type=Path, default=None, help="JSON directory (default benchmarks/results)")
     args = p.parse_args(argv)
-    for option in ("host_nodes", "spare_core"):
+    for option, values in (("host_nodes", ("on", "off", "flag", "host-node")), ("spare_core", ("on", "off"))):
         value = getattr(args, option)
-        if not comma_list(value) or set(comma_list(value)) - {"on", "off"}:
-            p.error(f"--{option.replace('_', '-')} takes a comma list of on|off, got {value!r}")
+        if not comma_list(value) or set(comma_list(value)) - set(values):
+            p.error(f"--{option.replace('_', '-')} takes a comma list of {'|'.join(values)}, got {value!r}")
     if args.interleave < 0 or (args.interleave and len(comma_list(args.placements)) != 1):
         p.error("--interleave takes a count of rounds and exactly one --placements entry")
     return args
 
 
 def switches(text: str) -> list[bool]:
-    """An on|off comma list (`--host-nodes`, `--spare-core`) as booleans."""
+    """An on|off comma list (`--spare-core`) as booleans."""
     return [value == "on" for value in comma_list(text)]
+
+
+def handoffs(text: str) -> list[str | bool]:
+    """`--host-nodes` as the decoder's `handoff` per value (`on`: auto), False for `off` (eager passes)."""
+    return [False if value == "off" else "auto" if value == "on" else value for value in comma_list(text)]
 
 
 # ----------------------------------------------------------------------------- placing the experts
@@ -221,12 +229,22 @@ def eager_decode(model: nn.Module, prompt: list[int], new_tokens: int, device: t
     return prefill, steps, generated
 
 
-def graphed_split(model: nn.Module, prompt: list[int], steps: int, host_nodes: bool = True, spare_core: bool = True,
-                  ) -> dict[str, float] | None:
+def hand_off_label(nodes: str | bool) -> str:
+    """A variant's hand-off in a round's log line ('' for the decoder's default)."""
+    return " eager passes" if not nodes else "" if nodes == "auto" else f" {nodes}"
+
+
+def decoder_options(nodes: str | bool, spare: bool) -> dict[str, Any]:
+    """`GraphedDecoder` keywords of a host variant (`host_variants`): its hand-off, or eager passes for False."""
+    return {"host_nodes": bool(nodes), "handoff": nodes or "auto", "spare_core": spare}
+
+
+def graphed_split(model: nn.Module, prompt: list[int], steps: int, host_nodes: str | bool = "auto",
+                  spare_core: bool = True) -> dict[str, float] | None:
     """Median ms of expert passes, other GPU work and host overhead over `steps` timed replays of a decoder whose
     resident expert passes and host nodes have graphs of their own (None when graphs are not used)."""
-    decoder = GraphedDecoder(model, 1, len(prompt) + steps + 2, split_experts=True, host_nodes=host_nodes,
-                             spare_core=spare_core)
+    decoder = GraphedDecoder(model, 1, len(prompt) + steps + 2, split_experts=True,
+                             **decoder_options(host_nodes, spare_core))
     token = int(decoder.prefill(prompt).argmax())
     decoder.step([token], [len(prompt)])  # capture
     times = []
@@ -298,11 +316,12 @@ def finish_row(row: dict[str, Any], split: dict[str, float] | None) -> dict[str,
 
 
 def run_row(name: str, model: nn.Module, engine: ExpertEngine, args: argparse.Namespace, device: torch.device,
-            prompt: list[int], *, graphs: bool, host_nodes: bool = True, spare_core: bool = True) -> dict[str, Any]:
+            prompt: list[int], *, graphs: bool, host_nodes: str | bool = "auto", spare_core: bool = True,
+            ) -> dict[str, Any]:
     """Warm up, then time prefill + decode of one row; then the time split."""
     log(f"{name}: warm-up")
     if graphs:
-        decoder = GraphedDecoder(model, 1, len(prompt) + args.new + 2, host_nodes=host_nodes, spare_core=spare_core)
+        decoder = GraphedDecoder(model, 1, len(prompt) + args.new + 2, **decoder_options(host_nodes, spare_core))
         graphed_decode(decoder, prompt[:16], 4, device)  # captures the step
         run = lambda: graphed_decode(decoder, prompt, args.new, device)  # noqa: E731
     else:
@@ -318,7 +337,8 @@ def run_row(name: str, model: nn.Module, engine: ExpertEngine, args: argparse.Na
     row = {"name": name, "decode_tokens_per_s": 1 / mean, "ms_per_token": mean * 1e3, "prefill_s": prefill,
            "decode_step_s": steps, "peak_gpu_gb": gpu_peak_gb(device), "peak_host_gb": peak_host_gb(),
            "host_now_gb": current_host_gb(), "generated_head": generated[:8], "resident_layers": resident,
-           "graphed": bool(decoder is not None and decoder.graphed), "note": note}
+           "graphed": bool(decoder is not None and decoder.graphed), "note": note,
+           "handoff": decoder.handoff if decoder is not None and decoder.host_jobs() else None}
     if decoder is not None and args.kernel_loop and decoder.host_jobs():
         row.update(kernel_loop(decoder, args.kernel_loop))
         log(f"{name}: kernel {row['kernel_in_decode_ms_per_layer']:.3f} ms a layer in decode, "
@@ -456,8 +476,8 @@ def host_variants(mode: str, graphs: bool, args: argparse.Namespace) -> list[tup
     """The (host nodes, spare core) settings a `mode` row is run with: every `--host-nodes` x `--spare-core` value
     for graphed cpu/auto rows (the spare core matters only with host nodes), else the defaults."""
     if not graphs or mode not in ("cpu", "auto"):
-        return [(True, True)]
-    return [(nodes, spare) for nodes in switches(args.host_nodes)
+        return [("auto", True)]
+    return [(nodes, spare) for nodes in handoffs(args.host_nodes)
             for spare in (switches(args.spare_core) if nodes else [True])]
 
 
@@ -467,8 +487,8 @@ def variant_kind(mode: str, graphs: bool, nodes: bool, spare: bool, args: argpar
     threads = f"{args.cpu_threads} threads, " if mode in ("cpu", "auto") else ""
     kind = "graphs" if graphs else "eager"
     if graphs and mode in ("cpu", "auto"):
-        if len(switches(args.host_nodes)) > 1:
-            kind += ", host nodes" if nodes else ", eager host passes"
+        if len(handoffs(args.host_nodes)) > 1:
+            kind += (", host nodes" if nodes == "auto" else f", {nodes} hand-off") if nodes else ", eager host passes"
         if len(switches(args.spare_core)) > 1 and nodes:
             kind += ", spare core" if spare else ", all cores"
     return f"{threads}{kind}"
@@ -511,7 +531,7 @@ def interleaved_rows(config: Any, device: torch.device, args: argparse.Namespace
         for nodes, spare in host_variants(mode, graphs, args):
             key = (dtype, nodes, spare)
             names[key] = f"kllama {mode} ({variant_kind(mode, graphs, nodes, spare, args)}), {dtype}, interleaved"
-            decoders[key] = GraphedDecoder(model, 1, len(prompt) + args.new + 2, host_nodes=nodes, spare_core=spare)
+            decoders[key] = GraphedDecoder(model, 1, len(prompt) + args.new + 2, **decoder_options(nodes, spare))
             graphed_decode(decoders[key], prompt[:16], 4, device)  # captures the step
     keys = list(decoders)
     base_dtype = "bf16" if "bf16" in dtypes else dtypes[0]
@@ -532,7 +552,7 @@ def interleaved_rows(config: Any, device: torch.device, args: argparse.Namespace
             kernel[key][1] += sum(job.runs for job in jobs) - before[1]
             kernel[key][2] += len(steps)
         log(f"round {round_ + 1}/{args.interleave}: " + ", ".join(
-            f"{key[0]}{'' if key[1] else ' eager passes'}{'' if key[2] else ' all cores'} {speeds[key][-1]:.2f}"
+            f"{key[0]}{hand_off_label(key[1])}{'' if key[2] else ' all cores'} {speeds[key][-1]:.2f}"
             for key in keys) + " tok/s")
     for key in keys:
         ratios = [a / b for a, b in zip(speeds[key], speeds[base_of[key]])]
@@ -542,6 +562,7 @@ def interleaved_rows(config: Any, device: torch.device, args: argparse.Namespace
                "base": names[base_of[key]], "x_base": statistics.median(ratios), "x_base_rounds": ratios,
                "x_base_text": f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
                "generated_head": generated[key][:8], "graphed": decoders[key].graphed,
+               "handoff": decoders[key].handoff if decoders[key].host_jobs() else None,
                "resident_layers": sum(m.placement.target_for(1) == "gpu"
                                       for m in models[dtypes.index(key[0])][1].values()),
                "peak_host_gb": peak_host_gb(), "note": "" if decoders[key].graphed else f"eager: {decoders[key].reason}"}
@@ -565,7 +586,7 @@ def dtype_rows(config: Any, device: torch.device, args: argparse.Namespace, plac
     for mode, graphs, nodes, spare in plan:
         name = f"kllama {mode} ({variant_kind(mode, graphs, nodes, spare, args)}){suffix}"
 
-        def placement_row(mode: str = mode, graphs: bool = graphs, nodes: bool = nodes, spare: bool = spare,
+        def placement_row(mode: str = mode, graphs: bool = graphs, nodes: str | bool = nodes, spare: bool = spare,
                           name: str = name) -> dict[str, Any]:
             engine = place(model, modules, mode, args, crossovers)
             row = run_row(name, model, engine, args, device, prompt, graphs=graphs, host_nodes=nodes,

@@ -603,3 +603,62 @@ def test_a_host_job_run_on_this_thread_leaves_torchs_thread_count_as_it_was() ->
                                threads=before + 1, **scales)
     job.run()
     assert job.runs == 1 and torch.get_num_threads() == before
+
+
+def _wait_for(flags: torch.Tensor, word: int, value: int, seconds: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while int(flags[word]) != value:
+        assert time.monotonic() < deadline, f"flag word {word} never became {value}: {flags.tolist()}"
+        time.sleep(1e-4)
+
+
+@needs_kernel
+def test_the_handoff_runner_answers_each_go_flag_in_order_with_its_jobs_pass() -> None:
+    # what a captured step's stream memory operations do, played from this thread: go = 1, wait for done = 1, done = 0
+    layers = [layer(torch.int8, 8, 128, 64, rank=4, seed=s) for s in (0, 1)] + [layer(torch.bfloat16, 8, 128, 64, 4)]
+    runner = cpu_kernels.handoff_runner()
+    jobs, flags, buffers = [], [], []
+    for number, (gate_up, down, scales, lora) in enumerate(layers):
+        gen = torch.Generator().manual_seed(number)
+        x, (index, weights) = torch.randn(2, 128, generator=gen).bfloat16(), routing(2, 8, 2, seed=number)
+        out = torch.zeros(2, 128, dtype=torch.bfloat16)
+        jobs.append(cpu_kernels.host_job(x, index, weights, gate_up, down, out=out, threads=2, lora=lora, **scales))
+        flags.append(torch.zeros(2, dtype=torch.int32))
+        buffers.append((x, index, weights, out, expert_layer(x, index, weights, gate_up, down, lora=lora, **scales)))
+    sequence = cpu_kernels.handoff_sequence(jobs, flags)
+    assert sequence.size == 3
+    served = runner.served
+    for replay in range(2):
+        runner.arm(sequence)
+        for number, flag in enumerate(flags):
+            assert all(job.runs == replay + (i < number) for i, job in enumerate(jobs))  # nothing runs before its go
+            flag[0] = 1
+            _wait_for(flag, 1, 1)
+            assert int(flag[0]) == 0  # the runner cleared go before it answered
+            flag[1] = 0
+            x, index, weights, out, expected = buffers[number]
+            assert torch.equal(out, expected.bfloat16())
+    assert runner.served == served + 6 and all(job.runs == 2 and job.error == "" for job in jobs)
+
+
+@needs_kernel
+def test_a_cancelled_handoff_frees_the_runner_and_a_failed_pass_still_answers() -> None:
+    gate_up, down, scales, _ = layer(torch.int8, 8, 128, 64, rank=4)
+    out = torch.zeros(1, 128, dtype=torch.bfloat16)
+    bad = cpu_kernels.host_job(torch.randn(1, 128).bfloat16(), torch.tensor([[0, 9]]), torch.rand(1, 2), gate_up,
+                               down, out=out, threads=1, **scales)
+    flags = torch.zeros(2, dtype=torch.int32)
+    sequence = cpu_kernels.handoff_sequence([bad], [flags])
+    runner = cpu_kernels.handoff_runner()
+    runner.arm(sequence)
+    runner.cancel()  # a replay that never launched: its go never comes
+    runner.arm(sequence)  # the next replay is served, so the runner is not still waiting on the cancelled one
+    flags[0] = 1
+    _wait_for(flags, 1, 1)
+    assert "expert 9" in bad.error and torch.equal(out, torch.zeros_like(out))  # the error is kept, done is written
+    with pytest.raises(RuntimeError, match="one flag pair per job"):
+        cpu_kernels.handoff_sequence([bad], [])
+    with pytest.raises(RuntimeError, match="int32 host tensor of 2 words"):
+        cpu_kernels.handoff_sequence([bad], [torch.zeros(3, dtype=torch.int32)])

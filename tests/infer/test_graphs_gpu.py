@@ -104,13 +104,26 @@ def kinds(decoder: GraphedDecoder, bucket: int = 1) -> list[str]:
     return [item.kind for item in captured_step(decoder, bucket).items]
 
 
-@pytest.mark.parametrize("host_nodes", [True, False])
+# how a graph hands its CPU passes over: "flag" and "host-node" (`HostNodePass`), or "off": eager passes between graphs
+HANDOFF_MODES = ["flag", "host-node", "off"]
+
+
+def decoder_for(model: torch.nn.Module, max_batch: int, max_len: int, mode: str, **options: bool) -> GraphedDecoder:
+    if mode == "off":
+        return GraphedDecoder(model, max_batch, max_len, host_nodes=False, **options)
+    decoder = GraphedDecoder(model, max_batch, max_len, handoff=mode, **options)
+    assert decoder.handoff == mode  # stream memory operations work on every supported GPU
+    return decoder
+
+
+@pytest.mark.parametrize("mode", HANDOFF_MODES)
 @pytest.mark.parametrize("placement", ["gpu", "cpu", "auto", None])
 @pytest.mark.parametrize("arch", ["deepseek_v2", "qwen3_moe"])
-def test_graphed_greedy_equals_eager(arch: str, placement: str | None, host_nodes: bool) -> None:
+def test_graphed_greedy_equals_eager(arch: str, placement: str | None, mode: str) -> None:
     model, engine = cuda_model(arch, placement)
     prompt = prompt_of(model)
-    graphed = GraphedDecoder(model, 1, 48, host_nodes=host_nodes)
+    graphed = decoder_for(model, 1, 48, mode)
+    host_nodes = mode != "off"
     eager = GraphedDecoder(model, 1, 48, use_graphs=False)
     got = decode(graphed, prompt)
     assert graphed.graphed, graphed.reason
@@ -139,8 +152,9 @@ def test_placements_decode_the_same_tokens(arch: str) -> None:
     assert_same_greedy(runs["auto"], runs["gpu"])
 
 
-@pytest.mark.parametrize("host_nodes", [True, False])
-def test_batched_slots_graphed_equal_eager(host_nodes: bool) -> None:
+@pytest.mark.parametrize("mode", HANDOFF_MODES)
+def test_batched_slots_graphed_equal_eager(mode: str) -> None:
+    host_nodes = mode != "off"
     model, engine = cuda_model("deepseek_v2", None)
     prompts = [prompt_of(model, n, seed=n) for n in (5, 11, 8)]
     cpu_module = engine.modules[even_layers(model, engine)[0]]
@@ -154,7 +168,8 @@ def test_batched_slots_graphed_equal_eager(host_nodes: bool) -> None:
     cpu_module.run_pass = counting  # the CPU layer's pass, as a replay calls it
     results = []
     for use_graphs in (True, False):
-        decoder = GraphedDecoder(model, 4, 32, use_graphs=use_graphs, host_nodes=host_nodes)
+        decoder = decoder_for(model, 4, 32, mode, use_graphs=use_graphs) if use_graphs else GraphedDecoder(
+            model, 4, 32, use_graphs=False)
         last = [int(decoder.prefill(p, slot=s).argmax()) for s, p in enumerate(prompts)]
         tokens = [last]
         rows_seen.clear()
@@ -184,10 +199,11 @@ def test_resident_experts_with_lora_are_one_graph() -> None:
     assert got[0] == decode(GraphedDecoder(model, 1, 48, use_graphs=False), prompt)[0]
 
 
-@pytest.mark.parametrize("host_nodes", [True, False])
-def test_split_experts_times_each_part(host_nodes: bool) -> None:
+@pytest.mark.parametrize("mode", HANDOFF_MODES)
+def test_split_experts_times_each_part(mode: str) -> None:
+    host_nodes = mode != "off"
     model, engine = cuda_model("deepseek_v2", None)
-    decoder = GraphedDecoder(model, 1, 48, split_experts=True, host_nodes=host_nodes)
+    decoder = decoder_for(model, 1, 48, mode, split_experts=True)
     logits = decoder.prefill(prompt_of(model))
     _, times = decoder.timed_step([int(logits.argmax())], [9])
     n, even = len(engine.modules), len(even_layers(model, engine))
@@ -271,13 +287,14 @@ def test_quantized_cpu_experts_with_a_frozen_lora_decode_as_host_nodes_of_one_gr
     assert all(torch.allclose(a, b, atol=1e-2, rtol=1e-2) for a, b in zip(got[1], expected[1]))
 
 
-def test_a_decoder_dropped_with_a_step_in_flight_waits_for_its_host_nodes() -> None:
-    # a caller that never reads its last step's logits: the replay's host nodes still run the decoder's kernel
+@pytest.mark.parametrize("mode", ["flag", "host-node"])
+def test_a_decoder_dropped_with_a_step_in_flight_waits_for_its_host_nodes(mode: str) -> None:
+    # a caller that never reads its last step's logits: the replay's host passes still run the decoder's kernel
     # jobs over its pinned buffers after the decoder is gone, unless its end waits for them (it crashed once)
     model, _ = cuda_model("deepseek_v2", "cpu")
     prompt = prompt_of(model)
     for _ in range(3):
-        decoder = GraphedDecoder(model, 1, 48)
+        decoder = decoder_for(model, 1, 48, mode)
         decoder.prefill(prompt)
         for i in range(4):
             decoder.step([i + 1], [len(prompt) + i])

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.nn.functional import linear
 
 from kllama.experts.cpu_kernels import KERNEL_MAX_TOKENS, expert_layer, host_job, kernel_runs, kernel_status
-from kllama.experts.host_func import launch_host_func
+from kllama.experts.host_func import device_address, launch_host_func, wait_value, write_value
 from kllama.experts.pinned import host_empty
 from kllama.experts.quant import BLOCK, ExpertWeight, QuantizedWeight
 from kllama.experts.quant_compute import quant_expert_gemm
@@ -294,21 +294,34 @@ def kernel_takes(module: "HostExperts", x: Tensor, lora: Mapping[str, tuple[Tens
 
 
 class HostNodePass:
-    """A module's kernel pass as a host node of a CUDA graph (`kllama.infer.graphs`): made outside the capture
-    (pinned buffers cannot be allocated inside one), then `capture` enqueues, on the capturing stream, copies of
-    x and the routing into those buffers, the kernel as a host function (`cpu_kernels.host_job`: no Python and no
-    GIL at replay), and the copy of its output back. Each replay then runs the pass in order with the graph's other
-    work, with no stream sync and no Python between layers; `job.rows` sets how many leading rows the next replays
-    compute (the rest keep what they held)."""
+    """A module's kernel pass inside a CUDA graph (`kllama.infer.graphs`): made outside the capture (pinned buffers
+    cannot be allocated inside one), then `capture` enqueues, on the capturing stream, copies of x and the routing
+    into those buffers, the hand-off of the kernel to the CPU, and the copy of its output back. Each replay then runs
+    the pass in order with the graph's other work, with no stream sync and no Python between layers; `job.rows` sets
+    how many leading rows the next replays compute (the rest keep what they held).
 
-    def __init__(self, module: "HostExperts", x: Tensor, top_k: int) -> None:
+    Two hand-offs (`handoff`):
+    * `flag`: the graph writes 1 into the pass's `go` word in page-locked memory and waits until its `done` word is 1
+      (stream memory operations, `host_func.write_value` / `wait_value`), then sets it back to 0; the process's
+      `HandoffRunner` thread spins on `go` while the step is in flight, runs the job and writes `done`
+      (`cpu_kernels.handoff_runner`). The graph's replays must arm the pass's sequence (`graphs.py` does).
+    * `host-node`: the kernel as a CUDA host function (`cpu_kernels.host_job`, run by the driver's thread; no Python
+      and no GIL at replay). On the H200 box this cost ~64 us a layer where the flag cost ~9 (benchmarks/NOTES.md,
+      nineteenth session); it is the fallback where stream memory operations do not work."""
+
+    def __init__(self, module: "HostExperts", x: Tensor, top_k: int, handoff: str = "host-node") -> None:
         self.module = module
+        self.handoff = handoff
         # this pass's own buffers, read by the job at every replay; page-locked by registration, not by torch's
         # caching host allocator, which would record an event on its blocks at each copy inside the capture
         num_tokens, hidden = x.shape
         self.stage = _Staging(_locked((num_tokens, hidden), x.dtype), _locked((num_tokens, top_k), torch.long),
                               _locked((num_tokens, top_k), torch.float32), _locked((num_tokens, hidden), x.dtype),
                               torch.cuda.Event())
+        # go, done: torch's page-locked allocation, mapped for the device on every UVA system (a registered buffer
+        # need not be); the graph only writes and waits on it, never copies
+        self.flags = torch.zeros(2, dtype=torch.int32, pin_memory=True) if handoff == "flag" else None
+        self.flag_address = device_address(self.flags) if self.flags is not None else 0
         self.job: object | None = None
 
     def capture(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
@@ -321,8 +334,13 @@ class HostNodePass:
         stage.x.copy_(x, non_blocking=True)
         stage.index.copy_(top_k_index, non_blocking=True)
         stage.weights.copy_(top_k_weights, non_blocking=True)
-        launch_host_func(torch.cuda.current_stream(x.device), kernel_status().module.host_job_callback(),
-                         self.job.address)
+        stream = torch.cuda.current_stream(x.device)
+        if self.flags is not None:
+            write_value(stream, self.flag_address, 1)  # go, after the copies (the write fences them)
+            wait_value(stream, self.flag_address + 4, 1)  # done
+            write_value(stream, self.flag_address + 4, 0)
+        else:
+            launch_host_func(stream, kernel_status().module.host_job_callback(), self.job.address)
         result = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         result.copy_(stage.out, non_blocking=True)
         return result

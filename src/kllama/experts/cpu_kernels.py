@@ -322,6 +322,27 @@ def host_job(
     return job
 
 
+@functools.cache
+def handoff_runner() -> object:
+    """The process's `HandoffRunner`: one thread that answers the flag hand-offs of captured decode steps (sleeping
+    until a sequence is armed), so every CPU pass of every decoder runs on one OpenMP team, as host nodes ran on
+    the CUDA driver's one thread. Raises RuntimeError when the kernel is not available."""
+    status = kernel_status()
+    if not status.available:
+        raise RuntimeError(f"the CPU expert kernel is not available: {status.reason}")
+    return status.module.HandoffRunner()
+
+
+def handoff_sequence(jobs: list[object], flags: list[Tensor]) -> object:
+    """A `HandoffSequence` over host jobs (`host_job`) in the order a graph hands them over, each with its flag pair
+    (`flags[i]`: a page-locked int32 tensor of 2 words, go then done). It keeps the jobs and flags alive; arm it with
+    `handoff_runner().arm(sequence)` before each replay of its graph."""
+    sequence, error = kernel_status().module.make_sequence(jobs, flags)
+    if error:
+        raise RuntimeError(error)
+    return sequence
+
+
 def _tier(dtype: torch.dtype, isa: str | None) -> tuple[ModuleType, int]:
     """The loaded extension and the tier number weights of `dtype` run (`isa` forces one at most the best in use)."""
     status = kernel_status()

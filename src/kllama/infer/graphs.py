@@ -67,6 +67,7 @@ import contextlib
 import gc
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -76,7 +77,8 @@ from torch import Tensor, nn
 from torch.nn.attention import sdpa_kernel
 
 from kllama.experts.cpu_compute import HostNodePass, kernel_takes, worker_threads
-from kllama.experts.host_func import host_func_reason
+from kllama.experts.cpu_kernels import handoff_runner, handoff_sequence
+from kllama.experts.host_func import host_func_reason, memops_reason
 from kllama.experts.module import HostExperts, expert_pass_hook
 from kllama.infer.graph_capture import end_failed_capture, private_cuda_rng
 from kllama.infer.kv_cache import (
@@ -86,6 +88,7 @@ from kllama.model.attention import SHAPE_STABLE_BACKENDS
 
 logger = logging.getLogger(__name__)
 
+HANDOFFS = ("auto", "flag", "host-node")  # `GraphedDecoder(handoff=)`: auto takes flag where it works
 MIN_READ = 256  # shortest read length a step is captured for: short answers share one graph per batch bucket
 IDLE = -1  # the position `step` takes for a slot that sits this step out
 
@@ -114,8 +117,26 @@ class _Item:
     kind: str  # graph | expert-graph | host
 
 
-def _graph_item(graph: torch.cuda.CUDAGraph, kind: str) -> _Item:
-    return _Item(lambda rows: graph.replay(), kind)
+# arming a graph's hand-off sequence and launching the graph happen as one, process-wide: the runner serves armed
+# sequences in order, so two threads' launches must not cross between an arm and its replay
+_HANDOFF_LOCK = threading.Lock()
+
+
+def _graph_item(graph: torch.cuda.CUDAGraph, kind: str, sequence: object | None = None) -> _Item:
+    if sequence is None:
+        return _Item(lambda rows: graph.replay(), kind)
+    runner = handoff_runner()
+
+    def run(rows: int) -> None:
+        with _HANDOFF_LOCK:
+            runner.arm(sequence)
+            try:
+                graph.replay()
+            except BaseException:
+                runner.cancel()  # the graph never ran: the runner must not wait for its flags
+                raise
+
+    return _Item(run, kind)
 
 
 @dataclass
@@ -143,9 +164,11 @@ class _Recorder:
     split_experts: bool
     host_nodes: bool = True
     spare_core: bool = True
+    handoff: str = "host-node"  # how host passes hand over to the CPU (`HostNodePass`): flag | host-node
     items: list[_Item] = field(default_factory=list)
     graph: torch.cuda.CUDAGraph | None = None
     nodes: dict[HostExperts, HostNodePass] = field(default_factory=dict)  # prepared, then captured
+    pending: list[HostNodePass] = field(default_factory=list)  # flag hand-offs captured in the open graph
 
     def begin(self) -> None:
         self.graph = torch.cuda.CUDAGraph()
@@ -154,16 +177,19 @@ class _Recorder:
     def end(self, kind: str = "graph") -> None:
         graph, self.graph = self.graph, None
         graph.capture_end()
-        self.items.append(_graph_item(graph, kind))
+        pending, self.pending = self.pending, []
+        sequence = handoff_sequence([node.job for node in pending], [node.flags for node in pending]) if pending else None
+        self.items.append(_graph_item(graph, kind, sequence))
 
     def abort(self) -> None:
+        self.pending = []
         if self.graph is not None:
             graph, self.graph = self.graph, None
             end_failed_capture(graph, self.pool)
 
     def prepare(self, module: HostExperts, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
         if self.host_nodes and module not in self.nodes and host_node_lora(module, x) is not None:
-            self.nodes[module] = HostNodePass(module, x, index.shape[1])
+            self.nodes[module] = HostNodePass(module, x, index.shape[1], self.handoff)
         return module.run_pass(x, index, weights)
 
     def hook(self, module: HostExperts, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
@@ -192,12 +218,20 @@ class _Recorder:
         # with a spare core the launching thread waits there, spinning; without, it sleeps (`_Captured.replay`)
         threads = worker_threads(cpu_threads) if self.spare_core else max(1, cpu_threads or torch.get_num_threads())
         if not self.split_experts:
-            return node.capture(x, index, weights, lora, threads)
+            return self._capture_node(node, x, index, weights, lora, threads)
         self.end()
         self.begin()
-        out = node.capture(x, index, weights, lora, threads)
+        out = self._capture_node(node, x, index, weights, lora, threads)
         self.end("expert-graph")
         self.begin()
+        return out
+
+
+    def _capture_node(self, node: HostNodePass, x: Tensor, index: Tensor, weights: Tensor,
+                      lora: Mapping[str, tuple[Tensor, Tensor]], threads: int) -> Tensor:
+        out = node.capture(x, index, weights, lora, threads)
+        if node.flags is not None:
+            self.pending.append(node)
         return out
 
 
@@ -302,10 +336,14 @@ class GraphedDecoder:
     decode steps replayed as CUDA graphs where the device allows (see the module docstring)."""
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, *, use_graphs: bool = True,
-                 split_experts: bool = False, host_nodes: bool = True, spare_core: bool = True) -> None:
+                 split_experts: bool = False, host_nodes: bool = True, spare_core: bool = True,
+                 handoff: str = "auto") -> None:
+        if handoff not in HANDOFFS:
+            raise ValueError(f"unknown hand-off {handoff!r}; choose one of {', '.join(HANDOFFS)}")
         hf = transformers_model(model)
         self.model, self.max_batch, self.max_len = model, max_batch, max_len
         self.split_experts, self.host_nodes, self.spare_core = split_experts, host_nodes, spare_core
+        self.handoff = "host-node"  # what host passes use (`HostNodePass`), resolved below for a CUDA model
         self.device, self.dtype = hf.device, hf.dtype
         self.capacity = max_len + 1  # position max_len is the scratch slot of padding rows
         self.cache = SlotCache(hf.config.num_hidden_layers, max_batch, self.capacity)
@@ -328,6 +366,13 @@ class GraphedDecoder:
         elif host_nodes and host_nodes_reason() is not None:
             logger.info("CPU expert passes of decode steps run between graphs, not as host nodes: %s",
                         host_nodes_reason())
+        elif host_nodes and handoff != "host-node":
+            with torch.cuda.device(self.device):
+                reason = memops_reason()
+            if reason is None:
+                self.handoff = "flag"
+            else:
+                logger.info("CPU expert passes of decode steps are CUDA host nodes, not flag hand-offs: %s", reason)
 
     @property
     def graphed(self) -> bool:
@@ -495,7 +540,7 @@ class GraphedDecoder:
         ids, positions, rows = self._ids[:bucket], self._positions[:bucket], slice(0, bucket)
         current, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
         side.wait_stream(current)
-        recorder = _Recorder(self._pool, self.split_experts, self.host_nodes, self.spare_core)
+        recorder = _Recorder(self._pool, self.split_experts, self.host_nodes, self.spare_core, self.handoff)
         with torch.cuda.stream(side), expert_pass_hook(recorder.prepare):
             for _ in range(1 if self._captured else 2):  # lazy initialisations (cuBLAS workspaces...) happen here
                 self._forward_rows(ids, positions, rows, length)
@@ -522,11 +567,11 @@ class GraphedDecoder:
         return _Captured(recorder.items, logits, jobs, sleep=not self.spare_core)
 
 
-def graphed_decoder(model: nn.Module, max_batch: int = 1, max_len: int = 4096, **options: bool,
+def graphed_decoder(model: nn.Module, max_batch: int = 1, max_len: int = 4096, **options: bool | str,
                     ) -> GraphedDecoder | None:
     """A `GraphedDecoder` for `model` (see the module docstring), or None when its attention implementation cannot
     take the decoder's explicit mask (then the caller keeps its own decoding loop). `options`: `use_graphs`,
-    `split_experts`, `host_nodes`, `spare_core`."""
+    `split_experts`, `host_nodes`, `spare_core`, `handoff`."""
     implementation = transformers_model(model).config._attn_implementation
     if implementation not in BOOL_MASK_ATTENTION:
         logger.info("no static-cache decoder for attention %r (supported: %s)", implementation,

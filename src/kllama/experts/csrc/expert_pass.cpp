@@ -32,6 +32,10 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -1446,6 +1450,103 @@ struct HostJob {
 
 extern "C" void host_job_callback(void* job) { static_cast<HostJob*>(job)->run(); }
 
+// ---- Flag hand-offs: the GPU writes a flag in page-locked memory, a spinning thread answers ----
+// A captured decode step can hand its CPU passes over without host nodes: for each pass the graph writes 1 into the
+// pass's `go` word (a stream memory operation, after the copies of x and the routing), then waits until its `done`
+// word is 1 and sets it back to 0 before copying the output back (cpu_compute.py, `HostNodePass`). `HandoffRunner`'s
+// thread answers: for each pass of an armed sequence, in order, it spins until `go` is 1, clears it, runs the job and
+// stores 1 into `done`. On the H200 box a host node cost ~64 us a layer when its function ran long, this ~9 us
+// (benchmarks/NOTES.md, nineteenth session). The thread sleeps until a sequence is armed (before each replay of a
+// graph that holds one), so it spins only while a step is in flight; it is the OpenMP master of its jobs' team, as
+// the CUDA driver's thread is for host nodes.
+struct HandoffSequence {  // the passes of one captured graph, in capture order
+  std::vector<HostJob*> jobs;
+  std::vector<uint32_t*> go, done;
+  std::vector<py::object> held;  // keeps the jobs (Python objects) alive while the sequence is
+};
+
+class HandoffRunner {
+ public:
+  HandoffRunner() : thread_([this] { loop(); }) {}
+  ~HandoffRunner() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_.store(true);
+    }
+    wake_.notify_all();
+    thread_.join();
+  }
+  // queue one replay's passes; the caller keeps `seq` alive until the replay is done
+  void arm(const HandoffSequence& seq) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      queue_.push_back(&seq);
+    }
+    wake_.notify_one();
+  }
+  // drop armed sequences not yet served (a replay that failed to launch): the thread stops waiting for them
+  void cancel() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    queue_.clear();
+    cancelled_.fetch_add(1);
+  }
+  int64_t served() const { return served_.load(); }
+
+ private:
+  void loop() {
+    for (;;) {
+      const HandoffSequence* seq = nullptr;
+      uint64_t epoch = 0;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [this] { return stop_.load() || !queue_.empty(); });
+        if (stop_.load()) return;
+        seq = queue_.front();
+        queue_.pop_front();
+        epoch = cancelled_.load();
+      }
+      for (size_t i = 0; i < seq->jobs.size(); ++i) {
+        while (__atomic_load_n(seq->go[i], __ATOMIC_ACQUIRE) == 0) {
+          if (stop_.load(std::memory_order_relaxed) || cancelled_.load(std::memory_order_relaxed) != epoch) break;
+          _mm_pause();
+        }
+        if (__atomic_load_n(seq->go[i], __ATOMIC_ACQUIRE) == 0) break;  // stopped or cancelled
+        __atomic_store_n(seq->go[i], 0u, __ATOMIC_RELAXED);
+        seq->jobs[i]->run();
+        __atomic_store_n(seq->done[i], 1u, __ATOMIC_RELEASE);
+        served_.fetch_add(1, std::memory_order_relaxed);
+      }
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<const HandoffSequence*> queue_;
+  std::atomic<bool> stop_{false};
+  std::atomic<uint64_t> cancelled_{0};
+  std::atomic<int64_t> served_{0};
+  std::thread thread_;  // last: it starts once the members above exist
+};
+
+// A sequence over `jobs` (HostJob objects) and their flag words: `flags` int32 tensors of two words each (go, done),
+// page-locked host memory the GPU writes and reads through stream memory operations.
+std::string make_sequence(const std::vector<py::object>& jobs, const std::vector<at::Tensor>& flags,
+                          HandoffSequence& seq) {
+  KL_CHECK(jobs.size() == flags.size(), "a hand-off sequence needs one flag pair per job, got ", int64_t(jobs.size()),
+           " jobs and ", int64_t(flags.size()), " flag pairs");
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    const at::Tensor& f = flags[i];
+    KL_CHECK(f.scalar_type() == at::kInt && f.dim() == 1 && f.numel() == 2 && f.is_contiguous() && f.is_cpu(),
+             "hand-off flags must be a contiguous int32 host tensor of 2 words");
+    seq.jobs.push_back(jobs[i].cast<HostJob*>());
+    seq.go.push_back(reinterpret_cast<uint32_t*>(f.data_ptr<int32_t>()));
+    seq.done.push_back(reinterpret_cast<uint32_t*>(f.data_ptr<int32_t>()) + 1);
+    seq.held.push_back(jobs[i]);
+    seq.held.push_back(py::cast(f));
+  }
+  return {};
+}
+
 // out [n] = the fp8 -> fp32 conversion the `isa` path's dot products use, times 2^8 (the value), of `codes` [n]
 // uint8, n a multiple of 16 (a test checks it against torch's float8_e4m3fn cast for all 256 codes).
 KL_AVX2 void fp8_values_avx2(const uint8_t* c, float* o, int64_t n) {
@@ -1522,6 +1623,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("error", [](const HostJob& j) { return j.error; })
       .def_property_readonly("address", [](HostJob& j) { return reinterpret_cast<uintptr_t>(&j); })
       .def("run", &HostJob::run, py::call_guard<py::gil_scoped_release>());
+  py::class_<HandoffSequence>(m, "HandoffSequence", "one captured graph's flag hand-offs, in order (cpu_kernels.py)")
+      .def_property_readonly("size", [](const HandoffSequence& q) { return int64_t(q.jobs.size()); });
+  m.def("make_sequence", [](const std::vector<py::object>& jobs, const std::vector<at::Tensor>& flags) {
+        auto seq = std::make_unique<HandoffSequence>();
+        std::string error = make_sequence(jobs, flags, *seq);
+        return py::make_tuple(error.empty() ? py::cast(std::move(seq)) : py::none(), error);
+      }, "a hand-off sequence, or None and why not", py::arg("jobs"), py::arg("flags"));
+  py::class_<HandoffRunner>(m, "HandoffRunner", "the thread that answers flag hand-offs (cpu_kernels.py)")
+      .def(py::init<>())
+      .def("arm", &HandoffRunner::arm, py::arg("sequence"))
+      .def("cancel", &HandoffRunner::cancel)
+      .def_property_readonly("served", &HandoffRunner::served);
   m.def("host_job_callback", []() { return reinterpret_cast<uintptr_t>(&host_job_callback); },
         "address of `void host_job_callback(void* job)`, a CUDA host function running a HostJob");
   m.def("fp8_values", &fp8_values, "the fp8 conversion of an instruction-set path (tests)", py::arg("codes"),
