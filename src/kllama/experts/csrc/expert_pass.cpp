@@ -34,6 +34,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <thread>
 #include <cmath>
@@ -91,9 +92,87 @@ std::string message(const Parts&... parts) {
 constexpr int kMaxPairs = 8;        // activation rows one weight-row read serves at once (accumulators in registers)
 constexpr int64_t kGrainRows = 16;  // fewest output rows per thread
 
-// Rows [begin, end) over the OpenMP team, handed out as they are asked for (guided: a thread takes the rows left
-// over the team's size, rounded up to `grain`, so ranges shrink toward the end): a thread that a host preempts or
-// that reads slower gets fewer rows instead of holding up the whole pass at the join.
+// ---- The host jobs' own thread team ----
+// A captured decode step runs a layer's CPU pass, then ~0.15 ms of GPU work, then the next layer's pass. An OpenMP
+// team's threads fall asleep in that gap, and whenever more OpenMP threads exist than cores (the main thread's team
+// and the hand-off thread's) libgomp lets them spin only ~100 times before they sleep, even between the two stages
+// of one pass: every stage then starts by waking 14 threads, which on the H200 box's VM cost int8 passes ~15 % in
+// decode against the same pass back to back (benchmarks/NOTES.md, nineteenth session). `SpinTeam`'s workers spin
+// for `kSpinTeamIdle` after their last task before they sleep, so through a decode step they never do. Host jobs
+// (`HostJob::run`) use it; a pass called from Python keeps OpenMP, whose threads torch's own CPU ops share.
+constexpr auto kSpinTeamIdle = std::chrono::milliseconds(2);
+thread_local bool t_spin_team = false;  // set while a host job runs on this thread
+
+class SpinTeam {
+ public:
+  static SpinTeam& get() {
+    static SpinTeam* team = new SpinTeam();  // never destroyed: its workers end with the process
+    return *team;
+  }
+  // Runs task(i) for i in [0, size), the caller as 0; false (nothing run) when another thread holds the team.
+  bool run(int size, const std::function<void(int)>& task) {
+    std::unique_lock<std::mutex> own(busy_, std::try_to_lock);
+    if (!own.owns_lock() || size > kMaxSize) return false;
+    while (int(workers_.size()) < size - 1) {
+      const int index = int(workers_.size()) + 1;
+      workers_.emplace_back([this, index] { work(index); });
+      workers_.back().detach();
+    }
+    task_ = &task;
+    pending_.store(size - 1);
+    // one word holds the run's number and size, so a worker never pairs one run's number with another's size
+    state_.store((++runs_ << 8) | uint64_t(size));
+    if (sleepers_.load() > 0) {
+      std::lock_guard<std::mutex> lock(sleep_mutex_);
+      wake_.notify_all();
+    }
+    task(0);
+    while (pending_.load(std::memory_order_acquire) != 0) _mm_pause();
+    return true;
+  }
+
+ private:
+  static constexpr int kMaxSize = 255;  // a run's size shares `state_` with its number
+
+  // Each run a worker sees, it takes part in when its index is below the run's size. A run cannot end before its
+  // takers finish, so a taker sees its run (and `task_` of it) before the next one begins.
+  void work(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t now = state_.load(std::memory_order_acquire);
+      auto since = std::chrono::steady_clock::now();
+      for (int64_t spins = 1; now == seen; ++spins) {
+        _mm_pause();
+        if (spins % 1024 == 0 && std::chrono::steady_clock::now() - since > kSpinTeamIdle) {
+          std::unique_lock<std::mutex> lock(sleep_mutex_);
+          sleepers_.fetch_add(1);
+          wake_.wait(lock, [&] { return state_.load() != seen; });
+          sleepers_.fetch_sub(1);
+          since = std::chrono::steady_clock::now();
+        }
+        now = state_.load(std::memory_order_acquire);
+      }
+      seen = now;
+      if (uint64_t(index) < (now & 0xff)) {
+        (*task_)(index);
+        pending_.fetch_sub(1, std::memory_order_release);
+      }
+    }
+  }
+
+  std::mutex busy_, sleep_mutex_;
+  std::condition_variable wake_;
+  std::vector<std::thread> workers_;
+  std::atomic<uint64_t> state_{0};  // (run number << 8) | run size
+  uint64_t runs_ = 0;  // runs started (the caller holding `busy_` counts them)
+  std::atomic<int> pending_{0}, sleepers_{0};
+  const std::function<void(int)>* task_ = nullptr;
+};
+
+// Rows [begin, end) over the thread team (`SpinTeam` inside a host job, else OpenMP's; omp_get_max_threads()
+// threads), handed out as they are asked for (guided: a thread takes the rows left over the team's size, rounded up
+// to `grain`, so ranges shrink toward the end): a thread that a host preempts or that reads slower gets fewer rows
+// instead of holding up the whole pass at the join.
 template <typename F>
 void guided_rows(int64_t begin, int64_t end, int64_t grain, const F& f) {
   const int64_t n = end - begin;
@@ -103,8 +182,7 @@ void guided_rows(int64_t begin, int64_t end, int64_t grain, const F& f) {
     return;
   }
   std::atomic<int64_t> next{begin};
-#pragma omp parallel num_threads(int(team))
-  {
+  const std::function<void(int)> body = [&](int) {
     for (;;) {
       int64_t start = next.load(std::memory_order_relaxed), take = 0;
       while (start < end) {
@@ -114,8 +192,12 @@ void guided_rows(int64_t begin, int64_t end, int64_t grain, const F& f) {
       if (start >= end) break;
       f(start, start + take);
     }
-  }
+  };
+  if (t_spin_team && SpinTeam::get().run(int(team), body)) return;
+#pragma omp parallel num_threads(int(team))
+  body(omp_get_thread_num());
 }
+
 constexpr int64_t kBlock = 128;     // fp8 scale block edge (rows and columns), quant.py's BLOCK
 constexpr float kFp8Unscale = 256.0f;  // fp8 bytes read as fp16 are value * 2^-8
 constexpr int64_t kGroup = 64;      // int4 scale group (columns of a row: 32 bytes)
@@ -1437,7 +1519,9 @@ struct HostJob {
     const int before = omp_get_max_threads();
     if (before != threads) omp_set_num_threads(static_cast<int>(threads));
     const auto start = std::chrono::steady_clock::now();
+    t_spin_team = true;
     std::string failed = rows > 0 ? run_pass(pass, rows) : std::string();
+    t_spin_team = false;
     if (failed.empty()) {
       seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       ++runs;
@@ -1505,12 +1589,16 @@ class HandoffRunner {
         queue_.pop_front();
         epoch = cancelled_.load();
       }
-      for (size_t i = 0; i < seq->jobs.size(); ++i) {
-        while (__atomic_load_n(seq->go[i], __ATOMIC_ACQUIRE) == 0) {
-          if (stop_.load(std::memory_order_relaxed) || cancelled_.load(std::memory_order_relaxed) != epoch) break;
+      bool dropped = false;  // stopped or cancelled: the rest of this sequence is never served
+      for (size_t i = 0; i < seq->jobs.size() && !dropped; ++i) {
+        for (;;) {
+          const bool go = __atomic_load_n(seq->go[i], __ATOMIC_ACQUIRE) != 0;
+          // checked after reading go: a go written after a cancel (for the next armed replay) is never taken here
+          dropped = stop_.load() || cancelled_.load() != epoch;
+          if (dropped || go) break;
           _mm_pause();
         }
-        if (__atomic_load_n(seq->go[i], __ATOMIC_ACQUIRE) == 0) break;  // stopped or cancelled
+        if (dropped) break;
         __atomic_store_n(seq->go[i], 0u, __ATOMIC_RELAXED);
         seq->jobs[i]->run();
         __atomic_store_n(seq->done[i], 1u, __ATOMIC_RELEASE);
