@@ -26,6 +26,10 @@ checkout's kernel, round by round (`--rounds`), and prints each variant's time a
 of the rounds' ratios): on the H200 boxes separate runs of one unchanged kernel differed by up to 30 %, more than the
 changes tried (benchmarks/NOTES.md, fourteenth session).
 
+`--team spin` times each call as a captured decode step runs its passes: a `HostJob` per weight set, run on this
+thread, whose row stages go to the kernel's own spinning thread team (OpenMP's team sleeps between passes when torch
+holds another one); the default, `omp`, calls `expert_pass`, OpenMP's team.
+
 `--routed E` times each dtype's kernel a second way, interleaved with the cycled sets round by round (`--rounds`):
 over weights laid out as decode holds them, `--layers` layers of E experts each in the engine's host buffers
 (`pinned.host_empty`: huge pages, page-locked where CUDA is), each call reading a random top-k of the next layer's E
@@ -49,6 +53,7 @@ Usage: python benchmarks/cpu_gemv.py [--threads 16,8] [--tokens 1,4,16] [--layer
                                      [--hidden 2048] [--inter 1408] [--top-k 6]
        python benchmarks/cpu_gemv.py --kernel-only [--threads 16,8] [--tokens 1] [--layers 24] [--isas avx2,...]
                                      [--dtypes bf16,int8,fp8,int4] [--compare-source old.cpp] [--rounds 8]
+                                     [--team omp|spin]
                                      [--routed 64]
        python benchmarks/cpu_gemv.py --layer-pass [--threads 16] [--tokens 1] [--layers 24] [--dtypes ...]
 """
@@ -119,11 +124,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--routed", type=int, default=0, help="with --kernel-only: also time the kernel over --layers "
                         "layers of this many experts in the engine's host buffers, a random top-k a call (decode's "
                         "layout), interleaved with the cycled sets")
+    parser.add_argument("--team", default="omp", choices=("omp", "spin"),
+                        help="with --kernel-only: omp calls `expert_pass` (OpenMP's team, as a pass called from "
+                        "Python runs); spin runs a `HostJob` per weight set on this thread (the kernel's own "
+                        "spinning team, as a captured decode step's passes run)")
     parser.add_argument("--isas", default="", help="kernel paths to time with --kernel-only (default: all above "
                         "scalar this CPU runs)")
     parser.add_argument("--dtypes", default="bf16,int8,fp8", help="weight dtypes to time with --kernel-only or "
                         "--layer-pass (int4 too: --layer-pass quantizes it with quant.py's scheme of that name)")
     args = parser.parse_args(argv)
+    if args.team == "spin" and args.routed:
+        parser.error("--team spin times the cycled sets only: run --routed apart")
     if args.routed and args.compare_source:
         parser.error("--routed and --compare-source time different things: run them apart")
     if args.routed and args.routed < args.top_k:
@@ -214,9 +225,16 @@ def kernel_only(args: argparse.Namespace) -> dict:
             out = torch.empty(tokens, H)
             for isa in isas:
                 for dtype, (gate_up, down, scales, per_expert) in sets.items():
-                    calls = {label: Cycle(lambda j, module=module, gate_up=gate_up, down=down, scales=scales,
-                                          isa=isa: direct_pass(module, x, index[j], weights, gate_up, down, scales,
-                                                               out, ISAS[isa]), L) for label, module in modules.items()}
+                    if args.team == "spin":
+                        calls = {label: Cycle(lambda j, jobs=[module.HostJob(
+                            x, index[j], weights, gate_up, down, scales.get("gate_up_scale"),
+                            scales.get("down_scale"), None, None, None, None, out, ISAS[isa], threads)
+                            for j in range(L)]: jobs[j].run(), L) for label, module in modules.items()}
+                    else:
+                        calls = {label: Cycle(lambda j, module=module, gate_up=gate_up, down=down, scales=scales,
+                                              isa=isa: direct_pass(module, x, index[j], weights, gate_up, down,
+                                                                   scales, out, ISAS[isa]), L)
+                                 for label, module in modules.items()}
                     if E:
                         calls = {CYCLED: calls[TREE], f"routed over {E}": Cycle(
                             lambda i, layers=routed[dtype], isa=isa: direct_pass(

@@ -30,14 +30,17 @@ to back N rounds on the main thread: their ms a layer there next to inside decod
 `--spare-core on,off` repeats every row with host nodes: `on` (the decoder's default) runs their kernel on the
 placement's threads minus one while the replaying thread spins on the core left over, `off` on all threads while it
 sleeps (`GraphedDecoder(spare_core=...)`).
+`--shared-overlap off` leaves a DeepSeek block's shared experts to the block, after its CPU pass, instead of computing
+them on the GPU during it (`kllama.experts.shared_overlap`); `on,off` compares both under `--interleave`.
 `--expert-dtype bf16,int8,fp8,int4` repeats every row with the routed experts held in each dtype (one model build each,
 bf16 = not quantized; crossovers measured per dtype).
 `--interleave N` measures decode speed the way two kernels are compared in `cpu_gemv.py --compare-source`: every
-dtype's model is built and kept, one decoder is captured for each dtype x `--host-nodes` x `--spare-core` variant of
+dtype's model is built and kept, one decoder is captured for each dtype x `--host-nodes` x `--spare-core` x
+`--shared-overlap` variant of
 the one `--placements` entry, and N rounds each decode `--new` tokens with every variant (in an order rotated each
 round). A row per variant gives the median of its rounds' tok/s (and, with host nodes, `of it kernel`: the kernel's
 own ms a token over all rounds, from the jobs' clocks), and `x base` the median (min-max) of its rounds'
-ratio to the base variant of the same round: the bf16 variant with the same host-node and spare-core settings (a bf16
+ratio to the base variant of the same round: the bf16 variant with the same other settings (a bf16
 variant's base is the first bf16 variant; without bf16 in `--expert-dtype`, the first dtype). On the H200 boxes one
 row's tokens ran 30-45 % apart in speed, in stretches of several tokens (the box's speed drifts), so a ratio of two
 rows timed one after the other, seconds apart, moved with the drift; neighbouring rounds of a second or two each see
@@ -46,12 +49,15 @@ about the same drift. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import os
 import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
@@ -110,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spare-core", default="on", help="comma list of on|off: host nodes' kernel on the placement's "
                    "threads minus one, the replaying thread spinning on the spare core (on), or on all of them, the "
                    "replaying thread asleep (off)")
+    p.add_argument("--shared-overlap", default="on", help="comma list of on|off: a CPU pass of a DeepSeek block "
+                   "computes the block's shared experts on the GPU while the CPU works (on, the default), or the "
+                   "block computes them after it (off); two values need --interleave")
     p.add_argument("--interleave", type=int, default=0, help="build every dtype's model, then time this many rounds, "
                    "each decoding with every dtype x host-node x spare-core variant of the one placement in turn "
                    "(no --caps or --fill rows)")
@@ -127,12 +136,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also print torch.profiler's table over this many eager decode steps per placement")
     p.add_argument("--out-dir", type=Path, default=None, help="JSON directory (default benchmarks/results)")
     args = p.parse_args(argv)
-    for option, values in (("host_nodes", ("on", "off", "flag", "host-node")), ("spare_core", ("on", "off"))):
+    for option, values in (("host_nodes", ("on", "off", "flag", "host-node")), ("spare_core", ("on", "off")),
+                           ("shared_overlap", ("on", "off"))):
         value = getattr(args, option)
         if not comma_list(value) or set(comma_list(value)) - set(values):
             p.error(f"--{option.replace('_', '-')} takes a comma list of {'|'.join(values)}, got {value!r}")
     if args.interleave < 0 or (args.interleave and len(comma_list(args.placements)) != 1):
         p.error("--interleave takes a count of rounds and exactly one --placements entry")
+    if len(comma_list(args.shared_overlap)) > 1 and not args.interleave:
+        p.error("--shared-overlap on,off compares decoders of one model: give --interleave")
     return args
 
 
@@ -232,6 +244,21 @@ def eager_decode(model: nn.Module, prompt: list[int], new_tokens: int, device: t
 def hand_off_label(nodes: str | bool) -> str:
     """A variant's hand-off in a round's log line ('' for the decoder's default)."""
     return " eager passes" if not nodes else "" if nodes == "auto" else f" {nodes}"
+
+
+@contextlib.contextmanager
+def shared_overlap(modules: dict[str, HostExperts], on: bool) -> Iterator[None]:
+    """Inside the block, CPU passes compute their block's shared experts (`SharedOverlap`) when `on`, else the
+    blocks do; a decoder captured inside keeps that choice in its graphs."""
+    held = {name: m.shared_overlap for name, m in modules.items()}
+    if not on:
+        for m in modules.values():
+            m.shared_overlap = None
+    try:
+        yield
+    finally:
+        for name, m in modules.items():
+            m.shared_overlap = held[name]
 
 
 def decoder_options(nodes: str | bool, spare: bool) -> dict[str, Any]:
@@ -503,6 +530,9 @@ def build_dtype(config: Any, device: torch.device, args: argparse.Namespace, pla
     start = time.perf_counter()
     model, modules = build_model(config, device, host_experts=True, expert_dtype=expert_dtype)
     build_s = time.perf_counter() - start
+    if switches(args.shared_overlap) == [False]:
+        for m in modules.values():
+            m.shared_overlap = None
     host_gb = sum(m.host_bytes() for m in modules.values()) / 1e9
     by_node = process_gb_by_node()  # where the weights landed: threads reading another node's memory read slower
     log(f"built ({expert_dtype}) in {build_s:.1f}s: {host_gb:.1f} GB of experts, host RSS {current_host_gb():.1f} GB"
@@ -528,16 +558,21 @@ def interleaved_rows(config: Any, device: torch.device, args: argparse.Namespace
         model, modules, builds[dtype], crossovers = build_dtype(config, device, args, [mode], [], dtype)
         models.append((model, modules))
         place(model, modules, mode, args, crossovers)
-        for nodes, spare in host_variants(mode, graphs, args):
-            key = (dtype, nodes, spare)
-            names[key] = f"kllama {mode} ({variant_kind(mode, graphs, nodes, spare, args)}), {dtype}, interleaved"
-            decoders[key] = GraphedDecoder(model, 1, len(prompt) + args.new + 2, **decoder_options(nodes, spare))
-            graphed_decode(decoders[key], prompt[:16], 4, device)  # captures the step
+        for (nodes, spare), shared in itertools.product(host_variants(mode, graphs, args),
+                                                         switches(args.shared_overlap)):
+            key = (dtype, nodes, spare, shared)
+            kind = variant_kind(mode, graphs, nodes, spare, args)
+            if len(switches(args.shared_overlap)) > 1:
+                kind += ", shared experts " + ("beside the CPU" if shared else "after it")
+            names[key] = f"kllama {mode} ({kind}), {dtype}, interleaved"
+            with shared_overlap(modules, shared):
+                decoders[key] = GraphedDecoder(model, 1, len(prompt) + args.new + 2, **decoder_options(nodes, spare))
+                graphed_decode(decoders[key], prompt[:16], 4, device)  # captures the step
     keys = list(decoders)
     base_dtype = "bf16" if "bf16" in dtypes else dtypes[0]
     first_base = next(k for k in keys if k[0] == base_dtype)
     for key in keys:
-        same = (base_dtype, key[1], key[2])
+        same = (base_dtype, *key[1:])
         base_of[key] = first_base if key[0] == base_dtype or same not in decoders else same
     speeds: dict[tuple, list[float]] = {key: [] for key in keys}
     kernel = {key: [0.0, 0, 0] for key in keys}  # host nodes' kernel: seconds, runs, decode steps (prefills aside)
@@ -552,13 +587,15 @@ def interleaved_rows(config: Any, device: torch.device, args: argparse.Namespace
             kernel[key][1] += sum(job.runs for job in jobs) - before[1]
             kernel[key][2] += len(steps)
         log(f"round {round_ + 1}/{args.interleave}: " + ", ".join(
-            f"{key[0]}{hand_off_label(key[1])}{'' if key[2] else ' all cores'} {speeds[key][-1]:.2f}"
+            f"{key[0]}{hand_off_label(key[1])}{'' if key[2] else ' all cores'}{'' if key[3] else ' shared after'} "
+            f"{speeds[key][-1]:.2f}"
             for key in keys) + " tok/s")
     for key in keys:
         ratios = [a / b for a, b in zip(speeds[key], speeds[base_of[key]])]
         median = statistics.median(speeds[key])
         row = {"name": names[key], "decode_tokens_per_s": median, "ms_per_token": 1e3 / median,
                "rounds_tokens_per_s": speeds[key], "expert_dtype": key[0], "host_nodes": key[1], "spare_core": key[2],
+               "shared_overlap": key[3],
                "base": names[base_of[key]], "x_base": statistics.median(ratios), "x_base_rounds": ratios,
                "x_base_text": f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
                "generated_head": generated[key][:8], "graphed": decoders[key].graphed,

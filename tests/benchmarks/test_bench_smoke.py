@@ -111,10 +111,11 @@ def one_core_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir) -> I
         "kernel": ["cpu_gemv.py", "--kernel-only", "--threads", "1", "--hidden", "256", "--inter", "192", "--top-k",
                    "2", "--layers", "2", "--tokens", "1", "--repeats", "2",
                    "--out", str(work / "kernel" / "kernel.json")],
-        # a variant source with the tree's text is the tree's library (no second build), timed interleaved with it
+        # a variant source with the tree's text is the tree's library (no second build), timed interleaved with it,
+        # each as host jobs on the kernel's own team (as a captured decode step runs them)
         "compare": ["cpu_gemv.py", "--kernel-only", "--threads", "1", "--hidden", "256", "--inter", "192",
                     "--top-k", "2", "--layers", "2", "--tokens", "1", "--repeats", "2", "--dtypes", "int8",
-                    "--compare-source", str(_copy_of_kernel_source(work)), "--rounds", "3",
+                    "--compare-source", str(_copy_of_kernel_source(work)), "--rounds", "3", "--team", "spin",
                     "--out", str(work / "compare" / "kernel.json")],
         # the kernel over decode's layout (a random top-k of a layer's experts, engine buffers) beside the cycled sets
         "routed": ["cpu_gemv.py", "--kernel-only", "--threads", "1", "--hidden", "256", "--inter", "192",
@@ -123,7 +124,8 @@ def one_core_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir) -> I
         "serve": ["serve.py", str(tiny_model_dir("deepseek_v2")), "--placements", "auto", "--concurrency", "1,4",
                   "--new", "6", "--out-dir", str(work / "serve" / "serve")],  # a server starts
         "interleave": ["decode.py", "--tiny", "--cpu-threads", "1", "--placements", "cpu", "--expert-dtype",
-                       "int8,bf16", "--spare-core", "on,off", "--interleave", "2", "--new", "4",
+                       "int8,bf16", "--spare-core", "on,off", "--shared-overlap", "on,off", "--interleave", "2",
+                       "--new", "4",
                        "--out-dir", str(work / "interleave" / "results")],
     }
     runs = {}
@@ -230,17 +232,20 @@ def test_cpu_gemv_kernel_only_rows_per_dtype_and_path(one_core_runs: dict) -> No
 
 
 def test_decode_interleaves_dtype_and_thread_variants_round_by_round(one_core_runs: dict) -> None:
-    """`decode.py --interleave` keeps every dtype's model, decodes with each dtype x spare-core variant in turn,
-    and gives each variant's speed as a multiple of the bf16 variant of the same settings, round by round."""
+    """`decode.py --interleave` keeps every dtype's model, decodes with each dtype x spare-core x shared-overlap
+    variant in turn, and gives each variant's speed as a multiple of the bf16 variant of the same settings, round by round."""
     proc, log_file, work = one_core_runs["interleave"]
     log = _finish(proc, log=log_file)
     result = _only_json(work / "results")
-    rows = {(row["expert_dtype"], row["spare_core"]): row for row in result["rows"]}
-    assert set(rows) == {("int8", True), ("int8", False), ("bf16", True), ("bf16", False)}
+    every = {(row["expert_dtype"], row["spare_core"], row["shared_overlap"]): row for row in result["rows"]}
+    assert set(every) == {(d, s, o) for d in ("int8", "bf16") for s in (True, False) for o in (True, False)}
+    assert every[("int8", True, False)]["base"] == every[("bf16", True, False)]["name"]
+    assert "shared experts beside the CPU" in every[("int8", True, True)]["name"]
+    rows = {(dtype, spare): row for (dtype, spare, shared), row in every.items() if shared}
     assert result["interleave_rounds"] == 2 and all(len(row["rounds_tokens_per_s"]) == 2 for row in rows.values())
     assert rows[("int8", False)]["base"] == rows[("bf16", False)]["name"]  # same settings, bf16 experts
     assert rows[("bf16", False)]["base"] == rows[("bf16", True)]["name"] and rows[("bf16", True)]["x_base"] == 1
-    for row in rows.values():
+    for row in every.values():
         assert row["decode_tokens_per_s"] > 0 and len(row["x_base_rounds"]) == 2
         assert row["x_base"] == statistics.median(row["x_base_rounds"]) > 0
     assert rows[("int8", True)]["generated_head"] and "round 2/2" in log and "x base" in log

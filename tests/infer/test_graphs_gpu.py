@@ -142,6 +142,23 @@ def test_graphed_greedy_equals_eager(arch: str, placement: str | None, mode: str
         assert kinds(graphed).count("graph") == cpu_layers + 1
 
 
+@pytest.mark.parametrize("mode", HANDOFF_MODES)
+def test_shared_experts_computed_during_the_cpu_passes_change_no_logit(mode: str) -> None:
+    model, engine = cuda_model("deepseek_v2", "cpu")
+    prompt = prompt_of(model)
+    overlaps = [m.shared_overlap for m in engine.modules.values()]
+    got = decode(decoder_for(model, 1, 48, mode), prompt)
+    # eager passes (the prompt, the warm-up before a capture, "off"'s passes between graphs) and a flag hand-off's
+    # capture compute them inside the routed pass; a host node's pass does not (it blocks the stream)
+    assert all(o.launches > 0 for o in overlaps)
+    for module in engine.modules.values():
+        module.shared_overlap = None
+    before = [o.launches for o in overlaps]
+    expected = decode(decoder_for(model, 1, 48, mode), prompt)
+    assert [o.launches for o in overlaps] == before
+    assert got[0] == expected[0] and all(torch.equal(a, b) for a, b in zip(got[1], expected[1]))
+
+
 @pytest.mark.parametrize("arch", ["deepseek_v2", "qwen3_moe"])
 def test_placements_decode_the_same_tokens(arch: str) -> None:
     runs = {}

@@ -12,9 +12,12 @@ the output goes back with a non-blocking copy. The pass runs with the placement'
 
 A pass the kernel takes whole (decode: `kernel_pass`) goes the shortest way, since on the H200 box the hop around
 the kernel cost ~0.5 ms a layer next to the kernel's 0.6-0.95 ms: pinned buffers made once per module and pass shape
-(x, routing, and the output the kernel writes in x's dtype), three copies in, one stream sync, one kernel call, one
+(x, routing, and the output the kernel writes in x's dtype), three copies in, one wait for them, one kernel call, one
 copy out, and no autograd Function (`HostExperts.run_pass` skips it when nothing needs a gradient). A pinned output
 buffer is rewritten only after its previous copy to the device is done (an event recorded after that copy).
+
+Where the MoE block calls its shared experts after the routed ones (DeepSeek), the pass enqueues them on the GPU
+right after handing over to the CPU (`shared_overlap.SharedOverlap.launch`), so they run while the kernel does.
 
 A captured decode step takes the same pass without Python at all: `HostNodePass` puts the copies and the kernel
 (run by the CUDA driver's thread as a host function) into the step's graph (`kllama.infer.graphs`).
@@ -222,6 +225,7 @@ class _Staging:
     weights: Tensor  # [T, K] float32
     out: Tensor  # [T, H] in x's dtype, written by the kernel
     copied: torch.cuda.Event  # recorded after the copy out of `out` to the device
+    arrived: torch.cuda.Event  # recorded after the copies in (the pass waits on it, not on later shared experts)
 
     @classmethod
     def make(cls, x: Tensor, top_k: int) -> _Staging:
@@ -229,7 +233,8 @@ class _Staging:
         return cls(torch.empty(num_tokens, hidden, dtype=x.dtype, pin_memory=True),
                    torch.empty(num_tokens, top_k, dtype=torch.long, pin_memory=True),
                    torch.empty(num_tokens, top_k, dtype=torch.float32, pin_memory=True),
-                   torch.empty(num_tokens, hidden, dtype=x.dtype, pin_memory=True), torch.cuda.Event())
+                   torch.empty(num_tokens, hidden, dtype=x.dtype, pin_memory=True), torch.cuda.Event(),
+                   torch.cuda.Event())
 
 
 # module -> {(tokens, top_k, x's dtype, device, thread): staging}; a thread key, so passes of one module on two
@@ -264,7 +269,10 @@ def kernel_pass(
     if operands is None:
         return None
     gate_up, down, scales = operands
+    overlap = module.shared_overlap
     if x.device.type == "cpu":
+        if overlap is not None:
+            overlap.launch()  # nothing to overlap on the host, but the block's call then finds it done
         out = torch.empty(x.shape, dtype=x.dtype)
         return expert_layer(x, top_k_index, top_k_weights, gate_up, down, lora=lora, out=out, **scales)
     stage = _staging(module, x, top_k_index.shape[1])
@@ -273,7 +281,12 @@ def kernel_pass(
     stage.index.copy_(top_k_index, non_blocking=True)
     stage.weights.copy_(top_k_weights, non_blocking=True)
     stream = torch.cuda.current_stream(x.device)
-    stream.synchronize()
+    if overlap is not None:  # the GPU computes the block's shared experts while the kernel runs
+        stage.arrived.record(stream)
+        overlap.launch()
+        stage.arrived.synchronize()
+    else:
+        stream.synchronize()
     expert_layer(stage.x, stage.index, stage.weights, gate_up, down, lora=lora, out=stage.out, **scales)
     result = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     result.copy_(stage.out, non_blocking=True)
@@ -304,7 +317,9 @@ class HostNodePass:
     * `flag`: the graph writes 1 into the pass's `go` word in page-locked memory and waits until its `done` word is 1
       (stream memory operations, `host_func.write_value` / `wait_value`), then sets it back to 0; the process's
       `HandoffRunner` thread spins on `go` while the step is in flight, runs the job and writes `done`
-      (`cpu_kernels.handoff_runner`). The graph's replays must arm the pass's sequence (`graphs.py` does).
+      (`cpu_kernels.handoff_runner`). The graph's replays must arm the pass's sequence (`graphs.py` does). The
+      block's shared experts (`shared_overlap.py`) are captured between the go and the wait, so the GPU computes
+      them while the CPU computes the routed experts.
     * `host-node`: the kernel as a CUDA host function (`cpu_kernels.host_job`, run by the driver's thread; no Python
       and no GIL at replay). On the H200 box this cost ~64 us a layer where the flag cost ~9 (benchmarks/NOTES.md,
       nineteenth session); it is the fallback where stream memory operations do not work."""
@@ -317,7 +332,7 @@ class HostNodePass:
         num_tokens, hidden = x.shape
         self.stage = _Staging(_locked((num_tokens, hidden), x.dtype), _locked((num_tokens, top_k), torch.long),
                               _locked((num_tokens, top_k), torch.float32), _locked((num_tokens, hidden), x.dtype),
-                              torch.cuda.Event())
+                              torch.cuda.Event(), torch.cuda.Event())
         # go, done: torch's page-locked allocation, mapped for the device on every UVA system (a registered buffer
         # need not be); the graph only writes and waits on it, never copies
         self.flags = torch.zeros(2, dtype=torch.int32, pin_memory=True) if handoff == "flag" else None
@@ -337,6 +352,8 @@ class HostNodePass:
         stream = torch.cuda.current_stream(x.device)
         if self.flags is not None:
             write_value(stream, self.flag_address, 1)  # go, after the copies (the write fences them)
+            if self.module.shared_overlap is not None:  # the block's shared experts, while the CPU works
+                self.module.shared_overlap.launch()
             wait_value(stream, self.flag_address + 4, 1)  # done
             write_value(stream, self.flag_address + 4, 0)
         else:

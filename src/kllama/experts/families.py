@@ -22,7 +22,9 @@ class FamilySpec:
 
     `module_pattern` is a regex searched (anchored at the end) in qualified module names; its first group is the
     layer index, used to order the layers for streaming. `gate_up_order` records the split of `gate_up_proj`'s rows:
-    `gate_up` = first half gate, second half up (transformers' `_default_apply_gate`).
+    `gate_up` = first half gate, second half up (transformers' `_default_apply_gate`). `shared_after` names the MoE
+    block's shared-experts attribute when the block calls it after the routed experts, on the block's own input
+    (DeepSeek): a routed pass on the CPU then computes it on the GPU meanwhile (`shared_overlap.py`).
     """
 
     model_type: str
@@ -30,13 +32,14 @@ class FamilySpec:
     module_pattern: str = r"layers\.(\d+)\.mlp\.experts"
     gate_up_order: str = "gate_up"
     top_k_attr: str = "num_experts_per_tok"
+    shared_after: str = ""
 
 
 FAMILIES: dict[str, FamilySpec] = {
     spec.model_type: spec
     for spec in (
-        FamilySpec("deepseek_v2", "DeepseekV2Experts"),
-        FamilySpec("deepseek_v3", "DeepseekV3Experts"),
+        FamilySpec("deepseek_v2", "DeepseekV2Experts", shared_after="shared_experts"),
+        FamilySpec("deepseek_v3", "DeepseekV3Experts", shared_after="shared_experts"),
         FamilySpec("qwen2_moe", "Qwen2MoeExperts"),
         FamilySpec("qwen3_moe", "Qwen3MoeExperts"),
         FamilySpec("mixtral", "MixtralExperts"),

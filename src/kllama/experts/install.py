@@ -11,10 +11,11 @@ from torch import nn
 from kllama.errors import KllamaError
 from kllama.experts.cpu_share import SplitModel
 from kllama.experts.crossover import PASS_KINDS, Crossovers, measure_crossovers, measurement_note
-from kllama.experts.families import family_of, find_expert_modules, layer_index
+from kllama.experts.families import FamilySpec, family_of, find_expert_modules, layer_index
 from kllama.experts.module import HostExperts
 from kllama.experts.placement import TARGETS, ExpertPlacement, Target
 from kllama.experts.quant import scheme_of
+from kllama.experts.shared_overlap import SharedOverlap
 from kllama.experts.stream import ExpertStreamer
 
 
@@ -103,16 +104,25 @@ def wire_engine(
 ) -> ExpertEngine:
     """Connect HostExperts already placed in `model` (e.g. built by the checkpoint loader): order them by layer,
     measure crossovers of `auto` placements (when `measure`), and share one ExpertStreamer among CUDA layers
-    (`trace=True` records copy/compute events for overlap checks)."""
+    (`trace=True` records copy/compute events for overlap checks). A layer whose block calls its shared experts
+    after the routed ones gets a `SharedOverlap` (`shared_overlap.py`)."""
     spec = family_of(model)
     ordered = dict(sorted(modules.items(), key=lambda item: layer_index(item[0], spec)))
     layers = list(ordered.values())
     measurements, measured = _resolve_crossovers(model, layers) if measure else ({}, ())
     cuda = [m for m in layers if m.compute_device.type == "cuda"]
     streamer = ExpertStreamer(cuda, cuda[0].compute_device, trace=trace) if cuda else None
-    for m in layers:
+    for name, m in ordered.items():
         m.streamer = streamer if m.compute_device.type == "cuda" else None
+        m.shared_overlap = _shared_overlap(model, name, spec)
     return ExpertEngine(modules=ordered, streamer=streamer, measurements=measurements, measured=measured)
+
+
+def _shared_overlap(model: nn.Module, name: str, spec: FamilySpec) -> SharedOverlap | None:
+    # the MoE block holding the routed experts `name`, when it calls its shared experts after them
+    block = model.get_submodule(name.rpartition(".")[0]) if spec.shared_after and "." in name else None
+    shared = getattr(block, spec.shared_after, None) if block is not None else None
+    return SharedOverlap.attach(block, shared) if isinstance(shared, nn.Module) else None
 
 
 def install_expert_engine(

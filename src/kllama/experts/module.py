@@ -42,6 +42,7 @@ from kllama.experts.placement import TARGETS, ExpertPlacement, Target
 from kllama.experts.quant import (QUANT_DTYPES, ExpertWeight, QuantizedWeight, dequantize, quantize, scheme_of,
                                   weight_nbytes)
 from kllama.experts.routed import ExpertFactors, LoraFactors, SavedPass, sync_free
+from kllama.experts.shared_overlap import SharedOverlap
 from kllama.experts.split_pass import SplitExecutor
 from kllama.experts.stream import DeviceExecutor, ExpertStreamer
 
@@ -140,6 +141,8 @@ class HostExperts(nn.Module):
         self.streamer: ExpertStreamer | None = None
         self.forced_target: Target | None = None
         self.cpu_share: SplitModel | None = None  # measured at start-up (auto placements on CUDA)
+        # the block's shared experts, computed during a CPU pass (`wire_engine` sets it where the family allows)
+        self.shared_overlap: SharedOverlap | None = None
         self.forced_split: int | None = None  # CPU experts of every long no-grad streamed pass (tests, benchmarks)
         self.lora = nn.ModuleDict()  # target name -> ExpertLoRA (kllama.experts.lora)
         self.lora_enabled = True
