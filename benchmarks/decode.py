@@ -32,12 +32,14 @@ placement's threads minus one while the replaying thread spins on the core left 
 sleeps (`GraphedDecoder(spare_core=...)`).
 `--shared-overlap off` leaves a DeepSeek block's shared experts to the block, after its CPU pass, instead of computing
 them on the GPU during it (`kllama.experts.shared_overlap`); `on,off` compares both under `--interleave`.
+`--compile on` captures one-sequence steps with the attention, norm and router modules compiled by torch.compile
+(`decode_compile: true`, `kllama.infer.compiled`); `on,off` compares both under `--interleave` (rows record each
+decoder's capture seconds, the first compiled one including the compile).
 `--expert-dtype bf16,int8,fp8,int4` repeats every row with the routed experts held in each dtype (one model build each,
 bf16 = not quantized; crossovers measured per dtype).
 `--interleave N` measures decode speed the way two kernels are compared in `cpu_gemv.py --compare-source`: every
 dtype's model is built and kept, one decoder is captured for each dtype x `--host-nodes` x `--spare-core` x
-`--shared-overlap` variant of
-the one `--placements` entry, and N rounds each decode `--new` tokens with every variant (in an order rotated each
+`--shared-overlap` x `--compile` variant of the one `--placements` entry, and N rounds each decode `--new` tokens with every variant (in an order rotated each
 round). A row per variant gives the median of its rounds' tok/s (and, with host nodes, `of it kernel`: the kernel's
 own ms a token over all rounds, from the jobs' clocks), and `x base` the median (min-max) of its rounds'
 ratio to the base variant of the same round: the bf16 variant with the same other settings (a bf16
@@ -119,6 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shared-overlap", default="on", help="comma list of on|off: a CPU pass of a DeepSeek block "
                    "computes the block's shared experts on the GPU while the CPU works (on, the default), or the "
                    "block computes them after it (off); two values need --interleave")
+    p.add_argument("--compile", default="off", help="comma list of on|off: one-sequence decode steps captured with "
+                   "the attention, norm and router modules compiled by torch.compile (`decode_compile`, "
+                   "GraphedDecoder(compile_steps=True)) or as they are (off, the default); two values need --interleave")
     p.add_argument("--interleave", type=int, default=0, help="build every dtype's model, then time this many rounds, "
                    "each decoding with every dtype x host-node x spare-core variant of the one placement in turn "
                    "(no --caps or --fill rows)")
@@ -137,14 +142,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=None, help="JSON directory (default benchmarks/results)")
     args = p.parse_args(argv)
     for option, values in (("host_nodes", ("on", "off", "flag", "host-node")), ("spare_core", ("on", "off")),
-                           ("shared_overlap", ("on", "off"))):
+                           ("shared_overlap", ("on", "off")), ("compile", ("on", "off"))):
         value = getattr(args, option)
         if not comma_list(value) or set(comma_list(value)) - set(values):
             p.error(f"--{option.replace('_', '-')} takes a comma list of {'|'.join(values)}, got {value!r}")
     if args.interleave < 0 or (args.interleave and len(comma_list(args.placements)) != 1):
         p.error("--interleave takes a count of rounds and exactly one --placements entry")
-    if len(comma_list(args.shared_overlap)) > 1 and not args.interleave:
-        p.error("--shared-overlap on,off compares decoders of one model: give --interleave")
+    for option in ("shared_overlap", "compile"):
+        if len(comma_list(getattr(args, option))) > 1 and not args.interleave:
+            p.error(f"--{option.replace('_', '-')} on,off compares decoders of one model: give --interleave")
     return args
 
 
@@ -261,17 +267,18 @@ def shared_overlap(modules: dict[str, HostExperts], on: bool) -> Iterator[None]:
             m.shared_overlap = held[name]
 
 
-def decoder_options(nodes: str | bool, spare: bool) -> dict[str, Any]:
-    """`GraphedDecoder` keywords of a host variant (`host_variants`): its hand-off, or eager passes for False."""
-    return {"host_nodes": bool(nodes), "handoff": nodes or "auto", "spare_core": spare}
+def decoder_options(nodes: str | bool, spare: bool, compiled: bool = False) -> dict[str, Any]:
+    """`GraphedDecoder` keywords of a host variant (`host_variants`): its hand-off, or eager passes for False; and
+    whether one-sequence steps are compiled."""
+    return {"host_nodes": bool(nodes), "handoff": nodes or "auto", "spare_core": spare, "compile_steps": compiled}
 
 
 def graphed_split(model: nn.Module, prompt: list[int], steps: int, host_nodes: str | bool = "auto",
-                  spare_core: bool = True) -> dict[str, float] | None:
+                  spare_core: bool = True, compiled: bool = False) -> dict[str, float] | None:
     """Median ms of expert passes, other GPU work and host overhead over `steps` timed replays of a decoder whose
     resident expert passes and host nodes have graphs of their own (None when graphs are not used)."""
     decoder = GraphedDecoder(model, 1, len(prompt) + steps + 2, split_experts=True,
-                             **decoder_options(host_nodes, spare_core))
+                             **decoder_options(host_nodes, spare_core, compiled))
     token = int(decoder.prefill(prompt).argmax())
     decoder.step([token], [len(prompt)])  # capture
     times = []
@@ -348,7 +355,8 @@ def run_row(name: str, model: nn.Module, engine: ExpertEngine, args: argparse.Na
     """Warm up, then time prefill + decode of one row; then the time split."""
     log(f"{name}: warm-up")
     if graphs:
-        decoder = GraphedDecoder(model, 1, len(prompt) + args.new + 2, **decoder_options(host_nodes, spare_core))
+        decoder = GraphedDecoder(model, 1, len(prompt) + args.new + 2,
+                                 **decoder_options(host_nodes, spare_core, switches(args.compile)[0]))
         graphed_decode(decoder, prompt[:16], 4, device)  # captures the step
         run = lambda: graphed_decode(decoder, prompt, args.new, device)  # noqa: E731
     else:
@@ -365,6 +373,7 @@ def run_row(name: str, model: nn.Module, engine: ExpertEngine, args: argparse.Na
            "decode_step_s": steps, "peak_gpu_gb": gpu_peak_gb(device), "peak_host_gb": peak_host_gb(),
            "host_now_gb": current_host_gb(), "generated_head": generated[:8], "resident_layers": resident,
            "graphed": bool(decoder is not None and decoder.graphed), "note": note,
+           "compiled": bool(decoder is not None and decoder.compiled is not None),
            "handoff": decoder.handoff if decoder is not None and decoder.host_jobs() else None}
     if decoder is not None and args.kernel_loop and decoder.host_jobs():
         row.update(kernel_loop(decoder, args.kernel_loop))
@@ -375,7 +384,7 @@ def run_row(name: str, model: nn.Module, engine: ExpertEngine, args: argparse.Na
     if device.type != "cuda":
         split = None  # no GPU work to tell apart
     elif graphs:
-        split = graphed_split(model, prompt, args.split_steps, host_nodes, spare_core)
+        split = graphed_split(model, prompt, args.split_steps, host_nodes, spare_core, switches(args.compile)[0])
     else:
         split = eager_split(model, prompt, args.split_steps, device)
     if args.profile and not graphs:
@@ -551,23 +560,28 @@ def interleaved_rows(config: Any, device: torch.device, args: argparse.Namespace
     """`--interleave`: every dtype's model built and placed on `mode`, a decoder captured per dtype x host-node
     x spare-core variant, then rounds of `--new` tokens with each variant in turn (the module docstring); appends
     one row per variant to `rows` and returns the builds."""
-    builds, decoders, names, base_of = {}, {}, {}, {}
+    builds, decoders, names, base_of, capture_s = {}, {}, {}, {}, {}
     graphs = True  # decoders (graphed where CUDA is): transformers' eager loop is not a variant here
     models = []
     for dtype in dtypes:
         model, modules, builds[dtype], crossovers = build_dtype(config, device, args, [mode], [], dtype)
         models.append((model, modules))
         place(model, modules, mode, args, crossovers)
-        for (nodes, spare), shared in itertools.product(host_variants(mode, graphs, args),
-                                                         switches(args.shared_overlap)):
-            key = (dtype, nodes, spare, shared)
+        for (nodes, spare), shared, compiled in itertools.product(
+                host_variants(mode, graphs, args), switches(args.shared_overlap), switches(args.compile)):
+            key = (dtype, nodes, spare, shared, compiled)
             kind = variant_kind(mode, graphs, nodes, spare, args)
             if len(switches(args.shared_overlap)) > 1:
                 kind += ", shared experts " + ("beside the CPU" if shared else "after it")
+            if len(switches(args.compile)) > 1:
+                kind += ", compiled" if compiled else ", not compiled"
             names[key] = f"kllama {mode} ({kind}), {dtype}, interleaved"
             with shared_overlap(modules, shared):
-                decoders[key] = GraphedDecoder(model, 1, len(prompt) + args.new + 2, **decoder_options(nodes, spare))
+                began = time.perf_counter()
+                decoders[key] = GraphedDecoder(model, 1, len(prompt) + args.new + 2,
+                                               **decoder_options(nodes, spare, compiled))
                 graphed_decode(decoders[key], prompt[:16], 4, device)  # captures the step
+                capture_s[key] = time.perf_counter() - began
     keys = list(decoders)
     base_dtype = "bf16" if "bf16" in dtypes else dtypes[0]
     first_base = next(k for k in keys if k[0] == base_dtype)
@@ -587,7 +601,8 @@ def interleaved_rows(config: Any, device: torch.device, args: argparse.Namespace
             kernel[key][1] += sum(job.runs for job in jobs) - before[1]
             kernel[key][2] += len(steps)
         log(f"round {round_ + 1}/{args.interleave}: " + ", ".join(
-            f"{key[0]}{hand_off_label(key[1])}{'' if key[2] else ' all cores'}{'' if key[3] else ' shared after'} "
+            f"{key[0]}{hand_off_label(key[1])}{'' if key[2] else ' all cores'}{'' if key[3] else ' shared after'}"
+            f"{' compiled' if key[4] else ''} "
             f"{speeds[key][-1]:.2f}"
             for key in keys) + " tok/s")
     for key in keys:
@@ -595,7 +610,8 @@ def interleaved_rows(config: Any, device: torch.device, args: argparse.Namespace
         median = statistics.median(speeds[key])
         row = {"name": names[key], "decode_tokens_per_s": median, "ms_per_token": 1e3 / median,
                "rounds_tokens_per_s": speeds[key], "expert_dtype": key[0], "host_nodes": key[1], "spare_core": key[2],
-               "shared_overlap": key[3],
+               "shared_overlap": key[3], "compiled": decoders[key].compiled is not None,
+               "compile_reason": decoders[key].compile_reason, "capture_s": capture_s[key],
                "base": names[base_of[key]], "x_base": statistics.median(ratios), "x_base_rounds": ratios,
                "x_base_text": f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
                "generated_head": generated[key][:8], "graphed": decoders[key].graphed,

@@ -124,7 +124,8 @@ def one_core_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir) -> I
         "serve": ["serve.py", str(tiny_model_dir("deepseek_v2")), "--placements", "auto", "--concurrency", "1,4",
                   "--new", "6", "--out-dir", str(work / "serve" / "serve")],  # a server starts
         "interleave": ["decode.py", "--tiny", "--cpu-threads", "1", "--placements", "cpu", "--expert-dtype",
-                       "int8,bf16", "--spare-core", "on,off", "--shared-overlap", "on,off", "--interleave", "2",
+                       "int8,bf16", "--spare-core", "on,off", "--shared-overlap", "on,off", "--compile", "on",
+                       "--interleave", "2",
                        "--new", "4",
                        "--out-dir", str(work / "interleave" / "results")],
     }
@@ -240,6 +241,8 @@ def test_decode_interleaves_dtype_and_thread_variants_round_by_round(one_core_ru
     every = {(row["expert_dtype"], row["spare_core"], row["shared_overlap"]): row for row in result["rows"]}
     assert set(every) == {(d, s, o) for d in ("int8", "bf16") for s in (True, False) for o in (True, False)}
     assert every[("int8", True, False)]["base"] == every[("bf16", True, False)]["name"]
+    # --compile on asks for compiled steps; a CPU model's steps run eagerly, so each row says nothing was compiled
+    assert all(not row["compiled"] and row["compile_reason"] == "steps run eagerly" for row in every.values())
     assert "shared experts beside the CPU" in every[("int8", True, True)]["name"]
     rows = {(dtype, spare): row for (dtype, spare, shared), row in every.items() if shared}
     assert result["interleave_rounds"] == 2 and all(len(row["rounds_tokens_per_s"]) == 2 for row in rows.values())

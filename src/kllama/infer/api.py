@@ -252,6 +252,7 @@ def run_api(config: KllamaConfig) -> int:
           f"{engine.max_batch} sequences (API_MAX_BATCH) x {engine.context_length} tokens (kt_maxlen); decode steps "
           + (f"replayed as CUDA graphs ({engine.decoder.captures} captured in {engine.capture_s:.1f} s)"
              if engine.decoder.graphed else f"eager: {engine.decoder.reason}")
+          + (f"; {engine.compile_note}" if engine.compile_note else "")
           + (f"; warm-up prefill + decode step {engine.warmup_s:.1f} s" if engine.warmup_s is not None else ""),
           flush=True)
     print(f"kllama api: serving {model_id!r} on http://{settings.host}:{settings.port}/v1 (docs at /docs); batches of "

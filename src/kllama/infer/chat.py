@@ -145,6 +145,8 @@ def repl(session: ChatSession, stdin: IO[str], out: IO[str], interactive: bool, 
 def run_chat(config: KllamaConfig) -> int:
     """Entry point of `kllama chat`: load the model per the config and run the REPL on stdin/stdout."""
     engine = build_engine(config)
+    if engine.compile_note:
+        print(f"kllama chat: {engine.compile_note}", file=sys.stderr, flush=True)
     if engine.warmup_s is not None:  # on stderr with the answers' timing lines: a piped stdout holds answers only
         print(f"kllama chat: warm-up prefill + decode step: {engine.warmup_s:.1f} s", file=sys.stderr, flush=True)
     system = config.generation.system or config.data.default_system

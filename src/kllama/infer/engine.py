@@ -64,7 +64,8 @@ class GenerationEngine:
 
     def __init__(self, loaded: LoadedModel, renderer: PromptRenderer, defaults: SamplingParams,
                  prefill_tokens: int = DEFAULT_PREFILL_TOKENS, *, max_batch: int = 1, max_len: int | None = None,
-                 use_graphs: bool = True, gpu_memory_utilization: float = 0.0, warm_up: bool | None = None) -> None:
+                 use_graphs: bool = True, gpu_memory_utilization: float = 0.0, warm_up: bool | None = None,
+                 compile_steps: bool = False) -> None:
         self.loaded = loaded
         self.renderer = renderer
         self.defaults = defaults
@@ -75,7 +76,8 @@ class GenerationEngine:
         self.stats: Counter[str] = Counter()
         use_mask_attention(loaded.model)
         positions = min(max_len or loaded.context_length, loaded.context_length)
-        self.decoder = GraphedDecoder(loaded.model, max_batch, positions, use_graphs=use_graphs)
+        self.decoder = GraphedDecoder(loaded.model, max_batch, positions, use_graphs=use_graphs,
+                                      compile_steps=compile_steps)
         self.kv_cache_bytes = allocate_kv_cache(self.decoder)
         self.filled_layers = fill_gpu(loaded, gpu_memory_utilization)  # before the graphs capture the layers' targets
         self.capture_s = self.decoder.capture_buckets()
@@ -88,6 +90,16 @@ class GenerationEngine:
             began = time.perf_counter()
             self.warmup_steps = run_warm_up(self)
             self.warmup_s = time.perf_counter() - began
+
+    @property
+    def compile_note(self) -> str | None:
+        """What `decode_compile` did, for the start-up line (None when it was not asked for)."""
+        decoder = self.decoder
+        if decoder.compile_reason == "not asked for":
+            return None
+        if decoder.compiled is not None:
+            return f"one-sequence decode steps compiled (torch.compile, {len(decoder.compiled.modules)} modules)"
+        return f"decode steps not compiled: {decoder.compile_reason}"
 
     @property
     def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
@@ -225,7 +237,8 @@ def build_engine(config: KllamaConfig, device: str = "auto", max_batch: int = 1,
     renderer = build_renderer(config.data.template, loaded.tokenizer, getattr(loaded.model, "generation_config", None),
                               enable_thinking=config.data.enable_thinking, default_system=config.data.default_system)
     return GenerationEngine(loaded, renderer, sampling_defaults(config), max_batch=max_batch, max_len=positions,
-                            gpu_memory_utilization=fill_fraction(config), warm_up=warm_up)
+                            gpu_memory_utilization=fill_fraction(config), warm_up=warm_up,
+                            compile_steps=config.engine.decode_compile)
 
 
 def fill_fraction(config: KllamaConfig) -> float:

@@ -54,6 +54,10 @@ returns a `GraphedDecoder` over a `SlotCache` (kv_cache.py) of `max_batch` slots
   (`kllama.model.attention.SHAPE_STABLE_BACKENDS`): cuDNN builds an attention graph for each new shape, and prompts
   and packed steps come in every length. On the H200 box a 19-token prompt after a 32-token warm-up waited 0.93 s
   for its first token on a tiny model, 0.92 s of it in `scaled_dot_product_attention`; V2-Lite's waited 1.8 s.
+* **Compiled one-sequence steps** (`compile_steps=True`, `decode_compile: true`): the step of batch bucket 1 is
+  warmed up and captured with the model's attention, norm and router modules compiled by Inductor
+  (`kllama.infer.compiled`); other buckets, prefill and packed steps run them as they are. If compiling fails,
+  one line says why and the step is captured without it (`compile_reason`).
 * **Clean fallback.** Without CUDA, with `use_graphs=False`, or when a capture fails, steps run eagerly over the same
   cache (one log line says why), so results never depend on whether graphs were used. A failed capture leaves the
   process clean (`graph_capture`): the default CUDA RNG and the allocator work as before. Attention implementations
@@ -80,6 +84,7 @@ from kllama.experts.cpu_compute import HostNodePass, kernel_takes, worker_thread
 from kllama.experts.cpu_kernels import handoff_runner, handoff_sequence
 from kllama.experts.host_func import host_func_reason, memops_reason
 from kllama.experts.module import HostExperts, expert_pass_hook
+from kllama.infer.compiled import CompiledDecode
 from kllama.infer.graph_capture import end_failed_capture, private_cuda_rng
 from kllama.infer.kv_cache import (
     BOOL_MASK_ATTENTION, SlotCache, attention_mask, cache_argument, packed_layout, sliding_window, transformers_model,
@@ -337,7 +342,7 @@ class GraphedDecoder:
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, *, use_graphs: bool = True,
                  split_experts: bool = False, host_nodes: bool = True, spare_core: bool = True,
-                 handoff: str = "auto") -> None:
+                 handoff: str = "auto", compile_steps: bool = False) -> None:
         if handoff not in HANDOFFS:
             raise ValueError(f"unknown hand-off {handoff!r}; choose one of {', '.join(HANDOFFS)}")
         hf = transformers_model(model)
@@ -361,6 +366,13 @@ class GraphedDecoder:
             self.reason = f"model on {self.device}, CUDA graphs need a CUDA device"
         elif not use_graphs:
             self.reason = "CUDA graphs turned off"
+        self.compiled: CompiledDecode | None = None  # one-sequence steps' fused modules (`compiled.py`)
+        self.compile_reason: str | None = "not asked for" if not compile_steps else None  # why not compiled
+        if compile_steps and self.reason is not None:
+            self.compile_reason = "steps run eagerly"
+        elif compile_steps:
+            self.compiled = CompiledDecode.of(model)
+            self.compiled.allow(len(self.read_lengths()))
         if self.reason is not None:
             logger.info("decode steps run eagerly over a static cache: %s", self.reason)
         elif host_nodes and host_nodes_reason() is not None:
@@ -531,6 +543,15 @@ class GraphedDecoder:
         saved = ids.clone(), positions.clone()
         positions.fill_(self.max_len)  # warm-up and capture write only to the scratch position
         try:
+            if self.compiled is not None and bucket == 1:  # compiled.py: one-sequence steps only
+                try:
+                    with self.compiled.active():
+                        return self._capture_at_scratch(bucket, length)
+                except Exception as exc:  # noqa: BLE001 - a failed compile falls back to the stock modules
+                    self.compiled = None
+                    self.compile_reason = f"compiling failed ({_causes(exc)})"
+                    self._pool = None  # as after any failed capture: never capture into that pool again
+                    logger.warning("decode steps are captured without torch.compile: %s", self.compile_reason)
             return self._capture_at_scratch(bucket, length)
         finally:
             ids.copy_(saved[0])
@@ -567,11 +588,22 @@ class GraphedDecoder:
         return _Captured(recorder.items, logits, jobs, sleep=not self.spare_core)
 
 
+def _causes(exc: BaseException) -> str:
+    """`Type: first line` of an exception and of each exception it wraps (torch.compile wraps its backend's)."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc).strip().splitlines()
+        parts.append(f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__)
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__
+    return " <- ".join(parts)
+
+
 def graphed_decoder(model: nn.Module, max_batch: int = 1, max_len: int = 4096, **options: bool | str,
                     ) -> GraphedDecoder | None:
     """A `GraphedDecoder` for `model` (see the module docstring), or None when its attention implementation cannot
     take the decoder's explicit mask (then the caller keeps its own decoding loop). `options`: `use_graphs`,
-    `split_experts`, `host_nodes`, `spare_core`, `handoff`."""
+    `split_experts`, `host_nodes`, `spare_core`, `handoff`, `compile_steps`."""
     implementation = transformers_model(model).config._attn_implementation
     if implementation not in BOOL_MASK_ATTENTION:
         logger.info("no static-cache decoder for attention %r (supported: %s)", implementation,
