@@ -125,7 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "the attention, norm and router modules compiled by torch.compile (`decode_compile`, "
                    "GraphedDecoder(compile_steps=True)) or as they are (off, the default); two values need --interleave")
     p.add_argument("--interleave", type=int, default=0, help="build every dtype's model, then time this many rounds, "
-                   "each decoding with every dtype x host-node x spare-core variant of the one placement in turn "
+                   "each decoding with every dtype x host-node x spare-core x shared-overlap x compile variant of the "
+                   "one placement in turn "
                    "(no --caps or --fill rows)")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="greedy tokens to generate")
