@@ -94,3 +94,13 @@ def test_decode_compile_is_a_config_key(tmp_path) -> None:
     assert config.engine.decode_compile is True
     assert build_config({"model_name_or_path": str(tmp_path), "template": "deepseek"}, command="chat",
                         check_paths=False).engine.decode_compile is False
+
+
+def test_the_engine_says_what_decode_compile_did(moe_model, engine) -> None:  # noqa: ANN001
+    from kllama.infer.engine import build_engine
+
+    assert engine.compile_note is None  # not asked for: nothing to say
+    config = build_config({"model_name_or_path": str(moe_model), "template": "deepseek", "infer_dtype": "float32",
+                           "decode_compile": True}, command="chat")
+    asked = build_engine(config, device="cpu")
+    assert asked.compile_note == "decode steps not compiled: steps run eagerly"
