@@ -40,9 +40,9 @@ bf16 = not quantized; crossovers measured per dtype).
 `--interleave N` measures decode speed the way two kernels are compared in `cpu_gemv.py --compare-source`: every
 dtype's model is built and kept, one decoder is captured for each dtype x `--host-nodes` x `--spare-core` x
 `--shared-overlap` x `--compile` variant of the one `--placements` entry, and N rounds each decode `--new` tokens
-with every variant (in an order rotated each round). A row per variant gives the median of its rounds' tok/s (and, with host nodes, `of it kernel`: the kernel's
-own ms a token over all rounds, from the jobs' clocks), and `x base` the median (min-max) of its rounds'
-ratio to the base variant of the same round: the bf16 variant with the same other settings (a bf16
+with every variant (in an order rotated each round). A row per variant gives the median of its rounds' tok/s
+(and, with host nodes, `of it kernel`: the kernel's own ms a token over all rounds, from the jobs' clocks), and
+`x base` the median (min-max) of its rounds' ratio to the base variant of the same round: the bf16 variant with the same other settings (a bf16
 variant's base is the first bf16 variant; without bf16 in `--expert-dtype`, the first dtype). On the H200 boxes one
 row's tokens ran 30-45 % apart in speed, in stretches of several tokens (the box's speed drifts), so a ratio of two
 rows timed one after the other, seconds apart, moved with the drift; neighbouring rounds of a second or two each see
