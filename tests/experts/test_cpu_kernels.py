@@ -662,3 +662,39 @@ def test_a_cancelled_handoff_frees_the_runner_and_a_failed_pass_still_answers() 
         cpu_kernels.handoff_sequence([bad], [])
     with pytest.raises(RuntimeError, match="int32 host tensor of 2 words"):
         cpu_kernels.handoff_sequence([bad], [torch.zeros(3, dtype=torch.int32)])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("tokens", [1, 12])
+def test_a_pass_gives_the_same_bits_on_any_number_of_threads(dtype: torch.dtype, tokens: int) -> None:
+    # one token (the paired gate/up path) and 12 tokens over 4 experts (the several-row path): threads own output
+    # rows and sum a token's experts in expert order, so no sum depends on how the rows were split
+    gate_up, down, scales, _ = layer(dtype, 4, 160, 96, 4, seed=7)
+    index, weights = routing(tokens, 4, 2, seed=8)
+    x = torch.randn(tokens, 160, generator=torch.Generator().manual_seed(9)).bfloat16()
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(expert_layer(x, index, weights, gate_up, down, **scales))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(out, outs[0]) for out in outs[1:])
+
+
+@needs_kernel
+def test_an_int8_token_alone_equals_its_row_among_many_tokens_an_expert() -> None:
+    # VNNI sums int8 rows exactly, so the decode path (one token, paired gate/up) and the several-row one agree to
+    # the bit
+    gate_up, down, scales, _ = layer(torch.int8, 4, 160, 96, 4, seed=10)
+    index, weights = routing(12, 4, 2, seed=11)
+    x = torch.randn(12, 160, generator=torch.Generator().manual_seed(12)).bfloat16()
+    many = expert_layer(x, index, weights, gate_up, down, **scales)
+    alone = torch.cat([expert_layer(x[t:t + 1], index[t:t + 1], weights[t:t + 1], gate_up, down, **scales)
+                       for t in range(12)])
+    if kernel_status().tiers.get(torch.int8) not in ("avx512-vnni", "avx512-bf16"):
+        assert rel(many, alone) < 1e-5  # the fp32 paths keep more chains with fewer rows: other rounding
+    else:
+        assert torch.equal(many, alone)
