@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,17 @@ def layer(dtype: torch.dtype, experts: int, hidden: int, inter: int, rank: int, 
     return gate_up, down, scales, lora
 
 
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `threads` inside the block, restored after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def routing(tokens: int, experts: int, top_k: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """`top_k_index [T, K]` (distinct experts per token) and `top_k_weights [T, K]`."""
     gen = torch.Generator().manual_seed(seed)
@@ -88,13 +100,10 @@ def test_kernel_builds_and_runs_the_best_path_of_this_cpu() -> None:
 
 @needs_kernel
 def test_kernel_threads_are_torchs_intra_op_threads() -> None:
-    module, previous = kernel_status().module, torch.get_num_threads()
-    try:
-        for threads in sorted({1, 2, previous}):
-            torch.set_num_threads(threads)
+    module = kernel_status().module
+    for threads in sorted({1, 2, torch.get_num_threads()}):
+        with torch_threads(threads):
             assert module.parallel_threads() == threads
-    finally:
-        torch.set_num_threads(previous)
 
 
 def skip_unless_this_cpu_runs(isa: str) -> None:
@@ -673,14 +682,10 @@ def test_a_pass_gives_the_same_bits_on_any_number_of_threads(dtype: torch.dtype,
     gate_up, down, scales, _ = layer(dtype, 4, 160, 96, 4, seed=7)
     index, weights = routing(tokens, 4, 2, seed=8)
     x = torch.randn(tokens, 160, generator=torch.Generator().manual_seed(9)).bfloat16()
-    before = torch.get_num_threads()
     outs = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
+    for threads in (1, 2, 3):
+        with torch_threads(threads):
             outs.append(expert_layer(x, index, weights, gate_up, down, **scales))
-    finally:
-        torch.set_num_threads(before)
     assert all(torch.equal(out, outs[0]) for out in outs[1:])
 
 
