@@ -35,6 +35,9 @@ them on the GPU during it (`kllama.experts.shared_overlap`); `on,off` compares b
 `--compile on` captures one-sequence steps with the attention, norm and router modules compiled by torch.compile
 (`decode_compile: true`, `kllama.infer.compiled`); `on,off` compares both under `--interleave` (rows record each
 decoder's capture seconds, the first compiled one including the compile).
+`--timeline` (with `--interleave` and flag hand-offs) splits each row's token from the hand-off thread's clock: the
+CPU passes, the GPU work between two passes of a token, and what lies between the last pass of one token and the
+first of the next (JSON `timeline`, medians over rounds).
 `--expert-dtype bf16,int8,fp8,int4` repeats every row with the routed experts held in each dtype (one model build each,
 bf16 = not quantized; crossovers measured per dtype).
 `--interleave N` measures decode speed the way two kernels are compared in `cpu_gemv.py --compare-source`: every
@@ -73,6 +76,7 @@ from common import (  # noqa: E402
     reset_gpu_peak, set_gpu_cap, shape_summary, synchronize, write_results,
 )
 from kllama.config.units import parse_bytes  # noqa: E402
+from kllama.experts.cpu_kernels import handoff_runner  # noqa: E402
 from kllama.experts.cpu_share import SplitModel  # noqa: E402
 from kllama.experts.crossover import NEVER, measure_crossovers, measurement_note  # noqa: E402
 from kllama.experts.install import ExpertEngine, wire_engine  # noqa: E402
@@ -128,6 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "each decoding with every dtype x host-node x spare-core x shared-overlap x compile variant of the "
                    "one placement in turn "
                    "(no --caps or --fill rows)")
+    p.add_argument("--timeline", action="store_true",
+                   help="with --interleave and flag hand-offs: where a token's time goes, from the hand-off thread's "
+                        "clock (CPU passes, GPU work between them, the GPU and host work between tokens)")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="greedy tokens to generate")
     p.add_argument("--long-prompt", type=int, default=2048, help="prefill timed with auto (0 = skip)")
@@ -341,6 +348,25 @@ def kernel_loop(decoder: GraphedDecoder, rounds: int) -> dict[str, float]:
     loop_runs = sum(job.runs for job in jobs) - runs
     return {"kernel_in_decode_ms_per_layer": seconds / max(runs, 1) * 1e3,
             "kernel_loop_ms_per_layer": loop_s / max(loop_runs, 1) * 1e3, "kernel_loop_rounds": rounds}
+
+
+def timeline_split(stamps: list[tuple[int, int]], steps: int) -> dict[str, float] | None:
+    """A token's time from the hand-off thread's stamps (go seen, done written; ns) of `steps` decode steps' CPU
+    passes, in order: ms a token in the CPU passes, in the GPU work between two passes of a token (copies, flags,
+    attention, router: everything from one pass's done to the next pass's go), and between the last pass of a token
+    and the first of the next (the rest of the step's GPU work, the host's sampling and the next replay's launch).
+    None when the stamps do not split into `steps` equal tokens."""
+    if steps < 2 or not stamps or len(stamps) % steps:
+        return None
+    layers = len(stamps) // steps
+    tokens = [stamps[t * layers:(t + 1) * layers] for t in range(steps)]
+    cpu = [sum(done - go for go, done in token) / 1e6 for token in tokens]
+    between = [sum(token[i + 1][0] - token[i][1] for i in range(layers - 1)) / 1e6 for token in tokens]
+    edges = [(nxt[0][0] - token[-1][1]) / 1e6 for token, nxt in zip(tokens, tokens[1:])]
+    return {"layers": layers, "cpu_ms_per_token": statistics.median(cpu),
+            "between_passes_ms_per_token": statistics.median(between),
+            "between_passes_us_per_gap": statistics.median(between) * 1e3 / max(layers - 1, 1),
+            "between_tokens_ms": statistics.median(edges)}
 
 
 def finish_row(row: dict[str, Any], split: dict[str, float] | None) -> dict[str, Any]:
@@ -591,12 +617,19 @@ def interleaved_rows(config: Any, device: torch.device, args: argparse.Namespace
         base_of[key] = first_base if key[0] == base_dtype or same not in decoders else same
     speeds: dict[tuple, list[float]] = {key: [] for key in keys}
     kernel = {key: [0.0, 0, 0] for key in keys}  # host nodes' kernel: seconds, runs, decode steps (prefills aside)
+    runner = handoff_runner() if args.timeline and any(decoders[key].handoff == "flag" for key in keys) else None
+    timelines: dict[tuple, list[dict[str, float]]] = {key: [] for key in keys}
     generated: dict[tuple, list[int]] = {}
     for round_ in range(args.interleave):
         for key in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:
             jobs = decoders[key].host_jobs()
             before = sum(job.seconds for job in jobs), sum(job.runs for job in jobs)
+            if runner is not None:
+                runner.timeline()  # drops what earlier rounds left
             _, steps, generated[key] = graphed_decode(decoders[key], prompt, args.new, device)
+            found = timeline_split(runner.timeline(), len(steps)) if runner is not None else None
+            if found is not None:
+                timelines[key].append(found)
             speeds[key].append(len(steps) / sum(steps))
             kernel[key][0] += sum(job.seconds for job in jobs) - before[0]
             kernel[key][1] += sum(job.runs for job in jobs) - before[1]
@@ -623,6 +656,12 @@ def interleaved_rows(config: Any, device: torch.device, args: argparse.Namespace
         seconds, runs, steps = kernel[key]
         if runs:  # host nodes ran: the kernel's own time a decoded token and a layer, over every round
             row.update(host_node_kernel_ms=seconds * 1e3 / steps, kernel_in_decode_ms_per_layer=seconds * 1e3 / runs)
+        if timelines[key]:  # the median round of each part
+            row["timeline"] = {part: statistics.median(t[part] for t in timelines[key]) for part in timelines[key][0]}
+            t = row["timeline"]
+            log(f"{names[key]}: a token {row['ms_per_token']:.2f} ms = CPU passes {t['cpu_ms_per_token']:.2f} + "
+                f"between passes {t['between_passes_ms_per_token']:.2f} ({t['between_passes_us_per_gap']:.1f} us "
+                f"x {t['layers'] - 1}) + between tokens {t['between_tokens_ms']:.2f} (medians over rounds)")
         rows.append(row)
     del decoders, models
     release()

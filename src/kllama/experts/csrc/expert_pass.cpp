@@ -172,7 +172,8 @@ class SpinTeam {
 // Rows [begin, end) over the thread team (`SpinTeam` inside a host job, else OpenMP's; omp_get_max_threads()
 // threads), handed out as they are asked for (guided: a thread takes the rows left over the team's size, rounded up
 // to `grain`, so ranges shrink toward the end): a thread that a host preempts or that reads slower gets fewer rows
-// instead of holding up the whole pass at the join.
+// instead of holding up the whole pass at the join. Every fork/join of a pass goes through here: an OpenMP region
+// opened inside a host job would start a second team that spins on the cores where the SpinTeam's workers spin.
 template <typename F>
 void guided_rows(int64_t begin, int64_t end, int64_t grain, const F& f) {
   const int64_t n = end - begin;
@@ -1137,9 +1138,9 @@ struct Acts {
     }
   }
   void split_digits(int64_t r, std::vector<int8_t>& plain);
-  void finish() {  // once every value is set: the digit or split rows, one fork/join
+  void finish() {  // once every value is set: the digit or split rows, one fork/join on the pass's team
     if (form == ActForm::kF32 || form == ActForm::kBf16) return;
-    at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+    guided_rows(0, rows, 8, [&](int64_t r0, int64_t r1) {
       std::vector<int8_t> plain(form == ActForm::kDigitsSplit ? 3 * padded : 0);  // a row's planes, column order
       for (int64_t r = r0; r < r1; ++r) {
         if (form == ActForm::kDigits) {
@@ -1269,7 +1270,7 @@ void lora_low(const Lora& lora, const std::vector<Group>& groups, int64_t num_pa
   low.assign(num_pairs * lora.r, 0.0f);
   std::vector<int64_t> pair_expert(num_pairs);
   for (const Group& g : groups) std::fill(pair_expert.begin() + g.begin, pair_expert.begin() + g.end, g.expert);
-  at::parallel_for(0, num_pairs * lora.r, 64, [&](int64_t begin, int64_t end) {
+  guided_rows(0, num_pairs * lora.r, 64, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t p = item / lora.r, q = item % lora.r;
       const void* row = pair_rows[p];
@@ -1575,6 +1576,13 @@ class HandoffRunner {
     cancelled_.fetch_add(1);
   }
   int64_t served() const { return served_.load(); }
+  // (go seen, done written) of each pass served since the last call, steady-clock nanoseconds (at most kStamps)
+  std::vector<std::pair<int64_t, int64_t>> timeline() {
+    std::lock_guard<std::mutex> lock(stamps_mutex_);
+    std::vector<std::pair<int64_t, int64_t>> out;
+    out.swap(stamps_);
+    return out;
+  }
 
  private:
   void loop() {
@@ -1599,17 +1607,28 @@ class HandoffRunner {
           _mm_pause();
         }
         if (dropped) break;
+        const int64_t seen = now_ns();
         __atomic_store_n(seq->go[i], 0u, __ATOMIC_RELAXED);
         seq->jobs[i]->run();
         __atomic_store_n(seq->done[i], 1u, __ATOMIC_RELEASE);
+        const int64_t finished = now_ns();
         served_.fetch_add(1, std::memory_order_relaxed);
+        std::lock_guard<std::mutex> lock(stamps_mutex_);
+        if (stamps_.size() < kStamps) stamps_.emplace_back(seen, finished);
       }
     }
   }
 
-  std::mutex mutex_;
+  static constexpr size_t kStamps = 1 << 20;
+  static int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+
+  std::mutex mutex_, stamps_mutex_;
   std::condition_variable wake_;
   std::deque<const HandoffSequence*> queue_;
+  std::vector<std::pair<int64_t, int64_t>> stamps_;
   std::atomic<bool> stop_{false};
   std::atomic<uint64_t> cancelled_{0};
   std::atomic<int64_t> served_{0};
@@ -1722,7 +1741,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<>())
       .def("arm", &HandoffRunner::arm, py::arg("sequence"))
       .def("cancel", &HandoffRunner::cancel)
-      .def_property_readonly("served", &HandoffRunner::served);
+      .def_property_readonly("served", &HandoffRunner::served)
+      .def("timeline", &HandoffRunner::timeline, "(go seen, done) ns of the passes served since the last call");
   m.def("host_job_callback", []() { return reinterpret_cast<uintptr_t>(&host_job_callback); },
         "address of `void host_job_callback(void* job)`, a CUDA host function running a HostJob");
   m.def("fp8_values", &fp8_values, "the fp8 conversion of an instruction-set path (tests)", py::arg("codes"),
