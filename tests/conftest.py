@@ -3,11 +3,15 @@
 `tiny_model_dir(arch, seed=0, expert_layout="original")` writes a tiny random model of `arch` once per test session
 (per distinct arguments) into a temporary directory and returns its path; use it instead of writing models yourself
 so the whole suite pays for each model once. `pytest_configure` caps the CPU threads (see there); an autouse fixture
-puts the allocator variables `kllama train` sets back after each test.
+puts the allocator variables `kllama train` sets back after each test. Under pytest-xdist, a test marked
+`gpu_exclusive` has the GPU to itself (`_gpu_turn`).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -40,6 +44,35 @@ def _allocator_variables() -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int) -> Iterator[None]:
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
+def _gpu_turn(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under pytest-xdist (`-n N`), GPU tests share the card and a `gpu_exclusive` test waits until it is alone on
+    it: tests that time the GPU or fill its memory (a 65,536-token pass) failed when three other workers held it.
+    A read-write lock from two file locks: readers (`gpu`) hold the main lock shared, a writer (`gpu_exclusive`) holds
+    it exclusive, and both pass through a turnstile first, so a waiting writer stops new readers instead of waiting
+    for a moment when no worker holds the card. One process alone (`make test`) takes no locks."""
+    exclusive = request.node.get_closest_marker("gpu_exclusive") is not None
+    if not os.environ.get("PYTEST_XDIST_WORKER") or not (exclusive or request.node.get_closest_marker("gpu")):
+        yield
+        return
+    root = Path(tempfile.gettempdir()) / f"kllama-tests-gpu-{os.getuid()}"
+    root.mkdir(exist_ok=True)
+    with contextlib.ExitStack() as held:
+        with _flock(root / "turnstile", fcntl.LOCK_EX):
+            held.enter_context(_flock(root / "card", fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -152,6 +152,7 @@ def test_the_copy_is_probed_from_the_layers_pinned_bytes() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_exclusive  # compares two timings
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_measurement_on_the_layers_own_weights_matches_a_built_probe_layer() -> None:
     # full V2-Lite layer shape, pinned as the engine holds it; both measurements agree within a factor 2

@@ -41,6 +41,7 @@ def _pairs(vocab: int, n: int = 16, longest: int = 2048, seed: int = 0):
     return Dataset.from_dict(rows)
 
 
+@pytest.mark.gpu_exclusive  # a 65,536-token pass
 def test_the_largest_precompute_pass_equals_one_pair_a_pass(tmp_path, capsys):
     from kllama.config import build_config
     from kllama.data import PairwiseCollator
