@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from transformers import DynamicCache
 
 from kllama.experts import ExpertPlacement, HostExperts, install_expert_engine
 from kllama.experts import cpu_compute, cpu_kernels
-from kllama.experts.cpu_compute import cpu_infer_forward, kernel_operands
+from kllama.experts.cpu_compute import cpu_infer_forward, intra_op_threads, kernel_operands
 from kllama.experts.cpu_kernels import (
     ISAS,
     KERNEL_DTYPES,
@@ -70,17 +69,6 @@ def layer(dtype: torch.dtype, experts: int, hidden: int, inter: int, rank: int, 
     return gate_up, down, scales, lora
 
 
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """torch's intra-op thread count set to `threads` inside the block, restored after it."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def routing(tokens: int, experts: int, top_k: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """`top_k_index [T, K]` (distinct experts per token) and `top_k_weights [T, K]`."""
     gen = torch.Generator().manual_seed(seed)
@@ -102,7 +90,7 @@ def test_kernel_builds_and_runs_the_best_path_of_this_cpu() -> None:
 def test_kernel_threads_are_torchs_intra_op_threads() -> None:
     module = kernel_status().module
     for threads in sorted({1, 2, torch.get_num_threads()}):
-        with torch_threads(threads):
+        with intra_op_threads(threads):
             assert module.parallel_threads() == threads
 
 
@@ -653,6 +641,28 @@ def test_the_handoff_runner_answers_each_go_flag_in_order_with_its_jobs_pass() -
 
 
 @needs_kernel
+def test_the_handoff_runner_stamps_its_passes_once_asked() -> None:
+    # decode.py --timeline: (go seen, done written) a pass, in order, only after the first timeline() call
+    gate_up, down, scales, _ = layer(torch.int8, 8, 128, 64, rank=0)
+    x, (index, weights) = torch.randn(1, 128).bfloat16(), routing(1, 8, 2)
+    jobs = [cpu_kernels.host_job(x, index, weights, gate_up, down, out=torch.zeros(1, 128), threads=1, **scales)
+            for _ in range(2)]
+    flags = [torch.zeros(2, dtype=torch.int32) for _ in jobs]
+    sequence = cpu_kernels.handoff_sequence(jobs, flags)
+    runner = cpu_kernels.handoff_runner()
+    runner.timeline()  # drops what other tests' passes left, and starts the stamping
+    runner.arm(sequence)
+    for flag in flags:
+        flag[0] = 1
+        _wait_for(flag, 1, 1)
+        flag[1] = 0
+    stamps = runner.timeline()
+    assert len(stamps) == 2 and all(go <= done for go, done in stamps), stamps
+    assert stamps[0][1] <= stamps[1][0]  # the second pass's go came after the first one's done
+    assert runner.timeline() == []  # each call hands over what came since the last one
+
+
+@needs_kernel
 def test_a_cancelled_handoff_frees_the_runner_and_a_failed_pass_still_answers() -> None:
     gate_up, down, scales, _ = layer(torch.int8, 8, 128, 64, rank=4)
     out = torch.zeros(1, 128, dtype=torch.bfloat16)
@@ -684,7 +694,7 @@ def test_a_pass_gives_the_same_bits_on_any_number_of_threads(dtype: torch.dtype,
     x = torch.randn(tokens, 160, generator=torch.Generator().manual_seed(9)).bfloat16()
     outs = []
     for threads in (1, 2, 3):
-        with torch_threads(threads):
+        with intra_op_threads(threads):
             outs.append(expert_layer(x, index, weights, gate_up, down, **scales))
     assert all(torch.equal(out, outs[0]) for out in outs[1:])
 
