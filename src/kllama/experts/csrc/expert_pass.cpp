@@ -1576,9 +1576,11 @@ class HandoffRunner {
     cancelled_.fetch_add(1);
   }
   int64_t served() const { return served_.load(); }
-  // (go seen, done written) of each pass served since the last call, steady-clock nanoseconds (at most kStamps)
+  // (go seen, done written) of each pass served since the last call, steady-clock nanoseconds (at most kStamps);
+  // the first call starts the stamping (a runner nobody asks never records)
   std::vector<std::pair<int64_t, int64_t>> timeline() {
     std::lock_guard<std::mutex> lock(stamps_mutex_);
+    stamping_.store(true, std::memory_order_relaxed);
     std::vector<std::pair<int64_t, int64_t>> out;
     out.swap(stamps_);
     return out;
@@ -1607,14 +1609,17 @@ class HandoffRunner {
           _mm_pause();
         }
         if (dropped) break;
-        const int64_t seen = now_ns();
+        const bool stamp = stamping_.load(std::memory_order_relaxed);
+        const int64_t seen = stamp ? now_ns() : 0;
         __atomic_store_n(seq->go[i], 0u, __ATOMIC_RELAXED);
         seq->jobs[i]->run();
         __atomic_store_n(seq->done[i], 1u, __ATOMIC_RELEASE);
-        const int64_t finished = now_ns();
         served_.fetch_add(1, std::memory_order_relaxed);
-        std::lock_guard<std::mutex> lock(stamps_mutex_);
-        if (stamps_.size() < kStamps) stamps_.emplace_back(seen, finished);
+        if (stamp) {
+          const int64_t finished = now_ns();
+          std::lock_guard<std::mutex> lock(stamps_mutex_);
+          if (stamps_.size() < kStamps) stamps_.emplace_back(seen, finished);
+        }
       }
     }
   }
@@ -1629,7 +1634,7 @@ class HandoffRunner {
   std::condition_variable wake_;
   std::deque<const HandoffSequence*> queue_;
   std::vector<std::pair<int64_t, int64_t>> stamps_;
-  std::atomic<bool> stop_{false};
+  std::atomic<bool> stop_{false}, stamping_{false};
   std::atomic<uint64_t> cancelled_{0};
   std::atomic<int64_t> served_{0};
   std::thread thread_;  // last: it starts once the members above exist
@@ -1742,7 +1747,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("arm", &HandoffRunner::arm, py::arg("sequence"))
       .def("cancel", &HandoffRunner::cancel)
       .def_property_readonly("served", &HandoffRunner::served)
-      .def("timeline", &HandoffRunner::timeline, "(go seen, done) ns of the passes served since the last call");
+      .def("timeline", &HandoffRunner::timeline, "(go seen, done) ns of the passes served since the last call; the first call starts the stamping");
   m.def("host_job_callback", []() { return reinterpret_cast<uintptr_t>(&host_job_callback); },
         "address of `void host_job_callback(void* job)`, a CUDA host function running a HostJob");
   m.def("fp8_values", &fp8_values, "the fp8 conversion of an instruction-set path (tests)", py::arg("codes"),
